@@ -1,0 +1,193 @@
+"""Call record, call states and their transition rule, and the normalized CallEvent.
+
+Carriers speak many dialects (Twilio CallStatus, Telnyx event_type, SIP responses, ...);
+they all translate into `CallEvent`s, and the manager only ever reasons about these.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class CallState(StrEnum):
+    INITIATED = "initiated"
+    RINGING = "ringing"
+    ANSWERED = "answered"
+    ACTIVE = "active"
+    SPEAKING = "speaking"
+    LISTENING = "listening"
+    # terminal
+    COMPLETED = "completed"
+    HANGUP_USER = "hangup-user"
+    HANGUP_BOT = "hangup-bot"
+    TIMEOUT = "timeout"
+    ERROR = "error"
+    FAILED = "failed"
+    NO_ANSWER = "no-answer"
+    BUSY = "busy"
+    VOICEMAIL = "voicemail"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset(
+    {
+        CallState.COMPLETED,
+        CallState.HANGUP_USER,
+        CallState.HANGUP_BOT,
+        CallState.TIMEOUT,
+        CallState.ERROR,
+        CallState.FAILED,
+        CallState.NO_ANSWER,
+        CallState.BUSY,
+        CallState.VOICEMAIL,
+    }
+)
+
+# Forward order of the non-terminal states; speaking and listening share a rank so they may cycle.
+_RANK = {
+    CallState.INITIATED: 0,
+    CallState.RINGING: 1,
+    CallState.ANSWERED: 2,
+    CallState.ACTIVE: 3,
+    CallState.SPEAKING: 4,
+    CallState.LISTENING: 4,
+}
+
+
+def can_transition(current: CallState, target: CallState) -> bool:
+    """The seed system's rule: terminal is final; any terminal is reachable from a non-terminal;
+    speaking <-> listening may cycle; otherwise only strictly forward moves."""
+    if current.terminal:
+        return False
+    if target.terminal:
+        return True
+    if {current, target} == {CallState.SPEAKING, CallState.LISTENING}:
+        return True
+    return _RANK[target] > _RANK[current]
+
+
+class Direction(StrEnum):
+    INBOUND = "inbound"
+    OUTBOUND = "outbound"
+
+
+class CallMode(StrEnum):
+    NOTIFY = "notify"
+    CONVERSATION = "conversation"
+
+
+class EventType(StrEnum):
+    INITIATED = "call.initiated"
+    RINGING = "call.ringing"
+    ANSWERED = "call.answered"
+    ACTIVE = "call.active"
+    SPEAKING = "call.speaking"
+    SPEECH = "call.speech"
+    SILENCE = "call.silence"
+    DTMF = "call.dtmf"
+    ENDED = "call.ended"
+    ERROR = "call.error"
+
+
+# End reasons are the terminal states' names.
+EndReason = CallState
+
+
+@dataclass(slots=True)
+class CallEvent:
+    """A carrier-neutral call event. `call_id` is ours; `provider_call_id` is the carrier's."""
+
+    type: EventType
+    call_id: str | None = None
+    provider_call_id: str | None = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    dedupe_key: str | None = None
+    timestamp: float = field(default_factory=time.time)
+    turn_token: str | None = None
+    direction: Direction | None = None
+    from_number: str | None = None
+    to_number: str | None = None
+    text: str | None = None  # speaking
+    transcript: str | None = None  # speech
+    is_final: bool = True
+    confidence: float | None = None
+    digits: str | None = None
+    reason: CallState | None = None  # ended
+    error: str | None = None
+    retryable: bool = False
+    # carrier-specific linkage, e.g. Plivo request_uuid -> CallUUID upgrade
+    previous_provider_call_id: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.dedupe_key or self.id
+
+
+@dataclass(slots=True)
+class TranscriptEntry:
+    timestamp: float
+    speaker: str  # "bot" | "user"
+    text: str
+    isFinal: bool = True
+
+
+@dataclass(slots=True)
+class CallRecord:
+    callId: str
+    provider: str
+    direction: Direction
+    state: CallState
+    from_: str
+    to: str
+    startedAt: float
+    providerCallId: str | None = None
+    answeredAt: float | None = None
+    endedAt: float | None = None
+    endReason: str | None = None
+    transcript: list[TranscriptEntry] = field(default_factory=list)
+    processedEventIds: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def terminal(self) -> bool:
+        return self.state.terminal
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["from"] = data.pop("from_")
+        data["state"] = str(self.state)
+        data["direction"] = str(self.direction)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CallRecord:
+        return cls(
+            callId=str(data["callId"]),
+            provider=str(data["provider"]),
+            direction=Direction(data["direction"]),
+            state=CallState(data["state"]),
+            from_=str(data.get("from") or ""),
+            to=str(data.get("to") or ""),
+            startedAt=float(data["startedAt"]),
+            providerCallId=data.get("providerCallId"),
+            answeredAt=data.get("answeredAt"),
+            endedAt=data.get("endedAt"),
+            endReason=data.get("endReason"),
+            transcript=[TranscriptEntry(**t) for t in data.get("transcript") or []],
+            processedEventIds=list(data.get("processedEventIds") or []),
+            metadata=dict(data.get("metadata") or {}),
+        )
+
+    def public_view(self) -> dict[str, Any]:
+        """What status/RPC callers see (no internal dedupe bookkeeping)."""
+        data = self.to_json()
+        data.pop("processedEventIds", None)
+        data.get("metadata", {}).pop("streamToken", None)
+        return data

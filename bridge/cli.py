@@ -1,0 +1,341 @@
+"""`voicecall ...`: serve, check, demo, and call commands that talk to the running server over RPC."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bridge.client import RpcClient, RpcClientError
+from bridge.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("voicecall")
+
+
+class CliError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def _client(args: argparse.Namespace) -> RpcClient:
+    url = args.url or os.environ.get("VOICECALL_URL")
+    token = args.token or os.environ.get("VOICECALL_RPC_TOKEN")
+    if not url or not token:
+        try:
+            settings = _settings(args)
+        except ConfigError:
+            settings = None
+        if settings is not None:
+            url = url or settings.rpc_url
+            if not token and settings.rpc.token:
+                token = settings.rpc.token.get_secret_value()
+    return RpcClient(url or "http://127.0.0.1:3334/rpc", token)
+
+
+def _emit(args: argparse.Namespace, data: Any, human: str) -> None:
+    print(json.dumps(data, indent=2) if args.json else human)
+
+
+def _rpc(args: argparse.Namespace, method: str, params: dict[str, Any]) -> Any:
+    return asyncio.run(_client(args).call(method, params))
+
+
+def _format_call(call: dict[str, Any]) -> str:
+    lines = [
+        f"call {call['callId']}  {call['direction']}  {call['from']} -> {call['to']}",
+        f"  state: {call['state']}" + (f" (ended: {call['endReason']})" if call.get("endReason") else ""),
+    ]
+    if call.get("answeredAt") and call.get("endedAt"):
+        lines.append(f"  duration: {call['endedAt'] - call['answeredAt']:.1f}s")
+    for entry in call.get("transcript") or []:
+        who = "bot   " if entry["speaker"] == "bot" else "caller"
+        lines.append(f"  {who}: {entry['text']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    data = settings.masked()
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        import yaml
+
+        print(f"# config OK ({args.config or os.environ.get('VOICECALL_CONFIG') or 'built-in default'})")
+        print(yaml.safe_dump(data, sort_keys=False, default_flow_style=False).rstrip())
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from bridge.runtime import Runtime
+
+    settings = _settings(args)
+
+    async def main() -> None:
+        runtime = Runtime(settings)
+        port = await runtime.start()
+        print(f"voicecall serving {settings.provider} on http://{settings.serve.bind}:{port} "
+              f"(webhook {settings.serve.path}, streams {settings.streaming.streamPath}, rpc /rpc)", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await runtime.stop()
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    params = {"message": args.message, "mode": args.mode}
+    if args.to:
+        params["to"] = args.to
+    result = _rpc(args, "voicecall.initiate", params)
+    _emit(args, result, f"call {result['callId']} initiated")
+    return 0
+
+
+def cmd_continue(args: argparse.Namespace) -> int:
+    result = _rpc(args, "voicecall.continue", {"callId": args.call_id, "message": args.message})
+    _emit(args, result, f"caller: {result['transcript']}")
+    return 0
+
+
+def cmd_speak(args: argparse.Namespace) -> int:
+    result = _rpc(args, "voicecall.speak", {"callId": args.call_id, "message": args.message})
+    _emit(args, result, "spoken")
+    return 0
+
+
+def cmd_end(args: argparse.Namespace) -> int:
+    result = _rpc(args, "voicecall.end", {"callId": args.call_id})
+    _emit(args, result, "call ended")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    result = _rpc(args, "voicecall.status", {"callId": args.call_id})
+    if not result.get("found"):
+        if args.json:
+            print(json.dumps(result))
+        raise CliError(f"call not found: {args.call_id}")
+    _emit(args, result, _format_call(result["call"]))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    result = _rpc(args, "voicecall.list", {"active": args.active})
+    human = "\n".join(f"{c['callId']}  {c['state']:<12} {c['direction']:<8} {c['to']}" for c in result["calls"])
+    _emit(args, result, human or "no calls")
+    return 0
+
+
+def cmd_dtmf(args: argparse.Namespace) -> int:
+    result = _rpc(args, "voicecall.dtmf", {"callId": args.call_id, "digits": args.digits})
+    _emit(args, result, "digits sent")
+    return 0
+
+
+def cmd_inject(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"from": args.from_number}
+    if args.to:
+        params["to"] = args.to
+    if args.say:
+        params["script"] = args.say
+    result = _rpc(args, "mock.inject", params)
+    human = f"inbound call {result['callId']} accepted" if result["accepted"] else "inbound call rejected by policy"
+    _emit(args, result, human)
+    return 0
+
+
+def _log_path(args: argparse.Namespace) -> Path:
+    if args.file:
+        return Path(args.file)
+    from bridge.store import LOG_NAME
+
+    return _settings(args).store_dir / LOG_NAME
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    path = _log_path(args)
+    if not path.exists():
+        raise CliError(f"no call log at {path} yet")
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        lines = fh.readlines()
+        for line in lines[-args.since:]:
+            _print_log_line(line, args.json)
+        if args.no_follow:
+            return 0
+        try:
+            while True:
+                line = fh.readline()
+                if line:
+                    _print_log_line(line, args.json)
+                else:
+                    time.sleep(args.poll / 1000)
+        except KeyboardInterrupt:
+            return 0
+
+
+def _print_log_line(line: str, raw: bool) -> None:
+    line = line.strip()
+    if not line:
+        return
+    if raw:
+        print(line, flush=True)
+        return
+    try:
+        rec = json.loads(line)
+        last = (rec.get("transcript") or [{}])[-1]
+        said = f"  {last.get('speaker')}: {last.get('text')}" if last else ""
+        print(f"{rec['callId'][:8]} {rec['state']:<12} {rec['direction']:<8} {rec['to']}{said}", flush=True)
+    except (ValueError, KeyError):
+        print(f"(unreadable line) {line[:80]}", flush=True)
+
+
+def cmd_latency(args: argparse.Namespace) -> int:
+    from bridge.latency import latency_stats
+
+    path = _log_path(args)
+    if not path.exists():
+        raise CliError(f"no call log at {path}")
+    stats = latency_stats(path, last=args.last)
+    if stats is None:
+        _emit(args, {"count": 0}, "no completed turns in the call log")
+        return 0
+    human = ("turn latency (ms): count={count} min={min:.0f} avg={avg:.0f} p50={p50:.0f} "
+             "p95={p95:.0f} max={max:.0f}").format(**stats)
+    _emit(args, stats, human)
+    return 0
+
+
+def cmd_expose(args: argparse.Namespace) -> int:
+    from bridge.expose import ExposeError, tailscale_expose
+
+    settings = _settings(args)
+    try:
+        url = asyncio.run(tailscale_expose(args.mode, port=args.port or settings.serve.port,
+                                           path=args.path or settings.serve.path,
+                                           serve_path=args.serve_path or settings.serve.path))
+    except ExposeError as exc:
+        raise CliError(str(exc)) from None
+    _emit(args, {"mode": args.mode, "url": url}, f"{args.mode}: {url}" if url else f"exposure {args.mode}")
+    return 0
+
+
+def cmd_tool_schema(args: argparse.Namespace) -> int:
+    from bridge.tool import TOOL_SCHEMA
+
+    print(json.dumps(TOOL_SCHEMA, indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from bridge.demo import run_demo
+
+    return asyncio.run(run_demo(_settings(args), to=args.to, message=args.message, as_json=args.json))
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="voicecall", description="Phone calls for an AI agent.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="YAML config file (else $VOICECALL_CONFIG, else the built-in mock default)")
+    common.add_argument("--url", help="RPC URL of the running server (else $VOICECALL_URL, else from config)")
+    common.add_argument("--token", help="RPC bearer token (else $VOICECALL_RPC_TOKEN or rpc.token)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    add("serve", cmd_serve, "run the bridge server")
+    add("check", cmd_check, "validate the config and print it with secrets masked")
+    p = add("demo", cmd_demo, "run a complete offline call on the mock carrier and print its transcript")
+    p.add_argument("--to", default=None)
+    p.add_argument("--message", default="Hi, this is your assistant calling to confirm your appointment. "
+                                         "Does Thursday at three still work for you?")
+    for name in ("call", "start"):
+        p = add(name, cmd_call, "place an outbound call")
+        p.add_argument("-t", "--to")
+        p.add_argument("-m", "--message", required=True)
+        p.add_argument("--mode", choices=["notify", "conversation"], default="conversation")
+    for name, func in (("continue", cmd_continue), ("speak", cmd_speak)):
+        p = add(name, func, f"{name} on a live call")
+        p.add_argument("--call-id", required=True)
+        p.add_argument("-m", "--message", required=True)
+    for name, func in (("end", cmd_end), ("status", cmd_status)):
+        p = add(name, func, f"{name} a call")
+        p.add_argument("--call-id", required=True)
+    p = add("list", cmd_list, "list calls")
+    p.add_argument("--active", action="store_true")
+    p = add("dtmf", cmd_dtmf, "send DTMF digits on a live call")
+    p.add_argument("--call-id", required=True)
+    p.add_argument("--digits", required=True)
+    p = add("inject", cmd_inject, "mock carrier: simulate an inbound call")
+    p.add_argument("--from", dest="from_number", required=True)
+    p.add_argument("--to")
+    p.add_argument("--say", action="append", help="what the caller says, one per turn (repeatable)")
+    p = add("tail", cmd_tail, "follow the call log")
+    p.add_argument("--file")
+    p.add_argument("--since", type=int, default=25)
+    p.add_argument("--poll", type=int, default=250)
+    p.add_argument("--no-follow", action="store_true")
+    p = add("latency", cmd_latency, "turn latency statistics from the call log")
+    p.add_argument("--file")
+    p.add_argument("--last", type=int, default=200)
+    p = add("expose", cmd_expose, "expose the webhook with Tailscale serve/funnel")
+    p.add_argument("--mode", choices=["funnel", "serve", "off"], required=True)
+    p.add_argument("--path")
+    p.add_argument("--port", type=int)
+    p.add_argument("--serve-path")
+    add("tool-schema", cmd_tool_schema, "print the voice_call tool schema")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("VOICECALL_LOG", "WARNING").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print("voicecall: invalid config:\n  " + "\n  ".join(exc.problems), file=sys.stderr)
+        return 2
+    except (CliError, RpcClientError) as exc:
+        print(f"voicecall: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback, for an operator
+        from bridge.runtime import StartupError
+
+        if isinstance(exc, StartupError):
+            print(f"voicecall: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Injectable time: the manager's timers and timeouts use a Clock, so tests advance time instead of sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+T = TypeVar("T")
+
+
+class TimerHandle(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Clock(Protocol):
+    def time(self) -> float:
+        """Wall-clock seconds since the epoch (for records)."""
+        ...
+
+    def monotonic(self) -> float: ...
+
+    def call_later(self, delay: float, callback: Callable[[], object]) -> TimerHandle: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+    async def wait_for(self, awaitable: asyncio.Future[T], timeout: float) -> T:
+        """Like asyncio.wait_for, on this clock; raises TimeoutError."""
+        ...
+
+
+class RealClock:
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def call_later(self, delay: float, callback: Callable[[], object]) -> TimerHandle:
+        return asyncio.get_running_loop().call_later(max(0.0, delay), callback)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    async def wait_for(self, awaitable: asyncio.Future[T], timeout: float) -> T:
+        return await asyncio.wait_for(awaitable, timeout)
+
+
+class _FakeTimer:
+    __slots__ = ("when", "callback", "cancelled")
+
+    def __init__(self, when: float, callback: Callable[[], object]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeClock:
+    """Time moves only when a test calls `advance`. Timers fire in order, on the running loop's turn."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self._now = start
+        self._mono = 0.0
+        self._queue: list[tuple[float, int, _FakeTimer]] = []
+        self._seq = itertools.count()
+
+    def time(self) -> float:
+        return self._now
+
+    def monotonic(self) -> float:
+        return self._mono
+
+    def call_later(self, delay: float, callback: Callable[[], object]) -> TimerHandle:
+        timer = _FakeTimer(self._mono + max(0.0, delay), callback)
+        heapq.heappush(self._queue, (timer.when, next(self._seq), timer))
+        return timer
+
+    async def sleep(self, seconds: float) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.call_later(seconds, lambda: fut.done() or fut.set_result(None))
+        await fut
+
+    async def wait_for(self, awaitable: asyncio.Future[T], timeout: float) -> T:
+        fut = asyncio.ensure_future(awaitable)
+        timer = self.call_later(timeout, lambda: fut.done() or fut.set_exception(TimeoutError()))
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+
+    @property
+    def pending(self) -> int:
+        return sum(1 for _, _, t in self._queue if not t.cancelled)
+
+    async def advance(self, seconds: float) -> None:
+        """Move time forward, firing due timers in order and letting the loop run after each."""
+        target = self._mono + seconds
+        while self._queue and self._queue[0][0] <= target:
+            when, _, timer = heapq.heappop(self._queue)
+            if timer.cancelled:
+                continue
+            self._now += when - self._mono
+            self._mono = when
+            timer.callback()
+            for _ in range(5):
+                await asyncio.sleep(0)
+        self._now += target - self._mono
+        self._mono = target
+        for _ in range(5):
+            await asyncio.sleep(0)

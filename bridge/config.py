@@ -1,0 +1,443 @@
+"""YAML (or the seed system's JSON5) + environment -> validated Settings.
+
+Keys are the seed documents' camelCase keys. Every error names the key path and the rule, and
+unknown keys get a did-you-mean.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from carriers.sip_settings import SipSettings
+
+E164 = re.compile(r"^\+[1-9]\d{1,14}$")
+PROVIDERS = ("mock", "twilio", "telnyx", "plivo", "sip", "asterisk")
+CONFIG_ENV = "VOICECALL_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; `str()` lists one line per problem, each naming key path and rule."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ServeSettings(Section):
+    port: int = Field(3334, ge=0, le=65535)
+    bind: str = "127.0.0.1"
+    path: str = Field("/voice/webhook", pattern=r"^/")
+
+
+class OutboundSettings(Section):
+    defaultMode: Literal["notify", "conversation"] = "notify"
+    notifyHangupDelaySec: int = Field(3, ge=0)
+
+
+class TailscaleSettings(Section):
+    mode: Literal["off", "serve", "funnel"] = "off"
+    path: str = "/voice/webhook"
+
+
+class TunnelSettings(Section):
+    provider: Literal["none", "ngrok", "tailscale-serve", "tailscale-funnel"] = "none"
+    ngrokAuthToken: SecretStr | None = None
+    ngrokDomain: str | None = None
+    allowNgrokFreeTierLoopbackBypass: bool = False
+
+
+class WebhookSecuritySettings(Section):
+    allowedHosts: list[str] = Field(default_factory=list)
+    trustForwardingHeaders: bool = False
+    trustedProxyIPs: list[str] = Field(default_factory=list)
+    maxBodyBytes: int = Field(64 * 1024, gt=0)
+    bodyTimeoutMs: int = Field(5000, gt=0)
+    maxInFlightPerIp: int = Field(8, gt=0)
+    replayCacheSize: int = Field(10_000, gt=0)
+    replayWindowSeconds: int = Field(600, gt=0)
+
+
+class OpenAiSttSettings(Section):
+    apiKey: SecretStr | None = None
+    baseUrl: str = "wss://api.openai.com/v1"
+    model: str = "gpt-4o-transcribe"
+    language: str | None = None
+    vadThreshold: float = Field(0.5, ge=0, le=1)
+    prefixPaddingMs: int = Field(300, ge=0)
+    silenceDurationMs: int = Field(800, gt=0)
+
+
+class PocketsphinxSettings(Section):
+    keywords: list[str] = Field(default_factory=list)
+    grammar: str | None = None
+
+
+class SttProviders(Section):
+    openai: OpenAiSttSettings = Field(default_factory=OpenAiSttSettings)
+    pocketsphinx: PocketsphinxSettings = Field(default_factory=PocketsphinxSettings)
+
+
+class StreamingSettings(Section):
+    enabled: bool = False
+    # STT engine for streamed calls; "none" relies on the carrier's own transcripts (mock, Telnyx, Plivo)
+    provider: Literal["openai", "pocketsphinx", "none"] | None = None
+    streamPath: str = Field("/voice/stream", pattern=r"^/")
+    providers: SttProviders = Field(default_factory=SttProviders)
+    preStartTimeoutMs: int = Field(5000, gt=0)
+    maxPendingConnections: int = Field(32, gt=0)
+    maxPendingConnectionsPerIp: int = Field(4, gt=0)
+    maxConnections: int = Field(128, gt=0)
+    maxSendBufferBytes: int = Field(1024 * 1024, gt=0)
+    disconnectGraceMs: int = Field(2000, ge=0)
+    bargeIn: bool = True
+
+
+class TwilioSettings(Section):
+    accountSid: str | None = None
+    authToken: SecretStr | None = None
+    apiBaseUrl: str = "https://api.twilio.com"
+    machineDetection: Literal["Enable", "DetectMessageEnd"] | None = None
+
+
+class TelnyxSettings(Section):
+    apiKey: SecretStr | None = None
+    connectionId: str | None = None
+    publicKey: str | None = None
+    apiBaseUrl: str = "https://api.telnyx.com/v2"
+    streamCodec: Literal["PCMU", "PCMA"] | None = None  # None: as the call negotiates
+    answeringMachineDetection: str | None = None
+
+
+class PlivoSettings(Section):
+    authId: str | None = None
+    authToken: SecretStr | None = None
+    apiBaseUrl: str = "https://api.plivo.com"
+    machineDetection: Literal["true", "hangup"] | None = None
+
+
+class AsteriskSettings(Section):
+    url: str = "http://127.0.0.1:8088"
+    username: str | None = None
+    password: SecretStr | None = None
+    app: str = "voicecall"
+
+
+class MockSettings(Section):
+    """The offline loopback carrier. Numbers ending in 0002 are busy, 0003 never answer, 0004 fail."""
+
+    ringDelayMs: int = Field(300, ge=0)
+    answerDelayMs: int = Field(700, ge=0)
+    busySuffix: str = "0002"
+    noAnswerSuffix: str = "0003"
+    failSuffix: str = "0004"
+    # What the simulated callee says, one utterance per bot turn (text spoken with offline TTS).
+    calleeScript: list[str] = Field(
+        default_factory=lambda: ["Yes, I can make it on Thursday at three.", "No, that's all. Goodbye!"]
+    )
+    replyDelayMs: int = Field(400, ge=0)
+    noAnswerAfterMs: int = Field(3000, ge=0)
+    # The callee hangs up this long after the bot's last words once its script is done (0: never).
+    calleeHangupAfterMs: int = Field(8000, ge=0)
+
+
+class RpcSettings(Section):
+    token: SecretStr | None = None
+    url: str | None = None  # where the CLI finds the server; default http://<serve.bind>:<serve.port>/rpc
+
+
+class RecordingSettings(Section):
+    enabled: bool = False
+
+
+class MessagesSettings(Section):
+    tts: dict[str, Any] = Field(default_factory=dict)
+
+
+class Settings(Section):
+    enabled: bool = True
+    provider: Literal["mock", "twilio", "telnyx", "plivo", "sip", "asterisk"] = "mock"
+    fromNumber: str | None = None
+    toNumber: str | None = None
+    inboundPolicy: Literal["disabled", "allowlist", "pairing", "open"] = "disabled"
+    allowFrom: list[str] = Field(default_factory=list)
+    inboundGreeting: str = "Hello! How can I help you today?"
+    outbound: OutboundSettings = Field(default_factory=OutboundSettings)
+    maxDurationSeconds: int = Field(300, gt=0)
+    maxConcurrentCalls: int = Field(1, gt=0)
+    transcriptTimeoutMs: int = Field(180_000, gt=0)
+    silenceTimeoutMs: int = Field(800, gt=0)
+    ringTimeoutMs: int = Field(30_000, gt=0)
+    staleCallReaperSeconds: int = Field(0, ge=0)
+    store: str = "~/.voicecall"
+    serve: ServeSettings = Field(default_factory=ServeSettings)
+    publicUrl: str | None = None
+    tunnel: TunnelSettings = Field(default_factory=TunnelSettings)
+    tailscale: TailscaleSettings = Field(default_factory=TailscaleSettings)
+    webhookSecurity: WebhookSecuritySettings = Field(default_factory=WebhookSecuritySettings)
+    skipSignatureVerification: bool = False
+    streaming: StreamingSettings = Field(default_factory=StreamingSettings)
+    tts: dict[str, Any] = Field(default_factory=dict)
+    messages: MessagesSettings = Field(default_factory=MessagesSettings)
+    responseModel: str = "openai/gpt-4o-mini"
+    responseSystemPrompt: str | None = None
+    responseTimeoutMs: int = Field(30_000, gt=0)
+    responseBaseUrl: str = "https://api.openai.com/v1"
+    responseApiKey: SecretStr | None = None
+    pipelineSampleRate: Literal[8000, 16000, 24000, 48000] = 16000
+    recording: RecordingSettings = Field(default_factory=RecordingSettings)
+    rpc: RpcSettings = Field(default_factory=RpcSettings)
+    twilio: TwilioSettings = Field(default_factory=TwilioSettings)
+    telnyx: TelnyxSettings = Field(default_factory=TelnyxSettings)
+    plivo: PlivoSettings = Field(default_factory=PlivoSettings)
+    sip: SipSettings = Field(default_factory=SipSettings)
+    asterisk: AsteriskSettings = Field(default_factory=AsteriskSettings)
+    mock: MockSettings = Field(default_factory=MockSettings)
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> Settings:
+        problems: list[str] = []
+        for key in ("fromNumber", "toNumber"):
+            value = getattr(self, key)
+            if value is not None and not E164.match(value):
+                problems.append(f"{key}: must be an E.164 number like +15550001234 (got {value!r})")
+        for i, entry in enumerate(self.allowFrom):
+            if not (E164.match(entry) or entry.startswith(("sip:", "sips:"))):
+                problems.append(f"allowFrom[{i}]: must be an E.164 number or a sip: URI (got {entry!r})")
+        if self.provider in ("twilio", "telnyx", "plivo") and not self.fromNumber:
+            problems.append(f"fromNumber: required when provider is {self.provider}")
+        required = {
+            "twilio": [("twilio.accountSid", self.twilio.accountSid, "TWILIO_ACCOUNT_SID"),
+                       ("twilio.authToken", self.twilio.authToken, "TWILIO_AUTH_TOKEN")],
+            "telnyx": [("telnyx.apiKey", self.telnyx.apiKey, "TELNYX_API_KEY"),
+                       ("telnyx.connectionId", self.telnyx.connectionId, "TELNYX_CONNECTION_ID")],
+            "plivo": [("plivo.authId", self.plivo.authId, "PLIVO_AUTH_ID"),
+                      ("plivo.authToken", self.plivo.authToken, "PLIVO_AUTH_TOKEN")],
+        }.get(self.provider, [])
+        if self.provider == "telnyx" and not self.skipSignatureVerification:
+            required.append(("telnyx.publicKey", self.telnyx.publicKey, "TELNYX_PUBLIC_KEY"))
+        for path, value, env in required:
+            if not value:
+                problems.append(f"{path}: required when provider is {self.provider} (or set {env})")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    # ------------------------------------------------------------------ derived values
+
+    @property
+    def store_dir(self) -> Path:
+        return Path(os.path.expanduser(self.store))
+
+    @property
+    def effective_tts(self) -> dict[str, Any]:
+        """`tts` deep-merged over `messages.tts` (the seeds' rule)."""
+        return deep_merge(self.messages.tts, self.tts)
+
+    @property
+    def rpc_url(self) -> str:
+        if self.rpc.url:
+            return self.rpc.url
+        host = self.serve.bind
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"http://{host}:{self.serve.port}/rpc"
+
+    def masked(self) -> dict[str, Any]:
+        """The effective config as plain data with every secret masked."""
+        return _mask(self.model_dump(mode="python"))
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+_SECRET_KEY = re.compile(r"(token|secret|password|apikey|authtoken)$", re.IGNORECASE)
+
+
+def _mask(data: Any, key: str = "") -> Any:
+    if isinstance(data, SecretStr):
+        return "********" if data.get_secret_value() else None
+    if isinstance(data, dict):
+        return {k: _mask(v, k) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_mask(v) for v in data]
+    if isinstance(data, str) and data and _SECRET_KEY.search(key):
+        return "********"
+    return data
+
+
+# ---------------------------------------------------------------------- loading
+
+ENV_FALLBACKS: list[tuple[tuple[str, ...], str]] = [
+    (("twilio", "accountSid"), "TWILIO_ACCOUNT_SID"),
+    (("twilio", "authToken"), "TWILIO_AUTH_TOKEN"),
+    (("telnyx", "apiKey"), "TELNYX_API_KEY"),
+    (("telnyx", "connectionId"), "TELNYX_CONNECTION_ID"),
+    (("telnyx", "publicKey"), "TELNYX_PUBLIC_KEY"),
+    (("plivo", "authId"), "PLIVO_AUTH_ID"),
+    (("plivo", "authToken"), "PLIVO_AUTH_TOKEN"),
+    (("streaming", "providers", "openai", "apiKey"), "OPENAI_API_KEY"),
+    (("responseApiKey",), "OPENAI_API_KEY"),
+    (("tunnel", "ngrokAuthToken"), "NGROK_AUTHTOKEN"),
+    (("rpc", "token"), "VOICECALL_RPC_TOKEN"),
+]
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    for path, name in ENV_FALLBACKS:
+        value = env.get(name)
+        if not value:
+            continue
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                break
+            node = child
+        else:
+            if not node.get(path[-1]):
+                node[path[-1]] = value
+
+
+def _migrate_legacy(raw: dict[str, Any]) -> None:
+    """The seed system's legacy keys (provider 'log', twilio.from, flat streaming STT keys)."""
+    if raw.get("provider") == "log":
+        raw["provider"] = "mock"
+    twilio = raw.get("twilio")
+    if isinstance(twilio, dict) and "from" in twilio:
+        raw.setdefault("fromNumber", twilio.pop("from"))
+    streaming = raw.get("streaming")
+    if isinstance(streaming, dict):
+        openai = {}
+        for old, new in (("openaiApiKey", "apiKey"), ("sttModel", "model"),
+                         ("silenceDurationMs", "silenceDurationMs"), ("vadThreshold", "vadThreshold")):
+            if old in streaming:
+                openai[new] = streaming.pop(old)
+        if "sttProvider" in streaming:
+            streaming.setdefault("provider", streaming.pop("sttProvider"))
+        if openai:
+            providers = streaming.setdefault("providers", {})
+            providers["openai"] = deep_merge(openai, providers.get("openai") or {})
+    # seed-only keys that have no meaning here are accepted and dropped
+    raw.pop("realtime", None)
+
+
+def _unwrap_seed_document(raw: Any) -> Any:
+    """Accept a whole seed-system config file: plugins.entries.voice-call.config."""
+    if isinstance(raw, dict) and "plugins" in raw:
+        try:
+            entry = raw["plugins"]["entries"]["voice-call"]
+        except (KeyError, TypeError):
+            raise ConfigError(["plugins: expected plugins.entries.voice-call.config in a seed-system file"])
+        merged = dict(entry.get("config") or {})
+        if "enabled" in entry:
+            merged.setdefault("enabled", entry["enabled"])
+        # seed: the plugin's tts deep-merges over the gateway's messages.tts
+        messages_tts = (raw.get("messages") or {}).get("tts")
+        if messages_tts:
+            merged.setdefault("messages", {}).setdefault("tts", messages_tts)
+        return merged
+    return raw
+
+
+def parse_text(text: str, source: str) -> dict[str, Any]:
+    try:
+        if source.endswith((".json", ".json5")):
+            import json5
+
+            data = json5.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except Exception as exc:  # noqa: BLE001 - parser errors vary by library; report them as config errors
+        raise ConfigError([f"{source}: not valid {'JSON5' if source.endswith(('.json', '.json5')) else 'YAML'}: {exc}"]) from None
+    data = _unwrap_seed_document(data if data is not None else {})
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: the top level must be a mapping of keys"])
+    return data
+
+
+def _describe_error(err: Mapping[str, Any], model: type[BaseModel]) -> str:
+    loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal[")))]
+    path = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        known = _known_keys(model, [p for p in loc[:-1] if isinstance(p, str)])
+        guess = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"; did you mean {guess[0]!r}?" if guess else ""
+        return f"{path}: unknown key{hint}"
+    if kind == "value_error":
+        return str(err["msg"]).removeprefix("Value error, ")
+    return f"{path or '(top level)'}: {err['msg']}"
+
+
+def _known_keys(model: type[BaseModel], path: list[str]) -> list[str]:
+    current: Any = model
+    for part in path:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = field.annotation
+    return list(getattr(current, "model_fields", {}).keys())
+
+
+def build_settings(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Settings:
+    data = copy.deepcopy(dict(raw))
+    _migrate_legacy(data)
+    _apply_env(data, os.environ if env is None else env)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems: list[str] = []
+        for err in exc.errors():
+            for line in _describe_error(err, Settings).splitlines():
+                if line not in problems:
+                    problems.append(line)
+        raise ConfigError(problems) from None
+
+
+def default_config_text() -> str:
+    return resources.files("bridge").joinpath("default.yaml").read_text(encoding="utf-8")
+
+
+def config_source(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> str | None:
+    env = os.environ if env is None else env
+    if path:
+        return str(path)
+    return env.get(CONFIG_ENV) or None
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """--config FILE, else $VOICECALL_CONFIG, else the built-in default (mock carrier, offline voice)."""
+    env = os.environ if env is None else env
+    source = config_source(path, env)
+    if source is None:
+        return build_settings(parse_text(default_config_text(), "default.yaml"), env)
+    try:
+        text = Path(source).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{source}: cannot read config file ({exc.strerror})"]) from None
+    return build_settings(parse_text(text, source), env)

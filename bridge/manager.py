@@ -1,0 +1,741 @@
+"""CallManager: the one place that decides what happens to calls.
+
+initiate / speak / continue / end / status; event processing (dedupe, inbound policy, state
+transitions, timers, turn waiters, auto-responses); limits; the reaper; restart recovery.
+It implements `CarrierHost`, the only surface carriers see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+from bridge.calls import (
+    CallEvent,
+    CallMode,
+    CallRecord,
+    CallState,
+    Direction,
+    EventType,
+    TranscriptEntry,
+    can_transition,
+)
+from bridge.clock import Clock, RealClock, TimerHandle
+from bridge.config import Settings
+from bridge.responder import Responder, ResponderError
+from bridge.store import CallStore
+from carriers.base import Carrier, CarrierError, OutboundRequest
+from media.transport import MediaTransport
+
+log = logging.getLogger(__name__)
+
+REAPER_INTERVAL_S = 30.0
+MEDIA_WAIT_S = 10.0
+MAX_PROCESSED_IDS = 200_000
+
+
+class CallError(Exception):
+    """A request about a call that cannot be carried out; the message is shown to the caller of the API."""
+
+
+@dataclass(slots=True)
+class _Turn:
+    token: str
+    future: asyncio.Future[str]
+    started: float
+
+
+# Builds a call's voice (a CallVoice: MediaBridge + STT + TTS) from its media leg; the manager starts it.
+VoiceFactory = Callable[[CallRecord, MediaTransport, Callable[[CallEvent], None]], Any]
+
+
+class CallManager:
+    def __init__(
+        self,
+        settings: Settings,
+        carrier: Carrier,
+        *,
+        clock: Clock | None = None,
+        store: CallStore | None = None,
+        responder: Responder | None = None,
+        voice_factory: VoiceFactory | None = None,
+    ) -> None:
+        self.settings = settings
+        self.carrier = carrier
+        self.clock: Clock = clock or RealClock()
+        self.store = store or CallStore(settings.store_dir)
+        self.responder = responder
+        self._voice_factory = voice_factory
+        self.calls: dict[str, CallRecord] = {}
+        self._by_provider_id: dict[str, str] = {}
+        self._processed: set[str] = set()
+        self._turns: dict[str, _Turn] = {}
+        self._timers: dict[str, TimerHandle] = {}
+        self._voices: dict[str, Any] = {}
+        self._media_waiters: dict[str, list[asyncio.Future[Any]]] = {}
+        self._rejected_provider_ids: set[str] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self._reaper: TimerHandle | None = None
+        self.public_base: str | None = None  # public origin, e.g. https://host.example (set by server)
+        self.started = False
+
+    # ================================================================== lifecycle
+
+    async def start(self) -> None:
+        self.store.open()
+        await self._recover()
+        await self.carrier.start(self)
+        if self.settings.staleCallReaperSeconds > 0:
+            self._schedule_reaper()
+        self.started = True
+
+    async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        for voice in list(self._voices.values()):
+            await voice.close()
+        self._voices.clear()
+        await self.carrier.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.responder is not None:
+            await self.responder.close()
+        self.store.close()
+        self.started = False
+
+    # ================================================================== CarrierHost
+
+    def webhook_url(self, **query: str) -> str:
+        base = self.settings.publicUrl or f"{self._origin()}{self.settings.serve.path}"
+        parts = urlsplit(base)
+        extra = urlencode(query)
+        merged = f"{parts.query}&{extra}" if parts.query and extra else (parts.query or extra)
+        return urlunsplit((parts.scheme, parts.netloc, parts.path, merged, ""))
+
+    def stream_url(self) -> str:
+        base = urlsplit(self.settings.publicUrl or self._origin())
+        scheme = "wss" if base.scheme == "https" else "ws"
+        return urlunsplit((scheme, base.netloc, self.settings.streaming.streamPath, "", ""))
+
+    def _origin(self) -> str:
+        if self.public_base:
+            return self.public_base
+        return f"http://{self.settings.serve.bind}:{self.settings.serve.port}"
+
+    def stream_token(self, call_id: str) -> str:
+        call = self.calls[call_id]
+        token = call.metadata.get("streamToken")
+        if not token:
+            token = call.metadata["streamToken"] = secrets.token_urlsafe(16)
+            self._save(call)
+        return str(token)
+
+    def emit(self, event: CallEvent) -> None:
+        self.process_event(event)
+
+    def get_call(self, call_id: str) -> CallRecord | None:
+        return self.calls.get(call_id)
+
+    def find_call(self, call_id: str | None = None, provider_call_id: str | None = None) -> CallRecord | None:
+        if call_id and call_id in self.calls:
+            return self.calls[call_id]
+        if provider_call_id and provider_call_id in self._by_provider_id:
+            return self.calls.get(self._by_provider_id[provider_call_id])
+        return None
+
+    def attach_media(self, call_id: str, transport: MediaTransport) -> Any:
+        """Create the call's voice (MediaBridge + STT + TTS) and return its MediaBridge."""
+        call = self.calls.get(call_id)
+        if call is None or call.terminal or self._voice_factory is None:
+            return None
+        old = self._voices.pop(call_id, None)
+        if old is not None:
+            self._spawn(old.close(), f"close-voice-{call_id}")
+        voice = self._voice_factory(call, transport, self.emit)
+        self._voices[call_id] = voice
+        self._spawn(voice.start(), f"voice-start-{call_id}")
+        call.metadata["mediaAttached"] = True
+        for waiter in self._media_waiters.pop(call_id, []):
+            if not waiter.done():
+                waiter.set_result(voice)
+        return voice.bridge
+
+    def detach_media(self, call_id: str) -> None:
+        voice = self._voices.pop(call_id, None)
+        if voice is not None:
+            self._spawn(voice.close(), f"detach-{call_id}")
+        call = self.calls.get(call_id)
+        if call is not None:
+            call.metadata["mediaAttached"] = False
+
+    def media_disconnected(self, call_id: str, bridge: Any = None) -> None:
+        """A media stream went away: end the call after a grace period unless a new stream attaches."""
+        current = self._voices.get(call_id)
+        if current is not None and bridge is not None and current.bridge is not bridge:
+            return  # a newer stream already took over
+        self.detach_media(call_id)
+        call = self.calls.get(call_id)
+        if call is None or call.terminal:
+            return
+        grace = self.settings.streaming.disconnectGraceMs / 1000
+
+        def expire() -> None:
+            if not call.terminal and call.callId not in self._voices:
+                call.metadata["streamLost"] = True
+                self._spawn(self._hangup(call, CallState.COMPLETED), f"stream-lost-{call_id}")
+
+        self.clock.call_later(grace, expire)
+
+    def voice(self, call_id: str) -> Any:
+        return self._voices.get(call_id)
+
+    def accept_stream(self, provider: str, provider_call_id: str | None, call_id: str | None,
+                      token: str | None) -> CallRecord | None:
+        """A media stream's `start`: known, live call of this provider, and the right token (constant time)."""
+        call = self.find_call(call_id, provider_call_id)
+        if call is None or call.terminal or call.provider != provider:
+            return None
+        expected = str(call.metadata.get("streamToken") or "")
+        if not expected or not token or not hmac.compare_digest(expected.encode(), token.encode()):
+            return None
+        return call
+
+    # ================================================================== API
+
+    def active_calls(self) -> list[CallRecord]:
+        return [c for c in self.calls.values() if not c.terminal]
+
+    async def initiate(self, to: str | None, message: str, mode: str | None = None) -> CallRecord:
+        to = to or self.settings.toNumber
+        if not to:
+            raise CallError("No destination: pass `to` or set toNumber in the config")
+        if not message or not message.strip():
+            raise CallError("`message` must be a non-empty string")
+        mode = mode or self.settings.outbound.defaultMode
+        if mode not in (CallMode.NOTIFY, CallMode.CONVERSATION):
+            raise CallError(f"`mode` must be notify or conversation (got {mode!r})")
+        self._check_capacity()
+        now = self.clock.time()
+        call = CallRecord(
+            callId=str(uuid.uuid4()),
+            provider=self.carrier.name,
+            direction=Direction.OUTBOUND,
+            state=CallState.INITIATED,
+            from_=self.settings.fromNumber or "",
+            to=to,
+            startedAt=now,
+            metadata={"initialMessage": message, "mode": str(mode), "turnCount": 0},
+        )
+        self.calls[call.callId] = call
+        self._save(call)
+        self._publish("call.created", call)
+        request = OutboundRequest(to=to, from_number=call.from_, message=message, mode=str(mode),
+                                  stream=self.settings.streaming.enabled)
+        try:
+            provider_id = await self.carrier.initiate_call(call, request)
+        except CarrierError as exc:
+            self._finalize(call, CallState.FAILED, error=str(exc))
+            raise CallError(f"Call could not be placed: {exc}") from None
+        if not call.terminal:
+            self._link_provider_id(call, provider_id)
+            self._save(call)
+        return call
+
+    def _check_capacity(self) -> None:
+        active = len(self.active_calls())
+        if active >= self.settings.maxConcurrentCalls:
+            raise CallError(f"Maximum concurrent calls ({self.settings.maxConcurrentCalls}) reached")
+
+    def _live_call(self, call_id: str) -> CallRecord:
+        call = self.find_call(call_id, call_id)
+        if call is None:
+            raise CallError(f"Call not found: {call_id}")
+        if call.terminal:
+            raise CallError(f"Call {call.callId} has ended ({call.state})")
+        return call
+
+    async def speak(self, call_id: str, message: str) -> None:
+        call = self._live_call(call_id)
+        if not message or not message.strip():
+            raise CallError("`message` must be a non-empty string")
+        await self._say(call, message)
+
+    async def continue_call(self, call_id: str, message: str) -> str:
+        """Speak, listen, and return the caller's next final transcript."""
+        call = self._live_call(call_id)
+        if call.callId in self._turns:
+            raise CallError(f"A turn is already in progress on call {call.callId}")
+        loop = asyncio.get_running_loop()
+        turn = _Turn(token=uuid.uuid4().hex, future=loop.create_future(), started=self.clock.monotonic())
+        self._turns[call.callId] = turn
+        try:
+            await self._say(call, message)
+            listen_started = self.clock.monotonic()
+            self._transition(call, CallState.LISTENING)
+            if call.callId not in self._voices:
+                await self.carrier.start_listening(call, turn.token)
+            timeout_ms = self.settings.transcriptTimeoutMs
+            try:
+                transcript = await self.clock.wait_for(turn.future, timeout_ms / 1000)
+            except TimeoutError:
+                raise CallError(f"Timed out waiting for transcript after {timeout_ms}ms") from None
+            done = self.clock.monotonic()
+            meta = call.metadata
+            meta["turnCount"] = int(meta.get("turnCount", 0)) + 1
+            meta["lastTurnLatencyMs"] = round((done - turn.started) * 1000, 1)
+            meta["lastTurnListenWaitMs"] = round((done - listen_started) * 1000, 1)
+            meta["lastTurnCompletedAt"] = self.clock.time()
+            self._save(call)
+            return transcript
+        finally:
+            if self._turns.get(call.callId) is turn:
+                del self._turns[call.callId]
+            if call.callId not in self._voices and not call.terminal:
+                try:
+                    await self.carrier.stop_listening(call)
+                except CarrierError as exc:
+                    log.warning("call %s: stop listening failed: %s", call.callId, exc)
+
+    async def end(self, call_id: str) -> CallRecord:
+        call = self.find_call(call_id, call_id)
+        if call is None:
+            raise CallError(f"Call not found: {call_id}")
+        if call.terminal:
+            return call
+        await self._hangup(call, CallState.HANGUP_BOT)
+        return call
+
+    async def send_dtmf(self, call_id: str, digits: str) -> None:
+        call = self._live_call(call_id)
+        voice = self._voices.get(call.callId)
+        if voice is not None:
+            await voice.bridge.send_dtmf(digits)
+        else:
+            await self.carrier.send_dtmf(call, digits)
+
+    def status(self, call_id: str) -> CallRecord | None:
+        return self.find_call(call_id, call_id)
+
+    def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        self._subscribers.discard(queue)
+
+    # ================================================================== speaking
+
+    async def _say(self, call: CallRecord, text: str) -> None:
+        self._transition(call, CallState.SPEAKING)
+        entry = TranscriptEntry(self.clock.time(), "bot", text)
+        call.transcript.append(entry)
+        self._save(call)
+        self._publish("call.speaking", call, text=text)
+        voice = self._voices.get(call.callId)
+        if voice is None and self._expects_media(call):
+            voice = await self._wait_for_media(call)
+        try:
+            if voice is not None:
+                spoken = await voice.say(text)
+                if spoken.interrupted:
+                    entry.text = spoken.heard_text
+                    call.metadata["lastInterruptedText"] = text
+                    self._save(call)
+            else:
+                await self.carrier.speak_native(call, text)
+        except CarrierError as exc:
+            raise CallError(f"Could not speak on call {call.callId}: {exc}") from None
+        if call.terminal:
+            raise CallError(f"Call {call.callId} ended while speaking ({call.state})")
+
+    def _expects_media(self, call: CallRecord) -> bool:
+        return self.carrier.streams_media and (self.settings.streaming.enabled or self.carrier.name in ("mock", "sip"))
+
+    async def _wait_for_media(self, call: CallRecord) -> Any:
+        if call.callId in self._voices:
+            return self._voices[call.callId]
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._media_waiters.setdefault(call.callId, []).append(future)
+        try:
+            return await self.clock.wait_for(future, MEDIA_WAIT_S)
+        except TimeoutError:
+            log.warning("call %s: no media stream after %.0fs; using the carrier's own voice", call.callId, MEDIA_WAIT_S)
+            return None
+
+    async def _speak_initial(self, call: CallRecord) -> None:
+        """The first message once the call is answered: notify speaks then hangs up; conversation keeps going."""
+        if call.metadata.get("initialMessageSpoken"):
+            return
+        call.metadata["initialMessageSpoken"] = True
+        message = str(call.metadata.get("initialMessage") or "")
+        try:
+            if message:
+                await self._say(call, message)
+            if call.terminal:
+                return
+            if call.metadata.get("mode") == CallMode.NOTIFY:
+                # the delay counts from the END of playback (the seed started it at playback start)
+                await self.clock.sleep(self.settings.outbound.notifyHangupDelaySec)
+                if not call.terminal:
+                    await self._hangup(call, CallState.HANGUP_BOT)
+            else:
+                self._transition(call, CallState.LISTENING)
+        except CallError as exc:
+            log.warning("call %s: initial message failed: %s", call.callId, exc)
+
+    async def _auto_respond(self, call: CallRecord) -> None:
+        if self.responder is None or call.terminal:
+            return
+        started = self.clock.monotonic()
+        try:
+            reply = await self.responder.reply(call.transcript)
+        except ResponderError as exc:
+            log.warning("call %s: responder failed: %s", call.callId, exc)
+            return
+        if call.terminal or not reply.spoken:
+            return
+        call.metadata["lastResponseLatencyMs"] = round((self.clock.monotonic() - started) * 1000, 1)
+        try:
+            await self._say(call, reply.spoken)
+        except CallError as exc:
+            log.warning("call %s: reply not spoken: %s", call.callId, exc)
+            return
+        if reply.end_call and not call.terminal:
+            await self.clock.sleep(self.settings.outbound.notifyHangupDelaySec)
+            if not call.terminal:
+                await self._hangup(call, CallState.HANGUP_BOT)
+        elif not call.terminal:
+            self._transition(call, CallState.LISTENING)
+
+    # ================================================================== events
+
+    def process_event(self, event: CallEvent) -> CallRecord | None:
+        """Apply one normalized event. Sync: side effects that need I/O are spawned as tasks."""
+        if event.key in self._processed:
+            return self.find_call(event.call_id, event.provider_call_id)
+        self._remember(event.key)
+        call = self.find_call(event.call_id, event.provider_call_id)
+        if call is None and event.previous_provider_call_id:
+            call = self.find_call(None, event.previous_provider_call_id)
+        if call is None:
+            call = self._register_unknown(event)
+            if call is None:
+                return None
+        if event.provider_call_id and call.providerCallId != event.provider_call_id:
+            self._link_provider_id(call, event.provider_call_id)
+        if call.terminal:
+            return call
+        call.processedEventIds.append(event.key)
+        del call.processedEventIds[:-500]
+        self._apply(call, event)
+        self._save(call)
+        return call
+
+    def _remember(self, key: str) -> None:
+        if len(self._processed) >= MAX_PROCESSED_IDS:
+            self._processed.clear()  # a full reset is rare and only re-opens very old ids
+        self._processed.add(key)
+
+    def _register_unknown(self, event: CallEvent) -> CallRecord | None:
+        if event.direction is None or event.type == EventType.ENDED:
+            log.info("event %s for unknown call %s ignored", event.type, event.provider_call_id or event.call_id)
+            return None
+        provider_id = event.provider_call_id or ""
+        if event.direction == Direction.INBOUND:
+            reason = self._inbound_refusal(event.from_number)
+            if reason is not None:
+                self._refuse(event, reason)
+                return None
+        call = CallRecord(
+            callId=event.call_id or str(uuid.uuid4()),
+            provider=self.carrier.name,
+            direction=event.direction,
+            state=CallState.RINGING,
+            from_=event.from_number or "",
+            to=event.to_number or "",
+            startedAt=self.clock.time(),
+            providerCallId=provider_id or None,
+            metadata={"mode": CallMode.CONVERSATION.value, "turnCount": 0},
+        )
+        if event.direction == Direction.INBOUND:
+            call.metadata["initialMessage"] = self.settings.inboundGreeting
+        self.calls[call.callId] = call
+        if provider_id:
+            self._by_provider_id[provider_id] = call.callId
+        self._save(call)
+        self._publish("call.created", call)
+        if event.direction == Direction.INBOUND:
+            self._spawn(self._answer(call), f"answer-{call.callId}")
+        return call
+
+    def _inbound_refusal(self, caller: str | None) -> str | None:
+        policy = self.settings.inboundPolicy
+        if policy == "disabled":
+            return "inbound calls are disabled"
+        if policy in ("allowlist", "pairing"):
+            if not caller:
+                return "no caller id"
+            if not any(_same_caller(caller, allowed) for allowed in self.settings.allowFrom):
+                return "caller not in allowFrom"
+        if len(self.active_calls()) >= self.settings.maxConcurrentCalls:
+            return f"maximum concurrent calls ({self.settings.maxConcurrentCalls}) reached"
+        return None
+
+    def _refuse(self, event: CallEvent, reason: str) -> None:
+        provider_id = event.provider_call_id or event.call_id or ""
+        log.info("inbound call from %s refused: %s", _mask_number(event.from_number), reason)
+        if provider_id in self._rejected_provider_ids:
+            return  # one hang-up per rejected call, however many webhooks it sends
+        self._rejected_provider_ids.add(provider_id)
+        ghost = CallRecord(
+            callId=event.call_id or f"rejected-{uuid.uuid4().hex[:12]}",
+            provider=self.carrier.name,
+            direction=Direction.INBOUND,
+            state=CallState.HANGUP_BOT,
+            from_=event.from_number or "",
+            to=event.to_number or "",
+            startedAt=self.clock.time(),
+            providerCallId=provider_id or None,
+            endedAt=self.clock.time(),
+            endReason=CallState.HANGUP_BOT.value,
+            metadata={"rejected": reason},
+        )
+        self._publish("call.rejected", ghost, reason=reason)
+        self._spawn(self.carrier.reject_call(ghost), f"reject-{provider_id}")
+
+    async def _answer(self, call: CallRecord) -> None:
+        try:
+            await self.carrier.answer_call(call)
+        except CarrierError as exc:
+            log.warning("call %s: answer failed: %s", call.callId, exc)
+            self._finalize(call, CallState.ERROR, error=str(exc))
+
+    def _apply(self, call: CallRecord, event: CallEvent) -> None:
+        kind = event.type
+        if kind == EventType.INITIATED:
+            self._transition(call, CallState.INITIATED)
+        elif kind == EventType.RINGING:
+            self._transition(call, CallState.RINGING)
+        elif kind in (EventType.ANSWERED, EventType.ACTIVE):
+            first_answer = call.answeredAt is None
+            self._transition(call, CallState.ANSWERED if kind == EventType.ANSWERED else CallState.ACTIVE)
+            if first_answer:
+                call.answeredAt = self.clock.time()
+                self._start_max_duration(call, self.settings.maxDurationSeconds)
+                self._publish("call.answered", call)
+                self._spawn(self._speak_initial(call), f"initial-{call.callId}")
+        elif kind == EventType.SPEAKING:
+            self._transition(call, CallState.SPEAKING)
+        elif kind == EventType.SPEECH:
+            self._on_speech(call, event)
+        elif kind == EventType.DTMF:
+            call.metadata.setdefault("dtmf", "")
+            call.metadata["dtmf"] += event.digits or ""
+            self._publish("call.dtmf", call, digits=event.digits)
+        elif kind == EventType.ENDED:
+            self._finalize(call, event.reason or CallState.COMPLETED)
+        elif kind == EventType.ERROR:
+            self._publish("call.error", call, error=event.error)
+            if not event.retryable:
+                self._finalize(call, CallState.ERROR, error=event.error)
+
+    def _on_speech(self, call: CallRecord, event: CallEvent) -> None:
+        text = (event.transcript or "").strip()
+        if not event.is_final:
+            self._publish("call.partial", call, transcript=text)
+            return
+        if not text:
+            return
+        call.transcript.append(TranscriptEntry(event.timestamp, "user", text))
+        self._publish("call.speech", call, transcript=text)
+        turn = self._turns.get(call.callId)
+        if turn is not None:
+            if event.turn_token is not None and event.turn_token != turn.token:
+                log.info("call %s: stale transcript (old turn token) ignored for the waiting turn", call.callId)
+                return
+            if not turn.future.done():
+                turn.future.set_result(text)
+            return
+        if call.direction == Direction.INBOUND or call.metadata.get("mode") == CallMode.CONVERSATION:
+            self._spawn(self._auto_respond(call), f"respond-{call.callId}")
+
+    def _transition(self, call: CallRecord, target: CallState) -> bool:
+        if call.state == target:
+            return True
+        if not can_transition(call.state, target):
+            log.info("call %s: transition %s -> %s refused", call.callId, call.state, target)
+            return False
+        call.state = target
+        self._publish("call.state", call)
+        return True
+
+    async def _hangup(self, call: CallRecord, reason: CallState) -> None:
+        try:
+            await self.carrier.hangup_call(call, reason)
+        except CarrierError as exc:
+            log.warning("call %s: hang-up request failed: %s", call.callId, exc)
+        self._finalize(call, reason)
+
+    def _finalize(self, call: CallRecord, reason: CallState, *, error: str | None = None) -> None:
+        if call.terminal:
+            return
+        call.state = reason
+        call.endedAt = self.clock.time()
+        call.endReason = reason.value
+        if error:
+            call.metadata["error"] = error
+        timer = self._timers.pop(call.callId, None)
+        if timer is not None:
+            timer.cancel()
+        turn = self._turns.get(call.callId)
+        if turn is not None and not turn.future.done():
+            turn.future.set_exception(CallError(f"Call ended ({reason}) before a transcript arrived"))
+        for waiter in self._media_waiters.pop(call.callId, []):
+            if not waiter.done():
+                waiter.set_result(None)
+        voice = self._voices.pop(call.callId, None)
+        if voice is not None:
+            self._spawn(voice.close(), f"close-voice-{call.callId}")
+        self._save(call)
+        self._publish("call.ended", call, reason=reason.value)
+
+    # ================================================================== timers
+
+    def _start_max_duration(self, call: CallRecord, seconds: float) -> None:
+        old = self._timers.pop(call.callId, None)
+        if old is not None:
+            old.cancel()
+
+        def expire() -> None:
+            self._timers.pop(call.callId, None)
+            if not call.terminal:
+                log.info("call %s: max duration reached", call.callId)
+                self._spawn(self._hangup(call, CallState.TIMEOUT), f"timeout-{call.callId}")
+
+        self._timers[call.callId] = self.clock.call_later(max(0.0, seconds), expire)
+
+    def _schedule_reaper(self) -> None:
+        self._reaper = self.clock.call_later(REAPER_INTERVAL_S, self._reap)
+
+    def _reap(self) -> None:
+        limit = self.settings.staleCallReaperSeconds
+        now = self.clock.time()
+        for call in self.active_calls():
+            if now - call.startedAt >= limit:
+                log.info("call %s: stale for %.0fs, reaping", call.callId, now - call.startedAt)
+                call.metadata["reaped"] = True
+                self._spawn(self._hangup(call, CallState.TIMEOUT), f"reap-{call.callId}")
+        self._schedule_reaper()
+
+    # ================================================================== restart recovery
+
+    async def _recover(self) -> None:
+        replay = self.store.replay()
+        if replay.skipped_lines:
+            log.warning("call log: %d unreadable line(s) skipped", replay.skipped_lines)
+        now = self.clock.time()
+        for call in replay.calls.values():
+            self.calls[call.callId] = call
+            if call.providerCallId:
+                self._by_provider_id[call.providerCallId] = call.callId
+            self._processed.update(call.processedEventIds)
+        for call in [c for c in replay.calls.values() if not c.terminal]:
+            if not call.providerCallId:
+                self._finalize(call, CallState.ERROR, error="lost on restart (never reached the carrier)")
+                continue
+            if now - call.startedAt > self.settings.maxDurationSeconds:
+                self._finalize(call, CallState.TIMEOUT, error="older than maxDurationSeconds at restart")
+                continue
+            try:
+                status = await self.carrier.get_call_status(call)
+            except CarrierError as exc:
+                log.warning("call %s: status check failed on restart (%s); keeping it", call.callId, exc)
+                status = None
+            if status is not None and status.terminal:
+                self._finalize(call, status.state or CallState.COMPLETED)
+                continue
+            # initial message was already handled before the restart; do not speak it again
+            call.metadata["initialMessageSpoken"] = True
+            if call.answeredAt is not None:
+                elapsed = now - call.answeredAt
+                self._start_max_duration(call, self.settings.maxDurationSeconds - elapsed)
+            log.info("call %s restored in state %s", call.callId, call.state)
+
+    # ================================================================== bookkeeping
+
+    def _link_provider_id(self, call: CallRecord, provider_id: str) -> None:
+        if call.providerCallId and call.providerCallId != provider_id:
+            call.metadata.setdefault("previousProviderCallIds", []).append(call.providerCallId)
+        call.providerCallId = provider_id
+        self._by_provider_id[provider_id] = call.callId
+
+    def _save(self, call: CallRecord) -> None:
+        try:
+            self.store.append(call)
+        except OSError as exc:
+            log.error("call log write failed: %s", exc)
+
+    def _publish(self, kind: str, call: CallRecord, **extra: Any) -> None:
+        if not self._subscribers:
+            return
+        message = {"type": kind, "callId": call.callId, "state": str(call.state), **extra}
+        for queue in list(self._subscribers):
+            try:
+                queue.put_nowait(message)
+            except asyncio.QueueFull:
+                log.warning("event subscriber too slow; dropping it")
+                self._subscribers.discard(queue)
+
+    def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def drain(self) -> None:
+        """Wait for spawned side effects (tests)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def _digits(number: str) -> str:
+    return "".join(ch for ch in number if ch.isdigit())
+
+
+def _same_caller(caller: str, allowed: str) -> bool:
+    if allowed.startswith(("sip:", "sips:")) or caller.startswith(("sip:", "sips:")):
+        return _sip_identity(caller) == _sip_identity(allowed)
+    return bool(_digits(caller)) and _digits(caller) == _digits(allowed)
+
+
+def _sip_identity(uri: str) -> str:
+    uri = uri.split(";", 1)[0].strip("<>").lower()
+    for prefix in ("sips:", "sip:"):
+        uri = uri.removeprefix(prefix)
+    return uri.split(":", 1)[0] if "@" in uri else uri
+
+
+def _mask_number(number: str | None) -> str:
+    if not number:
+        return "(unknown)"
+    return number[:-4] + "****" if len(number) > 6 else "****"

@@ -1,0 +1,263 @@
+"""Gateway RPC: `voicecall.*` methods as JSON-RPC 2.0, over HTTP POST and over WebSocket at /rpc.
+
+The same `RpcDispatcher.call` serves HTTP, WebSocket, the agent tool and the CLI (through the
+server), so every surface behaves the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from bridge.manager import CallError, CallManager
+
+log = logging.getLogger(__name__)
+
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+CALL_FAILED = -32000
+
+
+class RpcError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _str(params: dict[str, Any], key: str, *, required: bool = True) -> str | None:
+    value = params.get(key)
+    if value is None or value == "":
+        if required:
+            raise RpcError(INVALID_PARAMS, f"missing parameter `{key}`")
+        return None
+    if not isinstance(value, str):
+        raise RpcError(INVALID_PARAMS, f"parameter `{key}` must be a string")
+    return value
+
+
+class RpcDispatcher:
+    def __init__(self, manager: CallManager) -> None:
+        self.manager = manager
+        self._methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
+            "voicecall.initiate": self._initiate,
+            "voicecall.start": self._start_legacy,
+            "voicecall.continue": self._continue,
+            "voicecall.speak": self._speak,
+            "voicecall.end": self._end,
+            "voicecall.status": self._status,
+            "voicecall.list": self._list,
+            "voicecall.dtmf": self._dtmf,
+            "mock.inject": self._mock_inject,
+            "mock.callee": self._mock_callee,
+        }
+
+    @property
+    def methods(self) -> list[str]:
+        return sorted(self._methods)
+
+    async def call(self, method: str, params: Any) -> Any:
+        handler = self._methods.get(method)
+        if handler is None:
+            raise RpcError(METHOD_NOT_FOUND, f"unknown method {method!r}")
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise RpcError(INVALID_PARAMS, "params must be an object")
+        try:
+            return await handler(params)
+        except CallError as exc:
+            raise RpcError(CALL_FAILED, str(exc)) from None
+
+    # ---------------------------------------------------------------- voicecall.*
+    async def _initiate(self, p: dict[str, Any]) -> dict[str, Any]:
+        call = await self.manager.initiate(_str(p, "to", required=False), _str(p, "message") or "",
+                                           _str(p, "mode", required=False))
+        return {"callId": call.callId, "initiated": True}
+
+    async def _start_legacy(self, p: dict[str, Any]) -> dict[str, Any]:
+        message = _str(p, "message", required=False) or "Hello"
+        call = await self.manager.initiate(_str(p, "to"), message, _str(p, "mode", required=False))
+        return {"callId": call.callId, "initiated": True}
+
+    async def _continue(self, p: dict[str, Any]) -> dict[str, Any]:
+        transcript = await self.manager.continue_call(_str(p, "callId") or "", _str(p, "message") or "")
+        return {"success": True, "transcript": transcript}
+
+    async def _speak(self, p: dict[str, Any]) -> dict[str, Any]:
+        await self.manager.speak(_str(p, "callId") or "", _str(p, "message") or "")
+        return {"success": True}
+
+    async def _end(self, p: dict[str, Any]) -> dict[str, Any]:
+        await self.manager.end(_str(p, "callId") or "")
+        return {"success": True}
+
+    async def _status(self, p: dict[str, Any]) -> dict[str, Any]:
+        key = _str(p, "callId", required=False) or _str(p, "sid", required=False)
+        if not key:
+            raise RpcError(INVALID_PARAMS, "missing parameter `callId`")
+        call = self.manager.status(key)
+        return {"found": True, "call": call.public_view()} if call else {"found": False}
+
+    async def _list(self, p: dict[str, Any]) -> dict[str, Any]:
+        calls = self.manager.active_calls() if p.get("active") else list(self.manager.calls.values())
+        calls = sorted(calls, key=lambda c: c.startedAt)[-int(p.get("limit", 50)):]
+        return {"calls": [c.public_view() for c in calls]}
+
+    async def _dtmf(self, p: dict[str, Any]) -> dict[str, Any]:
+        digits = _str(p, "digits") or ""
+        if not all(d in "0123456789*#ABCD" for d in digits):
+            raise RpcError(INVALID_PARAMS, "`digits` may contain only 0-9, *, #, A-D")
+        await self.manager.send_dtmf(_str(p, "callId") or "", digits)
+        return {"success": True}
+
+    # ---------------------------------------------------------------- mock carrier controls
+    def _mock(self) -> Any:
+        carrier = self.manager.carrier
+        if carrier.name != "mock":
+            raise RpcError(METHOD_NOT_FOUND, "mock.* methods exist only with provider: mock")
+        return carrier
+
+    async def _mock_inject(self, p: dict[str, Any]) -> dict[str, Any]:
+        carrier = self._mock()
+        script = p.get("script")
+        if script is not None and not (isinstance(script, list) and all(isinstance(s, str) for s in script)):
+            raise RpcError(INVALID_PARAMS, "`script` must be a list of strings")
+        provider_id = carrier.inject_inbound(_str(p, "from") or "", _str(p, "to", required=False)
+                                             or self.manager.settings.fromNumber or "", script)
+        call = self.manager.find_call(None, provider_id)
+        return {"providerCallId": provider_id, "accepted": call is not None,
+                "callId": call.callId if call else None}
+
+    async def _mock_callee(self, p: dict[str, Any]) -> dict[str, Any]:
+        """Make the simulated callee act: say text, press keys, or hang up."""
+        carrier = self._mock()
+        call = self.manager.status(_str(p, "callId") or "")
+        callee = carrier.callee(call.callId) if call else None
+        if callee is None:
+            raise RpcError(CALL_FAILED, "no live mock callee on that call")
+        action = _str(p, "action")
+        if action == "say":
+            callee.say(_str(p, "text") or "")
+        elif action == "press":
+            callee.press(_str(p, "digits") or "")
+        elif action == "hangup":
+            callee.hang_up()
+        else:
+            raise RpcError(INVALID_PARAMS, "`action` must be say, press or hangup")
+        return {"success": True}
+
+    # ---------------------------------------------------------------- JSON-RPC framing
+    async def handle(self, payload: Any) -> dict[str, Any] | list[dict[str, Any]] | None:
+        if isinstance(payload, list):
+            if not payload:
+                return _error(None, INVALID_REQUEST, "empty batch")
+            replies = await asyncio.gather(*(self._handle_one(item) for item in payload))
+            return [r for r in replies if r is not None] or None
+        return await self._handle_one(payload)
+
+    async def _handle_one(self, item: Any) -> dict[str, Any] | None:
+        if not isinstance(item, dict) or item.get("jsonrpc") != "2.0" or not isinstance(item.get("method"), str):
+            return _error(item.get("id") if isinstance(item, dict) else None, INVALID_REQUEST,
+                          "expected a JSON-RPC 2.0 request object")
+        request_id = item.get("id")
+        try:
+            result = await self.call(item["method"], item.get("params"))
+        except RpcError as exc:
+            return _error(request_id, exc.code, exc.message) if "id" in item else None
+        except Exception:  # noqa: BLE001 - one bad request must not end the connection
+            log.exception("rpc %s failed", item["method"])
+            return _error(request_id, CALL_FAILED, "internal error") if "id" in item else None
+        if "id" not in item:
+            return None
+        return {"jsonrpc": "2.0", "id": request_id, "result": result}
+
+
+def _error(request_id: Any, code: int, message: str) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
+
+
+class RpcEndpoint:
+    """/rpc: POST for one request (or batch), GET upgrades to a WebSocket with event subscription."""
+
+    def __init__(self, dispatcher: RpcDispatcher, token: str | None) -> None:
+        self.dispatcher = dispatcher
+        self._token = token
+
+    def _authorized(self, request: web.Request) -> bool:
+        if not self._token:
+            return True
+        header = request.headers.get("Authorization", "")
+        scheme, _, presented = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(presented.encode(), self._token.encode())
+
+    async def post(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return web.json_response(_error(None, INVALID_REQUEST, "unauthorized"), status=401)
+        try:
+            payload = json.loads(await request.read())
+        except ValueError:
+            return web.json_response(_error(None, PARSE_ERROR, "invalid JSON"), status=400)
+        reply = await self.dispatcher.handle(payload)
+        if reply is None:
+            return web.Response(status=204)
+        return web.json_response(reply)
+
+    async def websocket(self, request: web.Request) -> web.StreamResponse:
+        if not self._authorized(request):
+            return web.json_response(_error(None, INVALID_REQUEST, "unauthorized"), status=401)
+        ws = web.WebSocketResponse(heartbeat=30)
+        await ws.prepare(request)
+        send_lock = asyncio.Lock()
+        tasks: set[asyncio.Task[None]] = set()
+        queue: asyncio.Queue[dict[str, Any]] | None = None
+        forwarder: asyncio.Task[None] | None = None
+
+        async def send(obj: Any) -> None:
+            async with send_lock:
+                if not ws.closed:
+                    await ws.send_str(json.dumps(obj))
+
+        async def forward(q: asyncio.Queue[dict[str, Any]]) -> None:
+            while True:
+                event = await q.get()
+                await send({"jsonrpc": "2.0", "method": "voicecall.event", "params": event})
+
+        async def serve(item: Any) -> None:
+            reply = await self.dispatcher.handle(item)
+            if reply is not None:
+                await send(reply)
+
+        try:
+            async for msg in ws:
+                if msg.type != WSMsgType.TEXT:
+                    continue
+                try:
+                    item = json.loads(msg.data)
+                except ValueError:
+                    await send(_error(None, PARSE_ERROR, "invalid JSON"))
+                    continue
+                if isinstance(item, dict) and item.get("method") == "voicecall.subscribe":
+                    if queue is None:
+                        queue = self.dispatcher.manager.subscribe()
+                        forwarder = asyncio.create_task(forward(queue))
+                    if "id" in item:
+                        await send({"jsonrpc": "2.0", "id": item["id"], "result": {"subscribed": True}})
+                    continue
+                task = asyncio.create_task(serve(item))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        finally:
+            if queue is not None:
+                self.dispatcher.manager.unsubscribe(queue)
+            for task in [*tasks, *([forwarder] if forwarder else [])]:
+                task.cancel()
+        return ws

@@ -1,0 +1,115 @@
+"""Builds a running bridge from Settings: carrier, manager, voices, RPC, and the one server."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Callable
+
+from aiohttp import web
+
+from bridge.calls import CallEvent, CallRecord
+from bridge.clock import Clock
+from bridge.config import Settings
+from bridge.manager import CallManager, VoiceFactory
+from bridge.metrics import Metrics
+from bridge.responder import create_responder
+from bridge.rpc import RpcDispatcher, RpcEndpoint
+from bridge.server import create_app
+from bridge.voice import CallVoice
+from carriers.base import Carrier
+from carriers.registry import create_carrier
+from media.transport import MediaTransport
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def voice_factory(settings: Settings) -> VoiceFactory:
+    """One TTS engine and STT engine per deployment; one CallVoice (MediaBridge + sessions) per call."""
+    from media.recorder import CallRecorder
+    from media.stt.factory import create_stt
+    from media.tts.factory import create_tts
+
+    tts = create_tts(settings.effective_tts)
+    stt = create_stt(settings.streaming.model_dump(mode="python"))
+
+    def build(call: CallRecord, transport: MediaTransport, emit: Callable[[CallEvent], None]) -> CallVoice:
+        recorder = None
+        if settings.recording.enabled:
+            recorder = CallRecorder(settings.store_dir / "recordings" / f"{call.callId}.wav",
+                                    settings.pipelineSampleRate)
+        return CallVoice(
+            call_id=call.callId,
+            transport=transport,
+            tts=tts,
+            stt_engine=stt,
+            emit=emit,
+            pipeline_rate=settings.pipelineSampleRate,
+            recorder=recorder,
+            barge_in=settings.streaming.bargeIn,
+        )
+
+    return build
+
+
+class Runtime:
+    def __init__(self, settings: Settings, *, clock: Clock | None = None, carrier: Carrier | None = None) -> None:
+        self.settings = settings
+        self.carrier = carrier or create_carrier(settings)
+        secret = settings.responseApiKey.get_secret_value() if settings.responseApiKey else None
+        responder = create_responder(settings.responseModel, base_url=settings.responseBaseUrl, api_key=secret,
+                                     system_prompt=settings.responseSystemPrompt,
+                                     timeout_ms=settings.responseTimeoutMs)
+        self.manager = CallManager(settings, self.carrier, clock=clock, responder=responder, voice_factory=voice_factory(settings))
+        self.metrics = Metrics()
+        self.dispatcher = RpcDispatcher(self.manager)
+        token = settings.rpc.token.get_secret_value() if settings.rpc.token else None
+        self.app = create_app(self.manager, RpcEndpoint(self.dispatcher, token), self.metrics)
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def start(self, *, port: int | None = None) -> int:
+        settings = self.settings
+        bind = settings.serve.bind
+        if not _is_loopback(bind) and not settings.rpc.token:
+            raise StartupError(f"serve.bind is {bind}, not loopback: set rpc.token (or VOICECALL_RPC_TOKEN) "
+                               "so the RPC endpoint is not open to the network")
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, bind, settings.serve.port if port is None else port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise StartupError(f"cannot listen on {bind}:{settings.serve.port}: {exc.strerror} "
+                               "(is another voicecall server running?)") from None
+        sockets = site._server.sockets if site._server else []  # noqa: SLF001
+        self.port = sockets[0].getsockname()[1] if sockets else settings.serve.port
+        if not settings.publicUrl:
+            host = "127.0.0.1" if bind in ("0.0.0.0", "::") else bind
+            self.manager.public_base = f"http://{host}:{self.port}"
+        await self.manager.start()
+        return self.port
+
+    @property
+    def rpc_url(self) -> str:
+        return f"{self.manager.public_base or self.settings.rpc_url.rsplit('/rpc', 1)[0]}/rpc"
+
+    async def stop(self) -> None:
+        await self.manager.stop()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

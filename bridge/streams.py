@@ -1,0 +1,221 @@
+"""Media-stream WebSockets: connection limits, the start handshake, and frames into the MediaBridge.
+
+The carrier's `MediaStreamCodec` knows the dialect (Twilio, Telnyx, Plivo); this module knows
+the rules every stream obeys: `maxConnections` (503 before the upgrade), pending-connection caps
+(close 1013), the pre-start timeout (close 1008), the per-call token (close 1008 "Unknown call"),
+a bad frame (close 1008, this stream only) and the send-buffer cap (close 1013).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from carriers.base import (
+    MediaStreamCodec,
+    StreamDtmf,
+    StreamMark,
+    StreamMedia,
+    StreamProtocolError,
+    StreamStart,
+    StreamStop,
+)
+from media.formats import AudioFormat
+
+if TYPE_CHECKING:
+    from bridge.config import StreamingSettings
+    from bridge.manager import CallManager
+    from bridge.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+CLOSE_POLICY = WSCloseCode.POLICY_VIOLATION  # 1008
+CLOSE_TRY_AGAIN = WSCloseCode.TRY_AGAIN_LATER  # 1013
+
+
+class StreamGate:
+    """Counts open and not-yet-started media-stream sockets, in total and per source IP."""
+
+    def __init__(self, limits: StreamingSettings) -> None:
+        self.limits = limits
+        self.open = 0
+        self.pending = 0
+        self.pending_by_ip: Counter[str] = Counter()
+
+    def full(self) -> bool:
+        return self.open >= self.limits.maxConnections
+
+    def pending_refusal(self, ip: str) -> str | None:
+        if self.pending >= self.limits.maxPendingConnections:
+            return "Too many pending connections"
+        if self.pending_by_ip[ip] >= self.limits.maxPendingConnectionsPerIp:
+            return "Too many pending connections from this address"
+        return None
+
+    def enter(self, ip: str) -> None:
+        self.open += 1
+        self.pending += 1
+        self.pending_by_ip[ip] += 1
+
+    def started(self, ip: str) -> None:
+        self.pending -= 1
+        self._drop_ip(ip)
+
+    def leave(self, ip: str, *, was_pending: bool) -> None:
+        self.open -= 1
+        if was_pending:
+            self.pending -= 1
+            self._drop_ip(ip)
+
+    def _drop_ip(self, ip: str) -> None:
+        self.pending_by_ip[ip] -= 1
+        if self.pending_by_ip[ip] <= 0:
+            del self.pending_by_ip[ip]
+
+
+@dataclass(slots=True)
+class WebSocketTransport:
+    """MediaTransport over one carrier WebSocket."""
+
+    ws: web.WebSocketResponse
+    codec: MediaStreamCodec
+    format: AudioFormat
+    max_buffer: int
+    supports_marks: bool = True
+    overflowed: bool = False
+
+    def _buffered(self) -> int:
+        transport = self.ws._writer.transport if self.ws._writer is not None else None  # noqa: SLF001
+        return transport.get_write_buffer_size() if transport is not None else 0
+
+    async def _send(self, text: str) -> None:
+        if self.ws.closed or self.overflowed:
+            return
+        if self._buffered() > self.max_buffer:
+            # The peer stopped reading: never let one stream eat the process's memory.
+            self.overflowed = True
+            log.warning("media stream send buffer over %d bytes; closing it", self.max_buffer)
+            await self.ws.close(code=CLOSE_TRY_AGAIN, message=b"Send buffer full")
+            return
+        try:
+            await self.ws.send_str(text)
+        except ConnectionError:
+            pass
+
+    async def send_media(self, payload: bytes) -> None:
+        await self._send(self.codec.encode_media(payload))
+
+    async def send_mark(self, name: str) -> None:
+        await self._send(self.codec.encode_mark(name))
+
+    async def send_clear(self) -> None:
+        await self._send(self.codec.encode_clear())
+
+
+class StreamHandler:
+    def __init__(self, manager: CallManager, gate: StreamGate, metrics: Metrics) -> None:
+        self.manager = manager
+        self.gate = gate
+        self.metrics = metrics
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        limits = self.gate.limits
+        codec = self.manager.carrier.open_stream()
+        if codec is None:
+            raise web.HTTPNotFound(text="this carrier has no media streams")
+        if self.gate.full():
+            self.metrics.inc("voicecall_stream_refused_total", reason="max_connections")
+            return web.Response(status=503, text="Too many media streams")
+        ip = request.remote or ""
+        ws = web.WebSocketResponse(max_msg_size=64 * 1024, autoping=True)
+        await ws.prepare(request)
+        refusal = self.gate.pending_refusal(ip)
+        if refusal is not None:
+            self.metrics.inc("voicecall_stream_refused_total", reason="pending")
+            await ws.close(code=CLOSE_TRY_AGAIN, message=refusal.encode())
+            return ws
+        self.gate.enter(ip)
+        pending = True
+        call_id: str | None = None
+        bridge: Any = None
+        try:
+            start = await self._await_start(ws, codec, limits.preStartTimeoutMs / 1000)
+            if start is None:
+                return ws
+            call = self.manager.accept_stream(self.manager.carrier.name, start.provider_call_id,
+                                              start.call_id, start.token)
+            if call is None:
+                await ws.close(code=CLOSE_POLICY, message=b"Unknown call")
+                return ws
+            self.gate.started(ip)
+            pending = False
+            call_id = call.callId
+            transport = WebSocketTransport(ws, codec, start.format, limits.maxSendBufferBytes)
+            bridge = self.manager.attach_media(call_id, transport)
+            if bridge is None:
+                await ws.close(code=CLOSE_POLICY, message=b"Call cannot take media")
+                return ws
+            self.metrics.inc("voicecall_streams_started_total")
+            await self._pump(ws, codec, bridge)
+        finally:
+            self.gate.leave(ip, was_pending=pending)
+            if call_id is not None:
+                self.manager.media_disconnected(call_id, bridge)
+        return ws
+
+    async def _await_start(self, ws: web.WebSocketResponse, codec: MediaStreamCodec,
+                           timeout: float) -> StreamStart | None:
+        try:
+            async with asyncio.timeout(timeout):
+                async for msg in ws:
+                    if msg.type != WSMsgType.TEXT:
+                        await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"Text frames only")
+                        return None
+                    try:
+                        parsed = codec.parse(msg.data)
+                    except StreamProtocolError as exc:
+                        await ws.close(code=CLOSE_POLICY, message=_reason(exc))
+                        return None
+                    if isinstance(parsed, StreamStart):
+                        return parsed
+                    if isinstance(parsed, StreamStop):
+                        await ws.close()
+                        return None
+        except TimeoutError:
+            await ws.close(code=CLOSE_POLICY, message=b"Start timeout")
+        return None
+
+    async def _pump(self, ws: web.WebSocketResponse, codec: MediaStreamCodec, bridge: Any) -> None:
+        frames = 0
+        try:
+            async for msg in ws:
+                if msg.type != WSMsgType.TEXT:
+                    await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"Text frames only")
+                    return
+                try:
+                    parsed = codec.parse(msg.data)
+                except StreamProtocolError as exc:
+                    log.warning("media stream closed: %s", exc)
+                    await ws.close(code=CLOSE_POLICY, message=_reason(exc))
+                    return
+                if isinstance(parsed, StreamMedia):
+                    frames += 1
+                    bridge.receive(parsed.payload, parsed.sequence)
+                elif isinstance(parsed, StreamMark):
+                    bridge.on_mark(parsed.name)
+                elif isinstance(parsed, StreamDtmf):
+                    bridge.on_dtmf(parsed.digit)
+                elif isinstance(parsed, StreamStop):
+                    await ws.close()
+                    return
+        finally:
+            self.metrics.inc("voicecall_stream_frames_in_total", amount=frames)
+
+
+def _reason(exc: Exception) -> bytes:
+    return str(exc).encode()[:120]

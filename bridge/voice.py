@@ -1,0 +1,112 @@
+"""One call's voice: its MediaBridge, STT session and TTS engine, wired to the manager's events."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from bridge.calls import CallEvent, EventType
+from typing import TYPE_CHECKING
+
+from media.bridge import MediaBridge, heard_text
+
+if TYPE_CHECKING:
+    from media.recorder import CallRecorder
+    from media.stt.base import SttEngine, SttEvent, SttSession
+    from media.transport import MediaTransport
+    from media.tts.base import TtsEngine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Spoken:
+    """What the caller actually heard of one utterance."""
+
+    text: str
+    heard_text: str
+    interrupted: bool
+    heard_ms: float
+    synthesized_ms: float
+
+
+class CallVoice:
+    def __init__(
+        self,
+        *,
+        call_id: str,
+        transport: MediaTransport,
+        tts: TtsEngine,
+        stt_engine: SttEngine | None,
+        emit: Callable[[CallEvent], None],
+        pipeline_rate: int,
+        recorder: CallRecorder | None = None,
+        barge_in: bool = True,
+    ) -> None:
+        self.call_id = call_id
+        self.tts = tts
+        self._emit = emit
+        self.bridge = MediaBridge(transport, self, pipeline_rate=pipeline_rate, recorder=recorder,
+                                  vad_barge_in=barge_in)
+        self.stt: SttSession | None = (
+            stt_engine.open(sample_rate=pipeline_rate, on_event=self._on_stt) if stt_engine else None
+        )
+        self._closed = False
+
+    async def start(self) -> None:
+        if self.stt is not None:
+            await self.stt.start()
+
+    # ---- MediaListener
+    def on_pipeline_audio(self, pcm: bytes) -> None:
+        if self.stt is not None:
+            self.stt.feed(pcm)
+
+    def on_dtmf(self, digit: str) -> None:
+        self._emit(CallEvent(EventType.DTMF, call_id=self.call_id, digits=digit))
+
+    def on_speech_started(self) -> None:
+        return None  # the bridge already barged in; nothing else to do here
+
+    def _on_stt(self, event: SttEvent) -> None:
+        if event.kind == "speech_started":
+            self.bridge.on_speech_started()
+        elif event.kind in ("partial", "final") and event.text.strip():
+            self._emit(CallEvent(EventType.SPEECH, call_id=self.call_id, transcript=event.text.strip(),
+                                 is_final=event.kind == "final"))
+
+    # ---- speaking
+    async def say(self, text: str) -> Spoken:
+        counter = _ByteCounter(self.tts.synthesize(text))
+        result = await self.bridge.play(counter, self.tts.sample_rate, label=None)
+        synthesized_ms = counter.bytes / 2 / self.tts.sample_rate * 1000
+        heard = heard_text(text, result, total_ms=synthesized_ms or None)
+        return Spoken(text, heard, result.interrupted, result.heard_ms, synthesized_ms)
+
+    def interrupt(self) -> None:
+        self.bridge.interrupt("manager")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.stt is not None:
+            await self.stt.close()
+        await self.bridge.close()
+
+
+class _ByteCounter:
+    """Counts the PCM bytes a TTS stream produced (to tell how much of an utterance was heard)."""
+
+    def __init__(self, source: AsyncIterator[bytes]) -> None:
+        self._source = source
+        self.bytes = 0
+
+    def __aiter__(self) -> _ByteCounter:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._source.__anext__()
+        self.bytes += len(chunk)
+        return chunk

@@ -1,0 +1,286 @@
+"""The Carrier interface every carrier implements, and the sans-I/O types it exchanges.
+
+A carrier turns our intents (dial, hang up, speak, listen) into its REST/SIP/ARI calls, and turns
+what it receives (webhooks, media-stream frames, SIP events) into normalized `CallEvent`s.
+It knows nothing of the manager's internals: it sees only `CarrierHost`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from bridge.calls import CallEvent, CallRecord, CallState
+from media.formats import AudioFormat
+
+if TYPE_CHECKING:
+    from bridge.clock import Clock
+    from bridge.config import Settings
+    from media.bridge import MediaBridge
+    from media.transport import MediaTransport
+
+
+class CarrierError(Exception):
+    """A carrier request failed; the message is safe to show (no secrets)."""
+
+    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+
+
+# ---------------------------------------------------------------- webhooks (sans-I/O)
+
+
+@dataclass(slots=True)
+class WebhookRequest:
+    """An HTTP request as the carrier needs it to verify and parse a webhook.
+
+    `public_url` is the URL the carrier requested, reconstructed by bridge.security (publicUrl,
+    trusted forwarded headers, Host); `url_variants` are the port variants worth trying too.
+    `query` and `form` keep repeated keys.
+    """
+
+    method: str
+    path: str
+    public_url: str
+    headers: Mapping[str, str]
+    body: bytes
+    query: list[tuple[str, str]] = field(default_factory=list)
+    form: list[tuple[str, str]] = field(default_factory=list)
+    remote: str = ""
+    url_variants: list[str] = field(default_factory=list)
+
+    def query_value(self, key: str) -> str | None:
+        for k, v in self.query:
+            if k == key:
+                return v
+        return None
+
+    def param(self, key: str) -> str | None:
+        """Form value first, then query value."""
+        for k, v in self.form:
+            if k == key:
+                return v
+        return self.query_value(key)
+
+
+@dataclass(slots=True)
+class WebhookVerdict:
+    ok: bool
+    reason: str = ""
+    # A stable key of this exact delivery; the same key again is a replay (acknowledged, no effect).
+    replay_key: str | None = None
+
+
+@dataclass(slots=True)
+class WebhookReply:
+    status: int = 200
+    body: str = "OK"
+    content_type: str = "text/plain"
+
+
+@dataclass(slots=True)
+class WebhookResult:
+    """Events to process, and the reply. Where the reply depends on what the manager decided
+    (e.g. TwiML for an inbound call the policy accepted or rejected), `respond` builds it from the
+    call record after processing (None when the call was rejected or is unknown)."""
+
+    events: list[CallEvent] = field(default_factory=list)
+    reply: WebhookReply = field(default_factory=WebhookReply)
+    respond: Callable[[CallRecord | None], WebhookReply] | None = None
+
+
+# ---------------------------------------------------------------- media streams (sans-I/O)
+
+
+class StreamProtocolError(ValueError):
+    """A frame that does not follow the carrier's media-stream protocol: the stream is closed."""
+
+
+@dataclass(slots=True)
+class StreamStart:
+    provider_call_id: str
+    stream_id: str
+    format: AudioFormat
+    token: str | None = None
+    call_id: str | None = None
+    custom: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class StreamMedia:
+    payload: bytes
+    sequence: int | None = None
+    timestamp_ms: int | None = None
+
+
+@dataclass(slots=True)
+class StreamDtmf:
+    digit: str
+
+
+@dataclass(slots=True)
+class StreamMark:
+    name: str
+
+
+@dataclass(slots=True)
+class StreamCleared:
+    pass
+
+
+@dataclass(slots=True)
+class StreamStop:
+    pass
+
+
+@dataclass(slots=True)
+class StreamIgnored:
+    """A valid frame with nothing to do (connected, inbound mark echo we do not track, ...)."""
+
+    event: str = ""
+
+
+StreamMessage = StreamStart | StreamMedia | StreamDtmf | StreamMark | StreamCleared | StreamStop | StreamIgnored
+
+
+class MediaStreamCodec(ABC):
+    """One carrier's media-stream WebSocket dialect, for one connection (like pipecat's serializers).
+
+    `parse` turns a text frame into a StreamMessage or raises StreamProtocolError; the encode_*
+    methods build the text frames we send. After `parse` returns a StreamStart the codec knows
+    the stream id and the wire format.
+    """
+
+    reorders: ClassVar[bool] = False  # True where the carrier does not guarantee frame order
+
+    @abstractmethod
+    def parse(self, text: str) -> StreamMessage: ...
+
+    @abstractmethod
+    def encode_media(self, payload: bytes) -> str: ...
+
+    @abstractmethod
+    def encode_mark(self, name: str) -> str: ...
+
+    @abstractmethod
+    def encode_clear(self) -> str: ...
+
+
+# ---------------------------------------------------------------- carrier <-> manager
+
+
+@dataclass(slots=True)
+class ProviderStatus:
+    """What the carrier says about a call on restart recovery."""
+
+    terminal: bool
+    state: CallState | None = None
+
+
+@dataclass(slots=True)
+class OutboundRequest:
+    to: str
+    from_number: str
+    message: str
+    mode: str  # "notify" | "conversation"
+    stream: bool  # media streaming enabled for this call
+
+
+class CarrierHost(Protocol):
+    """What the manager offers carriers."""
+
+    settings: Settings
+    clock: Clock
+
+    def webhook_url(self, **query: str) -> str:
+        """Public webhook URL with these query parameters added."""
+        ...
+
+    def stream_url(self) -> str:
+        """Public wss:// URL of the media-stream endpoint."""
+        ...
+
+    def stream_token(self, call_id: str) -> str:
+        """The per-call secret a media stream must present."""
+        ...
+
+    def emit(self, event: CallEvent) -> None:
+        """Deliver an event from a carrier-side source (SIP stack, mock, ARI)."""
+        ...
+
+    def attach_media(self, call_id: str, transport: MediaTransport) -> MediaBridge | None:
+        """Connect a non-WebSocket media leg (pjsua2 port, mock caller) to the call's pipeline."""
+        ...
+
+    def detach_media(self, call_id: str) -> None: ...
+
+    def get_call(self, call_id: str) -> CallRecord | None: ...
+
+
+class Carrier(ABC):
+    """The carrier interface. REST/SIP/ARI I/O lives in the async methods; verify/parse are pure."""
+
+    name: ClassVar[str]
+    # Pre-auth gate: a webhook with none of these headers is refused (401) before its body is read.
+    signature_headers: ClassVar[tuple[str, ...]] = ()
+    # Whether this carrier delivers call audio through a media stream or leg (so TTS/STT run here).
+    streams_media: ClassVar[bool] = True
+
+    host: CarrierHost
+
+    async def start(self, host: CarrierHost) -> None:
+        self.host = host
+
+    async def close(self) -> None:
+        return None
+
+    @abstractmethod
+    async def initiate_call(self, call: CallRecord, request: OutboundRequest) -> str:
+        """Place the call; return the carrier's call id."""
+
+    async def answer_call(self, call: CallRecord) -> None:
+        """Answer an accepted inbound call (carriers that need an explicit answer, e.g. Telnyx)."""
+        return None
+
+    async def reject_call(self, call: CallRecord) -> None:
+        """Refuse an inbound call the policy rejected. Default: hang it up."""
+        await self.hangup_call(call, CallState.HANGUP_BOT)
+
+    @abstractmethod
+    async def hangup_call(self, call: CallRecord, reason: CallState) -> None:
+        """Hang up; a call the carrier says already ended counts as success."""
+
+    async def speak_native(self, call: CallRecord, text: str) -> None:
+        """Speak with the carrier's own TTS (used when no media stream is up)."""
+        raise CarrierError(f"{self.name}: no media stream is up and the carrier has no native speech")
+
+    async def start_listening(self, call: CallRecord, turn_token: str) -> None:
+        """Ask the carrier for speech recognition (Gather/transcription_start/GetInput) when no stream."""
+        return None
+
+    async def stop_listening(self, call: CallRecord) -> None:
+        return None
+
+    async def send_dtmf(self, call: CallRecord, digits: str) -> None:
+        raise CarrierError(f"{self.name}: sending DTMF is not supported")
+
+    async def get_call_status(self, call: CallRecord) -> ProviderStatus | None:
+        """Terminal or not, per the carrier; None when unknown."""
+        return None
+
+    def verify_webhook(self, request: WebhookRequest) -> WebhookVerdict:
+        return WebhookVerdict(ok=False, reason=f"{self.name} does not take webhooks")
+
+    def parse_webhook(self, request: WebhookRequest) -> WebhookResult:
+        return WebhookResult()
+
+    def open_stream(self) -> MediaStreamCodec | None:
+        """A codec for one new media-stream WebSocket, or None if the carrier has none."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name}

@@ -1,0 +1,312 @@
+"""The offline loopback carrier: a simulated phone network and a simulated person at the other end.
+
+Outbound calls ring and are answered after configurable delays; numbers ending in the configured
+suffixes are busy (0002), never answer (0003) or fail (0004). Inbound calls are injected (RPC
+`mock.inject` / `voicecall inject`). Media loops back: every frame the bridge plays is what the
+callee hears (u-law 8 kHz, paced like a real carrier, marks echoed when the audio before them has
+played), and the callee's speech (offline TTS, or a WAV) goes into the bridge like a caller's.
+Like carriers with their own recognizer (Telnyx transcription, Twilio Gather), the mock reports
+what its callee said as a `call.speech` event once the audio has been sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from bridge.calls import CallEvent, CallRecord, CallState, Direction, EventType
+from bridge.config import MockSettings
+from carriers.base import (
+    Carrier,
+    OutboundRequest,
+    ProviderStatus,
+    WebhookReply,
+    WebhookRequest,
+    WebhookResult,
+    WebhookVerdict,
+)
+from media import g711
+from media.formats import FRAME_MS, ULAW_8K
+from media.resample import StreamResampler
+from media.tts.base import TtsEngine
+
+log = logging.getLogger(__name__)
+
+
+class MockCallee:
+    """The person on the other end, and their phone's media leg (a MediaTransport)."""
+
+    format = ULAW_8K
+    supports_marks = True
+
+    def __init__(self, carrier: MockCarrier, call_id: str, script: list[str]) -> None:
+        self.carrier = carrier
+        self.call_id = call_id
+        self.script = deque(script)
+        self.bridge: Any = None
+        self.heard = bytearray()  # PCM16 8 kHz of everything the bridge played that was not cleared
+        self.frames_received = 0
+        self.marks_echoed: list[str] = []
+        self.clears = 0
+        self.said: list[str] = []
+        self.alive = True
+        self._loop = asyncio.get_running_loop()
+        self._playout_end = 0.0  # loop time when the audio queued so far has played
+        self._pending_marks: list[tuple[str, asyncio.TimerHandle]] = []
+        self._queued: deque[tuple[float, bytes]] = deque()  # (play time, pcm) not yet "heard"
+        self._speaking: asyncio.Task[None] | None = None
+        self._reply: asyncio.TimerHandle | None = None
+        self._idle_hangup: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------ MediaTransport (bridge -> callee)
+    async def send_media(self, payload: bytes) -> None:
+        if not self.alive:
+            return
+        now = self._loop.time()
+        start = max(now, self._playout_end)
+        self._playout_end = start + FRAME_MS / 1000
+        self._queued.append((start, g711.decode(payload, self.format.encoding)))
+        self.frames_received += 1
+        self._cancel_reply()
+
+    async def send_mark(self, name: str) -> None:
+        delay = max(0.0, self._playout_end - self._loop.time())
+        handle = self._loop.call_later(delay, self._echo_mark, name)
+        self._pending_marks.append((name, handle))
+
+    async def send_clear(self) -> None:
+        self.clears += 1
+        now = self._loop.time()
+        while self._queued and self._queued[0][0] <= now:
+            self.heard += self._queued.popleft()[1]
+        self._queued.clear()
+        self._playout_end = now
+        for name, handle in self._pending_marks:  # like Twilio: clear returns pending marks
+            handle.cancel()
+            self._loop.call_soon(self._echo_mark, name)
+        self._pending_marks.clear()
+
+    def _echo_mark(self, name: str) -> None:
+        self._pending_marks = [(n, h) for n, h in self._pending_marks if n != name]
+        now = self._loop.time()
+        while self._queued and self._queued[0][0] <= now + 1e-6:
+            self.heard += self._queued.popleft()[1]
+        self.marks_echoed.append(name)
+        if self.bridge is not None and self.alive:
+            self.bridge.on_mark(name)
+        if not self._queued and not self._pending_marks:
+            self._bot_turn_ended()
+
+    # ------------------------------------------------------------ the person
+    def _bot_turn_ended(self) -> None:
+        if not self.alive or (self._speaking and not self._speaking.done()):
+            return
+        self._cancel_reply()
+        if self.script:
+            delay = self.carrier.settings.replyDelayMs / 1000
+            self._reply = self._loop.call_later(delay, self._reply_next)
+        elif self.carrier.settings.calleeHangupAfterMs:
+            self._idle_hangup = self._loop.call_later(
+                self.carrier.settings.calleeHangupAfterMs / 1000, self.hang_up)
+
+    def _cancel_reply(self) -> None:
+        for handle in (self._reply, self._idle_hangup):
+            if handle is not None:
+                handle.cancel()
+        self._reply = self._idle_hangup = None
+
+    def _reply_next(self) -> None:
+        if self.script and self.alive:
+            self.say(self.script.popleft())
+
+    def say(self, text: str) -> asyncio.Task[None]:
+        """Speak `text` into the call (offline TTS, real-time paced), then report it as a transcript."""
+        self._speaking = asyncio.ensure_future(self._say(text))
+        return self._speaking
+
+    async def _say(self, text: str) -> None:
+        pcm, rate = await self.carrier.synthesize(text)
+        await self.play(pcm, rate)
+        if self.alive:
+            self.said.append(text)
+            self.carrier.host.emit(CallEvent(EventType.SPEECH, call_id=self.call_id,
+                                             provider_call_id=self.carrier.provider_id(self.call_id),
+                                             transcript=text, is_final=True))
+
+    async def play(self, pcm: bytes, rate: int) -> None:
+        """Send PCM16 audio as this caller's voice: resample to 8 kHz, u-law, 20 ms frames in real time."""
+        resampler = StreamResampler(rate, self.format.rate)
+        audio = resampler.process(pcm) + resampler.flush()
+        frame = self.format.rate * FRAME_MS // 1000 * 2
+        start = self._loop.time()
+        for index, offset in enumerate(range(0, len(audio), frame)):
+            if not self.alive:
+                return
+            chunk = audio[offset:offset + frame].ljust(frame, b"\x00")
+            if self.bridge is not None:
+                self.bridge.receive(g711.encode(chunk, self.format.encoding), index)
+            delay = start + (index + 1) * FRAME_MS / 1000 - self._loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+    def press(self, digits: str) -> None:
+        """Out-of-band DTMF, as carriers report key presses."""
+        for digit in digits:
+            if self.bridge is not None:
+                self.bridge.on_dtmf(digit)
+
+    def hang_up(self) -> None:
+        if not self.alive:
+            return
+        self.stop()
+        self.carrier.host.emit(CallEvent(EventType.ENDED, call_id=self.call_id,
+                                         provider_call_id=self.carrier.provider_id(self.call_id),
+                                         reason=CallState.HANGUP_USER))
+
+    def stop(self) -> None:
+        self.alive = False
+        self._cancel_reply()
+        for _, handle in self._pending_marks:
+            handle.cancel()
+        self._pending_marks.clear()
+        if self._speaking is not None and not self._speaking.done():
+            self._speaking.cancel()
+
+
+class MockCarrier(Carrier):
+    name = "mock"
+    signature_headers = ()
+    streams_media = True
+
+    def __init__(self, settings: MockSettings, voice_factory: Callable[[], TtsEngine]) -> None:
+        self.settings = settings
+        self._voice_factory = voice_factory
+        self._voice: TtsEngine | None = None
+        self.callees: dict[str, MockCallee] = {}
+        self.rejected: list[str] = []
+        self.hangups: list[tuple[str, str]] = []
+        self._scripts: dict[str, list[str]] = {}
+        self._timers: list[asyncio.TimerHandle] = []
+
+    @staticmethod
+    def provider_id(call_id: str) -> str:
+        return f"mock-{call_id}"
+
+    async def synthesize(self, text: str) -> tuple[bytes, int]:
+        if self._voice is None:
+            self._voice = self._voice_factory()
+        chunks = [chunk async for chunk in self._voice.synthesize(text)]
+        return b"".join(chunks), self._voice.sample_rate
+
+    def _later(self, delay_ms: int, callback: Callable[..., object], *args: Any) -> None:
+        self._timers.append(asyncio.get_running_loop().call_later(delay_ms / 1000, callback, *args))
+
+    async def initiate_call(self, call: CallRecord, request: OutboundRequest) -> str:
+        provider_id = self.provider_id(call.callId)
+        number = request.to
+        settings = self.settings
+        self._later(0, self._emit, call.callId, EventType.INITIATED)
+        if number.endswith(settings.failSuffix):
+            self._later(settings.ringDelayMs, self._emit, call.callId, EventType.ENDED, CallState.FAILED)
+            return provider_id
+        self._later(settings.ringDelayMs, self._emit, call.callId, EventType.RINGING)
+        if number.endswith(settings.busySuffix):
+            self._later(settings.ringDelayMs + 200, self._emit, call.callId, EventType.ENDED, CallState.BUSY)
+        elif number.endswith(settings.noAnswerSuffix):
+            self._later(settings.ringDelayMs + settings.noAnswerAfterMs, self._emit, call.callId,
+                        EventType.ENDED, CallState.NO_ANSWER)
+        else:
+            self._later(settings.ringDelayMs + settings.answerDelayMs, self._connect, call.callId)
+        return provider_id
+
+    def _emit(self, call_id: str, kind: EventType, reason: CallState | None = None) -> None:
+        self.host.emit(CallEvent(kind, call_id=call_id, provider_call_id=self.provider_id(call_id), reason=reason))
+
+    def _connect(self, call_id: str) -> None:
+        call = self.host.get_call(call_id)
+        if call is None or call.terminal or call_id in self.callees:
+            return
+        script = self._scripts.pop(call.providerCallId or "", None)
+        callee = MockCallee(self, call_id, list(self.settings.calleeScript) if script is None else script)
+        self.callees[call_id] = callee
+        callee.bridge = self.host.attach_media(call_id, callee)
+        self._emit(call_id, EventType.ANSWERED)
+
+    def inject_inbound(self, from_number: str, to_number: str, script: list[str] | None = None) -> str:
+        """A call from `from_number` arrives; the manager runs the inbound policy on it."""
+        provider_id = f"mock-in-{uuid.uuid4().hex[:16]}"
+        if script is not None:
+            self._scripts[provider_id] = script
+        self.host.emit(CallEvent(EventType.INITIATED, provider_call_id=provider_id, direction=Direction.INBOUND,
+                                 from_number=from_number, to_number=to_number))
+        return provider_id
+
+    async def answer_call(self, call: CallRecord) -> None:
+        self._later(self.settings.answerDelayMs if call.direction == Direction.OUTBOUND else 0,
+                    self._connect, call.callId)
+
+    async def reject_call(self, call: CallRecord) -> None:
+        self.rejected.append(call.providerCallId or call.callId)
+        self._scripts.pop(call.providerCallId or "", None)
+
+    async def hangup_call(self, call: CallRecord, reason: CallState) -> None:
+        self.hangups.append((call.callId, reason.value))
+        callee = self.callees.get(call.callId)
+        if callee is not None:
+            callee.stop()
+
+    async def get_call_status(self, call: CallRecord) -> ProviderStatus | None:
+        callee = self.callees.get(call.callId)
+        return ProviderStatus(terminal=callee is None or not callee.alive)
+
+    def callee(self, call_id: str) -> MockCallee | None:
+        return self.callees.get(call_id)
+
+    # Seed behaviour: mock webhooks are JSON `{event}` or `{events: [...]}`, always verified.
+    def verify_webhook(self, request: WebhookRequest) -> WebhookVerdict:
+        return WebhookVerdict(ok=True)
+
+    def parse_webhook(self, request: WebhookRequest) -> WebhookResult:
+        try:
+            data = json.loads(request.body or b"{}")
+            items = data["events"] if "events" in data else [data["event"]]
+            events = [_event_from_json(item) for item in items]
+        except (ValueError, KeyError, TypeError) as exc:
+            return WebhookResult(reply=WebhookReply(400, f"bad mock event: {type(exc).__name__}"))
+        return WebhookResult(events=events)
+
+    async def close(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        for callee in self.callees.values():
+            callee.stop()
+
+
+def _event_from_json(item: dict[str, Any]) -> CallEvent:
+    kind = EventType(item["type"])
+    event = CallEvent(kind, call_id=item.get("callId"), provider_call_id=item.get("providerCallId"))
+    if "id" in item:
+        event.id = str(item["id"])
+    if item.get("direction"):
+        event.direction = Direction(item["direction"])
+    event.from_number = item.get("from")
+    event.to_number = item.get("to")
+    event.transcript = item.get("transcript")
+    event.is_final = bool(item.get("isFinal", True))
+    event.digits = item.get("digits")
+    event.turn_token = item.get("turnToken")
+    if item.get("reason"):
+        event.reason = CallState(item["reason"])
+    event.error = item.get("error")
+    return event
+
+
+def from_settings(settings: Any) -> MockCarrier:
+    from media.tts.factory import create_tts
+
+    return MockCarrier(settings.mock, lambda: create_tts({"provider": "espeak"}))

@@ -1,0 +1,43 @@
+"""What a MediaBridge needs from a carrier's media leg (a WebSocket, a pjsua2 port, the mock caller)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from media.formats import AudioFormat
+
+
+class MediaTransport(Protocol):
+    """One call's media leg toward the carrier.
+
+    `format` is the wire format of payloads in both directions. `send_media` takes exactly one
+    encoded 20 ms frame. Transports that cannot echo marks set `supports_marks = False`; the bridge
+    then derives "heard" from its own pacing clock.
+    """
+
+    format: AudioFormat
+    supports_marks: bool
+
+    async def send_media(self, payload: bytes) -> None: ...
+
+    async def send_mark(self, name: str) -> None: ...
+
+    async def send_clear(self) -> None: ...
+
+
+class MediaListener(Protocol):
+    """Where the bridge delivers what the caller says, at the pipeline rate (PCM16 mono)."""
+
+    def on_pipeline_audio(self, pcm: bytes) -> None: ...
+
+    def on_dtmf(self, digit: str) -> None: ...
+
+    def on_speech_started(self) -> None: ...
+
+
+class WireAudioListener(Protocol):
+    """Optional extra for a MediaListener: the caller's audio as it came off the wire (in order,
+    before decoding), so an STT engine that takes the wire codec (OpenAI Realtime with g711_ulaw)
+    gets it without a decode/resample/encode round trip. MediaBridge calls it when present."""
+
+    def on_wire_audio(self, payload: bytes, format: AudioFormat) -> None: ...

@@ -1,0 +1,62 @@
+"""The state-transition rule, checked exhaustively and by property."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bridge.calls import TERMINAL_STATES, CallRecord, CallState, Direction, TranscriptEntry, can_transition
+
+NON_TERMINAL = [s for s in CallState if not s.terminal]
+ORDER = [CallState.INITIATED, CallState.RINGING, CallState.ANSWERED, CallState.ACTIVE]
+
+
+def test_terminal_is_final() -> None:
+    for current, target in itertools.product(TERMINAL_STATES, CallState):
+        assert not can_transition(current, target), (current, target)
+
+
+def test_any_terminal_reachable_from_any_non_terminal() -> None:
+    for current, target in itertools.product(NON_TERMINAL, TERMINAL_STATES):
+        assert can_transition(current, target)
+
+
+def test_speaking_and_listening_cycle() -> None:
+    assert can_transition(CallState.SPEAKING, CallState.LISTENING)
+    assert can_transition(CallState.LISTENING, CallState.SPEAKING)
+
+
+def test_forward_only_otherwise() -> None:
+    for i, current in enumerate(ORDER):
+        for j, target in enumerate(ORDER):
+            assert can_transition(current, target) == (j > i), (current, target)
+        assert can_transition(current, CallState.SPEAKING)
+        assert can_transition(current, CallState.LISTENING)
+    for talk in (CallState.SPEAKING, CallState.LISTENING):
+        for earlier in ORDER:
+            assert not can_transition(talk, earlier)
+
+
+@given(st.lists(st.sampled_from(list(CallState)), max_size=30))
+def test_any_walk_keeps_invariants(targets: list[CallState]) -> None:
+    """Apply arbitrary requested transitions: refused ones change nothing, and once terminal, forever terminal."""
+    state = CallState.INITIATED
+    rank = {s: i for i, s in enumerate(ORDER)} | {CallState.SPEAKING: 4, CallState.LISTENING: 4}
+    for target in targets:
+        before = state
+        if can_transition(state, target):
+            state = target
+        if before.terminal:
+            assert state == before
+        elif not state.terminal and state != before:
+            assert rank[state] >= rank[before]
+
+
+@given(st.text(), st.sampled_from(list(CallState)), st.floats(allow_nan=False, allow_infinity=False))
+def test_record_round_trips_through_json(text: str, state: CallState, started: float) -> None:
+    record = CallRecord(callId="c1", provider="mock", direction=Direction.INBOUND, state=state,
+                        from_="+15550001111", to="+15550002222", startedAt=started,
+                        transcript=[TranscriptEntry(1.0, "user", text)], metadata={"mode": "conversation"})
+    assert CallRecord.from_json(record.to_json()) == record

@@ -1,0 +1,143 @@
+"""Config loading: every example deploys, errors name key and rule, env fallbacks, seed JSON5 files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bridge.config import ConfigError, build_settings, load_settings, parse_text
+
+ROOT = Path(__file__).resolve().parents[1]
+CREDS_ENV = {
+    "TWILIO_ACCOUNT_SID": "AC0123456789abcdef0123456789abcdef",
+    "TWILIO_AUTH_TOKEN": "twilio-secret-token",
+    "TELNYX_API_KEY": "KEY-telnyx-secret",
+    "TELNYX_CONNECTION_ID": "conn-1",
+    "TELNYX_PUBLIC_KEY": "11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=",
+    "PLIVO_AUTH_ID": "MAXXXXXXXXXXXXXXXXXX",
+    "PLIVO_AUTH_TOKEN": "plivo-secret-token",
+}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "config").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_config_is_valid(path: Path) -> None:
+    settings = load_settings(path, env=CREDS_ENV)
+    assert settings.provider in ("mock", "twilio", "telnyx", "plivo", "sip", "asterisk")
+
+
+def test_required_config_examples_exist() -> None:
+    names = {p.name for p in (ROOT / "config").glob("*.yaml")}
+    assert {"mock.yaml", "twilio.yaml", "telnyx.yaml", "plivo.yaml"} <= names
+
+
+def test_builtin_default_is_offline_mock() -> None:
+    settings = load_settings(None, env={})
+    assert settings.provider == "mock"
+    assert settings.effective_tts["provider"] == "espeak"
+    assert settings.responseModel == "offline"
+
+
+def test_env_var_selects_the_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("provider: mock\nmaxConcurrentCalls: 7\n")
+    assert load_settings(None, env={"VOICECALL_CONFIG": str(path)}).maxConcurrentCalls == 7
+    # --config wins over the environment
+    other = tmp_path / "d.yaml"
+    other.write_text("provider: mock\nmaxConcurrentCalls: 9\n")
+    assert load_settings(other, env={"VOICECALL_CONFIG": str(path)}).maxConcurrentCalls == 9
+
+
+def _problems(raw: dict, env: dict | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        build_settings(raw, env or {})
+    return info.value.problems
+
+
+def test_unknown_key_gets_did_you_mean() -> None:
+    assert _problems({"provider": "mock", "maxConcurentCalls": 2}) == [
+        "maxConcurentCalls: unknown key; did you mean 'maxConcurrentCalls'?"]
+    assert _problems({"provider": "mock", "serve": {"prot": 1}}) == ["serve.prot: unknown key; did you mean 'port'?"]
+
+
+def test_e164_rule_names_the_key() -> None:
+    problems = _problems({"provider": "mock", "fromNumber": "5550001234"})
+    assert problems == ["fromNumber: must be an E.164 number like +15550001234 (got '5550001234')"]
+    assert _problems({"provider": "mock", "allowFrom": ["+15550001234", "bob"]}) == [
+        "allowFrom[1]: must be an E.164 number or a sip: URI (got 'bob')"]
+
+
+def test_provider_credentials_required() -> None:
+    problems = _problems({"provider": "twilio", "fromNumber": "+15550001234"})
+    assert "twilio.accountSid: required when provider is twilio (or set TWILIO_ACCOUNT_SID)" in problems
+    assert "twilio.authToken: required when provider is twilio (or set TWILIO_AUTH_TOKEN)" in problems
+
+
+def test_telnyx_public_key_required_unless_verification_skipped() -> None:
+    env = {k: v for k, v in CREDS_ENV.items() if k != "TELNYX_PUBLIC_KEY"}
+    problems = _problems({"provider": "telnyx", "fromNumber": "+15550001234"}, env)
+    assert problems == ["telnyx.publicKey: required when provider is telnyx (or set TELNYX_PUBLIC_KEY)"]
+    ok = build_settings({"provider": "telnyx", "fromNumber": "+15550001234", "skipSignatureVerification": True}, env)
+    assert ok.telnyx.publicKey is None
+
+
+def test_credentials_fall_back_to_environment() -> None:
+    settings = build_settings({"provider": "twilio", "fromNumber": "+15550001234"}, CREDS_ENV)
+    assert settings.twilio.accountSid == CREDS_ENV["TWILIO_ACCOUNT_SID"]
+    assert settings.twilio.authToken.get_secret_value() == "twilio-secret-token"
+
+
+def test_bad_values_name_key_and_rule() -> None:
+    problems = _problems({"provider": "mock", "outbound": {"defaultMode": "shout"}, "serve": {"port": 70000}})
+    assert any(p.startswith("outbound.defaultMode: ") and "notify" in p for p in problems)
+    assert any(p.startswith("serve.port: ") and "65535" in p for p in problems)
+
+
+def test_masked_output_hides_every_secret() -> None:
+    settings = build_settings({"provider": "twilio", "fromNumber": "+15550001234",
+                               "rpc": {"token": "rpc-secret"}}, CREDS_ENV)
+    text = json.dumps(settings.masked(), default=str)
+    for secret in ("twilio-secret-token", "rpc-secret"):
+        assert secret not in text
+    assert CREDS_ENV["TWILIO_ACCOUNT_SID"] in text  # an account id is not a secret
+
+
+def test_tts_deep_merges_over_messages_tts() -> None:
+    settings = build_settings({"provider": "mock", "messages": {"tts": {"provider": "openai",
+                               "openai": {"voice": "alloy", "model": "tts-1"}}},
+                               "tts": {"openai": {"model": "gpt-4o-mini-tts"}}}, {})
+    assert settings.effective_tts == {"provider": "openai", "openai": {"voice": "alloy", "model": "gpt-4o-mini-tts"}}
+
+
+def test_seed_json5_file_is_accepted(tmp_path: Path) -> None:
+    text = """{
+      // copied from the seed gateway config
+      plugins: { entries: { "voice-call": { enabled: true, config: {
+        provider: "log",
+        twilio: { from: "+15550001234" },
+        inboundPolicy: "allowlist", allowFrom: ["+15550009999"],
+        streaming: { enabled: true, sttModel: "gpt-4o-mini-transcribe", vadThreshold: 0.6 },
+      } } } },
+      messages: { tts: { provider: "openai", openai: { voice: "alloy" } } },
+    }"""
+    path = tmp_path / "openclaw.json5"
+    path.write_text(text)
+    settings = load_settings(path, env={})
+    assert settings.provider == "mock"  # legacy "log"
+    assert settings.fromNumber == "+15550001234"  # legacy twilio.from
+    assert settings.streaming.providers.openai.model == "gpt-4o-mini-transcribe"
+    assert settings.streaming.providers.openai.vadThreshold == 0.6
+    assert settings.effective_tts["openai"]["voice"] == "alloy"
+
+
+def test_malformed_yaml_is_a_config_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_text("provider: [unclosed", "bad.yaml")
+    assert info.value.problems[0].startswith("bad.yaml: not valid YAML")
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(tmp_path / "nope.yaml", env={})
+    assert "cannot read config file" in info.value.problems[0]
