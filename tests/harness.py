@@ -1,0 +1,49 @@
+"""Start a real bridge (Runtime: carrier + manager + the one aiohttp server) on 127.0.0.1 for a test."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from bridge.client import RpcClient
+from bridge.config import build_settings
+from bridge.runtime import Runtime
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@asynccontextmanager
+async def run_bridge(config: dict[str, Any], store: Path, *, env: dict[str, str] | None = None,
+                     public_url: bool = True) -> AsyncIterator[Runtime]:
+    """`config` is a raw config mapping; the store, port and (unless given) publicUrl are filled in."""
+    raw = dict(config)
+    port = free_port()
+    raw["store"] = str(store)
+    raw["serve"] = {**raw.get("serve", {}), "port": port, "bind": "127.0.0.1"}
+    if public_url and raw.get("provider", "mock") != "mock":
+        raw.setdefault("publicUrl", f"http://127.0.0.1:{port}{raw['serve'].get('path', '/voice/webhook')}")
+    runtime = Runtime(build_settings(raw, env or {}))
+    await runtime.start()
+    try:
+        yield runtime
+    finally:
+        await runtime.stop()
+
+
+def rpc_client(runtime: Runtime, token: str | None = None) -> RpcClient:
+    return RpcClient(f"http://127.0.0.1:{runtime.port}/rpc", token)
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> None:
+    """Poll a condition on real time (for end-to-end tests over sockets)."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(interval)
