@@ -273,6 +273,17 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
     return merged
 
 
+def reveal(data: Any) -> Any:
+    """Plain data with secrets as strings, for the engines that need them (never for logs)."""
+    if isinstance(data, SecretStr):
+        return data.get_secret_value()
+    if isinstance(data, dict):
+        return {k: reveal(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [reveal(v) for v in data]
+    return data
+
+
 _SECRET_KEY = re.compile(r"(token|secret|password|apikey|authtoken)$", re.IGNORECASE)
 
 

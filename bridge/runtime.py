@@ -10,7 +10,7 @@ from aiohttp import web
 
 from bridge.calls import CallEvent, CallRecord
 from bridge.clock import Clock
-from bridge.config import Settings
+from bridge.config import Settings, reveal
 from bridge.manager import CallManager, VoiceFactory
 from bridge.metrics import Metrics
 from bridge.responder import create_responder
@@ -40,11 +40,14 @@ def _is_loopback(host: str) -> bool:
 def voice_factory(settings: Settings) -> VoiceFactory:
     """One TTS engine and STT engine per deployment; one CallVoice (MediaBridge + sessions) per call."""
     from media.recorder import CallRecorder
-    from media.stt.factory import create_stt
     from media.tts.factory import create_tts
 
     tts = create_tts(settings.effective_tts)
-    stt = create_stt(settings.streaming.model_dump(mode="python"))
+    stt = None
+    if settings.streaming.provider not in (None, "none"):
+        from media.stt.factory import create_stt
+
+        stt = create_stt(reveal(settings.streaming.model_dump(mode="python")))
 
     def build(call: CallRecord, transport: MediaTransport, emit: Callable[[CallEvent], None]) -> CallVoice:
         recorder = None

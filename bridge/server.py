@@ -45,7 +45,7 @@ class WebhookHandler:
         self.metrics.inc("voicecall_webhooks_total", status=str(status))
         return web.Response(status=status, text=text)
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         settings = self.manager.settings
         carrier = self.manager.carrier
         if request.method != "POST":
@@ -140,14 +140,18 @@ class WebhookHandler:
         return self.manager.settings.publicUrl
 
 
+WEBHOOK_KEY = web.AppKey("webhook", WebhookHandler)
+STREAM_GATE_KEY = web.AppKey("stream_gate", StreamGate)
+
+
 def create_app(manager: CallManager, rpc: RpcEndpoint, metrics: Metrics) -> web.Application:
     settings = manager.settings
     app = web.Application(client_max_size=settings.webhookSecurity.maxBodyBytes)
     webhook = WebhookHandler(manager, metrics)
     gate = StreamGate(settings.streaming)
     streams = StreamHandler(manager, gate, metrics)
-    app["webhook"] = webhook
-    app["stream_gate"] = gate
+    app[WEBHOOK_KEY] = webhook
+    app[STREAM_GATE_KEY] = gate
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"ok": manager.started, "provider": manager.carrier.name,
@@ -160,8 +164,8 @@ def create_app(manager: CallManager, rpc: RpcEndpoint, metrics: Metrics) -> web.
     metrics.gauge("voicecall_streams_open", lambda: gate.open)
     metrics.gauge("voicecall_streams_pending", lambda: gate.pending)
 
-    app.router.add_route("*", settings.serve.path, webhook)
-    app.router.add_get(settings.streaming.streamPath, streams)
+    app.router.add_route("*", settings.serve.path, webhook.handle)
+    app.router.add_get(settings.streaming.streamPath, streams.handle)
     app.router.add_post("/rpc", rpc.post)
     app.router.add_get("/rpc", rpc.websocket)
     app.router.add_get("/healthz", healthz)

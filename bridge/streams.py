@@ -123,7 +123,7 @@ class StreamHandler:
         self.gate = gate
         self.metrics = metrics
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         limits = self.gate.limits
         codec = self.manager.carrier.open_stream()
         if codec is None:

@@ -110,3 +110,9 @@ class _ByteCounter:
         chunk = await self._source.__anext__()
         self.bytes += len(chunk)
         return chunk
+
+    async def aclose(self) -> None:
+        """The bridge closes the stream on barge-in: stop the engine (e.g. kill espeak-ng) too."""
+        aclose = getattr(self._source, "aclose", None)
+        if aclose is not None:
+            await aclose()

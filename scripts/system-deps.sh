@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs the Debian packages voicecall needs: `demo` (offline voice) or `test` (plus the real SIP peers).
+set -euo pipefail
+profile="${1:-demo}"
+packages=(espeak-ng)
+if [ "$profile" = test ]; then
+  packages+=(sox baresip-core sip-tester docker-compose)
+fi
+missing=()
+for pkg in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+if ! command -v apt-get >/dev/null; then
+  echo "voicecall needs these packages, please install them: ${missing[*]}" >&2
+  exit 1
+fi
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+echo "installing Debian packages: ${missing[*]}"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
