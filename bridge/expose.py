@@ -46,3 +46,67 @@ async def tailscale_expose(mode: str, *, port: int, path: str, serve_path: str) 
     target = f"http://127.0.0.1:{port}{serve_path}"
     await _run("tailscale", mode, "--bg", "--set-path", path, target)
     return f"https://{await tailscale_dns_name()}{path}"
+
+
+class NgrokTunnel:
+    """`ngrok http PORT` as a child process; its public URL is read from ngrok's JSON log."""
+
+    def __init__(self, port: int, *, authtoken: str | None = None, domain: str | None = None) -> None:
+        self.port = port
+        self._authtoken = authtoken
+        self.domain = domain
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, timeout: float = 20) -> str:
+        binary = shutil.which("ngrok")
+        if binary is None:
+            raise ExposeError("`ngrok` is not installed or not on PATH; install it or set publicUrl instead")
+        argv = [binary, "http", str(self.port), "--log", "stdout", "--log-format", "json"]
+        if self.domain:
+            argv += ["--url", self.domain]
+        env = None
+        if self._authtoken:
+            import os
+
+            env = {**os.environ, "NGROK_AUTHTOKEN": self._authtoken}
+        self._proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                          stderr=asyncio.subprocess.STDOUT, env=env)
+        assert self._proc.stdout is not None
+        try:
+            async with asyncio.timeout(timeout):
+                while line := await self._proc.stdout.readline():
+                    try:
+                        entry = json.loads(line)
+                    except ValueError:
+                        continue
+                    if entry.get("lvl") in ("eror", "crit"):
+                        raise ExposeError(f"ngrok: {entry.get('err') or entry.get('msg')}")
+                    url = entry.get("url")
+                    if isinstance(url, str) and url.startswith("https://"):
+                        return url
+        except TimeoutError:
+            pass
+        await self.stop()
+        raise ExposeError(f"ngrok did not report a public URL within {timeout:.0f}s")
+
+    async def stop(self) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.terminate()
+            try:
+                await asyncio.wait_for(self._proc.wait(), 5)
+            except TimeoutError:
+                self._proc.kill()
+        self._proc = None
+
+
+async def open_tunnel(provider: str, *, port: int, path: str, authtoken: str | None = None,
+                      domain: str | None = None) -> tuple[str, NgrokTunnel | None]:
+    """Start the configured tunnel; returns (public webhook URL, handle to stop it or None)."""
+    if provider == "ngrok":
+        tunnel = NgrokTunnel(port, authtoken=authtoken, domain=domain)
+        origin = await tunnel.start()
+        return origin.rstrip("/") + path, tunnel
+    if provider in ("tailscale-serve", "tailscale-funnel"):
+        url = await tailscale_expose(provider.removeprefix("tailscale-"), port=port, path=path, serve_path=path)
+        return str(url), None
+    raise ExposeError(f"tunnel.provider: unknown provider {provider!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -82,6 +83,7 @@ class Runtime:
         token = settings.rpc.token.get_secret_value() if settings.rpc.token else None
         self.app = create_app(self.manager, RpcEndpoint(self.dispatcher, token), self.metrics)
         self._runner: web.AppRunner | None = None
+        self._tunnel: Any = None
         self.port: int | None = None
 
     async def start(self, *, port: int | None = None) -> int:
@@ -101,18 +103,41 @@ class Runtime:
                                "(is another voicecall server running?)") from None
         sockets = site._server.sockets if site._server else []  # noqa: SLF001
         self.port = sockets[0].getsockname()[1] if sockets else settings.serve.port
+        if not settings.publicUrl and settings.tunnel.provider != "none":
+            await self._open_tunnel()
+        elif not settings.publicUrl and settings.tailscale.mode != "off":
+            await self._open_tunnel(f"tailscale-{settings.tailscale.mode}")
         if not settings.publicUrl:
             host = "127.0.0.1" if bind in ("0.0.0.0", "::") else bind
             self.manager.public_base = f"http://{host}:{self.port}"
         await self.manager.start()
         return self.port
 
+    async def _open_tunnel(self, provider: str | None = None) -> None:
+        from bridge.expose import ExposeError, open_tunnel
+
+        tunnel = self.settings.tunnel
+        token = tunnel.ngrokAuthToken.get_secret_value() if tunnel.ngrokAuthToken else None
+        try:
+            url, self._tunnel = await open_tunnel(provider or tunnel.provider, port=self.port or 0,
+                                                  path=self.settings.serve.path, authtoken=token,
+                                                  domain=tunnel.ngrokDomain)
+        except ExposeError as exc:
+            await self.stop()
+            raise StartupError(str(exc)) from None
+        log.warning("public webhook URL via %s: %s", provider or tunnel.provider, url)
+        self.settings.publicUrl = url
+
     @property
     def rpc_url(self) -> str:
         return f"{self.manager.public_base or self.settings.rpc_url.rsplit('/rpc', 1)[0]}/rpc"
 
     async def stop(self) -> None:
-        await self.manager.stop()
+        if self._tunnel is not None:
+            await self._tunnel.stop()
+            self._tunnel = None
+        if self.manager.started:
+            await self.manager.stop()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
