@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from media.bridge import MediaBridge, heard_text
 
 if TYPE_CHECKING:
+    from media.formats import AudioFormat
     from media.recorder import CallRecorder
     from media.stt.base import SttEngine, SttEvent, SttSession
     from media.transport import MediaTransport
@@ -50,7 +51,8 @@ class CallVoice:
         self.bridge = MediaBridge(transport, self, pipeline_rate=pipeline_rate, recorder=recorder,
                                   vad_barge_in=barge_in)
         self.stt: SttSession | None = (
-            stt_engine.open(sample_rate=pipeline_rate, on_event=self._on_stt) if stt_engine else None
+            stt_engine.open(sample_rate=pipeline_rate, on_event=self._on_stt, wire_format=transport.format)
+            if stt_engine else None
         )
         self._closed = False
 
@@ -63,6 +65,11 @@ class CallVoice:
         if self.stt is not None:
             self.stt.feed(pcm)
 
+    def on_wire_audio(self, payload: bytes, format: AudioFormat) -> None:
+        # engines that take the carrier's codec (OpenAI Realtime with g711) skip decode/resample
+        if self.stt is not None and self.stt.wants_wire:
+            self.stt.feed_wire(payload)
+
     def on_dtmf(self, digit: str) -> None:
         self._emit(CallEvent(EventType.DTMF, call_id=self.call_id, digits=digit))
 
@@ -72,6 +79,9 @@ class CallVoice:
     def _on_stt(self, event: SttEvent) -> None:
         if event.kind == "speech_started":
             self.bridge.on_speech_started()
+        elif event.kind == "error":
+            log.warning("call %s: speech recognition error: %s", self.call_id, event.text)
+            self._emit(CallEvent(EventType.ERROR, call_id=self.call_id, error=f"stt: {event.text}", retryable=True))
         elif event.kind in ("partial", "final") and event.text.strip():
             self._emit(CallEvent(EventType.SPEECH, call_id=self.call_id, transcript=event.text.strip(),
                                  is_final=event.kind == "final"))

@@ -1,0 +1,415 @@
+"""MediaBridge: one call's audio between the carrier leg and the local pipeline.
+
+Inbound (sync, per frame, on the event loop):
+    wire frame -> [reorder by sequence] -> G.711 decode -+-> in-band DTMF -> listener.on_dtmf
+                                                         +-> VAD -> barge-in
+                                                         +-> stream-resample to the pipeline rate
+                                                             -> listener.on_pipeline_audio, recorder ch 0
+    (DTMF and VAD sit before the resampler, which releases audio in blocks up to ~130 ms late.)
+Outbound (`play`, serialized):
+    PCM16 at the engine's rate -> stream-resample to the wire rate -> encode -> exact 20 ms frames
+    -> paced send (absolute schedule, <= `lead_frames` queued at the carrier) -> mark
+    -> PlaybackResult with what the caller actually heard; recorder ch 1 gets what was played.
+Barge-in (`interrupt`): no frame is sent after it returns, the carrier is told to `clear`, the
+engine's stream is closed, queued plays are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import AsyncIterable, AsyncIterator, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from bridge.clock import Clock, RealClock
+from media import g711
+from media.dtmf import DtmfDetector, dtmf_tones
+from media.formats import FRAME_MS
+from media.frames import Framer, Pacer
+from media.jitter import ReorderBuffer
+from media.recorder import CallRecorder
+from media.resample import StreamResampler
+from media.transport import MediaListener, MediaTransport
+from media.vad import EnergyVad
+
+log = logging.getLogger(__name__)
+
+# Seconds to wait for a mark beyond the audio's own play-out before trusting the clock instead.
+MARK_GRACE_S = 2.0
+# Same digit from in-band and out-of-band detection within this window is one key press.
+DTMF_DEDUPE_S = 0.3
+
+
+@dataclass(frozen=True, slots=True)
+class PlaybackResult:
+    completed: bool
+    interrupted: bool
+    frames_sent: int
+    heard_ms: float
+    label: str | None = None
+
+    @property
+    def sent_ms(self) -> float:
+        return self.frames_sent * FRAME_MS
+
+    def heard_fraction(self) -> float:
+        return 1.0 if self.completed else (self.heard_ms / self.sent_ms if self.frames_sent else 0.0)
+
+
+def heard_text(text: str, result: PlaybackResult, *, total_ms: float | None = None) -> str:
+    """The words of `text` the caller heard before a barge-in, estimated by time (for the transcript).
+
+    `total_ms` is the utterance's full duration when known; by default the audio that was sent.
+    """
+    if result.completed:
+        return text
+    total = total_ms or result.sent_ms
+    if total <= 0 or result.heard_ms <= 0:
+        return ""
+    words = text.split()
+    keep = int(len(words) * min(1.0, result.heard_ms / total))
+    return " ".join(words[:keep])
+
+
+@dataclass(slots=True)
+class MediaStats:
+    frames_in: int = 0
+    frames_out: int = 0
+    late_frames: int = 0  # inbound: arrived after their turn; dropped
+    lost_frames: int = 0  # inbound: sequence numbers never seen
+    reordered_frames: int = 0
+    underruns: int = 0  # outbound: the engine was slower than real time and the carrier ran dry
+    interrupts: int = 0
+    plays: int = 0
+    dtmf_inband: int = 0
+    dtmf_outofband: int = 0
+    bad_frames: int = 0
+
+
+@dataclass(slots=True)
+class _Play:
+    label: str | None
+    barge_in: bool
+    task: asyncio.Task[PlaybackResult] | None = None
+    pacer: Pacer | None = None
+    stopped: bool = False
+    marks: dict[str, asyncio.Future[None]] = field(default_factory=dict)
+
+
+class MediaBridge:
+    def __init__(
+        self,
+        transport: MediaTransport,
+        listener: MediaListener,
+        *,
+        pipeline_rate: int = 16000,
+        recorder: CallRecorder | None = None,
+        inband_dtmf: bool = True,
+        vad_barge_in: bool = True,
+        clock: Clock | None = None,
+        lead_frames: int = 3,
+        jitter_frames: int = 3,
+        stall_timeout_s: float | None = 8.0,
+    ) -> None:
+        self.transport = transport
+        self.listener = listener
+        self.wire = transport.format
+        self.pipeline_rate = pipeline_rate
+        self.recorder = recorder
+        self.barge_in_enabled = True
+        self.stats = MediaStats()
+        self._clock: Clock = clock or RealClock()
+        self._lead = lead_frames
+        self._stall_timeout = stall_timeout_s
+        self._reorder = ReorderBuffer(jitter_frames)
+        self._in_resampler = StreamResampler(self.wire.rate, pipeline_rate)
+        self._rec_in = StreamResampler(pipeline_rate, recorder.rate) if recorder else None
+        # DTMF and VAD listen to the decoded wire audio, ahead of the resampler: soxr releases
+        # its output in blocks (20-130 ms late at HQ), which would delay barge-in by as much.
+        self._dtmf = DtmfDetector(self.wire.rate) if inband_dtmf else None
+        self._vad = EnergyVad() if vad_barge_in else None
+        self._vad_buf = bytearray()
+        self._vad_frame = self.wire.rate * FRAME_MS // 1000 * 2
+        self._wire_cb = getattr(listener, "on_wire_audio", None)
+        self._last_dtmf: tuple[str, str, float] | None = None  # (digit, source, time)
+        self._play_lock = asyncio.Lock()
+        self._generation = 0  # bumped by interrupt(): plays queued before it are dropped
+        self._current: _Play | None = None
+        self._mark_ids = itertools.count(1)
+        self._closed = False
+        self._bg: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ inbound
+
+    def receive(self, payload: bytes, sequence: int | None = None) -> None:
+        """One inbound wire frame (any size the carrier sends; 20 ms is typical)."""
+        if self._closed:
+            return
+        if sequence is None:
+            self._inbound(payload)
+            return
+        before_late, before_skip = self._reorder.late, self._reorder.skipped
+        for p in self._reorder.push(sequence, payload):
+            self._inbound(p)
+        self.stats.late_frames += self._reorder.late - before_late
+        self.stats.lost_frames += self._reorder.skipped - before_skip
+        self.stats.reordered_frames = self._reorder.reordered
+
+    def _inbound(self, payload: bytes) -> None:
+        self.stats.frames_in += 1
+        if self._wire_cb is not None:
+            self._wire_cb(payload, self.wire)
+        try:
+            wire_pcm = g711.decode(payload, self.wire.encoding)
+        except ValueError:
+            self.stats.bad_frames += 1
+            return
+        if self._dtmf is not None:
+            for digit in self._dtmf.process(wire_pcm):
+                self._dtmf_event(digit, "inband")
+        if self._vad is not None:
+            self._vad_buf += wire_pcm
+            fb = self._vad_frame
+            while len(self._vad_buf) >= fb:
+                frame = bytes(self._vad_buf[:fb])
+                del self._vad_buf[:fb]
+                if self._vad.process(frame) and self._barge_in_allowed():
+                    self.listener.on_speech_started()
+                    self.interrupt("vad")
+        pcm = self._in_resampler.process(wire_pcm)
+        if pcm:
+            self.listener.on_pipeline_audio(pcm)
+            self._record_caller(pcm)
+
+    def _record_caller(self, pcm: bytes) -> None:
+        if self.recorder is None or self._rec_in is None:
+            return
+        out = self._rec_in.process(pcm)
+        if out:
+            # Where this audio sits in time: the newest input arrived now; the resamplers still
+            # hold `pending_s` of it, and `out` ends where their output ends.
+            held = self._in_resampler.pending_s + self._rec_in.pending_s
+            at = self._clock.monotonic() - held - len(out) / 2 / self.recorder.rate
+            self.recorder.write_caller(out, at=at)
+
+    def on_dtmf(self, digit: str) -> None:
+        """A DTMF digit the carrier reported out of band."""
+        self._dtmf_event(digit, "carrier")
+
+    def _dtmf_event(self, digit: str, source: str) -> None:
+        now = self._clock.monotonic()
+        last = self._last_dtmf
+        self._last_dtmf = (digit, source, now)
+        if last and last[0] == digit and last[1] != source and now - last[2] < DTMF_DEDUPE_S:
+            return
+        if source == "inband":
+            self.stats.dtmf_inband += 1
+        else:
+            self.stats.dtmf_outofband += 1
+        self.listener.on_dtmf(digit)
+
+    def on_speech_started(self) -> None:
+        """The STT engine heard the caller start speaking."""
+        if self._barge_in_allowed():
+            self.interrupt("speech")
+
+    def on_mark(self, name: str) -> None:
+        play = self._current
+        if play is not None:
+            fut = play.marks.get(name)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    def _barge_in_allowed(self) -> bool:
+        play = self._current
+        return self.barge_in_enabled and play is not None and play.barge_in and not play.stopped
+
+    # ------------------------------------------------------------------ outbound
+
+    @property
+    def playing(self) -> bool:
+        return self._current is not None and not self._current.stopped
+
+    async def play(
+        self,
+        audio: AsyncIterable[bytes],
+        rate: int,
+        *,
+        label: str | None = None,
+        barge_in: bool = True,
+    ) -> PlaybackResult:
+        """Play PCM16 mono chunks at `rate`; returns once the caller heard it all, or it was cut."""
+        generation = self._generation
+        async with self._play_lock:
+            if self._closed or generation != self._generation:
+                await _aclose(audio)
+                return PlaybackResult(False, True, 0, 0.0, label)
+            play = _Play(label=label, barge_in=barge_in)
+            self._current = play
+            play.task = asyncio.ensure_future(self._run_play(play, audio, rate))
+            try:
+                return await asyncio.shield(play.task)
+            except asyncio.CancelledError:
+                me = asyncio.current_task()
+                if me is not None and me.cancelling():
+                    # Our caller gave up on this play: stop it like a barge-in, then honour the cancel.
+                    self.interrupt("cancelled")
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await play.task
+                    raise
+                return self._result(play, completed=False)
+            finally:
+                self._current = None
+                self.stats.plays += 1
+                if play.pacer is not None:
+                    self.stats.underruns += play.pacer.underruns
+
+    def _result(self, play: _Play, *, completed: bool) -> PlaybackResult:
+        pacer = play.pacer
+        sent = pacer.sent if pacer else 0
+        if completed:
+            heard = float(sent * FRAME_MS)
+        else:
+            heard = (pacer.played_frames(self._clock.monotonic()) if pacer else 0.0) * FRAME_MS
+        return PlaybackResult(completed, not completed, sent, heard, play.label)
+
+    async def _run_play(self, play: _Play, audio: AsyncIterable[bytes], rate: int) -> PlaybackResult:
+        wire = self.wire
+        resampler = StreamResampler(rate, wire.rate)
+        framer = Framer(wire.frame_bytes, wire.silence_byte)
+        pacer = play.pacer = Pacer(self._clock.monotonic, self._clock.sleep, lead_frames=self._lead)
+        rec = StreamResampler(wire.rate, self.recorder.rate) if self.recorder else None
+        try:
+            async for chunk in _with_stall_timeout(audio, self._stall_timeout):
+                if play.stopped:
+                    break
+                if chunk:
+                    for frame in framer.push(g711.encode(resampler.process(chunk), wire.encoding)):
+                        if not await self._send_frame(play, pacer, frame, rec):
+                            break
+                if play.stopped:
+                    break
+            if not play.stopped:
+                tail = framer.push(g711.encode(resampler.flush(), wire.encoding))
+                last = framer.flush()
+                for frame in tail + ([last] if last else []):
+                    if not await self._send_frame(play, pacer, frame, rec):
+                        break
+        finally:
+            await _aclose(audio)
+        if rec is not None and self.recorder is not None and pacer.t0 is not None:
+            at = pacer.play_start(0) + rec.samples_out / rec.out_rate
+            self.recorder.write_bridge(rec.flush(), at=at)
+        if play.stopped:
+            return self._result(play, completed=False)
+        await self._await_played(play, pacer)
+        return self._result(play, completed=not play.stopped)
+
+    async def _send_frame(self, play: _Play, pacer: Pacer, frame: bytes, rec: StreamResampler | None) -> bool:
+        await pacer.wait_turn()
+        if play.stopped:
+            return False
+        await self.transport.send_media(frame)
+        pacer.sent_one()
+        self.stats.frames_out += 1
+        if self.recorder is not None and rec is not None:
+            before = rec.samples_out
+            out = rec.process(g711.decode(frame, self.wire.encoding))
+            if out:  # placed by sample count from the first frame's play-out, not by when soxr let go
+                self.recorder.write_bridge(out, at=pacer.play_start(0) + before / rec.out_rate)
+        return True
+
+    async def _await_played(self, play: _Play, pacer: Pacer) -> None:
+        end = pacer.end_time
+        if end is None:
+            return
+        remaining = max(0.0, end - self._clock.monotonic())
+        if self.transport.supports_marks:
+            name = f"{play.label or 'play'}-{next(self._mark_ids)}"
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            play.marks[name] = fut
+            await self.transport.send_mark(name)
+            try:
+                await self._clock.wait_for(fut, remaining + MARK_GRACE_S)
+                return
+            except TimeoutError:
+                log.warning("mark %s not echoed; trusting the pacing clock", name)
+        remaining = max(0.0, end - self._clock.monotonic())
+        if remaining > 0:
+            await self._clock.sleep(remaining)
+
+    def interrupt(self, reason: str = "barge-in") -> None:
+        """Stop the current play at once (no frame is sent after this returns), clear the
+        carrier's buffer, and drop queued plays."""
+        self._generation += 1
+        play = self._current
+        if play is None or play.stopped:
+            return
+        play.stopped = True
+        self.stats.interrupts += 1
+        log.debug("playback interrupted (%s) after %d frames", reason, play.pacer.sent if play.pacer else 0)
+        for fut in play.marks.values():
+            if not fut.done():
+                fut.cancel()
+        if play.task is not None:
+            play.task.cancel()
+        self._spawn(self.transport.send_clear())
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    async def send_dtmf(self, digits: str, *, tone_ms: int = 100, gap_ms: int = 60) -> PlaybackResult:
+        """Send `digits` as in-band tones (the only way over Twilio/Telnyx/Plivo media streams)."""
+        pcm = dtmf_tones(digits, self.wire.rate, tone_ms, gap_ms)
+        return await self.play(_once(pcm), self.wire.rate, label="dtmf", barge_in=False)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._generation += 1
+        play = self._current
+        if play is not None and not play.stopped:
+            play.stopped = True
+            if play.task is not None:
+                play.task.cancel()
+        self._closed = True
+        for p in self._reorder.drain():
+            self._inbound(p)
+        tail = self._in_resampler.flush()
+        if tail:
+            self.listener.on_pipeline_audio(tail)
+            if self.recorder is not None and self._rec_in is not None:
+                self.recorder.write_caller(self._rec_in.process(tail) + self._rec_in.flush())
+        if self._bg:
+            await asyncio.gather(*self._bg, return_exceptions=True)
+        if self.recorder is not None:
+            await self.recorder.close()
+
+
+async def _with_stall_timeout(audio: AsyncIterable[bytes], timeout: float | None) -> AsyncIterator[bytes]:
+    """The engine's chunks; TimeoutError if it produces nothing for `timeout` seconds."""
+    it = aiter(audio)
+    while True:
+        try:
+            chunk = await (anext(it) if timeout is None else asyncio.wait_for(anext(it), timeout))
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise TimeoutError(f"the speech engine produced no audio for {timeout:.1f} s") from None
+        yield chunk
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def _aclose(audio: AsyncIterable[bytes]) -> None:
+    aclose = getattr(audio, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()

@@ -1,0 +1,71 @@
+"""Stateful stream resampling of PCM16 mono (soxr).
+
+One `StreamResampler` per direction per call: the filter state carries across chunks, so 20 ms
+frames come out exactly as if the whole signal had been resampled at once (no clicks at frame
+edges, unlike per-chunk one-shot resampling; see pipecat #2070). Chunks may be any size, even
+empty or with an odd byte count (HTTP streams split samples); a dangling byte waits for the next
+chunk.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import soxr
+
+SUPPORTED_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
+
+
+class StreamResampler:
+    def __init__(self, in_rate: int, out_rate: int, *, quality: str = "HQ") -> None:
+        if in_rate <= 0 or out_rate <= 0:
+            raise ValueError(f"bad sample rates {in_rate} -> {out_rate}")
+        self.in_rate = in_rate
+        self.out_rate = out_rate
+        self._odd = b""
+        self.samples_in = 0
+        self.samples_out = 0
+        self._stream = (
+            None if in_rate == out_rate else soxr.ResampleStream(in_rate, out_rate, 1, dtype="int16", quality=quality)
+        )
+
+    @property
+    def passthrough(self) -> bool:
+        return self._stream is None
+
+    def process(self, pcm: bytes) -> bytes:
+        if self._odd:
+            pcm = self._odd + pcm
+            self._odd = b""
+        if len(pcm) % 2:
+            self._odd = pcm[-1:]
+            pcm = pcm[:-1]
+        n = len(pcm) // 2
+        self.samples_in += n
+        if self._stream is None or not pcm:
+            self.samples_out += n
+            return bytes(pcm)
+        out = self._stream.resample_chunk(np.frombuffer(pcm, dtype=np.int16))
+        self.samples_out += len(out)
+        return out.tobytes()
+
+    @property
+    def pending_s(self) -> float:
+        """Seconds of input not yet out: soxr works in blocks, so this swings between ~20 and
+        ~130 ms at HQ (its output is delay-compensated, so it is buffering, not offset)."""
+        return self.samples_in / self.in_rate - self.samples_out / self.out_rate
+
+    def flush(self) -> bytes:
+        """Drain the filter's tail at the end of a stream; the resampler is then reset."""
+        self._odd = b""  # half a sample cannot be played
+        if self._stream is None:
+            return b""
+        out = self._stream.resample_chunk(np.zeros(0, dtype=np.int16), last=True)
+        self._stream.clear()
+        self.samples_in = self.samples_out = 0
+        return out.tobytes()
+
+    def reset(self) -> None:
+        self._odd = b""
+        self.samples_in = self.samples_out = 0
+        if self._stream is not None:
+            self._stream.clear()

@@ -1,0 +1,40 @@
+"""The TTS interface: text in, PCM16 mono chunks out, streamed as the engine produces them."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+
+
+class TtsError(Exception):
+    """Synthesis failed; the message is safe to log (no secrets)."""
+
+
+class TtsEngine(ABC):
+    name: str = "tts"
+    sample_rate: int  # of the PCM16 mono chunks `synthesize` yields
+
+    @abstractmethod
+    def synthesize(self, text: str) -> AsyncIterator[bytes]:
+        """Stream PCM16 little-endian mono at `sample_rate`. Chunks may have any size (even empty);
+        every chunk holds whole samples. Closing the iterator early stops the synthesis."""
+
+    async def close(self) -> None:
+        """Release clients and connections."""
+
+
+class EvenBytes:
+    """Holds back a dangling odd byte so that every chunk holds whole PCM16 samples."""
+
+    __slots__ = ("_odd",)
+
+    def __init__(self) -> None:
+        self._odd = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._odd + chunk if self._odd else chunk
+        if len(data) % 2:
+            self._odd, data = data[-1:], data[:-1]
+        else:
+            self._odd = b""
+        return bytes(data)

@@ -1,0 +1,134 @@
+"""ElevenLabs TTS: the HTTP stream endpoint through the official SDK (`pcm_16000` by default, or
+`ulaw_8000` decoded here), or the stream-input WebSocket (`transport: "websocket"`)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlencode
+
+from media import g711
+from media.formats import AudioEncoding
+from media.logsafe import quiet_logger
+from media.tts.base import EvenBytes, TtsEngine, TtsError
+
+DEFAULT_BASE_URL = "https://api.elevenlabs.io"
+DEFAULT_MODEL = "eleven_flash_v2_5"
+DEFAULT_VOICE = "21m00Tcm4TlvDq8ikWAM"  # "Rachel", a premade voice
+FORMATS = {"pcm_8000": 8000, "pcm_16000": 16000, "pcm_22050": 22050, "pcm_24000": 24000, "pcm_44100": 44100, "ulaw_8000": 8000}
+
+
+class ElevenLabsTts(TtsEngine):
+    name = "elevenlabs"
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        voice_id: str = DEFAULT_VOICE,
+        model_id: str = DEFAULT_MODEL,
+        output_format: str = "pcm_16000",
+        base_url: str = DEFAULT_BASE_URL,
+        transport: str = "http",
+        voice_settings: dict[str, Any] | None = None,
+        timeout_s: float = 30.0,
+    ) -> None:
+        if output_format not in FORMATS:
+            raise TtsError(f"tts.elevenlabs.outputFormat must be one of {', '.join(FORMATS)}")
+        if transport not in ("http", "websocket"):
+            raise TtsError("tts.elevenlabs.transport must be 'http' or 'websocket'")
+        self.voice_id = voice_id
+        self.model_id = model_id
+        self.output_format = output_format
+        self.sample_rate = FORMATS[output_format]
+        self.base_url = base_url.rstrip("/")
+        self.transport = transport
+        self.voice_settings = voice_settings
+        self._api_key = api_key
+        self._timeout = timeout_s
+        self._client: Any = None
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> ElevenLabsTts:
+        key = cfg.get("apiKey") or os.environ.get("ELEVENLABS_API_KEY") or os.environ.get("XI_API_KEY")
+        if not key:
+            raise TtsError("tts.elevenlabs.apiKey is required (or set ELEVENLABS_API_KEY)")
+        return cls(
+            api_key=key,
+            voice_id=cfg.get("voiceId") or DEFAULT_VOICE,
+            model_id=cfg.get("modelId") or DEFAULT_MODEL,
+            output_format=cfg.get("outputFormat") or "pcm_16000",
+            base_url=cfg.get("baseUrl") or DEFAULT_BASE_URL,
+            transport=cfg.get("transport") or "http",
+            voice_settings=cfg.get("voiceSettings"),
+        )
+
+    def _pcm(self, chunk: bytes, even: EvenBytes) -> bytes:
+        if self.output_format == "ulaw_8000":
+            return g711.decode(chunk, AudioEncoding.PCMU)
+        return even.feed(chunk)
+
+    def synthesize(self, text: str) -> AsyncIterator[bytes]:
+        return self._ws(text) if self.transport == "websocket" else self._http(text)
+
+    async def _http(self, text: str) -> AsyncIterator[bytes]:
+        from elevenlabs import AsyncElevenLabs  # the `elevenlabs` extra
+        from elevenlabs.core.api_error import ApiError
+
+        if self._client is None:
+            self._client = AsyncElevenLabs(api_key=self._api_key, base_url=self.base_url, timeout=self._timeout)
+        even = EvenBytes()
+        kw: dict[str, Any] = {}
+        if self.voice_settings:
+            kw["voice_settings"] = self.voice_settings
+        try:
+            async for chunk in self._client.text_to_speech.stream(
+                self.voice_id, text=text, model_id=self.model_id, output_format=self.output_format, **kw
+            ):
+                yield self._pcm(chunk, even)
+        except ApiError as exc:
+            raise TtsError(f"ElevenLabs TTS failed: HTTP {exc.status_code}") from None
+
+    async def _ws(self, text: str) -> AsyncIterator[bytes]:
+        import websockets
+
+        scheme_url = self.base_url.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+        query = urlencode({"model_id": self.model_id, "output_format": self.output_format})
+        url = f"{scheme_url}/v1/text-to-speech/{self.voice_id}/stream-input?{query}"
+        even = EvenBytes()
+        try:
+            async with websockets.connect(
+                url,
+                additional_headers={"xi-api-key": self._api_key},
+                open_timeout=self._timeout,
+                max_size=2**24,
+                logger=quiet_logger("media.tts.elevenlabs.ws"),
+            ) as ws:
+                init: dict[str, Any] = {"text": " ", "generation_config": {"chunk_length_schedule": [120, 160, 250, 290]}}
+                if self.voice_settings:
+                    init["voice_settings"] = self.voice_settings
+                await ws.send(json.dumps(init))
+                await ws.send(json.dumps({"text": text.rstrip() + " ", "flush": True}))
+                await ws.send(json.dumps({"text": ""}))
+                async for raw in ws:
+                    msg = json.loads(raw)
+                    if msg.get("audio"):
+                        yield self._pcm(base64.b64decode(msg["audio"]), even)
+                    if msg.get("isFinal"):
+                        break
+                    if msg.get("error"):
+                        raise TtsError(f"ElevenLabs TTS failed: {str(msg.get('error'))[:80]}")
+        except websockets.InvalidStatus as exc:
+            raise TtsError(f"ElevenLabs TTS failed: HTTP {exc.response.status_code}") from None
+        except (OSError, websockets.WebSocketException) as exc:
+            raise TtsError(f"ElevenLabs TTS connection failed: {type(exc).__name__}") from None
+
+    async def close(self) -> None:
+        if self._client is not None:
+            wrapper = getattr(self._client, "_client_wrapper", None)
+            httpx_client = getattr(getattr(wrapper, "httpx_client", None), "httpx_client", None)
+            if httpx_client is not None:
+                await httpx_client.aclose()

@@ -1,0 +1,72 @@
+"""A small energy VAD with an adaptive noise floor, for barge-in when the STT engine has no
+speech-started event. Works per 20 ms frame of PCM16 mono at any rate (sans-I/O)."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import numpy as np
+
+
+class EnergyVad:
+    """Speech = frame level `threshold_db` above the noise floor (and above `min_dbfs`) for
+    `start_frames` consecutive frames; it ends after `hangover_frames` quiet frames.
+
+    The floor is the minimum frame level over the last `window_s` (minimum statistics): speech has
+    pauses between syllables, steady noise does not, so a fan or line hiss that starts, or steps
+    up, is learned within `window_s` and never reads as endless speech.
+    """
+
+    def __init__(
+        self,
+        *,
+        threshold_db: float = 12.0,
+        min_dbfs: float = -45.0,
+        start_frames: int = 3,
+        hangover_frames: int = 15,
+        window_s: float = 1.5,
+        initial_floor_dbfs: float = -60.0,
+        frame_ms: int = 20,
+    ) -> None:
+        self.threshold_db = threshold_db
+        self.min_dbfs = min_dbfs
+        self.start_frames = start_frames
+        self.hangover_frames = hangover_frames
+        self._initial = initial_floor_dbfs
+        self._levels: deque[float] = deque(maxlen=max(1, round(window_s * 1000 / frame_ms)))
+        self._above = 0
+        self._below = 0
+        self.speaking = False
+
+    @property
+    def floor_dbfs(self) -> float:
+        return min(self._levels) if self._levels else self._initial
+
+    @staticmethod
+    def level_dbfs(pcm: bytes) -> float:
+        x = np.frombuffer(pcm, dtype="<i2").astype(np.float32)
+        if not len(x):
+            return -120.0
+        ms = float(np.dot(x, x)) / len(x)
+        return 10 * math.log10(ms / (32768.0 * 32768.0) + 1e-12)
+
+    def process(self, pcm: bytes) -> bool:
+        """Feed one frame; True exactly when speech starts."""
+        if len(pcm) < 2:
+            return False
+        level = self.level_dbfs(pcm)
+        loud = level > max(self.floor_dbfs + self.threshold_db, self.min_dbfs)
+        self._levels.append(level)
+        if loud:
+            self._above += 1
+            self._below = 0
+        else:
+            self._below += 1
+            self._above = 0
+        if not self.speaking and self._above >= self.start_frames:
+            self.speaking = True
+            return True
+        if self.speaking and self._below >= self.hangover_frames:
+            self.speaking = False
+        return False

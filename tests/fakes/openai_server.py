@@ -1,0 +1,192 @@
+"""A local fake of the OpenAI endpoints the bridge uses, speaking the real wire protocol:
+
+- POST /v1/audio/speech -> raw PCM16 24 kHz (response_format=pcm), chunked at odd sizes;
+- GET  /v1/realtime?intent=transcription -> the Realtime transcription WebSocket: session update,
+  input_audio_buffer.append, server VAD events, transcription delta/completed events.
+
+The Realtime fake keeps every audio byte it received (decoded to PCM16) so tests can measure
+what reached the engine; its "recognizer" returns scripted transcripts, one per utterance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from aiohttp import WSMsgType, web
+
+from tests.fakes.audio import fake_speech, odd_chunks
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import audioop
+
+
+@dataclass
+class RealtimeSession:
+    headers: dict[str, str]
+    query: dict[str, str]
+    updates: list[dict[str, Any]] = field(default_factory=list)
+    audio: bytearray = field(default_factory=bytearray)  # PCM16 at `rate`
+    rate: int = 24000
+    input_format: str = "pcm16"
+    appends: int = 0
+
+
+@dataclass
+class FakeOpenAI:
+    api_key: str = "sk-test-123"
+    transcripts: list[str] = field(default_factory=lambda: ["hello there", "second thing"])
+    speech_requests: list[dict[str, Any]] = field(default_factory=list)
+    sessions: list[RealtimeSession] = field(default_factory=list)
+    drop_after_appends: int | None = None  # close the first socket after N appends (reconnect tests)
+    reject_connections: int = 0  # refuse this many WebSocket handshakes with 503 first
+    chunk_delay_s: float = 0.0
+    _runner: web.AppRunner | None = None
+    port: int = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def start(self) -> FakeOpenAI:
+        app = web.Application()
+        app.router.add_post("/v1/audio/speech", self._speech)
+        app.router.add_get("/v1/realtime", self._realtime)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def _authorized(self, request: web.Request) -> bool:
+        return request.headers.get("Authorization") == f"Bearer {self.api_key}"
+
+    async def _speech(self, request: web.Request) -> web.StreamResponse:
+        if not self._authorized(request):
+            return web.json_response(
+                {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error", "code": "invalid_api_key"}},
+                status=401,
+            )
+        body = await request.json()
+        self.speech_requests.append(body)
+        if body.get("response_format") != "pcm" or not body.get("input"):
+            return web.json_response({"error": {"message": "bad request", "type": "invalid_request_error"}}, status=400)
+        resp = web.StreamResponse(headers={"Content-Type": "audio/pcm"})
+        await resp.prepare(request)
+        for chunk in odd_chunks(fake_speech(body["input"], 24000), seed=len(body["input"])):
+            await resp.write(chunk)
+            if self.chunk_delay_s:
+                await asyncio.sleep(self.chunk_delay_s)
+        await resp.write_eof()
+        return resp
+
+    async def _realtime(self, request: web.Request) -> web.StreamResponse:
+        if self.reject_connections > 0:
+            self.reject_connections -= 1
+            return web.Response(status=503, text="overloaded")
+        if not self._authorized(request) or request.query.get("intent") != "transcription":
+            return web.Response(status=401, text="unauthorized")
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        sess = RealtimeSession(headers=dict(request.headers), query=dict(request.query))
+        self.sessions.append(sess)
+        await ws.send_json({"type": "transcription_session.created", "session": {"id": f"sess_{len(self.sessions)}"}})
+        vad = _ServerVad()
+        item = 0
+        async for msg in ws:
+            if msg.type != WSMsgType.TEXT:
+                continue
+            ev = json.loads(msg.data)
+            kind = ev.get("type")
+            if kind in ("transcription_session.update", "session.update"):
+                sess.updates.append(ev)
+                s = ev.get("session", {})
+                fmt = s.get("input_audio_format") or s.get("audio", {}).get("input", {}).get("format", {}).get("type")
+                sess.input_format = fmt or "pcm16"
+                sess.rate = 8000 if sess.input_format in ("g711_ulaw", "g711_alaw", "audio/pcmu", "audio/pcma") else 24000
+                td = s.get("turn_detection") or {}
+                vad.configure(sess.rate, td.get("threshold", 0.5), td.get("silence_duration_ms", 500))
+                await ws.send_json({"type": "transcription_session.updated", "session": s})
+            elif kind == "input_audio_buffer.append":
+                raw = base64.b64decode(ev["audio"])
+                if sess.input_format in ("g711_ulaw", "audio/pcmu"):
+                    pcm = audioop.ulaw2lin(raw, 2)
+                elif sess.input_format in ("g711_alaw", "audio/pcma"):
+                    pcm = audioop.alaw2lin(raw, 2)
+                else:
+                    pcm = raw
+                sess.audio += pcm
+                sess.appends += 1
+                for event in vad.feed(pcm):
+                    if event == "started":
+                        await ws.send_json({"type": "input_audio_buffer.speech_started", "audio_start_ms": 0, "item_id": f"item_{item}"})
+                    else:
+                        await ws.send_json({"type": "input_audio_buffer.speech_stopped", "item_id": f"item_{item}"})
+                        await ws.send_json({"type": "input_audio_buffer.committed", "item_id": f"item_{item}"})
+                        text = self.transcripts[item % len(self.transcripts)]
+                        words = text.split(" ")
+                        for i, w in enumerate(words):
+                            await ws.send_json({
+                                "type": "conversation.item.input_audio_transcription.delta",
+                                "item_id": f"item_{item}", "content_index": 0,
+                                "delta": w if i == 0 else " " + w,
+                            })
+                        await ws.send_json({
+                            "type": "conversation.item.input_audio_transcription.completed",
+                            "item_id": f"item_{item}", "content_index": 0, "transcript": text,
+                        })
+                        item += 1
+                if self.drop_after_appends is not None and sess.appends >= self.drop_after_appends and len(self.sessions) == 1:
+                    await ws.close()
+                    break
+            else:
+                await ws.send_json({"type": "error", "error": {"type": "invalid_request_error", "message": f"unknown event {kind}"}})
+        return ws
+
+
+class _ServerVad:
+    """Energy VAD standing in for the server's: speech when 20 ms RMS > threshold-scaled level."""
+
+    def __init__(self) -> None:
+        self.rate = 24000
+        self.level = 1000.0
+        self.silence_frames = 25
+        self.buf = bytearray()
+        self.speaking = False
+        self.quiet = 0
+
+    def configure(self, rate: int, threshold: float, silence_ms: int) -> None:
+        self.rate = rate
+        self.level = 2000.0 * threshold
+        self.silence_frames = max(1, silence_ms // 20)
+
+    def feed(self, pcm: bytes) -> list[str]:
+        self.buf += pcm
+        fb = self.rate // 50 * 2
+        events = []
+        while len(self.buf) >= fb:
+            x = np.frombuffer(bytes(self.buf[:fb]), dtype="<i2").astype(float)
+            del self.buf[:fb]
+            loud = float(np.sqrt(np.mean(x * x))) > self.level
+            if loud:
+                self.quiet = 0
+                if not self.speaking:
+                    self.speaking = True
+                    events.append("started")
+            elif self.speaking:
+                self.quiet += 1
+                if self.quiet >= self.silence_frames:
+                    self.speaking = False
+                    events.append("stopped")
+        return events

@@ -1,0 +1,102 @@
+"""Call recordings: two sample-aligned channels, written off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+
+from media import g711
+from media.bridge import MediaBridge
+from media.formats import ULAW_8K
+from media.recorder import CallRecorder
+
+from test_media_bridge import LoopbackCarrier, Listener, aligned_correlation, caller_frames
+
+
+async def noise_clip(secs: float) -> AsyncIterator[bytes]:
+    """Broadband, so alignment by cross-correlation is unambiguous (a pure tone is periodic)."""
+    x = np.random.default_rng(8).normal(0, 3000, int(16000 * secs)).astype("<i2").tobytes()
+    for i in range(0, len(x), 3200):
+        yield x[i : i + 3200]
+
+
+async def test_two_channels_aligned_on_one_timeline(tmp_path: Path) -> None:
+    path = tmp_path / "call-1.wav"
+    rec = CallRecorder(path, 16000)
+    carrier = LoopbackCarrier()
+    bridge = MediaBridge(carrier, Listener(), recorder=rec, vad_barge_in=False)
+    carrier.bridge = bridge
+    rng = np.random.default_rng(3)
+    caller = np.clip(rng.normal(0, 2000, 8000 * 2), -32768, 32767)  # 2 s of caller noise
+    feeder = asyncio.create_task(caller_frames(bridge, caller))
+    t_feed = time.monotonic()
+    await asyncio.sleep(0.5)
+    await bridge.play(noise_clip(1.0), 16000)
+    await feeder
+    await bridge.close()  # closes the recorder too
+    assert rec.error is None
+    data, sr = sf.read(path, dtype="int16")
+    assert sr == 16000 and data.shape[1] == 2
+    ch0, ch1 = data[:, 0].astype(float), data[:, 1].astype(float)
+    # Caller channel: the caller's audio after G.711 and the 8k->16k path.
+    heard_caller = np.frombuffer(g711.decode(g711.encode(caller.astype("<i2").tobytes(), ULAW_8K.encoding), ULAW_8K.encoding), dtype="<i2")
+    ref0 = soxr.resample(heard_caller, 8000, 16000, quality="HQ").astype(float)
+    c0, lag0 = aligned_correlation(ch0, ref0)
+    # Bridge channel: exactly what the carrier played, placed at its play-out time.
+    ref1 = soxr.resample(carrier.heard_pcm().astype(np.int16), 8000, 16000, quality="HQ").astype(float)
+    c1, lag1 = aligned_correlation(ch1, ref1)
+    # The caller's first frame, received at t_feed, was spoken during the 20 ms before it.
+    expected_offset = (carrier.frames[0].start - (t_feed - 0.02)) * 16000
+    print(f"\nrecorder: ch0 corr {c0:.4f} lag {lag0}; ch1 corr {c1:.4f} at {lag1} samples, "
+          f"playout started at {expected_offset:.0f}")
+    assert c0 >= 0.99 and abs(lag0) <= 2
+    assert c1 >= 0.99
+    assert abs(lag1 - expected_offset) <= 80  # within 5 ms on the shared timeline
+    assert len(data) >= len(ref0) - 320
+
+
+async def test_disk_writes_never_block_the_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write = sf.SoundFile.write
+
+    def slow_write(self: sf.SoundFile, data: np.ndarray) -> None:
+        time.sleep(0.05)  # a slow disk
+        real_write(self, data)
+
+    monkeypatch.setattr(sf.SoundFile, "write", slow_write)
+    rec = CallRecorder(tmp_path / "slow.wav", 8000, lag_s=0.0)
+    frame = np.full(160, 1000, dtype="<i2").tobytes()
+    worst = 0.0
+    t = time.monotonic()
+    for k in range(100):
+        s = time.perf_counter()
+        rec.write_caller(frame, at=t + k * 0.02)
+        rec.write_bridge(frame, at=t + k * 0.02 + 0.5)
+        worst = max(worst, time.perf_counter() - s)
+    await rec.close()
+    assert worst < 0.01  # the 50 ms writes happened in the writer thread
+    data, _ = sf.read(tmp_path / "slow.wav", dtype="int16")
+    assert len(data) == 100 * 160 + 4000
+    assert np.all(data[:4000, 1] == 0) and np.all(data[4000:, 1] == 1000)
+    assert np.all(data[:16000, 0] == 1000)
+
+
+async def test_gap_becomes_silence_and_jitter_does_not(tmp_path: Path) -> None:
+    rec = CallRecorder(tmp_path / "gap.wav", 8000, monotonic=lambda: 10.0)
+    one = np.full(160, 500, dtype="<i2").tobytes()
+    t = 10.0
+    rec.write_caller(one, at=t)
+    rec.write_caller(one, at=t + 0.025)  # 5 ms late: jitter, appended seamlessly
+    rec.write_caller(one, at=t + 1.0)  # a real gap of ~1 s
+    rec.write_bridge(one, at=t + 0.5)
+    await rec.close()
+    data, _ = sf.read(tmp_path / "gap.wav", dtype="int16")
+    ch0 = data[:, 0]
+    assert np.all(ch0[:320] == 500) and np.all(ch0[320:8000] == 0) and np.all(ch0[8000:8160] == 500)
+    assert np.all(data[4000:4160, 1] == 500) and np.all(data[:4000, 1] == 0)
