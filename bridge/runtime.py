@@ -45,7 +45,7 @@ def voice_factory(settings: Settings) -> VoiceFactory:
 
     tts = create_tts(settings.effective_tts)
     stt = None
-    if settings.streaming.provider not in (None, "none"):
+    if settings.streaming.provider != "none":
         from media.stt.factory import create_stt
 
         stt = create_stt(reveal(settings.streaming.model_dump(mode="python")))
