@@ -104,6 +104,8 @@ class StreamingSettings(Section):
     maxSendBufferBytes: int = Field(1024 * 1024, gt=0)
     disconnectGraceMs: int = Field(2000, ge=0)
     bargeIn: bool = True
+    # Benchmarks only: play each caller's audio back through the full media path, no engines.
+    echo: bool = False
 
 
 class TwilioSettings(Section):

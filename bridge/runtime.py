@@ -64,6 +64,7 @@ def voice_factory(settings: Settings) -> VoiceFactory:
             pipeline_rate=settings.pipelineSampleRate,
             recorder=recorder,
             barge_in=settings.streaming.bargeIn,
+            echo=settings.streaming.echo,
         )
 
     return build

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -44,12 +45,17 @@ class CallVoice:
         pipeline_rate: int,
         recorder: CallRecorder | None = None,
         barge_in: bool = True,
+        echo: bool = False,
     ) -> None:
         self.call_id = call_id
         self.tts = tts
         self._emit = emit
         self.bridge = MediaBridge(transport, self, pipeline_rate=pipeline_rate, recorder=recorder,
-                                  vad_barge_in=barge_in)
+                                  vad_barge_in=barge_in and not echo, stall_timeout_s=None if echo else 8.0)
+        self.pipeline_rate = pipeline_rate
+        # Benchmark mode: the caller's audio is played straight back through the whole media path.
+        self._echo: asyncio.Queue[bytes | None] | None = asyncio.Queue() if echo else None
+        self._echo_task: asyncio.Task[None] | None = None
         self.stt: SttSession | None = (
             stt_engine.open(sample_rate=pipeline_rate, on_event=self._on_stt, wire_format=transport.format)
             if stt_engine else None
@@ -57,11 +63,23 @@ class CallVoice:
         self._closed = False
 
     async def start(self) -> None:
+        if self._echo is not None:
+            self._echo_task = asyncio.create_task(self._run_echo(self._echo))
         if self.stt is not None:
             await self.stt.start()
 
+    async def _run_echo(self, queue: asyncio.Queue[bytes | None]) -> None:
+        async def chunks() -> AsyncIterator[bytes]:
+            while (chunk := await queue.get()) is not None:
+                yield chunk
+
+        while not self._closed:
+            await self.bridge.play(chunks(), self.pipeline_rate, barge_in=False)
+
     # ---- MediaListener
     def on_pipeline_audio(self, pcm: bytes) -> None:
+        if self._echo is not None:
+            self._echo.put_nowait(pcm)
         if self.stt is not None:
             self.stt.feed(pcm)
 
@@ -101,6 +119,10 @@ class CallVoice:
         if self._closed:
             return
         self._closed = True
+        if self._echo is not None:
+            self._echo.put_nowait(None)
+        if self._echo_task is not None:
+            self._echo_task.cancel()
         if self.stt is not None:
             await self.stt.close()
         await self.bridge.close()

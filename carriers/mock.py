@@ -49,7 +49,7 @@ class MockCallee:
         self.call_id = call_id
         self.script = deque(script)
         self.bridge: Any = None
-        self.heard = bytearray()  # PCM16 8 kHz of everything the bridge played that was not cleared
+        self._heard = bytearray()  # PCM16 8 kHz of everything the bridge played that was not cleared
         self.frames_received = 0
         self.marks_echoed: list[str] = []
         self.clears = 0
@@ -63,11 +63,22 @@ class MockCallee:
         self._reply: asyncio.TimerHandle | None = None
         self._idle_hangup: asyncio.TimerHandle | None = None
 
+    @property
+    def heard(self) -> bytearray:
+        """What has played out at the callee's ear so far (audio still queued at the 'carrier' is not heard yet)."""
+        self._play_out(self._loop.time())
+        return self._heard
+
+    def _play_out(self, now: float) -> None:
+        while self._queued and self._queued[0][0] <= now + 1e-6:
+            self._heard += self._queued.popleft()[1]
+
     # ------------------------------------------------------------ MediaTransport (bridge -> callee)
     async def send_media(self, payload: bytes) -> None:
         if not self.alive:
             return
         now = self._loop.time()
+        self._play_out(now)
         start = max(now, self._playout_end)
         self._playout_end = start + FRAME_MS / 1000
         self._queued.append((start, g711.decode(payload, self.format.encoding)))
@@ -81,11 +92,9 @@ class MockCallee:
 
     async def send_clear(self) -> None:
         self.clears += 1
-        now = self._loop.time()
-        while self._queued and self._queued[0][0] <= now:
-            self.heard += self._queued.popleft()[1]
+        self._play_out(self._loop.time())
         self._queued.clear()
-        self._playout_end = now
+        self._playout_end = self._loop.time()
         for name, handle in self._pending_marks:  # like Twilio: clear returns pending marks
             handle.cancel()
             self._loop.call_soon(self._echo_mark, name)
@@ -93,9 +102,7 @@ class MockCallee:
 
     def _echo_mark(self, name: str) -> None:
         self._pending_marks = [(n, h) for n, h in self._pending_marks if n != name]
-        now = self._loop.time()
-        while self._queued and self._queued[0][0] <= now + 1e-6:
-            self.heard += self._queued.popleft()[1]
+        self._play_out(self._loop.time())
         self.marks_echoed.append(name)
         if self.bridge is not None and self.alive:
             self.bridge.on_mark(name)

@@ -137,3 +137,26 @@ async def test_caller_speech_and_dtmf_reach_the_pipeline(tmp_path: Path, monkeyp
     lag, corr = best_alignment(reference, received, max_lag=pipeline_rate // 5)
     assert corr >= 0.95, f"correlation at the STT input {corr:.4f}"
     print(f"loopback caller->pipeline: correlation {corr:.4f} at lag {lag}; digits {call.metadata['dtmf']}")
+
+
+async def test_echo_mode_plays_the_caller_back(tmp_path: Path) -> None:
+    """The benchmark pipeline: caller audio -> decode -> resample -> resample back -> encode -> paced send."""
+    config = {**BASE, "streaming": {"enabled": True, "provider": "none", "echo": True}}
+    speech, rate = await synthesize("Echo, echo, can you hear me?")
+    async with run_bridge(config, tmp_path) as runtime:
+        call_id = (await rpc_client(runtime).call("voicecall.initiate", {"message": "Hi.", "mode": "conversation"}))["callId"]
+        call = runtime.manager.calls[call_id]
+        callee = await _wait_callee(runtime, call_id)
+        await wait_for(lambda: call.state == CallState.LISTENING, timeout=20)
+        callee.heard.clear()
+        await asyncio.wait_for(callee.play(speech, rate), 20)
+        await asyncio.sleep(0.6)  # the tail of the echo is still in flight
+        heard = to_array(callee.heard)
+    wire = g711.decode(g711.encode(resample(speech, rate, 8000), AudioEncoding.PCMU), AudioEncoding.PCMU)
+    lag, corr = best_alignment(to_array(wire), heard, max_lag=4000)
+    assert corr >= 0.95, f"echo correlation {corr:.4f}"
+
+
+async def _wait_callee(runtime, call_id):  # type: ignore[no-untyped-def]
+    await wait_for(lambda: runtime.carrier.callee(call_id) is not None, timeout=10)
+    return runtime.carrier.callee(call_id)
