@@ -121,6 +121,8 @@ class TelnyxSettings(Section):
     publicKey: str | None = None
     apiBaseUrl: str = "https://api.telnyx.com/v2"
     streamCodec: Literal["PCMU", "PCMA"] | None = None  # None: as the call negotiates
+    voice: str = "AWS.Polly.Joanna-Neural"  # native speak when no media stream is up
+    language: str = "en-US"
     answeringMachineDetection: str | None = None
 
 

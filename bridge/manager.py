@@ -86,6 +86,7 @@ class CallManager:
         self._reaper: TimerHandle | None = None
         self.public_base: str | None = None  # public origin, e.g. https://host.example (set by server)
         self.started = False
+        self.stopping = False  # shutting down: a dropped media stream no longer ends its call
 
     # ================================================================== lifecycle
 
@@ -98,6 +99,7 @@ class CallManager:
         self.started = True
 
     async def stop(self) -> None:
+        self.stopping = True
         if self._reaper is not None:
             self._reaper.cancel()
         for timer in self._timers.values():
@@ -188,7 +190,7 @@ class CallManager:
             return  # a newer stream already took over
         self.detach_media(call_id)
         call = self.calls.get(call_id)
-        if call is None or call.terminal:
+        if call is None or call.terminal or self.stopping:
             return
         grace = self.settings.streaming.disconnectGraceMs / 1000
 

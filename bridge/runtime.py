@@ -137,8 +137,9 @@ class Runtime:
         if self._tunnel is not None:
             await self._tunnel.stop()
             self._tunnel = None
+        self.manager.stopping = True
+        if self._runner is not None:
+            await self._runner.cleanup()  # closes media streams and RPC sockets first
+            self._runner = None
         if self.manager.started:
             await self.manager.stop()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None

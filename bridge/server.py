@@ -153,6 +153,11 @@ def create_app(manager: CallManager, rpc: RpcEndpoint, metrics: Metrics) -> web.
     app[WEBHOOK_KEY] = webhook
     app[STREAM_GATE_KEY] = gate
 
+    async def close_streams(_: web.Application) -> None:
+        await streams.close_all()
+
+    app.on_shutdown.append(close_streams)
+
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"ok": manager.started, "provider": manager.carrier.name,
                                   "activeCalls": len(manager.active_calls())})

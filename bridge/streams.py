@@ -122,18 +122,30 @@ class StreamHandler:
         self.manager = manager
         self.gate = gate
         self.metrics = metrics
+        self.sockets: set[web.WebSocketResponse] = set()
+
+    async def close_all(self) -> None:
+        """On shutdown: close every media stream so no handler keeps the server waiting."""
+        await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=b"Server shutdown")
+                               for ws in list(self.sockets)), return_exceptions=True)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        limits = self.gate.limits
         codec = self.manager.carrier.open_stream()
         if codec is None:
             raise web.HTTPNotFound(text="this carrier has no media streams")
         if self.gate.full():
             self.metrics.inc("voicecall_stream_refused_total", reason="max_connections")
             return web.Response(status=503, text="Too many media streams")
-        ip = request.remote or ""
         ws = web.WebSocketResponse(max_msg_size=64 * 1024, autoping=True)
         await ws.prepare(request)
+        self.sockets.add(ws)
+        try:
+            return await self._serve(ws, codec, request.remote or "")
+        finally:
+            self.sockets.discard(ws)
+
+    async def _serve(self, ws: web.WebSocketResponse, codec: MediaStreamCodec, ip: str) -> web.WebSocketResponse:
+        limits = self.gate.limits
         refusal = self.gate.pending_refusal(ip)
         if refusal is not None:
             self.metrics.inc("voicecall_stream_refused_total", reason="pending")

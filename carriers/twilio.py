@@ -1,0 +1,567 @@
+"""Twilio Programmable Voice: REST call control, TwiML answers, verified webhooks, Media Streams.
+
+How a call runs here:
+- Outbound: `POST Calls.json` with `Url=<webhook>?callId=…` (the answer TwiML) and
+  `StatusCallback=<webhook>?callId=…&type=status`. Inbound: Twilio fetches the number's voice URL
+  (our webhook, no callId); the manager runs the inbound policy and `respond` answers with TwiML,
+  or `<Reject/>`.
+- With `streaming.enabled` the answer is `<Connect><Stream>` to our `/voice/stream`, the per-call
+  token in a `<Parameter>` (Twilio drops the stream URL's query string); speech then flows
+  through the MediaBridge and TwiML is never replaced while the stream is up.
+- Without streaming, the call speaks with `<Say>` and listens with `<Gather input="speech">`. Each
+  `<Say>` is followed by a `<Redirect>` to our webhook (`type=said`), so we know exactly when Twilio
+  finished saying it: `speak_native` returns then, as a streamed play returns when its mark comes
+  back. The first message (notify text, conversation opener, inbound greeting) is part of the
+  answer TwiML, served once; the manager's later `speak_native` of that same text waits for it
+  instead of saying it again (the seed system spoke notify messages twice). After a notify
+  message Twilio pauses and hangs up by itself only as a safety net: the manager hangs up
+  `notifyHangupDelaySec` after the message ended.
+- TwiML too long for the REST `Twiml` parameter (4000 characters) is served from our webhook
+  instead (`Url=…type=twiml`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import math
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+from xml.sax.saxutils import escape, quoteattr
+
+from bridge.calls import CallEvent, CallMode, CallRecord, CallState, Direction, EventType
+from bridge.config import Settings
+from bridge.security import twilio_replay_key
+from bridge.signatures import verify_twilio
+from carriers.base import (
+    Carrier,
+    CarrierError,
+    MediaStreamCodec,
+    OutboundRequest,
+    ProviderStatus,
+    StreamDtmf,
+    StreamIgnored,
+    StreamMark,
+    StreamMedia,
+    StreamMessage,
+    StreamProtocolError,
+    StreamStart,
+    StreamStop,
+    WebhookReply,
+    WebhookRequest,
+    WebhookResult,
+    WebhookVerdict,
+)
+from carriers.http import CarrierHttp
+from media.formats import ULAW_8K
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "2010-04-01"
+SIGNATURE_HEADER = "X-Twilio-Signature"
+STATUS_EVENTS = ("initiated", "ringing", "answered", "completed")
+XML = "text/xml"
+
+# CallStatus -> the end reason, for the statuses that end a call.
+TERMINAL_STATUS = {
+    "completed": CallState.COMPLETED,
+    "busy": CallState.BUSY,
+    "no-answer": CallState.NO_ANSWER,
+    "failed": CallState.FAILED,
+    "canceled": CallState.HANGUP_BOT,
+}
+# OpenAI voice names (the seed's TTS config) -> the Polly voice `<Say>` uses without a stream.
+POLLY_VOICES = {"alloy": "Polly.Joanna", "echo": "Polly.Matthew", "fable": "Polly.Amy", "onyx": "Polly.Brian",
+                "nova": "Polly.Salli", "shimmer": "Polly.Kimberly"}
+DEFAULT_VOICE = "Polly.Joanna"
+# Seconds to wait for Twilio to finish a <Say>: generous (slow voices), and bounded.
+SAY_WAIT_BASE_S = 10.0
+SAY_WAIT_CHARS_PER_S = 5.0
+PURGE_AT = 1024  # per-call bookkeeping entries before ended calls are swept
+TWIML_PARAM_MAX = 4000  # Calls API: longer TwiML must come from a URL
+
+
+# ====================================================================== TwiML (sans-I/O)
+
+
+def twiml(*verbs: str) -> str:
+    return f'<?xml version="1.0" encoding="UTF-8"?><Response>{"".join(verbs)}</Response>'
+
+
+def say_verb(text: str, voice: str = DEFAULT_VOICE, language: str = "en-US") -> str:
+    return f"<Say voice={quoteattr(voice)} language={quoteattr(language)}>{escape(text)}</Say>"
+
+
+def redirect_verb(url: str) -> str:
+    return f'<Redirect method="POST">{escape(url)}</Redirect>'
+
+
+def gather_verb(action: str, language: str = "en-US") -> str:
+    return (f'<Gather input="speech" speechTimeout="auto" language={quoteattr(language)} '
+            f'action={quoteattr(action)} method="POST"/>')
+
+
+def stream_verb(url: str, parameters: dict[str, str]) -> str:
+    params = "".join(f"<Parameter name={quoteattr(k)} value={quoteattr(v)}/>" for k, v in parameters.items())
+    return f"<Connect><Stream url={quoteattr(url)}>{params}</Stream></Connect>"
+
+
+EMPTY_TWIML = twiml()
+REJECT_TWIML = twiml("<Reject/>")
+HANGUP_TWIML = twiml("<Hangup/>")
+
+
+# ====================================================================== Media Streams codec
+
+
+class TwilioStreamCodec(MediaStreamCodec):
+    """Twilio's bidirectional Media Streams dialect (u-law 8 kHz, JSON text frames)."""
+
+    reorders = False  # one TCP connection: frames arrive in order
+
+    def __init__(self) -> None:
+        self.stream_sid: str | None = None
+        self._media_prefix = ""
+        self._sid_json = ""
+
+    def parse(self, text: str) -> StreamMessage:
+        try:
+            msg = json.loads(text)
+        except ValueError:
+            raise StreamProtocolError("not JSON") from None
+        if not isinstance(msg, dict):
+            raise StreamProtocolError("frame is not a JSON object")
+        event = msg.get("event")
+        try:
+            if event == "media":
+                media = msg["media"]
+                if media.get("track", "inbound") not in ("inbound", "inbound_track"):
+                    return StreamIgnored("media")
+                chunk = media.get("chunk")
+                stamp = media.get("timestamp")
+                return StreamMedia(base64.b64decode(media["payload"], validate=True),
+                                   int(chunk) if chunk is not None else None,
+                                   int(stamp) if stamp is not None else None)
+            if event == "start":
+                return self._start(msg)
+            if event == "mark":
+                return StreamMark(str(msg["mark"]["name"]))
+            if event == "dtmf":
+                return StreamDtmf(str(msg["dtmf"]["digit"]))
+            if event == "stop":
+                return StreamStop()
+        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+            raise StreamProtocolError(f"bad {event} frame: {type(exc).__name__}") from None
+        if isinstance(event, str):
+            return StreamIgnored(event)  # connected, and events Twilio may add later
+        raise StreamProtocolError("frame has no event")
+
+    def _start(self, msg: dict[str, Any]) -> StreamStart:
+        start = msg["start"]
+        call_sid = start.get("callSid")
+        stream_sid = start.get("streamSid") or msg.get("streamSid")
+        if not call_sid or not stream_sid:
+            raise StreamProtocolError("start without callSid/streamSid")
+        fmt = start.get("mediaFormat") or {}
+        if fmt and (fmt.get("encoding") != "audio/x-mulaw" or int(fmt.get("sampleRate", 8000)) != 8000):
+            raise StreamProtocolError(f"unsupported media format {fmt.get('encoding')}/{fmt.get('sampleRate')}")
+        custom = {str(k): str(v) for k, v in (start.get("customParameters") or {}).items()}
+        self.stream_sid = str(stream_sid)
+        self._sid_json = json.dumps(self.stream_sid)
+        self._media_prefix = '{"event":"media","streamSid":' + self._sid_json + ',"media":{"payload":"'
+        return StreamStart(provider_call_id=str(call_sid), stream_id=self.stream_sid, format=ULAW_8K,
+                           token=custom.get("token"), call_id=custom.get("callId"), custom=custom)
+
+    def encode_media(self, payload: bytes) -> str:
+        return self._media_prefix + base64.b64encode(payload).decode("ascii") + '"}}'
+
+    def encode_mark(self, name: str) -> str:
+        return '{"event":"mark","streamSid":' + self._sid_json + ',"mark":{"name":' + json.dumps(name) + "}}"
+
+    def encode_clear(self) -> str:
+        return '{"event":"clear","streamSid":' + self._sid_json + "}"
+
+
+# ====================================================================== the carrier
+
+
+@dataclass(slots=True)
+class _Say:
+    """One `<Say>` we handed Twilio; `done` resolves when Twilio fetched the Redirect after it."""
+
+    call_id: str
+    text: str
+    done: asyncio.Future[None]
+    served: bool = False  # part of an answer TwiML already returned to Twilio
+    claimed: bool = False  # the manager's speak_native for it is waiting
+
+    @classmethod
+    def new(cls, call_id: str, text: str) -> _Say:
+        return cls(call_id, text, asyncio.get_running_loop().create_future())
+
+
+@dataclass(slots=True)
+class _CallState:
+    initial: _Say | None = None
+    says: dict[str, _Say] = field(default_factory=dict)
+    documents: dict[str, str] = field(default_factory=dict)  # TwiML served by URL (too long to send)
+
+
+class TwilioCarrier(Carrier):
+    name = "twilio"
+    signature_headers = (SIGNATURE_HEADER,)
+    streams_media = True
+
+    def __init__(self, settings: Settings) -> None:
+        twilio = settings.twilio
+        if not twilio.accountSid or twilio.authToken is None:
+            raise CarrierError("twilio: accountSid and authToken are required")
+        self.settings = settings
+        self.account_sid = twilio.accountSid
+        self._token = twilio.authToken.get_secret_value()
+        basic = base64.b64encode(f"{self.account_sid}:{self._token}".encode()).decode("ascii")
+        self.http = CarrierHttp("twilio", twilio.apiBaseUrl,
+                                headers={"Accept": "application/json", "Authorization": f"Basic {basic}"})
+        self._calls: dict[str, _CallState] = {}
+        self.voice = _say_voice(settings.effective_tts)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _path(self, suffix: str) -> str:
+        return f"/{API_VERSION}/Accounts/{self.account_sid}/{suffix}"
+
+    def _state(self, call_id: str) -> _CallState:
+        state = self._calls.get(call_id)
+        if state is None:
+            if len(self._calls) >= PURGE_AT:
+                self._purge()
+            state = self._calls[call_id] = _CallState()
+        return state
+
+    def _new_say(self, call_id: str, text: str) -> tuple[str, _Say]:
+        say = _Say.new(call_id, text)
+        say_id = uuid.uuid4().hex[:16]
+        self._state(call_id).says[say_id] = say
+        return say_id, say
+
+    def _said_url(self, call_id: str, say_id: str) -> str:
+        return self.host.webhook_url(callId=call_id, type="said", say=say_id)
+
+    def _say_twiml(self, call_id: str, say_id: str, text: str) -> str:
+        return say_verb(text, self.voice) + redirect_verb(self._said_url(call_id, say_id))
+
+    def listen_twiml(self, call_id: str, turn_token: str | None = None) -> str:
+        """Gather speech; with no speech Twilio falls through to the Redirect, which listens again."""
+        action = (self.host.webhook_url(callId=call_id, turnToken=turn_token) if turn_token
+                  else self.host.webhook_url(callId=call_id, type="gather"))
+        again = self.host.webhook_url(callId=call_id, type="listen", **({"turnToken": turn_token} if turn_token else {}))
+        return twiml(gather_verb(action), redirect_verb(again))
+
+    def _after_say_twiml(self, call: CallRecord | None, call_id: str) -> str:
+        if call is not None and call.metadata.get("mode") == CallMode.NOTIFY and call.direction == Direction.OUTBOUND:
+            # The manager hangs up notifyHangupDelaySec after the message; this is only a safety net.
+            pause = self.settings.outbound.notifyHangupDelaySec + 2
+            return twiml(f'<Pause length="{pause}"/>', "<Hangup/>")
+        return self.listen_twiml(call_id)
+
+    def _purge(self) -> None:
+        """Drop what we keep for calls that ended without telling us (an inbound caller hanging up
+        on a number with no status callback configured)."""
+        for call_id in list(self._calls):
+            call = self.host.get_call(call_id)
+            if call is None or call.terminal:
+                self._finish_says(call_id)
+
+    def _finish_says(self, call_id: str) -> None:
+        state = self._calls.pop(call_id, None)
+        if state is None:
+            return
+        for say in [*state.says.values(), *([state.initial] if state.initial else [])]:
+            if not say.done.done():
+                say.done.set_result(None)
+
+    async def _update(self, call: CallRecord, form: dict[str, str] | list[tuple[str, str]]) -> Any:
+        if not call.providerCallId:
+            raise CarrierError(f"twilio: call {call.callId} has no CallSid yet")
+        pairs = list(form.items()) if isinstance(form, dict) else list(form)
+        if call.direction == Direction.INBOUND and any(k in ("Twiml", "Url") for k, _ in pairs):
+            # An inbound call's status callback is whatever the number is configured with (maybe
+            # none); ask for ours, so a caller hanging up is seen even without a media stream.
+            pairs.append(("StatusCallback", self.host.webhook_url(callId=call.callId, type="status")))
+        result = await self.http.request("POST", self._path(f"Calls/{call.providerCallId}.json"), form=pairs,
+                                         idempotent=True)
+        return result.body
+
+    async def _set_twiml(self, call: CallRecord, document: str) -> None:
+        """Redirect the live call to this TwiML: inline, or by URL when it is too long to send."""
+        if len(document) <= TWIML_PARAM_MAX:
+            await self._update(call, {"Twiml": document})
+            return
+        doc_id = uuid.uuid4().hex[:16]
+        self._state(call.callId).documents[doc_id] = document
+        await self._update(call, {"Url": self.host.webhook_url(callId=call.callId, type="twiml", doc=doc_id),
+                                  "Method": "POST"})
+
+    # ------------------------------------------------------------------ call control
+
+    async def initiate_call(self, call: CallRecord, request: OutboundRequest) -> str:
+        form: list[tuple[str, str]] = [
+            ("To", request.to),
+            ("From", request.from_number),
+            ("Url", self.host.webhook_url(callId=call.callId)),
+            ("Method", "POST"),
+            ("StatusCallback", self.host.webhook_url(callId=call.callId, type="status")),
+            ("StatusCallbackMethod", "POST"),
+            *(("StatusCallbackEvent", event) for event in STATUS_EVENTS),
+            ("Timeout", str(min(600, max(1, math.ceil(self.settings.ringTimeoutMs / 1000))))),
+        ]
+        if self.settings.twilio.machineDetection:
+            form.append(("MachineDetection", self.settings.twilio.machineDetection))
+        if not request.stream and request.message:
+            # Said by the answer TwiML (fetched once the callee picks up), not by a second request.
+            self._state(call.callId).initial = _Say.new(call.callId, request.message)
+        try:
+            result = await self.http.request("POST", self._path("Calls.json"), form=form)
+        except CarrierError:
+            self._calls.pop(call.callId, None)
+            raise
+        sid = result.body.get("sid") if isinstance(result.body, dict) else None
+        if not sid:
+            self._calls.pop(call.callId, None)
+            raise CarrierError("twilio: create-call answer has no sid")
+        return str(sid)
+
+    async def hangup_call(self, call: CallRecord, reason: CallState) -> None:
+        self._finish_says(call.callId)
+        if not call.providerCallId:
+            return
+        path = self._path(f"Calls/{call.providerCallId}.json")
+        # A call not answered yet is cancelled; `completed` only ends an in-progress call.
+        status = "canceled" if call.answeredAt is None and call.direction == Direction.OUTBOUND else "completed"
+        result = await self.http.request("POST", path, form={"Status": status}, idempotent=True, ok_statuses=(404,))
+        body = result.body if isinstance(result.body, dict) else {}
+        if status == "canceled" and result.status != 404 and body.get("status") == "in-progress":
+            await self.http.request("POST", path, form={"Status": "completed"}, idempotent=True, ok_statuses=(404,))
+
+    async def reject_call(self, call: CallRecord) -> None:
+        return None  # the voice-URL reply is <Reject/>: Twilio never answers the call
+
+    async def speak_native(self, call: CallRecord, text: str) -> None:
+        if call.metadata.get("mediaAttached"):
+            raise CarrierError("twilio: a media stream is active; replacing its TwiML would cut the stream")
+        state = self._state(call.callId)
+        initial = state.initial
+        if initial is not None and initial.text == text and not initial.claimed:
+            initial.claimed = True  # the answer TwiML says it: wait for Twilio to finish, don't say it twice
+            await self._wait_said(initial)
+            return
+        say_id, say = self._new_say(call.callId, text)
+        await self._set_twiml(call, twiml(self._say_twiml(call.callId, say_id, text)))
+        await self._wait_said(say)
+
+    async def _wait_said(self, say: _Say) -> None:
+        bound = SAY_WAIT_BASE_S + len(say.text) / SAY_WAIT_CHARS_PER_S
+        try:
+            await self.host.clock.wait_for(asyncio.shield(say.done), bound)
+        except TimeoutError:
+            log.warning("call %s: Twilio did not report the end of a <Say> within %.0fs", say.call_id, bound)
+
+    async def start_listening(self, call: CallRecord, turn_token: str) -> None:
+        if call.metadata.get("mediaAttached"):
+            return  # the stream's own STT listens; never replace live TwiML under a stream
+        await self._set_twiml(call, self.listen_twiml(call.callId, turn_token))
+
+    async def send_dtmf(self, call: CallRecord, digits: str) -> None:
+        if call.metadata.get("mediaAttached"):
+            raise CarrierError("twilio: a media stream is active; send DTMF as in-band tones on it")
+        if not digits or any(d not in "0123456789*#wW" for d in digits):
+            raise CarrierError("twilio: DTMF digits must be 0-9, *, # or w (pause)")
+        again = redirect_verb(self.host.webhook_url(callId=call.callId, type="listen"))
+        await self._set_twiml(call, twiml(f"<Play digits={quoteattr(digits)}/>", again))
+
+    async def get_call_status(self, call: CallRecord) -> ProviderStatus | None:
+        if not call.providerCallId:
+            return None
+        result = await self.http.request("GET", self._path(f"Calls/{call.providerCallId}.json"), ok_statuses=(404,))
+        if result.status == 404:
+            return ProviderStatus(terminal=True, state=CallState.COMPLETED)
+        status = str(result.body.get("status", "")) if isinstance(result.body, dict) else ""
+        if status in TERMINAL_STATUS:
+            return ProviderStatus(terminal=True, state=TERMINAL_STATUS[status])
+        return ProviderStatus(terminal=False, state=_LIVE_STATUS.get(status))
+
+    async def close(self) -> None:
+        for call_id in list(self._calls):
+            self._finish_says(call_id)
+        await self.http.close()
+
+    # ------------------------------------------------------------------ webhooks
+
+    def verify_webhook(self, request: WebhookRequest) -> WebhookVerdict:
+        signature = request.headers.get(SIGNATURE_HEADER, "")
+        if not signature:
+            return WebhookVerdict(ok=False, reason="missing X-Twilio-Signature")
+        urls = [request.public_url, *request.url_variants]
+        if not verify_twilio(self._token, urls, request.form, signature, request.body):
+            return WebhookVerdict(ok=False, reason="bad X-Twilio-Signature")
+        return WebhookVerdict(ok=True, replay_key=twilio_replay_key(request.public_url, request.form, signature))
+
+    def parse_webhook(self, request: WebhookRequest) -> WebhookResult:
+        kind = request.query_value("type")
+        call_id = request.query_value("callId")
+        sid = request.param("CallSid")
+        status = (request.param("CallStatus") or "").lower()
+        if kind == "said":
+            return self._on_said(call_id, request.query_value("say"))
+        if kind == "twiml":
+            state = self._calls.get(call_id or "")
+            document = state.documents.pop(request.query_value("doc") or "", None) if state else None
+            return WebhookResult(reply=WebhookReply(200, document or HANGUP_TWIML, XML))
+        if kind == "listen":
+            token = request.query_value("turnToken")
+            call = self.host.get_call(call_id or "")
+            if call is None or call.terminal:
+                return WebhookResult(reply=WebhookReply(200, HANGUP_TWIML, XML))
+            return WebhookResult(reply=WebhookReply(200, self.listen_twiml(call.callId, token), XML))
+        speech = request.param("SpeechResult")
+        digits = request.param("Digits")
+        if kind == "gather" or request.query_value("turnToken") is not None or speech is not None or digits:
+            return self._on_gather(request, call_id, sid, speech, digits)
+        events = self._status_events(request, call_id, sid, status)
+        if call_id and any(e.type == EventType.ENDED for e in events):
+            self._finish_says(call_id)  # a speak_native waiting for a <Say> returns now
+        if kind == "status" or status in TERMINAL_STATUS:
+            return WebhookResult(events=events, reply=WebhookReply(200, EMPTY_TWIML, XML))
+        # The voice URL: Twilio asks what to do with a call it just connected.
+        inbound = _direction(request.param("Direction")) == Direction.INBOUND and not call_id
+        known = self.host.get_call(call_id) if call_id else None
+        if known is not None and known.answeredAt is not None:  # the `answered` callback came first
+            events = [e for e in events if e.type != EventType.ANSWERED]
+        if inbound and sid:
+            ended = [e for e in events if e.type == EventType.ENDED]
+            events = [CallEvent(EventType.INITIATED, provider_call_id=sid, direction=Direction.INBOUND,
+                                from_number=request.param("From"), to_number=request.param("To")),
+                      # our TwiML answers it (an ANSWERED for a call the policy refused is ignored)
+                      *(ended or [CallEvent(EventType.ANSWERED, provider_call_id=sid)])]
+
+        def respond(processed: CallRecord | None) -> WebhookReply:
+            return self._answer_reply(processed or (self.host.get_call(call_id) if call_id else None), inbound)
+
+        return WebhookResult(events=events, respond=respond)
+
+    def _status_events(self, request: WebhookRequest, call_id: str | None, sid: str | None,
+                       status: str) -> list[CallEvent]:
+        def event(kind: EventType, **extra: Any) -> CallEvent:
+            return CallEvent(kind, call_id=call_id, provider_call_id=sid, **extra)
+
+        answered_by = (request.param("AnsweredBy") or "").lower()
+        if answered_by.startswith("machine") or answered_by == "fax":
+            return [event(EventType.ENDED, reason=CallState.VOICEMAIL)]
+        if status in ("queued", "initiated"):
+            return [event(EventType.INITIATED)]
+        if status == "ringing":
+            return [event(EventType.RINGING)]
+        if status == "in-progress":
+            return [event(EventType.ANSWERED)]
+        if status in TERMINAL_STATUS:
+            return [event(EventType.ENDED, reason=TERMINAL_STATUS[status])]
+        return []
+
+    def _on_said(self, call_id: str | None, say_id: str | None) -> WebhookResult:
+        state = self._calls.get(call_id or "")
+        say = None
+        if state is not None:
+            say = state.says.pop(say_id or "", None)
+            if say is None and say_id == "initial":
+                say = state.initial
+        if say is not None and not say.done.done():
+            say.done.set_result(None)
+
+        def respond(_: CallRecord | None) -> WebhookReply:
+            call = self.host.get_call(call_id or "")
+            if call is None or call.terminal:
+                return WebhookReply(200, HANGUP_TWIML, XML)
+            return WebhookReply(200, self._after_say_twiml(call, call.callId), XML)
+
+        return WebhookResult(respond=respond)
+
+    def _on_gather(self, request: WebhookRequest, call_id: str | None, sid: str | None, speech: str | None,
+                   digits: str | None) -> WebhookResult:
+        token = request.query_value("turnToken")
+        events: list[CallEvent] = []
+        if speech:
+            confidence = _float(request.param("Confidence"), 0.9)
+            events.append(CallEvent(EventType.SPEECH, call_id=call_id, provider_call_id=sid, transcript=speech,
+                                    is_final=True, confidence=confidence, turn_token=token))
+        if digits:
+            events.append(CallEvent(EventType.DTMF, call_id=call_id, provider_call_id=sid, digits=digits))
+
+        def respond(processed: CallRecord | None) -> WebhookReply:
+            call = processed or self.host.get_call(call_id or "")
+            if call is None or call.terminal:
+                return WebhookReply(200, HANGUP_TWIML, XML)
+            # Keep listening: a reply or the next turn replaces this TwiML through the REST API.
+            return WebhookReply(200, self.listen_twiml(call.callId), XML)
+
+        return WebhookResult(events=events, respond=respond)
+
+    def _answer_reply(self, call: CallRecord | None, inbound: bool) -> WebhookReply:
+        if call is None:
+            return WebhookReply(200, REJECT_TWIML if inbound else HANGUP_TWIML, XML)
+        if call.terminal:  # voicemail, rejected, already hung up
+            return WebhookReply(200, HANGUP_TWIML, XML)
+        if self.settings.streaming.enabled:
+            parameters = {"token": self.host.stream_token(call.callId), "callId": call.callId}
+            return WebhookReply(200, twiml(stream_verb(self.host.stream_url(), parameters)), XML)
+        state = self._state(call.callId)
+        message = str(call.metadata.get("initialMessage") or "")
+        if state.initial is None and message and not call.metadata.get("initialMessageSpoken"):
+            state.initial = _Say.new(call.callId, message)
+        initial = state.initial
+        if initial is None or initial.served:
+            return WebhookReply(200, self.listen_twiml(call.callId), XML)  # served once, never twice
+        initial.served = True
+        return WebhookReply(200, twiml(self._say_twiml(call.callId, "initial", initial.text)), XML)
+
+    # ------------------------------------------------------------------ media streams
+
+    def open_stream(self) -> MediaStreamCodec:
+        return TwilioStreamCodec()
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "accountSid": self.account_sid, "apiBaseUrl": self.http.base_url}
+
+
+_LIVE_STATUS = {"queued": CallState.INITIATED, "initiated": CallState.INITIATED, "ringing": CallState.RINGING,
+                "in-progress": CallState.ANSWERED}
+
+
+def _direction(value: str | None) -> Direction | None:
+    if not value:
+        return None
+    return Direction.INBOUND if value == "inbound" else Direction.OUTBOUND
+
+
+def _float(value: str | None, default: float) -> float:
+    try:
+        return float(value) if value is not None else default
+    except ValueError:
+        return default
+
+
+def _say_voice(tts: dict[str, Any]) -> str:
+    """The `<Say>` voice: a Polly voice named in the TTS config, or the seed's mapping of OpenAI voices."""
+    provider = tts.get("provider")
+    section = tts.get(provider) if isinstance(provider, str) else None
+    voice = str(tts.get("voice") or (section.get("voice") if isinstance(section, dict) else "") or "")
+    if voice.startswith("Polly."):
+        return voice
+    return POLLY_VOICES.get(voice, DEFAULT_VOICE)
+
+
+def from_settings(settings: Settings) -> TwilioCarrier:
+    return TwilioCarrier(settings)
