@@ -132,6 +132,8 @@ class WebhookHandler:
                     event.dedupe_key = f"{verdict.replay_key}:{index}"
                 processed = self.manager.process_event(event)
                 call = call or processed
+        if call is None and hook.query_value("callId"):
+            call = self.manager.find_call(hook.query_value("callId"))
         reply: WebhookReply = result.respond(call) if result.respond is not None else result.reply
         self.metrics.inc("voicecall_webhooks_total", status=str(reply.status))
         return web.Response(status=reply.status, text=reply.body, content_type=reply.content_type)
