@@ -206,3 +206,37 @@ async def test_tool_dispatch_runs_the_rpc_path(tmp_path: Path) -> None:
         # over the network too: the same dispatcher with the RPC client
         remote = await dispatch(rpc_client(runtime).call, {"action": "get_status", "callId": started["callId"]})
         assert remote == legacy
+
+
+def test_serve_runs_one_server_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    import signal
+    import time
+    import urllib.request
+
+    port = free_port()
+    config = tmp_path / "mock.yaml"
+    config.write_text(yaml.safe_dump({**BASE, "store": str(tmp_path), "serve": {"port": port}}))
+    server = subprocess.Popen([sys.executable, "-m", "bridge.cli", "serve", "--config", str(config)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as resp:
+                    assert json.loads(resp.read())["ok"] is True
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "server did not come up"
+                time.sleep(0.1)
+        proc = subprocess.run([sys.executable, "-m", "bridge.cli", "list", "--config", str(config), "--json"],
+                              capture_output=True, text=True, timeout=30, cwd=ROOT)
+        assert proc.returncode == 0 and json.loads(proc.stdout) == {"calls": []}
+        # a second server on the same port fails with a clear reason instead of a traceback
+        second = subprocess.run([sys.executable, "-m", "bridge.cli", "serve", "--config", str(config)],
+                                capture_output=True, text=True, timeout=30, cwd=ROOT)
+        assert second.returncode == 1 and "is another voicecall server running?" in second.stderr
+    finally:
+        server.send_signal(signal.SIGTERM)
+        out, err = server.communicate(timeout=20)
+    assert server.returncode == 0, err
+    assert f"voicecall serving mock on http://127.0.0.1:{port}" in out
