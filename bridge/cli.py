@@ -165,6 +165,20 @@ def cmd_inject(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_callee(args: argparse.Namespace) -> int:
+    actions = [(name, value) for name, value in (("say", args.say), ("play", args.play), ("press", args.press))
+               if value] + ([("hangup", True)] if args.hangup else [])
+    if len(actions) != 1:
+        raise CliError("give exactly one of --say, --play, --press, --hangup")
+    action, value = actions[0]
+    params: dict[str, Any] = {"callId": args.call_id, "action": action}
+    if action != "hangup":
+        params[{"say": "text", "play": "file", "press": "digits"}[action]] = (
+            str(Path(value).resolve()) if action == "play" else value)
+    _emit(args, _rpc(args, "mock.callee", params), f"callee: {action}")
+    return 0
+
+
 def _log_path(args: argparse.Namespace) -> Path:
     if args.file:
         return Path(args.file)
@@ -297,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_number", required=True)
     p.add_argument("--to")
     p.add_argument("--say", action="append", help="what the caller says, one per turn (repeatable)")
+    p = add("callee", cmd_callee, "mock carrier: make the simulated callee speak, play a WAV, press keys or hang up")
+    p.add_argument("--call-id", required=True)
+    p.add_argument("--say")
+    p.add_argument("--play", help="WAV file")
+    p.add_argument("--press", help="DTMF digits")
+    p.add_argument("--hangup", action="store_true")
     p = add("tail", cmd_tail, "follow the call log")
     p.add_argument("--file")
     p.add_argument("--since", type=int, default=25)

@@ -149,10 +149,13 @@ class RpcDispatcher:
             callee.say(_str(p, "text") or "")
         elif action == "press":
             callee.press(_str(p, "digits") or "")
+        elif action == "play":
+            pcm, rate = await _read_wav(_str(p, "file") or "")
+            callee.play_later(pcm, rate)
         elif action == "hangup":
             callee.hang_up()
         else:
-            raise RpcError(INVALID_PARAMS, "`action` must be say, press or hangup")
+            raise RpcError(INVALID_PARAMS, "`action` must be say, play, press or hangup")
         return {"success": True}
 
     # ---------------------------------------------------------------- JSON-RPC framing
@@ -179,6 +182,21 @@ class RpcDispatcher:
         if "id" not in item:
             return None
         return {"jsonrpc": "2.0", "id": request_id, "result": result}
+
+
+async def _read_wav(path: str) -> tuple[bytes, int]:
+    """A WAV for the mock caller to speak, read off the event loop; mono PCM16 out."""
+    import numpy as np
+    import soundfile
+
+    def read() -> tuple[bytes, int]:
+        data, rate = soundfile.read(path, dtype="int16", always_2d=True)
+        return np.ascontiguousarray(data[:, 0]).tobytes(), int(rate)
+
+    try:
+        return await asyncio.to_thread(read)
+    except (OSError, RuntimeError) as exc:  # soundfile raises RuntimeError subclasses for bad files
+        raise RpcError(INVALID_PARAMS, f"cannot read WAV {path!r}: {exc}") from None
 
 
 def _error(request_id: Any, code: int, message: str) -> dict[str, Any]:

@@ -55,6 +55,7 @@ class MockCallee:
         self.clears = 0
         self.said: list[str] = []
         self.alive = True
+        self._sequence = 0
         self._loop = asyncio.get_running_loop()
         self._playout_end = 0.0  # loop time when the audio queued so far has played
         self._pending_marks: list[tuple[str, asyncio.TimerHandle]] = []
@@ -156,10 +157,16 @@ class MockCallee:
                 return
             chunk = audio[offset:offset + frame].ljust(frame, b"\x00")
             if self.bridge is not None:
-                self.bridge.receive(g711.encode(chunk, self.format.encoding), index)
+                self._sequence += 1  # one counter for the whole call, like a carrier's media chunks
+                self.bridge.receive(g711.encode(chunk, self.format.encoding), self._sequence)
             delay = start + (index + 1) * FRAME_MS / 1000 - self._loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
+
+    def play_later(self, pcm: bytes, rate: int) -> asyncio.Task[None]:
+        """Speak recorded audio (a WAV's samples) into the call, without a transcript."""
+        self._speaking = asyncio.ensure_future(self.play(pcm, rate))
+        return self._speaking
 
     def press(self, digits: str) -> None:
         """Out-of-band DTMF, as carriers report key presses."""

@@ -45,7 +45,9 @@ class SipSettings(BaseModel):
     answerDelayMs: int = Field(default=0, ge=0, le=60000)
     rejectCode: int = Field(default=403, ge=400, le=699)
     userAgent: str = "voicecall"
-    maxCalls: int = Field(default=32, ge=1, le=512)
+    # pjsua's call table. The pjsua2-python wheel is built with PJSUA_MAX_CALLS = 4, so more than 4
+    # needs a pjproject built with a larger PJSUA_MAX_CALLS; past the table, INVITEs get 486.
+    maxCalls: int = Field(default=4, ge=1, le=512)
     ringTimeoutSec: int = Field(default=30, gt=0)
     logLevel: int = Field(default=1, ge=0, le=6)  # pjsip's own log verbosity (stderr)
 

@@ -120,6 +120,20 @@ async def test_every_cli_command_against_a_running_server(tmp_path: Path) -> Non
         assert (await run("speak", "--call-id", call_id, "-m", "Great.")).returncode == 0
         proc = await run("dtmf", "--call-id", call_id, "--digits", "1")
         assert proc.returncode == 0, proc.stderr
+        proc = await run("callee", "--call-id", call_id, "--press", "9")
+        assert proc.returncode == 0, proc.stderr
+        await wait_for(lambda: call.metadata.get("dtmf") == "9", timeout=5)
+        wav = tmp_path / "caller.wav"
+        import numpy as np
+        import soundfile
+
+        soundfile.write(wav, (np.sin(np.arange(8000) / 5) * 8000).astype(np.int16), 8000)
+        frames_before = runtime.manager.voice(call_id).bridge.stats.frames_in
+        proc = await run("callee", "--call-id", call_id, "--play", str(wav))
+        assert proc.returncode == 0, proc.stderr
+        await wait_for(lambda: runtime.manager.voice(call_id).bridge.stats.frames_in >= frames_before + 40, timeout=5)
+        proc = await run("callee", "--call-id", call_id, "--play", str(tmp_path / "missing.wav"))
+        assert proc.returncode == 1 and "cannot read WAV" in proc.stderr
         proc = await run("status", "--call-id", call_id)
         assert proc.returncode == 0 and "Which day?" in proc.stdout and "caller: Tuesday works." in proc.stdout
         proc = await run("list", "--active", "--json")

@@ -1,0 +1,774 @@
+"""Plivo: Voice API call control (JSON REST), XML answers, signed callbacks and the Audio Stream.
+
+Every callback comes to the one webhook URL; its query says which flow it is (`flow=answer`,
+`hangup`, `ring`, `machine`, `xml-speak`, `xml-listen`, `spoken`, `getinput`) and, for our own
+outbound calls, our `callId`. Plivo signs the whole URL with the query (V3), so both are trusted
+once the signature checks out.
+
+Plivo's create-call reply has only a `request_uuid`; the call's `CallUUID` arrives in the ring,
+answer and hang-up callbacks, which name the request (`RequestUUID`) so the manager can move its
+mapping over (`previous_provider_call_id`).
+
+Without a media stream, speech is Plivo's own: `<Speak>` followed by a `<Redirect>` back to us
+(`flow=spoken`), which tells us when the caller has heard it all; listening is `<GetInput
+inputType="speech">` whose action carries the turn token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import math
+import secrets
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+from xml.etree import ElementTree as ET
+
+import aiohttp
+
+from bridge.calls import CallEvent, CallMode, CallRecord, CallState, Direction, EventType
+from bridge.security import plivo_replay_key
+from bridge.signatures import verify_plivo_v2, verify_plivo_v3
+from carriers.base import (
+    Carrier,
+    CarrierError,
+    MediaStreamCodec,
+    OutboundRequest,
+    ProviderStatus,
+    StreamCleared,
+    StreamDtmf,
+    StreamIgnored,
+    StreamMark,
+    StreamMedia,
+    StreamMessage,
+    StreamProtocolError,
+    StreamStart,
+    StreamStop,
+    WebhookReply,
+    WebhookRequest,
+    WebhookResult,
+    WebhookVerdict,
+)
+from carriers.http import CarrierHttp
+from media.formats import ULAW_8K
+
+if TYPE_CHECKING:
+    from bridge.config import Settings
+
+log = logging.getLogger(__name__)
+
+SIG_V3 = "X-Plivo-Signature-V3"
+SIG_MA_V3 = "X-Plivo-Signature-Ma-V3"
+SIG_V3_NONCE = "X-Plivo-Signature-V3-Nonce"
+SIG_V2 = "X-Plivo-Signature-V2"
+SIG_V2_NONCE = "X-Plivo-Signature-V2-Nonce"
+
+FLOW_ANSWER = "answer"
+FLOW_HANGUP = "hangup"
+FLOW_RING = "ring"
+FLOW_MACHINE = "machine"
+FLOW_SPEAK = "xml-speak"
+FLOW_LISTEN = "xml-listen"
+FLOW_SPOKEN = "spoken"
+FLOW_GETINPUT = "getinput"
+
+STREAM_CONTENT_TYPE = "audio/x-mulaw;rate=8000"
+TRANSCRIPT_FIELDS = ("Speech", "Transcription", "TranscriptionText", "SpeechResult", "RecognizedSpeech", "Text")
+XML_CONTENT_TYPE = "application/xml"
+MAX_WAIT_S = 3600  # longest <Wait> we ask for; the call's own time limit ends it sooner
+
+
+# ============================================================================ sans-I/O: XML
+
+
+def _xml(response: ET.Element) -> WebhookReply:
+    body = '<?xml version="1.0" encoding="UTF-8"?>' + ET.tostring(response, encoding="unicode")
+    return WebhookReply(200, body, XML_CONTENT_TYPE)
+
+
+def _response(*children: ET.Element) -> ET.Element:
+    root = ET.Element("Response")
+    root.extend(children)
+    return root
+
+
+def _el(tag: str, text: str | None = None, **attrs: str | None) -> ET.Element:
+    element = ET.Element(tag, {k: v for k, v in attrs.items() if v is not None})
+    if text is not None:
+        element.text = text
+    return element
+
+
+def xml_stream(stream_url: str, extra_headers: str) -> WebhookReply:
+    return _xml(_response(_el("Stream", stream_url, bidirectional="true", keepCallAlive="true",
+                              contentType=STREAM_CONTENT_TYPE, extraHeaders=extra_headers)))
+
+
+def xml_speak_then_redirect(text: str, redirect_url: str) -> WebhookReply:
+    return _xml(_response(_el("Speak", text), _el("Redirect", redirect_url, method="POST")))
+
+
+def xml_listen(action_url: str, *, prompt: str | None, execution_timeout_s: int, hold_s: int) -> WebhookReply:
+    get_input = _el("GetInput", action=action_url, method="POST", inputType="speech",
+                    executionTimeout=str(execution_timeout_s), redirect="true")
+    if prompt:
+        # A prompt nested in GetInput is interruptible: the caller may answer before it ends.
+        get_input.append(_el("Speak", prompt))
+    return _xml(_response(get_input, _el("Wait", length=str(hold_s))))
+
+
+def xml_hold(seconds: int) -> WebhookReply:
+    return _xml(_response(_el("Wait", length=str(seconds))))
+
+
+def xml_wait_then_hangup(seconds: int) -> WebhookReply:
+    elements = [_el("Wait", length=str(seconds))] if seconds > 0 else []
+    return _xml(_response(*elements, _el("Hangup")))
+
+
+def xml_hangup(reason: str | None = None) -> WebhookReply:
+    return _xml(_response(_el("Hangup", reason=reason)))
+
+
+# ============================================================================ sans-I/O: stream headers
+
+# Plivo's `extraHeaders` allows only letters and digits in keys and values, so values travel
+# hex-encoded (the stream token is base64url and call ids are UUIDs with dashes).
+
+
+def encode_extra_headers(values: Mapping[str, str]) -> str:
+    return ",".join(f"{key}={value.encode('utf-8').hex()}" for key, value in values.items())
+
+
+def decode_extra_headers(raw: Any) -> dict[str, str]:
+    """`k=v,k2=v2` (or a mapping) with hex values back to text; values that are not hex stay as sent."""
+    pairs: list[tuple[str, str]] = []
+    if isinstance(raw, Mapping):
+        pairs = [(str(k), str(v)) for k, v in raw.items()]
+    elif isinstance(raw, str):
+        for part in raw.replace(";", ",").split(","):
+            key, sep, value = part.partition("=")
+            if sep and key.strip():
+                pairs.append((key.strip(), value.strip()))
+    out: dict[str, str] = {}
+    for key, value in pairs:
+        try:
+            out[key] = bytes.fromhex(value).decode("utf-8") if value else value
+        except (ValueError, UnicodeDecodeError):
+            out[key] = value
+    return out
+
+
+# ============================================================================ sans-I/O: callbacks
+
+
+@dataclass(slots=True)
+class PlivoCallback:
+    """One Plivo callback, with what we put in its URL."""
+
+    flow: str
+    call_id: str | None
+    turn_token: str | None
+    speech_id: str | None
+    call_uuid: str | None
+    request_uuid: str | None
+    status: str
+    event: str
+    direction: str
+    from_number: str | None
+    to_number: str | None
+    hangup_cause: str
+    hangup_source: str
+    digits: str | None
+    transcript: str | None
+    confidence: float | None
+    machine: bool | None
+
+
+def _first(params: Mapping[str, str], *names: str) -> str | None:
+    for name in names:
+        value = params.get(name)
+        if value is not None and value.strip():
+            return value.strip()
+    return None
+
+
+def parse_callback(query: Mapping[str, str], params: Mapping[str, str]) -> PlivoCallback:
+    status = (params.get("CallStatus") or "").strip().lower()
+    event = (params.get("Event") or "").strip()
+    direction = (params.get("Direction") or "").strip().lower()
+    flow = (query.get("flow") or "").strip() or _infer_flow(status, event, direction)
+    confidence_text = _first(params, "SpeechConfidenceScore", "Confidence")
+    try:
+        confidence = float(confidence_text) if confidence_text is not None else None
+    except ValueError:
+        confidence = None
+    machine_text = _first(params, "Machine")
+    return PlivoCallback(
+        flow=flow,
+        call_id=query.get("callId") or None,
+        turn_token=query.get("turnToken") or None,
+        speech_id=query.get("sid") or None,
+        call_uuid=_first(params, "CallUUID", "ALegUUID"),
+        request_uuid=_first(params, "RequestUUID", "ALegRequestUUID"),
+        status=status,
+        event=event,
+        direction=direction,
+        from_number=_first(params, "From"),
+        to_number=_first(params, "To"),
+        hangup_cause=(params.get("HangupCause") or params.get("HangupCauseName") or "").strip(),
+        hangup_source=(params.get("HangupSource") or "").strip(),
+        digits=_first(params, "Digits"),
+        transcript=_first(params, *TRANSCRIPT_FIELDS),
+        confidence=confidence,
+        machine=None if machine_text is None else machine_text.lower() == "true",
+    )
+
+
+_TERMINAL_STATUSES = frozenset({"completed", "busy", "failed", "timeout", "no-answer", "cancel", "canceled"})
+
+
+def _infer_flow(status: str, event: str, direction: str) -> str:
+    """For URLs set on the Plivo console without our `flow` (an application's answer/hangup URL)."""
+    if event == "MachineDetection":
+        return FLOW_MACHINE
+    if event == "Hangup" or status in _TERMINAL_STATUSES:
+        return FLOW_HANGUP
+    if event == "StartApp" or (direction == "inbound" and status in ("ringing", "in-progress")):
+        return FLOW_ANSWER
+    if status == "ringing":
+        return FLOW_RING
+    return ""
+
+
+_CAUSES = {
+    "USER_BUSY": CallState.BUSY,
+    "CALL_REJECTED": CallState.BUSY,
+    "NO_ANSWER": CallState.NO_ANSWER,
+    "NO_USER_RESPONSE": CallState.NO_ANSWER,
+    "ALLOTTED_TIMEOUT": CallState.TIMEOUT,
+    "MACHINE_DETECTED": CallState.VOICEMAIL,
+}
+
+
+def end_reason(cb: PlivoCallback) -> CallState:
+    """The end reason of a hang-up callback: CallStatus first, then who hung up, then HangupCause."""
+    outbound = cb.direction != "inbound"
+    status = cb.status
+    if status == "busy":
+        return CallState.BUSY
+    if status == "failed":
+        return CallState.FAILED
+    if status in ("timeout", "no-answer"):
+        return CallState.NO_ANSWER
+    if status in ("cancel", "canceled"):
+        # an outbound call is cancelled by us; an inbound one by the caller giving up
+        return CallState.HANGUP_BOT if outbound else CallState.HANGUP_USER
+    cause = cb.hangup_cause.upper().replace(" ", "_")
+    if cause in _CAUSES:
+        return _CAUSES[cause]
+    source = cb.hangup_source.lower()
+    if source in ("api request", "answer xml", "plivo"):
+        return CallState.HANGUP_BOT
+    if (source == "callee" and outbound) or (source == "caller" and not outbound):
+        return CallState.HANGUP_USER
+    if source in ("callee", "caller"):
+        return CallState.HANGUP_BOT
+    if source == "error":
+        return CallState.ERROR
+    return CallState.COMPLETED
+
+
+def callback_events(cb: PlivoCallback) -> list[CallEvent]:
+    """Normalized events of one callback (flows that only fetch XML have none)."""
+    uuid_ = cb.call_uuid
+    previous = cb.request_uuid if cb.request_uuid and cb.request_uuid != uuid_ else None
+
+    def event(kind: EventType, suffix: str | None = None, **kw: Any) -> CallEvent:
+        ev = CallEvent(kind, call_id=cb.call_id, provider_call_id=uuid_, previous_provider_call_id=previous, **kw)
+        if suffix and uuid_:
+            # Stable across Plivo's redeliveries (a retry comes with a new nonce, so a new replay key).
+            ev.dedupe_key = f"plivo:{uuid_}:{suffix}"
+        return ev
+
+    if cb.flow == FLOW_ANSWER:
+        if cb.direction == "inbound" and not cb.call_id:
+            return [
+                event(EventType.INITIATED, "initiated", direction=Direction.INBOUND,
+                      from_number=cb.from_number, to_number=cb.to_number),
+                event(EventType.ANSWERED, "answered"),
+            ]
+        return [event(EventType.ANSWERED, "answered")]
+    if cb.flow == FLOW_RING:
+        return [event(EventType.RINGING, "ringing")]
+    if cb.flow == FLOW_HANGUP:
+        return [event(EventType.ENDED, "ended", reason=end_reason(cb))]
+    if cb.flow == FLOW_MACHINE:
+        if cb.machine:
+            return [event(EventType.ENDED, "ended", reason=CallState.VOICEMAIL)]
+        return []
+    events: list[CallEvent] = []
+    if cb.flow == FLOW_GETINPUT:
+        if cb.transcript:
+            events.append(event(EventType.SPEECH, turn_token=cb.turn_token, transcript=cb.transcript,
+                                is_final=True, confidence=cb.confidence))
+        if cb.digits:
+            events.append(event(EventType.DTMF, digits=cb.digits))
+        return events
+    if not cb.flow:
+        # An unknown kind of callback: take what its status says.
+        if cb.status == "in-progress":
+            return [event(EventType.ANSWERED, "answered")]
+        if cb.digits:
+            return [event(EventType.DTMF, digits=cb.digits)]
+    return []
+
+
+# ============================================================================ sans-I/O: audio stream
+
+
+class PlivoStreamCodec(MediaStreamCodec):
+    """Plivo's bidirectional Audio Stream: start/media/dtmf/playedStream/clearedAudio in,
+    playAudio/checkpoint/clearAudio out. There is no `stop` frame: the socket closing ends it."""
+
+    reorders = False
+
+    def __init__(self) -> None:
+        self.stream_id: str | None = None
+
+    def parse(self, text: str) -> StreamMessage:
+        try:
+            frame = json.loads(text)
+        except ValueError:
+            raise StreamProtocolError("frame is not JSON") from None
+        if not isinstance(frame, dict) or not isinstance(frame.get("event"), str):
+            raise StreamProtocolError("frame has no event")
+        kind = frame["event"]
+        if kind == "start":
+            return self._start(frame)
+        if kind == "media":
+            media = frame.get("media")
+            if not isinstance(media, dict) or not isinstance(media.get("payload"), str):
+                raise StreamProtocolError("media frame without payload")
+            try:
+                payload = base64.b64decode(media["payload"], validate=True)
+            except (binascii.Error, ValueError):
+                raise StreamProtocolError("media payload is not base64") from None
+            return StreamMedia(payload, sequence=_int(media.get("chunk")), timestamp_ms=_int(media.get("timestamp")))
+        if kind == "dtmf":
+            dtmf = frame.get("dtmf")
+            digit = dtmf.get("digit") if isinstance(dtmf, dict) else None
+            if not isinstance(digit, str) or len(digit) != 1:
+                raise StreamProtocolError("dtmf frame without a digit")
+            return StreamDtmf(digit)
+        if kind == "playedStream":
+            name = frame.get("name")
+            if not isinstance(name, str):
+                raise StreamProtocolError("playedStream frame without a name")
+            return StreamMark(name)
+        if kind == "clearedAudio":
+            return StreamCleared()
+        if kind == "stop":  # not in Plivo's protocol; harmless if a proxy sends one
+            return StreamStop()
+        return StreamIgnored(kind)
+
+    def _start(self, frame: dict[str, Any]) -> StreamStart:
+        start = frame.get("start")
+        if not isinstance(start, dict):
+            raise StreamProtocolError("start frame without start")
+        call_uuid = start.get("callId")
+        stream_id = start.get("streamId") or frame.get("streamId")
+        if not isinstance(call_uuid, str) or not call_uuid:
+            raise StreamProtocolError("start frame without callId")
+        if not isinstance(stream_id, str) or not stream_id:
+            raise StreamProtocolError("start frame without streamId")
+        media_format = start.get("mediaFormat") or {}
+        encoding = str(media_format.get("encoding", "audio/x-mulaw")).lower() if isinstance(media_format, dict) else ""
+        rate = _int(media_format.get("sampleRate", 8000)) if isinstance(media_format, dict) else None
+        if not encoding.startswith("audio/x-mulaw") or rate not in (8000, None):
+            raise StreamProtocolError(f"unsupported media format {encoding or '?'}/{rate}")
+        raw = frame.get("extra_headers")
+        if raw is None:
+            raw = start.get("extra_headers", start.get("extraHeaders", start.get("customParameters")))
+        headers = decode_extra_headers(raw)
+        self.stream_id = stream_id
+        return StreamStart(provider_call_id=call_uuid, stream_id=stream_id, format=ULAW_8K,
+                           token=headers.get("token"), call_id=headers.get("callId"), custom=headers)
+
+    def encode_media(self, payload: bytes) -> str:
+        return json.dumps({"event": "playAudio", "media": {
+            "contentType": "audio/x-mulaw", "sampleRate": 8000, "payload": base64.b64encode(payload).decode("ascii")}})
+
+    def encode_mark(self, name: str) -> str:
+        return json.dumps({"event": "checkpoint", "streamId": self.stream_id, "name": name})
+
+    def encode_clear(self) -> str:
+        return json.dumps({"event": "clearAudio", "streamId": self.stream_id})
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+# ============================================================================ verification
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    value = headers.get(name)
+    if value is not None:
+        return value
+    wanted = name.lower()
+    for key, val in headers.items():
+        if key.lower() == wanted:
+            return val
+    return None
+
+
+def _without_query(url: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+def verify_request(auth_token: str, request: WebhookRequest) -> WebhookVerdict:
+    """V3 (account or main-account signature, any of a comma-separated list) over each candidate
+    URL; V2 only when no V3 signature was sent at all."""
+    headers = request.headers
+    urls = [request.public_url, *request.url_variants]
+    params = request.form if request.method.upper() != "GET" else []
+    v3 = [h for h in (_header(headers, SIG_V3), _header(headers, SIG_MA_V3)) if h]
+    if v3:
+        nonce = _header(headers, SIG_V3_NONCE)
+        if not nonce:
+            return WebhookVerdict(False, "missing X-Plivo-Signature-V3-Nonce")
+        ok = False
+        for url in urls:
+            for signature in v3:
+                ok |= verify_plivo_v3(auth_token, request.method.upper(), url, params, signature, nonce)
+        if not ok:
+            return WebhookVerdict(False, "bad V3 signature")
+        return WebhookVerdict(True, "v3", plivo_replay_key(_without_query(request.public_url), nonce))
+    v2 = _header(headers, SIG_V2)
+    if v2:
+        v2_nonce = _header(headers, SIG_V2_NONCE)
+        if not v2_nonce:
+            return WebhookVerdict(False, "missing X-Plivo-Signature-V2-Nonce")
+        if not any(verify_plivo_v2(auth_token, url, v2_nonce, v2) for url in urls):
+            return WebhookVerdict(False, "bad V2 signature")
+        return WebhookVerdict(True, "v2", plivo_replay_key(_without_query(request.public_url), v2_nonce))
+    return WebhookVerdict(False, "missing signature")
+
+
+# ============================================================================ the carrier
+
+
+@dataclass(slots=True)
+class _Speech:
+    call_id: str
+    text: str
+    done: asyncio.Future[None]
+    hangup_after_s: int | None = None  # notify: the XML ends the call this long after the speech
+
+
+@dataclass(slots=True)
+class _CallState:
+    """What the carrier remembers of one call between callbacks (lost on restart, harmlessly)."""
+
+    initial_sid: str | None = None  # the <Speak> of the initial message we served in the answer XML
+    initial_text: str | None = None
+    speeches: dict[str, _Speech] = field(default_factory=dict)
+
+
+class PlivoCarrier(Carrier):
+    name = "plivo"
+    signature_headers = (SIG_V3, SIG_MA_V3, SIG_V2)
+    streams_media = True
+
+    def __init__(self, settings: Settings) -> None:
+        if not settings.plivo.authId or not settings.plivo.authToken:
+            raise CarrierError("plivo: authId and authToken are required")
+        self.settings = settings
+        self.auth_id = settings.plivo.authId
+        self._token = settings.plivo.authToken.get_secret_value()
+        base = f"{settings.plivo.apiBaseUrl.rstrip('/')}/v1/Account/{self.auth_id}"
+        self.http = CarrierHttp("plivo", base, auth=aiohttp.BasicAuth(self.auth_id, self._token),
+                                headers={"Accept": "application/json"})
+        self._calls: dict[str, _CallState] = {}
+        self._rejected: set[str] = set()  # CallUUIDs we already refused in the answer XML
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for state in self._calls.values():
+            for speech in state.speeches.values():
+                if not speech.done.done():
+                    speech.done.cancel()
+        await self.http.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "authId": self.auth_id, "apiBaseUrl": self.settings.plivo.apiBaseUrl}
+
+    # ------------------------------------------------------------------ helpers
+
+    def _state(self, call_id: str) -> _CallState:
+        return self._calls.setdefault(call_id, _CallState())
+
+    def _url(self, call_id: str, flow: str, **extra: str) -> str:
+        return self.host.webhook_url(callId=call_id, flow=flow, **extra)
+
+    @property
+    def _hold_s(self) -> int:
+        return min(MAX_WAIT_S, self.settings.maxDurationSeconds)
+
+    @property
+    def _listen_timeout_s(self) -> int:
+        # Plivo's GetInput executionTimeout runs 5..60 s; the manager's own turn timeout still applies.
+        return max(5, min(60, math.ceil(self.settings.transcriptTimeoutMs / 1000)))
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _new_speech(self, call_id: str, text: str, hangup_after_s: int | None = None) -> str:
+        sid = secrets.token_hex(8)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._state(call_id).speeches[sid] = _Speech(call_id, text, future, hangup_after_s)
+        return sid
+
+    def _forget(self, call_id: str | None) -> None:
+        state = self._calls.pop(call_id, None) if call_id else None
+        if state is None:
+            return
+        for speech in state.speeches.values():
+            if not speech.done.done():
+                speech.done.set_result(None)
+
+    @staticmethod
+    def _request_uuid(call: CallRecord) -> str | None:
+        previous = call.metadata.get("previousProviderCallIds") or []
+        return str(previous[0]) if previous else call.providerCallId
+
+    # ------------------------------------------------------------------ REST
+
+    async def initiate_call(self, call: CallRecord, request: OutboundRequest) -> str:
+        body: dict[str, Any] = {
+            "from": request.from_number,
+            "to": request.to,
+            "answer_url": self._url(call.callId, FLOW_ANSWER),
+            "answer_method": "POST",
+            "hangup_url": self._url(call.callId, FLOW_HANGUP),
+            "hangup_method": "POST",
+            "ring_url": self._url(call.callId, FLOW_RING),
+            "ring_method": "POST",
+            "ring_timeout": max(1, math.ceil(self.settings.ringTimeoutMs / 1000)),
+            # A safety net: Plivo ends the call itself if the bridge is gone when it should have.
+            "time_limit": self.settings.maxDurationSeconds + 60,
+        }
+        detection = self.settings.plivo.machineDetection
+        if detection:
+            body["machine_detection"] = detection
+            body["machine_detection_url"] = self._url(call.callId, FLOW_MACHINE)
+            body["machine_detection_method"] = "POST"
+        result = await self.http.request("POST", "/Call/", json_body=body)
+        data = result.body if isinstance(result.body, dict) else {}
+        request_uuid = data.get("request_uuid")
+        if isinstance(request_uuid, list):
+            request_uuid = request_uuid[0] if request_uuid else None
+        if not isinstance(request_uuid, str) or not request_uuid:
+            raise CarrierError("plivo: the create-call reply has no request_uuid")
+        return request_uuid
+
+    async def hangup_call(self, call: CallRecord, reason: CallState) -> None:
+        self._forget(call.callId)
+        call_uuid = call.providerCallId
+        if not call_uuid:
+            return
+        if call.direction == Direction.OUTBOUND and call.answeredAt is None:
+            # Queued or ringing: cancel the request. A 404 means it was answered meanwhile (or is over).
+            request_uuid = self._request_uuid(call)
+            if request_uuid:
+                cancelled = await self.http.request("DELETE", f"/Request/{request_uuid}/", ok_statuses=(404,))
+                if cancelled.ok:
+                    return
+        # 404: the call has already ended, which is what we wanted.
+        await self.http.request("DELETE", f"/Call/{call_uuid}/", ok_statuses=(404,))
+
+    async def reject_call(self, call: CallRecord) -> None:
+        if call.providerCallId in self._rejected:
+            self._rejected.discard(call.providerCallId)
+            return  # the answer XML already said <Hangup reason="rejected"/>
+        await self.hangup_call(call, CallState.HANGUP_BOT)
+
+    async def _transfer(self, call: CallRecord, url: str) -> None:
+        if not call.providerCallId:
+            raise CarrierError("plivo: the call has no CallUUID yet")
+        # Re-sending the same transfer is harmless, so 5xx/timeouts may be retried.
+        await self.http.request("POST", f"/Call/{call.providerCallId}/",
+                                json_body={"legs": "aleg", "aleg_url": url, "aleg_method": "POST"},
+                                idempotent=True)
+
+    async def speak_native(self, call: CallRecord, text: str) -> None:
+        state = self._state(call.callId)
+        sid = state.initial_sid
+        if sid is not None and state.initial_text == text:
+            # The answer XML already speaks the initial message; do not say it twice.
+            state.initial_sid = state.initial_text = None
+            await self._await_spoken(state.speeches.get(sid))
+            return
+        sid = self._new_speech(call.callId, text)
+        try:
+            await self._transfer(call, self._url(call.callId, FLOW_SPEAK, sid=sid))
+        except CarrierError:
+            state.speeches.pop(sid, None)
+            raise
+        await self._await_spoken(state.speeches.get(sid))
+
+    async def _await_spoken(self, speech: _Speech | None) -> None:
+        """Until Plivo follows the <Redirect> after the <Speak> (or the call ends)."""
+        if speech is None:
+            return
+        words = len(speech.text.split())
+        try:
+            await self.host.clock.wait_for(asyncio.shield(speech.done), 10 + words * 1.0)
+        except TimeoutError:
+            log.warning("call %s: Plivo did not confirm the end of a <Speak>; going on", speech.call_id)
+
+    async def start_listening(self, call: CallRecord, turn_token: str) -> None:
+        await self._transfer(call, self._url(call.callId, FLOW_LISTEN, turnToken=turn_token))
+
+    async def send_dtmf(self, call: CallRecord, digits: str) -> None:
+        if not call.providerCallId:
+            raise CarrierError("plivo: the call has no CallUUID yet")
+        await self.http.request("POST", f"/Call/{call.providerCallId}/DTMF/",
+                                json_body={"digits": digits, "leg": "aleg"})
+
+    async def get_call_status(self, call: CallRecord) -> ProviderStatus | None:
+        if not call.providerCallId:
+            return None
+        live = await self.http.request("GET", f"/Call/{call.providerCallId}/?status=live", ok_statuses=(404,))
+        if live.ok:
+            status = str(live.body.get("call_status", "")) if isinstance(live.body, dict) else ""
+            state = CallState.RINGING if status == "ringing" else CallState.ANSWERED if status else None
+            return ProviderStatus(terminal=False, state=state)
+        request_uuid = self._request_uuid(call)
+        if call.answeredAt is None and request_uuid:
+            queued = await self.http.request("GET", f"/Call/{request_uuid}/?status=queued", ok_statuses=(404,))
+            if queued.ok:
+                return ProviderStatus(terminal=False, state=CallState.INITIATED)
+        return ProviderStatus(terminal=True)
+
+    # ------------------------------------------------------------------ webhooks
+
+    def verify_webhook(self, request: WebhookRequest) -> WebhookVerdict:
+        return verify_request(self._token, request)
+
+    def parse_webhook(self, request: WebhookRequest) -> WebhookResult:
+        query = dict(request.query)
+        params = dict(request.form) if request.form else ({} if request.method.upper() == "POST" else query)
+        cb = parse_callback(query, params)
+        events = callback_events(cb)
+        flow = cb.flow
+        if flow == FLOW_ANSWER:
+            return WebhookResult(events, respond=lambda call: self._answer_xml(cb, call))
+        if flow == FLOW_SPEAK:
+            return WebhookResult(events, reply=self._speak_xml(cb))
+        if flow == FLOW_SPOKEN:
+            return WebhookResult(events, reply=self._spoken(cb))
+        if flow == FLOW_LISTEN:
+            return WebhookResult(events, reply=self._listen_xml(cb.call_id, cb.turn_token or uuid.uuid4().hex, None))
+        if flow == FLOW_GETINPUT:
+            return WebhookResult(events, reply=xml_hold(self._hold_s))
+        if flow == FLOW_HANGUP:
+            self._forget(cb.call_id)
+            return WebhookResult(events, respond=lambda call: self._after_end(call))
+        if flow == FLOW_MACHINE and cb.machine and cb.call_uuid and self.settings.plivo.machineDetection != "hangup":
+            # Plivo only reported the machine; the call is still up, so end it.
+            self._spawn(self.http.request("DELETE", f"/Call/{cb.call_uuid}/", ok_statuses=(404,)),
+                        f"plivo-machine-hangup-{cb.call_uuid}")
+        return WebhookResult(events)
+
+    def _after_end(self, call: CallRecord | None) -> WebhookReply:
+        if call is not None:
+            self._forget(call.callId)
+        return WebhookReply()
+
+    def _answer_xml(self, cb: PlivoCallback, call: CallRecord | None) -> WebhookReply:
+        if call is None:
+            if cb.call_uuid and cb.direction == "inbound":
+                self._rejected.add(cb.call_uuid)
+            return xml_hangup("rejected")
+        if call.terminal:
+            return xml_hangup()
+        if self.settings.streaming.enabled:
+            token = self.host.stream_token(call.callId)
+            extra = encode_extra_headers({"token": token, "callId": call.callId})
+            return xml_stream(self.host.stream_url(), extra)
+        message = str(call.metadata.get("initialMessage") or "")
+        state = self._state(call.callId)
+        if call.metadata.get("mode") == CallMode.NOTIFY and call.direction == Direction.OUTBOUND:
+            if not message:
+                return xml_wait_then_hangup(self.settings.outbound.notifyHangupDelaySec)
+            sid = state.initial_sid or self._new_speech(call.callId, message,
+                                                        hangup_after_s=self.settings.outbound.notifyHangupDelaySec)
+            state.initial_sid, state.initial_text = sid, message
+            return xml_speak_then_redirect(message, self._url(call.callId, FLOW_SPOKEN, sid=sid))
+        # Conversation: greet and listen at once; the first transcript may answer the greeting.
+        if message:
+            sid = state.initial_sid or self._new_speech(call.callId, message)
+            state.initial_sid, state.initial_text = sid, message
+            speech = state.speeches[sid]
+            if not speech.done.done():
+                speech.done.set_result(None)  # listening starts with the prompt; nothing to wait for
+        return self._listen_xml(call.callId, uuid.uuid4().hex, message or None)
+
+    def _listen_xml(self, call_id: str | None, turn_token: str, prompt: str | None) -> WebhookReply:
+        if not call_id:
+            return xml_hold(self._hold_s)
+        action = self._url(call_id, FLOW_GETINPUT, turnToken=turn_token)
+        return xml_listen(action, prompt=prompt, execution_timeout_s=self._listen_timeout_s, hold_s=self._hold_s)
+
+    def _find_speech(self, cb: PlivoCallback) -> _Speech | None:
+        state = self._calls.get(cb.call_id or "")
+        return state.speeches.get(cb.speech_id or "") if state else None
+
+    def _speak_xml(self, cb: PlivoCallback) -> WebhookReply:
+        speech = self._find_speech(cb)
+        if speech is None or cb.call_id is None or cb.speech_id is None:
+            return xml_hold(self._hold_s)
+        return xml_speak_then_redirect(speech.text, self._url(cb.call_id, FLOW_SPOKEN, sid=cb.speech_id))
+
+    def _spoken(self, cb: PlivoCallback) -> WebhookReply:
+        speech = self._find_speech(cb)
+        if speech is None:
+            return xml_hold(self._hold_s)
+        state = self._calls.get(speech.call_id)
+        if state is not None and state.initial_sid != cb.speech_id:
+            state.speeches.pop(cb.speech_id or "", None)
+        if not speech.done.done():
+            speech.done.set_result(None)
+        if speech.hangup_after_s is not None:
+            return xml_wait_then_hangup(speech.hangup_after_s)
+        return xml_hold(self._hold_s)
+
+    def open_stream(self) -> MediaStreamCodec:
+        return PlivoStreamCodec()
+
+
+def from_settings(settings: Settings) -> PlivoCarrier:
+    return PlivoCarrier(settings)
