@@ -367,7 +367,7 @@ def _unwrap_seed_document(raw: Any) -> Any:
         try:
             entry = raw["plugins"]["entries"]["voice-call"]
         except (KeyError, TypeError):
-            raise ConfigError(["plugins: expected plugins.entries.voice-call.config in a seed-system file"])
+            raise ConfigError(["plugins: expected plugins.entries.voice-call.config in a seed-system file"]) from None
         merged = dict(entry.get("config") or {})
         if "enabled" in entry:
             merged.setdefault("enabled", entry["enabled"])

@@ -94,7 +94,7 @@ class ChatModelResponder(Responder):
                 if resp.status >= 400:
                     raise ResponderError(f"response model answered HTTP {resp.status}")
                 data = await resp.json(content_type=None)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise ResponderError(f"response model unreachable: {type(exc).__name__}") from None
         try:
             content = data["choices"][0]["message"]["content"] or ""

@@ -7,6 +7,7 @@ the caller marks it idempotent (e.g. Telnyx commands carry a command_id the carr
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ class CarrierHttp:
         carrier: str,
         base_url: str,
         *,
-        auth: aiohttp.BasicAuth | None = None,
+        basic_auth: tuple[str, str] | None = None,
         headers: dict[str, str] | None = None,
         timeout_s: float = 10,
         retries: int = 3,
@@ -46,8 +47,10 @@ class CarrierHttp:
     ) -> None:
         self.carrier = carrier
         self.base_url = base_url.rstrip("/")
-        self._auth = auth
-        self._headers = headers or {}
+        self._headers = dict(headers or {})
+        if basic_auth is not None:  # a header: aiohttp 3.14 deprecates BasicAuth / ClientSession(auth=)
+            user, password = basic_auth
+            self._headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._retries = retries
         self._backoff = backoff_s
@@ -55,7 +58,7 @@ class CarrierHttp:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=self._timeout, auth=self._auth, headers=self._headers)
+            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
         return self._session
 
     async def request(

@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 from xml.etree import ElementTree as ET
 
-import aiohttp
 
 from bridge.calls import CallEvent, CallMode, CallRecord, CallState, Direction, EventType
 from bridge.security import plivo_replay_key
@@ -502,7 +501,7 @@ class PlivoCarrier(Carrier):
         self.auth_id = settings.plivo.authId
         self._token = settings.plivo.authToken.get_secret_value()
         base = f"{settings.plivo.apiBaseUrl.rstrip('/')}/v1/Account/{self.auth_id}"
-        self.http = CarrierHttp("plivo", base, auth=aiohttp.BasicAuth(self.auth_id, self._token),
+        self.http = CarrierHttp("plivo", base, basic_auth=(self.auth_id, self._token),
                                 headers={"Accept": "application/json"})
         self._calls: dict[str, _CallState] = {}
         self._rejected: set[str] = set()  # CallUUIDs we already refused in the answer XML

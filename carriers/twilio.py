@@ -223,9 +223,8 @@ class TwilioCarrier(Carrier):
         self.settings = settings
         self.account_sid = twilio.accountSid
         self._token = twilio.authToken.get_secret_value()
-        basic = base64.b64encode(f"{self.account_sid}:{self._token}".encode()).decode("ascii")
-        self.http = CarrierHttp("twilio", twilio.apiBaseUrl,
-                                headers={"Accept": "application/json", "Authorization": f"Basic {basic}"})
+        self.http = CarrierHttp("twilio", twilio.apiBaseUrl, basic_auth=(self.account_sid, self._token),
+                                headers={"Accept": "application/json"})
         self._calls: dict[str, _CallState] = {}
         self.voice = _say_voice(settings.effective_tts)
 

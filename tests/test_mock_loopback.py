@@ -20,7 +20,7 @@ from media import g711
 from media.dtmf import dtmf_tones
 from media.formats import AudioEncoding
 from media.resample import StreamResampler
-from media.stt.base import SttEngine, SttEvent, SttSession
+from media.stt.base import SttEngine, SttSession
 from media.tts.espeak import EspeakTts
 from tests.harness import rpc_client, run_bridge, wait_for
 
