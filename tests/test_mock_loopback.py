@@ -160,3 +160,29 @@ async def test_echo_mode_plays_the_caller_back(tmp_path: Path) -> None:
 async def _wait_callee(runtime, call_id):  # type: ignore[no-untyped-def]
     await wait_for(lambda: runtime.carrier.callee(call_id) is not None, timeout=10)
     return runtime.carrier.callee(call_id)
+
+
+async def test_recording_has_caller_and_bridge_on_their_own_channels(tmp_path: Path) -> None:
+    import soundfile
+
+    config = {**BASE, "recording": {"enabled": True}, "mock": {**FAST_MOCK, "calleeScript": ["Hello from the caller side."]}}
+    async with run_bridge(config, tmp_path) as runtime:
+        call_id = (await rpc_client(runtime).call("voicecall.initiate", {"message": "Hello from the bridge.",
+                                                                          "mode": "notify"}))["callId"]
+        call = runtime.manager.calls[call_id]
+        await wait_for(lambda: call.terminal, timeout=20)
+        await asyncio.sleep(0.8)  # the recorder's writer thread finishes after the call closes
+    path = tmp_path / "recordings" / f"{call_id}.wav"
+    data, rate = soundfile.read(path, dtype="int16", always_2d=True)
+    assert data.shape[1] == 2 and rate == runtime.settings.pipelineSampleRate
+    caller, bridge = data[:, 0].astype(float), data[:, 1].astype(float)
+    block = rate // 10
+
+    def active(ch: np.ndarray) -> np.ndarray:
+        return np.array([np.sqrt(np.mean(ch[i:i + block] ** 2)) > 300 for i in range(0, len(ch) - block, block)])
+
+    bot_on, caller_on = active(bridge), active(caller)
+    assert bot_on.sum() >= 8, "the bridge channel holds the spoken message"
+    assert caller_on.sum() >= 5, "the caller channel holds the caller's reply"
+    # one timeline: the caller answers after the bot's message, not on top of it
+    assert np.argmax(caller_on) > np.argmax(bot_on)
