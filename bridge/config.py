@@ -21,7 +21,6 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from carriers.sip_settings import SipSettings
 
 E164 = re.compile(r"^\+[1-9]\d{1,14}$")
-PROVIDERS = ("mock", "twilio", "telnyx", "plivo", "sip", "asterisk")
 CONFIG_ENV = "VOICECALL_CONFIG"
 
 
@@ -133,13 +132,6 @@ class PlivoSettings(Section):
     machineDetection: Literal["true", "hangup"] | None = None
 
 
-class AsteriskSettings(Section):
-    url: str = "http://127.0.0.1:8088"
-    username: str | None = None
-    password: SecretStr | None = None
-    app: str = "voicecall"
-
-
 class MockSettings(Section):
     """The offline loopback carrier. Numbers ending in 0002 are busy, 0003 never answer, 0004 fail."""
 
@@ -173,7 +165,7 @@ class MessagesSettings(Section):
 
 class Settings(Section):
     enabled: bool = True
-    provider: Literal["mock", "twilio", "telnyx", "plivo", "sip", "asterisk"] = "mock"
+    provider: Literal["mock", "twilio", "telnyx", "plivo", "sip"] = "mock"  # ARI (asterisk): not yet
     fromNumber: str | None = None
     toNumber: str | None = None
     inboundPolicy: Literal["disabled", "allowlist", "pairing", "open"] = "disabled"
@@ -208,7 +200,6 @@ class Settings(Section):
     telnyx: TelnyxSettings = Field(default_factory=TelnyxSettings)
     plivo: PlivoSettings = Field(default_factory=PlivoSettings)
     sip: SipSettings = Field(default_factory=SipSettings)
-    asterisk: AsteriskSettings = Field(default_factory=AsteriskSettings)
     mock: MockSettings = Field(default_factory=MockSettings)
 
     @model_validator(mode="after")

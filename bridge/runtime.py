@@ -93,7 +93,7 @@ class Runtime:
         if not _is_loopback(bind) and not settings.rpc.token:
             raise StartupError(f"serve.bind is {bind}, not loopback: set rpc.token (or VOICECALL_RPC_TOKEN) "
                                "so the RPC endpoint is not open to the network")
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, lingering_time=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, bind, settings.serve.port if port is None else port, reuse_address=True)
         try:

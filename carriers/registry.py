@@ -12,14 +12,13 @@ if TYPE_CHECKING:
     from bridge.config import Settings
 
 # provider -> "module:factory"; the factory takes the Settings. Imported lazily so optional
-# extras (pjsua2, aioari) are needed only by the deployments that use them.
+# extras (pjsua2) are needed only by the deployments that use them.
 REGISTRY: dict[str, str] = {
     "mock": "carriers.mock:from_settings",
     "twilio": "carriers.twilio:from_settings",
     "telnyx": "carriers.telnyx:from_settings",
     "plivo": "carriers.plivo:from_settings",
     "sip": "carriers.sip:from_settings",
-    "asterisk": "carriers.asterisk:from_settings",
 }
 
 
@@ -35,7 +34,7 @@ def create_carrier(settings: Settings) -> Carrier:
     try:
         module = import_module(module_name)
     except ImportError as exc:
-        extra = {"sip": "sip", "asterisk": "asterisk"}.get(settings.provider)
+        extra = {"sip": "sip"}.get(settings.provider)
         hint = f" (install the extra: pip install 'voicecall[{extra}]')" if extra else ""
         raise CarrierUnavailable(f"provider {settings.provider!r} is not available here: {exc}{hint}") from None
     factory: Callable[[Settings], Carrier] = getattr(module, factory_name)
