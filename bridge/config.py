@@ -227,6 +227,9 @@ class Settings(Section):
         for path, value, env in required:
             if not value:
                 problems.append(f"{path}: required when provider is {self.provider} (or set {env})")
+        if self.provider == "sip" and self.maxConcurrentCalls > self.sip.maxCalls:
+            problems.append(f"maxConcurrentCalls: must not exceed sip.maxCalls ({self.sip.maxCalls}) with provider sip "
+                            "(the pjsua2-python wheel carries at most 4 calls per process)")
         if problems:
             raise ValueError("\n".join(problems))
         return self

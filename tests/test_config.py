@@ -141,3 +141,8 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(tmp_path / "nope.yaml", env={})
     assert "cannot read config file" in info.value.problems[0]
+
+
+def test_sip_concurrency_cannot_exceed_the_user_agent_call_table() -> None:
+    problems = _problems({"provider": "sip", "maxConcurrentCalls": 10})
+    assert problems[0].startswith("maxConcurrentCalls: must not exceed sip.maxCalls (4) with provider sip")
