@@ -269,15 +269,21 @@ class CallManager:
             raise CallError(f"Call {call.callId} has ended ({call.state})")
         return call
 
-    async def speak(self, call_id: str, message: str) -> None:
+    def _answered_call(self, call_id: str) -> CallRecord:
         call = self._live_call(call_id)
+        if call.answeredAt is None:
+            raise CallError(f"Call {call.callId} is not answered yet ({call.state})")
+        return call
+
+    async def speak(self, call_id: str, message: str) -> None:
+        call = self._answered_call(call_id)
         if not message or not message.strip():
             raise CallError("`message` must be a non-empty string")
         await self._say(call, message)
 
     async def continue_call(self, call_id: str, message: str) -> str:
         """Speak, listen, and return the caller's next final transcript."""
-        call = self._live_call(call_id)
+        call = self._answered_call(call_id)
         if call.callId in self._turns:
             raise CallError(f"A turn is already in progress on call {call.callId}")
         loop = asyncio.get_running_loop()
@@ -502,6 +508,8 @@ class CallManager:
         log.info("inbound call from %s refused: %s", _mask_number(event.from_number), reason)
         if provider_id in self._rejected_provider_ids:
             return  # one hang-up per rejected call, however many webhooks it sends
+        if len(self._rejected_provider_ids) >= MAX_PROCESSED_IDS:
+            self._rejected_provider_ids.clear()
         self._rejected_provider_ids.add(provider_id)
         ghost = CallRecord(
             callId=event.call_id or f"rejected-{uuid.uuid4().hex[:12]}",

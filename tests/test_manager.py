@@ -257,4 +257,7 @@ async def test_initiate_validation(tmp_path: Path) -> None:
         await manager.initiate("+15550001111", "  ")
     with pytest.raises(CallError, match="not found"):
         await manager.speak("nope", "hi")
+    ringing = await manager.initiate("+15550001111", "Hi", "conversation")
+    with pytest.raises(CallError, match="is not answered yet"):
+        await manager.continue_call(ringing.callId, "Hello?")
     await manager.stop()
