@@ -1,0 +1,71 @@
+"""SIP rules without I/O: caller identities from headers, dial URIs, and SIP status -> end reason."""
+
+from __future__ import annotations
+
+import re
+
+from bridge.calls import CallState
+from carriers.base import CarrierError
+from carriers.sip_settings import SipSettings
+
+_E164 = re.compile(r"^\+?[1-9]\d{1,14}$")
+_SCHEME = re.compile(r"(sips?):", re.IGNORECASE)
+_PHONE = re.compile(r"^\+?\d{3,15}$")
+
+
+def caller_id(header: str) -> str:
+    """A From/To header or URI as the inbound policy sees it: the number if the user part is a
+    telephone number (E.164 `+...`, or digits as the trunk sent them: the policy compares digits),
+    else `sip:user@host` (no display name, port, password or parameters)."""
+    text = header.strip()
+    if "<" in text:
+        text = text[text.index("<") + 1 :].split(">", 1)[0]
+    match = _SCHEME.search(text)
+    if not match:
+        return header.strip()
+    scheme, rest = match.group(1).lower(), text[match.end() :]
+    user, _, hostport = rest.rpartition("@") if "@" in rest else ("", "", rest)
+    user = user.split(";", 1)[0].split(":", 1)[0]
+    host = hostport.split(";", 1)[0].split("?", 1)[0]
+    host = host[: host.index("]") + 1] if host.startswith("[") and "]" in host else host.split(":", 1)[0]
+    if user and _PHONE.match(user):
+        return user
+    return f"{scheme}:{user}@{host}" if user else f"{scheme}:{host}"
+
+
+def dial_uri(to: str, settings: SipSettings) -> str:
+    """The request URI for an outbound call: a SIP URI as given, or an E.164 number at the trunk."""
+    to = to.strip()
+    if to.lower().startswith(("sip:", "sips:")):
+        uri = to
+    elif _E164.match(to) and to.startswith("+"):
+        if settings.account is None:
+            raise CarrierError("sip: dialing a phone number needs a `sip.account` (trunk or registrar)")
+        uri = f"sip:{to}@{settings.account.domain}"
+    else:
+        raise CarrierError(f"sip: cannot dial {to!r}: expected a sip: URI or an E.164 number")
+    if settings.transport == "tcp" and "transport=" not in uri.lower():
+        uri += ";transport=tcp"
+    return uri
+
+
+def outbound_end_reason(status: int, *, answered: bool, local: bool, ring_timeout: bool) -> CallState:
+    """Map how an outbound INVITE ended to our end reason."""
+    if answered:
+        return CallState.HANGUP_BOT if local else CallState.HANGUP_USER
+    if ring_timeout:
+        return CallState.NO_ANSWER
+    if local:
+        return CallState.HANGUP_BOT  # we cancelled before answer
+    if status in (486, 600):
+        return CallState.BUSY
+    if status in (408, 480, 487):
+        return CallState.NO_ANSWER
+    return CallState.FAILED
+
+
+def inbound_end_reason(*, local: bool) -> CallState:
+    """An inbound call ends by our hang-up / rejection, or by the caller's BYE / CANCEL."""
+    return CallState.HANGUP_BOT if local else CallState.HANGUP_USER
+
+
