@@ -1,0 +1,105 @@
+"""Proposed hot-path changes, applied to a benchmark server process as patches so each can be
+measured before anyone commits it (`bench/media_streams.py --experiment NAME`).
+
+- `no-inband-dtmf`: MediaBridge without the in-band DTMF detector. Twilio, Telnyx and Plivo media
+  streams report key presses out of band (`dtmf` events), so on those carriers the detector only
+  duplicates what the carrier says (the bridge already de-duplicates the two).
+- `fast-dtmf`: the same detector and the same decisions, but the per-block tail (argmax, delete, max,
+  twist and harmonic checks over 4-element arrays) in plain Python floats instead of ~10 small numpy
+  calls per 25.6 ms block.
+- `frames-40ms`: outbound media messages of 40 ms (320 u-law bytes, as pipecat sends) instead of
+  20 ms: half the JSON/base64/WebSocket frames, sends and pacing timers on the way out. Measurement
+  only: the patch does not fix `PlaybackResult.heard_ms` (still counted in 20 ms frames).
+- `gc-freeze`: once the server is up, `gc.freeze()` the objects it started with (config models,
+  aiohttp, numpy, ...), so the cyclic GC's full collections only walk what calls create.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+EXPERIMENTS = ("no-inband-dtmf", "fast-dtmf", "gc-freeze", "frames-40ms")
+
+
+def _no_inband_dtmf() -> None:
+    import media.bridge as mb
+
+    original = mb.MediaBridge.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs["inband_dtmf"] = False
+        original(self, *args, **kwargs)
+
+    mb.MediaBridge.__init__ = init  # type: ignore[method-assign]
+
+
+def fast_classify(self: Any, x: Any) -> str | None:
+    """Drop-in for media.dtmf.DtmfDetector.classify (same math, same thresholds)."""
+    import numpy as np
+
+    from media.dtmf import KEYS
+
+    energy = float(np.dot(x, x))
+    if energy < self._min_energy:
+        return None
+    y = x @ self._basis
+    p = ((y[:16] ** 2 + y[16:] ** 2) * (2.0 / self.block)).tolist()
+    rows, cols = p[0:4], p[4:8]
+    pr = max(rows)
+    r = rows.index(pr)
+    pc = max(cols)
+    c = cols.index(pc)
+    both = pr + pc
+    if both < self._min_purity * energy:
+        return None
+    if pr < self._peak_ratio * max(rows[:r] + rows[r + 1:]) or pc < self._peak_ratio * max(cols[:c] + cols[c + 1:]):
+        return None
+    if pr > pc * self._twist or pc > pr * self._rtwist:
+        return None
+    if p[8 + r] > both * self._harm or p[12 + c] > both * self._harm:
+        return None
+    return KEYS[r][c]
+
+
+def _fast_dtmf() -> None:
+    from media import dtmf
+
+    dtmf.DtmfDetector.classify = fast_classify  # type: ignore[method-assign]
+
+
+def _gc_freeze() -> None:
+    import gc
+
+    import bridge.runtime as rt
+
+    original = rt.Runtime.start
+
+    async def start(self: Any, *args: Any, **kwargs: Any) -> int:
+        port = await original(self, *args, **kwargs)
+        gc.collect()
+        gc.freeze()
+        return port
+
+    rt.Runtime.start = start  # type: ignore[method-assign]
+
+
+def _frames_40ms() -> None:
+    import media.bridge as mb
+    from media.frames import Framer, Pacer
+
+    mb.Framer = lambda frame_bytes, pad=0: Framer(frame_bytes * 2, pad)  # type: ignore[assignment,misc]
+    mb.Pacer = lambda *a, **k: Pacer(*a, **{**k, "frame_ms": 40, "lead_frames": 2})  # type: ignore[assignment,misc]
+
+
+def apply(names: str) -> None:
+    for name in filter(None, names.split(",")):
+        if name == "no-inband-dtmf":
+            _no_inband_dtmf()
+        elif name == "fast-dtmf":
+            _fast_dtmf()
+        elif name == "gc-freeze":
+            _gc_freeze()
+        elif name == "frames-40ms":
+            _frames_40ms()
+        else:
+            raise SystemExit(f"unknown experiment {name!r} (known: {', '.join(EXPERIMENTS)})")

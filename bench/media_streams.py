@@ -1,0 +1,383 @@
+"""Media-path capacity and latency: N Twilio media streams against an echo pipeline on ONE core.
+
+    python bench/media_streams.py --streams 50,100,200,400,800 --seconds 20 [--peer pipecat] [--json]
+
+For each N a fresh server is started, pinned to CPU 0 (`taskset -c 0`):
+- bridge: `voicecall serve` with `streaming.echo: true` (decode -> resample 8k->16k -> resample back ->
+  encode -> 20 ms frames paced in real time -> send), no engines;
+- pipecat (`--peer pipecat`): bench/peers/pipecat_echo.py (FastAPIWebsocketTransport +
+  TwilioFrameSerializer, echo at 16 kHz), run with the Python of a venv that has pipecat-ai.
+The load generator is another process pinned to CPU 1 (tests/fakes/stream_load.py, built on the fake
+Twilio's media-stream client): it gets each stream's URL and token the real way (a signed inbound
+webhook answered with <Connect><Stream>; pipecat: its /ws URL), opens N streams at --ramp per
+second, sends 20 ms u-law frames at real-time cadence from one metronome, and records when each
+echoed byte comes back. Measurement starts once every stream is up (+1 s) and lasts --seconds.
+
+Latency method. Frame k's round trip = receive time of the echo byte (k+1)*160 - send time of frame
+k (the resamplers are delay-compensated: output sample i is input sample i; checked on stream 0 by
+cross-correlation, `alignment`). Most of that round trip is the echo's own buffering: soxr releases
+~104 ms blocks, and the pacer then spreads them out - it depends only on k, not on load. So before
+the sweep, a calibration run (2 streams, idle server, as long as the longest run) gives, per k, the
+idle round trip; "added" latency = round trip - idle round trip of the same k. That is what load
+costs; p50/p99/max of it are the headline. A frame is late if added > 20 ms, lost if its echo never
+came (within 1.5 s after the end). Server CPU% from /proc/<pid>/stat over the window, RSS per stream
+= (RSS under load - idle RSS) / N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (  # noqa: E402
+    ROOT,
+    Server,
+    cpu_seconds,
+    free_port,
+    loadavg,
+    machine,
+    pinned,
+    rss_bytes,
+    table,
+    write_results,
+)
+
+LATE_MS = 20.0
+DEFAULT_PIPECAT_PY = "/work/venvs/pipecat/bin/python"
+
+
+# ====================================================================== servers
+
+
+def bridge_config(tmp: Path, port: int, account_sid: str, auth_token: str) -> Path:
+    import yaml
+
+    config = {
+        "provider": "twilio",
+        "fromNumber": "+15550001234",
+        "inboundPolicy": "open",
+        "inboundGreeting": "",  # the echo is all the caller hears
+        "maxConcurrentCalls": 100000,
+        "maxDurationSeconds": 3600,
+        "store": str(tmp / "store"),
+        "serve": {"port": port, "bind": "127.0.0.1", "path": "/voice/webhook"},
+        "publicUrl": f"http://127.0.0.1:{port}/voice/webhook",
+        # REST is never needed while streams run (hang-ups after the run go nowhere: the server is stopped)
+        "twilio": {"accountSid": account_sid, "authToken": auth_token, "apiBaseUrl": "http://127.0.0.1:9"},
+        "streaming": {"enabled": True, "echo": True, "provider": "none", "maxConnections": 100000,
+                      "maxPendingConnections": 1000, "maxPendingConnectionsPerIp": 64},
+        "webhookSecurity": {"maxInFlightPerIp": 64},
+        "tts": {"provider": "espeak"},
+        "responseModel": "offline",
+    }
+    path = tmp / "voicecall.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start_server(kind: str, tmp: Path, *, uvloop: bool, pipecat_python: str,
+                 experiment: str | None = None) -> tuple[Server, dict[str, Any]]:
+    port = free_port()
+    if kind == "bridge":
+        account_sid, auth_token = "AC" + secrets.token_hex(16), secrets.token_hex(16)
+        config = bridge_config(tmp, port, account_sid, auth_token)
+        if uvloop or experiment:
+            prelude = ("import uvloop; uvloop.install(); " if uvloop else "") + (
+                f"import bench.experiments as x; x.apply({experiment!r}); " if experiment else "")
+            code = f"import sys; {prelude}from bridge.cli import main; sys.exit(main(sys.argv[1:]))"
+            argv = [sys.executable, "-c", code, "serve", "--config", str(config)]
+        else:
+            argv = [sys.executable, "-m", "bridge.cli", "serve", "--config", str(config)]
+        server = Server(pinned(0, argv), log=tmp / "server.log", env={"PYTHONPATH": str(ROOT)})
+        server.wait_http(f"http://127.0.0.1:{port}/healthz")
+        target = {"mode": "twilio-webhook", "voice_url": f"http://127.0.0.1:{port}/voice/webhook",
+                  "auth_token": auth_token, "account_sid": account_sid}
+    else:
+        script = ROOT / "bench" / "peers" / "pipecat_echo.py"
+        argv = [pipecat_python, str(script), "--port", str(port), *(["--uvloop"] if uvloop else [])]
+        server = Server(pinned(0, argv), log=tmp / "server.log")
+        server.wait_http(f"http://127.0.0.1:{port}/healthz", timeout=60)
+        target = {"mode": "direct", "url": f"ws://127.0.0.1:{port}/ws"}
+    return server, target
+
+
+# ====================================================================== the generator process
+
+
+async def generate(spec: dict[str, Any]) -> dict[str, Any]:
+    import aiohttp
+
+    from tests.fakes import stream_load as sl
+
+    target = spec["target"]
+
+    async def get_target(session: aiohttp.ClientSession) -> sl.StreamTarget:
+        if target["mode"] == "direct":
+            return sl.StreamTarget(target["url"], {})
+        return await sl.inbound_stream(session, target["voice_url"], auth_token=target["auth_token"],
+                                       account_sid=target["account_sid"])
+
+    def mark(what: str) -> None:
+        print(json.dumps({"window": what, "t": time.monotonic()}), flush=True)
+
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.disable()  # the generator's own pauses would show up as the server's latency; its run is bounded
+    me = os.getpid()
+    cpu0 = cpu_seconds(me)
+    t0 = time.monotonic()
+    run = await sl.run_streams(get_target, spec["n"], seconds=spec["seconds"], ramp_per_s=spec["ramp"],
+                               keep_audio_first=True, on_window=mark)
+    gen_cpu = (cpu_seconds(me) - cpu0) / max(1e-9, time.monotonic() - t0) * 100
+    rtts: list[float] = []
+    added: list[float] = []
+    steady: list[float] = []
+    lost = 0
+    frames = 0
+    base = spec.get("baseline")
+    settle = run.window[0] + 1.0
+    for client in run.clients:
+        rtt, lost_here = sl.round_trips(client, run.window)
+        frames += len(rtt) + lost_here
+        lost += lost_here
+        rtts.extend(rtt.values())
+        if base:
+            extra = {k: ms - base[k] for k, ms in rtt.items() if k < len(base) and base[k] != float("inf")}
+            added.extend(extra.values())
+            # What this stream already carried when the window opened (delay it picked up while the
+            # other streams were being set up: a playout gap is never won back at 1x) is not load
+            # of the window; what it picks up during the window is.
+            first = [v for k, v in extra.items() if client.sent_at[k] < settle]
+            offset = max(0.0, min(first)) if first else 0.0  # a stream ahead of the baseline gets no credit
+            steady.extend(v - offset for v in extra.values())
+    # streams that never opened lose every frame they would have sent
+    lost += len(run.failed) * int(spec["seconds"] * 50)
+    result: dict[str, Any] = {
+        "n": spec["n"], "opened": len(run.clients), "failed": len(run.failed), "errors": run.failed[:5],
+        "frames": frames, "lost": lost,
+        "rtt_p50_ms": sl.percentile(rtts, 50), "rtt_p99_ms": sl.percentile(rtts, 99),
+        "rtt_max_ms": max(rtts) if rtts else float("nan"),
+        "generator_cpu_pct": gen_cpu,
+        "tick_lag_p99_ms": sl.percentile(run.tick_lag_ms, 99), "tick_ms_p50": sl.percentile(run.tick_ms, 50),
+        "alignment": next((alignment(c) for c in run.clients if c.keep_audio), None),
+        "bad_frames": sum(c.bad_frames for c in run.clients),
+    }
+    if base:
+        result.update({"added_p50_ms": sl.percentile(added, 50), "added_p99_ms": sl.percentile(added, 99),
+                       "added_max_ms": max(added) if added else float("nan"),
+                       "late_abs": sum(1 for a in added if a > LATE_MS),
+                       "window_p50_ms": sl.percentile(steady, 50), "window_p99_ms": sl.percentile(steady, 99),
+                       "window_max_ms": max(steady) if steady else float("nan"),
+                       "late": sum(1 for a in steady if a > LATE_MS)})
+    if spec.get("calibrate"):
+        result["baseline"] = sl.baseline(run.clients)
+    return result
+
+
+def alignment(client: Any) -> dict[str, Any] | None:
+    """Lag (samples) between what stream 0 sent and what it heard back: 0 means sample-aligned echo."""
+    import numpy as np
+
+    from media import g711
+    from media.formats import AudioEncoding
+    from tests.fakes.stream_load import caller_frames
+
+    heard = client.heard_ulaw() if client.keep_audio else b""
+    if len(heard) < 24000:
+        return None
+    cycle = b"".join(caller_frames())  # every stream plays this cycle from its first frame
+    sent = cycle * (len(heard) // len(cycle) + 2)
+    a = np.frombuffer(g711.decode(sent, AudioEncoding.PCMU), dtype=np.int16).astype(np.float64)
+    b = np.frombuffer(g711.decode(heard[800:16800], AudioEncoding.PCMU), dtype=np.int16).astype(np.float64)
+    best, best_lag = -2.0, 0
+    for lag in range(-400, 401):
+        seg = a[800 + lag: 800 + lag + len(b)]
+        c = float(np.dot(seg, b) / (np.linalg.norm(seg) * np.linalg.norm(b) + 1e-9))
+        if c > best:
+            best, best_lag = c, lag
+    return {"lag_samples": best_lag, "correlation": round(best, 3)}
+
+
+# ====================================================================== one point, one sweep
+
+
+def run_point(kind: str, n: int, seconds: float, args: argparse.Namespace, baseline: list[float] | None,
+              *, calibrate: bool = False) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix=f"bench-{kind}-") as tmpdir:
+        tmp = Path(tmpdir)
+        server, target = start_server(kind, tmp, uvloop=args.uvloop, pipecat_python=args.pipecat_python,
+                                      experiment=args.experiment if kind == "bridge" else None)
+        try:
+            time.sleep(0.5)
+            idle_rss = rss_bytes(server.pid)
+            spec = {"target": target, "n": n, "seconds": seconds, "ramp": args.ramp, "baseline": baseline,
+                    "calibrate": calibrate}
+            spec_path = tmp / "spec.json"
+            spec_path.write_text(json.dumps(spec))
+            gen = subprocess.Popen(pinned(1, [sys.executable, str(Path(__file__).resolve()), "--role", "generator",
+                                               "--spec", str(spec_path)]),
+                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+            marks: dict[str, tuple[float, float, int]] = {}
+            result: dict[str, Any] | None = None
+            profiler: subprocess.Popen[bytes] | None = None
+            deadline = time.monotonic() + n / args.ramp + seconds + 90
+            try:
+                assert gen.stdout is not None
+                for line in gen.stdout:
+                    msg = json.loads(line)
+                    if "window" in msg:
+                        marks[msg["window"]] = (time.monotonic(), cpu_seconds(server.pid), rss_bytes(server.pid))
+                        if msg["window"] == "start" and args.profile and not calibrate:
+                            profiler = start_profiler(server.pid, Path(args.profile) / f"{kind}-{n}", seconds)
+                    else:
+                        result = msg
+                    if time.monotonic() > deadline:
+                        break
+                gen.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            finally:
+                if gen.poll() is None:
+                    gen.kill()
+                    gen.wait()
+                if profiler is not None:
+                    try:
+                        profiler.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        profiler.kill()
+                        profiler.wait()
+            if result is None:
+                err = (gen.stderr.read() if gen.stderr else "")[-2000:]
+                print(f"[{kind}] {n}: generator failed or timed out:\n{err}\nserver log:\n{server.tail(10)}",
+                      file=sys.stderr, flush=True)
+                result = {"n": n, "opened": 0, "failed": n, "errors": ["generator failed or timed out"],
+                          "frames": 0, "lost": int(n * seconds * 50), "rtt_p50_ms": float("nan"),
+                          "rtt_p99_ms": float("nan"), "rtt_max_ms": float("nan"), "generator_cpu_pct": float("nan"),
+                          "bad_frames": 0}
+            if "start" in marks and "end" in marks:
+                (t0, c0, _), (t1, c1, rss) = marks["start"], marks["end"]
+                result["server_cpu_pct"] = (c1 - c0) / (t1 - t0) * 100
+                result["rss_mb"] = rss / 2**20
+                result["rss_per_stream_kb"] = (rss - idle_rss) / max(1, n) / 1024
+            result["loadavg"] = loadavg()
+            result["server_alive"] = server.proc.poll() is None
+        finally:
+            server.stop()
+    return result
+
+
+def start_profiler(pid: int, stem: Path, seconds: float) -> subprocess.Popen[bytes]:
+    """py-spy on the pinned server for the measurement window: collapsed stacks (+ a flame graph SVG)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    argv = ["py-spy", "record", "-p", str(pid), "-d", str(max(1, int(seconds))), "-r", "200", "--nonblocking",
+            "-f", "raw", "-o", str(stem) + ".folded"]
+    return subprocess.Popen(pinned(1, argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def headline(points: list[dict[str, Any]]) -> int:
+    ok = [p["n"] for p in points
+          if p.get("window_p99_ms", float("inf")) <= LATE_MS and p["lost"] == 0 and p["failed"] == 0]
+    return max(ok, default=0)
+
+
+def sweep(kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    counts = [int(x) for x in (args.peer_streams if kind != "bridge" and args.peer_streams else args.streams).split(",")]
+    longest = max(counts) / args.ramp + 1.0 + args.seconds + 2.0
+    print(f"[{kind}] calibrating: 2 idle streams for {longest:.0f} s", file=sys.stderr, flush=True)
+    calib = run_point(kind, 2, longest - 3.0 - 2 / args.ramp, args, None, calibrate=True)
+    base = calib.pop("baseline")
+    points = []
+    for n in counts:
+        print(f"[{kind}] {n} streams ...", file=sys.stderr, flush=True)
+        point = run_point(kind, n, args.seconds, args, base)
+        print(f"[{kind}] {n}: p99 {point.get('window_p99_ms', float('nan')):.1f} ms "
+              f"(absolute {point.get('added_p99_ms', float('nan')):.1f}), lost {point['lost']}, "
+              f"cpu {point.get('server_cpu_pct', float('nan')):.0f}%, load {point['loadavg'][0]:.2f}",
+              file=sys.stderr, flush=True)
+        points.append(point)
+    idle = [b for b in base if b != float("inf")]
+    return {"server": kind, "uvloop": args.uvloop, "experiment": args.experiment if kind == "bridge" else None,
+            "calibration": {
+        "streams": 2, "frames": len(idle), "idle_rtt_p50_ms": sorted(idle)[len(idle) // 2] if idle else None,
+        "idle_rtt_max_ms": max(idle) if idle else None, "alignment": calib.get("alignment"), "lost": calib["lost"]},
+        "points": points, "headline_streams": headline(points)}
+
+
+def print_sweep(s: dict[str, Any]) -> None:
+    rows = []
+    for p in s["points"]:
+        rows.append([p["n"], p.get("window_p50_ms", float("nan")), p.get("window_p99_ms", float("nan")),
+                     p.get("window_max_ms", float("nan")), p.get("added_p99_ms", float("nan")),
+                     p["rtt_p50_ms"], p["rtt_p99_ms"], p["lost"],
+                     p.get("late", 0), p["failed"], p.get("server_cpu_pct", float("nan")),
+                     p.get("rss_per_stream_kb", float("nan")), p["generator_cpu_pct"], p["loadavg"][0]])
+    extras = ", ".join(x for x in ("uvloop" if s["uvloop"] else "", s.get("experiment") or "") if x)
+    print(f"\n{s['server']}{f' ({extras})' if extras else ''}: idle round trip p50 "
+          f"{s['calibration']['idle_rtt_p50_ms']:.1f} ms, echo alignment {s['calibration']['alignment']}")
+    print(table(["N", "p50", "p99", "max", "abs p99", "rtt p50", "rtt p99", "lost", "late", "failed",
+                 "server CPU%", "RSS/stream KB", "gen CPU%", "load1"], rows))
+    print("(ms; p50/p99/max: latency added by load during the window; abs p99: also counting delay picked up "
+          "during ramp-up; rtt: raw round trip incl. the echo's own buffering)")
+    print(f"headline: {s['headline_streams']} streams with p99 <= {LATE_MS:.0f} ms and zero lost frames")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", default="50,100,200,400,800")
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--ramp", type=float, default=100.0, help="streams opened per second")
+    parser.add_argument("--peer", choices=["pipecat"], help="also run the same load against this peer")
+    parser.add_argument("--peer-streams", help="stream counts for the peer (default: --streams)")
+    parser.add_argument("--only-peer", action="store_true", help="skip the bridge (with --peer)")
+    parser.add_argument("--pipecat-python", default=os.environ.get("PIPECAT_PYTHON", DEFAULT_PIPECAT_PY))
+    parser.add_argument("--uvloop", action="store_true", help="run the server on uvloop")
+    parser.add_argument("--experiment", help="patch the bridge server with bench/experiments.py changes (comma list)")
+    parser.add_argument("--json", action="store_true", help="also print the JSON on stdout")
+    parser.add_argument("--profile", metavar="DIR", help="py-spy the server during each window into DIR")
+    parser.add_argument("--out", help="results file (default bench/results/media_streams.json)")
+    parser.add_argument("--role", default="main", help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.role == "generator":
+        spec = json.loads(Path(args.spec).read_text())
+        print(json.dumps(asyncio.run(generate(spec))), flush=True)
+        return 0
+
+    data: dict[str, Any] = {"benchmark": "media_streams", "machine": machine(), "seconds": args.seconds,
+                            "ramp_per_s": args.ramp, "late_ms": LATE_MS, "sweeps": []}
+    kinds = ([] if args.only_peer else ["bridge"]) + ([args.peer] if args.peer else [])
+    for kind in kinds:
+        data["sweeps"].append(sweep(kind, args))
+    data["machine"]["loadavg_end"] = loadavg()
+    for s in data["sweeps"]:
+        print_sweep(s)
+    heads = {s["server"]: s["headline_streams"] for s in data["sweeps"]}
+    if "bridge" in heads and args.peer in heads:
+        peer = heads[args.peer]
+        data["ratio_bridge_to_peer"] = heads["bridge"] / peer if peer else None
+        print(f"\nratio bridge/{args.peer}: {heads['bridge']} / {peer} = "
+              f"{data['ratio_bridge_to_peer'] if peer else 'n/a (peer headline is 0)'}")
+    path = write_results("media_streams", data, args.out)
+    print(f"results: {path}")
+    if args.json:
+        print(json.dumps(data, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
