@@ -60,7 +60,7 @@ DEFAULT_PIPECAT_PY = "/work/venvs/pipecat/bin/python"
 # ====================================================================== servers
 
 
-def bridge_config(tmp: Path, port: int, account_sid: str, auth_token: str) -> Path:
+def bridge_config(tmp: Path, port: int, account_sid: str, auth_token: str, *, uvloop: bool = False) -> Path:
     import yaml
 
     config = {
@@ -71,7 +71,8 @@ def bridge_config(tmp: Path, port: int, account_sid: str, auth_token: str) -> Pa
         "maxConcurrentCalls": 100000,
         "maxDurationSeconds": 3600,
         "store": str(tmp / "store"),
-        "serve": {"port": port, "bind": "127.0.0.1", "path": "/voice/webhook"},
+        "serve": {"port": port, "bind": "127.0.0.1", "path": "/voice/webhook",
+                  "eventLoop": "uvloop" if uvloop else "asyncio"},
         "publicUrl": f"http://127.0.0.1:{port}/voice/webhook",
         # REST is never needed while streams run (hang-ups after the run go nowhere: the server is stopped)
         "twilio": {"accountSid": account_sid, "authToken": auth_token, "apiBaseUrl": "http://127.0.0.1:9"},
@@ -91,10 +92,9 @@ def start_server(kind: str, tmp: Path, *, uvloop: bool, pipecat_python: str,
     port = free_port()
     if kind == "bridge":
         account_sid, auth_token = "AC" + secrets.token_hex(16), secrets.token_hex(16)
-        config = bridge_config(tmp, port, account_sid, auth_token)
-        if uvloop or experiment:
-            prelude = ("import uvloop; uvloop.install(); " if uvloop else "") + (
-                f"import bench.experiments as x; x.apply({experiment!r}); " if experiment else "")
+        config = bridge_config(tmp, port, account_sid, auth_token, uvloop=uvloop)
+        if experiment:
+            prelude = f"import bench.experiments as x; x.apply({experiment!r}); "
             code = f"import sys; {prelude}from bridge.cli import main; sys.exit(main(sys.argv[1:]))"
             argv = [sys.executable, "-c", code, "serve", "--config", str(config)]
         else:

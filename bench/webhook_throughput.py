@@ -50,7 +50,8 @@ def write_config(tmp: Path, port: int, account_sid: str, auth_token: str, concur
     config = {
         "provider": "twilio", "fromNumber": "+15550001234", "inboundPolicy": "open", "inboundGreeting": "",
         "maxConcurrentCalls": 100000, "maxDurationSeconds": 3600, "store": str(tmp / "store"),
-        "serve": {"port": port, "bind": "127.0.0.1", "path": "/voice/webhook"},
+        "serve": {"port": port, "bind": "127.0.0.1", "path": "/voice/webhook",
+                  "eventLoop": "uvloop" if uvloop else "asyncio"},
         "publicUrl": f"http://127.0.0.1:{port}/voice/webhook",
         "twilio": {"accountSid": account_sid, "authToken": auth_token, "apiBaseUrl": "http://127.0.0.1:9"},
         "streaming": {"enabled": False},
@@ -128,11 +129,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-webhook-") as tmpdir:
         tmp = Path(tmpdir)
         cfg = write_config(tmp, port, account_sid, auth_token, args.concurrency, args.uvloop)
-        if args.uvloop:
-            code = "import sys, uvloop; uvloop.install(); from bridge.cli import main; sys.exit(main(sys.argv[1:]))"
-            argv = [sys.executable, "-c", code, "serve", "--config", str(cfg)]
-        else:
-            argv = [sys.executable, "-m", "bridge.cli", "serve", "--config", str(cfg)]
+        argv = [sys.executable, "-m", "bridge.cli", "serve", "--config", str(cfg)]  # serve.eventLoop picks the loop
         with Server(pinned(0, argv), log=tmp / "server.log", env={"PYTHONPATH": str(ROOT)}) as server:
             server.wait_http(f"http://127.0.0.1:{port}/healthz")
             url = f"http://127.0.0.1:{port}/voice/webhook"

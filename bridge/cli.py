@@ -91,7 +91,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         runtime = Runtime(settings)
         port = await runtime.start()
         print(f"voicecall serving {settings.provider} on http://{settings.serve.bind}:{port} "
-              f"(webhook {settings.serve.path}, streams {settings.streaming.streamPath}, rpc /rpc)", flush=True)
+              f"(webhook {settings.serve.path}, streams {settings.streaming.streamPath}, rpc /rpc; "
+              f"{type(asyncio.get_running_loop()).__module__.split('.')[0]} loop)", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -99,8 +100,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         await stop.wait()
         await runtime.stop()
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=_loop_factory(settings.serve.eventLoop)) as runner:
+        runner.run(main())
     return 0
+
+
+def _loop_factory(choice: str) -> Any:
+    """uvloop when asked for, or when installed and the choice is auto; else the stdlib loop."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise CliError("serve.eventLoop is uvloop but uvloop is not installed (pip install 'voicecall[fast]')") from None
+        return None
+    return uvloop.new_event_loop
 
 
 def cmd_call(args: argparse.Namespace) -> int:

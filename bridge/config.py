@@ -40,6 +40,7 @@ class ServeSettings(Section):
     port: int = Field(3334, ge=0, le=65535)
     bind: str = "127.0.0.1"
     path: str = Field("/voice/webhook", pattern=r"^/")
+    eventLoop: Literal["auto", "asyncio", "uvloop"] = "auto"  # auto: uvloop when installed (extra `fast`)
 
 
 class OutboundSettings(Section):
@@ -103,6 +104,8 @@ class StreamingSettings(Section):
     maxSendBufferBytes: int = Field(1024 * 1024, gt=0)
     disconnectGraceMs: int = Field(2000, ge=0)
     bargeIn: bool = True
+    # In-band DTMF detection: auto = on unless the carrier's stream reports key presses itself.
+    inbandDtmf: Literal["auto", "on", "off"] = "auto"
     # Benchmarks only: play each caller's audio back through the full media path, no engines.
     echo: bool = False
 

@@ -38,7 +38,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def voice_factory(settings: Settings) -> VoiceFactory:
+def voice_factory(settings: Settings, carrier: Carrier) -> VoiceFactory:
     """One TTS engine and STT engine per deployment; one CallVoice (MediaBridge + sessions) per call."""
     from media.recorder import CallRecorder
     from media.tts.factory import create_tts
@@ -49,6 +49,8 @@ def voice_factory(settings: Settings) -> VoiceFactory:
         from media.stt.factory import create_stt
 
         stt = create_stt(reveal(settings.streaming.model_dump(mode="python")))
+
+    inband_dtmf = {"on": True, "off": False}.get(settings.streaming.inbandDtmf, not carrier.reports_dtmf)
 
     def build(call: CallRecord, transport: MediaTransport, emit: Callable[[CallEvent], None]) -> CallVoice:
         recorder = None
@@ -64,6 +66,7 @@ def voice_factory(settings: Settings) -> VoiceFactory:
             pipeline_rate=settings.pipelineSampleRate,
             recorder=recorder,
             barge_in=settings.streaming.bargeIn,
+            inband_dtmf=inband_dtmf,
             echo=settings.streaming.echo,
         )
 
@@ -78,7 +81,7 @@ class Runtime:
         responder = create_responder(settings.responseModel, base_url=settings.responseBaseUrl, api_key=secret,
                                      system_prompt=settings.responseSystemPrompt,
                                      timeout_ms=settings.responseTimeoutMs)
-        self.manager = CallManager(settings, self.carrier, clock=clock, responder=responder, voice_factory=voice_factory(settings))
+        self.manager = CallManager(settings, self.carrier, clock=clock, responder=responder, voice_factory=voice_factory(settings, self.carrier))
         self.metrics = Metrics()
         self.dispatcher = RpcDispatcher(self.manager)
         token = settings.rpc.token.get_secret_value() if settings.rpc.token else None

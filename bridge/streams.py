@@ -204,6 +204,7 @@ class StreamHandler:
 
     async def _pump(self, ws: web.WebSocketResponse, codec: MediaStreamCodec, bridge: Any) -> None:
         frames = 0
+        reorders = codec.reorders
         try:
             async for msg in ws:
                 if msg.type != WSMsgType.TEXT:
@@ -217,7 +218,8 @@ class StreamHandler:
                     return
                 if isinstance(parsed, StreamMedia):
                     frames += 1
-                    bridge.receive(parsed.payload, parsed.sequence)
+                    # ordered transports (TCP streams) skip the reorder buffer and its start-up hold
+                    bridge.receive(parsed.payload, parsed.sequence if reorders else None)
                 elif isinstance(parsed, StreamMark):
                     bridge.on_mark(parsed.name)
                 elif isinstance(parsed, StreamDtmf):

@@ -45,13 +45,14 @@ class CallVoice:
         pipeline_rate: int,
         recorder: CallRecorder | None = None,
         barge_in: bool = True,
+        inband_dtmf: bool = True,
         echo: bool = False,
     ) -> None:
         self.call_id = call_id
         self.tts = tts
         self._emit = emit
         self.bridge = MediaBridge(transport, self, pipeline_rate=pipeline_rate, recorder=recorder,
-                                  vad_barge_in=barge_in and not echo, stall_timeout_s=None if echo else 8.0)
+                                  inband_dtmf=inband_dtmf, vad_barge_in=barge_in and not echo, stall_timeout_s=None if echo else 8.0)
         self.pipeline_rate = pipeline_rate
         # Benchmark mode: the caller's audio is played straight back through the whole media path.
         self._echo: asyncio.Queue[bytes | None] | None = asyncio.Queue() if echo else None

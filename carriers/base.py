@@ -229,6 +229,10 @@ class Carrier(ABC):
     signature_headers: ClassVar[tuple[str, ...]] = ()
     # Whether this carrier delivers call audio through a media stream or leg (so TTS/STT run here).
     streams_media: ClassVar[bool] = True
+    # Whether the carrier's media leg reports key presses out of band (stream `dtmf` events). Then the
+    # in-band Goertzel detector is off by default (streaming.inbandDtmf: auto): it costs ~30% of the
+    # media path's CPU and would only find the same digits again.
+    reports_dtmf: ClassVar[bool] = False
 
     host: CarrierHost
 

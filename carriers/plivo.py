@@ -493,6 +493,7 @@ class PlivoCarrier(Carrier):
     name = "plivo"
     signature_headers = (SIG_V3, SIG_MA_V3, SIG_V2)
     streams_media = True
+    reports_dtmf = True
 
     def __init__(self, settings: Settings) -> None:
         if not settings.plivo.authId or not settings.plivo.authToken:

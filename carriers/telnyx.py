@@ -332,6 +332,7 @@ class TelnyxCarrier(Carrier):
     name = "telnyx"
     signature_headers = (SIGNATURE_HEADER, TIMESTAMP_HEADER)
     streams_media = True
+    reports_dtmf = True
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

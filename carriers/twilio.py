@@ -215,6 +215,7 @@ class TwilioCarrier(Carrier):
     name = "twilio"
     signature_headers = (SIGNATURE_HEADER,)
     streams_media = True
+    reports_dtmf = True
 
     def __init__(self, settings: Settings) -> None:
         twilio = settings.twilio
