@@ -15,7 +15,7 @@ import pytest
 from bridge.calls import CallState, EventType
 from carriers.base import OutboundRequest
 from carriers.sip_settings import SipSettings
-from tests.peers.audio import best_alignment, pcm16, read_pcm, speech_wav, ulaw_wav
+from tests.peers.audio import best_alignment, pcm16, read_pcm, speech_wav, ulaw_wav, windowed_alignment
 from tests.peers.harness import running_carrier, skip_reason
 from tests.peers.host import RecordingBridge
 from tests.peers.ports import bridge_rtp, bridge_sip, sipp_media, sipp_uac, sipp_uas
@@ -71,17 +71,20 @@ async def test_twenty_calls_with_audio(tmp_path: Path, caller_audio: tuple[Path,
         assert len(host.bridges) == 20
 
         reference, _ = read_pcm(pcm_wav)
-        scores = [best_alignment(reference, pcm16(b.pcm))[0] for b in host.bridges.values()]
-        # sipp paces RTP from one thread for all calls: on a loaded 2-core box a call can see a
-        # burst that the jitter buffer smooths with a discard or PLC, which dents one correlation.
-        assert statistics.median(scores) > 0.98 and min(scores) > 0.7, scores
+        # sipp paces RTP from one thread for all calls: on a loaded 2-core box a call can see a burst
+        # that the jitter buffer smooths with a discard or PLC, shifting the rest of that call by a
+        # frame. Per-window alignment measures that the audio arrived intact regardless.
+        windows = [windowed_alignment(reference, pcm16(b.pcm)) for b in host.bridges.values()]
+        medians = [median for median, _ in windows]
+        assert statistics.median(medians) > 0.98 and min(medians) > 0.9, windows
+        assert all(low > 0.7 for _, low in windows), windows
         stats = [carrier.leg_stats(e.provider_call_id or "") or {} for e in ended]
         assert all(s["framesOut"] >= 80 for s in stats), [s["framesOut"] for s in stats]
         setup = sorted(s["setupMs"] for s in stats)
     print(
         f"\n[sip] sipp 20 calls ({LIBRARY_CALL_CAP} concurrent): wall {wall:.1f} s, process CPU {cpu:.2f} s "
         f"= {100 * cpu / wall:.1f}% of one core; setup INVITE->first audio median {statistics.median(setup):.1f} ms, "
-        f"max {setup[-1]:.1f} ms; min r={min(scores):.3f}"
+        f"max {setup[-1]:.1f} ms; min window-median r={min(medians):.3f}"
     )
 
 
