@@ -8,7 +8,6 @@ model that answers in prose tends to narrate or call tools instead of speaking (
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
