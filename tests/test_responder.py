@@ -12,8 +12,14 @@ import pytest
 from aiohttp import web
 
 from bridge.calls import CallState, TranscriptEntry
-from bridge.responder import ChatModelResponder, OfflineResponder, ResponderError, extract_reply
-from tests.harness import free_port, rpc_client, run_bridge, wait_for
+from bridge.responder import (
+    ChatModelResponder,
+    OfflineResponder,
+    ResponderError,
+    extract_reply,
+)
+from tests.fakes.http_app import serve_local
+from tests.harness import rpc_client, run_bridge, wait_for
 
 
 @pytest.mark.parametrize(("content", "spoken", "end"), [
@@ -43,7 +49,7 @@ class FakeChatServer:
         self.headers: list[str] = []
         self.delay = 0.0
         self.status = 200
-        self.port = free_port()
+        self.port = 0
 
     async def handle(self, request: web.Request) -> web.Response:
         self.requests.append(await request.json())
@@ -67,9 +73,7 @@ async def chat_server() -> AsyncIterator[FakeChatServer]:
                              '{"spoken": "Bye now!", "endCall": true}'])
     app = web.Application()
     app.router.add_post("/v1/chat/completions", server.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", server.port).start()
+    runner, server.port = await serve_local(app)
     yield server
     await runner.cleanup()
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import WSMsgType, web
 
+from tests.fakes.http_app import serve_local
 from tests.fakes.twilio_server import SILENCE, TwilioMediaStreamClient, pace_streams
 
 Script = Callable[[web.WebSocketResponse, str], Any]
@@ -50,11 +51,7 @@ class StubBridge:
     async def __aenter__(self) -> StubBridge:
         app = web.Application()
         app.router.add_get("/voice/stream", self.handler)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve_local(app)
         return self
 
     async def __aexit__(self, *_: object) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from tests.fakes.audio import fake_speech, odd_chunks
+from tests.fakes.http_app import serve_local
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -46,11 +47,7 @@ class FakeElevenLabs:
         app = web.Application()
         app.router.add_post("/v1/text-to-speech/{voice}/stream", self._stream)
         app.router.add_get("/v1/text-to-speech/{voice}/stream-input", self._stream_input)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve_local(app)
         return self
 
     async def stop(self) -> None:

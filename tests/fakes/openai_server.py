@@ -21,6 +21,7 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from tests.fakes.audio import fake_speech, odd_chunks
+from tests.fakes.http_app import serve_local
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -58,11 +59,7 @@ class FakeOpenAI:
         app = web.Application()
         app.router.add_post("/v1/audio/speech", self._speech)
         app.router.add_get("/v1/realtime", self._realtime)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve_local(app)
         return self
 
     async def stop(self) -> None:

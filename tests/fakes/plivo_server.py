@@ -41,6 +41,7 @@ from plivo.utils.signature_v3 import construct_post_url, get_signature_v3
 from media import g711
 from media.formats import AudioEncoding
 from media.resample import StreamResampler
+from tests.fakes.http_app import serve_local
 
 FRAME_BYTES = 160  # 20 ms of u-law at 8 kHz
 FRAME_S = 0.02
@@ -453,11 +454,7 @@ class FakePlivo:
         app.router.add_get(prefix + "/Call/{uuid}/", self._get)
         app.router.add_post(prefix + "/Call/{uuid}/DTMF/", self._dtmf)
         app.router.add_delete(prefix + "/Request/{uuid}/", self._cancel)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve_local(app)
         self._session = aiohttp.ClientSession()
         return self
 

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tests.fakes.audio import fake_speech
+from tests.fakes.http_app import serve_local
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -355,11 +356,7 @@ class FakeTelnyx:
         app.router.add_post("/v2/calls", self._dial)
         app.router.add_post("/v2/calls/{ccid}/actions/{command}", self._action)
         app.router.add_get("/v2/calls/{ccid}", self._status)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve_local(app)
         self._client = aiohttp.ClientSession()
         return self
 

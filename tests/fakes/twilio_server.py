@@ -36,6 +36,7 @@ from yarl import URL
 from media import g711
 from media.formats import AudioEncoding
 from media.resample import StreamResampler
+from tests.fakes.http_app import serve_local
 
 log = logging.getLogger(__name__)
 
@@ -713,11 +714,7 @@ class FakeTwilio:
         app.router.add_post(f"{base}/Calls.json", self._create)
         app.router.add_post(f"{base}/Calls/{{call}}.json", self._update)
         app.router.add_get(f"{base}/Calls/{{call}}.json", self._fetch)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # noqa: SLF001
+        self._runner, self.port = await serve_local(app)
         self.session = aiohttp.ClientSession()
         return self
 
