@@ -371,7 +371,7 @@ class CallManager:
             raise CallError(f"Call {call.callId} ended while speaking ({call.state})")
 
     def _expects_media(self, call: CallRecord) -> bool:
-        return self.carrier.streams_media and (self.settings.streaming.enabled or self.carrier.name in ("mock", "sip"))
+        return self.carrier.streams_media and (self.settings.streaming.enabled or self.carrier.media_always)
 
     async def _wait_for_media(self, call: CallRecord) -> Any:
         if call.callId in self._voices:

@@ -233,6 +233,9 @@ class Carrier(ABC):
     # in-band Goertzel detector is off by default (streaming.inbandDtmf: auto): it costs ~30% of the
     # media path's CPU and would only find the same digits again.
     reports_dtmf: ClassVar[bool] = False
+    # Whether the media leg exists whatever `streaming.enabled` says (SIP's RTP, the mock's loopback),
+    # rather than being a stream the carrier opens only when asked (Twilio, Telnyx, Plivo).
+    media_always: ClassVar[bool] = False
 
     host: CarrierHost
 

@@ -196,6 +196,7 @@ class MockCarrier(Carrier):
     name = "mock"
     signature_headers = ()
     streams_media = True
+    media_always = True
 
     def __init__(self, settings: MockSettings, voice_factory: Callable[[], TtsEngine]) -> None:
         self.settings = settings

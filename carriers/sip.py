@@ -97,6 +97,7 @@ class SipCarrier(Carrier):
 
     name: ClassVar[str] = "sip"
     streams_media: ClassVar[bool] = True
+    media_always: ClassVar[bool] = True
 
     def __init__(self, settings: SipSettings | None = None) -> None:
         """`settings` is the config's `sip` section; None = take `host.settings.sip` at start."""
