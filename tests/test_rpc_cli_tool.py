@@ -105,8 +105,7 @@ def cli(*args: str, url: str, env_extra: dict[str, str] | None = None) -> subpro
 
 
 async def test_every_cli_command_against_a_running_server(tmp_path: Path) -> None:
-    async with run_bridge({**BASE, "mock": {**FAST_MOCK, "calleeScript": ["Sounds good.", "Tuesday works."]}},
-                          tmp_path) as runtime:
+    async with run_bridge(BASE, tmp_path) as runtime:
         url = f"http://127.0.0.1:{runtime.port}/rpc"
         run = lambda *a: asyncio.to_thread(cli, *a, url=url)  # noqa: E731 - the CLI blocks; keep the loop free
         proc = await run("call", "--to", "+15550007777", "-m", "Hello from the CLI", "--json")
@@ -115,7 +114,13 @@ async def test_every_cli_command_against_a_running_server(tmp_path: Path) -> Non
         call = runtime.manager.calls[call_id]
         await wait_for(lambda: any(t.speaker == "user" for t in call.transcript), timeout=20)
         await wait_for(lambda: call.state == CallState.LISTENING, timeout=20)
-        proc = await run("continue", "--call-id", call_id, "-m", "Which day?")
+        # The callee answers only once "Which day?" has been heard in full: a scripted reply queued
+        # earlier would race the CLI's start-up and barge in on the question.
+        turn = asyncio.ensure_future(run("continue", "--call-id", call_id, "-m", "Which day?"))
+        await wait_for(lambda: any(t.text == "Which day?" for t in call.transcript)
+                       and call.state == CallState.LISTENING, timeout=20)
+        assert (await run("callee", "--call-id", call_id, "--say", "Tuesday works.")).returncode == 0
+        proc = await turn
         assert proc.returncode == 0 and proc.stdout.strip() == "caller: Tuesday works.", proc.stderr
         assert (await run("speak", "--call-id", call_id, "-m", "Great.")).returncode == 0
         proc = await run("dtmf", "--call-id", call_id, "--digits", "1")
