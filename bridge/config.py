@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-from carriers.sip_settings import SipSettings
+from carriers.sip_settings import SipSettings, sip_capacity_problems
 
 E164 = re.compile(r"^\+[1-9]\d{1,14}$")
 CONFIG_ENV = "VOICECALL_CONFIG"
@@ -230,9 +230,8 @@ class Settings(Section):
         for path, value, env in required:
             if not value:
                 problems.append(f"{path}: required when provider is {self.provider} (or set {env})")
-        if self.provider == "sip" and self.maxConcurrentCalls > self.sip.maxCalls:
-            problems.append(f"maxConcurrentCalls: must not exceed sip.maxCalls ({self.sip.maxCalls}) with provider sip "
-                            "(the pjsua2-python wheel carries at most 4 calls per process)")
+        if self.provider == "sip":
+            problems += sip_capacity_problems(self.sip, self.maxConcurrentCalls)
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -402,7 +401,8 @@ def _describe_error(err: Mapping[str, Any], model: type[BaseModel]) -> str:
         hint = f"; did you mean {guess[0]!r}?" if guess else ""
         return f"{path}: unknown key{hint}"
     if kind == "value_error":
-        return str(err["msg"]).removeprefix("Value error, ")
+        message = str(err["msg"]).removeprefix("Value error, ")
+        return f"{path}: {message}" if path and not message.startswith(path) else message
     return f"{path or '(top level)'}: {err['msg']}"
 
 

@@ -1,31 +1,32 @@
 """Direct SIP carrier on pjsua2 (extra `sip`, wheel `pjsua2-python`).
 
-Threads:
-- ONE dedicated thread (`_UserAgent`) owns pjsua2: it creates the library, polls `libHandleEvents`
-  and runs every pjsua2 call. The asyncio side never calls pjsua2: it queues commands
-  (`_UserAgent.submit`) and awaits their results as futures.
-- pjsua2's media clock thread calls `_AudioPort.onFrameReceived/onFrameRequested` every 20 ms; those
-  only touch the call's `SipMediaTransport` (a deque out, `call_soon_threadsafe` in).
-- Everything the SIP stack reports is posted to the loop as `(kind, provider_call_id, data)` and
-  turned into `CallEvent`s there, in order.
+Where pjsua2 runs:
+- One user agent (`sip.workers` = 1): a dedicated thread of this process (`sip_ua.LocalUa`) owns
+  pjsua2, polls `libHandleEvents` and runs every pjsua2 call; the asyncio side never calls pjsua2,
+  it queues commands and awaits their results as futures.
+- Several (`sip.workers` > 1, or "auto" when maxConcurrentCalls exceeds one process's call table):
+  worker processes (`sip_pool.WorkerUa`) behind the SIP front (`sip_front`), a stateless
+  record-routing proxy on the public port.
+Either way the carrier sees the same user-agent interface (`sip_pool.UserAgent`) and the same
+notifications `(kind, provider_call_id, data)`, delivered on the loop in order and turned into
+`CallEvent`s here.
 
 The provider call id is the SIP Call-ID of the dialog.
 
 Modules: `sip_protocol` (SIP identities and end reasons, no I/O), `sip_media` (the media leg),
-`sip_ua` (the pjsua2 thread), and this one (the carrier: loop-side call state and events).
+`sip_ua` (the pjsua2 thread), `sip_worker` / `sip_pool` / `sip_proxy` / `sip_front` (scaling out),
+and this one (the carrier: loop-side call state and events).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from bridge.calls import CallEvent, CallRecord, CallState, Direction, EventType
 from carriers.base import (
@@ -36,6 +37,7 @@ from carriers.base import (
     ProviderStatus,
 )
 from carriers.sip_media import JITTER_MAX_FRAMES, PREBUFFER_FRAMES, SipMediaTransport  # noqa: F401 - re-exported
+from carriers.sip_pool import FrontAddresses, RemoteMediaTransport, UaPool, WorkerUa
 from carriers.sip_protocol import (  # noqa: F401
     caller_id,
     dial_uri,
@@ -43,17 +45,7 @@ from carriers.sip_protocol import (  # noqa: F401
     outbound_end_reason,
 )
 from carriers.sip_settings import SipSettings
-from carriers.sip_ua import (  # noqa: F401
-    GRAVE_DELAY_S,
-    POLL_MS,
-    SHUTDOWN_GRACE_S,
-    _pj_error_text,
-    _PjCall,
-    _UserAgent,
-)
-
-if TYPE_CHECKING:
-    pass
+from carriers.sip_ua import LocalUa
 
 try:  # the `sip` extra; absent on Python 3.13 (no wheel)
     import pjsua2 as pj
@@ -61,8 +53,6 @@ except ImportError:  # pragma: no cover - exercised only without the extra
     pj = None
 
 log = logging.getLogger("voicecall.sip")
-
-
 
 
 # ----------------------------------------------------------------------------- the carrier
@@ -78,7 +68,7 @@ class _Leg:
     from_: str = ""
     to: str = ""
     started_at: float = field(default_factory=time.monotonic)
-    transport: SipMediaTransport | None = None
+    transport: SipMediaTransport | RemoteMediaTransport | None = None
     codec: str = ""
     confirmed: bool = False
     attached: bool = False
@@ -102,8 +92,12 @@ class SipCarrier(Carrier):
     def __init__(self, settings: SipSettings | None = None) -> None:
         """`settings` is the config's `sip` section; None = take `host.settings.sip` at start."""
         self._settings = settings
-        self._ua: _UserAgent | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._pool = UaPool()
+        self._front: Any = None  # sip_front.SipFront when there are workers
+        self._front_addresses: FrontAddresses | None = None
+        self._worker_count = 1
+        self._closing = False
         self._legs: dict[str, _Leg] = {}
         self._by_call: dict[str, str] = {}
         self.ended_legs: dict[str, dict[str, Any]] = {}  # pid -> figures of finished calls (bounded)
@@ -125,52 +119,119 @@ class SipCarrier(Carrier):
         if self._settings is None:
             self._settings = getattr(host.settings, "sip", None) or SipSettings()
         self._loop = asyncio.get_running_loop()
-        self._ua = _UserAgent(self.settings, self._post, self._loop)
-        self._ua.start()
-        await asyncio.wrap_future(self._ua.ready)
+        s = self.settings
+        workers = self._worker_count = s.worker_count(getattr(host.settings, "maxConcurrentCalls", None))
+        self._closing = False
+        if workers == 1:
+            local = LocalUa(s, self._notify_from(0), self._loop)
+            self._pool.agents.append(local)
+            try:
+                await local.start()
+            except BaseException:
+                self._pool.agents.clear()
+                raise
+            return
+        await self._start_workers(workers)
+
+    async def _start_workers(self, count: int) -> None:
+        from carriers.sip_front import SipFront
+        from carriers.sip_proxy import SipFrontCore
+
+        s = self.settings
+        self._front_addresses = front = FrontAddresses.for_settings(s)
+        core = SipFrontCore(
+            front.public, [], self._pick_worker, internal=front.internal,
+            local_hosts={s.bindAddress, "127.0.0.1", "localhost"},
+            dialog_ttl_s=s.ringTimeoutSec + 64.0,  # a ringing INVITE must still find its worker for CANCEL
+        )
+        # The front listens first: the registering worker's first REGISTER goes through it.
+        front_server = SipFront(core, (s.bindAddress, s.port))
+        try:
+            await front_server.start()
+        except OSError as exc:
+            raise CarrierError(f"sip: start failed: {exc.strerror or exc}") from None
+        self._front = front_server
+        agents = [self._new_worker(i) for i in range(count)]
+        self._pool.agents.extend(agents)
+        results = await asyncio.gather(*(a.start() for a in agents), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            await asyncio.gather(*(a.close() for a in agents), return_exceptions=True)
+            self._pool.agents.clear()
+            await self._front.close()
+            self._front = None
+            raise failed[0] if isinstance(failed[0], CarrierError) else CarrierError(f"sip: {failed[0]}")
+        core.set_workers([a.sip_address for a in agents])
+        await self._start_registration(agents[0])
+        log.info(
+            "sip: front on %s:%d (public %s:%d), %d workers x %d calls",
+            s.bindAddress, s.port, *front.public, count, min(a.capacity for a in agents),
+        )
+
+    def _new_worker(self, index: int) -> WorkerUa:
+        s = self.settings
+        span = s.rtpPortRange // self._worker_count
+        own = s.model_copy(update={"rtpPortStart": s.rtpPortStart + index * span, "rtpPortRange": span})
+        return WorkerUa(index, own, self._front_addresses, register=index == 0, notify=self._notify_from(index))
+
+    async def _restart_worker(self, index: int) -> None:
+        """A worker died (its calls already ended as errors): start a new one in its place."""
+        if self._front is None or self._closing:
+            return
+        agent = self._new_worker(index)
+        try:
+            await agent.start()
+        except CarrierError as exc:
+            log.error("sip: could not restart worker %d: %s", index, exc)
+            return
+        if self._closing or self._front is None:
+            await agent.close()
+            return
+        self._pool.agents[index] = agent
+        self._front.core.set_workers([a.sip_address for a in self._pool.agents if a.alive])
+        await self._start_registration(agent)
+        log.warning("sip: worker %d restarted on %s:%d", index, *agent.sip_address)
+
+    async def _start_registration(self, agent: WorkerUa) -> None:
+        account = self.settings.account
+        if account is not None and account.registrar:
+            await agent.start_registration()
+
+    def _pick_worker(self, call_id: str) -> tuple[str, int] | None:
+        agent = self._pool.reserve(call_id, time.monotonic())
+        return None if agent is None else agent.sip_address
 
     async def close(self) -> None:
-        ua = self._ua
-        if ua is None:
+        agents = list(self._pool.agents)
+        if not agents:
             return
-        ua.request_stop()
-        await asyncio.wrap_future(ua.finished)
-        await asyncio.get_running_loop().run_in_executor(None, ua.join, 5.0)
-        # Drain the notifications the thread posted while stopping.
+        self._closing = True
+        # Workers hang up their calls through the front: stop it only after them.
+        await asyncio.gather(*(a.close() for a in agents), return_exceptions=True)
+        if self._front is not None:
+            await self._front.close()
+            self._front = None
+        # Drain the notifications posted while stopping.
         for _ in range(3):
             await asyncio.sleep(0)
         for leg in list(self._legs.values()):
             self._end(leg, leg.local_reason or CallState.HANGUP_BOT)
-        self._ua = None
-
-    async def _run(self, fn: Callable[[], Any]) -> Any:
-        if self._ua is None:
-            raise CarrierError("sip: not started")
-        return await asyncio.wrap_future(self._ua.submit(fn))
+        self._pool.agents.clear()
 
     # -- manager -> carrier
     async def initiate_call(self, call: CallRecord, request: OutboundRequest) -> str:
-        ua = self._require_ua()
+        self._require_started()
         uri = dial_uri(request.to, self.settings)
+        agent = self._pool.pick(time.monotonic())
+        if agent is None:
+            raise CarrierError(f"sip: call to {uri} failed: every SIP line is busy ({self._capacity()} calls)")
         pid = f"vc-{uuid.uuid4().hex}"
         leg = _Leg(pid=pid, direction=Direction.OUTBOUND, call_id=call.callId, from_=request.from_number, to=uri)
         self._legs[pid] = leg
         self._by_call[call.callId] = pid
-
-        def dial() -> None:
-            pjcall = _PjCall(ua, ua.account)
-            pjcall.pid = pid
-            prm = pj.CallOpParam(True)
-            prm.opt.customCallId = pid
-            ua.calls[pid] = pjcall
-            try:
-                pjcall.makeCall(uri, prm)
-            except Exception:
-                ua.calls.pop(pid, None)  # never got a slot: safe to delete whenever
-                raise
-
+        self._pool.bind(pid, agent)
         try:
-            await self._run(dial)
+            await agent.dial(pid, uri)
         except CarrierError as exc:
             self._forget(leg)
             raise CarrierError(f"sip: call to {uri} failed: {exc}") from None
@@ -214,16 +275,10 @@ class SipCarrier(Carrier):
             raise CarrierError("sip: no such active call")
         if not re.fullmatch(r"[0-9A-Da-d*#]+", digits):
             raise CarrierError("sip: DTMF digits must be 0-9, A-D, * or #")
-        ua = self._require_ua()
-        pid = leg.pid
-
-        def dial() -> None:
-            pjcall = ua.calls.get(pid)
-            if pjcall is None:
-                raise CarrierError("sip: call is gone")
-            pjcall.dialDtmf(digits)
-
-        await self._run(dial)
+        agent = self._pool.agent_of(leg.pid)
+        if agent is None:
+            raise CarrierError("sip: call is gone")
+        await agent.dial_dtmf(leg.pid, digits)
 
     async def get_call_status(self, call: CallRecord) -> ProviderStatus | None:
         # SIP dialogs live only in this process: a call we do not hold has ended.
@@ -239,6 +294,8 @@ class SipCarrier(Carrier):
             info.update(
                 {"listen": f"{s.bindAddress}:{s.port}/{s.transport}", "codecs": s.codecs, "clockRate": s.clockRate}
             )
+            if self._front is not None:
+                info["workers"] = self._pool.describe(time.monotonic())
             if s.account is not None:
                 info["account"] = {"username": s.account.username, "domain": s.account.domain}
             if self.registration is not None:
@@ -252,48 +309,47 @@ class SipCarrier(Carrier):
             return self.ended_legs.get(provider_call_id)
         return self._stats(leg)
 
+    def worker_pids(self) -> list[int]:
+        """Process ids of the SIP worker processes (none when the user agent runs in this process)."""
+        return [a.pid for a in self._pool.agents if isinstance(a, WorkerUa) and a.pid is not None]
+
+    def peak_concurrent_calls(self) -> int:
+        return self._pool.peak_total
+
+    def peak_calls_per_worker(self) -> list[int]:
+        return [self._pool.peaks.get(id(a), 0) for a in self._pool.agents]
+
     # -- internals
-    def _require_ua(self) -> _UserAgent:
-        if self._ua is None:
+    def _require_started(self) -> None:
+        if not self._pool.agents:
             raise CarrierError("sip: not started")
-        return self._ua
+
+    def _capacity(self) -> int:
+        return sum(agent.capacity for agent in self._pool.agents)
 
     def _leg_for(self, call: CallRecord) -> _Leg | None:
         pid = call.providerCallId or self._by_call.get(call.callId)
         return self._legs.get(pid) if pid else None
 
     async def _call_op(self, pid: str, op: str, code: int) -> None:
-        ua = self._require_ua()
+        self._require_started()
+        agent = self._pool.agent_of(pid)
+        if agent is None:
+            return  # already ended: success
+        await agent.call_op(pid, op, code)
 
-        def run() -> None:
-            pjcall = ua.calls.get(pid)
-            if pjcall is None or pjcall.disconnected:
-                return  # already ended: success
-            prm = pj.CallOpParam(True)
-            if code:
-                prm.statusCode = code
-            if op == "answer":
-                pjcall.answer(prm)
-            else:
-                pjcall.local_hangup = True
-                pjcall.hangup(prm)
+    def _notify_from(self, index: int) -> Any:
+        """The notification sink of the pool's user agent number `index`."""
 
-        await self._run(run)
+        def notify(kind: str, pid: str, data: dict[str, Any]) -> None:
+            if kind == "incoming":
+                self._pool.bind(pid, self._pool.agents[index])
+            try:
+                getattr(self, f"_on_{kind}")(pid, data)
+            except Exception:
+                log.exception("sip: handling %s for %s failed", kind, pid)
 
-    def _post(self, kind: str, pid: str, data: dict[str, Any]) -> None:
-        """Called on the SIP thread: hand a notification to the loop, in order."""
-        loop = self._loop
-        if loop is None:
-            return
-        with contextlib.suppress(RuntimeError):  # loop closed (process exit without close())
-            loop.call_soon_threadsafe(self._on_notify, kind, pid, data)
-
-    def _on_notify(self, kind: str, pid: str, data: dict[str, Any]) -> None:
-        try:
-            handler = getattr(self, f"_on_{kind}")
-            handler(pid, data)
-        except Exception:
-            log.exception("sip: handling %s for %s failed", kind, pid)
+        return notify
 
     def _emit(self, leg: _Leg, etype: EventType, key: str | None = None, **fields: Any) -> None:
         event = CallEvent(
@@ -341,6 +397,18 @@ class SipCarrier(Carrier):
             from_number=leg.from_,
             to_number=leg.to,
         )
+
+    def _on_worker_lost(self, pid: str, data: dict[str, Any]) -> None:
+        task = asyncio.ensure_future(self._restart_worker(int(data["index"])))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _on_failed(self, pid: str, data: dict[str, Any]) -> None:
+        leg = self._legs.get(pid)
+        if leg is not None and not leg.ended:
+            log.error("sip: call %s lost: %s", pid, data.get("reason", ""))
+            self._end(leg, CallState.ERROR)
+        self._pool.release(pid)
 
     def _on_early(self, pid: str, data: dict[str, Any]) -> None:
         leg = self._legs.get(pid)
@@ -425,6 +493,7 @@ class SipCarrier(Carrier):
 
     def _forget(self, leg: _Leg) -> None:
         self._legs.pop(leg.pid, None)
+        self._pool.release(leg.pid)
         if leg.call_id and self._by_call.get(leg.call_id) == leg.pid:
             del self._by_call[leg.call_id]
 

@@ -88,6 +88,9 @@ class SipMediaTransport:
 
     # -- loop side (MediaTransport)
     async def send_media(self, payload: bytes) -> None:
+        self.queue_payload(payload)
+
+    def queue_payload(self, payload: bytes) -> None:
         size = self.format.frame_bytes
         if len(payload) == size:
             self._queue(payload)
@@ -105,6 +108,9 @@ class SipMediaTransport:
         return None
 
     async def send_clear(self) -> None:
+        self.clear_now()
+
+    def clear_now(self) -> None:
         self._out.clear()
         self._playing = False
 

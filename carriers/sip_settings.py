@@ -52,9 +52,12 @@ class SipSettings(BaseModel):
     answerDelayMs: int = Field(default=0, ge=0, le=60000)
     rejectCode: int = Field(default=403, ge=400, le=699)
     userAgent: str = "voicecall"
-    # pjsua's call table. The pjsua2-python wheel is built with PJSUA_MAX_CALLS = 4, so more than 4
-    # needs a pjproject built with a larger PJSUA_MAX_CALLS; past the table, INVITEs get 486.
+    # Calls per pjsua process (its call table). The pjsua2-python wheel is built with
+    # PJSUA_MAX_CALLS = 4: start refuses more than the build allows. More calls: more workers.
     maxCalls: int = Field(default=4, ge=1, le=512)
+    # User-agent processes behind one SIP port (`sip_pool`): "auto" = enough for maxConcurrentCalls.
+    # 1 = the user agent runs on a thread of the bridge itself, on `port`, with no front.
+    workers: int | Literal["auto"] = "auto"
     ringTimeoutSec: int = Field(default=30, gt=0)
     logLevel: int = Field(default=1, ge=0, le=6)  # pjsip's own log verbosity (stderr)
 
@@ -70,14 +73,48 @@ class SipSettings(BaseModel):
                 out.append(upper)
         return out
 
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: object) -> int | str:
+        if value == "auto":
+            return "auto"
+        if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 64:
+            return value
+        raise ValueError('must be "auto" or a number of user-agent processes from 1 to 64')
+
     @model_validator(mode="after")
     def _rtp_range(self) -> SipSettings:
         if self.rtpPortStart + self.rtpPortRange > 65535:
             raise ValueError("rtpPortStart + rtpPortRange must stay below 65536")
         return self
 
+    def worker_count(self, max_concurrent_calls: int | None) -> int:
+        if self.workers != "auto":
+            return int(self.workers)
+        wanted = max_concurrent_calls or self.maxCalls
+        return max(1, -(-wanted // self.maxCalls))
+
     def local_uri(self) -> str:
         """Our own SIP identity when no account is configured."""
         host = self.publicAddress or self.bindAddress
         suffix = ";transport=tcp" if self.transport == "tcp" else ""
         return f"sip:voicecall@{host}:{self.port}{suffix}"
+
+
+def sip_capacity_problems(sip: SipSettings, max_concurrent_calls: int) -> list[str]:
+    """Config rules tying the SIP section to `maxConcurrentCalls` (key path: rule)."""
+    workers = sip.worker_count(max_concurrent_calls)
+    problems = []
+    if max_concurrent_calls > workers * sip.maxCalls:
+        problems.append(
+            f"maxConcurrentCalls: must not exceed sip.workers x sip.maxCalls ({workers} x {sip.maxCalls}); "
+            f'set sip.workers to "auto" or at least {-(-max_concurrent_calls // sip.maxCalls)}'
+        )
+    if workers > 1 and sip.transport != "udp":
+        problems.append("sip.transport: more than one SIP worker needs udp (the SIP front is a UDP proxy)")
+    if sip.rtpPortRange < workers * sip.maxCalls * 2:
+        problems.append(
+            f"sip.rtpPortRange: must be at least {workers * sip.maxCalls * 2} "
+            f"(2 ports per call: {workers} workers x {sip.maxCalls} calls)"
+        )
+    return problems

@@ -11,11 +11,13 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import ctypes
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from bridge.calls import Direction
@@ -43,6 +45,28 @@ _CODEC_IDS = {"PCMU": "PCMU/8000", "PCMA": "PCMA/8000", "G722": "G722/16000"}
 # ----------------------------------------------------------------------------- the SIP thread
 
 Notify = Callable[[str, str, dict[str, Any]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRole:
+    """How a user agent runs as one worker of a pool behind the SIP front (`sip_pool`): SIP on a
+    private loopback port, every request routed through the front, and (for the worker that
+    registers) the front's address as the registered Contact, so the trunk's INVITEs reach the front."""
+
+    proxy: tuple[str, int]  # where this worker reaches the front (its outbound proxy)
+    contact: tuple[str, int]  # where the world reaches the front (the registered Contact)
+    register: bool  # this worker sends the account's REGISTER
+    sip_bind: str = "127.0.0.1"
+
+
+def library_call_cap(requested: int) -> int:
+    """How many calls pjsua really allows after libInit: it silently clamps `maxCalls` to its
+    compile-time PJSUA_MAX_CALLS (4 in the pjsua2-python wheel). Call on the SIP thread."""
+    try:
+        lib = ctypes.CDLL(pj._pjsua2.__file__)
+        return int(lib.pjsua_call_get_max_count())
+    except Exception:  # a build without the symbol exported: trust the request
+        return requested
 _running: set[_UserAgent] = set()
 
 
@@ -58,9 +82,14 @@ def _stop_at_exit() -> None:
 class _UserAgent(threading.Thread):
     """Owns pjsua2. Only this thread (and pjsua2's own media thread) ever touches the library."""
 
-    def __init__(self, settings: SipSettings, notify: Notify, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, settings: SipSettings, notify: Notify, loop: asyncio.AbstractEventLoop, role: WorkerRole | None = None
+    ) -> None:
         super().__init__(name="voicecall-sip", daemon=True)
         self.settings = settings
+        self.role = role
+        self.sip_address: tuple[str, int] = (settings.bindAddress, settings.port)  # as bound, set by _setup
+        self.call_cap = settings.maxCalls  # the library's real call table, set by _setup
         self.notify = notify
         self.loop = loop
         self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -163,41 +192,61 @@ class _UserAgent(threading.Thread):
         self.ep.libInit(cfg)
         self.ep.audDevManager().setNullDev()
 
+        self.call_cap = library_call_cap(s.maxCalls)
+        if self.call_cap < s.maxCalls:
+            raise CarrierError(
+                f"sip.maxCalls={s.maxCalls} but this pjsua2 build allows {self.call_cap} calls per process "
+                f"(PJSUA_MAX_CALLS); set sip.maxCalls <= {self.call_cap} and scale with sip.workers"
+            )
+        role = self.role
+        media_bind = s.bindAddress if s.bindAddress not in ("0.0.0.0", "") else ""
         tcfg = pj.TransportConfig()
-        tcfg.port = s.port
-        tcfg.boundAddress = s.bindAddress if s.bindAddress not in ("0.0.0.0", "") else ""
-        if s.publicAddress:
-            tcfg.publicAddress = s.publicAddress
+        if role is None:
+            tcfg.port = s.port
+            tcfg.boundAddress = media_bind
+            if s.publicAddress:
+                tcfg.publicAddress = s.publicAddress
+        else:  # a pool worker: SIP on a private port the OS picks; only the front talks to it
+            tcfg.port = 0
+            tcfg.boundAddress = role.sip_bind
         kind = pj.PJSIP_TRANSPORT_TCP if s.transport == "tcp" else pj.PJSIP_TRANSPORT_UDP
         self.transport_id = self.ep.transportCreate(kind, tcfg)
+        host, _, port = self.ep.transportGetInfo(self.transport_id).localName.rpartition(":")
+        self.sip_address = (host.strip("[]"), int(port))
         self._set_codecs()
         self.ep.libStart()
 
         acfg = pj.AccountConfig()
         acct = s.account
         acfg.idUri = f"sip:{acct.username}@{acct.domain}" if acct else s.local_uri()
+        registers = bool(acct and acct.registrar) and (role is None or role.register)
+        if role is not None:  # every request leaves through the front, which Record-Routes dialogs
+            acfg.sipConfig.proxies.append(f"sip:{role.proxy[0]}:{role.proxy[1]};lr")
         if acct is not None:
-            if acct.registrar:
+            if acct.registrar and registers:
                 acfg.regConfig.registrarUri = acct.registrar
                 acfg.regConfig.timeoutSec = acct.registerTimeoutSec
+                if role is not None:  # the trunk sends its INVITEs to the front, which spreads them
+                    acfg.sipConfig.contactForced = f"<sip:{acct.username}@{role.contact[0]}:{role.contact[1]}>"
             cred = pj.AuthCredInfo("digest", acct.realm, acct.username, 0, acct.password.get_secret_value())
             acfg.sipConfig.authCreds.append(cred)
             if acct.outboundProxy:
                 acfg.sipConfig.proxies.append(acct.outboundProxy)
-        acfg.regConfig.registerOnAdd = bool(acct and acct.registrar)
+        # A pool worker registers only when told (`start_registration`): the front must know it first.
+        acfg.regConfig.registerOnAdd = registers and role is None
         # Bound to our one transport: Contact/Via use it even when the peer's URIs name no transport.
         acfg.sipConfig.transportId = self.transport_id
         mt = acfg.mediaConfig.transportConfig
         mt.port = s.rtpPortStart
         mt.portRange = s.rtpPortRange
-        mt.boundAddress = tcfg.boundAddress
+        mt.boundAddress = media_bind
         if s.publicAddress:
             mt.publicAddress = s.publicAddress
         self.account = _PjAccount(self)
         self.account.create(acfg, True)
         log.info(
-            "sip: listening on %s:%d/%s as %s (codecs %s, %d Hz)",
-            s.bindAddress, s.port, s.transport, acfg.idUri, ",".join(s.codecs), s.clockRate,
+            "sip: listening on %s:%d/%s as %s (codecs %s, %d Hz, %d calls)",
+            *self.sip_address, s.transport, acfg.idUri, ",".join(s.codecs), s.clockRate, self.call_cap,
         )
 
     def _set_codecs(self) -> None:
@@ -246,6 +295,42 @@ class _UserAgent(threading.Thread):
             except Exception:
                 log.exception("sip: libDestroy failed")
             self.ep = None
+
+    # -- commands: run on this thread (queue them with `submit`)
+    def dial(self, pid: str, uri: str) -> None:
+        pjcall = _PjCall(self, self.account)
+        pjcall.pid = pid
+        prm = pj.CallOpParam(True)
+        prm.opt.customCallId = pid
+        self.calls[pid] = pjcall
+        try:
+            pjcall.makeCall(uri, prm)
+        except Exception:
+            self.calls.pop(pid, None)  # never got a slot: safe to delete whenever
+            raise
+
+    def call_op(self, pid: str, op: str, code: int) -> None:
+        """`answer` with a status code, or `hangup` (a final response, CANCEL or BYE as the state needs)."""
+        pjcall = self.calls.get(pid)
+        if pjcall is None or pjcall.disconnected:
+            return  # already ended: success
+        prm = pj.CallOpParam(True)
+        if code:
+            prm.statusCode = code
+        if op == "answer":
+            pjcall.answer(prm)
+        else:
+            pjcall.local_hangup = True
+            pjcall.hangup(prm)
+
+    def start_registration(self) -> None:
+        self.account.setRegistration(True)
+
+    def dial_dtmf(self, pid: str, digits: str) -> None:
+        pjcall = self.calls.get(pid)
+        if pjcall is None:
+            raise CarrierError("sip: call is gone")
+        pjcall.dialDtmf(digits)
 
     # -- helpers used inside the thread
     def bury(self, obj: Any) -> None:
@@ -405,3 +490,52 @@ def _pj_error_text(exc: BaseException) -> str:
     reason = getattr(exc, "reason", None)
     return str(reason or exc)
 
+
+
+class LocalUa:
+    """A user agent on a thread of this process, as the carrier drives it (see `sip_pool.WorkerUa`
+    for the same interface to a worker process)."""
+
+    def __init__(self, settings: SipSettings, notify: Notify, loop: asyncio.AbstractEventLoop) -> None:
+        self._thread = _UserAgent(settings, self._post, loop)
+        self._notify = notify
+        self._loop = loop
+
+    @property
+    def capacity(self) -> int:
+        return self._thread.call_cap
+
+    @property
+    def sip_address(self) -> tuple[str, int]:
+        return self._thread.sip_address
+
+    async def start(self) -> None:
+        self._thread.start()
+        try:
+            await asyncio.wrap_future(self._thread.ready)
+        except BaseException:
+            await self._loop.run_in_executor(None, self._thread.join, 5.0)
+            raise
+
+    async def close(self) -> None:
+        ua = self._thread
+        ua.request_stop()
+        await asyncio.wrap_future(ua.finished)
+        await self._loop.run_in_executor(None, ua.join, 5.0)
+
+    async def dial(self, pid: str, uri: str) -> None:
+        await self._run(lambda: self._thread.dial(pid, uri))
+
+    async def call_op(self, pid: str, op: str, code: int) -> None:
+        await self._run(lambda: self._thread.call_op(pid, op, code))
+
+    async def dial_dtmf(self, pid: str, digits: str) -> None:
+        await self._run(lambda: self._thread.dial_dtmf(pid, digits))
+
+    async def _run(self, fn: Callable[[], Any]) -> Any:
+        return await asyncio.wrap_future(self._thread.submit(fn))
+
+    def _post(self, kind: str, pid: str, data: dict[str, Any]) -> None:
+        """Called on the SIP thread: hand a notification to the loop, in order."""
+        with contextlib.suppress(RuntimeError):  # loop closed (process exit without close())
+            self._loop.call_soon_threadsafe(self._notify, kind, pid, data)

@@ -143,6 +143,15 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     assert "cannot read config file" in info.value.problems[0]
 
 
-def test_sip_concurrency_cannot_exceed_the_user_agent_call_table() -> None:
-    problems = _problems({"provider": "sip", "maxConcurrentCalls": 10})
-    assert problems[0].startswith("maxConcurrentCalls: must not exceed sip.maxCalls (4) with provider sip")
+def test_sip_concurrency_is_bounded_by_workers_times_their_call_table() -> None:
+    # "auto" sizes the pool: 10 calls need 3 user agents of 4 calls.
+    settings = build_settings({"provider": "sip", "maxConcurrentCalls": 10}, {})
+    assert settings.sip.worker_count(settings.maxConcurrentCalls) == 3
+    problems = _problems({"provider": "sip", "maxConcurrentCalls": 10, "sip": {"workers": 2}})
+    assert problems == ['maxConcurrentCalls: must not exceed sip.workers x sip.maxCalls (2 x 4); '
+                        'set sip.workers to "auto" or at least 3']
+    problems = _problems({"provider": "sip", "maxConcurrentCalls": 10, "sip": {"transport": "tcp"}})
+    assert problems == ["sip.transport: more than one SIP worker needs udp (the SIP front is a UDP proxy)"]
+    problems = _problems({"provider": "sip", "maxConcurrentCalls": 40, "sip": {"rtpPortRange": 40}})
+    assert problems == ["sip.rtpPortRange: must be at least 80 (2 ports per call: 10 workers x 4 calls)"]
+    assert _problems({"provider": "sip", "sip": {"workers": 0}})[0].startswith("sip.workers:")

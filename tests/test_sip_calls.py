@@ -4,6 +4,7 @@ CANCEL, ring timeout, DTMF, clean shutdown. Audio is checked by cross-correlatio
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from pathlib import Path
@@ -24,6 +25,13 @@ pytestmark = [pytest.mark.realpeer, pytest.mark.skipif(_reason is not None, reas
 
 def _settings(**extra: object) -> SipSettings:
     return SipSettings(port=bridge_sip(), rtpPortStart=bridge_rtp(), rtpPortRange=100, **extra)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=[1, 2], ids=["in-process", "2-workers"])
+def workers(request: pytest.FixtureRequest) -> int:
+    """The same call flows with the user agent on a thread here, and through the SIP front to worker
+    processes (sip.workers = 2)."""
+    return int(request.param)
 
 
 def _baresip(tmp_path: Path, **kw: object) -> Baresip:
@@ -52,8 +60,8 @@ def _outbound(to: str) -> OutboundRequest:
     return OutboundRequest(to=to, from_number="", message="hi", mode="conversation", stream=True)
 
 
-async def test_inbound_call_audio_reaches_the_bridge(tmp_path: Path, speech: Path) -> None:
-    settings = _settings()
+async def test_inbound_call_audio_reaches_the_bridge(tmp_path: Path, speech: Path, workers: int) -> None:
+    settings = _settings(workers=workers)
     async with running_carrier(settings) as (host, carrier), _baresip(tmp_path, source_wav=speech) as phone:
         await phone.dial(f"sip:bot@127.0.0.1:{settings.port}")
         initiated = (await host.wait_for(EventType.INITIATED))[0]
@@ -83,8 +91,8 @@ async def test_inbound_call_audio_reaches_the_bridge(tmp_path: Path, speech: Pat
         print(f"\n[sip] inbound setup (INVITE -> first audio frame): {stats['setupMs']} ms; r={median:.4f}")
 
 
-async def test_outbound_call_baresip_hears_the_bridge(tmp_path: Path, greeting: Path) -> None:
-    settings = _settings()
+async def test_outbound_call_baresip_hears_the_bridge(tmp_path: Path, greeting: Path, workers: int) -> None:
+    settings = _settings(workers=workers)
     tone = tone_wav(tmp_path / "tone.wav", 12.0, (350.0, 440.0))
     async with running_carrier(settings) as (host, carrier), _baresip(tmp_path, source_wav=tone) as phone:
         record = host.outbound_record(phone.uri)
@@ -120,8 +128,8 @@ async def test_outbound_call_baresip_hears_the_bridge(tmp_path: Path, greeting: 
     )
 
 
-async def test_rejected_inbound_call_gets_403(tmp_path: Path, speech: Path) -> None:
-    settings = _settings()
+async def test_rejected_inbound_call_gets_403(tmp_path: Path, speech: Path, workers: int) -> None:
+    settings = _settings(workers=workers)
     async with running_carrier(settings, policy="reject") as (host, _), _baresip(tmp_path, source_wav=speech) as phone:
         await phone.dial(f"sip:bot@127.0.0.1:{settings.port}")
         closed = await phone.wait_event("CALL_CLOSED", 10)
@@ -142,8 +150,8 @@ async def test_undecided_inbound_call_gets_480_after_ring_timeout(tmp_path: Path
         assert ended.reason is CallState.NO_ANSWER
 
 
-async def test_cancel_before_answer_and_ring_timeout(tmp_path: Path) -> None:
-    settings = _settings(ringTimeoutSec=1)
+async def test_cancel_before_answer_and_ring_timeout(tmp_path: Path, workers: int) -> None:
+    settings = _settings(ringTimeoutSec=1, workers=workers)
     async with running_carrier(settings) as (host, carrier), _baresip(tmp_path, answermode="manual") as phone:
         # The bot hangs up while the phone rings: CANCEL, then 487 from the phone.
         first = host.outbound_record(phone.uri)
@@ -161,8 +169,8 @@ async def test_cancel_before_answer_and_ring_timeout(tmp_path: Path) -> None:
         assert not host.of_type(EventType.ANSWERED)
 
 
-async def test_dtmf_from_baresip_arrives_as_events(tmp_path: Path) -> None:
-    settings = _settings()
+async def test_dtmf_from_baresip_arrives_as_events(tmp_path: Path, workers: int) -> None:
+    settings = _settings(workers=workers)
     tone = tone_wav(tmp_path / "quiet.wav", 10.0, (300.0,))
     async with running_carrier(settings) as (host, _), _baresip(tmp_path, source_wav=tone) as phone:
         await phone.dial(f"sip:bot@127.0.0.1:{settings.port}")
@@ -177,30 +185,35 @@ async def test_dtmf_from_baresip_arrives_as_events(tmp_path: Path) -> None:
         await host.wait_for(EventType.ENDED, pid)
 
 
-async def test_close_hangs_up_active_calls_and_stops_the_thread(tmp_path: Path, speech: Path) -> None:
-    settings = _settings()
+async def test_close_hangs_up_active_calls_and_stops_the_thread(tmp_path: Path, speech: Path, workers: int) -> None:
+    settings = _settings(workers=workers)
     tone = tone_wav(tmp_path / "long.wav", 15.0)
     async with _baresip(tmp_path, source_wav=tone) as phone:
         async with running_carrier(settings) as (host, carrier):
             await phone.dial(f"sip:bot@127.0.0.1:{settings.port}")
             pid = (await host.wait_for(EventType.ANSWERED))[0].provider_call_id
             await phone.wait_event("CALL_ESTABLISHED", 5)
+            worker_pids = carrier.worker_pids()
+            assert len(worker_pids) == (workers if workers > 1 else 0)
             t0 = time.monotonic()
             await carrier.close()
             close_ms = (time.monotonic() - t0) * 1000
             ended = host.of_type(EventType.ENDED, pid)
             assert ended and ended[0].reason is CallState.HANGUP_BOT
             assert not [t for t in threading.enumerate() if t.name == "voicecall-sip"]
+            for worker in worker_pids:  # exited and reaped
+                with pytest.raises(ProcessLookupError):
+                    os.kill(worker, 0)
         closed = await phone.wait_event("CALL_CLOSED", 5)  # baresip got our BYE
         assert closed
     assert close_ms < 3000
-    print(f"\n[sip] close() with one active call: {close_ms:.0f} ms")
+    print(f"\n[sip] close() with one active call ({workers} user agents): {close_ms:.0f} ms")
 
 
-async def test_echo_loopback_mouth_to_ear(tmp_path: Path, speech: Path) -> None:
+async def test_echo_loopback_mouth_to_ear(tmp_path: Path, speech: Path, workers: int) -> None:
     """baresip talks; the bridge echoes every frame it receives; baresip records both directions.
     The lag between what baresip sent and what it heard is the round trip through the bridge."""
-    settings = _settings()
+    settings = _settings(workers=workers)
     async with running_carrier(settings) as (host, _), _baresip(tmp_path, source_wav=speech) as phone:
         await phone.dial(f"sip:bot@127.0.0.1:{settings.port}")
         pid = (await host.wait_for(EventType.ANSWERED))[0].provider_call_id
@@ -225,7 +238,8 @@ async def test_echo_loopback_mouth_to_ear(tmp_path: Path, speech: Path) -> None:
     assert score > 0.9, f"echo not found in what baresip heard (r={score:.3f})"
     rtt_ms = lag / 8
     assert rtt_ms < 400
-    print(f"\n[sip] loopback round trip (baresip mouth -> bridge -> baresip ear): {rtt_ms:.0f} ms, r={score:.3f}")
+    print(f"\n[sip] loopback round trip (baresip mouth -> bridge -> baresip ear, {workers} user agents): "
+          f"{rtt_ms:.0f} ms, r={score:.3f}")
 
 
 async def test_wideband_g722_at_16khz(tmp_path: Path) -> None:
@@ -249,8 +263,8 @@ async def test_wideband_g722_at_16khz(tmp_path: Path) -> None:
     print(f"\n[sip] G.722 @16 kHz inbound: r={score:.3f}")
 
 
-async def test_bridge_sends_dtmf_to_the_phone(tmp_path: Path) -> None:
-    settings = _settings()
+async def test_bridge_sends_dtmf_to_the_phone(tmp_path: Path, workers: int) -> None:
+    settings = _settings(workers=workers)
     tone = tone_wav(tmp_path / "hold.wav", 10.0, (300.0,))
     async with running_carrier(settings) as (host, carrier), _baresip(tmp_path, source_wav=tone) as phone:
         record = host.outbound_record(phone.uri)

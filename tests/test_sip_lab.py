@@ -76,6 +76,7 @@ def test_lab_config_is_valid() -> None:
     assert settings.provider == "sip"
     assert settings.inboundPolicy == "open"
     assert settings.sip.port == 5060 and settings.sip.codecs[0] == "PCMU"
+    assert settings.sip.worker_count(settings.maxConcurrentCalls) == 2  # the lab runs the SIP front + 2 workers
 
 
 def _native_softphone_config(workdir: Path, sip_port: int, ctrl_port: int, rtp: int, source: Path) -> None:
@@ -161,6 +162,7 @@ async def test_lab_softphone_calls_the_bridge(tmp_path: Path) -> None:
     caller = speech_wav(tmp_path / "caller.wav", "hello", lead_s=5.0, pad_s=1.5)
     async with run_bridge(raw, tmp_path / "store") as runtime:
         assert runtime.carrier.name == "sip"
+        assert len(runtime.carrier.worker_pids()) == 2
         async with _softphone(tmp_path, caller, "-e", f"/dial sip:lab@127.0.0.1:{raw['sip']['port']}") as (
             phone_dir, _port,
         ):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -31,8 +32,12 @@ def _uas(tmp_path: Path, scenario: str, port: int, password: str = PASSWORD) -> 
     )
 
 
-async def test_register_with_digest_auth_and_unregister(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "2-workers"])
+async def test_register_with_digest_auth_and_unregister(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
     caplog.set_level(logging.DEBUG, logger="voicecall.sip")
+    monkeypatch.setenv("SIPP_TRACE", "1")  # the registrar writes every SIP message it sees
     registrar_port = sipp_uas()
     registrar = _uas(tmp_path, "uas_registrar.xml", registrar_port)
     await asyncio.sleep(0.3)
@@ -41,6 +46,7 @@ async def test_register_with_digest_auth_and_unregister(tmp_path: Path, caplog: 
             "port": bridge_sip(),
             "rtpPortStart": bridge_rtp(),
             "rtpPortRange": 100,
+            "workers": workers,
             "logLevel": 5,  # pjsip's own log, SIP messages included: the password must still not appear
             "account": {
                 "registrar": f"sip:127.0.0.1:{registrar_port}",
@@ -56,8 +62,14 @@ async def test_register_with_digest_auth_and_unregister(tmp_path: Path, caplog: 
         assert carrier.describe()["registration"]["code"] == 200
     result = await registrar  # the un-REGISTER at close() completes the scenario
     assert result.ok, result.errors[-1500:] or result.output[-1500:]
-    assert "Authorization: Digest" in caplog.text  # the SIP trace was logged...
-    assert PASSWORD not in caplog.text  # ...without the password
+    # Registered at the public SIP port, also with workers: the trunk's INVITEs reach the front.
+    trace = (tmp_path / "uas_registrar.xml" / "msg.log").read_text(errors="replace")
+    contacts = set(re.findall(r"^Contact: *<(sip:[^;>]*)", trace, re.MULTILINE | re.IGNORECASE))
+    assert contacts == {f"sip:bot@127.0.0.1:{settings.port}"}, contacts
+    assert PASSWORD not in trace
+    if workers == 1:  # pjsip's log of this process (workers log to their own stderr)
+        assert "Authorization: Digest" in caplog.text  # the SIP trace was logged...
+        assert PASSWORD not in caplog.text  # ...without the password
 
 
 async def test_wrong_password_is_reported(tmp_path: Path) -> None:
