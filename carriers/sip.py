@@ -195,7 +195,10 @@ class SipCarrier(Carrier):
     async def _start_registration(self, agent: WorkerUa) -> None:
         account = self.settings.account
         if account is not None and account.registrar:
-            await agent.start_registration()
+            try:
+                await agent.start_registration()
+            except CarrierError as exc:  # reported like any failed REGISTER; calls still work
+                log.warning("sip: could not start registration on worker %d: %s", agent.index, exc)
 
     def _pick_worker(self, call_id: str) -> tuple[str, int] | None:
         agent = self._pool.reserve(call_id, time.monotonic())

@@ -54,3 +54,19 @@ def test_webhook_throughput_one_second(tmp_path: Path) -> None:
     assert result["ok"] > 0 and result["non_200"] == {} and result["errors_in_server_log"] == 0
     for key in ("per_s", "p50_ms", "p99_ms", "server_cpu_pct", "client_cpu_pct"):
         assert key in result, key
+
+
+def test_sip_calls_eight_calls(tmp_path: Path) -> None:
+    import pytest
+
+    from tests.peers.harness import skip_reason
+
+    reason = skip_reason("sipp", "espeak-ng", "sox")
+    if reason:
+        pytest.skip(reason)
+    data = run_bench("sip_calls.py", "--calls", "8", "--hold", "2", out=tmp_path / "sip.json")
+    (row,) = data["rows"]
+    assert row["calls"] == 8 and row["workers"] == 2 and row["ok"] and row["ended"] == 8
+    assert row["peak_concurrent"] == 8 and row["audio_r_min"] > 0.9
+    for key in ("cpu_pct_one_core", "cpu_pct_per_call", "rss_mb", "setup_ms_p50", "setup_ms_max"):
+        assert row[key] is not None and row[key] >= 0, key

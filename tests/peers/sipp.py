@@ -39,13 +39,15 @@ async def run_sipp(
     timeout_s: int = 30,
     keys: dict[str, str] | None = None,
     transport: str = "u1",
+    prefix: list[str] | None = None,
 ) -> SippResult:
     """Run one sipp scenario to completion (bounded by timeout_s; the process is killed after).
-    `target` is the bridge's host:port for UAC scenarios, None for UAS scenarios."""
+    `target` is the bridge's host:port for UAC scenarios, None for UAS scenarios; `prefix` runs sipp
+    under another command (e.g. `taskset -c 1`)."""
     assert SIPP, "sipp is not installed"
     workdir.mkdir(parents=True, exist_ok=True)
     args = [
-        SIPP, "-sf", str(SCENARIOS / scenario), "-s", service,
+        *(prefix or []), SIPP, "-sf", str(SCENARIOS / scenario), "-s", service,
         "-m", str(calls), "-l", str(limit), "-r", str(rate), "-d", str(hold_ms),
         "-i", "127.0.0.1", "-p", str(local_port), "-mi", "127.0.0.1", "-mp", str(media_port),
         "-t", transport, "-nostdin", "-timeout", f"{timeout_s}s", "-timeout_error", "-trace_err",
