@@ -30,9 +30,9 @@ from carriers.sip_worker import (
     KIND_AUDIO,
     KIND_JSON,
     STARTUP_TIMEOUT_S,
-    pack_audio,
     pack_json,
     read_message,
+    send_audio,
     settings_for_wire,
 )
 from media.formats import AudioEncoding, AudioFormat
@@ -89,7 +89,7 @@ class RemoteMediaTransport:
 
     async def send_media(self, payload: bytes) -> None:
         if not self.closed:
-            self._worker.send(pack_audio(self._leg, payload))
+            self._worker.send_audio(self._leg, payload)
 
     async def send_mark(self, name: str) -> None:
         return None
@@ -134,6 +134,7 @@ class WorkerUa:
         self._live: set[str] = set()  # provider call ids this worker reported and has not ended
         self._closing = False
         self._lost_pipe = False
+        self.audio_dropped = 0  # frames not sent because the worker stopped reading
         self._capacity = 0
         self._sip_address = ("127.0.0.1", 0)
 
@@ -210,6 +211,10 @@ class WorkerUa:
     def send(self, message: bytes) -> None:
         if self._writer is not None and not self._writer.is_closing():
             self._writer.write(message)
+
+    def send_audio(self, leg: int, payload: bytes) -> None:
+        if self._writer is not None and not send_audio(self._writer, leg, payload):
+            self.audio_dropped += 1
 
     async def dial(self, pid: str, uri: str) -> None:
         self._live.add(pid)

@@ -35,7 +35,18 @@ HEADER = struct.Struct(">BI")
 KIND_JSON = 0x4A
 KIND_AUDIO = 0x41
 MAX_MESSAGE = 1 << 20
+# Audio is dropped (never queued without bound) while the other side has this much unread: it
+# stalled, and late audio is useless. Control messages always go through.
+AUDIO_BACKLOG_BYTES = 1 << 20
 STARTUP_TIMEOUT_S = 20.0
+
+
+def send_audio(writer: asyncio.StreamWriter, leg: int, payload: bytes) -> bool:
+    """Queue one audio frame unless the peer is AUDIO_BACKLOG_BYTES behind; False = dropped."""
+    if writer.is_closing() or writer.transport.get_write_buffer_size() > AUDIO_BACKLOG_BYTES:
+        return False
+    writer.write(pack_audio(leg, payload))
+    return True
 
 
 def pack_json(obj: dict[str, Any]) -> bytes:
@@ -74,7 +85,7 @@ class _Uplink:
         self._leg = leg
 
     def receive(self, payload: bytes, sequence: int | None = None) -> None:
-        self._worker.send(pack_audio(self._leg, payload))
+        self._worker.send_audio(self._leg, payload)
 
 
 class _Worker:
@@ -84,10 +95,15 @@ class _Worker:
         self.legs: dict[int, Any] = {}  # leg number -> SipMediaTransport
         self._leg_of: dict[str, int] = {}
         self._next_leg = 0
+        self.audio_dropped = 0
 
     def send(self, message: bytes) -> None:
         if not self._writer.is_closing():
             self._writer.write(message)
+
+    def send_audio(self, leg: int, payload: bytes) -> None:
+        if not send_audio(self._writer, leg, payload):
+            self.audio_dropped += 1
 
     def notify(self, kind: str, pid: str, data: dict[str, Any]) -> None:
         """Called on the SIP thread."""
