@@ -61,7 +61,31 @@ def _vector_reader() -> Callable[[Any], bytes]:
 _read_vector = _vector_reader()
 
 
-class SipMediaTransport:
+class LegCounters:
+    """Frame counts of one call's audio leg, and when its media started and the far end first made
+    a sound (call setup time is measured to that moment)."""
+
+    def __init__(self, frame_bytes: int) -> None:
+        self._silence = b"\x00" * frame_bytes
+        self.frames_in = 0
+        self.frames_out = 0
+        self.underruns = 0
+        self.frames_dropped = 0
+        self.first_rx_at: float | None = None  # monotonic, first frame of the leg
+        self.first_audio_at: float | None = None  # monotonic, first non-silent frame from the far end
+        self.closed = False
+
+    def count_in(self, payload: bytes) -> None:
+        if self.first_audio_at is None:
+            now = time.monotonic()
+            if self.first_rx_at is None:
+                self.first_rx_at = now
+            if payload != self._silence:
+                self.first_audio_at = now
+        self.frames_in += 1
+
+
+class SipMediaTransport(LegCounters):
     """One call's audio leg toward pjsua2, as a MediaBridge sees it (`media.transport.MediaTransport`).
 
     Outbound: `send_media` appends to a bounded deque the media clock thread drains every 20 ms.
@@ -70,6 +94,7 @@ class SipMediaTransport:
     """
 
     def __init__(self, fmt: AudioFormat, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(fmt.frame_bytes)
         self.format = fmt
         self.supports_marks = False  # pjsua2 cannot echo marks: the bridge trusts its pacing clock
         self.bridge: MediaBridge | None = None
@@ -77,14 +102,6 @@ class SipMediaTransport:
         self._out: collections.deque[bytes] = collections.deque(maxlen=JITTER_MAX_FRAMES)
         self._playing = False
         self._waited = 0
-        self._silence = b"\x00" * fmt.frame_bytes
-        self.frames_in = 0
-        self.frames_out = 0
-        self.underruns = 0
-        self.frames_dropped = 0
-        self.first_rx_at: float | None = None  # monotonic, first frame from the conference port
-        self.first_audio_at: float | None = None  # monotonic, first non-silent frame from the far end
-        self.closed = False
 
     # -- loop side (MediaTransport)
     async def send_media(self, payload: bytes) -> None:
@@ -145,13 +162,7 @@ class SipMediaTransport:
     def _push(self, payload: bytes) -> None:
         if self.closed:
             return
-        if self.first_audio_at is None:
-            now = time.monotonic()
-            if self.first_rx_at is None:
-                self.first_rx_at = now
-            if payload != self._silence:
-                self.first_audio_at = now
-        self.frames_in += 1
+        self.count_in(payload)
         try:
             self._loop.call_soon_threadsafe(self._deliver, payload)
         except RuntimeError:  # the loop is closed: nobody listens any more

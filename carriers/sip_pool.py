@@ -19,12 +19,12 @@ import json
 import logging
 import socket
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from carriers.base import CarrierError
+from carriers.sip_media import LegCounters
 from carriers.sip_settings import SipSettings
 from carriers.sip_worker import (
     KIND_AUDIO,
@@ -68,24 +68,18 @@ class UserAgent(Protocol):
     async def dial_dtmf(self, pid: str, digits: str) -> None: ...
 
 
-class RemoteMediaTransport:
-    """A call's audio leg in a worker process, as the MediaBridge here sees it (a MediaTransport)."""
+class RemoteMediaTransport(LegCounters):
+    """A call's audio leg in a worker process, as the MediaBridge here sees it (a MediaTransport).
+    frames_out, underruns and frames_dropped are the worker's, filled in when the call ends."""
 
     supports_marks = False  # like the in-process leg: the bridge trusts its own pacing clock
 
     def __init__(self, worker: WorkerUa, leg: int, fmt: AudioFormat) -> None:
+        super().__init__(fmt.frame_bytes)
         self.format = fmt
         self.bridge: MediaBridge | None = None
         self._worker = worker
         self._leg = leg
-        self._silence = b"\x00" * fmt.frame_bytes
-        self.frames_in = 0
-        self.frames_out = 0  # the worker's figures, filled in when the call ends
-        self.underruns = 0
-        self.frames_dropped = 0
-        self.first_rx_at: float | None = None
-        self.first_audio_at: float | None = None
-        self.closed = False
 
     async def send_media(self, payload: bytes) -> None:
         if not self.closed:
@@ -101,13 +95,7 @@ class RemoteMediaTransport:
     def deliver(self, payload: bytes) -> None:
         if self.closed:
             return
-        if self.first_audio_at is None:
-            now = time.monotonic()
-            if self.first_rx_at is None:
-                self.first_rx_at = now
-            if payload != self._silence:
-                self.first_audio_at = now
-        self.frames_in += 1
+        self.count_in(payload)
         if self.bridge is not None:
             self.bridge.receive(payload)
 
@@ -364,7 +352,7 @@ class UaPool:
 
     def describe(self, now: float) -> list[dict[str, Any]]:
         return [
-            {"sip": "%s:%d" % agent.sip_address, "calls": self.load(agent, now), "capacity": agent.capacity}
+            {"sip": "{}:{}".format(*agent.sip_address), "calls": self.load(agent, now), "capacity": agent.capacity}
             for agent in self.agents
         ]
 

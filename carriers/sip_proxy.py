@@ -21,7 +21,7 @@ import hashlib
 import ipaddress
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,10 +150,9 @@ class _Message:
         return head.encode("utf-8", "surrogateescape") + self.body
 
 
-def _split_commas(value: str) -> list[str]:
-    """Split on commas outside <...> and quoted strings; keeps each part's text (and its spacing)."""
-    parts: list[str] = []
-    start, depth, quoted, escaped = 0, 0, False, False
+def _outside_quotes(value: str) -> Iterator[tuple[int, str]]:
+    """(index, character) of every character of `value` outside quoted strings (escapes honoured)."""
+    quoted = escaped = False
     for i, ch in enumerate(value):
         if quoted:
             if escaped:
@@ -164,7 +163,16 @@ def _split_commas(value: str) -> list[str]:
                 quoted = False
         elif ch == '"':
             quoted = True
-        elif ch == "<":
+        else:
+            yield i, ch
+
+
+def _split_commas(value: str) -> list[str]:
+    """Split on commas outside <...> and quoted strings; keeps each part's text (and its spacing)."""
+    parts: list[str] = []
+    start, depth = 0, 0
+    for i, ch in _outside_quotes(value):
+        if ch == "<":
             depth += 1
         elif ch == ">":
             depth = max(0, depth - 1)
@@ -355,18 +363,8 @@ def _parse_uri(text: str) -> _Uri | None:
 
 def _name_addr_uri(value: str) -> tuple[str, str]:
     """(URI, header parameters) of a name-addr / addr-spec header value."""
-    quoted = escaped = False
-    for i, ch in enumerate(value):
-        if quoted:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                quoted = False
-        elif ch == '"':
-            quoted = True
-        elif ch == "<":
+    for i, ch in _outside_quotes(value):
+        if ch == "<":
             end = value.find(">", i)
             if end < 0:
                 raise _Malformed("unclosed <")

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import json
 import logging
 import socket
@@ -137,7 +138,10 @@ class _Worker:
 
 
 async def serve(sock: socket.socket) -> int:
-    from carriers.sip_ua import WorkerRole, _UserAgent  # needs pjsua2: imported only in the worker
+    from carriers.sip_ua import (  # needs pjsua2: imported only in the worker
+        WorkerRole,
+        _UserAgent,
+    )
 
     loop = asyncio.get_running_loop()
     reader, writer = await asyncio.open_unix_connection(sock=sock)
@@ -179,11 +183,11 @@ async def serve(sock: socket.socket) -> int:
                 continue
             pid = str(request["pid"])
             if op == "dial":
-                fn: Any = lambda pid=pid, uri=str(request["uri"]): ua.dial(pid, uri)  # noqa: E731
+                fn: Any = functools.partial(ua.dial, pid, str(request["uri"]))
             elif op == "call_op":
-                fn = lambda pid=pid, op=str(request["what"]), code=int(request["code"]): ua.call_op(pid, op, code)  # noqa: E731
+                fn = functools.partial(ua.call_op, pid, str(request["what"]), int(request["code"]))
             elif op == "dtmf":
-                fn = lambda pid=pid, digits=str(request["digits"]): ua.dial_dtmf(pid, digits)  # noqa: E731
+                fn = functools.partial(ua.dial_dtmf, pid, str(request["digits"]))
             else:
                 worker.send(pack_json({"reply": request.get("id"), "error": f"unknown op {op!r}"}))
                 continue
