@@ -182,3 +182,33 @@ async def test_start_fails_cleanly_when_the_port_is_taken() -> None:
     ok = SipCarrier(SipSettings(port=port))
     await ok.start(cast(CarrierHost, host))
     await ok.close()
+
+
+class _Agent:
+    def __init__(self, capacity: int, alive: bool = True) -> None:
+        self.capacity = capacity
+        self.alive = alive
+        self.sip_address = ("127.0.0.1", 40000 + capacity)
+
+
+def test_pool_spreads_calls_counts_reservations_and_skips_dead_agents() -> None:
+    from carriers.sip_pool import RESERVATION_S, UaPool
+
+    a, b = _Agent(2), _Agent(2)
+    pool = UaPool(agents=[a, b])
+    # A burst of INVITEs: each reservation counts at once, so they alternate instead of piling up.
+    picked = [pool.reserve(f"call-{i}", now=0.0) for i in range(4)]
+    assert picked == [a, b, a, b]
+    assert pool.reserve("call-5", now=0.0) is None  # every agent is full
+    pool.bind("call-0", a)  # the worker reported the call: a reservation becomes a call
+    assert pool.load(a, now=0.0) == 2 and pool.peak_total == 1
+    # Reservations that never turn into calls expire; calls do not.
+    assert pool.load(a, now=RESERVATION_S + 1) == 1 and pool.load(b, now=RESERVATION_S + 1) == 0
+    pool.release("call-0")
+    assert pool.load(a, now=RESERVATION_S + 1) == 0
+    b.alive = False  # a dead worker gets nothing, even when it is the least loaded
+    pool.bind("x", a)
+    assert pool.pick(now=RESERVATION_S + 1) is a
+    pool.bind("y", a)
+    assert pool.pick(now=RESERVATION_S + 1) is None
+    assert pool.peaks[id(a)] == 2
