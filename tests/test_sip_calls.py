@@ -285,3 +285,30 @@ async def test_bridge_sends_dtmf_to_the_phone(tmp_path: Path, workers: int) -> N
             await carrier.send_dtmf(record, "12x")
         await carrier.hangup_call(record, CallState.HANGUP_BOT)
         await host.wait_for(EventType.ENDED, pid)
+
+
+async def test_public_address_through_the_front_both_sides_hang_up(tmp_path: Path) -> None:
+    """sip.publicAddress (127.0.0.2) differs from where the workers reach the front (127.0.0.1), so
+    the front double-Record-Routes: a phone calling the public address gets a call with audio, and
+    in-dialog requests flow both ways (the bot's BYE on one call, the phone's BYE on the next).
+    Which address each side uses is asserted header by header in test_sip_front.py."""
+    settings = _settings(workers=2, bindAddress="0.0.0.0", publicAddress="127.0.0.2")
+    tone = tone_wav(tmp_path / "tone.wav", 12.0, (350.0, 440.0))
+    async with running_carrier(settings) as (host, carrier), _baresip(tmp_path, source_wav=tone) as phone:
+        await phone.dial(f"sip:bot@127.0.0.2:{settings.port}")
+        pid = (await host.wait_for(EventType.ANSWERED))[0].provider_call_id or ""
+        await phone.wait_event("CALL_ESTABLISHED", 5)
+        bridge = host.bridges[host.by_pid[pid].callId]
+        await asyncio.sleep(0.5)
+        assert len(bridge.frames) >= 10, "no audio from the phone through the public address"
+        await carrier.hangup_call(host.by_pid[pid], CallState.HANGUP_BOT)  # worker -> front -> phone
+        assert (await host.wait_for(EventType.ENDED, pid))[0].reason is CallState.HANGUP_BOT
+        await phone.wait_event("CALL_CLOSED", 5)
+
+        phone.events.clear()
+        await phone.dial(f"sip:bot@127.0.0.2:{settings.port}")
+        second = [e for e in await host.wait_for(EventType.ANSWERED, count=2) if e.provider_call_id != pid]
+        pid2 = second[0].provider_call_id or ""
+        await phone.wait_event("CALL_ESTABLISHED", 5)
+        await phone.hangup()  # phone -> front (public) -> worker
+        assert (await host.wait_for(EventType.ENDED, pid2))[0].reason is CallState.HANGUP_USER
