@@ -164,6 +164,7 @@ class WorkerUa:
             first = None
         reply = json.loads(first[1]) if first is not None and first[0] == KIND_JSON else {}
         if "ready" not in reply:
+            self._writer.close()
             await self._stop_process()
             raise CarrierError(f"sip: worker {self.index} failed to start: {reply.get('error', 'no answer')}")
         host, port = reply["ready"]["sip"]
@@ -203,6 +204,8 @@ class WorkerUa:
     def send_audio(self, leg: int, payload: bytes) -> None:
         if self._writer is not None and not send_audio(self._writer, leg, payload):
             self.audio_dropped += 1
+            if self.audio_dropped % 500 == 1:
+                log.warning("sip: worker %d is not reading; %d audio frames dropped", self.index, self.audio_dropped)
 
     async def dial(self, pid: str, uri: str) -> None:
         self._live.add(pid)
@@ -297,7 +300,6 @@ class WorkerUa:
             log.error("sip: worker %d exited unexpectedly; its %d calls are lost", self.index, len(self._live))
             for pid in sorted(self._live):
                 self._notify("failed", pid, {"reason": f"SIP worker {self.index} stopped"})
-            self._live.clear()
             self._notify("worker_lost", "", {"index": self.index})
         self._live.clear()
 
@@ -313,13 +315,13 @@ class UaPool:
     peaks: dict[int, int] = field(default_factory=dict)  # id(agent) -> most calls it held at once
 
     def load(self, agent: Any, now: float) -> int:
-        self._reserved = {k: v for k, v in self._reserved.items() if v[1] > now}
         return sum(1 for a in self._calls.values() if a is agent) + sum(
-            1 for a, _ in self._reserved.values() if a is agent
+            1 for a, deadline in self._reserved.values() if a is agent and deadline > now
         )
 
     def pick(self, now: float) -> Any | None:
         """The least-loaded running agent with room for one more call (ties: the first)."""
+        self._reserved = {k: v for k, v in self._reserved.items() if v[1] > now}
         best, best_load = None, 0
         for agent in self.agents:
             if not getattr(agent, "alive", True):

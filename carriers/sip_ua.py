@@ -67,6 +67,8 @@ def library_call_cap(requested: int) -> int:
         return int(lib.pjsua_call_get_max_count())
     except Exception:  # a build without the symbol exported: trust the request
         return requested
+
+
 _running: set[_UserAgent] = set()
 
 
@@ -489,7 +491,6 @@ def _pj_error_text(exc: BaseException) -> str:
             pass
     reason = getattr(exc, "reason", None)
     return str(reason or exc)
-
 
 
 class LocalUa:

@@ -105,6 +105,8 @@ class _Worker:
     def send_audio(self, leg: int, payload: bytes) -> None:
         if not send_audio(self._writer, leg, payload):
             self.audio_dropped += 1
+            if self.audio_dropped % 500 == 1:
+                log.warning("sip worker: the bridge is not reading; %d audio frames dropped", self.audio_dropped)
 
     def notify(self, kind: str, pid: str, data: dict[str, Any]) -> None:
         """Called on the SIP thread."""
