@@ -36,6 +36,7 @@ from carriers.base import (
     OutboundRequest,
     ProviderStatus,
 )
+from carriers.sip_front import SipFront
 from carriers.sip_media import JITTER_MAX_FRAMES, PREBUFFER_FRAMES, SipMediaTransport  # noqa: F401 - re-exported
 from carriers.sip_pool import FrontAddresses, RemoteMediaTransport, UaPool, WorkerUa
 from carriers.sip_protocol import (  # noqa: F401
@@ -44,6 +45,7 @@ from carriers.sip_protocol import (  # noqa: F401
     inbound_end_reason,
     outbound_end_reason,
 )
+from carriers.sip_proxy import SipFrontCore
 from carriers.sip_settings import SipSettings
 from carriers.sip_ua import LocalUa
 
@@ -134,9 +136,6 @@ class SipCarrier(Carrier):
         await self._start_workers(workers)
 
     async def _start_workers(self, count: int) -> None:
-        from carriers.sip_front import SipFront
-        from carriers.sip_proxy import SipFrontCore
-
         s = self.settings
         self._front_addresses = front = FrontAddresses.for_settings(s)
         core = SipFrontCore(
@@ -144,7 +143,8 @@ class SipCarrier(Carrier):
             local_hosts={s.bindAddress, "127.0.0.1", "localhost"},
             dialog_ttl_s=s.ringTimeoutSec + 64.0,  # a ringing INVITE must still find its worker for CANCEL
         )
-        # The front listens first: the registering worker's first REGISTER goes through it.
+        # The front listens before the workers start; the registering worker sends its REGISTER only
+        # once the front routes for it (set_workers), so the first one is not refused.
         front_server = SipFront(core, (s.bindAddress, s.port))
         try:
             await front_server.start()
