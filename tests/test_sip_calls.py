@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -14,7 +15,15 @@ import pytest
 from bridge.calls import CallState, Direction, EventType
 from carriers.base import CarrierError, OutboundRequest
 from carriers.sip_settings import SipSettings
-from tests.peers.audio import best_alignment, pcm16, read_pcm, speech_wav, tone_wav, windowed_alignment
+from tests.peers.audio import (
+    best_alignment,
+    pcm16,
+    read_pcm,
+    speech_wav,
+    tone_wav,
+    window_alignments,
+    windowed_alignment,
+)
 from tests.peers.baresip import Baresip
 from tests.peers.harness import running_carrier, skip_reason
 from tests.peers.ports import bridge_rtp, bridge_sip, phone_ctrl, phone_rtp, phone_sip
@@ -234,10 +243,14 @@ async def test_echo_loopback_mouth_to_ear(tmp_path: Path, speech: Path, workers:
     await asyncio.sleep(0.2)
     sent, _ = read_pcm(phone.recordings("enc")[-1])
     heard, _ = read_pcm(phone.recordings("dec")[-1])
-    score, lag = best_alignment(sent[: 8000 * 2], heard)
-    assert score > 0.9, f"echo not found in what baresip heard (r={score:.3f})"
-    rtt_ms = lag / 8
-    assert rtt_ms < 400
+    # Per 250 ms window: an echo loop has no playout buffer of its own, so one late frame makes the
+    # bridge's jitter queue re-prebuffer and shifts the rest by a frame; a whole-signal correlation
+    # would then see two half-matches (r ~0.6) although every word came back.
+    windows = window_alignments(sent[: 8000 * 3], heard)
+    score = statistics.median(s for s, _ in windows)
+    assert len(windows) >= 4 and score > 0.9, f"echo not found in what baresip heard: {windows}"
+    rtt_ms = statistics.median(d for _, d in windows) / 8
+    assert 0 < rtt_ms < 400
     print(f"\n[sip] loopback round trip (baresip mouth -> bridge -> baresip ear, {workers} user agents): "
           f"{rtt_ms:.0f} ms, r={score:.3f}")
 

@@ -74,16 +74,28 @@ def rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(x)))) if len(x) else 0.0
 
 
+def window_alignments(reference: np.ndarray, received: np.ndarray, rate: int = 8000,
+                      window_s: float = 0.25) -> list[tuple[float, int]]:
+    """(best correlation, delay in samples) of each voiced window of `reference` found anywhere in
+    `received`; the delay is where the window starts in `received` minus where it starts in
+    `reference`."""
+    size = int(rate * window_s)
+    level = rms(reference) * 0.3
+    found = []
+    for i in range(0, len(reference) - size + 1, size):
+        if rms(reference[i:i + size]) > level:
+            score, lag = best_alignment(reference[i:i + size], received)
+            found.append((score, lag - i))
+    return found
+
+
 def windowed_alignment(reference: np.ndarray, received: np.ndarray, rate: int = 8000,
                        window_s: float = 0.25) -> tuple[float, float]:
     """(median, 10th percentile) of the best correlation of each voiced window of `reference`
     found anywhere in `received`. Unlike one whole-signal alignment, a single frame lost to RTP
     jitter on a loaded machine shifts only its own window, so this measures that the speech arrived
     intact without depending on perfectly gapless transport."""
-    size = int(rate * window_s)
-    level = rms(reference) * 0.3
-    scores = [best_alignment(reference[i:i + size], received)[0]
-              for i in range(0, len(reference) - size + 1, size) if rms(reference[i:i + size]) > level]
+    scores = [score for score, _ in window_alignments(reference, received, rate, window_s)]
     if not scores:
         return 0.0, 0.0
     return float(np.median(scores)), float(np.percentile(scores, 10))
