@@ -7,9 +7,9 @@ measured before anyone commits it (`bench/media_streams.py --experiment NAME`).
 - `fast-dtmf`: the same detector and the same decisions, but the per-block tail (argmax, delete, max,
   twist and harmonic checks over 4-element arrays) in plain Python floats instead of ~10 small numpy
   calls per 25.6 ms block.
-- `frames-40ms`: outbound media messages of 40 ms (320 u-law bytes, as pipecat sends) instead of
-  20 ms: half the JSON/base64/WebSocket frames, sends and pacing timers on the way out. Measurement
-  only: the patch does not fix `PlaybackResult.heard_ms` (still counted in 20 ms frames).
+- `frames-40ms`: now the default on WebSocket streams (`streaming.outboundFrameMs: 40`, with
+  `heard_ms` counted in milliseconds); kept as a name that changes nothing, so old command lines
+  still run. `bench/media_streams.py --outbound-ms 20` measures the old 20 ms messages.
 - `gc-freeze`: once the server is up, `gc.freeze()` the objects it started with (config models,
   aiohttp, numpy, ...), so the cyclic GC's full collections only walk what calls create.
 """
@@ -83,14 +83,6 @@ def _gc_freeze() -> None:
     rt.Runtime.start = start  # type: ignore[method-assign]
 
 
-def _frames_40ms() -> None:
-    import media.bridge as mb
-    from media.frames import Framer, Pacer
-
-    mb.Framer = lambda frame_bytes, pad=0: Framer(frame_bytes * 2, pad)  # type: ignore[assignment,misc]
-    mb.Pacer = lambda *a, **k: Pacer(*a, **{**k, "frame_ms": 40, "lead_frames": 2})  # type: ignore[assignment,misc]
-
-
 def apply(names: str) -> None:
     for name in filter(None, names.split(",")):
         if name == "no-inband-dtmf":
@@ -100,6 +92,6 @@ def apply(names: str) -> None:
         elif name == "gc-freeze":
             _gc_freeze()
         elif name == "frames-40ms":
-            _frames_40ms()
+            pass  # the default now (streaming.outboundFrameMs: 40)
         else:
             raise SystemExit(f"unknown experiment {name!r} (known: {', '.join(EXPERIMENTS)})")

@@ -60,7 +60,8 @@ DEFAULT_PIPECAT_PY = "/work/venvs/pipecat/bin/python"
 # ====================================================================== servers
 
 
-def bridge_config(tmp: Path, port: int, account_sid: str, auth_token: str, *, uvloop: bool = False) -> Path:
+def bridge_config(tmp: Path, port: int, account_sid: str, auth_token: str, *, uvloop: bool = False,
+                  outbound_ms: int | None = None) -> Path:
     import yaml
 
     config = {
@@ -77,7 +78,8 @@ def bridge_config(tmp: Path, port: int, account_sid: str, auth_token: str, *, uv
         # REST is never needed while streams run (hang-ups after the run go nowhere: the server is stopped)
         "twilio": {"accountSid": account_sid, "authToken": auth_token, "apiBaseUrl": "http://127.0.0.1:9"},
         "streaming": {"enabled": True, "echo": True, "provider": "none", "maxConnections": 100000,
-                      "maxPendingConnections": 1000, "maxPendingConnectionsPerIp": 64},
+                      "maxPendingConnections": 1000, "maxPendingConnectionsPerIp": 64,
+                      **({"outboundFrameMs": outbound_ms} if outbound_ms else {})},
         "webhookSecurity": {"maxInFlightPerIp": 64},
         "tts": {"provider": "espeak"},
         "responseModel": "offline",
@@ -88,11 +90,11 @@ def bridge_config(tmp: Path, port: int, account_sid: str, auth_token: str, *, uv
 
 
 def start_server(kind: str, tmp: Path, *, uvloop: bool, pipecat_python: str,
-                 experiment: str | None = None) -> tuple[Server, dict[str, Any]]:
+                 experiment: str | None = None, outbound_ms: int | None = None) -> tuple[Server, dict[str, Any]]:
     port = free_port()
     if kind == "bridge":
         account_sid, auth_token = "AC" + secrets.token_hex(16), secrets.token_hex(16)
-        config = bridge_config(tmp, port, account_sid, auth_token, uvloop=uvloop)
+        config = bridge_config(tmp, port, account_sid, auth_token, uvloop=uvloop, outbound_ms=outbound_ms)
         if experiment:
             prelude = f"import bench.experiments as x; x.apply({experiment!r}); "
             code = f"import sys; {prelude}from bridge.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -219,7 +221,8 @@ def run_point(kind: str, n: int, seconds: float, args: argparse.Namespace, basel
     with tempfile.TemporaryDirectory(prefix=f"bench-{kind}-") as tmpdir:
         tmp = Path(tmpdir)
         server, target = start_server(kind, tmp, uvloop=args.uvloop, pipecat_python=args.pipecat_python,
-                                      experiment=args.experiment if kind == "bridge" else None)
+                                      experiment=args.experiment if kind == "bridge" else None,
+                                      outbound_ms=args.outbound_ms)
         try:
             time.sleep(0.5)
             idle_rss = rss_bytes(server.pid)
@@ -311,6 +314,7 @@ def sweep(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         points.append(point)
     idle = [b for b in base if b != float("inf")]
     return {"server": kind, "uvloop": args.uvloop, "experiment": args.experiment if kind == "bridge" else None,
+            "outbound_ms": args.outbound_ms if kind == "bridge" else None,
             "calibration": {
         "streams": 2, "frames": len(idle), "idle_rtt_p50_ms": sorted(idle)[len(idle) // 2] if idle else None,
         "idle_rtt_max_ms": max(idle) if idle else None, "alignment": calib.get("alignment"), "lost": calib["lost"]},
@@ -325,7 +329,8 @@ def print_sweep(s: dict[str, Any]) -> None:
                      p["rtt_p50_ms"], p["rtt_p99_ms"], p["lost"],
                      p.get("late", 0), p["failed"], p.get("server_cpu_pct", float("nan")),
                      p.get("rss_per_stream_kb", float("nan")), p["generator_cpu_pct"], p["loadavg"][0]])
-    extras = ", ".join(x for x in ("uvloop" if s["uvloop"] else "", s.get("experiment") or "") if x)
+    outbound = f"{s['outbound_ms']} ms outbound" if s.get("outbound_ms") else ""
+    extras = ", ".join(x for x in ("uvloop" if s["uvloop"] else "", s.get("experiment") or "", outbound) if x)
     print(f"\n{s['server']}{f' ({extras})' if extras else ''}: idle round trip p50 "
           f"{s['calibration']['idle_rtt_p50_ms']:.1f} ms, echo alignment {s['calibration']['alignment']}")
     print(table(["N", "p50", "p99", "max", "abs p99", "rtt p50", "rtt p99", "lost", "late", "failed",
@@ -346,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipecat-python", default=os.environ.get("PIPECAT_PYTHON", DEFAULT_PIPECAT_PY))
     parser.add_argument("--uvloop", action="store_true", help="run the server on uvloop")
     parser.add_argument("--experiment", help="patch the bridge server with bench/experiments.py changes (comma list)")
+    parser.add_argument("--outbound-ms", type=int, choices=[20, 40],
+                        help="bridge streaming.outboundFrameMs (default: the server's default, 40)")
     parser.add_argument("--json", action="store_true", help="also print the JSON on stdout")
     parser.add_argument("--profile", metavar="DIR", help="py-spy the server during each window into DIR")
     parser.add_argument("--out", help="results file (default bench/results/media_streams.json)")

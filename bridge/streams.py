@@ -86,6 +86,7 @@ class WebSocketTransport:
     codec: MediaStreamCodec
     format: AudioFormat
     max_buffer: int
+    send_ms: int = 20  # audio per outbound media message (streaming.outboundFrameMs)
     supports_marks: bool = True
     overflowed: bool = False
 
@@ -167,7 +168,7 @@ class StreamHandler:
             self.gate.started(ip)
             pending = False
             call_id = call.callId
-            transport = WebSocketTransport(ws, codec, start.format, limits.maxSendBufferBytes)
+            transport = WebSocketTransport(ws, codec, start.format, limits.maxSendBufferBytes, limits.outboundFrameMs)
             bridge = self.manager.attach_media(call_id, transport)
             if bridge is None:
                 await ws.close(code=CLOSE_POLICY, message=b"Call cannot take media")

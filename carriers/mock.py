@@ -81,7 +81,7 @@ class MockCallee:
         now = self._loop.time()
         self._play_out(now)
         start = max(now, self._playout_end)
-        self._playout_end = start + FRAME_MS / 1000
+        self._playout_end = start + self.format.ms_of(payload) / 1000
         self._queued.append((start, g711.decode(payload, self.format.encoding)))
         self.frames_received += 1
         self._cancel_reply()

@@ -7,9 +7,11 @@ Inbound (sync, per frame, on the event loop):
                                                              -> listener.on_pipeline_audio, recorder ch 0
     (DTMF and VAD sit before the resampler, which releases audio in blocks up to ~130 ms late.)
 Outbound (`play`, serialized):
-    PCM16 at the engine's rate -> stream-resample to the wire rate -> encode -> exact 20 ms frames
-    -> paced send (absolute schedule, <= `lead_frames` queued at the carrier) -> mark
-    -> PlaybackResult with what the caller actually heard; recorder ch 1 gets what was played.
+    PCM16 at the engine's rate -> stream-resample to the wire rate -> encode -> messages of exactly
+    the transport's `send_ms` (20 ms frames on SIP, 40 ms on WebSocket streams by default; the
+    last one padded to whole 20 ms frames only) -> paced send (absolute schedule, ~`lead_ms` queued
+    at the carrier) -> mark -> PlaybackResult with what the caller actually heard (in ms);
+    recorder ch 1 gets what was played.
 Barge-in (`interrupt`): no frame is sent after it returns, the carrier is told to `clear`, the
 engine's stream is closed, queued plays are dropped.
 """
@@ -32,7 +34,7 @@ from media.frames import Framer, Pacer
 from media.jitter import ReorderBuffer
 from media.recorder import CallRecorder
 from media.resample import StreamResampler
-from media.transport import MediaListener, MediaTransport
+from media.transport import MediaListener, MediaTransport, outbound_ms
 from media.vad import EnergyVad
 
 log = logging.getLogger(__name__)
@@ -47,16 +49,13 @@ DTMF_DEDUPE_S = 0.3
 class PlaybackResult:
     completed: bool
     interrupted: bool
-    frames_sent: int
+    frames_sent: int  # media messages (of the transport's `send_ms` each, the last one maybe shorter)
     heard_ms: float
     label: str | None = None
-
-    @property
-    def sent_ms(self) -> float:
-        return self.frames_sent * FRAME_MS
+    sent_ms: float = 0.0  # audio in those messages
 
     def heard_fraction(self) -> float:
-        return 1.0 if self.completed else (self.heard_ms / self.sent_ms if self.frames_sent else 0.0)
+        return 1.0 if self.completed else (self.heard_ms / self.sent_ms if self.sent_ms else 0.0)
 
 
 def heard_text(text: str, result: PlaybackResult, *, total_ms: float | None = None) -> str:
@@ -110,7 +109,7 @@ class MediaBridge:
         inband_dtmf: bool = True,
         vad_barge_in: bool = True,
         clock: Clock | None = None,
-        lead_frames: int = 3,
+        lead_ms: int = 60,
         jitter_frames: int = 3,
         stall_timeout_s: float | None = 8.0,
     ) -> None:
@@ -122,7 +121,9 @@ class MediaBridge:
         self.barge_in_enabled = True
         self.stats = MediaStats()
         self._clock: Clock = clock or RealClock()
-        self._lead = lead_frames
+        self._send_ms = outbound_ms(transport)
+        # Audio queued at the carrier ahead of play-out: 3 x 20 ms, or 2 x 40 ms (rounded up).
+        self._lead = max(1, -(-lead_ms // self._send_ms))
         self._stall_timeout = stall_timeout_s
         self._reorder = ReorderBuffer(jitter_frames)
         self._in_resampler = StreamResampler(self.wire.rate, pipeline_rate)
@@ -269,18 +270,17 @@ class MediaBridge:
 
     def _result(self, play: _Play, *, completed: bool) -> PlaybackResult:
         pacer = play.pacer
-        sent = pacer.sent if pacer else 0
-        if completed:
-            heard = float(sent * FRAME_MS)
-        else:
-            heard = (pacer.played_frames(self._clock.monotonic()) if pacer else 0.0) * FRAME_MS
-        return PlaybackResult(completed, not completed, sent, heard, play.label)
+        if pacer is None:
+            return PlaybackResult(completed, not completed, 0, 0.0, play.label)
+        heard = pacer.sent_ms if completed else pacer.played_ms(self._clock.monotonic())
+        return PlaybackResult(completed, not completed, pacer.sent, heard, play.label, pacer.sent_ms)
 
     async def _run_play(self, play: _Play, audio: AsyncIterable[bytes], rate: int) -> PlaybackResult:
         wire = self.wire
         resampler = StreamResampler(rate, wire.rate)
-        framer = Framer(wire.frame_bytes, wire.silence_byte)
-        pacer = play.pacer = Pacer(self._clock.monotonic, self._clock.sleep, lead_frames=self._lead)
+        framer = Framer(wire.bytes_for_ms(self._send_ms), wire.silence_byte, pad_to=wire.frame_bytes)
+        pacer = play.pacer = Pacer(self._clock.monotonic, self._clock.sleep, lead_frames=self._lead,
+                                   frame_ms=self._send_ms)
         rec = StreamResampler(wire.rate, self.recorder.rate) if self.recorder else None
         try:
             async for chunk in _with_stall_timeout(audio, self._stall_timeout):
@@ -313,7 +313,7 @@ class MediaBridge:
         if play.stopped:
             return False
         await self.transport.send_media(frame)
-        pacer.sent_one()
+        pacer.sent_one(self.wire.ms_of(frame))
         self.stats.frames_out += 1
         if self.recorder is not None and rec is not None:
             before = rec.samples_out

@@ -26,7 +26,15 @@ class AudioFormat:
     @property
     def frame_bytes(self) -> int:
         """Bytes in one 20 ms frame."""
-        return self.rate * FRAME_MS // 1000 * self.bytes_per_sample
+        return self.bytes_for_ms(FRAME_MS)
+
+    def bytes_for_ms(self, ms: int) -> int:
+        """Bytes in `ms` milliseconds of audio (whole samples)."""
+        return self.rate * ms // 1000 * self.bytes_per_sample
+
+    def ms_of(self, payload: bytes) -> float:
+        """Duration of `payload` in milliseconds."""
+        return len(payload) * 1000 / (self.rate * self.bytes_per_sample)
 
     @property
     def silence_byte(self) -> int:

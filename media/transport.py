@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from media.formats import AudioFormat
+from media.formats import FRAME_MS, AudioFormat
 
 
 class MediaTransport(Protocol):
     """One call's media leg toward the carrier.
 
-    `format` is the wire format of payloads in both directions. `send_media` takes exactly one
-    encoded 20 ms frame. Transports that cannot echo marks set `supports_marks = False`; the bridge
-    then derives "heard" from its own pacing clock.
+    `format` is the wire format of payloads in both directions. Outbound messages carry `send_ms`
+    of audio, an optional attribute (20 when absent; a multiple of 20): `send_media` takes exactly
+    that much encoded audio, except the last message of a play, which may be shorter by whole 20 ms
+    frames. Transports that cannot echo marks set `supports_marks = False`; the bridge then derives
+    "heard" from its own pacing clock.
     """
 
     format: AudioFormat
@@ -23,6 +25,14 @@ class MediaTransport(Protocol):
     async def send_mark(self, name: str) -> None: ...
 
     async def send_clear(self) -> None: ...
+
+
+def outbound_ms(transport: object) -> int:
+    """The transport's outbound message duration (`send_ms`, default one 20 ms frame)."""
+    ms = getattr(transport, "send_ms", FRAME_MS)
+    if not isinstance(ms, int) or ms <= 0 or ms % FRAME_MS:
+        raise ValueError(f"send_ms must be a positive multiple of {FRAME_MS} ms (got {ms!r})")
+    return ms
 
 
 class MediaListener(Protocol):

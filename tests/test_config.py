@@ -155,3 +155,11 @@ def test_sip_concurrency_is_bounded_by_workers_times_their_call_table() -> None:
     problems = _problems({"provider": "sip", "maxConcurrentCalls": 40, "sip": {"rtpPortRange": 40}})
     assert problems == ["sip.rtpPortRange: must be at least 80 (2 ports per call: 10 workers x 4 calls)"]
     assert _problems({"provider": "sip", "sip": {"workers": 0}})[0].startswith("sip.workers:")
+
+
+def test_outbound_frame_ms_is_20_or_40_and_defaults_to_40() -> None:
+    assert build_settings({"provider": "mock"}, {}).streaming.outboundFrameMs == 40
+    assert build_settings({"provider": "mock", "streaming": {"outboundFrameMs": 20}}, {}).streaming.outboundFrameMs == 20
+    for bad in (30, 60, "fast"):
+        assert _problems({"provider": "mock", "streaming": {"outboundFrameMs": bad}}) == [
+            "streaming.outboundFrameMs: Input should be 20 or 40"]

@@ -28,6 +28,30 @@ def test_framer_exact_frames_any_chunking(chunks: list[bytes]) -> None:
     assert f.pending == 0
 
 
+@given(st.lists(st.binary(max_size=900), max_size=40))
+def test_framer_40ms_messages_tail_padded_to_whole_20ms_frames(chunks: list[bytes]) -> None:
+    f = Framer(320, 0xFF, pad_to=160)
+    msgs: list[bytes] = []
+    for c in chunks:
+        msgs += f.push(c)
+    last = f.flush()
+    data = b"".join(chunks)
+    assert all(len(m) == 320 for m in msgs)
+    if last is not None:
+        assert len(last) in (160, 320)
+        msgs.append(last)
+    joined = b"".join(msgs)
+    assert len(joined) == -(-len(data) // 160) * 160  # no more padding than 20 ms frames would add
+    assert joined[: len(data)] == data and set(joined[len(data) :]) <= {0xFF}
+
+
+def test_framer_pad_to_must_divide_the_message() -> None:
+    import pytest
+
+    with pytest.raises(ValueError):
+        Framer(320, 0xFF, pad_to=150)
+
+
 class VirtualTime:
     def __init__(self) -> None:
         self.now = 100.0
@@ -140,3 +164,21 @@ def test_reorder_buffer_restores_any_local_shuffle(perm: list[int], window: int)
     out += rb.drain()
     assert [o[0] for o in out] == list(range(40))
     assert rb.late == 0 and rb.skipped == 0
+
+
+async def test_pacer_40ms_messages_two_ahead_and_a_short_tail() -> None:
+    vt = VirtualTime()
+    p = Pacer(vt.monotonic, vt.sleep, lead_frames=2, frame_ms=40)
+    sent_at = []
+    for i in range(50):
+        await p.wait_turn()
+        sent_at.append(vt.now)
+        p.sent_one(20 if i == 49 else None)  # the play's last message: one 20 ms frame
+        vt.now += 0.0007
+    t0 = sent_at[0]
+    for n, t in enumerate(sent_at):
+        assert t >= t0 + max(0, n - 1) * 0.04 - 1e-9
+        assert n * 40 - p.played_ms(t) <= 80 + 1e-6  # <= 80 ms queued at the carrier
+    assert p.sent == 50 and p.sent_ms == 49 * 40 + 20
+    assert abs(p.end_time - (t0 + 1.98)) < 1e-9
+    assert p.played_ms(t0 + 10) == 1980.0 and p.played_ms(t0 + 0.5) == 500.0

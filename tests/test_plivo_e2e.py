@@ -4,6 +4,7 @@ callbacks, XML interpreter, bidirectional Audio Stream) and, for speech-in, the 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -404,3 +405,23 @@ async def test_stream_with_bad_token_or_unknown_call_closes_1008(plivo: FakePliv
         assert await _stream_close(runtime, _start("no-such-uuid", unknown)) == 1008
         assert not stream.closed.is_set()  # the real stream is untouched
         await runtime.manager.end(call.callId)
+
+
+@pytest.mark.parametrize("outbound_ms", [None, 20])
+async def test_outbound_play_audio_messages_on_the_wire(plivo: FakePlivo, tmp_path: Path, outbound_ms: int | None) -> None:
+    """streaming.outboundFrameMs (default 40): every playAudio but a play's last carries exactly that
+    much u-law; the last is whole 20 ms frames; the checkpoint still comes back after it."""
+    cfg = config(plivo)
+    if outbound_ms is not None:
+        cfg["streaming"]["outboundFrameMs"] = outbound_ms
+    async with run_bridge(cfg, tmp_path) as runtime:
+        call = await runtime.manager.initiate(CALLEE, "This is a reminder about your appointment.", "notify")
+        await wait_for(lambda: call.terminal, 15)
+        stream = plivo.call().stream
+        assert stream is not None
+        sizes = [len(base64.b64decode(e["media"]["payload"])) for e in stream.events if e.get("event") == "playAudio"]
+        size = (outbound_ms or 40) * 8
+        assert len(sizes) > 10 and sizes[:-1] == [size] * (len(sizes) - 1)
+        assert sizes[-1] in range(160, size + 1, 160)
+        assert stream.played and stream.played == stream.checkpoints
+        assert len(stream.heard) == sum(sizes)  # all of it played

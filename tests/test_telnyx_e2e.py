@@ -107,10 +107,10 @@ async def test_outbound_conversation_turn_through_telnyx_transcription(tmp_path:
         call = runtime.manager.calls[call_id]
         await wait_for(lambda: call.state == CallState.LISTENING, timeout=15)
         tx = only_call(fake)
-        greeting_frames = stream_of(tx).frames_received
+        greeting_ms = stream_of(tx).ms_received
         turn = asyncio.ensure_future(client.call("voicecall.continue",
                                                  {"callId": call_id, "message": "What is your favourite colour?"}))
-        await wait_for(lambda: call.state == CallState.LISTENING and stream_of(tx).frames_received > greeting_frames + 20,
+        await wait_for(lambda: call.state == CallState.LISTENING and stream_of(tx).ms_received > greeting_ms + 400,
                        timeout=15)
         await tx.say("Blue, definitely.")
         reply = await asyncio.wait_for(turn, 15)
@@ -140,7 +140,7 @@ async def test_conversation_turn_through_local_stt_on_pcma(tmp_path: Path, fake:
             assert stream_of(tx).codec == "PCMA"
             turn = asyncio.ensure_future(client.call("voicecall.continue", {"callId": call_id, "message": "How many?"}))
             await wait_for(lambda: call.state == CallState.LISTENING and call.metadata.get("turnCount") is not None
-                           and stream_of(tx).frames_received > 60, timeout=15)
+                           and stream_of(tx).ms_received > 1200, timeout=15)
             await asyncio.sleep(0.3)
             await tx.say("A table for two, please.")
             assert await asyncio.wait_for(turn, 15) == {"success": True, "transcript": "a table for two"}
@@ -174,10 +174,10 @@ async def test_inbound_allowlisted_call_answered_greeted_on_pcma(tmp_path: Path,
         levels = frame_rms(heard)
         assert levels.min() < 30, "A-law silence decodes to silence (u-law bytes would read as a DC of 848)"
         # the caller says something; Telnyx transcribes it; the bridge answers through the stream
-        before = stream_of(tx).frames_received
+        before = stream_of(tx).ms_received
         await tx.say("Do you have a table for two?")
         await wait_for(lambda: any(t.speaker == "user" for t in call.transcript), timeout=10)
-        await wait_for(lambda: call.state == CallState.LISTENING and stream_of(tx).frames_received > before + 20,
+        await wait_for(lambda: call.state == CallState.LISTENING and stream_of(tx).ms_received > before + 400,
                        timeout=15)
         assert [t.speaker for t in call.transcript][-2:] == ["user", "bot"]
         await tx.hang_up()
@@ -342,3 +342,22 @@ async def test_native_speak_and_listen_without_streaming(tmp_path: Path, fake: F
         await tx.hang_up()
         await wait_for(lambda: call.terminal)
         assert call.state == CallState.HANGUP_USER
+
+
+@pytest.mark.parametrize("outbound_ms", [None, 20])
+async def test_outbound_media_messages_on_the_wire(tmp_path: Path, fake: FakeTelnyx, outbound_ms: int | None) -> None:
+    """streaming.outboundFrameMs (default 40): every media message but a play's last carries exactly
+    that much audio; the last is whole 20 ms frames."""
+    cfg = config(fake)
+    if outbound_ms is not None:
+        cfg["streaming"] = {**cfg["streaming"], "outboundFrameMs": outbound_ms}
+    async with bridge(fake, cfg, tmp_path) as runtime:
+        call = await runtime.manager.initiate(None, "Your table is ready.", "notify")
+        await wait_for(lambda: call.terminal, timeout=20)
+        stream = stream_of(only_call(fake))
+        size = (outbound_ms or 40) * 8
+        sizes = stream.sizes_received
+        assert len(sizes) > 10 and sizes[:-1] == [size] * (len(sizes) - 1)
+        assert sizes[-1] in range(160, size + 1, 160)
+        assert stream.marks_echoed
+        assert len(stream.heard_now()) == 2 * sum(sizes)  # all of it played (PCM16)

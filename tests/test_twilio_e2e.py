@@ -258,7 +258,7 @@ async def test_barge_in_clears_twilio_buffer(fake: FakeTwilio, tmp_path: Path) -
         await asyncio.sleep(0.5)
         late = [t for t, _ in stream.received if t > cleared_at + 0.1]
         assert late == [], "no bot audio after the clear"
-        assert stream.frames_received * 20 < 5000, "the long greeting was cut short"
+        assert stream.ms_received < 5000, "the long greeting was cut short"
         await wait_for(lambda: call.state == CallState.LISTENING, timeout=5)
         assert call.metadata.get("lastInterruptedText") == long_greeting
         await rpc_client(runtime).call("voicecall.end", {"callId": call.callId})
@@ -443,3 +443,22 @@ async def test_long_speech_without_stream_is_served_by_url(fake: FakeTwilio, tmp
         assert "Twiml" not in update and "type=twiml" in update["Url"][0]
         assert twilio_call.said[-1] == long_text.strip()
         await runtime.manager.end(call.callId)
+
+
+@pytest.mark.parametrize("outbound_ms", [None, 20, 40])
+async def test_outbound_media_messages_on_the_wire(fake: FakeTwilio, tmp_path: Path, outbound_ms: int | None) -> None:
+    """streaming.outboundFrameMs (default 40): every media message but a play's last carries exactly
+    that much u-law; the last is whole 20 ms frames; the mark still comes back after it."""
+    cfg = config(fake, stream=True)
+    if outbound_ms is not None:
+        cfg["streaming"]["outboundFrameMs"] = outbound_ms
+    async with run_bridge(cfg, tmp_path) as runtime:
+        call = await runtime.manager.initiate(None, "Your table is ready.", "notify")
+        await wait_for(lambda: call.terminal, timeout=20)
+        stream = only_call(fake).stream
+        size = (outbound_ms or 40) * 8
+        sizes = stream.sizes_received
+        assert len(sizes) > 10 and sizes[:-1] == [size] * (len(sizes) - 1)
+        assert sizes[-1] in range(160, size + 1, 160)
+        assert stream.marks_echoed and stream.bad_frames == 0
+        assert len(stream.heard_ulaw()) == sum(sizes)  # all of it played

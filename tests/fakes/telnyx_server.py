@@ -74,7 +74,9 @@ class FakeMediaStream:
         self.back_codec = back_codec  # how Telnyx decodes what the bridge sends (stream_bidirectional_codec)
         self.stream_id = str(uuid.uuid4()).upper()
         self.heard = bytearray()  # PCM16 8 kHz the caller actually heard (cleared audio excluded)
-        self.frames_received = 0
+        self.frames_received = 0  # media messages (20 or 40 ms each, as the bridge sends them)
+        self.ms_received = 0.0  # the audio in them
+        self.sizes_received: list[int] = []  # payload bytes of each media message
         self.marks_echoed: list[str] = []
         self.clears = 0
         self.close_code: int | None = None
@@ -146,6 +148,8 @@ class FakeMediaStream:
         self._playout_end = start + len(pcm) / 2 / 8000
         self._queued.append((start, pcm))
         self.frames_received += 1
+        self.ms_received += len(pcm) / 2 / 8
+        self.sizes_received.append(len(payload))
 
     def _played(self, now: float) -> None:
         while self._queued and self._queued[0][0] <= now + 1e-6:

@@ -109,7 +109,10 @@ class TwilioMediaStreamClient:
         self.sent_at: list[float] = []  # loop time each media frame was sent (index = chunk - 1)
         # what we hear
         self.received: list[tuple[float, bytes]] = []  # (loop time received, payload or b"" if not kept)
-        self.frames_received = 0
+        self.frames_received = 0  # media messages (20 or 40 ms each, as the bridge sends them)
+        self.ms_received = 0.0  # the audio in them
+        self.received_ms: list[tuple[float, float]] = []  # (loop time received, ms of audio)
+        self.sizes_received: list[int] = []  # payload bytes of each media message
         self.marks_received: list[str] = []
         self.marks_echoed: list[str] = []
         self.clears = 0
@@ -275,6 +278,9 @@ class TwilioMediaStreamClient:
     def _on_media(self, payload: bytes) -> None:
         now = self._loop.time()
         self.frames_received += 1
+        self.ms_received += len(payload) / 8
+        self.received_ms.append((now, len(payload) / 8))
+        self.sizes_received.append(len(payload))
         self.last_media_at = now
         self.received.append((now, payload if self.keep_audio else b""))
         start = max(now, self._playout_end)
@@ -338,7 +344,7 @@ class TwilioMediaStreamClient:
         async with asyncio.timeout(timeout):
             while True:
                 since = self.clear_times[-1] if self.clear_times else 0.0
-                if sum(1 for t, _ in self.received if t > since) * FRAME_MS >= ms:
+                if sum(d for t, d in self.received_ms if t > since) >= ms:
                     return
                 await asyncio.sleep(0.01)
 
