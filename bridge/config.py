@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from carriers.asterisk_settings import AsteriskSettings, asterisk_problems
 from carriers.sip_settings import SipSettings, sip_capacity_problems
 
 E164 = re.compile(r"^\+[1-9]\d{1,14}$")
@@ -172,7 +173,7 @@ class MessagesSettings(Section):
 
 class Settings(Section):
     enabled: bool = True
-    provider: Literal["mock", "twilio", "telnyx", "plivo", "sip"] = "mock"  # ARI (asterisk): not yet
+    provider: Literal["mock", "twilio", "telnyx", "plivo", "sip", "asterisk"] = "mock"
     fromNumber: str | None = None
     toNumber: str | None = None
     inboundPolicy: Literal["disabled", "allowlist", "pairing", "open"] = "disabled"
@@ -207,6 +208,7 @@ class Settings(Section):
     telnyx: TelnyxSettings = Field(default_factory=TelnyxSettings)
     plivo: PlivoSettings = Field(default_factory=PlivoSettings)
     sip: SipSettings = Field(default_factory=SipSettings)
+    asterisk: AsteriskSettings = Field(default_factory=AsteriskSettings)
     mock: MockSettings = Field(default_factory=MockSettings)
 
     @model_validator(mode="after")
@@ -236,6 +238,8 @@ class Settings(Section):
                 problems.append(f"{path}: required when provider is {self.provider} (or set {env})")
         if self.provider == "sip":
             problems += sip_capacity_problems(self.sip, self.maxConcurrentCalls)
+        if self.provider == "asterisk":
+            problems += asterisk_problems(self.asterisk, self.maxConcurrentCalls)
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -313,6 +317,7 @@ ENV_FALLBACKS: list[tuple[tuple[str, ...], str]] = [
     (("telnyx", "publicKey"), "TELNYX_PUBLIC_KEY"),
     (("plivo", "authId"), "PLIVO_AUTH_ID"),
     (("plivo", "authToken"), "PLIVO_AUTH_TOKEN"),
+    (("asterisk", "password"), "ASTERISK_ARI_PASSWORD"),
     (("streaming", "providers", "openai", "apiKey"), "OPENAI_API_KEY"),
     (("responseApiKey",), "OPENAI_API_KEY"),
     (("tunnel", "ngrokAuthToken"), "NGROK_AUTHTOKEN"),

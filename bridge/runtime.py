@@ -18,7 +18,7 @@ from bridge.responder import create_responder
 from bridge.rpc import RpcDispatcher, RpcEndpoint
 from bridge.server import create_app
 from bridge.voice import CallVoice
-from carriers.base import Carrier
+from carriers.base import Carrier, CarrierError
 from carriers.registry import create_carrier
 from media.transport import MediaTransport
 
@@ -114,7 +114,12 @@ class Runtime:
         if not settings.publicUrl:
             host = "127.0.0.1" if bind in ("0.0.0.0", "::") else bind
             self.manager.public_base = f"http://{host}:{self.port}"
-        await self.manager.start()
+        try:
+            await self.manager.start()
+        except CarrierError as exc:  # e.g. ARI refused our credentials: one clear line, nothing left open
+            self.manager.store.close()
+            await self.stop()
+            raise StartupError(f"carrier {settings.provider} did not start: {exc}") from None
         return self.port
 
     async def _open_tunnel(self, provider: str | None = None) -> None:

@@ -19,6 +19,7 @@ REGISTRY: dict[str, str] = {
     "telnyx": "carriers.telnyx:from_settings",
     "plivo": "carriers.plivo:from_settings",
     "sip": "carriers.sip:from_settings",
+    "asterisk": "carriers.asterisk:from_settings",
 }
 
 

@@ -18,6 +18,7 @@ CREDS_ENV = {
     "TELNYX_PUBLIC_KEY": "11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=",
     "PLIVO_AUTH_ID": "MAXXXXXXXXXXXXXXXXXX",
     "PLIVO_AUTH_TOKEN": "plivo-secret-token",
+    "ASTERISK_ARI_PASSWORD": "ari-secret-password",
 }
 
 
@@ -163,3 +164,32 @@ def test_outbound_frame_ms_is_20_or_40_and_defaults_to_40() -> None:
     for bad in (30, 60, "fast"):
         assert _problems({"provider": "mock", "streaming": {"outboundFrameMs": bad}}) == [
             "streaming.outboundFrameMs: Input should be 20 or 40"]
+
+
+def test_asterisk_section_rules_name_the_key() -> None:
+    problems = _problems({"provider": "asterisk"})
+    assert problems == [
+        "asterisk.username: required when provider is asterisk (an ari.conf user)",
+        "asterisk.password: required when provider is asterisk (or set ASTERISK_ARI_PASSWORD)",
+    ]
+    ok = build_settings({"provider": "asterisk", "asterisk": {"username": "vc", "url": "http://pbx:8088/ari/"}},
+                        {"ASTERISK_ARI_PASSWORD": "ari-secret-password"})
+    assert ok.asterisk.password is not None and ok.asterisk.password.get_secret_value() == "ari-secret-password"
+    assert ok.asterisk.url == "http://pbx:8088"  # the base URL, with or without /ari
+    assert "ari-secret-password" not in json.dumps(ok.masked(), default=str)
+    base = {"provider": "asterisk", "asterisk": {"username": "vc", "password": "pw"}}
+
+    def problem(**section: object) -> list[str]:
+        return _problems({**base, "asterisk": {**base["asterisk"], **section}})
+
+    assert problem(url="pbx:8088")[0].startswith("asterisk.url: ") and "http://" in problem(url="pbx:8088")[0]
+    assert problem(endpoint="PJSIP/trunk")[0].startswith("asterisk.endpoint: must contain {to}")
+    assert problem(endpoint="{to}")[0].startswith("asterisk.endpoint: must be a dial string")
+    assert problem(format="opus")[0].startswith("asterisk.format: ") and "slin16" in problem(format="opus")[0]
+    assert problem(rtpBindAddress="0.0.0.0") == [
+        "asterisk.rtpAdvertiseAddress: required when rtpBindAddress is 0.0.0.0 (the address Asterisk sends the call's RTP to)"]
+    assert problem(rtpBindAddress="localhost")[0] == "asterisk.rtpBindAddress: must be an IP address (got 'localhost')"
+    assert problem(rtpPortStart=65000, rtpPortRange=1000)[0].startswith("asterisk: rtpPortStart + rtpPortRange")
+    assert problem(aap="voicecall") == ["asterisk.aap: unknown key; did you mean 'app'?"]
+    assert _problems({**base, "maxConcurrentCalls": 5, "asterisk": {**base["asterisk"], "rtpPortRange": 4}}) == [
+        "asterisk.rtpPortRange: must be at least maxConcurrentCalls (5): one RTP port per call"]

@@ -24,7 +24,7 @@ class RecordingBridge:
     frame_times: list[float] = field(default_factory=list)
     sent: list[bytes] = field(default_factory=list)
 
-    def receive(self, payload: bytes) -> None:
+    def receive(self, payload: bytes, sequence: int | None = None) -> None:
         self.frames.append(payload)
         self.frame_times.append(time.monotonic())
 

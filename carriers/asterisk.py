@@ -1,0 +1,505 @@
+"""Asterisk carrier: call control over ARI (REST + events WebSocket), audio over ExternalMedia RTP.
+
+Decision: a plain aiohttp client, not aioari. aioari has had no release since 2020 and loads the
+server's Swagger documents at start (one more thing to fail, and to fake); the carrier needs about
+ten REST calls, which `CarrierHttp` already sends with Basic auth and retries for idempotent ones.
+
+Call flow. Inbound: the dialplan sends a channel to `Stasis(app)`; its StasisStart becomes
+call.initiated and the manager answers or rejects. Outbound: POST /ari/channels originates into our
+app; ChannelStateChange "Ringing" is call.ringing, and the channel enters Stasis (StasisStart) when
+answered. Either way, once answered: a mixing bridge, an ExternalMedia channel sending RTP to our
+UDP port (`carriers.rtp`), both channels in the bridge, the RTP leg attached to the call's
+pipeline, then call.answered and call.active. ChannelDestroyed ends the call (cause -> reason).
+
+The provider call id is the ARI channel id; ids of the channels and bridges we create are ours
+(`vc-...`), so an event that arrives before the REST reply that created its channel is still known.
+
+Modules: `ari_protocol` (pure ARI facts), `ari_events` (the events WebSocket), `rtp` (RTP), this one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+from urllib.parse import quote, urlencode
+
+from bridge.calls import CallEvent, CallRecord, CallState, Direction, EventType
+from carriers.ari_events import AriEvents
+from carriers.ari_protocol import (
+    CAUSE_NO_ANSWER,
+    CAUSE_REJECTED,
+    DTMF_DIGITS,
+    DialError,
+    caller_of,
+    cause_of,
+    channel_id,
+    dial_endpoint,
+    dialed_of,
+    end_reason,
+    rtp_peer,
+)
+from carriers.asterisk_settings import AsteriskSettings
+from carriers.base import (
+    Carrier,
+    CarrierError,
+    CarrierHost,
+    OutboundRequest,
+    ProviderStatus,
+)
+from carriers.http import CarrierHttp
+from carriers.rtp import CODECS, RtpTransport
+
+log = logging.getLogger("voicecall.asterisk")
+
+MAX_ENDED_LEGS = 256
+
+
+@dataclass(slots=True)
+class _Leg:
+    """Our state of one call's ARI channel (the phone side), and of what we built for its audio."""
+
+    id: str
+    direction: Direction
+    call_id: str | None = None
+    from_: str = ""
+    to: str = ""
+    media_id: str | None = None  # the ExternalMedia channel
+    bridge_id: str | None = None
+    transport: RtpTransport | None = None
+    answered: bool = False  # Up (answered) and in our application
+    media_started: bool = False
+    attached: bool = False
+    ringing_sent: bool = False
+    decided: bool = False  # inbound: answer or reject requested
+    ring_timeout: bool = False
+    local_reason: CallState | None = None
+    hangup_cause: int | None = None
+    ended: bool = False
+    timer: Any = None
+    dtmf_seq: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class AsteriskCarrier(Carrier):
+    name: ClassVar[str] = "asterisk"
+    streams_media: ClassVar[bool] = True
+    media_always: ClassVar[bool] = True
+    reports_dtmf: ClassVar[bool] = True  # ChannelDtmfReceived
+
+    def __init__(self, settings: AsteriskSettings) -> None:
+        self.settings = settings
+        self.codec = CODECS[settings.format]
+        password = settings.password.get_secret_value() if settings.password else ""
+        credentials = (settings.username or "", password)
+        # Built here, not in start(): the manager checks restored calls (get_call_status) before start.
+        self._http = CarrierHttp("asterisk", f"{settings.url}/ari", basic_auth=credentials)
+        token = base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode()
+        self._ws_headers = {"Authorization": f"Basic {token}"}
+        self._events: AriEvents | None = None
+        self._legs: dict[str, _Leg] = {}
+        self._by_call: dict[str, str] = {}
+        self._media_channels: dict[str, str] = {}  # ExternalMedia channel id -> phone channel id
+        self._ports: set[int] = set()
+        self.ended_legs: dict[str, dict[str, Any]] = {}
+        self.asterisk_version: str | None = None
+        self._closing = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, host: CarrierHost) -> None:
+        await super().start(host)
+        self._closing = False
+        s = self.settings
+        try:
+            info = await self._http.request("GET", "/asterisk/info")
+        except CarrierError as exc:
+            await self._http.close()
+            if exc.status == 401:
+                raise CarrierError(
+                    f"asterisk: ARI at {s.url} refused user {s.username!r} (HTTP 401): check asterisk.username "
+                    "and asterisk.password (or ASTERISK_ARI_PASSWORD) against ari.conf"
+                ) from None
+            raise CarrierError(f"asterisk: cannot use ARI at {s.url}: {exc}") from None
+        system = info.body.get("system") if isinstance(info.body, dict) else None
+        self.asterisk_version = system.get("version") if isinstance(system, dict) else None
+        self._events = AriEvents(s.url, s.app, self._ws_headers, self._on_event, self._resync)
+        try:
+            await self._events.start()
+        except CarrierError:
+            self._events = None
+            await self._http.close()
+            raise
+        log.info("asterisk: Stasis app %r on %s (Asterisk %s)", s.app, s.url, self.asterisk_version or "?")
+
+    async def close(self) -> None:
+        self._closing = True
+        live = [leg for leg in self._legs.values() if not leg.ended]
+        for leg in live:
+            leg.local_reason = leg.local_reason or CallState.HANGUP_BOT
+        await asyncio.gather(*(self._delete_channel(leg.id) for leg in live), return_exceptions=True)
+        for leg in live:
+            self._end(leg, leg.local_reason or CallState.HANGUP_BOT)
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._events is not None:
+            await self._events.close()
+            self._events = None
+        await self._http.close()
+
+    # ------------------------------------------------------------------ manager -> carrier
+
+    async def initiate_call(self, call: CallRecord, request: OutboundRequest) -> str:
+        s = self.settings
+        try:
+            endpoint = dial_endpoint(request.to, s.endpoint)
+        except DialError as exc:
+            raise CarrierError(f"asterisk: {exc}") from None
+        leg = _Leg(id=f"vc-{uuid.uuid4().hex}", direction=Direction.OUTBOUND, call_id=call.callId,
+                   from_=request.from_number, to=request.to)
+        self._track(leg)  # before the POST: its first events may come before the reply
+        body: dict[str, Any] = {"endpoint": endpoint, "app": s.app, "appArgs": "voicecall,outbound",
+                                "timeout": s.ringTimeoutSec, "channelId": leg.id}
+        if request.from_number:
+            body["callerId"] = request.from_number
+        try:
+            await self._http.request("POST", "/channels", json_body=body)
+        except CarrierError as exc:
+            self._forget(leg)
+            if exc.status is None:  # no answer from Asterisk: the channel may exist all the same
+                self._spawn(self._delete_channel(leg.id))
+            raise CarrierError(f"asterisk: call to {endpoint} failed: {exc}", status=exc.status) from None
+        if not leg.ended and not leg.answered:
+            leg.timer = self.host.clock.call_later(s.ringTimeoutSec, lambda: self._ring_timeout(leg))
+        return leg.id
+
+    async def answer_call(self, call: CallRecord) -> None:
+        leg = self._leg_for(call)
+        if leg is None or leg.ended:
+            return
+        leg.call_id = call.callId
+        self._by_call[call.callId] = leg.id
+        leg.decided = True
+        self._cancel_timer(leg)
+        result = await self._http.request("POST", f"/channels/{_q(leg.id)}/answer", ok_statuses=(404,))
+        if result.status == 404:
+            return  # hung up meanwhile: ChannelDestroyed ends it
+        leg.answered = True
+        await self._start_media(leg)
+
+    async def reject_call(self, call: CallRecord) -> None:
+        leg = self._leg_for(call)
+        if leg is None or leg.ended:
+            return
+        leg.decided = True
+        leg.local_reason = CallState.HANGUP_BOT
+        self._cancel_timer(leg)
+        await self._delete_channel(leg.id, CAUSE_REJECTED)
+
+    async def hangup_call(self, call: CallRecord, reason: CallState) -> None:
+        leg = self._leg_for(call)
+        if leg is None or leg.ended:
+            return
+        leg.local_reason = reason
+        self._cancel_timer(leg)
+        if not await self._delete_channel(leg.id):
+            self._end(leg, reason)  # already gone: no ChannelDestroyed will tell us
+
+    async def send_dtmf(self, call: CallRecord, digits: str) -> None:
+        leg = self._leg_for(call)
+        if leg is None or leg.ended:
+            raise CarrierError("asterisk: no such active call")
+        if not DTMF_DIGITS.match(digits):
+            raise CarrierError("asterisk: DTMF digits must be 0-9, A-D, * or #")
+        result = await self._http.request("POST", f"/channels/{_q(leg.id)}/dtmf", json_body={"dtmf": digits},
+                                          ok_statuses=(404,))
+        if result.status == 404:
+            raise CarrierError("asterisk: the call is gone")
+
+    async def get_call_status(self, call: CallRecord) -> ProviderStatus | None:
+        if not call.providerCallId:
+            return None
+        result = await self._http.request("GET", f"/channels/{_q(call.providerCallId)}", ok_statuses=(404,))
+        if result.status == 404:
+            return ProviderStatus(terminal=True)
+        state = result.body.get("state") if isinstance(result.body, dict) else None
+        return ProviderStatus(terminal=False, state=CallState.ACTIVE if state == "Up" else CallState.RINGING)
+
+    def describe(self) -> dict[str, Any]:
+        s = self.settings
+        return {"name": self.name, "url": s.url, "app": s.app, "format": s.format,
+                "asteriskVersion": self.asterisk_version, "activeCalls": len(self._legs),
+                "eventsConnected": bool(self._events and self._events.connected)}
+
+    def leg_stats(self, provider_call_id: str) -> dict[str, Any] | None:
+        """RTP figures of a live or recently ended call."""
+        leg = self._legs.get(provider_call_id)
+        return self._stats(leg) if leg is not None else self.ended_legs.get(provider_call_id)
+
+    # ------------------------------------------------------------------ ARI events
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        handler = getattr(self, f"_ev_{event['type']}", None)
+        if handler is None:
+            return
+        cid = channel_id(event)
+        if cid is None:
+            return
+        if cid in self._media_channels:
+            if event["type"] == "ChannelDestroyed":
+                self._media_lost(cid)
+            return
+        handler(cid, event)
+
+    def _ev_StasisStart(self, cid: str, event: dict[str, Any]) -> None:
+        leg = self._legs.get(cid)
+        if leg is not None:
+            if leg.direction is Direction.OUTBOUND and not leg.answered and not leg.ended:
+                leg.answered = True  # an originated channel enters the app when answered
+                self._cancel_timer(leg)
+                self._spawn(self._start_media_or_fail(leg))
+            return
+        channel = event["channel"]
+        if self._closing or cid.startswith("vc-") or str(channel.get("name", "")).startswith("UnicastRTP/"):
+            return  # a leftover channel of ours, or some other application's media channel
+        leg = _Leg(id=cid, direction=Direction.INBOUND, from_=caller_of(channel), to=dialed_of(channel))
+        self._track(leg)
+        log.info("asterisk: incoming call %s", cid)
+        leg.timer = self.host.clock.call_later(self.settings.ringTimeoutSec, lambda: self._ring_timeout(leg))
+        self._emit(leg, EventType.INITIATED, direction=Direction.INBOUND, from_number=leg.from_, to_number=leg.to)
+
+    def _ev_ChannelStateChange(self, cid: str, event: dict[str, Any]) -> None:
+        leg = self._legs.get(cid)
+        if leg is None or leg.ended or leg.direction is not Direction.OUTBOUND:
+            return
+        if event["channel"].get("state") == "Ringing" and not leg.ringing_sent:
+            leg.ringing_sent = True
+            self._emit(leg, EventType.RINGING)
+
+    def _ev_ChannelDtmfReceived(self, cid: str, event: dict[str, Any]) -> None:
+        leg = self._legs.get(cid)
+        digit = event.get("digit")
+        if leg is None or leg.ended or not isinstance(digit, str) or not DTMF_DIGITS.match(digit):
+            return
+        leg.dtmf_seq += 1
+        self._emit(leg, EventType.DTMF, key=f"dtmf:{leg.dtmf_seq}", digits=digit)
+
+    def _ev_ChannelHangupRequest(self, cid: str, event: dict[str, Any]) -> None:
+        leg = self._legs.get(cid)
+        if leg is not None and leg.hangup_cause is None:
+            leg.hangup_cause = cause_of(event)
+
+    def _ev_ChannelDestroyed(self, cid: str, event: dict[str, Any]) -> None:
+        leg = self._legs.get(cid)
+        if leg is None or leg.ended:
+            return
+        cause = cause_of(event) or leg.hangup_cause
+        reason = end_reason(cause, answered=leg.answered, local=leg.local_reason, ring_timeout=leg.ring_timeout)
+        log.info("asterisk: call %s ended (cause %s %s) -> %s", cid, cause, event.get("cause_txt", ""), reason)
+        leg.stats["cause"] = cause
+        self._end(leg, reason)
+
+    async def _resync(self) -> None:
+        """After a reconnect: a channel that vanished while we were not listening has ended; an
+        originated one that was answered meanwhile gets its media now."""
+        for leg in [leg for leg in self._legs.values() if not leg.ended]:
+            try:
+                result = await self._http.request("GET", f"/channels/{_q(leg.id)}", ok_statuses=(404,))
+            except CarrierError as exc:
+                log.warning("asterisk: cannot check call %s after reconnect: %s", leg.id, exc)
+                continue
+            if leg.ended:
+                continue
+            if result.status == 404:
+                self._ev_ChannelDestroyed(leg.id, {"cause": leg.hangup_cause})
+            elif isinstance(result.body, dict) and result.body.get("state") == "Up":
+                self._ev_StasisStart(leg.id, {"channel": result.body})
+
+    # ------------------------------------------------------------------ media
+
+    async def _start_media_or_fail(self, leg: _Leg) -> None:
+        try:
+            await self._start_media(leg)
+        except CarrierError as exc:
+            log.error("asterisk: call %s: media setup failed: %s", leg.id, exc)
+
+    async def _start_media(self, leg: _Leg) -> None:
+        """Bridge the phone channel with an ExternalMedia channel that sends RTP to our port, attach
+        that leg to the pipeline, then call.answered / call.active. On failure the call is hung up."""
+        if leg.media_started or leg.ended:
+            return
+        leg.media_started = True
+        try:
+            await self._build_media(leg)
+        except CarrierError:
+            if not leg.ended:
+                leg.local_reason = CallState.ERROR
+                try:
+                    await self._delete_channel(leg.id)
+                finally:
+                    self._end(leg, CallState.ERROR)
+            raise
+        if leg.ended:  # hung up while we were building: undo what was created after the end
+            self._release_transport(leg)
+            await self._teardown(leg)
+            return
+        if leg.transport is None or leg.call_id is None:
+            return
+        leg.transport.bridge = self.host.attach_media(leg.call_id, leg.transport)
+        leg.attached = True
+        self._emit(leg, EventType.ANSWERED)
+        self._emit(leg, EventType.ACTIVE)
+
+    async def _build_media(self, leg: _Leg) -> None:
+        s = self.settings
+        try:
+            transport = await RtpTransport.open(self.codec, s.rtpBindAddress, s.rtpPortStart, s.rtpPortRange,
+                                                self._ports)
+        except OSError as exc:
+            raise CarrierError(f"asterisk: {exc}") from None
+        assert transport.local is not None
+        port = transport.local[1]
+        self._ports.add(port)
+        leg.transport = transport
+        if leg.ended:
+            return
+        leg.bridge_id = f"vc-bridge-{uuid.uuid4().hex}"
+        await self._http.request("POST", "/bridges", json_body={"type": "mixing", "bridgeId": leg.bridge_id,
+                                                                "name": f"voicecall-{leg.id}"})
+        if leg.ended:
+            return
+        leg.media_id = f"vc-media-{uuid.uuid4().hex}"
+        self._media_channels[leg.media_id] = leg.id
+        media = await self._http.request("POST", "/channels/externalMedia", json_body={
+            "app": s.app, "channelId": leg.media_id, "external_host": f"{_host(s.advertise_address)}:{port}",
+            "format": s.format, "encapsulation": "rtp", "transport": "udp", "connection_type": "client",
+            "direction": "both",
+        })
+        peer = rtp_peer(media.body) if isinstance(media.body, dict) else None
+        if peer is not None:
+            transport.set_peer(*peer)
+        else:  # still works once Asterisk's first packet arrives (latching)
+            log.warning("asterisk: call %s: externalMedia reply has no UNICASTRTP_LOCAL_ADDRESS/PORT", leg.id)
+        if leg.ended:
+            return
+        await self._http.request("POST", f"/bridges/{_q(leg.bridge_id)}/addChannel",
+                                 json_body={"channel": f"{leg.id},{leg.media_id}"})
+
+    def _media_lost(self, media_id: str) -> None:
+        pid = self._media_channels.pop(media_id, None)
+        leg = self._legs.get(pid) if pid else None
+        if leg is not None and not leg.ended and not self._closing:
+            log.warning("asterisk: call %s lost its ExternalMedia channel; hanging up", leg.id)
+            leg.local_reason = CallState.ERROR
+            self._spawn(self._delete_channel(leg.id))
+
+    async def _teardown(self, leg: _Leg) -> None:
+        if leg.media_id is not None:
+            self._media_channels.pop(leg.media_id, None)
+            await self._delete_channel(leg.media_id)
+        if leg.bridge_id is not None:
+            await self._http.request("DELETE", f"/bridges/{_q(leg.bridge_id)}", ok_statuses=(404,))
+
+    # ------------------------------------------------------------------ internals
+
+    async def _delete_channel(self, cid: str, cause: int | None = None) -> bool:
+        """Hang a channel up; False when it was already gone (404, success all the same)."""
+        query = f"?{urlencode({'reason_code': cause})}" if cause is not None else ""
+        result = await self._http.request("DELETE", f"/channels/{_q(cid)}{query}", ok_statuses=(404,))
+        return result.status != 404
+
+    def _ring_timeout(self, leg: _Leg) -> None:
+        if leg.ended or leg.answered or (leg.direction is Direction.INBOUND and leg.decided):
+            return
+        leg.ring_timeout = True
+        leg.local_reason = CallState.NO_ANSWER if leg.direction is Direction.OUTBOUND else None
+        self._spawn(self._delete_channel(leg.id, CAUSE_NO_ANSWER))
+
+    def _end(self, leg: _Leg, reason: CallState) -> None:
+        if leg.ended:
+            return
+        leg.ended = True
+        self._cancel_timer(leg)
+        self._release_transport(leg)
+        if leg.attached and leg.call_id is not None:
+            self.host.detach_media(leg.call_id)
+        stats = self._stats(leg)
+        stats["reason"] = str(reason)
+        self.ended_legs[leg.id] = stats
+        while len(self.ended_legs) > MAX_ENDED_LEGS:
+            self.ended_legs.pop(next(iter(self.ended_legs)))
+        self._forget(leg)
+        if leg.media_id is not None or leg.bridge_id is not None:
+            self._spawn(self._teardown(leg))
+        self._emit(leg, EventType.ENDED, reason=reason)
+
+    def _release_transport(self, leg: _Leg) -> None:
+        if leg.transport is not None:
+            leg.transport.close()
+            if leg.transport.local is not None:
+                self._ports.discard(leg.transport.local[1])
+
+    def _track(self, leg: _Leg) -> None:
+        self._legs[leg.id] = leg
+        if leg.call_id:
+            self._by_call[leg.call_id] = leg.id
+
+    def _forget(self, leg: _Leg) -> None:
+        self._legs.pop(leg.id, None)
+        if leg.call_id and self._by_call.get(leg.call_id) == leg.id:
+            del self._by_call[leg.call_id]
+
+    def _leg_for(self, call: CallRecord) -> _Leg | None:
+        pid = call.providerCallId or self._by_call.get(call.callId)
+        return self._legs.get(pid) if pid else None
+
+    def _emit(self, leg: _Leg, etype: EventType, key: str | None = None, **fields: Any) -> None:
+        self.host.emit(CallEvent(
+            type=etype, call_id=leg.call_id, provider_call_id=leg.id,
+            dedupe_key=f"asterisk:{leg.id}:{key or etype.value}", timestamp=self.host.clock.time(), **fields,
+        ))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("asterisk: background request failed: %s", task.exception())
+
+    @staticmethod
+    def _cancel_timer(leg: _Leg) -> None:
+        if leg.timer is not None:
+            leg.timer.cancel()
+            leg.timer = None
+
+    @staticmethod
+    def _stats(leg: _Leg) -> dict[str, Any]:
+        stats: dict[str, Any] = {"providerCallId": leg.id, "callId": leg.call_id, "direction": str(leg.direction),
+                                 **leg.stats}
+        if leg.transport is not None:
+            c = leg.transport.counters
+            stats.update(packetsIn=c.packets_in, packetsOut=c.packets_out, malformed=c.malformed,
+                         wrongPayloadType=c.wrong_payload_type, foreign=c.foreign,
+                         droppedNoPeer=c.dropped_no_peer, droppedOverflow=c.dropped_overflow,
+                         rtpPeer=leg.transport.peer)
+        return stats
+
+
+def _q(segment: str) -> str:
+    return quote(segment, safe="")
+
+
+def _host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+def from_settings(settings: Any) -> AsteriskCarrier:
+    """Registry factory: the carrier for `provider: asterisk`, configured by the `asterisk` section."""
+    return AsteriskCarrier(settings.asterisk)
