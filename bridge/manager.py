@@ -31,6 +31,7 @@ from bridge.clock import Clock, RealClock, TimerHandle
 from bridge.config import Settings
 from bridge.responder import Responder, ResponderError
 from bridge.store import CallStore
+from bridge.tasks import BackgroundTasks
 from carriers.base import Carrier, CarrierError, OutboundRequest
 from media.transport import MediaTransport
 
@@ -81,7 +82,7 @@ class CallManager:
         self._voices: dict[str, Any] = {}
         self._media_waiters: dict[str, list[asyncio.Future[Any]]] = {}
         self._rejected_provider_ids: set[str] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = BackgroundTasks(log, level=logging.ERROR)
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
         self._reaper: TimerHandle | None = None
         self.public_base: str | None = None  # public origin, e.g. https://host.example (set by server)
@@ -109,10 +110,7 @@ class CallManager:
             await voice.close()
         self._voices.clear()
         await self.carrier.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel()
         if self.responder is not None:
             await self.responder.close()
         self.store.close()
@@ -711,21 +709,11 @@ class CallManager:
                 self._subscribers.discard(queue)
 
     def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
-        task.set_name(name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+        return self._tasks.spawn(coro, name)
 
     async def drain(self) -> None:
         """Wait for spawned side effects (tests)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._tasks.drain()
 
 
 def _digits(number: str) -> str:

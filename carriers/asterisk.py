@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 from urllib.parse import quote, urlencode
 
 from bridge.calls import CallEvent, CallRecord, CallState, Direction, EventType
+from bridge.tasks import BackgroundTasks
 from carriers.ari_events import AriEvents
 from carriers.ari_protocol import (
     CAUSE_NO_ANSWER,
@@ -107,7 +108,7 @@ class AsteriskCarrier(Carrier):
         self.ended_legs: dict[str, dict[str, Any]] = {}
         self.asterisk_version: str | None = None
         self._closing = False
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = BackgroundTasks(log)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -144,8 +145,7 @@ class AsteriskCarrier(Carrier):
         await asyncio.gather(*(self._delete_channel(leg.id) for leg in live), return_exceptions=True)
         for leg in live:
             self._end(leg, leg.local_reason or CallState.HANGUP_BOT)
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._tasks.drain()
         if self._events is not None:
             await self._events.close()
             self._events = None
@@ -171,7 +171,7 @@ class AsteriskCarrier(Carrier):
         except CarrierError as exc:
             self._forget(leg)
             if exc.status is None:  # no answer from Asterisk: the channel may exist all the same
-                self._spawn(self._delete_channel(leg.id))
+                self._tasks.spawn(self._delete_channel(leg.id))
             raise CarrierError(f"asterisk: call to {endpoint} failed: {exc}", status=exc.status) from None
         if not leg.ended and not leg.answered:
             leg.timer = self.host.clock.call_later(s.ringTimeoutSec, lambda: self._ring_timeout(leg))
@@ -261,7 +261,7 @@ class AsteriskCarrier(Carrier):
             if leg.direction is Direction.OUTBOUND and not leg.answered and not leg.ended:
                 leg.answered = True  # an originated channel enters the app when answered
                 self._cancel_timer(leg)
-                self._spawn(self._start_media_or_fail(leg))
+                self._tasks.spawn(self._start_media_or_fail(leg))
             return
         channel = event["channel"]
         if self._closing or cid.startswith("vc-") or str(channel.get("name", "")).startswith("UnicastRTP/"):
@@ -395,7 +395,7 @@ class AsteriskCarrier(Carrier):
         if leg is not None and not leg.ended and not self._closing:
             log.warning("asterisk: call %s lost its ExternalMedia channel; hanging up", leg.id)
             leg.local_reason = CallState.ERROR
-            self._spawn(self._delete_channel(leg.id))
+            self._tasks.spawn(self._delete_channel(leg.id))
 
     async def _teardown(self, leg: _Leg) -> None:
         if leg.media_id is not None:
@@ -417,7 +417,7 @@ class AsteriskCarrier(Carrier):
             return
         leg.ring_timeout = True
         leg.local_reason = CallState.NO_ANSWER if leg.direction is Direction.OUTBOUND else None
-        self._spawn(self._delete_channel(leg.id, CAUSE_NO_ANSWER))
+        self._tasks.spawn(self._delete_channel(leg.id, CAUSE_NO_ANSWER))
 
     def _end(self, leg: _Leg, reason: CallState) -> None:
         if leg.ended:
@@ -434,7 +434,7 @@ class AsteriskCarrier(Carrier):
             self.ended_legs.pop(next(iter(self.ended_legs)))
         self._forget(leg)
         if leg.media_id is not None or leg.bridge_id is not None:
-            self._spawn(self._teardown(leg))
+            self._tasks.spawn(self._teardown(leg))
         self._emit(leg, EventType.ENDED, reason=reason)
 
     def _release_transport(self, leg: _Leg) -> None:
@@ -462,16 +462,6 @@ class AsteriskCarrier(Carrier):
             type=etype, call_id=leg.call_id, provider_call_id=leg.id,
             dedupe_key=f"asterisk:{leg.id}:{key or etype.value}", timestamp=self.host.clock.time(), **fields,
         ))
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("asterisk: background request failed: %s", task.exception())
 
     @staticmethod
     def _cancel_timer(leg: _Leg) -> None:

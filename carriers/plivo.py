@@ -30,10 +30,17 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 from xml.etree import ElementTree as ET
 
-
-from bridge.calls import CallEvent, CallMode, CallRecord, CallState, Direction, EventType
+from bridge.calls import (
+    CallEvent,
+    CallMode,
+    CallRecord,
+    CallState,
+    Direction,
+    EventType,
+)
 from bridge.security import plivo_replay_key
 from bridge.signatures import verify_plivo_v2, verify_plivo_v3
+from bridge.tasks import BackgroundTasks
 from carriers.base import (
     Carrier,
     CarrierError,
@@ -506,13 +513,10 @@ class PlivoCarrier(Carrier):
                                 headers={"Accept": "application/json"})
         self._calls: dict[str, _CallState] = {}
         self._rejected: set[str] = set()  # CallUUIDs we already refused in the answer XML
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = BackgroundTasks(log)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel()
         for state in self._calls.values():
             for speech in state.speeches.values():
                 if not speech.done.done():
@@ -538,12 +542,6 @@ class PlivoCarrier(Carrier):
     def _listen_timeout_s(self) -> int:
         # Plivo's GetInput executionTimeout runs 5..60 s; the manager's own turn timeout still applies.
         return max(5, min(60, math.ceil(self.settings.transcriptTimeoutMs / 1000)))
-
-    def _spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.ensure_future(coro)
-        task.set_name(name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def _new_speech(self, call_id: str, text: str, hangup_after_s: int | None = None) -> str:
         sid = secrets.token_hex(8)
@@ -699,7 +697,7 @@ class PlivoCarrier(Carrier):
             return WebhookResult(events, respond=lambda call: self._after_end(call))
         if flow == FLOW_MACHINE and cb.machine and cb.call_uuid and self.settings.plivo.machineDetection != "hangup":
             # Plivo only reported the machine; the call is still up, so end it.
-            self._spawn(self.http.request("DELETE", f"/Call/{cb.call_uuid}/", ok_statuses=(404,)),
+            self._tasks.spawn(self.http.request("DELETE", f"/Call/{cb.call_uuid}/", ok_statuses=(404,)),
                         f"plivo-machine-hangup-{cb.call_uuid}")
         return WebhookResult(events)
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from bridge.calls import CallEvent, CallRecord, CallState, Direction, EventType
+from bridge.tasks import BackgroundTasks
 from carriers.base import (
     Carrier,
     CarrierError,
@@ -105,7 +106,7 @@ class SipCarrier(Carrier):
         self.ended_legs: dict[str, dict[str, Any]] = {}  # pid -> figures of finished calls (bounded)
         self.registration: dict[str, Any] | None = None  # last REGISTER outcome (code, reason, active)
         self._registration_changed = asyncio.Event()
-        self._tasks: set[asyncio.Future[Any]] = set()
+        self._tasks = BackgroundTasks(log)
 
     @property
     def settings(self) -> SipSettings:
@@ -402,9 +403,7 @@ class SipCarrier(Carrier):
         )
 
     def _on_worker_lost(self, pid: str, data: dict[str, Any]) -> None:
-        task = asyncio.ensure_future(self._restart_worker(int(data["index"])))
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        self._tasks.spawn(self._restart_worker(int(data["index"])), f"sip-restart-worker-{data['index']}")
 
     def _on_failed(self, pid: str, data: dict[str, Any]) -> None:
         leg = self._legs.get(pid)
@@ -508,14 +507,7 @@ class SipCarrier(Carrier):
             return
         leg.ring_timeout = True
         code = 480 if leg.direction is Direction.INBOUND else 0
-        task = asyncio.ensure_future(self._call_op(pid, "hangup", code))
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Future[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("sip: background operation failed: %s", task.exception())
+        self._tasks.spawn(self._call_op(pid, "hangup", code), f"sip-ring-timeout-{pid}")
 
     @staticmethod
     def _cancel_timer(leg: _Leg) -> None:

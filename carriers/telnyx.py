@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from bridge.calls import CallEvent, CallRecord, CallState, Direction, EventType
 from bridge.security import telnyx_replay_key
 from bridge.signatures import load_ed25519_public_key, verify_telnyx
+from bridge.tasks import BackgroundTasks
 from carriers.base import (
     Carrier,
     CarrierError,
@@ -357,7 +358,7 @@ class TelnyxCarrier(Carrier):
         self._effects: OrderedDict[str, str] = OrderedDict()
         self._speaks: dict[str, dict[str, asyncio.Future[str]]] = {}  # ccid -> tag -> waiter
         self._speak_ids = 0
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = BackgroundTasks(log)
 
     # -------------------------------------------------------------- settings-derived choices
 
@@ -595,7 +596,7 @@ class TelnyxCarrier(Carrier):
             if p.get("result") not in MACHINE_RESULTS:
                 return None
             if first_time and ccid:
-                self._spawn(self._command(ccid, "hangup", ended_ok=True), f"telnyx-amd-hangup-{ccid}")
+                self._tasks.spawn(self._command(ccid, "hangup", ended_ok=True), f"telnyx-amd-hangup-{ccid}")
             return event(EventType.ENDED, reason=CallState.VOICEMAIL)
         if kind == "streaming.failed":
             log.warning("telnyx streaming failed on %s: %s", ccid, _text(p.get("failure_reason")) or "no reason")
@@ -634,22 +635,8 @@ class TelnyxCarrier(Carrier):
 
     # -------------------------------------------------------------- lifecycle
 
-    def _spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.ensure_future(coro)
-        task.set_name(name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("%s failed: %s", task.get_name(), task.exception())
-
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel()
         for ccid in list(self._speaks):
             self._call_gone(ccid)
         await self.http.close()

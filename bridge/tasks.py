@@ -1,0 +1,50 @@
+"""Fire-and-forget tasks that stay referenced until done and never fail silently."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import Any
+
+
+class BackgroundTasks:
+    """The side effects one component starts without awaiting them (a hang-up after a timeout, a
+    webhook's follow-up request): kept referenced so they are not garbage-collected mid-flight,
+    failures logged on `log`, cancelled together on close."""
+
+    def __init__(self, log: logging.Logger, *, level: int = logging.WARNING) -> None:
+        self._log = log
+        self._level = level
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Awaitable[Any], name: str | None = None) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        if name:
+            task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            error = task.exception()
+            self._log.log(self._level, "%s failed: %s", task.get_name(), error,
+                          exc_info=error if self._level >= logging.ERROR else None)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def drain(self) -> None:
+        """Wait until every task (including ones spawned meanwhile) has finished."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def cancel(self) -> None:
+        """Cancel every task and wait for them to finish."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
