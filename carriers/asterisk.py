@@ -52,11 +52,11 @@ from carriers.base import (
     ProviderStatus,
 )
 from carriers.http import CarrierHttp
+from carriers.legs import LegTable, cancel_timer
 from carriers.rtp import CODECS, RtpTransport
 
 log = logging.getLogger("voicecall.asterisk")
 
-MAX_ENDED_LEGS = 256
 
 
 @dataclass(slots=True)
@@ -101,11 +101,9 @@ class AsteriskCarrier(Carrier):
         token = base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode()
         self._ws_headers = {"Authorization": f"Basic {token}"}
         self._events: AriEvents | None = None
-        self._legs: dict[str, _Leg] = {}
-        self._by_call: dict[str, str] = {}
+        self._legs: LegTable[_Leg] = LegTable()
         self._media_channels: dict[str, str] = {}  # ExternalMedia channel id -> phone channel id
         self._ports: set[int] = set()
-        self.ended_legs: dict[str, dict[str, Any]] = {}
         self.asterisk_version: str | None = None
         self._closing = False
         self._tasks = BackgroundTasks(log)
@@ -139,7 +137,7 @@ class AsteriskCarrier(Carrier):
 
     async def close(self) -> None:
         self._closing = True
-        live = [leg for leg in self._legs.values() if not leg.ended]
+        live = [leg for leg in self._legs.live.values() if not leg.ended]
         for leg in live:
             leg.local_reason = leg.local_reason or CallState.HANGUP_BOT
         await asyncio.gather(*(self._delete_channel(leg.id) for leg in live), return_exceptions=True)
@@ -178,13 +176,13 @@ class AsteriskCarrier(Carrier):
         return leg.id
 
     async def answer_call(self, call: CallRecord) -> None:
-        leg = self._leg_for(call)
+        leg = self._legs.for_call(call)
         if leg is None or leg.ended:
             return
         leg.call_id = call.callId
-        self._by_call[call.callId] = leg.id
+        self._legs.bind_call(call.callId, leg.id)
         leg.decided = True
-        self._cancel_timer(leg)
+        cancel_timer(leg)
         result = await self._http.request("POST", f"/channels/{_q(leg.id)}/answer", ok_statuses=(404,))
         if result.status == 404:
             return  # hung up meanwhile: ChannelDestroyed ends it
@@ -192,25 +190,25 @@ class AsteriskCarrier(Carrier):
         await self._start_media(leg)
 
     async def reject_call(self, call: CallRecord) -> None:
-        leg = self._leg_for(call)
+        leg = self._legs.for_call(call)
         if leg is None or leg.ended:
             return
         leg.decided = True
         leg.local_reason = CallState.HANGUP_BOT
-        self._cancel_timer(leg)
+        cancel_timer(leg)
         await self._delete_channel(leg.id, CAUSE_REJECTED)
 
     async def hangup_call(self, call: CallRecord, reason: CallState) -> None:
-        leg = self._leg_for(call)
+        leg = self._legs.for_call(call)
         if leg is None or leg.ended:
             return
         leg.local_reason = reason
-        self._cancel_timer(leg)
+        cancel_timer(leg)
         if not await self._delete_channel(leg.id):
             self._end(leg, reason)  # already gone: no ChannelDestroyed will tell us
 
     async def send_dtmf(self, call: CallRecord, digits: str) -> None:
-        leg = self._leg_for(call)
+        leg = self._legs.for_call(call)
         if leg is None or leg.ended:
             raise CarrierError("asterisk: no such active call")
         if not DTMF_DIGITS.match(digits):
@@ -238,7 +236,7 @@ class AsteriskCarrier(Carrier):
     def leg_stats(self, provider_call_id: str) -> dict[str, Any] | None:
         """RTP figures of a live or recently ended call."""
         leg = self._legs.get(provider_call_id)
-        return self._stats(leg) if leg is not None else self.ended_legs.get(provider_call_id)
+        return self._stats(leg) if leg is not None else self._legs.ended.get(provider_call_id)
 
     # ------------------------------------------------------------------ ARI events
 
@@ -260,7 +258,7 @@ class AsteriskCarrier(Carrier):
         if leg is not None:
             if leg.direction is Direction.OUTBOUND and not leg.answered and not leg.ended:
                 leg.answered = True  # an originated channel enters the app when answered
-                self._cancel_timer(leg)
+                cancel_timer(leg)
                 self._tasks.spawn(self._start_media_or_fail(leg))
             return
         channel = event["channel"]
@@ -306,7 +304,7 @@ class AsteriskCarrier(Carrier):
     async def _resync(self) -> None:
         """After a reconnect: a channel that vanished while we were not listening has ended; an
         originated one that was answered meanwhile gets its media now."""
-        for leg in [leg for leg in self._legs.values() if not leg.ended]:
+        for leg in [leg for leg in self._legs.live.values() if not leg.ended]:
             try:
                 result = await self._http.request("GET", f"/channels/{_q(leg.id)}", ok_statuses=(404,))
             except CarrierError as exc:
@@ -391,7 +389,7 @@ class AsteriskCarrier(Carrier):
 
     def _media_lost(self, media_id: str) -> None:
         pid = self._media_channels.pop(media_id, None)
-        leg = self._legs.get(pid) if pid else None
+        leg = self._legs.get(pid)
         if leg is not None and not leg.ended and not self._closing:
             log.warning("asterisk: call %s lost its ExternalMedia channel; hanging up", leg.id)
             leg.local_reason = CallState.ERROR
@@ -423,15 +421,13 @@ class AsteriskCarrier(Carrier):
         if leg.ended:
             return
         leg.ended = True
-        self._cancel_timer(leg)
+        cancel_timer(leg)
         self._release_transport(leg)
         if leg.attached and leg.call_id is not None:
             self.host.detach_media(leg.call_id)
         stats = self._stats(leg)
         stats["reason"] = str(reason)
-        self.ended_legs[leg.id] = stats
-        while len(self.ended_legs) > MAX_ENDED_LEGS:
-            self.ended_legs.pop(next(iter(self.ended_legs)))
+        self._legs.record_ended(leg.id, stats)
         self._forget(leg)
         if leg.media_id is not None or leg.bridge_id is not None:
             self._tasks.spawn(self._teardown(leg))
@@ -444,30 +440,16 @@ class AsteriskCarrier(Carrier):
                 self._ports.discard(leg.transport.local[1])
 
     def _track(self, leg: _Leg) -> None:
-        self._legs[leg.id] = leg
-        if leg.call_id:
-            self._by_call[leg.call_id] = leg.id
+        self._legs.add(leg.id, leg, leg.call_id)
 
     def _forget(self, leg: _Leg) -> None:
-        self._legs.pop(leg.id, None)
-        if leg.call_id and self._by_call.get(leg.call_id) == leg.id:
-            del self._by_call[leg.call_id]
-
-    def _leg_for(self, call: CallRecord) -> _Leg | None:
-        pid = call.providerCallId or self._by_call.get(call.callId)
-        return self._legs.get(pid) if pid else None
+        self._legs.forget(leg.id, leg.call_id)
 
     def _emit(self, leg: _Leg, etype: EventType, key: str | None = None, **fields: Any) -> None:
         self.host.emit(CallEvent(
             type=etype, call_id=leg.call_id, provider_call_id=leg.id,
             dedupe_key=f"asterisk:{leg.id}:{key or etype.value}", timestamp=self.host.clock.time(), **fields,
         ))
-
-    @staticmethod
-    def _cancel_timer(leg: _Leg) -> None:
-        if leg.timer is not None:
-            leg.timer.cancel()
-            leg.timer = None
 
     @staticmethod
     def _stats(leg: _Leg) -> dict[str, Any]:

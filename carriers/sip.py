@@ -37,6 +37,7 @@ from carriers.base import (
     OutboundRequest,
     ProviderStatus,
 )
+from carriers.legs import LegTable, cancel_timer
 from carriers.sip_front import SipFront
 from carriers.sip_media import JITTER_MAX_FRAMES, PREBUFFER_FRAMES, SipMediaTransport  # noqa: F401 - re-exported
 from carriers.sip_pool import FrontAddresses, RemoteMediaTransport, UaPool, WorkerUa
@@ -101,9 +102,7 @@ class SipCarrier(Carrier):
         self._front_addresses: FrontAddresses | None = None
         self._worker_count = 1
         self._closing = False
-        self._legs: dict[str, _Leg] = {}
-        self._by_call: dict[str, str] = {}
-        self.ended_legs: dict[str, dict[str, Any]] = {}  # pid -> figures of finished calls (bounded)
+        self._legs: LegTable[_Leg] = LegTable()
         self.registration: dict[str, Any] | None = None  # last REGISTER outcome (code, reason, active)
         self._registration_changed = asyncio.Event()
         self._tasks = BackgroundTasks(log)
@@ -218,7 +217,7 @@ class SipCarrier(Carrier):
         # Drain the notifications posted while stopping.
         for _ in range(3):
             await asyncio.sleep(0)
-        for leg in list(self._legs.values()):
+        for leg in list(self._legs.live.values()):
             self._end(leg, leg.local_reason or CallState.HANGUP_BOT)
         self._pool.agents.clear()
 
@@ -231,8 +230,7 @@ class SipCarrier(Carrier):
             raise CarrierError(f"sip: call to {uri} failed: every SIP line is busy ({self._capacity()} calls)")
         pid = f"vc-{uuid.uuid4().hex}"
         leg = _Leg(pid=pid, direction=Direction.OUTBOUND, call_id=call.callId, from_=request.from_number, to=uri)
-        self._legs[pid] = leg
-        self._by_call[call.callId] = pid
+        self._legs.add(pid, leg, call.callId)
         self._pool.bind(pid, agent)
         try:
             await agent.dial(pid, uri)
@@ -243,38 +241,38 @@ class SipCarrier(Carrier):
         return pid
 
     async def answer_call(self, call: CallRecord) -> None:
-        leg = self._leg_for(call)
+        leg = self._legs.for_call(call)
         if leg is None or leg.ended:
             return
         leg.call_id = call.callId
-        self._by_call[call.callId] = leg.pid
+        self._legs.bind_call(call.callId, leg.pid)
         leg.decided = True
-        self._cancel_timer(leg)
+        cancel_timer(leg)
         if self.settings.answerDelayMs:
             await self.host.clock.sleep(self.settings.answerDelayMs / 1000)
         await self._call_op(leg.pid, "answer", 200)
 
     async def reject_call(self, call: CallRecord) -> None:
-        leg = self._leg_for(call)
+        leg = self._legs.for_call(call)
         if leg is None or leg.ended:
             return
         leg.decided = True
         leg.local_reason = CallState.HANGUP_BOT
-        self._cancel_timer(leg)
+        cancel_timer(leg)
         await self._call_op(leg.pid, "hangup", self.settings.rejectCode)
 
     async def hangup_call(self, call: CallRecord, reason: CallState) -> None:
-        leg = self._leg_for(call)
+        leg = self._legs.for_call(call)
         if leg is None or leg.ended:
             return
         leg.local_reason = reason
-        self._cancel_timer(leg)
+        cancel_timer(leg)
         # Inbound not yet answered: a final error response; otherwise BYE (or CANCEL while ringing).
         code = 603 if leg.direction is Direction.INBOUND and not leg.confirmed else 0
         await self._call_op(leg.pid, "hangup", code)
 
     async def send_dtmf(self, call: CallRecord, digits: str) -> None:
-        leg = self._leg_for(call)
+        leg = self._legs.for_call(call)
         if leg is None or leg.ended:
             raise CarrierError("sip: no such active call")
         if not re.fullmatch(r"[0-9A-Da-d*#]+", digits):
@@ -286,7 +284,7 @@ class SipCarrier(Carrier):
 
     async def get_call_status(self, call: CallRecord) -> ProviderStatus | None:
         # SIP dialogs live only in this process: a call we do not hold has ended.
-        leg = self._leg_for(call)
+        leg = self._legs.for_call(call)
         if leg is None or leg.ended:
             return ProviderStatus(terminal=True)
         return ProviderStatus(terminal=False)
@@ -310,7 +308,7 @@ class SipCarrier(Carrier):
         """Figures of a live or recently ended dialog (setup time, frame counters, codec)."""
         leg = self._legs.get(provider_call_id)
         if leg is None:
-            return self.ended_legs.get(provider_call_id)
+            return self._legs.ended.get(provider_call_id)
         return self._stats(leg)
 
     def worker_pids(self) -> list[int]:
@@ -330,10 +328,6 @@ class SipCarrier(Carrier):
 
     def _capacity(self) -> int:
         return sum(agent.capacity for agent in self._pool.agents)
-
-    def _leg_for(self, call: CallRecord) -> _Leg | None:
-        pid = call.providerCallId or self._by_call.get(call.callId)
-        return self._legs.get(pid) if pid else None
 
     async def _call_op(self, pid: str, op: str, code: int) -> None:
         self._require_started()
@@ -390,7 +384,7 @@ class SipCarrier(Carrier):
 
     def _on_incoming(self, pid: str, data: dict[str, Any]) -> None:
         leg = _Leg(pid=pid, direction=Direction.INBOUND, from_=data["from"], to=data["to"], started_at=data["at"])
-        self._legs[pid] = leg
+        self._legs.add(pid, leg)
         log.info("sip: incoming call %s from %s to %s", pid, leg.from_, leg.to)
         # Nobody decided within the ring timeout: 480, so the caller is not left ringing forever.
         leg.timer = self.host.clock.call_later(self.settings.ringTimeoutSec, lambda: self._ring_timeout(pid))
@@ -432,7 +426,7 @@ class SipCarrier(Carrier):
         if leg is None or leg.ended:
             return
         leg.confirmed = True
-        self._cancel_timer(leg)
+        cancel_timer(leg)
         self._maybe_attach(leg)
 
     def _maybe_attach(self, leg: _Leg) -> None:
@@ -479,7 +473,7 @@ class SipCarrier(Carrier):
         if leg.ended:
             return
         leg.ended = True
-        self._cancel_timer(leg)
+        cancel_timer(leg)
         if leg.transport is not None:
             leg.transport.closed = True
         if leg.attached and leg.call_id is not None:
@@ -487,17 +481,13 @@ class SipCarrier(Carrier):
         stats = self._stats(leg)
         stats["sipCode"] = sip_code
         stats["reason"] = str(reason)
-        self.ended_legs[leg.pid] = stats
-        while len(self.ended_legs) > 256:
-            self.ended_legs.pop(next(iter(self.ended_legs)))
+        self._legs.record_ended(leg.pid, stats)
         self._forget(leg)
         self._emit(leg, EventType.ENDED, reason=reason)
 
     def _forget(self, leg: _Leg) -> None:
-        self._legs.pop(leg.pid, None)
+        self._legs.forget(leg.pid, leg.call_id)
         self._pool.release(leg.pid)
-        if leg.call_id and self._by_call.get(leg.call_id) == leg.pid:
-            del self._by_call[leg.call_id]
 
     def _ring_timeout(self, pid: str) -> None:
         leg = self._legs.get(pid)
@@ -508,12 +498,6 @@ class SipCarrier(Carrier):
         leg.ring_timeout = True
         code = 480 if leg.direction is Direction.INBOUND else 0
         self._tasks.spawn(self._call_op(pid, "hangup", code), f"sip-ring-timeout-{pid}")
-
-    @staticmethod
-    def _cancel_timer(leg: _Leg) -> None:
-        if leg.timer is not None:
-            leg.timer.cancel()
-            leg.timer = None
 
     @staticmethod
     def _stats(leg: _Leg) -> dict[str, Any]:
