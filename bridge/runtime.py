@@ -14,6 +14,7 @@ from bridge.clock import Clock
 from bridge.config import Settings, reveal
 from bridge.manager import CallManager, VoiceFactory
 from bridge.metrics import Metrics
+from bridge.conversation.factory import create_conversation
 from bridge.responder import create_responder
 from bridge.rpc import RpcDispatcher, RpcEndpoint
 from bridge.server import create_app
@@ -81,7 +82,9 @@ class Runtime:
         responder = create_responder(settings.responseModel, base_url=settings.responseBaseUrl, api_key=secret,
                                      system_prompt=settings.responseSystemPrompt,
                                      timeout_ms=settings.responseTimeoutMs)
-        self.manager = CallManager(settings, self.carrier, clock=clock, responder=responder, voice_factory=voice_factory(settings, self.carrier))
+        self.manager = CallManager(settings, self.carrier, clock=clock, responder=responder,
+                                   voice_factory=voice_factory(settings, self.carrier),
+                                   conversation=create_conversation(settings))
         self.metrics = Metrics()
         self.dispatcher = RpcDispatcher(self.manager)
         token = settings.rpc.token.get_secret_value() if settings.rpc.token else None

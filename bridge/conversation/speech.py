@@ -1,0 +1,160 @@
+"""Speak text pieces as they arrive: each piece goes to TTS at once (the next one synthesizes while
+the current one plays), and all their audio plays gap-free, in order, through ONE MediaBridge.play.
+
+A barge-in stops the play; the bridge then closes our audio stream, which cancels the syntheses
+and the text source (and so the model's HTTP stream). What the caller heard is worked out over the
+concatenated pieces: whole pieces up to the cut, then the heard share of the cut piece's words.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from media.bridge import MediaBridge, PlaybackResult, heard_text
+from media.tts.base import TtsEngine
+
+log = logging.getLogger(__name__)
+
+_END = object()
+
+
+@dataclass(slots=True)
+class _Piece:
+    text: str
+    audio: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
+    played_bytes: int = 0
+    finished: bool = False  # all of its audio went to the player
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass(slots=True)
+class StreamedSpeech:
+    text: str  # everything that was queued to be said
+    heard_text: str
+    interrupted: bool
+    heard_ms: float
+    pieces: int
+    error: BaseException | None = None  # the text source or TTS failed (what was ready still played)
+
+
+@dataclass(slots=True)
+class SpeechMarks:
+    """Callbacks for the turn's latency record (monotonic seconds)."""
+
+    on_piece: Callable[[str], None] = lambda text: None
+    on_tts_first_byte: Callable[[], None] = lambda: None
+    on_first_audio: Callable[[], None] = lambda: None
+
+
+async def speak_stream(bridge: MediaBridge, tts: TtsEngine, pieces: AsyncIterator[str],
+                       marks: SpeechMarks | None = None, *, synth_ahead: int = 2) -> StreamedSpeech:
+    marks = marks or SpeechMarks()
+    queue: asyncio.Queue[object] = asyncio.Queue()  # _Piece, then _END or the source's exception
+    order: list[_Piece] = []
+    errors: list[BaseException] = []
+    slots = asyncio.Semaphore(synth_ahead)
+    first_byte = True
+
+    async def synthesize(piece: _Piece) -> None:
+        nonlocal first_byte
+        try:
+            async for chunk in tts.synthesize(piece.text):
+                if chunk:
+                    if first_byte:
+                        first_byte = False
+                        marks.on_tts_first_byte()
+                    piece.audio.put_nowait(chunk)
+            piece.audio.put_nowait(_END)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported through the result, never a silent line
+            piece.audio.put_nowait(exc)
+        finally:
+            slots.release()
+
+    async def produce() -> None:
+        try:
+            async for text in pieces:
+                await slots.acquire()
+                piece = _Piece(text)
+                marks.on_piece(text)
+                piece.task = asyncio.ensure_future(synthesize(piece))
+                order.append(piece)
+                queue.put_nowait(piece)
+            queue.put_nowait(_END)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            queue.put_nowait(exc)
+
+    producer = asyncio.ensure_future(produce())
+
+    async def audio() -> AsyncIterator[bytes]:
+        first = True
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    errors.append(item)
+                    return
+                assert isinstance(item, _Piece)
+                while True:
+                    chunk = await item.audio.get()
+                    if chunk is _END:
+                        item.finished = True
+                        break
+                    if isinstance(chunk, BaseException):
+                        errors.append(chunk)
+                        return
+                    assert isinstance(chunk, bytes)
+                    if first:
+                        first = False
+                        marks.on_first_audio()
+                    item.played_bytes += len(chunk)
+                    yield chunk
+        finally:
+            await _stop(producer, order)
+
+    stream = audio()
+    try:
+        result = await bridge.play(stream, tts.sample_rate)
+    finally:
+        await stream.aclose()
+    return _account(order, result, tts.sample_rate, errors[0] if errors else None)
+
+
+async def _stop(producer: asyncio.Task[None], order: list[_Piece]) -> None:
+    tasks = [producer, *(p.task for p in order if p.task is not None)]
+    for task in tasks:
+        if not task.done():
+            task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+def _account(order: list[_Piece], result: PlaybackResult, rate: int, error: BaseException | None) -> StreamedSpeech:
+    text = " ".join(p.text for p in order)
+    if result.completed and error is None:
+        return StreamedSpeech(text, text, False, result.heard_ms, len(order))
+    heard: list[str] = []
+    left = result.heard_ms
+    for piece in order:
+        piece_ms = piece.played_bytes / 2 / rate * 1000
+        if piece_ms <= 0 or left <= 0:
+            break
+        if left >= piece_ms and piece.finished:
+            heard.append(piece.text)
+            left -= piece_ms
+            continue
+        partial = PlaybackResult(False, True, 0, left, None, piece_ms)
+        heard.append(heard_text(piece.text, partial, total_ms=piece_ms))
+        break
+    return StreamedSpeech(text, " ".join(h for h in heard if h), result.interrupted, result.heard_ms, len(order),
+                          error)
