@@ -155,13 +155,10 @@ class ConversationEngine:
             speech = asyncio.ensure_future(speak_stream(voice.bridge, voice.tts, pieces,
                                                         SpeechMarks(on_piece, first_byte, first_audio)))
         tools: list[tuple[ToolCall, asyncio.Task[ToolOutcome]]] = []
-        position, with_text = 0, False
 
         def start_tools() -> None:
-            nonlocal position, with_text
             if tools or not done.done() or done.cancelled():
                 return
-            position, with_text = len(call.transcript), entry is not None
             tools.extend((c, asyncio.ensure_future(box.run(c))) for c in done.result())
 
         try:
@@ -185,14 +182,18 @@ class ConversationEngine:
             for _, task in tools:
                 task.cancel()
         outcomes: list[ToolOutcome] = []
-        for tool_call, task in tools:
+        for _, task in tools:
             try:
-                result = await task
+                outcomes.append(await task)
             except asyncio.CancelledError:
                 if not task.cancelled():
                     raise
-                result = ToolOutcome(INTERRUPTED_RESULT)
-            outcomes.append(result)
+                outcomes.append(ToolOutcome(INTERRUPTED_RESULT))
+        # The calls sit after everything said so far, fillers included: the model's own reply text or
+        # a filler then carries the `tool_calls`, and the results follow it directly.
+        position = len(call.transcript)
+        with_text = bool(call.transcript) and call.transcript[-1].speaker == "bot"
+        for (tool_call, _), result in zip(tools, outcomes):
             self._record_tool(call, host, tool_call, result, position, with_text)
         host.save(call)
         if spoken.error is not None:
