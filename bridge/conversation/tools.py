@@ -226,7 +226,7 @@ class CallToolbox:
 
         task = asyncio.ensure_future(post())
         try:
-            return await self._clock.wait_for(task, tool.timeout_ms / 1000)
+            return await self._clock.wait_for(_mirror(task), tool.timeout_ms / 1000)
         except TimeoutError:
             task.cancel()
             log.info("call %s: tool %s timed out after %d ms", call_id, tool.name, tool.timeout_ms)
@@ -234,8 +234,31 @@ class CallToolbox:
         except aiohttp.ClientError as exc:
             return f"error: the tool could not be reached ({type(exc).__name__})"
 
+    async def close(self) -> None:
+        if self._settings.session is not None:
+            await self._settings.session.close()
+            self._settings.session = None
+
     def _session(self) -> aiohttp.ClientSession:
         if self._settings.session is None or self._settings.session.closed:
             self._settings.session = (self._session_factory or aiohttp.ClientSession)()
         return self._settings.session
 
+
+
+def _mirror(task: asyncio.Task[str]) -> asyncio.Future[str]:
+    """A plain future settled like `task` (clocks time out futures; a task cannot be failed from outside)."""
+    fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def settle(t: asyncio.Task[str]) -> None:
+        if fut.done():
+            return
+        if t.cancelled():
+            fut.cancel()
+        elif t.exception() is not None:
+            fut.set_exception(t.exception())  # type: ignore[arg-type]
+        else:
+            fut.set_result(t.result())
+
+    task.add_done_callback(settle)
+    return fut
