@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import re
 import time
@@ -88,6 +89,7 @@ class FakeOpenAI:
     reject_connections: int = 0  # refuse this many WebSocket handshakes with 503 first
     chunk_delay_s: float = 0.0
     speech_first_byte_s: float = 0.0
+    speech_chunk_bytes: int | None = None  # fixed-size chunks (cheap, for benchmarks) instead of odd sizes
     # chat completions: replies in order (then `chat_reply`), pacing, and what happened
     chat_script: list[ChatReply] = field(default_factory=list)
     chat_reply: Callable[[dict[str, Any]], ChatReply] = default_chat_reply
@@ -130,7 +132,11 @@ class FakeOpenAI:
         await resp.prepare(request)
         if self.speech_first_byte_s:
             await asyncio.sleep(self.speech_first_byte_s)
-        for chunk in odd_chunks(fake_speech(body["input"], 24000), seed=len(body["input"])):
+        audio = _speech_audio(body["input"])
+        step = self.speech_chunk_bytes
+        chunks = [audio[i:i + step] for i in range(0, len(audio), step)] if step else \
+            odd_chunks(audio, seed=len(body["input"]))
+        for chunk in chunks:
             await resp.write(chunk)
             if self.chunk_delay_s:
                 await asyncio.sleep(self.chunk_delay_s)
@@ -271,6 +277,11 @@ class FakeOpenAI:
             else:
                 await ws.send_json({"type": "error", "error": {"type": "invalid_request_error", "message": f"unknown event {kind}"}})
         return ws
+
+
+@functools.lru_cache(maxsize=256)
+def _speech_audio(text: str) -> bytes:
+    return fake_speech(text, 24000)
 
 
 class _ServerVad:
