@@ -211,7 +211,18 @@ async def measure(calls: int, mode: str, args: argparse.Namespace, fakes_url: st
                     k += 1
                     await asyncio.sleep(max(0.0, start + k * 0.02 - loop.time()))
 
+            lags: list[float] = []
+
+            async def lag_probe() -> None:  # event-loop health: how late a 10 ms sleep wakes up
+                while not stop.is_set():
+                    t = loop.time()
+                    await asyncio.sleep(0.01)
+                    lags.append((loop.time() - t - 0.01) * 1000)
+
             ticker = asyncio.ensure_future(metronome())
+            probe = asyncio.ensure_future(lag_probe())
+            cpu_rounds = 0.0
+            wall_rounds = 0.0
             try:
                 for _ in range(calls):
                     target = await inbound_stream(session, settings.publicUrl or "", auth_token=auth_token,
@@ -225,7 +236,9 @@ async def measure(calls: int, mode: str, args: argparse.Namespace, fakes_url: st
                     while len(voices) < calls:
                         await asyncio.sleep(0.05)
                 await asyncio.sleep(1.0)
+                lags.clear()
                 for _ in range(args.rounds):
+                    cpu0, wall0 = time.process_time(), loop.time()
                     async def speak(client: Caller) -> None:
                         await asyncio.sleep(random.random() * 0.2)
                         client.speech_end = None
@@ -241,6 +254,8 @@ async def measure(calls: int, mode: str, args: argparse.Namespace, fakes_url: st
                                   for cid, c in clients):
                             await asyncio.sleep(0.05)
                     await asyncio.sleep(0.3)
+                    cpu_rounds += time.process_time() - cpu0
+                    wall_rounds += loop.time() - wall0
                     for cid, client in clients:
                         end = client.speech_end
                         first = next((t for t in client.recv_times if end is not None and t >= end), None)
@@ -254,6 +269,7 @@ async def measure(calls: int, mode: str, args: argparse.Namespace, fakes_url: st
             finally:
                 stop.set()
                 ticker.cancel()
+                probe.cancel()
                 await asyncio.gather(*(c.stop() for _, c in clients), return_exceptions=True)
                 await session.close()
                 await tts.close()
@@ -272,7 +288,9 @@ async def measure(calls: int, mode: str, args: argparse.Namespace, fakes_url: st
             "bridge_first_token_p50_ms": pct("modelFirstTokenMs", 50),
             "bridge_first_piece_p50_ms": pct("firstPieceMs", 50),
             "bridge_tts_first_byte_p50_ms": pct("ttsFirstByteMs", 50),
-            "bridge_first_audio_p50_ms": pct("firstAudioMs", 50), "loadavg": loadavg()}
+            "bridge_first_audio_p50_ms": pct("firstAudioMs", 50),
+            "loop_lag_p99_ms": percentile(lags, 99), "loop_lag_max_ms": max(lags) if lags else float("nan"),
+            "process_cpu_pct": 100 * cpu_rounds / wall_rounds if wall_rounds else float("nan"), "loadavg": loadavg()}
 
 
 def start_fakes(args: argparse.Namespace, cpu: int | None) -> tuple[subprocess.Popen[str], str]:
