@@ -3,7 +3,8 @@
     python bench/voice_to_voice.py --calls 1,100 --modes batch,streaming [--rounds 3] [--json]
 
 N concurrent calls over Twilio media streams (tests/fakes/stream_load.py: signed inbound webhook,
-TwiML <Stream>, 20 ms u-law frames at real-time cadence from one metronome) into a real bridge
+TwiML <Stream>, 20 ms u-law frames at real-time cadence from one metronome; the callers run in their
+own process, as a carrier would be) into a real bridge
 (tests.harness.run_bridge: Twilio carrier, the one aiohttp server, the real CallManager, CallVoice,
 MediaBridge and conversation engine). Each round every caller speaks a line (1 s of tone speech,
 then silence); the time runs from the caller sending its last speech frame to the caller receiving
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -171,9 +173,72 @@ def config(account_sid: str, auth_token: str, calls: int, fakes_url: str, mode: 
     }
 
 
-async def measure(calls: int, mode: str, args: argparse.Namespace, fakes_url: str) -> dict[str, Any]:
+async def generate(args: argparse.Namespace) -> dict[str, Any]:
+    """The callers (run in their own process): N Twilio streams; each round every caller speaks,
+    then waits for the reply to arrive and end; latency = first reply frame - last speech frame."""
     import aiohttp
 
+    loop = asyncio.get_running_loop()
+    speech = caller_frames(SPEECH_S, seed=3)
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    clients: list[Caller] = []
+    latencies: list[float] = []
+    missed = 0
+    stop = asyncio.Event()
+
+    async def metronome() -> None:
+        start, k = loop.time(), 0
+        while not stop.is_set():
+            for client in clients:
+                await client.tick()
+            k += 1
+            await asyncio.sleep(max(0.0, start + k * 0.02 - loop.time()))
+
+    def replied(client: Caller) -> bool:
+        end = client.speech_end
+        return (end is not None and bool(client.recv_times) and client.recv_times[-1] > end
+                and loop.time() - client.recv_times[-1] > 0.6)
+
+    ticker = asyncio.ensure_future(metronome())
+    try:
+        for _ in range(args.calls):
+            target = await inbound_stream(session, args.voice_url, auth_token=args.auth_token,
+                                          account_sid=args.account_sid)
+            client = Caller(target.url, parameters=target.parameters, call_sid=target.call_sid,
+                            account_sid=args.account_sid, session=session)
+            await client.connect()
+            clients.append(client)
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(1.5)
+        for _ in range(args.rounds):
+            async def speak(client: Caller) -> None:
+                await asyncio.sleep(random.random() * args.spread_ms / 1000)
+                client.speech_end = None
+                client.queue_audio(speech, len(speech))
+
+            await asyncio.gather(*(speak(c) for c in clients))
+            await asyncio.sleep(SPEECH_S + 0.5)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(60):
+                    while not all(replied(c) for c in clients):
+                        await asyncio.sleep(0.05)
+            for client in clients:
+                end = client.speech_end
+                first = next((t for t in client.recv_times if end is not None and t >= end), None)
+                if end is None or first is None:
+                    missed += 1
+                else:
+                    latencies.append((first - end) * 1000)
+    finally:
+        stop.set()
+        ticker.cancel()
+        await asyncio.gather(*(c.stop() for c in clients), return_exceptions=True)
+        await session.close()
+    return {"latencies": latencies, "missed": missed}
+
+
+async def measure(calls: int, mode: str, args: argparse.Namespace, fakes_url: str,
+                  generator_cpu: int | None) -> dict[str, Any]:
     from media.tts.factory import create_tts
 
     if mode == "s2s":
@@ -181,11 +246,7 @@ async def measure(calls: int, mode: str, args: argparse.Namespace, fakes_url: st
     loop = asyncio.get_running_loop()
     account_sid, auth_token = "AC" + secrets.token_hex(16), secrets.token_hex(16)
     stt = WireStt(args.stt_ms / 1000)
-    voices: dict[str, CallVoice] = {}
-    latencies: list[float] = []
     timings: list[dict[str, Any]] = []
-    missed = 0
-    speech = caller_frames(SPEECH_S, seed=3)
     with tempfile.TemporaryDirectory(prefix="bench-v2v-") as tmp:
         cfg = config(account_sid, auth_token, calls, fakes_url, mode)
         async with run_bridge(cfg, Path(tmp)) as runtime:
@@ -193,25 +254,12 @@ async def measure(calls: int, mode: str, args: argparse.Namespace, fakes_url: st
             tts = create_tts(settings.effective_tts)
 
             def factory(call: Any, transport: Any, emit: Callable[[CallEvent], None]) -> CallVoice:
-                voice = CallVoice(call_id=call.callId, transport=transport, tts=tts, stt_engine=stt, emit=emit,
-                                  pipeline_rate=settings.pipelineSampleRate, barge_in=False)
-                voices[call.callId] = voice
-                return voice
+                return CallVoice(call_id=call.callId, transport=transport, tts=tts, stt_engine=stt, emit=emit,
+                                 pipeline_rate=settings.pipelineSampleRate, barge_in=False)
 
             runtime.manager._voice_factory = factory  # noqa: SLF001 - the benchmark's STT, the real voice
-            session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-            clients: list[tuple[str, Caller]] = []
-            stop = asyncio.Event()
-
-            async def metronome() -> None:
-                start, k = loop.time(), 0
-                while not stop.is_set():
-                    for _, client in clients:
-                        await client.tick()
-                    k += 1
-                    await asyncio.sleep(max(0.0, start + k * 0.02 - loop.time()))
-
             lags: list[float] = []
+            stop = asyncio.Event()
 
             async def lag_probe() -> None:  # event-loop health: how late a 10 ms sleep wakes up
                 while not stop.is_set():
@@ -219,78 +267,45 @@ async def measure(calls: int, mode: str, args: argparse.Namespace, fakes_url: st
                     await asyncio.sleep(0.01)
                     lags.append((loop.time() - t - 0.01) * 1000)
 
-            ticker = asyncio.ensure_future(metronome())
             probe = asyncio.ensure_future(lag_probe())
-            cpu_rounds = 0.0
-            wall_rounds = 0.0
+            root = Path(__file__).resolve().parent.parent
+            argv = pinned(generator_cpu, [
+                sys.executable, str(Path(__file__).resolve()), "--generator", "--voice-url", settings.publicUrl or "",
+                "--account-sid", account_sid, "--auth-token", auth_token, "--calls", str(calls),
+                "--rounds", str(args.rounds), "--spread-ms", str(args.spread_ms)])
+            cpu0, wall0 = time.process_time(), loop.time()
             try:
-                for _ in range(calls):
-                    target = await inbound_stream(session, settings.publicUrl or "", auth_token=auth_token,
-                                                  account_sid=account_sid)
-                    client = Caller(target.url, parameters=target.parameters, call_sid=target.call_sid,
-                                    account_sid=account_sid, session=session)
-                    await client.connect()
-                    clients.append((target.parameters["callId"], client))
-                    await asyncio.sleep(0.01)
-                async with asyncio.timeout(30):
-                    while len(voices) < calls:
-                        await asyncio.sleep(0.05)
-                await asyncio.sleep(1.0)
-                lags.clear()
-                for _ in range(args.rounds):
-                    cpu0, wall0 = time.process_time(), loop.time()
-                    async def speak(client: Caller) -> None:
-                        await asyncio.sleep(random.random() * 0.2)
-                        client.speech_end = None
-                        client.queue_audio(speech, len(speech))
-
-                    started = loop.time()
-                    await asyncio.gather(*(speak(c) for _, c in clients))
-                    # until every reply has been played (the call is listening again) and heard
-                    await asyncio.sleep(SPEECH_S + 0.5)
-                    async with asyncio.timeout(60):
-                        while any(runtime.manager.get_call(cid).state != "listening"
-                                  or not c.recv_times or c.recv_times[-1] < (c.speech_end or 1e18)
-                                  for cid, c in clients):
-                            await asyncio.sleep(0.05)
-                    await asyncio.sleep(0.3)
-                    cpu_rounds += time.process_time() - cpu0
-                    wall_rounds += loop.time() - wall0
-                    for cid, client in clients:
-                        end = client.speech_end
-                        first = next((t for t in client.recv_times if end is not None and t >= end), None)
-                        if end is None or first is None or end < started:
-                            missed += 1
-                            continue
-                        latencies.append((first - end) * 1000)
-                        call = runtime.manager.get_call(cid)
-                        if call.turnTimings:
-                            timings.append(dataclasses.asdict(call.turnTimings[-1]))
+                proc = await asyncio.create_subprocess_exec(*argv, cwd=root, stdout=asyncio.subprocess.PIPE,
+                                                            env={**os.environ, "PYTHONPATH": str(root)})
+                out, _ = await proc.communicate()
             finally:
                 stop.set()
-                ticker.cancel()
                 probe.cancel()
-                await asyncio.gather(*(c.stop() for _, c in clients), return_exceptions=True)
-                await session.close()
                 await tts.close()
+            cpu, wall = time.process_time() - cpu0, loop.time() - wall0
+            if proc.returncode != 0:
+                raise RuntimeError(f"the caller process failed ({proc.returncode})")
+            result = json.loads(out.decode().strip().splitlines()[-1])
+            for call in runtime.manager.calls.values():
+                timings += [dataclasses.asdict(t) for t in call.turnTimings]
+    latencies = result["latencies"]
     text = reply_text(args.reply_tokens)
     floor = floor_ms(mode, args, text)
     above = [x - floor for x in latencies]
 
     def pct(key: str, q: float) -> float:
-        values = [t[key] for t in timings if t.get(key) is not None]
-        return percentile(values, q)
+        return percentile([t[key] for t in timings if t.get(key) is not None], q)
 
-    return {"mode": mode, "calls": calls, "turns": len(latencies), "missed": missed, "floor_ms": floor,
+    return {"mode": mode, "calls": calls, "turns": len(latencies), "missed": result["missed"], "floor_ms": floor,
             "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
             "above_p50_ms": percentile(above, 50), "above_p99_ms": percentile(above, 99),
             "max_ms": max(latencies) if latencies else float("nan"),
             "bridge_first_token_p50_ms": pct("modelFirstTokenMs", 50),
             "bridge_first_piece_p50_ms": pct("firstPieceMs", 50),
             "bridge_tts_first_byte_p50_ms": pct("ttsFirstByteMs", 50),
-            "bridge_first_audio_p50_ms": pct("firstAudioMs", 50),
+            "bridge_first_audio_p50_ms": pct("firstAudioMs", 50), "bridge_first_audio_p99_ms": pct("firstAudioMs", 99),
             "loop_lag_p99_ms": percentile(lags, 99), "loop_lag_max_ms": max(lags) if lags else float("nan"),
-            "process_cpu_pct": 100 * cpu_rounds / wall_rounds if wall_rounds else float("nan"), "loadavg": loadavg()}
+            "bridge_cpu_pct": 100 * cpu / wall if wall else float("nan"), "loadavg": loadavg()}
 
 
 def start_fakes(args: argparse.Namespace, cpu: int | None) -> tuple[subprocess.Popen[str], str]:
@@ -315,12 +330,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reply-tokens", type=int, default=25)
     parser.add_argument("--tts-ms", type=float, default=200)
     parser.add_argument("--cpu", type=int, default=0, help="pin the bridge to this CPU, the fakes to the next (-1: no)")
+    parser.add_argument("--spread-ms", type=float, default=200, help="callers start speaking within this window")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out")
+    parser.add_argument("--generator", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--voice-url", help=argparse.SUPPRESS)
+    parser.add_argument("--account-sid", help=argparse.SUPPRESS)
+    parser.add_argument("--auth-token", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.generator:
+        args.calls = int(args.calls)
+        random.seed(2)
+        print(json.dumps(asyncio.run(generate(args))))
+        return 0
     ncpu = os.cpu_count() or 1
     if args.cpu >= 0 and hasattr(os, "sched_setaffinity") and args.cpu < ncpu:
         os.sched_setaffinity(0, {args.cpu})
+    # the bridge on --cpu; the engine fakes and the callers (each its own process) on the next one
     fakes_cpu = (args.cpu + 1) % ncpu if args.cpu >= 0 and ncpu > 1 else None
     random.seed(1)
     fakes, url = start_fakes(args, fakes_cpu)
@@ -329,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in args.modes.split(","):
             for n in (int(x) for x in args.calls.split(",")):
                 started = time.monotonic()
-                points.append(asyncio.run(measure(n, mode, args, url)))
+                points.append(asyncio.run(measure(n, mode, args, url, fakes_cpu)))
                 print(f"[v2v] {mode} {n} calls: {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     finally:
         fakes.terminate()
