@@ -79,6 +79,22 @@ async def test_first_piece_is_heard_before_the_model_finishes(tmp_path: Path, fa
         assert len(inputs) >= 3 and " ".join(inputs[1:]) == reply.strip()
 
 
+async def test_pieces_play_gap_free_and_in_order_through_one_play(tmp_path: Path, fake: FakeOpenAI) -> None:
+    reply = "First things first. Then the second sentence follows, and a third one ends it all."
+    fake.chat_script = [ChatReply(reply)]
+    fake.chat_tokens_per_s = 200  # the model outpaces speech: audio never has to wait for text
+    async with run_bridge(config(fake, ["Go on."]), tmp_path) as runtime:
+        call = await start_call(runtime)
+        await wait_for(lambda: len(call.turnTimings) == 1 and call.state == CallState.LISTENING, timeout=30)
+        bridge = runtime.manager.voice(call.callId).bridge
+        pieces = [r["input"] for r in fake.speech_requests[1:]]
+        assert pieces == ["First things first.", "Then the second sentence follows,", "and a third one ends it all."]
+        assert bridge.stats.plays == 2 and bridge.stats.underruns == 0  # greeting + ONE play for the reply
+        callee = runtime.carrier.callee(call.callId)
+        spoken_s = sum(len(p) for p in ["Hi.", *pieces]) * 0.02  # the TTS fake: 20 ms per character
+        assert abs(len(callee.heard) / 2 / 8000 - spoken_s) < 0.1
+
+
 async def test_barge_in_closes_the_model_stream_and_the_next_request_holds_what_was_heard(
         tmp_path: Path, fake: FakeOpenAI) -> None:
     long_reply = " ".join(f"Option number {i} is a fine choice for a quiet evening." for i in range(1, 9))
