@@ -284,3 +284,31 @@ async def test_batch_mode_keeps_the_old_path(tmp_path: Path, fake: FakeOpenAI) -
         assert bot_lines(call)[-1] == "Batch reply here."
         assert "stream" not in fake.chat_requests[0] or not fake.chat_requests[0]["stream"]
 
+
+
+async def test_elevenlabs_stream_input_gets_the_reply_incrementally(tmp_path: Path, fake: FakeOpenAI) -> None:
+    from tests.fakes.elevenlabs_server import FakeElevenLabs
+
+    eleven = await FakeElevenLabs().start()
+    reply = "Happy to help. The shop opens at nine, and it closes at six on weekdays."
+    fake.chat_script = [ChatReply(reply)]
+    fake.chat_tokens_per_s = 100
+    cfg = config(fake, ["When are you open?"])
+    cfg["tts"] = {"provider": "elevenlabs", "elevenlabs": {"apiKey": eleven.api_key, "baseUrl": eleven.base_url,
+                                                           "transport": "websocket", "outputFormat": "pcm_16000"}}
+    try:
+        async with run_bridge(cfg, tmp_path) as runtime:
+            call = await start_call(runtime)
+            await wait_for(lambda: len(call.turnTimings) == 1 and call.state == CallState.LISTENING, timeout=30)
+            callee = runtime.carrier.callee(call.callId)
+            assert bot_lines(call)[-1] == reply
+            heard_s = len(callee.heard) / 2 / 8000
+    finally:
+        await eleven.stop()
+    inits = [i for i, m in enumerate(eleven.ws_messages) if m.get("text") == " "]
+    assert len(inits) == 2  # the greeting's session, then ONE session for the whole streamed reply
+    reply_msgs = eleven.ws_messages[inits[1] + 1:]
+    texts = [m["text"] for m in reply_msgs]
+    assert texts == ["Happy to help. ", "The shop opens at nine, and it closes at six on weekdays. ", ""]
+    assert all(m.get("flush") for m in reply_msgs[:-1])
+    assert abs(heard_s - (len("Hi.") + len(reply) - 1) * 0.02) < 0.1  # the fake: 20 ms per character sent

@@ -1,5 +1,6 @@
 """Speak text pieces as they arrive: each piece goes to TTS at once (the next one synthesizes while
 the current one plays), and all their audio plays gap-free, in order, through ONE MediaBridge.play.
+Engines that take text incrementally (ElevenLabs stream-input) get every piece into one session.
 
 A barge-in stops the play; the bridge then closes our audio stream, which cancels the syntheses
 and the text source (and so the model's HTTP stream). What the caller heard is worked out over the
@@ -15,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from media.bridge import MediaBridge, PlaybackResult, heard_text
-from media.tts.base import TtsEngine
+from media.tts.base import TextStream, TtsEngine
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ class SpeechMarks:
 async def speak_stream(bridge: MediaBridge, tts: TtsEngine, pieces: AsyncIterator[str],
                        marks: SpeechMarks | None = None, *, synth_ahead: int = 2) -> StreamedSpeech:
     marks = marks or SpeechMarks()
+    text_stream = tts.open_text_stream()
+    if text_stream is not None:
+        return await _speak_incremental(bridge, tts, text_stream, pieces, marks)
     queue: asyncio.Queue[object] = asyncio.Queue()  # _Piece, then _END or the source's exception
     order: list[_Piece] = []
     errors: list[BaseException] = []
@@ -127,6 +131,69 @@ async def speak_stream(bridge: MediaBridge, tts: TtsEngine, pieces: AsyncIterato
     finally:
         await stream.aclose()
     return _account(order, result, tts.sample_rate, errors[0] if errors else None)
+
+
+async def _speak_incremental(bridge: MediaBridge, tts: TtsEngine, text_stream: TextStream,
+                             pieces: AsyncIterator[str], marks: SpeechMarks) -> StreamedSpeech:
+    """Engines that take text incrementally: every piece goes into ONE synthesis session, whose
+    audio is the play. What was heard is estimated over the whole text by time (no per-piece sizes)."""
+    pushed: list[str] = []
+    errors: list[BaseException] = []
+    received = 0
+    finished = False
+
+    async def produce() -> None:
+        try:
+            async for text in pieces:
+                marks.on_piece(text)
+                pushed.append(text)
+                text_stream.push(text)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the model failed: finish what was pushed, report it
+            errors.append(exc)
+        text_stream.end()
+
+    producer = asyncio.ensure_future(produce())
+
+    async def audio() -> AsyncIterator[bytes]:
+        nonlocal received, finished
+        source = text_stream.audio()
+        try:
+            async for chunk in source:
+                if not chunk:
+                    continue
+                if not received:
+                    marks.on_tts_first_byte()
+                    marks.on_first_audio()
+                received += len(chunk)
+                yield chunk
+            finished = True
+        except Exception as exc:  # noqa: BLE001 - the engine failed mid-reply
+            errors.append(exc)
+        finally:
+            await _aclose(source)
+            await _stop(producer, [])
+
+    stream = audio()
+    try:
+        result = await bridge.play(stream, tts.sample_rate)
+    finally:
+        await stream.aclose()
+    text = " ".join(pushed)
+    error = errors[0] if errors else None
+    if result.completed and finished and error is None:
+        return StreamedSpeech(text, text, False, result.heard_ms, len(pushed))
+    total_ms = received / 2 / tts.sample_rate * 1000 if finished else None
+    return StreamedSpeech(text, heard_text(text, result, total_ms=total_ms), result.interrupted, result.heard_ms,
+                          len(pushed), error)
+
+
+async def _aclose(source: AsyncIterator[bytes]) -> None:
+    aclose = getattr(source, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
 
 
 async def _stop(producer: asyncio.Task[None], order: list[_Piece]) -> None:
