@@ -273,6 +273,7 @@ async def measure(calls: int, mode: str, args: argparse.Namespace, fakes_url: st
                 sys.executable, str(Path(__file__).resolve()), "--generator", "--voice-url", settings.publicUrl or "",
                 "--account-sid", account_sid, "--auth-token", auth_token, "--calls", str(calls),
                 "--rounds", str(args.rounds), "--spread-ms", str(args.spread_ms)])
+            await fake_stats(fakes_url)  # reset
             cpu0, wall0 = time.process_time(), loop.time()
             try:
                 proc = await asyncio.create_subprocess_exec(*argv, cwd=root, stdout=asyncio.subprocess.PIPE,
@@ -286,6 +287,7 @@ async def measure(calls: int, mode: str, args: argparse.Namespace, fakes_url: st
             if proc.returncode != 0:
                 raise RuntimeError(f"the caller process failed ({proc.returncode})")
             result = json.loads(out.decode().strip().splitlines()[-1])
+            fakes = await fake_stats(fakes_url)
             for call in runtime.manager.calls.values():
                 timings += [dataclasses.asdict(t) for t in call.turnTimings]
     latencies = result["latencies"]
@@ -304,8 +306,21 @@ async def measure(calls: int, mode: str, args: argparse.Namespace, fakes_url: st
             "bridge_first_piece_p50_ms": pct("firstPieceMs", 50),
             "bridge_tts_first_byte_p50_ms": pct("ttsFirstByteMs", 50),
             "bridge_first_audio_p50_ms": pct("firstAudioMs", 50), "bridge_first_audio_p99_ms": pct("firstAudioMs", 99),
+            "fake_first_token_p50_ms": percentile(fakes["chat_first_token_s"], 50) * 1000,
+            "fake_first_token_p99_ms": percentile(fakes["chat_first_token_s"], 99) * 1000,
+            "fake_tts_first_byte_p50_ms": percentile(fakes["speech_first_byte_s"], 50) * 1000,
+            "fake_tts_first_byte_p99_ms": percentile(fakes["speech_first_byte_s"], 99) * 1000,
             "loop_lag_p99_ms": percentile(lags, 99), "loop_lag_max_ms": max(lags) if lags else float("nan"),
             "bridge_cpu_pct": 100 * cpu / wall if wall else float("nan"), "loadavg": loadavg()}
+
+
+async def fake_stats(url: str) -> dict[str, list[float]]:
+    """How long the fakes themselves took (request in -> first token / first audio byte out), then reset."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/_stats?reset=1") as resp:
+        data: dict[str, list[float]] = await resp.json()
+        return data
 
 
 def start_fakes(args: argparse.Namespace, cpu: int | None) -> tuple[subprocess.Popen[str], str]:

@@ -96,6 +96,7 @@ class FakeOpenAI:
     chat_ttft_s: float = 0.0
     chat_tokens_per_s: float = 0.0  # 0: as fast as possible
     chat_streams: list[ChatStream] = field(default_factory=list)
+    speech_first_byte: list[float] = field(default_factory=list)  # seconds from request to first audio byte
     _runner: web.AppRunner | None = None
     port: int = 0
 
@@ -107,6 +108,7 @@ class FakeOpenAI:
         app = web.Application()
         app.router.add_post("/v1/audio/speech", self._speech)
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/_stats", self._stats)  # benchmarks: how late the fake itself answered
         app.router.add_get("/v1/realtime", self._realtime)
         self._runner, self.port = await serve_local(app)
         return self
@@ -124,6 +126,7 @@ class FakeOpenAI:
                 {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error", "code": "invalid_api_key"}},
                 status=401,
             )
+        arrived = asyncio.get_running_loop().time()
         body = await request.json()
         self.speech_requests.append(body)
         if body.get("response_format") != "pcm" or not body.get("input"):
@@ -136,12 +139,23 @@ class FakeOpenAI:
         step = self.speech_chunk_bytes
         chunks = [audio[i:i + step] for i in range(0, len(audio), step)] if step else \
             odd_chunks(audio, seed=len(body["input"]))
-        for chunk in chunks:
+        for i, chunk in enumerate(chunks):
             await resp.write(chunk)
+            if i == 0:
+                self.speech_first_byte.append(asyncio.get_running_loop().time() - arrived)
             if self.chunk_delay_s:
                 await asyncio.sleep(self.chunk_delay_s)
         await resp.write_eof()
         return resp
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        ttft = [s.first_token_at - s.started for s in self.chat_streams if s.first_token_at is not None]
+        data = {"chat_first_token_s": ttft, "speech_first_byte_s": list(self.speech_first_byte)}
+        if request.query.get("reset"):
+            self.chat_streams.clear()
+            self.speech_first_byte.clear()
+            self.speech_requests.clear()
+        return web.json_response(data)
 
     @property
     def chat_requests(self) -> list[dict[str, Any]]:
