@@ -23,11 +23,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
-
-import aiohttp
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bridge.clock import Clock
+
+if TYPE_CHECKING:  # the tool types are shared with sans-I/O code; aiohttp is loaded only to POST
+    import aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,8 @@ class CallToolbox:
         return handler
 
     async def _post(self, tool: HttpToolConfig, call_id: str, args: dict[str, Any]) -> str:
+        import aiohttp
+
         body = json.dumps({"tool": tool.name, "callId": call_id, "arguments": args}, separators=(",", ":")).encode()
         headers = {"Content-Type": "application/json"}
         if tool.secret:
@@ -240,6 +243,8 @@ class CallToolbox:
             self._settings.session = None
 
     def _session(self) -> aiohttp.ClientSession:
+        import aiohttp
+
         if self._settings.session is None or self._settings.session.closed:
             self._settings.session = (self._session_factory or aiohttp.ClientSession)()
         return self._settings.session
