@@ -22,8 +22,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import free_port, machine, table, write_results  # noqa: E402
-from bridge.conversation.chat import StreamingChatModel  # noqa: E402
+from bench.common import free_port, machine, table, write_results
+from bridge.conversation.chat import StreamingChatModel
 
 SERVER = """
 import asyncio, sys

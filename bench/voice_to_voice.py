@@ -46,21 +46,25 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import loadavg, machine, pinned, table, write_results  # noqa: E402
-from bridge.calls import CallEvent  # noqa: E402
-from bridge.conversation.segmenter import Segmenter  # noqa: E402
-from bridge.voice import CallVoice  # noqa: E402
-from media.stt.base import SttEngine, SttEvent, SttSession  # noqa: E402
-from tests.fakes.openai_server import tokens  # noqa: E402
-from tests.fakes.stream_load import LoadStreamClient, caller_frames, inbound_stream, percentile  # noqa: E402
-from tests.harness import run_bridge  # noqa: E402
+from bench.common import loadavg, machine, pinned, table, write_results
+from bridge.calls import CallEvent
+from bridge.conversation.segmenter import Segmenter
+from bridge.voice import CallVoice
+from media.stt.base import SttEngine, SttEvent, SttSession
+from tests.fakes.openai_server import tokens
+from tests.fakes.stream_load import (
+    LoadStreamClient,
+    caller_frames,
+    inbound_stream,
+    percentile,
+)
+from tests.harness import run_bridge
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import audioop
 
-REPLY_WORDS = ("Sure, I can help with that. Your table for two is booked for Thursday at seven, and we will "
-               "send you a short confirmation text in a minute or two today.").split()
+REPLY_WORDS = ["Sure,", "I", "can", "help", "with", "that.", "Your", "table", "for", "two", "is", "booked", "for", "Thursday", "at", "seven,", "and", "we", "will", "send", "you", "a", "short", "confirmation", "text", "in", "a", "minute", "or", "two", "today."]
 SPEECH_S = 1.0
 LOUD_RMS = 500.0
 
@@ -257,7 +261,7 @@ async def measure(calls: int, mode: str, args: argparse.Namespace, fakes_url: st
                 return CallVoice(call_id=call.callId, transport=transport, tts=tts, stt_engine=stt, emit=emit,
                                  pipeline_rate=settings.pipelineSampleRate, barge_in=False)
 
-            runtime.manager._voice_factory = factory  # noqa: SLF001 - the benchmark's STT, the real voice
+            runtime.manager._voice_factory = factory
             lags: list[float] = []
             stop = asyncio.Event()
 

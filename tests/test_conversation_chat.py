@@ -8,7 +8,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from bridge.conversation.chat import ChatModelError, ChunkAssembler, OfflineChatModel, SseDecoder, StreamingChatModel
+from bridge.conversation.chat import (
+    ChatModelError,
+    ChunkAssembler,
+    OfflineChatModel,
+    SseDecoder,
+    StreamingChatModel,
+)
 from bridge.conversation.tools import END_CALL, SEND_DTMF
 from tests.fakes.openai_server import ChatReply, FakeOpenAI
 from tests.harness import wait_for

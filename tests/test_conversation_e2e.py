@@ -252,7 +252,7 @@ async def test_consult_times_out_on_the_clock(tmp_path: Path, fake: FakeOpenAI) 
         await asyncio.sleep(0)
         assert len(fake.chat_streams) == 1
         await clock.advance(19.9)
-        assert len(fake.chat_streams) == 1 and runtime.manager._consults  # noqa: SLF001 - still waiting
+        assert len(fake.chat_streams) == 1 and runtime.manager._consults
         await clock.advance(0.2)
         await wait_for(lambda: len(fake.chat_streams) == 2, timeout=10)
         assert fake.chat_requests[1]["messages"][-1]["content"] == "The agent did not answer within 20 seconds."

@@ -83,7 +83,7 @@ def test_pieces_do_not_depend_on_how_tokens_arrive(text: str, cuts: list[int], m
     seg = Segmenter(min_clause_chars=min_clause, max_chars=max_chars)
     got: list[str] = []
     last = 0
-    for c in sorted(set(min(c, len(text)) for c in cuts)):
+    for c in sorted({min(c, len(text)) for c in cuts}):
         got += seg.push(text[last:c])
         last = c
     got += seg.push(text[last:]) + seg.flush()

@@ -14,7 +14,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from bridge.calls import CallRecord, CallState, Direction, ToolCallEntry, TranscriptEntry
+from bridge.calls import (
+    CallRecord,
+    CallState,
+    Direction,
+    ToolCallEntry,
+    TranscriptEntry,
+)
 from bridge.clock import FakeClock
 from bridge.config import ConfigError, build_settings
 from bridge.conversation.messages import chat_messages

@@ -5,13 +5,18 @@ stream ends; barge-in stops everything and keeps what was heard."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from bridge.calls import CallRecord, CallState, ToolCallEntry, TranscriptEntry, TurnTiming
+from bridge.calls import (
+    CallRecord,
+    CallState,
+    ToolCallEntry,
+    TranscriptEntry,
+    TurnTiming,
+)
 from bridge.clock import Clock
 from bridge.conversation.chat import ChatModel, ChatModelError, ReplyStream
 from bridge.conversation.messages import chat_messages
@@ -162,7 +167,7 @@ class ConversationEngine:
             tools.extend((c, asyncio.ensure_future(box.run(c))) for c in done.result())
 
         try:
-            await asyncio.wait({speech, done}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([speech, done], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
             start_tools()
             spoken = await speech
             start_tools()

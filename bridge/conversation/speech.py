@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from media.bridge import MediaBridge, PlaybackResult, heard_text
@@ -97,7 +97,7 @@ async def speak_stream(bridge: MediaBridge, tts: TtsEngine, pieces: AsyncIterato
 
     producer = asyncio.ensure_future(produce())
 
-    async def audio() -> AsyncIterator[bytes]:
+    async def audio() -> AsyncGenerator[bytes, None]:
         first = True
         try:
             while True:
@@ -156,7 +156,7 @@ async def _speak_incremental(bridge: MediaBridge, tts: TtsEngine, text_stream: T
 
     producer = asyncio.ensure_future(produce())
 
-    async def audio() -> AsyncIterator[bytes]:
+    async def audio() -> AsyncGenerator[bytes, None]:
         nonlocal received, finished
         source = text_stream.audio()
         try:

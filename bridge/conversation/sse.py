@@ -36,7 +36,7 @@ class SseDecoder:
                     self._data = []
             elif line.startswith("data:"):
                 value = line[5:]
-                self._data.append(value[1:] if value.startswith(" ") else value)
+                self._data.append(value.removeprefix(" "))
             # comments (":"), `event:`, `id:` and `retry:` lines carry nothing for chat completions
 
 
