@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 REAPER_INTERVAL_S = 30.0
 MEDIA_WAIT_S = 10.0
 MAX_PROCESSED_IDS = 200_000
+SUPERSEDE_GRACE_S = 0.5  # a superseded reply gets this long to finish its bookkeeping before it is cancelled
 
 
 class CallError(Exception):
@@ -421,9 +422,14 @@ class CallManager:
         if old is not None and not old.done():
             voice = self._voices.get(call.callId)
             if voice is not None:
-                voice.interrupt()
-            old.cancel()
-            await asyncio.wait({old})
+                voice.interrupt()  # a reply that is speaking ends at once, keeping what was heard
+            settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            old.add_done_callback(lambda _: settled.done() or settled.set_result(None))
+            try:
+                await self.clock.wait_for(settled, SUPERSEDE_GRACE_S)
+            except TimeoutError:  # still waiting on the model or a tool: stop it
+                old.cancel()
+                await asyncio.wait({old})
         me = asyncio.current_task()
         if me is not None:
             self._replies[call.callId] = me

@@ -276,6 +276,40 @@ async def test_model_failure_mid_call_gives_a_spoken_apology_then_a_clean_hang_u
         assert len(log[-1]["metadata"]["conversationErrors"]) == 2
 
 
+async def test_tts_failure_mid_call_ends_the_call_cleanly_and_says_why_in_the_log(
+        tmp_path: Path, fake: FakeOpenAI) -> None:
+    fake.chat_script = [ChatReply("Certainly. Let me book that for you.")]
+    fake.speech_fail_after = 1  # the greeting plays; every later synthesis fails
+    async with run_bridge(config(fake, ["Book a table."]), tmp_path) as runtime:
+        call = await start_call(runtime)
+        await wait_for(lambda: call.terminal, timeout=30)
+    assert call.state == CallState.HANGUP_BOT
+    (error,) = call.metadata["conversationErrors"]
+    assert "HTTP 500" in error["error"] and error["action"] == "hangup"  # the apology could not be said either
+    log = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    assert log[-1]["state"] == "hangup-bot" and log[-1]["metadata"]["conversationErrors"][0]["action"] == "hangup"
+
+
+async def test_new_words_supersede_a_reply_still_running(tmp_path: Path, fake: FakeOpenAI) -> None:
+    fake.chat_script = [ChatReply("Let me think. " + " ".join(["Still thinking about it."] * 30)),
+                        ChatReply("Okay, cancelled.")]
+    fake.chat_tokens_per_s = 5
+    cfg = config(fake, ["First question."])
+    cfg["streaming"]["bargeIn"] = False  # no barge-in: only the caller's next final transcript cuts the reply
+    async with run_bridge(cfg, tmp_path) as runtime:
+        call = await start_call(runtime)
+        await wait_for(lambda: len(fake.chat_streams) == 1 and fake.chat_streams[0].tokens_sent >= 4, timeout=20)
+        runtime.carrier.callee(call.callId).say("Never mind.")
+        await wait_for(lambda: fake.chat_streams[0].client_closed, timeout=15)
+        await wait_for(lambda: len(fake.chat_streams) == 2, timeout=15)
+        assert fake.chat_requests[1]["messages"][-1] == {"role": "user", "content": "Never mind."}
+        cut = fake.chat_requests[1]["messages"][-2]
+        assert cut["role"] == "assistant" and cut["content"].startswith("Let me think.")
+        assert len(cut["content"]) < 200  # only what was heard of the long reply
+        await wait_for(lambda: call.state == CallState.LISTENING and bot_lines(call)[-1] == "Okay, cancelled.",
+                       timeout=20)
+
+
 async def test_batch_mode_keeps_the_old_path(tmp_path: Path, fake: FakeOpenAI) -> None:
     fake.chat_script = [ChatReply('{"spoken": "Batch reply here.", "endCall": false}')]
     async with run_bridge(config(fake, ["Hello there."], responseMode="batch"), tmp_path) as runtime:

@@ -174,8 +174,10 @@ class ConversationEngine:
         except asyncio.CancelledError:
             for _, task in tools:
                 task.cancel()
-            if entry is not None:
-                entry.text = ""  # superseded before we learnt what was heard
+            if entry is not None:  # superseded: keep what was heard if we know it
+                entry.text = speech.result().heard_text if speech.done() and not speech.cancelled() \
+                    and speech.exception() is None else ""
+            speech.cancel()
             raise
         finally:
             if not done.done():

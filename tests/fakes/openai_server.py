@@ -89,6 +89,7 @@ class FakeOpenAI:
     reject_connections: int = 0  # refuse this many WebSocket handshakes with 503 first
     chunk_delay_s: float = 0.0
     speech_first_byte_s: float = 0.0
+    speech_fail_after: int | None = None  # answer HTTP 500 to every speech request after this many
     speech_chunk_bytes: int | None = None  # fixed-size chunks (cheap, for benchmarks) instead of odd sizes
     # chat completions: replies in order (then `chat_reply`), pacing, and what happened
     chat_script: list[ChatReply] = field(default_factory=list)
@@ -129,6 +130,8 @@ class FakeOpenAI:
         arrived = asyncio.get_running_loop().time()
         body = await request.json()
         self.speech_requests.append(body)
+        if self.speech_fail_after is not None and len(self.speech_requests) > self.speech_fail_after:
+            return web.json_response({"error": {"message": "scripted failure", "type": "server_error"}}, status=500)
         if body.get("response_format") != "pcm" or not body.get("input"):
             return web.json_response({"error": {"message": "bad request", "type": "invalid_request_error"}}, status=400)
         resp = web.StreamResponse(headers={"Content-Type": "audio/pcm"})
