@@ -35,6 +35,7 @@ from bridge.store import CallStore
 from bridge.tasks import BackgroundTasks
 from carriers.base import Carrier, CarrierError, OutboundRequest
 from media.transport import MediaTransport
+from media.tts.base import TtsError
 
 log = logging.getLogger(__name__)
 
@@ -464,6 +465,12 @@ class CallManager:
             await self._say(call, reply.spoken)
         except CallError as exc:
             log.warning("call %s: reply not spoken: %s", call.callId, exc)
+            return
+        except (TimeoutError, OSError, TtsError) as exc:  # the voice failed: apologize or hang up, never silence
+            if self.conversation is not None:
+                await self.conversation.failed(call, self, str(exc) or type(exc).__name__)
+            else:
+                log.warning("call %s: reply not spoken: %s", call.callId, exc)
             return
         if reply.end_call and not call.terminal:
             await self.clock.sleep(self.settings.outbound.notifyHangupDelaySec)

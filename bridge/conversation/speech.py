@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from media.bridge import MediaBridge, PlaybackResult, heard_text
-from media.tts.base import TextStream, TtsEngine
+from media.tts.base import TextStream, TtsEngine, TtsError
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +128,15 @@ async def speak_stream(bridge: MediaBridge, tts: TtsEngine, pieces: AsyncIterato
     stream = audio()
     try:
         result = await bridge.play(stream, tts.sample_rate)
+    except (TimeoutError, OSError, TtsError) as exc:  # the engine stalled, or the leg broke: never a silent hang
+        return _failed(" ".join(p.text for p in order), len(order), exc)
     finally:
         await stream.aclose()
     return _account(order, result, tts.sample_rate, errors[0] if errors else None)
+
+
+def _failed(text: str, pieces: int, exc: BaseException) -> StreamedSpeech:
+    return StreamedSpeech(text, "", True, 0.0, pieces, exc)
 
 
 async def _speak_incremental(bridge: MediaBridge, tts: TtsEngine, text_stream: TextStream,
@@ -178,6 +184,8 @@ async def _speak_incremental(bridge: MediaBridge, tts: TtsEngine, text_stream: T
     stream = audio()
     try:
         result = await bridge.play(stream, tts.sample_rate)
+    except (TimeoutError, OSError, TtsError) as exc:
+        return _failed(" ".join(pushed), len(pushed), exc)
     finally:
         await stream.aclose()
     text = " ".join(pushed)
