@@ -3,17 +3,13 @@ as a result with the error (the turn then apologizes or hangs up), never as a ha
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_media_bridge import make  # pytest puts tests/ on the path (as test_tts_engines relies on)
 
-from test_media_bridge import make  # noqa: E402
-
-from bridge.conversation.speech import speak_stream  # noqa: E402
-from media.tts.base import TtsEngine, TtsError  # noqa: E402
-from tests.fakes.audio import fake_speech  # noqa: E402
+from bridge.conversation.speech import speak_stream
+from media.tts.base import TtsEngine, TtsError
+from tests.fakes.audio import fake_speech
 
 
 class ToneTts(TtsEngine):
