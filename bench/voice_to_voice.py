@@ -46,7 +46,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import loadavg, machine, pinned, table, write_results
+from bench.common import (
+    Server,
+    cpu_seconds,
+    free_port,
+    loadavg,
+    machine,
+    pinned,
+    table,
+    write_results,
+)
 from bridge.calls import CallEvent
 from bridge.conversation.segmenter import Segmenter
 from bridge.voice import CallVoice
@@ -54,16 +63,19 @@ from media.stt.base import SttEngine, SttEvent, SttSession
 from tests.fakes.openai_server import tokens
 from tests.fakes.stream_load import (
     LoadStreamClient,
+    StreamTarget,
     caller_frames,
     inbound_stream,
     percentile,
 )
+from tests.fakes.twilio_server import sid
 from tests.harness import run_bridge
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import audioop
 
+DEFAULT_PIPECAT_PY = "/work/venvs/pipecat/bin/python"
 REPLY_WORDS = ["Sure,", "I", "can", "help", "with", "that.", "Your", "table", "for", "two", "is", "booked", "for", "Thursday", "at", "seven,", "and", "we", "will", "send", "you", "a", "short", "confirmation", "text", "in", "a", "minute", "or", "two", "today."]
 SPEECH_S = 1.0
 LOUD_RMS = 500.0
@@ -206,8 +218,11 @@ async def generate(args: argparse.Namespace) -> dict[str, Any]:
     ticker = asyncio.ensure_future(metronome())
     try:
         for _ in range(args.calls):
-            target = await inbound_stream(session, args.voice_url, auth_token=args.auth_token,
-                                          account_sid=args.account_sid)
+            if args.direct_ws:  # a peer without webhooks: straight to its stream URL
+                target = StreamTarget(args.direct_ws, {}, sid("CA"), args.account_sid)
+            else:
+                target = await inbound_stream(session, args.voice_url, auth_token=args.auth_token,
+                                              account_sid=args.account_sid)
             client = Caller(target.url, parameters=target.parameters, call_sid=target.call_sid,
                             account_sid=args.account_sid, session=session)
             await client.connect()
@@ -318,6 +333,47 @@ async def measure(calls: int, mode: str, args: argparse.Namespace, fakes_url: st
             "bridge_cpu_pct": 100 * cpu / wall if wall else float("nan"), "loadavg": loadavg()}
 
 
+def run_generator(argv_extra: list[str], args: argparse.Namespace, calls: int, cpu: int | None) -> dict[str, Any]:
+    root = Path(__file__).resolve().parent.parent
+    argv = pinned(cpu, [sys.executable, str(Path(__file__).resolve()), "--generator", "--calls", str(calls),
+                        "--rounds", str(args.rounds), "--spread-ms", str(args.spread_ms), *argv_extra])
+    out = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=600, check=False,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    if out.returncode != 0:
+        raise RuntimeError(f"the caller process failed ({out.returncode}): {out.stderr[-1000:]}")
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def measure_pipecat(calls: int, args: argparse.Namespace, fakes_url: str, generator_cpu: int | None) -> dict[str, Any]:
+    """The same callers and fakes against pipecat's cascade (bench/peers/pipecat_voice.py, its own venv)."""
+    root = Path(__file__).resolve().parent.parent
+    port = free_port()
+    script = root / "bench" / "peers" / "pipecat_voice.py"
+    with tempfile.TemporaryDirectory(prefix="bench-v2v-pipecat-") as tmp:
+        argv = pinned(args.cpu if args.cpu >= 0 else None, [args.pipecat_python, str(script), "--port", str(port),
+                                                              "--base-url", fakes_url, "--stt-ms", str(args.stt_ms)])
+        with Server(argv, log=Path(tmp) / "pipecat.log") as server:
+            server.wait_http(f"http://127.0.0.1:{port}/healthz", timeout=60)
+            asyncio.run(fake_stats(fakes_url))  # reset
+            cpu0, wall0 = cpu_seconds(server.pid), time.monotonic()
+            result = run_generator(["--direct-ws", f"ws://127.0.0.1:{port}/ws", "--account-sid",
+                                    "AC" + secrets.token_hex(16)], args, calls, generator_cpu)
+            cpu, wall = cpu_seconds(server.pid) - cpu0, time.monotonic() - wall0
+            fakes = asyncio.run(fake_stats(fakes_url))
+    latencies = result["latencies"]
+    floor = floor_ms("streaming", args, reply_text(args.reply_tokens))
+    above = [x - floor for x in latencies]
+    nan = float("nan")
+    return {"mode": "pipecat", "calls": calls, "turns": len(latencies), "missed": result["missed"], "floor_ms": floor,
+            "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
+            "above_p50_ms": percentile(above, 50), "above_p99_ms": percentile(above, 99),
+            "max_ms": max(latencies) if latencies else nan,
+            "fake_first_token_p50_ms": percentile(fakes["chat_first_token_s"], 50) * 1000,
+            "fake_tts_first_byte_p50_ms": percentile(fakes["speech_first_byte_s"], 50) * 1000,
+            "bridge_cpu_pct": 100 * cpu / wall if wall else nan, "loadavg": loadavg()}
+
+
 async def fake_stats(url: str) -> dict[str, list[float]]:
     """How long the fakes themselves took (request in -> first token / first audio byte out), then reset."""
     import aiohttp
@@ -356,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--voice-url", help=argparse.SUPPRESS)
     parser.add_argument("--account-sid", help=argparse.SUPPRESS)
     parser.add_argument("--auth-token", help=argparse.SUPPRESS)
+    parser.add_argument("--direct-ws", help=argparse.SUPPRESS)
+    parser.add_argument("--peer", choices=["pipecat"], help="also run the streaming scenario against this peer")
+    parser.add_argument("--pipecat-python", default=os.environ.get("PIPECAT_PYTHON", DEFAULT_PIPECAT_PY))
     args = parser.parse_args(argv)
     if args.generator:
         args.calls = int(args.calls)
@@ -376,6 +435,11 @@ def main(argv: list[str] | None = None) -> int:
                 started = time.monotonic()
                 points.append(asyncio.run(measure(n, mode, args, url, fakes_cpu)))
                 print(f"[v2v] {mode} {n} calls: {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+        if args.peer == "pipecat":
+            for n in (int(x) for x in args.calls.split(",")):
+                started = time.monotonic()
+                points.append(measure_pipecat(n, args, url, fakes_cpu))
+                print(f"[v2v] pipecat {n} calls: {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     finally:
         fakes.terminate()
         fakes.wait(5)
