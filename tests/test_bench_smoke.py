@@ -74,7 +74,8 @@ def test_sip_calls_eight_calls(tmp_path: Path) -> None:
 
 def test_voice_to_voice_two_calls_both_modes(tmp_path: Path) -> None:
     data = run_bench("voice_to_voice.py", "--calls", "2", "--rounds", "1", "--cpu", "-1", "--ttft-ms", "100",
-                     "--stt-ms", "100", "--tts-ms", "50", "--tokens-per-s", "200", out=tmp_path / "v2v.json",
+                     "--stt-ms", "100", "--tts-ms", "50", "--tokens-per-s", "200", "--reply-tokens", "8",
+                     out=tmp_path / "v2v.json",
                      timeout=120)
     assert [(p["mode"], p["calls"]) for p in data["points"]] == [("batch", 2), ("streaming", 2)]
     batch, streaming = data["points"]
