@@ -202,7 +202,8 @@ class ConversationEngine:
         with_text = bool(call.transcript) and call.transcript[-1].speaker == "bot"
         for (tool_call, _), result in zip(tools, outcomes):
             self._record_tool(call, host, tool_call, result, position, with_text)
-        host.save(call)
+        if tools or spoken.interrupted or spoken.error is not None:
+            host.save(call)  # a plain reply is saved once, when the turn ends
         if spoken.error is not None:
             await self.failed(call, host, _describe(spoken.error))
             return None
