@@ -10,9 +10,7 @@ captured signature is checked against.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
-import json
 import re
 import time
 from collections import OrderedDict
@@ -21,14 +19,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from bridge.signatures import Params, decode_telnyx_signature, normalize_params
-
 __all__ = [
     "MonotonicClock",
     "ReplayCache",
-    "twilio_replay_key",
-    "telnyx_replay_key",
-    "plivo_replay_key",
     "UntrustedHost",
     "ResolvedUrl",
     "HostPort",
@@ -104,29 +97,6 @@ class ReplayCache:
 
     def clear(self) -> None:
         self._seen.clear()
-
-
-def _digest(provider: str, *fields: object) -> str:
-    # JSON framing keeps field boundaries unambiguous ("ab"+"c" never equals "a"+"bc").
-    blob = json.dumps([provider, *fields], ensure_ascii=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("ascii")).hexdigest()
-
-
-def twilio_replay_key(url: str, params: Params, signature: str) -> str:
-    grouped = normalize_params(params)
-    canonical = [[name, sorted(grouped[name])] for name in sorted(grouped)]
-    return _digest("twilio", url, canonical, signature.strip())
-
-
-def telnyx_replay_key(timestamp: str, signature: str, body: bytes) -> str:
-    # The same signature re-encoded (base64 vs base64url, padding) is the same delivery.
-    raw = decode_telnyx_signature(signature)
-    sig = raw.hex() if raw is not None else signature.strip()
-    return _digest("telnyx", timestamp.strip(), sig, hashlib.sha256(body).hexdigest())
-
-
-def plivo_replay_key(base_url: str, nonce: str) -> str:
-    return _digest("plivo", base_url, nonce.strip())
 
 
 # ------------------------------------------------------------------------ host validation

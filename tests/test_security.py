@@ -17,12 +17,15 @@ from bridge.security import (
     ip_in_networks,
     is_loopback,
     parse_host,
-    plivo_replay_key,
     resolve_public_url,
+)
+from carriers.signatures import (
+    plivo_replay_key,
     telnyx_replay_key,
     twilio_replay_key,
+    twilio_signature,
+    verify_twilio,
 )
-from bridge.signatures import twilio_signature, verify_twilio
 
 
 class FakeClock:

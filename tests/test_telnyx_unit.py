@@ -18,7 +18,6 @@ import pytest
 from bridge.calls import CallRecord, CallState, Direction, EventType
 from bridge.clock import FakeClock
 from bridge.config import build_settings
-from bridge.security import telnyx_replay_key
 from carriers.base import (
     CarrierError,
     StreamDtmf,
@@ -30,6 +29,7 @@ from carriers.base import (
     StreamStop,
     WebhookRequest,
 )
+from carriers.signatures import telnyx_replay_key
 from carriers.telnyx.carrier import TelnyxCarrier
 from carriers.telnyx.protocol import (
     TelnyxStreamCodec,

@@ -474,4 +474,4 @@ def _host(address: str) -> str:
 
 def from_settings(settings: Any) -> AsteriskCarrier:
     """Registry factory: the carrier for `provider: asterisk`, configured by the `asterisk` section."""
-    return AsteriskCarrier(settings.asterisk)
+    return AsteriskCarrier(settings.section(AsteriskSettings))

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 from bridge.calls import CallEvent, CallRecord, CallState, Direction, EventType
-from bridge.config import MockSettings
 from carriers.base import (
     Carrier,
     OutboundRequest,
@@ -30,6 +29,7 @@ from carriers.base import (
     WebhookResult,
     WebhookVerdict,
 )
+from carriers.mock.settings import MockSettings
 from media import g711
 from media.formats import FRAME_MS, ULAW_8K
 from media.resample import StreamResampler
@@ -324,4 +324,4 @@ def _event_from_json(item: dict[str, Any]) -> CallEvent:
 def from_settings(settings: Any) -> MockCarrier:
     from media.tts.factory import create_tts
 
-    return MockCarrier(settings.mock, lambda: create_tts({"provider": "espeak"}))
+    return MockCarrier(settings.section(MockSettings), lambda: create_tts({"provider": "espeak"}))

@@ -69,6 +69,7 @@ from carriers.plivo.protocol import (
     xml_stream,
     xml_wait_then_hangup,
 )
+from carriers.plivo.settings import PlivoSettings
 
 if TYPE_CHECKING:
     from bridge.config import Settings
@@ -102,12 +103,13 @@ class PlivoCarrier(Carrier):
     reports_dtmf = True
 
     def __init__(self, settings: Settings) -> None:
-        if not settings.plivo.authId or not settings.plivo.authToken:
+        plivo = self.plivo = settings.section(PlivoSettings)
+        if not plivo.authId or not plivo.authToken:
             raise CarrierError("plivo: authId and authToken are required")
         self.settings = settings
-        self.auth_id = settings.plivo.authId
-        self._token = settings.plivo.authToken.get_secret_value()
-        base = f"{settings.plivo.apiBaseUrl.rstrip('/')}/v1/Account/{self.auth_id}"
+        self.auth_id = plivo.authId
+        self._token = plivo.authToken.get_secret_value()
+        base = f"{plivo.apiBaseUrl.rstrip('/')}/v1/Account/{self.auth_id}"
         self.http = CarrierHttp("plivo", base, basic_auth=(self.auth_id, self._token),
                                 headers={"Accept": "application/json"})
         self._calls: dict[str, _CallState] = {}
@@ -123,7 +125,7 @@ class PlivoCarrier(Carrier):
         await self.http.close()
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "authId": self.auth_id, "apiBaseUrl": self.settings.plivo.apiBaseUrl}
+        return {"name": self.name, "authId": self.auth_id, "apiBaseUrl": self.plivo.apiBaseUrl}
 
     # ------------------------------------------------------------------ helpers
 
@@ -177,7 +179,7 @@ class PlivoCarrier(Carrier):
             # A safety net: Plivo ends the call itself if the bridge is gone when it should have.
             "time_limit": self.settings.maxDurationSeconds + 60,
         }
-        detection = self.settings.plivo.machineDetection
+        detection = self.plivo.machineDetection
         if detection:
             body["machine_detection"] = detection
             body["machine_detection_url"] = self._url(call.callId, FLOW_MACHINE)
@@ -294,7 +296,7 @@ class PlivoCarrier(Carrier):
         if flow == FLOW_HANGUP:
             self._forget(cb.call_id)
             return WebhookResult(events, respond=lambda call: self._after_end(call))
-        if flow == FLOW_MACHINE and cb.machine and cb.call_uuid and self.settings.plivo.machineDetection != "hangup":
+        if flow == FLOW_MACHINE and cb.machine and cb.call_uuid and self.plivo.machineDetection != "hangup":
             # Plivo only reported the machine; the call is still up, so end it.
             self._tasks.spawn(self.http.request("DELETE", f"/Call/{cb.call_uuid}/", ok_statuses=(404,)),
                         f"plivo-machine-hangup-{cb.call_uuid}")

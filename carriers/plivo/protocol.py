@@ -14,8 +14,6 @@ from urllib.parse import urlsplit, urlunsplit
 from xml.etree import ElementTree as ET
 
 from bridge.calls import CallEvent, CallState, Direction, EventType
-from bridge.security import plivo_replay_key
-from bridge.signatures import verify_plivo_v2, verify_plivo_v3
 from carriers.base import (
     MediaStreamCodec,
     StreamCleared,
@@ -31,6 +29,7 @@ from carriers.base import (
     WebhookRequest,
     WebhookVerdict,
 )
+from carriers.signatures import plivo_replay_key, verify_plivo_v2, verify_plivo_v3
 from media.formats import ULAW_8K
 
 SIG_V3 = "X-Plivo-Signature-V3"

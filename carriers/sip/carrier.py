@@ -523,4 +523,4 @@ class SipCarrier(Carrier):
 
 def from_settings(settings: Any) -> SipCarrier:
     """Registry factory: the carrier for `provider: sip`, configured by the `sip` section."""
-    return SipCarrier(settings.sip)
+    return SipCarrier(settings.section(SipSettings))

@@ -26,7 +26,6 @@ from urllib.parse import quote
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from bridge.calls import CallEvent, CallRecord, CallState, Direction, EventType
-from bridge.signatures import load_ed25519_public_key
 from bridge.tasks import BackgroundTasks
 from carriers.base import (
     Carrier,
@@ -40,6 +39,7 @@ from carriers.base import (
     WebhookVerdict,
 )
 from carriers.http import CarrierHttp
+from carriers.signatures import load_ed25519_public_key
 from carriers.telnyx.protocol import (
     DEFAULT_LANGUAGE,
     DEFAULT_VOICE,
@@ -58,6 +58,7 @@ from carriers.telnyx.protocol import (
     split_text,
     verify_request,
 )
+from carriers.telnyx.settings import TelnyxSettings
 
 if TYPE_CHECKING:
     from bridge.config import Settings
@@ -78,7 +79,7 @@ class TelnyxCarrier(Carrier):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        tx = settings.telnyx
+        tx = self.telnyx = settings.section(TelnyxSettings)
         self._public_key: Ed25519PublicKey | None = None
         if tx.publicKey:
             try:
@@ -143,10 +144,10 @@ class TelnyxCarrier(Carrier):
             # a backstop should the bridge die mid-call; the manager enforces maxDurationSeconds itself
             "time_limit_secs": min(14_400, self.settings.maxDurationSeconds + 60),
         }
-        amd = self.settings.telnyx.answeringMachineDetection
+        amd = self.telnyx.answeringMachineDetection
         if amd and amd != "disabled":
             body["answering_machine_detection"] = amd
-        codec = choose_codec(self.settings.telnyx.streamCodec)
+        codec = choose_codec(self.telnyx.streamCodec)
         if request.stream:
             body.update(self._stream_params(call, codec))
             if self._carrier_transcribes:
@@ -187,7 +188,7 @@ class TelnyxCarrier(Carrier):
             "webhook_url_method": "POST",
         }
         if self.settings.streaming.enabled:
-            codec = choose_codec(self.settings.telnyx.streamCodec, self._offered.pop(ccid, None))
+            codec = choose_codec(self.telnyx.streamCodec, self._offered.pop(ccid, None))
             body.update(self._stream_params(call, codec))
             if self._carrier_transcribes:
                 body.update(self._transcription_params())
@@ -378,7 +379,7 @@ class TelnyxCarrier(Carrier):
         await self.http.close()
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "apiBaseUrl": self.http.base_url, "streamCodec": self.settings.telnyx.streamCodec}
+        return {"name": self.name, "apiBaseUrl": self.http.base_url, "streamCodec": self.telnyx.streamCodec}
 
 
 def _put(table: OrderedDict[str, str], key: str, value: str) -> None:

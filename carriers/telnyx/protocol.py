@@ -15,8 +15,6 @@ from typing import Any, ClassVar
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from bridge.calls import CallState, Direction
-from bridge.security import telnyx_replay_key
-from bridge.signatures import verify_telnyx
 from carriers.base import (
     MediaStreamCodec,
     StreamDtmf,
@@ -30,6 +28,7 @@ from carriers.base import (
     WebhookRequest,
     WebhookVerdict,
 )
+from carriers.signatures import telnyx_replay_key, verify_telnyx
 from media import g711
 from media.formats import ALAW_8K, ULAW_8K, AudioFormat
 

@@ -27,11 +27,10 @@ import logging
 import math
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import quoteattr
 
 from bridge.calls import CallEvent, CallMode, CallRecord, CallState, Direction, EventType
-from bridge.config import Settings
 from carriers.base import (
     Carrier,
     CarrierError,
@@ -64,6 +63,10 @@ from carriers.twilio.protocol import (
     twiml,
     verify_request,
 )
+from carriers.twilio.settings import TwilioSettings
+
+if TYPE_CHECKING:
+    from bridge.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +111,7 @@ class TwilioCarrier(Carrier):
     reports_dtmf = True
 
     def __init__(self, settings: Settings) -> None:
-        twilio = settings.twilio
+        twilio = self.twilio = settings.section(TwilioSettings)
         if not twilio.accountSid or twilio.authToken is None:
             raise CarrierError("twilio: accountSid and authToken are required")
         self.settings = settings
@@ -209,8 +212,8 @@ class TwilioCarrier(Carrier):
             *(("StatusCallbackEvent", event) for event in STATUS_EVENTS),
             ("Timeout", str(min(600, max(1, math.ceil(self.settings.ringTimeoutMs / 1000))))),
         ]
-        if self.settings.twilio.machineDetection:
-            form.append(("MachineDetection", self.settings.twilio.machineDetection))
+        if self.twilio.machineDetection:
+            form.append(("MachineDetection", self.twilio.machineDetection))
         if not request.stream and request.message:
             # Said by the answer TwiML (fetched once the callee picks up), not by a second request.
             self._state(call.callId).initial = _Say.new(call.callId, request.message)

@@ -11,8 +11,6 @@ from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
 from bridge.calls import CallEvent, CallState, Direction, EventType
-from bridge.security import twilio_replay_key
-from bridge.signatures import verify_twilio
 from carriers.base import (
     MediaStreamCodec,
     StreamDtmf,
@@ -26,6 +24,7 @@ from carriers.base import (
     WebhookRequest,
     WebhookVerdict,
 )
+from carriers.signatures import twilio_replay_key, verify_twilio
 from media.formats import ULAW_8K
 
 SIGNATURE_HEADER = "X-Twilio-Signature"
