@@ -429,6 +429,10 @@ class CallManager:
 
     # ================================================================== events
 
+    def has_processed(self, event: CallEvent) -> bool:
+        """Whether an event with this key was applied already (a carrier's redelivery)."""
+        return event.key in self._processed
+
     def process_event(self, event: CallEvent) -> CallRecord | None:
         """Apply one normalized event. Sync: side effects that need I/O are spawned as tasks."""
         if event.key in self._processed:
@@ -437,6 +441,8 @@ class CallManager:
         call = self.find_call(event.call_id, event.provider_call_id)
         if call is None and event.previous_provider_call_id:
             call = self.find_call(None, event.previous_provider_call_id)
+        if call is None and event.type == EventType.ENDED and event.provider_call_id:
+            self._remember(f"ended:{event.provider_call_id}")  # its INITIATED may still come, late
         if call is None:
             call = self._register_unknown(event)
             if call is None:
@@ -459,6 +465,9 @@ class CallManager:
     def _register_unknown(self, event: CallEvent) -> CallRecord | None:
         if event.direction is None or event.type == EventType.ENDED:
             log.info("event %s for unknown call %s ignored", event.type, event.provider_call_id or event.call_id)
+            return None
+        if f"ended:{event.provider_call_id}" in self._processed:
+            log.info("late %s for call %s that already ended ignored", event.type, event.provider_call_id)
             return None
         provider_id = event.provider_call_id or ""
         if event.direction == Direction.INBOUND:

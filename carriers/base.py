@@ -8,7 +8,7 @@ It knows nothing of the manager's internals: it sees only `CarrierHost`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -84,13 +84,26 @@ class WebhookReply:
 
 @dataclass(slots=True)
 class WebhookResult:
-    """Events to process, and the reply. Where the reply depends on what the manager decided
-    (e.g. TwiML for an inbound call the policy accepted or rejected), `respond` builds it from the
-    call record after processing (None when the call was rejected or is unknown)."""
+    """What `parse_webhook` read from one delivery: events to process, the reply, and follow-ups.
+
+    Where the reply depends on what the manager decided (e.g. TwiML for an inbound call the policy
+    accepted or rejected), `respond` builds it from the call record after processing (None when
+    the call was rejected or is unknown). `effects` are the carrier's own follow-ups (a REST
+    hang-up, waking a waiter), run by `Carrier.apply_effects` after the manager applied the
+    events, and only for a delivery with something new: never for a replay, never for a
+    redelivery whose events were all processed before.
+    """
 
     events: list[CallEvent] = field(default_factory=list)
     reply: WebhookReply = field(default_factory=WebhookReply)
     respond: Callable[[CallRecord | None], WebhookReply] | None = None
+    effects: list[object] = field(default_factory=list)
+
+
+class CallLookup(Protocol):
+    """A read-only view of the calls the manager knows, for parsing a webhook."""
+
+    def find_call(self, call_id: str | None = None, provider_call_id: str | None = None) -> CallRecord | None: ...
 
 
 # ---------------------------------------------------------------- media streams (sans-I/O)
@@ -282,8 +295,15 @@ class Carrier(ABC):
     def verify_webhook(self, request: WebhookRequest) -> WebhookVerdict:
         return WebhookVerdict(ok=False, reason=f"{self.name} does not take webhooks")
 
-    def parse_webhook(self, request: WebhookRequest) -> WebhookResult:
+    def parse_webhook(self, request: WebhookRequest, calls: CallLookup) -> WebhookResult:
+        """Pure: the result depends only on the request, the settings and `calls` (read, never
+        changed). No carrier state is read or changed here and nothing is sent: what must follow
+        goes into `effects` (and `respond`)."""
         return WebhookResult()
+
+    def apply_effects(self, effects: Sequence[object]) -> None:
+        """Run the follow-ups of a parsed webhook (sync: REST commands are spawned as tasks)."""
+        return None
 
     def open_stream(self) -> MediaStreamCodec | None:
         """A codec for one new media-stream WebSocket, or None if the carrier has none."""

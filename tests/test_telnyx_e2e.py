@@ -297,6 +297,23 @@ async def test_redelivered_webhooks_have_no_second_effect(tmp_path: Path, fake: 
         assert sum(1 for e, _ in tx.webhooks if e == "call.answered") == 2
 
 
+async def test_redelivered_machine_detection_hangs_up_once(tmp_path: Path, fake: FakeTelnyx) -> None:
+    fake.redeliver = 1  # every webhook twice: same data.id, new attempt, new signature
+    cfg = config(fake)
+    cfg["telnyx"] = {**cfg["telnyx"], "answeringMachineDetection": "detect"}
+    async with bridge(fake, cfg, tmp_path) as runtime:
+        call_id = (await rpc_client(runtime).call("voicecall.initiate",
+                                                   {"to": "+15550000005", "message": "Hi"}))["callId"]
+        call = runtime.manager.calls[call_id]
+        tx = only_call(fake)
+        # both deliveries answered (their effects, if any, are spawned before the reply)
+        await wait_for(lambda: sum(1 for e, _ in tx.webhooks if e == "call.machine.detection.ended") == 2,
+                       timeout=10)
+        await runtime.carrier._tasks.drain()
+        assert call.state == CallState.VOICEMAIL and not tx.alive
+        assert tx.received.count("hangup") == 1
+
+
 async def test_busy_and_no_answer(tmp_path: Path, fake: FakeTelnyx) -> None:
     async with bridge(fake, config(fake), tmp_path) as runtime:
         client = rpc_client(runtime)

@@ -21,6 +21,7 @@ from typing import Any
 
 from bridge.calls import CallEvent, CallRecord, CallState, Direction, EventType
 from carriers.base import (
+    CallLookup,
     Carrier,
     OutboundRequest,
     ProviderStatus,
@@ -286,7 +287,7 @@ class MockCarrier(Carrier):
     def verify_webhook(self, request: WebhookRequest) -> WebhookVerdict:
         return WebhookVerdict(ok=True)
 
-    def parse_webhook(self, request: WebhookRequest) -> WebhookResult:
+    def parse_webhook(self, request: WebhookRequest, calls: CallLookup) -> WebhookResult:
         try:
             data = json.loads(request.body or b"{}")
             items = data["events"] if "events" in data else [data["event"]]

@@ -21,6 +21,7 @@ import logging
 import math
 import secrets
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ from bridge.calls import (
 )
 from bridge.tasks import BackgroundTasks
 from carriers.base import (
+    CallLookup,
     Carrier,
     CarrierError,
     MediaStreamCodec,
@@ -56,8 +58,11 @@ from carriers.plivo.protocol import (
     SIG_MA_V3,
     SIG_V2,
     SIG_V3,
+    Forget,
+    HangUp,
     PlivoCallback,
     PlivoStreamCodec,
+    SpeechDone,
     callback_events,
     encode_extra_headers,
     parse_callback,
@@ -277,7 +282,7 @@ class PlivoCarrier(Carrier):
     def verify_webhook(self, request: WebhookRequest) -> WebhookVerdict:
         return verify_request(self._token, request)
 
-    def parse_webhook(self, request: WebhookRequest) -> WebhookResult:
+    def parse_webhook(self, request: WebhookRequest, calls: CallLookup) -> WebhookResult:
         query = dict(request.query)
         params = dict(request.form) if request.form else ({} if request.method.upper() == "POST" else query)
         cb = parse_callback(query, params)
@@ -286,21 +291,31 @@ class PlivoCarrier(Carrier):
         if flow == FLOW_ANSWER:
             return WebhookResult(events, respond=lambda call: self._answer_xml(cb, call))
         if flow == FLOW_SPEAK:
-            return WebhookResult(events, reply=self._speak_xml(cb))
+            return WebhookResult(events, respond=lambda _: self._speak_xml(cb))
         if flow == FLOW_SPOKEN:
-            return WebhookResult(events, reply=self._spoken(cb))
+            effects: list[object] = [SpeechDone(cb.call_id, cb.speech_id)] if cb.call_id else []
+            return WebhookResult(events, respond=lambda _: self._spoken_xml(cb), effects=effects)
         if flow == FLOW_LISTEN:
-            return WebhookResult(events, reply=self._listen_xml(cb.call_id, cb.turn_token or uuid.uuid4().hex, None))
+            token = cb.turn_token or uuid.uuid4().hex
+            return WebhookResult(events, respond=lambda _: self._listen_xml(cb.call_id, token, None))
         if flow == FLOW_GETINPUT:
             return WebhookResult(events, reply=xml_hold(self._hold_s))
         if flow == FLOW_HANGUP:
-            self._forget(cb.call_id)
-            return WebhookResult(events, respond=lambda call: self._after_end(call))
+            return WebhookResult(events, respond=self._after_end, effects=[Forget(cb.call_id)] if cb.call_id else [])
         if flow == FLOW_MACHINE and cb.machine and cb.call_uuid and self.plivo.machineDetection != "hangup":
             # Plivo only reported the machine; the call is still up, so end it.
-            self._tasks.spawn(self.http.request("DELETE", f"/Call/{cb.call_uuid}/", ok_statuses=(404,)),
-                        f"plivo-machine-hangup-{cb.call_uuid}")
+            return WebhookResult(events, effects=[HangUp(cb.call_uuid)])
         return WebhookResult(events)
+
+    def apply_effects(self, effects: Sequence[object]) -> None:
+        for effect in effects:
+            if isinstance(effect, SpeechDone):
+                self._speech_done(effect.call_id, effect.speech_id)
+            elif isinstance(effect, Forget):
+                self._forget(effect.call_id)
+            elif isinstance(effect, HangUp):
+                self._tasks.spawn(self.http.request("DELETE", f"/Call/{effect.call_uuid}/", ok_statuses=(404,)),
+                                  f"plivo-machine-hangup-{effect.call_uuid}")
 
     def _after_end(self, call: CallRecord | None) -> WebhookReply:
         if call is not None:
@@ -352,18 +367,24 @@ class PlivoCarrier(Carrier):
             return xml_hold(self._hold_s)
         return xml_speak_then_redirect(speech.text, self._url(cb.call_id, FLOW_SPOKEN, sid=cb.speech_id))
 
-    def _spoken(self, cb: PlivoCallback) -> WebhookReply:
+    def _spoken_xml(self, cb: PlivoCallback) -> WebhookReply:
         speech = self._find_speech(cb)
         if speech is None:
             return xml_hold(self._hold_s)
-        state = self._calls.get(speech.call_id)
-        if state is not None and state.initial_sid != cb.speech_id:
-            state.speeches.pop(cb.speech_id or "", None)
-        if not speech.done.done():
-            speech.done.set_result(None)
         if speech.hangup_after_s is not None:
             return xml_wait_then_hangup(speech.hangup_after_s)
         return xml_hold(self._hold_s)
+
+    def _speech_done(self, call_id: str, speech_id: str | None) -> None:
+        """Plivo followed the Redirect after a <Speak>: the caller heard it all."""
+        state = self._calls.get(call_id)
+        speech = state.speeches.get(speech_id or "") if state else None
+        if state is None or speech is None:
+            return
+        if state.initial_sid != speech_id:
+            state.speeches.pop(speech_id or "", None)
+        if not speech.done.done():
+            speech.done.set_result(None)
 
     def open_stream(self) -> MediaStreamCodec:
         return PlivoStreamCodec()

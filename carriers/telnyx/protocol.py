@@ -14,8 +14,9 @@ from typing import Any, ClassVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from bridge.calls import CallState, Direction
+from bridge.calls import CallEvent, CallState, Direction, EventType
 from carriers.base import (
+    CallLookup,
     MediaStreamCodec,
     StreamDtmf,
     StreamIgnored,
@@ -303,3 +304,109 @@ def verify_request(public_key: Ed25519PublicKey, request: WebhookRequest, now: f
     if not ok:
         return WebhookVerdict(ok=False, reason=reason)
     return WebhookVerdict(ok=True, replay_key=telnyx_replay_key(timestamp, signature, request.body))
+
+
+# ------------------------------------------------------------------ webhook -> event + effects
+
+
+@dataclass(frozen=True, slots=True)
+class InboundOffered:
+    """An inbound call offered these codecs (the answer's stream codec is chosen from them)."""
+
+    ccid: str
+    offered_codecs: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallGone:
+    """Telnyx reported the call hung up: waiters on it return."""
+
+    ccid: str
+
+
+@dataclass(frozen=True, slots=True)
+class SpeakEnded:
+    ccid: str | None
+    tag: str | None
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class HangUp:
+    """Hang the call up (answering-machine detection found a machine)."""
+
+    ccid: str
+
+
+Effect = InboundOffered | CallGone | SpeakEnded | HangUp
+
+
+def translate(hook: TelnyxEvent, query_call_id: str | None,
+              calls: CallLookup) -> tuple[CallEvent | None, list[Effect]]:
+    """One webhook -> the normalized event (or None) and the carrier's follow-ups. Pure: `calls`
+    is only read. A redelivery (same `data.id`) gives the same event key, so the manager applies
+    it once and its effects are not run again."""
+    p = hook.payload
+    ccid = p.get("call_control_id") if isinstance(p.get("call_control_id"), str) else None
+    state_call_id, tag = decode_state(p.get("client_state"))
+    call_id = query_call_id or state_call_id
+    kind = hook.event_type
+
+    def event(etype: EventType, **fields: Any) -> CallEvent:
+        ev = CallEvent(etype, call_id=call_id, provider_call_id=ccid, **fields)
+        if hook.event_id:
+            ev.dedupe_key = f"telnyx:{hook.event_id}"
+        return ev
+
+    if kind == "call.initiated":
+        if p.get("direction") != "incoming":
+            return event(EventType.INITIATED), []
+        if ccid is None:
+            return None, []
+        return (event(EventType.INITIATED, direction=Direction.INBOUND, from_number=_text(p.get("from")),
+                      to_number=_text(p.get("to"))),
+                [InboundOffered(ccid, _text(p.get("offered_codecs")))])
+    if kind == "call.answered":
+        return event(EventType.ANSWERED), []
+    if kind == "call.bridged":
+        return event(EventType.ACTIVE), []
+    if kind == "call.hangup":
+        call = calls.find_call(call_id, ccid) if call_id or ccid else None
+        direction = call.direction if call is not None else None
+        reason = end_reason(p.get("hangup_cause"), p.get("hangup_source"), direction)
+        return event(EventType.ENDED, reason=reason), [CallGone(ccid)] if ccid else []
+    if kind == "call.dtmf.received":
+        call = calls.find_call(call_id, ccid) if call_id or ccid else None
+        if call is not None and call.metadata.get("mediaAttached"):
+            return None, []  # the media stream reports the same key press (and in-band detection dedupes it)
+        digit = _text(p.get("digit"))
+        return (event(EventType.DTMF, digits=digit) if digit else None), []
+    if kind == "call.transcription":
+        return _speech(p, tag, event), []
+    if kind == "call.speak.ended":
+        return None, [SpeakEnded(ccid, tag, str(p.get("status") or "completed"))]
+    if kind in ("call.machine.detection.ended", "call.machine.premium.detection.ended"):
+        if p.get("result") not in MACHINE_RESULTS:
+            return None, []
+        return event(EventType.ENDED, reason=CallState.VOICEMAIL), [HangUp(ccid)] if ccid else []
+    if kind == "streaming.failed":
+        log.warning("telnyx streaming failed on %s: %s", ccid, _text(p.get("failure_reason")) or "no reason")
+    return None, []
+
+
+def _speech(p: dict[str, Any], tag: str | None, event: Callable[..., CallEvent]) -> CallEvent | None:
+    data = p.get("transcription_data")
+    if not isinstance(data, dict) or data.get("transcription_track", "inbound") != "inbound":
+        return None
+    transcript = _text(data.get("transcript")).strip()
+    if not transcript:
+        return None
+    confidence = data.get("confidence")
+    token = tag.removeprefix("listen:") if tag and tag.startswith("listen:") else None
+    return event(EventType.SPEECH, transcript=transcript, is_final=bool(data.get("is_final", True)),
+                 confidence=float(confidence) if isinstance(confidence, int | float) else None,
+                 turn_token=token)
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""

@@ -10,7 +10,8 @@ from carriers.settings import CarrierSettings, ProviderContext
 
 
 class TelnyxSettings(CarrierSettings):
-    ENV: ClassVar[dict[str, str]] = {"apiKey": "TELNYX_API_KEY", "connectionId": "TELNYX_CONNECTION_ID", "publicKey": "TELNYX_PUBLIC_KEY"}
+    ENV: ClassVar[dict[str, str]] = {"apiKey": "TELNYX_API_KEY", "connectionId": "TELNYX_CONNECTION_ID",
+                                     "publicKey": "TELNYX_PUBLIC_KEY"}
     REQUIRED: ClassVar[tuple[str, ...]] = ("apiKey", "connectionId")
     NEEDS_FROM_NUMBER: ClassVar[bool] = True
 

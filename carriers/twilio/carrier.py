@@ -26,12 +26,14 @@ import asyncio
 import logging
 import math
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import quoteattr
 
 from bridge.calls import CallEvent, CallMode, CallRecord, CallState, Direction, EventType
 from carriers.base import (
+    CallLookup,
     Carrier,
     CarrierError,
     MediaStreamCodec,
@@ -51,10 +53,13 @@ from carriers.twilio.protocol import (
     SIGNATURE_HEADER,
     TERMINAL_STATUS,
     XML,
+    CallEnded,
+    SayDone,
     TwilioStreamCodec,
     direction,
     float_param,
     gather_verb,
+    inbound_events,
     redirect_verb,
     say_verb,
     say_voice,
@@ -297,52 +302,49 @@ class TwilioCarrier(Carrier):
     def verify_webhook(self, request: WebhookRequest) -> WebhookVerdict:
         return verify_request(self._token, request)
 
-    def parse_webhook(self, request: WebhookRequest) -> WebhookResult:
+    def parse_webhook(self, request: WebhookRequest, calls: CallLookup) -> WebhookResult:
         kind = request.query_value("type")
         call_id = request.query_value("callId")
         sid = request.param("CallSid")
         status = (request.param("CallStatus") or "").lower()
         if kind == "said":
-            return self._on_said(call_id, request.query_value("say"))
+            return WebhookResult(respond=self._after_said, effects=[SayDone(call_id or "", request.query_value("say"))])
         if kind == "twiml":
-            state = self._calls.get(call_id or "")
-            document = state.documents.pop(request.query_value("doc") or "", None) if state else None
-            return WebhookResult(reply=WebhookReply(200, document or HANGUP_TWIML, XML))
+            doc_id = request.query_value("doc") or ""
+            return WebhookResult(respond=lambda _: self._document(call_id or "", doc_id))
         if kind == "listen":
             token = request.query_value("turnToken")
-            call = self.host.get_call(call_id or "")
-            if call is None or call.terminal:
-                return WebhookResult(reply=WebhookReply(200, HANGUP_TWIML, XML))
-            return WebhookResult(reply=WebhookReply(200, self.listen_twiml(call.callId, token), XML))
+            return WebhookResult(respond=lambda call: self._listen_reply(call, token))
         speech = request.param("SpeechResult")
         digits = request.param("Digits")
         if kind == "gather" or request.query_value("turnToken") is not None or speech is not None or digits:
             return self._on_gather(request, call_id, sid, speech, digits)
         events = status_events(request, call_id, sid, status)
-        if call_id and any(e.type == EventType.ENDED for e in events):
-            self._finish_says(call_id)  # a speak_native waiting for a <Say> returns now
+        # a speak_native waiting for a <Say> returns once the call ended
+        ended = call_id and any(e.type == EventType.ENDED for e in events)
+        effects: list[object] = [CallEnded(call_id)] if call_id and ended else []
         if kind == "status" or status in TERMINAL_STATUS:
-            return WebhookResult(events=events, reply=WebhookReply(200, EMPTY_TWIML, XML))
-        # The voice URL: Twilio asks what to do with a call it just connected.
+            return WebhookResult(events=events, reply=WebhookReply(200, EMPTY_TWIML, XML), effects=effects)
+        # The voice URL: Twilio asks what to do with a call it just connected. (When the `answered`
+        # callback came first, this ANSWERED has the same key and the manager skips it.)
         inbound = direction(request.param("Direction")) == Direction.INBOUND and not call_id
-        known = self.host.get_call(call_id) if call_id else None
-        if known is not None and known.answeredAt is not None:  # the `answered` callback came first
-            events = [e for e in events if e.type != EventType.ANSWERED]
         if inbound and sid:
-            ended = [e for e in events if e.type == EventType.ENDED]
-            events = [CallEvent(EventType.INITIATED, provider_call_id=sid, direction=Direction.INBOUND,
-                                from_number=request.param("From"), to_number=request.param("To")),
-                      # our TwiML answers it (an ANSWERED for a call the policy refused is ignored)
-                      *(ended or [CallEvent(EventType.ANSWERED, provider_call_id=sid)])]
+            events = inbound_events(request, sid, events)
 
         def respond(processed: CallRecord | None) -> WebhookReply:
-            return self._answer_reply(processed or (self.host.get_call(call_id) if call_id else None), inbound)
+            return self._answer_reply(processed, inbound)
 
-        return WebhookResult(events=events, respond=respond)
+        return WebhookResult(events=events, respond=respond, effects=effects)
 
+    def apply_effects(self, effects: Sequence[object]) -> None:
+        for effect in effects:
+            if isinstance(effect, SayDone):
+                self._said(effect.call_id, effect.say_id)
+            elif isinstance(effect, CallEnded):
+                self._finish_says(effect.call_id)
 
-    def _on_said(self, call_id: str | None, say_id: str | None) -> WebhookResult:
-        state = self._calls.get(call_id or "")
+    def _said(self, call_id: str, say_id: str | None) -> None:
+        state = self._calls.get(call_id)
         say = None
         if state is not None:
             say = state.says.pop(say_id or "", None)
@@ -351,13 +353,21 @@ class TwilioCarrier(Carrier):
         if say is not None and not say.done.done():
             say.done.set_result(None)
 
-        def respond(_: CallRecord | None) -> WebhookReply:
-            call = self.host.get_call(call_id or "")
-            if call is None or call.terminal:
-                return WebhookReply(200, HANGUP_TWIML, XML)
-            return WebhookReply(200, self._after_say_twiml(call, call.callId), XML)
+    def _after_said(self, call: CallRecord | None) -> WebhookReply:
+        if call is None or call.terminal:
+            return WebhookReply(200, HANGUP_TWIML, XML)
+        return WebhookReply(200, self._after_say_twiml(call, call.callId), XML)
 
-        return WebhookResult(respond=respond)
+    def _document(self, call_id: str, doc_id: str) -> WebhookReply:
+        """TwiML too long for the REST parameter, served once by URL."""
+        state = self._calls.get(call_id)
+        document = state.documents.pop(doc_id, None) if state else None
+        return WebhookReply(200, document or HANGUP_TWIML, XML)
+
+    def _listen_reply(self, call: CallRecord | None, token: str | None) -> WebhookReply:
+        if call is None or call.terminal:
+            return WebhookReply(200, HANGUP_TWIML, XML)
+        return WebhookReply(200, self.listen_twiml(call.callId, token), XML)
 
     def _on_gather(self, request: WebhookRequest, call_id: str | None, sid: str | None, speech: str | None,
                    digits: str | None) -> WebhookResult:
@@ -370,8 +380,7 @@ class TwilioCarrier(Carrier):
         if digits:
             events.append(CallEvent(EventType.DTMF, call_id=call_id, provider_call_id=sid, digits=digits))
 
-        def respond(processed: CallRecord | None) -> WebhookReply:
-            call = processed or self.host.get_call(call_id or "")
+        def respond(call: CallRecord | None) -> WebhookReply:
             if call is None or call.terminal:
                 return WebhookReply(200, HANGUP_TWIML, XML)
             # Keep listening: a reply or the next turn replaces this TwiML through the REST API.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from dataclasses import dataclass
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
@@ -163,7 +164,7 @@ def status_events(request: WebhookRequest, call_id: str | None, sid: str | None,
     """The events of a status callback (or of the voice URL's request), from CallStatus and AnsweredBy."""
 
     def event(kind: EventType, **extra: Any) -> CallEvent:
-        return CallEvent(kind, call_id=call_id, provider_call_id=sid, **extra)
+        return lifecycle_event(kind, sid, call_id=call_id, **extra)
 
     answered_by = (request.param("AnsweredBy") or "").lower()
     if answered_by.startswith("machine") or answered_by == "fax":
@@ -177,6 +178,39 @@ def status_events(request: WebhookRequest, call_id: str | None, sid: str | None,
     if status in TERMINAL_STATUS:
         return [event(EventType.ENDED, reason=TERMINAL_STATUS[status])]
     return []
+
+
+def lifecycle_event(kind: EventType, sid: str | None, **fields: Any) -> CallEvent:
+    """A call-progress event. Each happens once per call, so its key is the CallSid and the kind:
+    the voice URL's ANSWERED after the `answered` callback (or a redelivery) is applied once."""
+    event = CallEvent(kind, provider_call_id=sid, **fields)
+    if sid:
+        event.dedupe_key = f"twilio:{sid}:{kind.value}"
+    return event
+
+
+def inbound_events(request: WebhookRequest, sid: str, events: list[CallEvent]) -> list[CallEvent]:
+    """The voice URL of a call to our number: the inbound call, answered by our TwiML (an ANSWERED
+    for a call the policy refused is ignored), or ended if Twilio says so already."""
+    ended = [e for e in events if e.type == EventType.ENDED]
+    return [lifecycle_event(EventType.INITIATED, sid, direction=Direction.INBOUND, from_number=request.param("From"),
+                            to_number=request.param("To")),
+            *(ended or [lifecycle_event(EventType.ANSWERED, sid)])]
+
+
+@dataclass(frozen=True, slots=True)
+class SayDone:
+    """Twilio fetched the Redirect after a `<Say>`: its speak_native returns."""
+
+    call_id: str
+    say_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CallEnded:
+    """The call ended: every `<Say>` waiter of it returns."""
+
+    call_id: str
 
 
 LIVE_STATUS = {"queued": CallState.INITIATED, "initiated": CallState.INITIATED, "ringing": CallState.RINGING,
