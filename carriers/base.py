@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from bridge.calls import CallEvent, CallRecord, CallState
+from media.dtmf import DtmfDigit
 from media.formats import AudioFormat
 
 if TYPE_CHECKING:
@@ -132,7 +133,7 @@ class StreamMedia:
 
 @dataclass(slots=True)
 class StreamDtmf:
-    digit: str
+    digit: DtmfDigit
 
 
 @dataclass(slots=True)

@@ -5,7 +5,6 @@ clock, no per-call state."""
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 from xml.etree import ElementTree as ET
 
 from bridge.calls import CallEvent, CallState, Direction, EventType
+from carriers import wire
 from carriers.base import (
     MediaStreamCodec,
     StreamCleared,
@@ -312,35 +312,22 @@ class PlivoStreamCodec(MediaStreamCodec):
         self.stream_id: str | None = None
 
     def parse(self, text: str) -> StreamMessage:
-        try:
-            frame = json.loads(text)
-        except ValueError:
-            raise StreamProtocolError("frame is not JSON") from None
-        if not isinstance(frame, dict) or not isinstance(frame.get("event"), str):
-            raise StreamProtocolError("frame has no event")
-        kind = frame["event"]
+        kind, frame = wire.json_frame(text)
         if kind == "start":
             return self._start(frame)
         if kind == "media":
-            media = frame.get("media")
-            if not isinstance(media, dict) or not isinstance(media.get("payload"), str):
-                raise StreamProtocolError("media frame without payload")
-            try:
-                payload = base64.b64decode(media["payload"], validate=True)
-            except (binascii.Error, ValueError):
-                raise StreamProtocolError("media payload is not base64") from None
-            return StreamMedia(payload, sequence=_int(media.get("chunk")), timestamp_ms=_int(media.get("timestamp")))
+            media = wire.section(frame, "media")
+            if not wire.inbound_track(media):
+                return StreamIgnored("media")
+            if self.stream_id is None:
+                raise StreamProtocolError("media before start")
+            return StreamMedia(wire.payload(media.get("payload")),
+                               sequence=wire.optional_int(media.get("chunk"), "media.chunk"),
+                               timestamp_ms=wire.optional_int(media.get("timestamp"), "media.timestamp"))
         if kind == "dtmf":
-            dtmf = frame.get("dtmf")
-            digit = dtmf.get("digit") if isinstance(dtmf, dict) else None
-            if not isinstance(digit, str) or len(digit) != 1:
-                raise StreamProtocolError("dtmf frame without a digit")
-            return StreamDtmf(digit)
+            return StreamDtmf(wire.digit(wire.section(frame, "dtmf").get("digit")))
         if kind == "playedStream":
-            name = frame.get("name")
-            if not isinstance(name, str):
-                raise StreamProtocolError("playedStream frame without a name")
-            return StreamMark(name)
+            return StreamMark(wire.mark_name(frame.get("name")))
         if kind == "clearedAudio":
             return StreamCleared()
         if kind == "stop":  # not in Plivo's protocol; harmless if a proxy sends one
@@ -348,18 +335,16 @@ class PlivoStreamCodec(MediaStreamCodec):
         return StreamIgnored(kind)
 
     def _start(self, frame: dict[str, Any]) -> StreamStart:
-        start = frame.get("start")
-        if not isinstance(start, dict):
-            raise StreamProtocolError("start frame without start")
+        start = wire.section(frame, "start")
         call_uuid = start.get("callId")
         stream_id = start.get("streamId") or frame.get("streamId")
         if not isinstance(call_uuid, str) or not call_uuid:
             raise StreamProtocolError("start frame without callId")
         if not isinstance(stream_id, str) or not stream_id:
             raise StreamProtocolError("start frame without streamId")
-        media_format = start.get("mediaFormat") or {}
-        encoding = str(media_format.get("encoding", "audio/x-mulaw")).lower() if isinstance(media_format, dict) else ""
-        rate = _int(media_format.get("sampleRate", 8000)) if isinstance(media_format, dict) else None
+        media_format = wire.optional_section(start, "mediaFormat")
+        encoding = str(media_format.get("encoding", "audio/x-mulaw")).lower()
+        rate = wire.optional_int(media_format.get("sampleRate", 8000), "mediaFormat.sampleRate")
         if not encoding.startswith("audio/x-mulaw") or rate not in (8000, None):
             raise StreamProtocolError(f"unsupported media format {encoding or '?'}/{rate}")
         raw = frame.get("extra_headers")
@@ -379,16 +364,6 @@ class PlivoStreamCodec(MediaStreamCodec):
 
     def encode_clear(self) -> str:
         return json.dumps({"event": "clearAudio", "streamId": self.stream_id})
-
-
-def _int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    return None
 
 
 # ============================================================================ verification

@@ -44,7 +44,6 @@ from carriers.signatures import load_ed25519_public_key
 from carriers.telnyx.protocol import (
     DEFAULT_LANGUAGE,
     DEFAULT_VOICE,
-    DTMF_DIGITS,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     CallGone,
@@ -62,6 +61,7 @@ from carriers.telnyx.protocol import (
     verify_request,
 )
 from carriers.telnyx.settings import TelnyxSettings
+from media.dtmf import DIGITS
 
 if TYPE_CHECKING:
     from bridge.config import Settings
@@ -249,7 +249,7 @@ class TelnyxCarrier(Carrier):
         await self._command(call.providerCallId, "transcription_stop", ended_ok=True)
 
     async def send_dtmf(self, call: CallRecord, digits: str) -> None:
-        if not digits or any(d not in DTMF_DIGITS for d in digits):
+        if not digits or any(d.upper() not in DIGITS for d in digits):
             raise CarrierError("telnyx send_dtmf: digits must be 0-9, *, #, A-D")
         await self._command(call.providerCallId, "send_dtmf", {"digits": digits, "duration_millis": 250})
 

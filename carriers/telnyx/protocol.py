@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from bridge.calls import CallEvent, CallState, Direction, EventType
+from carriers import wire
 from carriers.base import (
     CallLookup,
     MediaStreamCodec,
@@ -43,7 +44,6 @@ DEFAULT_VOICE = "AWS.Polly.Joanna-Neural"
 DEFAULT_LANGUAGE = "en-US"
 SPEAK_MAX_CHARS = 3000  # Telnyx `speak` payload limit
 CODECS: dict[str, AudioFormat] = {"PCMU": ULAW_8K, "PCMA": ALAW_8K}
-DTMF_DIGITS = frozenset("0123456789*#ABCDabcd")
 MACHINE_RESULTS = frozenset({"machine", "fax_detected"})
 
 
@@ -172,13 +172,7 @@ class TelnyxStreamCodec(MediaStreamCodec):
         self._out_format: AudioFormat | None = None  # set when Telnyx expects another codec back
 
     def parse(self, text: str) -> StreamMessage:
-        try:
-            msg = json.loads(text)
-        except ValueError:
-            raise StreamProtocolError("frame is not JSON") from None
-        if not isinstance(msg, dict):
-            raise StreamProtocolError("frame is not a JSON object")
-        event = msg.get("event")
+        event, msg = wire.json_frame(text)
         if event == "media":
             return self._media(msg)
         if event == "connected":
@@ -189,34 +183,26 @@ class TelnyxStreamCodec(MediaStreamCodec):
         if event == "start":
             return self._start(msg)
         if event == "dtmf":
-            digit = _section(msg, "dtmf").get("digit")
-            if not isinstance(digit, str) or len(digit) != 1 or digit not in DTMF_DIGITS:
-                raise StreamProtocolError("dtmf frame without a valid digit")
-            return StreamDtmf(digit.upper())
+            return StreamDtmf(wire.digit(wire.section(msg, "dtmf").get("digit")))
         if event == "mark":
-            name = _section(msg, "mark").get("name")
-            if not isinstance(name, str):
-                raise StreamProtocolError("mark frame without a name")
-            return StreamMark(name)
+            return StreamMark(wire.mark_name(wire.section(msg, "mark").get("name")))
         if event == "stop":
             return StreamStop()
         if event == "error":
             detail = _dict(msg.get("payload"))
             log.warning("telnyx stream error: %s %s", detail.get("code", ""), detail.get("title", ""))
             return StreamIgnored("error")
-        if not isinstance(event, str):
-            raise StreamProtocolError("frame without an event")
         return StreamIgnored(event)
 
     def _start(self, msg: dict[str, Any]) -> StreamStart:
-        start = _section(msg, "start")
+        start = wire.section(msg, "start")
         ccid = start.get("call_control_id")
         if not isinstance(ccid, str) or not ccid:
             raise StreamProtocolError("start frame without call_control_id")
-        media_format = _dict(start.get("media_format"))
+        media_format = wire.optional_section(start, "media_format")
         encoding = str(media_format.get("encoding") or "PCMU").upper()
-        rate = media_format.get("sample_rate", 8000)
-        if encoding not in CODECS or str(rate) != "8000":
+        rate = wire.optional_int(media_format.get("sample_rate", 8000), "media_format.sample_rate")
+        if encoding not in CODECS or rate != 8000:
             raise StreamProtocolError(f"unsupported media format {encoding}/{rate}")
         self.format = CODECS[encoding]
         declared = self._declared_codec(ccid)
@@ -238,24 +224,18 @@ class TelnyxStreamCodec(MediaStreamCodec):
         )
 
     def _media(self, msg: dict[str, Any]) -> StreamMessage:
+        media = wire.section(msg, "media")
+        if not wire.inbound_track(media):
+            return StreamIgnored("media")
         if self.format is None:
             raise StreamProtocolError("media before start")
-        media = _section(msg, "media")
-        if media.get("track", "inbound") not in ("inbound", "inbound_track"):
-            return StreamIgnored("media")
-        raw = media.get("payload")
-        if not isinstance(raw, str):
-            raise StreamProtocolError("media frame without a payload")
-        try:
-            payload = base64.b64decode(raw, validate=True)
-        except (binascii.Error, ValueError):
-            raise StreamProtocolError("media payload is not base64") from None
+        payload = wire.payload(media.get("payload"))
         # `media.chunk` counts media frames only; `sequence_number` counts every frame (a dtmf or
         # mark frame leaves a hole the reorder buffer would wait on), so chunk is preferred.
-        sequence = _int(media.get("chunk"))
+        sequence = wire.optional_int(media.get("chunk"), "media.chunk")
         if sequence is None:
-            sequence = _int(msg.get("sequence_number"))
-        return StreamMedia(payload, sequence, _int(media.get("timestamp")))
+            sequence = wire.optional_int(msg.get("sequence_number"), "sequence_number")
+        return StreamMedia(payload, sequence, wire.optional_int(media.get("timestamp"), "media.timestamp"))
 
     def encode_media(self, payload: bytes) -> str:
         if self._out_format is not None and self.format is not None:
@@ -269,13 +249,6 @@ class TelnyxStreamCodec(MediaStreamCodec):
         return json.dumps({"event": "clear"})
 
 
-def _section(msg: dict[str, Any], key: str) -> dict[str, Any]:
-    value = msg.get(key)
-    if not isinstance(value, dict):
-        raise StreamProtocolError(f"{msg.get('event')} frame without {key!r}")
-    return value
-
-
 def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
@@ -287,13 +260,6 @@ def _custom_parameters(value: Any) -> dict[str, str]:
     if isinstance(value, list):
         return {str(p["name"]): str(p.get("value", "")) for p in value if isinstance(p, dict) and "name" in p}
     return {}
-
-
-def _int(value: Any) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
 
 
 def verify_request(public_key: Ed25519PublicKey, request: WebhookRequest, now: float) -> WebhookVerdict:
