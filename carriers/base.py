@@ -54,6 +54,17 @@ class WebhookRequest:
     remote: str = ""
     url_variants: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # Header names are case-insensitive: lower-cased once here (the first of repeated ones
+        # kept), and read with header() whatever the case the carrier's docs spell them in.
+        normalized: dict[str, str] = {}
+        for name, value in self.headers.items():
+            normalized.setdefault(name.lower(), value)
+        self.headers = normalized
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
     def query_value(self, key: str) -> str | None:
         for k, v in self.query:
             if k == key:

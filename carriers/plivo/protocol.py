@@ -369,17 +369,6 @@ class PlivoStreamCodec(MediaStreamCodec):
 # ============================================================================ verification
 
 
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    value = headers.get(name)
-    if value is not None:
-        return value
-    wanted = name.lower()
-    for key, val in headers.items():
-        if key.lower() == wanted:
-            return val
-    return None
-
-
 def _without_query(url: str) -> str:
     parts = urlsplit(url)
     return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
@@ -388,12 +377,11 @@ def _without_query(url: str) -> str:
 def verify_request(auth_token: str, request: WebhookRequest) -> WebhookVerdict:
     """V3 (account or main-account signature, any of a comma-separated list) over each candidate
     URL; V2 only when no V3 signature was sent at all."""
-    headers = request.headers
     urls = [request.public_url, *request.url_variants]
     params = request.form if request.method.upper() != "GET" else []
-    v3 = [h for h in (_header(headers, SIG_V3), _header(headers, SIG_MA_V3)) if h]
+    v3 = [h for h in (request.header(SIG_V3), request.header(SIG_MA_V3)) if h]
     if v3:
-        nonce = _header(headers, SIG_V3_NONCE)
+        nonce = request.header(SIG_V3_NONCE)
         if not nonce:
             return WebhookVerdict(False, "missing X-Plivo-Signature-V3-Nonce")
         ok = False
@@ -403,9 +391,9 @@ def verify_request(auth_token: str, request: WebhookRequest) -> WebhookVerdict:
         if not ok:
             return WebhookVerdict(False, "bad V3 signature")
         return WebhookVerdict(True, "v3", plivo_replay_key(_without_query(request.public_url), nonce))
-    v2 = _header(headers, SIG_V2)
+    v2 = request.header(SIG_V2)
     if v2:
-        v2_nonce = _header(headers, SIG_V2_NONCE)
+        v2_nonce = request.header(SIG_V2_NONCE)
         if not v2_nonce:
             return WebhookVerdict(False, "missing X-Plivo-Signature-V2-Nonce")
         if not any(verify_plivo_v2(auth_token, url, v2_nonce, v2) for url in urls):

@@ -264,8 +264,8 @@ def _custom_parameters(value: Any) -> dict[str, str]:
 
 def verify_request(public_key: Ed25519PublicKey, request: WebhookRequest, now: float) -> WebhookVerdict:
     """Ed25519 over `timestamp|body`, the timestamp within five minutes of `now`."""
-    signature = request.headers.get(SIGNATURE_HEADER, "")
-    timestamp = request.headers.get(TIMESTAMP_HEADER, "")
+    signature = request.header(SIGNATURE_HEADER) or ""
+    timestamp = request.header(TIMESTAMP_HEADER) or ""
     ok, reason = verify_telnyx(public_key, signature, timestamp, request.body, now=now)
     if not ok:
         return WebhookVerdict(ok=False, reason=reason)

@@ -141,7 +141,7 @@ class TwilioStreamCodec(MediaStreamCodec):
 
 def verify_request(auth_token: str, request: WebhookRequest) -> WebhookVerdict:
     """X-Twilio-Signature over the public URL (or a port variant) and the form parameters."""
-    signature = request.headers.get(SIGNATURE_HEADER, "")
+    signature = request.header(SIGNATURE_HEADER) or ""
     if not signature:
         return WebhookVerdict(ok=False, reason="missing X-Twilio-Signature")
     urls = [request.public_url, *request.url_variants]
