@@ -75,6 +75,7 @@ from carriers.plivo.protocol import (
     xml_wait_then_hangup,
 )
 from carriers.plivo.settings import PlivoSettings
+from carriers.speech import wait_spoken
 
 if TYPE_CHECKING:
     from bridge.config import Settings
@@ -245,13 +246,8 @@ class PlivoCarrier(Carrier):
 
     async def _await_spoken(self, speech: _Speech | None) -> None:
         """Until Plivo follows the <Redirect> after the <Speak> (or the call ends)."""
-        if speech is None:
-            return
-        words = len(speech.text.split())
-        try:
-            await self.host.clock.wait_for(asyncio.shield(speech.done), 10 + words * 1.0)
-        except TimeoutError:
-            log.warning("call %s: Plivo did not confirm the end of a <Speak>; going on", speech.call_id)
+        if speech is not None:
+            await wait_spoken(self.host.clock, speech.done, speech.text, carrier=self.name, call_id=speech.call_id)
 
     async def start_listening(self, call: CallRecord, turn_token: str) -> None:
         await self._transfer(call, self._url(call.callId, FLOW_LISTEN, turnToken=turn_token))

@@ -41,6 +41,7 @@ from carriers.base import (
 )
 from carriers.http import CarrierHttp
 from carriers.signatures import load_ed25519_public_key
+from carriers.speech import wait_spoken
 from carriers.telnyx.protocol import (
     DEFAULT_LANGUAGE,
     DEFAULT_VOICE,
@@ -226,14 +227,8 @@ class TelnyxCarrier(Carrier):
                     "language": self.language,
                     "client_state": encode_state(call.callId, tag),
                 })
-                # ~15 characters a second of speech, plus room for the webhook to arrive
-                timeout = 10 + len(piece) / 15
-                try:
-                    status = await self.host.clock.wait_for(waiter, timeout)
-                except TimeoutError:
-                    log.warning("call %s: no call.speak.ended after %.0fs; going on", call.callId, timeout)
-                    continue
-                if status != "completed":
+                status = await wait_spoken(self.host.clock, waiter, piece, carrier=self.name, call_id=call.callId)
+                if status is not None and status != "completed":
                     return  # the call hung up (or AMD cancelled it): say no more
             finally:
                 self._speaks.get(ccid, {}).pop(tag, None)

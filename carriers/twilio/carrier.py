@@ -45,6 +45,7 @@ from carriers.base import (
     WebhookVerdict,
 )
 from carriers.http import CarrierHttp
+from carriers.speech import wait_spoken
 from carriers.twilio.protocol import (
     EMPTY_TWIML,
     HANGUP_TWIML,
@@ -77,9 +78,6 @@ log = logging.getLogger(__name__)
 
 API_VERSION = "2010-04-01"
 STATUS_EVENTS = ("initiated", "ringing", "answered", "completed")
-# Seconds to wait for Twilio to finish a <Say>: generous (slow voices), and bounded.
-SAY_WAIT_BASE_S = 10.0
-SAY_WAIT_CHARS_PER_S = 5.0
 PURGE_AT = 1024  # per-call bookkeeping entries before ended calls are swept
 TWIML_PARAM_MAX = 4000  # Calls API: longer TwiML must come from a URL
 
@@ -262,11 +260,7 @@ class TwilioCarrier(Carrier):
         await self._wait_said(say)
 
     async def _wait_said(self, say: _Say) -> None:
-        bound = SAY_WAIT_BASE_S + len(say.text) / SAY_WAIT_CHARS_PER_S
-        try:
-            await self.host.clock.wait_for(asyncio.shield(say.done), bound)
-        except TimeoutError:
-            log.warning("call %s: Twilio did not report the end of a <Say> within %.0fs", say.call_id, bound)
+        await wait_spoken(self.host.clock, say.done, say.text, carrier=self.name, call_id=say.call_id)
 
     async def start_listening(self, call: CallRecord, turn_token: str) -> None:
         if call.metadata.get("mediaAttached"):
