@@ -166,8 +166,8 @@ class PlivoCarrier(Carrier):
 
     @staticmethod
     def _request_uuid(call: CallRecord) -> str | None:
-        previous = call.metadata.get("previousProviderCallIds") or []
-        return str(previous[0]) if previous else call.providerCallId
+        previous = call.previous_provider_call_ids
+        return previous[0] if previous else call.providerCallId
 
     # ------------------------------------------------------------------ REST
 
@@ -329,9 +329,9 @@ class PlivoCarrier(Carrier):
             token = self.host.stream_token(call.callId)
             extra = encode_extra_headers({"token": token, "callId": call.callId})
             return xml_stream(self.host.stream_url(), extra)
-        message = str(call.metadata.get("initialMessage") or "")
+        message = call.initial_message
         state = self._state(call.callId)
-        if call.metadata.get("mode") == CallMode.NOTIFY and call.direction == Direction.OUTBOUND:
+        if call.mode == CallMode.NOTIFY and call.direction == Direction.OUTBOUND:
             if not message:
                 return xml_wait_then_hangup(self.settings.outbound.notifyHangupDelaySec)
             sid = state.initial_sid or self._new_speech(call.callId, message,

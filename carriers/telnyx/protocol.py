@@ -343,7 +343,7 @@ def translate(hook: TelnyxEvent, query_call_id: str | None,
         return event(EventType.ENDED, reason=reason), [CallGone(ccid)] if ccid else []
     if kind == "call.dtmf.received":
         call = calls.find_call(call_id, ccid) if call_id or ccid else None
-        if call is not None and call.metadata.get("mediaAttached"):
+        if call is not None and call.media_attached:
             return None, []  # the media stream reports the same key press (and in-band detection dedupes it)
         digit = _text(p.get("digit"))
         return (event(EventType.DTMF, digits=digit) if digit else None), []

@@ -158,7 +158,7 @@ class TwilioCarrier(Carrier):
         return twiml(gather_verb(action), redirect_verb(again))
 
     def _after_say_twiml(self, call: CallRecord | None, call_id: str) -> str:
-        if call is not None and call.metadata.get("mode") == CallMode.NOTIFY and call.direction == Direction.OUTBOUND:
+        if call is not None and call.mode == CallMode.NOTIFY and call.direction == Direction.OUTBOUND:
             # The manager hangs up notifyHangupDelaySec after the message; this is only a safety net.
             pause = self.settings.outbound.notifyHangupDelaySec + 2
             return twiml(f'<Pause length="{pause}"/>', "<Hangup/>")
@@ -247,7 +247,7 @@ class TwilioCarrier(Carrier):
         return None  # the voice-URL reply is <Reject/>: Twilio never answers the call
 
     async def speak_native(self, call: CallRecord, text: str) -> None:
-        if call.metadata.get("mediaAttached"):
+        if call.media_attached:
             raise CarrierError("twilio: a media stream is active; replacing its TwiML would cut the stream")
         state = self._state(call.callId)
         initial = state.initial
@@ -263,12 +263,12 @@ class TwilioCarrier(Carrier):
         await wait_spoken(self.host.clock, say.done, say.text, carrier=self.name, call_id=say.call_id)
 
     async def start_listening(self, call: CallRecord, turn_token: str) -> None:
-        if call.metadata.get("mediaAttached"):
+        if call.media_attached:
             return  # the stream's own STT listens; never replace live TwiML under a stream
         await self._set_twiml(call, self.listen_twiml(call.callId, turn_token))
 
     async def send_dtmf(self, call: CallRecord, digits: str) -> None:
-        if call.metadata.get("mediaAttached"):
+        if call.media_attached:
             raise CarrierError("twilio: a media stream is active; send DTMF as in-band tones on it")
         if not digits or any(d not in "0123456789*#wW" for d in digits):
             raise CarrierError("twilio: DTMF digits must be 0-9, *, # or w (pause)")
@@ -391,8 +391,8 @@ class TwilioCarrier(Carrier):
             parameters = {"token": self.host.stream_token(call.callId), "callId": call.callId}
             return WebhookReply(200, twiml(stream_verb(self.host.stream_url(), parameters)), XML)
         state = self._state(call.callId)
-        message = str(call.metadata.get("initialMessage") or "")
-        if state.initial is None and message and not call.metadata.get("initialMessageSpoken"):
+        message = call.initial_message
+        if state.initial is None and message and not call.initial_message_spoken:
             state.initial = _Say.new(call.callId, message)
         initial = state.initial
         if initial is None or initial.served:
