@@ -27,12 +27,12 @@ from bridge.calls import (
     TranscriptEntry,
     can_transition,
 )
-from bridge.clock import Clock, RealClock, TimerHandle
 from bridge.config import Settings
 from bridge.responder import Responder, ResponderError
 from bridge.store import CallStore
 from bridge.tasks import BackgroundTasks
 from carriers.base import Carrier, CarrierError, OutboundRequest
+from media.clock import Clock, RealClock, TimerHandle
 from media.transport import MediaTransport
 
 if TYPE_CHECKING:

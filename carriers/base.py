@@ -17,9 +17,9 @@ from media.dtmf import DtmfDigit
 from media.formats import AudioFormat
 
 if TYPE_CHECKING:
-    from bridge.clock import Clock
     from bridge.config import Settings
     from media.bridge import MediaBridge
+    from media.clock import Clock
     from media.transport import MediaTransport
 
 

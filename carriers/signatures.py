@@ -14,7 +14,6 @@ import hashlib
 import hmac
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Union
 from urllib.parse import SplitResult, parse_qsl, urlsplit, urlunsplit
 
 from cryptography.exceptions import InvalidSignature
@@ -44,7 +43,7 @@ __all__ = [
 
 # Pairs (keeps repeated names, e.g. a form body), or a mapping whose values are a string or a
 # sequence of strings (a dict, or an aiohttp MultiDict whose items() repeat names).
-Params = Union[Iterable[tuple[str, str]], Mapping[str, Union[str, Sequence[str]]]]
+Params = Iterable[tuple[str, str]] | Mapping[str, str | Sequence[str]]
 
 
 def normalize_params(params: Params | None) -> dict[str, list[str]]:

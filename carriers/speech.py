@@ -11,7 +11,7 @@ import logging
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
-    from bridge.clock import Clock
+    from media.clock import Clock
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from bridge.clock import FakeClock
 from carriers.speech import speech_bound_s, wait_spoken
+from media.clock import FakeClock
 
 
 async def test_returns_what_the_carrier_reported() -> None:

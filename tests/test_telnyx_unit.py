@@ -16,7 +16,6 @@ import aiohttp
 import pytest
 
 from bridge.calls import CallRecord, CallState, Direction, EventType
-from bridge.clock import FakeClock
 from bridge.config import build_settings
 from carriers.base import (
     CarrierError,
@@ -42,6 +41,7 @@ from carriers.telnyx.protocol import (
     is_already_ended,
     split_text,
 )
+from media.clock import FakeClock
 from media.formats import ALAW_8K, ULAW_8K
 from tests.fakes.telnyx_server import (
     FakeCall,

@@ -12,7 +12,6 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import pytest
 
 from bridge.calls import CallEvent, CallRecord, CallState, Direction, EventType
-from bridge.clock import RealClock
 from bridge.config import build_settings
 from carriers.base import (
     StreamDtmf,
@@ -26,6 +25,7 @@ from carriers.base import (
 )
 from carriers.twilio.carrier import TwilioCarrier
 from carriers.twilio.protocol import SayDone, TwilioStreamCodec, stream_verb, twiml
+from media.clock import RealClock
 from media.formats import ULAW_8K
 
 TOKEN = "12345"

@@ -172,6 +172,8 @@ class SipCarrier(Carrier):
         s = self.settings
         span = s.rtpPortRange // self._worker_count
         own = s.model_copy(update={"rtpPortStart": s.rtpPortStart + index * span, "rtpPortRange": span})
+        if self._front_addresses is None:
+            raise CarrierError("sip: workers start only once the SIP front is up")
         return WorkerUa(index, own, self._front_addresses, register=index == 0, notify=self._notify_from(index))
 
     async def _restart_worker(self, index: int) -> None:

@@ -143,10 +143,10 @@ class JsonStreamCodec(MediaStreamCodec):
         raise StreamProtocolError(f"unknown event {event!r}")
 
     def encode_media(self, payload: bytes) -> str:
-        return '{"event":"media","payload":"%s"}' % payload.hex()
+        return f'{{"event":"media","payload":"{payload.hex()}"}}'
 
     def encode_mark(self, name: str) -> str:
-        return '{"event":"mark","name":"%s"}' % name
+        return f'{{"event":"mark","name":"{name}"}}'
 
     def encode_clear(self) -> str:
         return '{"event":"clear"}'

@@ -159,7 +159,7 @@ class FakeMediaStream:
         self._pending_marks = [(n, h) for n, h in self._pending_marks if n != name]
         self._played(self._loop.time())
         self.marks_echoed.append(name)
-        asyncio.ensure_future(self.send({"event": "mark", "sequence_number": str(next(self._seq)),
+        self.call.fake._spawn(self.send({"event": "mark", "sequence_number": str(next(self._seq)),
                                          "stream_id": self.stream_id, "mark": {"name": name}}))
 
     def _clear(self) -> None:
