@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urlsplit
+
+from media.clock import RealClock
 
 __all__ = [
     "MonotonicClock",
@@ -40,11 +41,6 @@ class MonotonicClock(Protocol):
     def monotonic(self) -> float: ...
 
 
-class _SystemMonotonic:
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-
 class ReplayCache:
     """Keys seen in the last `ttl_seconds`, at most `max_entries` of them (oldest evicted first).
 
@@ -64,7 +60,7 @@ class ReplayCache:
             raise ValueError("ttl_seconds must be > 0")
         self._max = max_entries
         self._ttl = ttl_seconds
-        self._clock: MonotonicClock = clock if clock is not None else _SystemMonotonic()
+        self._clock: MonotonicClock = clock if clock is not None else RealClock()
         self._seen: OrderedDict[str, float] = OrderedDict()
 
     def __len__(self) -> int:
