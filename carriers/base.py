@@ -112,6 +112,36 @@ class WebhookResult:
     effects: list[object] = field(default_factory=list)
 
 
+# The follow-ups carriers ask for in `WebhookResult.effects` (a carrier may add its own). A call is
+# named by our call id or, where the carrier keys its bookkeeping by its own id, by that.
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechHeard:
+    """The carrier reports the end of one of its own speeches (<Say>, speak, <Speak>): the
+    speak_native waiting for it returns (with `status`)."""
+
+    key: str | None  # how the carrier named that speech (say id, speech id, command tag)
+    call_id: str | None = None
+    provider_call_id: str | None = None
+    status: str = "completed"
+
+
+@dataclass(frozen=True, slots=True)
+class CallGone:
+    """The carrier reports the call over: its waiters return, its bookkeeping goes."""
+
+    call_id: str | None = None
+    provider_call_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HangUp:
+    """End the call at the carrier (answering-machine detection found a machine, ...)."""
+
+    provider_call_id: str
+
+
 class CallLookup(Protocol):
     """A read-only view of the calls the manager knows, for parsing a webhook."""
 

@@ -18,7 +18,9 @@ import pytest
 from bridge.calls import CallRecord, CallState, Direction, EventType
 from bridge.config import build_settings
 from carriers.base import (
+    CallGone,
     CarrierError,
+    HangUp,
     StreamDtmf,
     StreamIgnored,
     StreamMark,
@@ -31,8 +33,6 @@ from carriers.base import (
 from carriers.signatures import telnyx_replay_key
 from carriers.telnyx.carrier import TelnyxCarrier
 from carriers.telnyx.protocol import (
-    CallGone,
-    HangUp,
     TelnyxStreamCodec,
     choose_codec,
     decode_state,
@@ -271,7 +271,7 @@ async def test_hangup_uses_the_call_direction_found_by_call_id_or_call_control_i
     for result in (by_call_id, by_ccid):
         (ev,) = result.events
         assert (ev.type, ev.reason) == (EventType.ENDED, CallState.HANGUP_USER)
-        assert result.effects == [CallGone("v3:abc")]
+        assert result.effects == [CallGone(provider_call_id="v3:abc")]
     assert by_call_id.events[0].key == by_ccid.events[0].key == f"telnyx:{hangup['data']['id']}"
     await c.close()
 

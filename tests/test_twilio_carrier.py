@@ -14,6 +14,7 @@ import pytest
 from bridge.calls import CallEvent, CallRecord, CallState, Direction, EventType
 from bridge.config import build_settings
 from carriers.base import (
+    SpeechHeard,
     StreamDtmf,
     StreamIgnored,
     StreamMark,
@@ -24,7 +25,7 @@ from carriers.base import (
     WebhookRequest,
 )
 from carriers.twilio.carrier import TwilioCarrier
-from carriers.twilio.protocol import SayDone, TwilioStreamCodec, stream_verb, twiml
+from carriers.twilio.protocol import TwilioStreamCodec, stream_verb, twiml
 from media.clock import RealClock
 from media.formats import ULAW_8K
 
@@ -341,7 +342,7 @@ async def test_parse_changes_nothing_the_said_effect_wakes_the_waiter() -> None:
     said = webhook(f"{PUBLIC}?callId=c1&type=said&say={say_id}", {"CallSid": "CA1", "CallStatus": "in-progress"})
     result = carrier.parse_webhook(said, host)
     assert result.events == [] and not say.done.done(), "parsing is pure"
-    assert carrier.parse_webhook(said, host).effects == result.effects == [SayDone("c1", say_id)]
+    assert carrier.parse_webhook(said, host).effects == result.effects == [SpeechHeard(say_id, call_id="c1")]
     carrier.apply_effects(result.effects)
     assert say.done.done()
     assert result.respond is not None and ET.fromstring(result.respond(call).body).find("Gather") is not None

@@ -33,12 +33,15 @@ from bridge.calls import (
 )
 from bridge.tasks import BackgroundTasks
 from carriers.base import (
+    CallGone,
     CallLookup,
     Carrier,
     CarrierError,
+    HangUp,
     MediaStreamCodec,
     OutboundRequest,
     ProviderStatus,
+    SpeechHeard,
     WebhookReply,
     WebhookRequest,
     WebhookResult,
@@ -58,11 +61,8 @@ from carriers.plivo.protocol import (
     SIG_MA_V3,
     SIG_V2,
     SIG_V3,
-    Forget,
-    HangUp,
     PlivoCallback,
     PlivoStreamCodec,
-    SpeechDone,
     callback_events,
     encode_extra_headers,
     parse_callback,
@@ -289,7 +289,7 @@ class PlivoCarrier(Carrier):
         if flow == FLOW_SPEAK:
             return WebhookResult(events, respond=lambda _: self._speak_xml(cb))
         if flow == FLOW_SPOKEN:
-            effects: list[object] = [SpeechDone(cb.call_id, cb.speech_id)] if cb.call_id else []
+            effects: list[object] = [SpeechHeard(cb.speech_id, call_id=cb.call_id)] if cb.call_id else []
             return WebhookResult(events, respond=lambda _: self._spoken_xml(cb), effects=effects)
         if flow == FLOW_LISTEN:
             token = cb.turn_token or uuid.uuid4().hex
@@ -297,7 +297,7 @@ class PlivoCarrier(Carrier):
         if flow == FLOW_GETINPUT:
             return WebhookResult(events, reply=xml_hold(self._hold_s))
         if flow == FLOW_HANGUP:
-            return WebhookResult(events, respond=self._after_end, effects=[Forget(cb.call_id)] if cb.call_id else [])
+            return WebhookResult(events, respond=self._after_end, effects=[CallGone(call_id=cb.call_id)] if cb.call_id else [])
         if flow == FLOW_MACHINE and cb.machine and cb.call_uuid and self.plivo.machineDetection != "hangup":
             # Plivo only reported the machine; the call is still up, so end it.
             return WebhookResult(events, effects=[HangUp(cb.call_uuid)])
@@ -305,13 +305,14 @@ class PlivoCarrier(Carrier):
 
     def apply_effects(self, effects: Sequence[object]) -> None:
         for effect in effects:
-            if isinstance(effect, SpeechDone):
-                self._speech_done(effect.call_id, effect.speech_id)
-            elif isinstance(effect, Forget):
+            if isinstance(effect, SpeechHeard) and effect.call_id:
+                self._speech_done(effect.call_id, effect.key)
+            elif isinstance(effect, CallGone):
                 self._forget(effect.call_id)
             elif isinstance(effect, HangUp):
-                self._tasks.spawn(self.http.request("DELETE", f"/Call/{effect.call_uuid}/", ok_statuses=(404,)),
-                                  f"plivo-machine-hangup-{effect.call_uuid}")
+                uuid_ = effect.provider_call_id
+                self._tasks.spawn(self.http.request("DELETE", f"/Call/{uuid_}/", ok_statuses=(404,)),
+                                  f"plivo-machine-hangup-{uuid_}")
 
     def _after_end(self, call: CallRecord | None) -> WebhookReply:
         if call is not None:

@@ -400,28 +400,3 @@ def verify_request(auth_token: str, request: WebhookRequest) -> WebhookVerdict:
             return WebhookVerdict(False, "bad V2 signature")
         return WebhookVerdict(True, "v2", plivo_replay_key(_without_query(request.public_url), v2_nonce))
     return WebhookVerdict(False, "missing signature")
-
-
-# ============================================================================ follow-ups of a callback
-
-
-@dataclass(frozen=True, slots=True)
-class SpeechDone:
-    """Plivo fetched the Redirect after one of our `<Speak>`s."""
-
-    call_id: str
-    speech_id: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Forget:
-    """The call hung up: drop what the carrier keeps for it, waking its speech waiters."""
-
-    call_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class HangUp:
-    """End the call (answering-machine detection reported a machine and did not hang up itself)."""
-
-    call_uuid: str

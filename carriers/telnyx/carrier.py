@@ -28,12 +28,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from bridge.calls import CallRecord, CallState
 from bridge.tasks import BackgroundTasks
 from carriers.base import (
+    CallGone,
     CallLookup,
     Carrier,
     CarrierError,
+    HangUp,
     MediaStreamCodec,
     OutboundRequest,
     ProviderStatus,
+    SpeechHeard,
     WebhookReply,
     WebhookRequest,
     WebhookResult,
@@ -47,10 +50,7 @@ from carriers.telnyx.protocol import (
     DEFAULT_VOICE,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
-    CallGone,
-    HangUp,
     InboundOffered,
-    SpeakEnded,
     TelnyxEvent,
     TelnyxStreamCodec,
     choose_codec,
@@ -279,13 +279,13 @@ class TelnyxCarrier(Carrier):
         for effect in effects:
             if isinstance(effect, InboundOffered):
                 _put(self._offered, effect.ccid, effect.offered_codecs)
-            elif isinstance(effect, CallGone):
-                self._call_gone(effect.ccid)
-            elif isinstance(effect, SpeakEnded):
-                self._speak_ended(effect.ccid, effect.tag, effect.status)
+            elif isinstance(effect, CallGone) and effect.provider_call_id:
+                self._call_gone(effect.provider_call_id)
+            elif isinstance(effect, SpeechHeard):
+                self._speak_ended(effect.provider_call_id, effect.key, effect.status)
             elif isinstance(effect, HangUp):
-                self._tasks.spawn(self._command(effect.ccid, "hangup", ended_ok=True),
-                                  f"telnyx-amd-hangup-{effect.ccid}")
+                ccid = effect.provider_call_id
+                self._tasks.spawn(self._command(ccid, "hangup", ended_ok=True), f"telnyx-amd-hangup-{ccid}")
 
     def _speak_ended(self, ccid: str | None, tag: str | None, status: str) -> None:
         waiters = self._speaks.get(ccid or "", {})

@@ -17,8 +17,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from bridge.calls import CallEvent, CallState, Direction, EventType
 from carriers import wire
 from carriers.base import (
+    CallGone,
     CallLookup,
+    HangUp,
     MediaStreamCodec,
+    SpeechHeard,
     StreamDtmf,
     StreamIgnored,
     StreamMark,
@@ -283,28 +286,7 @@ class InboundOffered:
     offered_codecs: str
 
 
-@dataclass(frozen=True, slots=True)
-class CallGone:
-    """Telnyx reported the call hung up: waiters on it return."""
-
-    ccid: str
-
-
-@dataclass(frozen=True, slots=True)
-class SpeakEnded:
-    ccid: str | None
-    tag: str | None
-    status: str
-
-
-@dataclass(frozen=True, slots=True)
-class HangUp:
-    """Hang the call up (answering-machine detection found a machine)."""
-
-    ccid: str
-
-
-Effect = InboundOffered | CallGone | SpeakEnded | HangUp
+Effect = InboundOffered | CallGone | SpeechHeard | HangUp
 
 
 def translate(hook: TelnyxEvent, query_call_id: str | None,
@@ -340,7 +322,7 @@ def translate(hook: TelnyxEvent, query_call_id: str | None,
         call = calls.find_call(call_id, ccid) if call_id or ccid else None
         direction = call.direction if call is not None else None
         reason = end_reason(p.get("hangup_cause"), p.get("hangup_source"), direction)
-        return event(EventType.ENDED, reason=reason), [CallGone(ccid)] if ccid else []
+        return event(EventType.ENDED, reason=reason), [CallGone(provider_call_id=ccid)] if ccid else []
     if kind == "call.dtmf.received":
         call = calls.find_call(call_id, ccid) if call_id or ccid else None
         if call is not None and call.media_attached:
@@ -350,7 +332,7 @@ def translate(hook: TelnyxEvent, query_call_id: str | None,
     if kind == "call.transcription":
         return _speech(p, tag, event), []
     if kind == "call.speak.ended":
-        return None, [SpeakEnded(ccid, tag, str(p.get("status") or "completed"))]
+        return None, [SpeechHeard(tag, provider_call_id=ccid, status=str(p.get("status") or "completed"))]
     if kind in ("call.machine.detection.ended", "call.machine.premium.detection.ended"):
         if p.get("result") not in MACHINE_RESULTS:
             return None, []

@@ -33,12 +33,14 @@ from xml.sax.saxutils import quoteattr
 
 from bridge.calls import CallEvent, CallMode, CallRecord, CallState, Direction, EventType
 from carriers.base import (
+    CallGone,
     CallLookup,
     Carrier,
     CarrierError,
     MediaStreamCodec,
     OutboundRequest,
     ProviderStatus,
+    SpeechHeard,
     WebhookReply,
     WebhookRequest,
     WebhookResult,
@@ -54,8 +56,6 @@ from carriers.twilio.protocol import (
     SIGNATURE_HEADER,
     TERMINAL_STATUS,
     XML,
-    CallEnded,
-    SayDone,
     TwilioStreamCodec,
     direction,
     float_param,
@@ -302,7 +302,7 @@ class TwilioCarrier(Carrier):
         sid = request.param("CallSid")
         status = (request.param("CallStatus") or "").lower()
         if kind == "said":
-            return WebhookResult(respond=self._after_said, effects=[SayDone(call_id or "", request.query_value("say"))])
+            return WebhookResult(respond=self._after_said, effects=[SpeechHeard(request.query_value("say"), call_id=call_id)])
         if kind == "twiml":
             doc_id = request.query_value("doc") or ""
             return WebhookResult(respond=lambda _: self._document(call_id or "", doc_id))
@@ -316,7 +316,7 @@ class TwilioCarrier(Carrier):
         events = status_events(request, call_id, sid, status)
         # a speak_native waiting for a <Say> returns once the call ended
         ended = call_id and any(e.type == EventType.ENDED for e in events)
-        effects: list[object] = [CallEnded(call_id)] if call_id and ended else []
+        effects: list[object] = [CallGone(call_id=call_id)] if call_id and ended else []
         if kind == "status" or status in TERMINAL_STATUS:
             return WebhookResult(events=events, reply=WebhookReply(200, EMPTY_TWIML, XML), effects=effects)
         # The voice URL: Twilio asks what to do with a call it just connected. (When the `answered`
@@ -332,9 +332,9 @@ class TwilioCarrier(Carrier):
 
     def apply_effects(self, effects: Sequence[object]) -> None:
         for effect in effects:
-            if isinstance(effect, SayDone):
-                self._said(effect.call_id, effect.say_id)
-            elif isinstance(effect, CallEnded):
+            if isinstance(effect, SpeechHeard) and effect.call_id:
+                self._said(effect.call_id, effect.key)
+            elif isinstance(effect, CallGone) and effect.call_id:
                 self._finish_says(effect.call_id)
 
     def _said(self, call_id: str, say_id: str | None) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import dataclass
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
@@ -186,21 +185,6 @@ def inbound_events(request: WebhookRequest, sid: str, events: list[CallEvent]) -
     return [lifecycle_event(EventType.INITIATED, sid, direction=Direction.INBOUND, from_number=request.param("From"),
                             to_number=request.param("To")),
             *(ended or [lifecycle_event(EventType.ANSWERED, sid)])]
-
-
-@dataclass(frozen=True, slots=True)
-class SayDone:
-    """Twilio fetched the Redirect after a `<Say>`: its speak_native returns."""
-
-    call_id: str
-    say_id: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class CallEnded:
-    """The call ended: every `<Say>` waiter of it returns."""
-
-    call_id: str
 
 
 LIVE_STATUS = {"queued": CallState.INITIATED, "initiated": CallState.INITIATED, "ringing": CallState.RINGING,
