@@ -19,7 +19,7 @@ class TtsEngine(ABC):
         """Stream PCM16 little-endian mono at `sample_rate`. Chunks may have any size (even empty);
         every chunk holds whole samples. Closing the iterator early stops the synthesis."""
 
-    async def close(self) -> None:  # noqa: B027 - an optional hook: engines without resources keep it
+    async def close(self) -> None:
         """Release clients and connections."""
 
 
