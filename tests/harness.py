@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from bridge.client import RpcClient
-from bridge.clock import Clock
 from bridge.config import build_settings
 from bridge.runtime import Runtime
 from carriers.base import Carrier
+from media.clock import Clock
 
 
 def free_port() -> int:

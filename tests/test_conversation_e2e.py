@@ -14,8 +14,8 @@ import pytest
 from aiohttp import web
 
 from bridge.calls import CallState
-from bridge.clock import FakeClock
 from bridge.conversation.tools import SIGNATURE_HEADER, verify
+from media.clock import FakeClock
 from media.dtmf import DtmfDetector
 from tests.fakes.http_app import serve_local
 from tests.fakes.openai_server import ChatReply, FakeOpenAI

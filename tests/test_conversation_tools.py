@@ -21,7 +21,6 @@ from bridge.calls import (
     ToolCallEntry,
     TranscriptEntry,
 )
-from bridge.clock import FakeClock
 from bridge.config import ConfigError, build_settings
 from bridge.conversation.messages import chat_messages
 from bridge.conversation.tools import (
@@ -35,6 +34,7 @@ from bridge.conversation.tools import (
     sign,
     verify,
 )
+from media.clock import FakeClock
 from tests.fakes.http_app import serve_local
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,8 +10,9 @@ Client: a plain aiohttp SSE reader rather than the `openai` package's AsyncOpenA
 with bench/chat_stream_client.py (100 concurrent streams of 200 tokens against the local fake in
 its own process, shared 2-core machine): this reader 16 us of CPU per token and 4.2 ms to the first
 token; the SDK (httpx + a pydantic `ChatCompletionChunk` per token) 264 us per token and 11.6 ms.
-At 100 calls every token is on the hot path, so the SDK's 16x cost per token is not acceptable. Closing the reply here closes the TCP connection at once, so a barge-in stops
-the server's generation (no tokens are paid for after it).
+At 100 calls every token is on the hot path, so the SDK's 16x cost per token is not acceptable.
+Closing the reply here closes the TCP connection at once, so a barge-in stops the server's
+generation (no tokens are paid for after it).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class _HttpReplyStream(ReplyStream):
         self.finish_reason = None
         self.closed_early = False
 
-    async def __aiter__(self) -> AsyncIterator[str]:  # type: ignore[override]
+    async def __aiter__(self) -> AsyncIterator[str]:
         decoder = SseDecoder()
         try:
             async for chunk in self._response.content.iter_any():
@@ -156,7 +157,7 @@ class _ListStream(ReplyStream):
         self.tool_calls = []
         self.finish_reason = None
 
-    async def __aiter__(self) -> AsyncIterator[str]:  # type: ignore[override]
+    async def __aiter__(self) -> AsyncIterator[str]:
         for word in self._words:
             yield word
         self.tool_calls = self._final_calls

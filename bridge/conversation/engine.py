@@ -17,12 +17,12 @@ from bridge.calls import (
     TranscriptEntry,
     TurnTiming,
 )
-from bridge.clock import Clock
 from bridge.conversation.chat import ChatModel, ChatModelError, ReplyStream
 from bridge.conversation.messages import chat_messages
 from bridge.conversation.segmenter import Segmenter, speakable
 from bridge.conversation.speech import SpeechMarks, StreamedSpeech, speak_stream
 from bridge.conversation.tools import CallToolbox, ToolCall, ToolOutcome, ToolSettings
+from media.clock import Clock
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from bridge.clock import Clock
+from media.clock import Clock
 
 if TYPE_CHECKING:  # the tool types are shared with sans-I/O code; aiohttp is loaded only to POST
     import aiohttp
