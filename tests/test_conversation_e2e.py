@@ -85,7 +85,7 @@ async def test_pieces_play_gap_free_and_in_order_through_one_play(tmp_path: Path
     fake.chat_tokens_per_s = 200  # the model outpaces speech: audio never has to wait for text
     async with run_bridge(config(fake, ["Go on."]), tmp_path) as runtime:
         call = await start_call(runtime)
-        await wait_for(lambda: len(call.turnTimings) == 1 and call.state == CallState.LISTENING, timeout=30)
+        await wait_for(lambda: len(bot_lines(call)) == 2 and call.state == CallState.LISTENING, timeout=30)
         bridge = runtime.manager.voice(call.callId).bridge
         pieces = [r["input"] for r in fake.speech_requests[1:]]
         assert pieces == ["First things first.", "Then the second sentence follows,", "and a third one ends it all."]
@@ -334,7 +334,7 @@ async def test_elevenlabs_stream_input_gets_the_reply_incrementally(tmp_path: Pa
     try:
         async with run_bridge(cfg, tmp_path) as runtime:
             call = await start_call(runtime)
-            await wait_for(lambda: len(call.turnTimings) == 1 and call.state == CallState.LISTENING, timeout=30)
+            await wait_for(lambda: len(bot_lines(call)) == 2 and call.state == CallState.LISTENING, timeout=30)
             callee = runtime.carrier.callee(call.callId)
             assert bot_lines(call)[-1] == reply
             heard_s = len(callee.heard) / 2 / 8000
