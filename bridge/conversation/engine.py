@@ -201,7 +201,7 @@ class ConversationEngine:
         position = len(call.transcript)
         with_text = bool(call.transcript) and call.transcript[-1].speaker == "bot"
         for (tool_call, _), result in zip(tools, outcomes):
-            self._record_tool(call, host, tool_call, result, position, with_text)
+            self.record_tool(call, host, tool_call, result, position, with_text)
         if tools or spoken.interrupted or spoken.error is not None:
             host.save(call)  # a plain reply is saved once, when the turn ends
         if spoken.error is not None:
@@ -239,8 +239,9 @@ class ConversationEngine:
             await host.say(call, text)
         return StreamedSpeech(text, text, False, 0.0, 1 if text else 0)
 
-    def _record_tool(self, call: CallRecord, host: TurnHost, tool_call: ToolCall, outcome: ToolOutcome,
-                     position: int, with_text: bool) -> None:
+    def record_tool(self, call: CallRecord, host: TurnHost, tool_call: ToolCall, outcome: ToolOutcome,
+                    position: int, with_text: bool) -> None:
+        """A tool call in the call record, the events and the log (speech-to-speech uses it too)."""
         call.toolCalls.append(ToolCallEntry(at=host.clock.time(), id=tool_call.id, name=tool_call.name,
                                             arguments=tool_call.arguments, result=outcome.content, position=position,
                                             withText=with_text, endCall=outcome.end_call))
