@@ -44,9 +44,48 @@ class ServeSettings(Section):
     eventLoop: Literal["auto", "asyncio", "uvloop"] = "auto"  # auto: uvloop when installed (extra `fast`)
 
 
+MachineDetectionMode = Literal["off", "detect", "hangup", "leave-message"]
+
+
 class OutboundSettings(Section):
     defaultMode: Literal["notify", "conversation"] = "notify"
     notifyHangupDelaySec: int = Field(3, ge=0)
+    # Answering machines on outbound calls: detect (record answeredBy), hangup (end machines at
+    # once) or leave-message (speak the message after the greeting/beep, end as voicemail).
+    machineDetection: MachineDetectionMode = "off"
+
+
+class AmdSettings(Section):
+    """The local answering-machine detector (media/amd.py), Asterisk amd.conf names and defaults."""
+
+    initialSilence: int = Field(2500, gt=0)
+    greeting: int = Field(1500, gt=0)
+    afterGreetingSilence: int = Field(800, gt=0)
+    totalAnalysisTime: int = Field(5000, gt=0)
+    minimumWordLength: int = Field(100, gt=0)
+    betweenWordsSilence: int = Field(50, gt=0)
+    maximumNumberOfWords: int = Field(2, ge=1)
+    silenceThreshold: int = Field(256, ge=0, le=32767)
+    maximumWordLength: int = Field(5000, gt=0)
+    noiseAdaptive: bool = True  # silence = under the threshold or near the line's noise floor
+    noiseFactor: float = Field(2.0, ge=1.0)
+    # leave-message: the greeting is over at the end of its beep, or after this much silence
+    greetingEndSilenceMs: int = Field(2000, gt=0)
+    maxGreetingWaitMs: int = Field(30_000, gt=0)
+    voicemailMessage: str | None = None  # default: the call's own message
+
+
+class CallEndedHook(Section):
+    url: str = Field(pattern=r"^https?://")
+    secret: SecretStr
+    timeoutMs: int = Field(5000, gt=0)
+    maxAttempts: int = Field(12, ge=1)
+    retryBaseMs: int = Field(1000, gt=0)  # doubles per attempt
+    retryMaxMs: int = Field(300_000, gt=0)
+
+
+class HooksSettings(Section):
+    callEnded: CallEndedHook | None = None
 
 
 class TailscaleSettings(Section):
@@ -141,7 +180,8 @@ class PlivoSettings(Section):
 
 
 class MockSettings(Section):
-    """The offline loopback carrier. Numbers ending in 0002 are busy, 0003 never answer, 0004 fail."""
+    """The offline loopback carrier. Numbers ending in 0002 are busy, 0003 never answer, 0004 fail,
+    0005 are answering machines, 0006 a person who answers transfers."""
 
     ringDelayMs: int = Field(300, ge=0)
     answerDelayMs: int = Field(700, ge=0)
@@ -156,6 +196,15 @@ class MockSettings(Section):
     noAnswerAfterMs: int = Field(3000, ge=0)
     # The callee hangs up this long after the bot's last words once its script is done (0: never).
     calleeHangupAfterMs: int = Field(8000, ge=0)
+    # Numbers ending in machineSuffix answer as an answering machine (greeting, beep, silence);
+    # transferSuffix is a person who answers transfers (says transferLine, then listens).
+    machineSuffix: str = "0005"
+    machineGreeting: str = ("Hi, you have reached the voicemail of Alex. I can't take your call right now. "
+                            "Please leave a message after the tone.")
+    transferSuffix: str = "0006"
+    transferLine: str = "Hello, this is Jordan from the front desk."
+    # What a person says on picking up when the call uses machine detection ("" = nothing).
+    calleeOpener: str = "Hello?"
 
 
 class RpcSettings(Section):
@@ -180,6 +229,8 @@ class Settings(Section):
     allowFrom: list[str] = Field(default_factory=list)
     inboundGreeting: str = "Hello! How can I help you today?"
     outbound: OutboundSettings = Field(default_factory=OutboundSettings)
+    amd: AmdSettings = Field(default_factory=AmdSettings)
+    hooks: HooksSettings = Field(default_factory=HooksSettings)
     maxDurationSeconds: int = Field(300, gt=0)
     maxConcurrentCalls: int = Field(1, gt=0)
     transcriptTimeoutMs: int = Field(180_000, gt=0)

@@ -28,11 +28,13 @@ from bridge.calls import (
     can_transition,
 )
 from bridge.clock import Clock, RealClock, TimerHandle
-from bridge.config import Settings
+from bridge.config import MachineDetectionMode, Settings
+from bridge.machine import MachineDetection
 from bridge.responder import Responder, ResponderError
 from bridge.store import CallStore
 from bridge.tasks import BackgroundTasks
 from carriers.base import Carrier, CarrierError, OutboundRequest
+from media.amd import AmdVerdict
 from media.transport import MediaTransport
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,9 @@ log = logging.getLogger(__name__)
 REAPER_INTERVAL_S = 30.0
 MEDIA_WAIT_S = 10.0
 MAX_PROCESSED_IDS = 200_000
+MACHINE_DETECTION_MODES = ("off", "detect", "hangup", "leave-message")
+DTMF_SEQUENCE_CHARS = frozenset("0123456789*#ABCDwW")
+MAX_DTMF_SEQUENCE = 64
 
 
 class CallError(Exception):
@@ -81,6 +86,7 @@ class CallManager:
         self._timers: dict[str, TimerHandle] = {}
         self._voices: dict[str, Any] = {}
         self._media_waiters: dict[str, list[asyncio.Future[Any]]] = {}
+        self._machine: dict[str, MachineDetection] = {}
         self._rejected_provider_ids: set[str] = set()
         self._tasks = BackgroundTasks(log, level=logging.ERROR)
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
@@ -167,6 +173,9 @@ class CallManager:
         voice = self._voice_factory(call, transport, self.emit)
         self._voices[call_id] = voice
         self._spawn(voice.start(), f"voice-start-{call_id}")
+        detection = self._machine.get(call_id)
+        if detection is not None:
+            detection.attach(voice.bridge)
         call.metadata["mediaAttached"] = True
         for waiter in self._media_waiters.pop(call_id, []):
             if not waiter.done():
@@ -218,7 +227,9 @@ class CallManager:
     def active_calls(self) -> list[CallRecord]:
         return [c for c in self.calls.values() if not c.terminal]
 
-    async def initiate(self, to: str | None, message: str, mode: str | None = None) -> CallRecord:
+    async def initiate(self, to: str | None, message: str, mode: str | None = None, *,
+                       machine_detection: str | None = None, dtmf_sequence: str | None = None,
+                       voicemail_message: str | None = None) -> CallRecord:
         to = to or self.settings.toNumber
         if not to:
             raise CallError("No destination: pass `to` or set toNumber in the config")
@@ -227,6 +238,14 @@ class CallManager:
         mode = mode or self.settings.outbound.defaultMode
         if mode not in (CallMode.NOTIFY, CallMode.CONVERSATION):
             raise CallError(f"`mode` must be notify or conversation (got {mode!r})")
+        detection = machine_detection or self.settings.outbound.machineDetection
+        if detection not in MACHINE_DETECTION_MODES:
+            raise CallError(f"`machineDetection` must be one of {', '.join(MACHINE_DETECTION_MODES)} "
+                            f"(got {detection!r})")
+        if dtmf_sequence is not None and (not dtmf_sequence or len(dtmf_sequence) > MAX_DTMF_SEQUENCE
+                                          or not set(dtmf_sequence) <= DTMF_SEQUENCE_CHARS):
+            raise CallError(f"`dtmfSequence` must be 1-{MAX_DTMF_SEQUENCE} of 0-9 * # A-D, "
+                            "w (0.5 s pause) or W (1 s pause)")
         self._check_capacity()
         now = self.clock.time()
         call = CallRecord(
@@ -239,11 +258,17 @@ class CallManager:
             startedAt=now,
             metadata={"initialMessage": message, "mode": str(mode), "turnCount": 0},
         )
+        if detection != "off":
+            call.metadata["machineDetection"] = detection
+        if dtmf_sequence:
+            call.metadata["dtmfSequence"] = dtmf_sequence
+        if voicemail_message:
+            call.metadata["voicemailMessage"] = voicemail_message
         self.calls[call.callId] = call
         self._save(call)
         self._publish("call.created", call)
         request = OutboundRequest(to=to, from_number=call.from_, message=message, mode=str(mode),
-                                  stream=self.settings.streaming.enabled)
+                                  stream=self.settings.streaming.enabled, machine_detection=detection)
         try:
             provider_id = await self.carrier.initiate_call(call, request)
         except CarrierError as exc:
@@ -427,6 +452,98 @@ class CallManager:
         elif not call.terminal:
             self._transition(call, CallState.LISTENING)
 
+    # ================================================================== after answer: keys out, machines
+
+    async def _after_answer(self, call: CallRecord) -> None:
+        """dtmfSequence first (an extension, an IVR menu), then machine detection or the first message."""
+        sequence = call.metadata.get("dtmfSequence")
+        if sequence and not call.metadata.get("dtmfSequenceSent"):
+            try:
+                await self._send_sequence(call, str(sequence))
+            except CallError as exc:
+                log.warning("call %s: dtmfSequence not sent: %s", call.callId, exc)
+            call.metadata["dtmfSequenceSent"] = True
+            self._save(call)
+        if call.terminal:
+            return
+        mode = call.metadata.get("machineDetection")
+        if mode and call.direction == Direction.OUTBOUND and "answeredBy" not in call.metadata:
+            self._start_machine_detection(call, mode)
+            return
+        await self._speak_initial(call)
+
+    async def _send_sequence(self, call: CallRecord, sequence: str) -> None:
+        """Digits through send_dtmf; `w` pauses 0.5 s and `W` 1 s, on the manager's clock."""
+        digits = ""
+        for ch in sequence:
+            if ch in "wW":
+                if digits:
+                    await self.send_dtmf(call.callId, digits)
+                    digits = ""
+                await self.clock.sleep(0.5 if ch == "w" else 1.0)
+            else:
+                digits += ch
+        if digits:
+            await self.send_dtmf(call.callId, digits)
+
+    def _detecting(self, call: CallRecord) -> bool:
+        detection = self._machine.get(call.callId)
+        return detection is not None and detection.verdict is None
+
+    def _start_machine_detection(self, call: CallRecord, mode: MachineDetectionMode) -> None:
+        if not self._expects_media(call):
+            # no audio reaches us, and this carrier has no detector of its own
+            self._machine_verdict(call, mode, AmdVerdict("unknown", "NOMEDIA", 0))
+            return
+        detection = MachineDetection(
+            self.settings.amd, self.clock, wants_message_point=mode == "leave-message",
+            on_verdict=lambda verdict: self._machine_verdict(call, mode, verdict),
+            on_message_point=lambda reason: self._spawn(self._leave_message(call, reason),
+                                                        f"voicemail-{call.callId}"))
+        self._machine[call.callId] = detection
+        voice = self._voices.get(call.callId)
+        if voice is not None:
+            detection.attach(voice.bridge)
+
+    def _machine_verdict(self, call: CallRecord, mode: MachineDetectionMode, verdict: AmdVerdict) -> None:
+        if call.terminal:
+            return
+        meta = call.metadata
+        meta["answeredBy"] = verdict.answered_by
+        meta["amdCause"] = verdict.cause
+        meta["amdDecisionMs"] = verdict.at_ms
+        self._save(call)
+        log.info("call %s answered by %s (%s)", call.callId, verdict.answered_by, verdict.cause)
+        self._publish("call.answered_by", call, answeredBy=verdict.answered_by, cause=verdict.cause,
+                      decisionMs=verdict.at_ms)
+        if verdict.answered_by == "machine" and mode == "hangup":
+            self._spawn(self._hangup(call, CallState.HANGUP_BOT), f"amd-hangup-{call.callId}")
+            return
+        if verdict.answered_by == "machine" and mode == "leave-message":
+            return  # the detector goes on listening for the end of the greeting
+        self._machine.pop(call.callId, None)
+        self._spawn(self._speak_initial(call), f"initial-{call.callId}")
+
+    async def _leave_message(self, call: CallRecord, after: str) -> None:
+        """The greeting is over (its beep ended, or a long silence): speak the message, hang up."""
+        self._machine.pop(call.callId, None)
+        if call.terminal:
+            return
+        call.metadata["voicemailAfter"] = after
+        call.metadata["initialMessageSpoken"] = True
+        text = (call.metadata.get("voicemailMessage") or self.settings.amd.voicemailMessage
+                or str(call.metadata.get("initialMessage") or ""))
+        voice = self._voices.get(call.callId)
+        if voice is not None:
+            voice.bridge.barge_in_enabled = False  # the machine's own sounds must not cut the message
+        try:
+            await self._say(call, text)
+        except CallError as exc:
+            log.warning("call %s: voicemail message failed: %s", call.callId, exc)
+            return
+        if not call.terminal:
+            await self._hangup(call, CallState.VOICEMAIL)
+
     # ================================================================== events
 
     def process_event(self, event: CallEvent) -> CallRecord | None:
@@ -545,7 +662,7 @@ class CallManager:
                 call.answeredAt = self.clock.time()
                 self._start_max_duration(call, self.settings.maxDurationSeconds)
                 self._publish("call.answered", call)
-                self._spawn(self._speak_initial(call), f"initial-{call.callId}")
+                self._spawn(self._after_answer(call), f"initial-{call.callId}")
         elif kind == EventType.SPEAKING:
             self._transition(call, CallState.SPEAKING)
         elif kind == EventType.SPEECH:
@@ -570,6 +687,8 @@ class CallManager:
             return
         call.transcript.append(TranscriptEntry(event.timestamp, "user", text))
         self._publish("call.speech", call, transcript=text)
+        if self._detecting(call):
+            return  # "Hello?" while machine detection listens: the verdict decides what comes next
         turn = self._turns.get(call.callId)
         if turn is not None:
             if event.turn_token is not None and event.turn_token != turn.token:
@@ -609,6 +728,9 @@ class CallManager:
         timer = self._timers.pop(call.callId, None)
         if timer is not None:
             timer.cancel()
+        detection = self._machine.pop(call.callId, None)
+        if detection is not None:
+            detection.close()
         turn = self._turns.get(call.callId)
         if turn is not None and not turn.future.done():
             turn.future.set_exception(CallError(f"Call ended ({reason}) before a transcript arrived"))

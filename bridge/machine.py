@@ -1,0 +1,125 @@
+"""One call's local machine detection: the detectors of media/amd.py on the callee's audio.
+
+It taps the call's MediaBridge (the decoded wire audio) from answer until it has what it needs:
+the verdict, and with leave-message on a machine, the end of the greeting (beep or long silence).
+Stretches without audio (silence suppression, a leg that sends nothing while quiet, media not up
+yet) count as silence, measured on the injectable clock, so every call gets a verdict within
+`totalAnalysisTime` and a message point within `maxGreetingWaitMs` whatever the leg does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from bridge.clock import Clock, TimerHandle
+from bridge.config import AmdSettings
+from media.amd import AmdParams, AmdVerdict, AnsweringMachineDetector, GreetingEnd, GreetingEndParams
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.1
+# Audio may lag the clock by this much (jitter, a busy loop) before the gap counts as silence.
+GAP_GRACE_MS = 300
+
+
+def amd_params(settings: AmdSettings) -> AmdParams:
+    return AmdParams(**{name: getattr(settings, name) for name in AmdParams.__dataclass_fields__})
+
+
+class MachineDetection:
+    def __init__(
+        self,
+        settings: AmdSettings,
+        clock: Clock,
+        *,
+        wants_message_point: bool,
+        on_verdict: Callable[[AmdVerdict], None],
+        on_message_point: Callable[[str], None],
+    ) -> None:
+        self._settings = settings
+        self._params = amd_params(settings)
+        self._clock = clock
+        self._wants_message_point = wants_message_point
+        self._on_verdict = on_verdict
+        self._on_message_point = on_message_point
+        self._rate: int | None = None
+        self._amd: AnsweringMachineDetector | None = None
+        self._end: GreetingEnd | None = None
+        self._started = clock.monotonic()
+        self._fed_ms = 0.0
+        self._bridge: Any = None
+        self._timer: TimerHandle | None = clock.call_later(TICK_S, self._tick)
+        self.verdict: AmdVerdict | None = None
+        self.message_point: str | None = None
+        self.done = False
+
+    def attach(self, bridge: Any) -> None:
+        """Listen to a (new) media bridge of the call."""
+        if self.done:
+            return
+        if self._bridge is not None:
+            self._bridge.remove_tap(self._on_audio)
+        self._bridge = bridge
+        bridge.add_tap(self._on_audio)
+
+    def close(self) -> None:
+        self.done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._bridge is not None:
+            self._bridge.remove_tap(self._on_audio)
+            self._bridge = None
+
+    # ------------------------------------------------------------------ audio and gaps
+
+    def _ensure(self, rate: int) -> None:
+        if self._rate is None:
+            self._rate = rate
+            self._amd = AnsweringMachineDetector(rate, self._params)
+
+    def _on_audio(self, pcm: bytes, rate: int) -> None:
+        if self.done:
+            return
+        self._ensure(rate)
+        self._fed_ms += len(pcm) / 2 / rate * 1000
+        self._feed(pcm)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self.done:
+            return
+        elapsed_ms = (self._clock.monotonic() - self._started) * 1000
+        behind = elapsed_ms - self._fed_ms
+        if behind > GAP_GRACE_MS:
+            self._ensure(8000)
+            gap = int(behind - GAP_GRACE_MS / 2) // 20 * 20
+            if gap > 0:
+                self._fed_ms += gap
+                self._feed(bytes((self._rate or 8000) * gap // 1000 * 2))
+        if not self.done:
+            self._timer = self._clock.call_later(TICK_S, self._tick)
+
+    def _feed(self, pcm: bytes) -> None:
+        if self.verdict is None:
+            assert self._amd is not None
+            verdict = self._amd.feed(pcm)
+            if verdict is None:
+                return
+            self.verdict = verdict
+            if verdict.answered_by == "machine" and self._wants_message_point:
+                # the greeting goes on after the verdict: look for its end from here on
+                self._end = GreetingEnd(self._rate or 8000, GreetingEndParams(
+                    self._settings.greetingEndSilenceMs, self._settings.maxGreetingWaitMs), self._params)
+            else:
+                self.close()
+            self._on_verdict(verdict)
+            return
+        if self._end is not None and self.message_point is None:
+            reason = self._end.feed(pcm)
+            if reason is not None:
+                self.message_point = reason
+                self.close()
+                self._on_message_point(reason)
