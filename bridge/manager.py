@@ -29,7 +29,9 @@ from bridge.calls import (
 )
 from bridge.clock import Clock, RealClock, TimerHandle
 from bridge.config import MachineDetectionMode, Settings
+from bridge.hooks import ReportSender
 from bridge.machine import MachineDetection
+from bridge.report import build_report
 from bridge.responder import Responder, ResponderError
 from bridge.store import CallStore
 from bridge.tasks import BackgroundTasks
@@ -87,6 +89,8 @@ class CallManager:
         self._voices: dict[str, Any] = {}
         self._media_waiters: dict[str, list[asyncio.Future[Any]]] = {}
         self._machine: dict[str, MachineDetection] = {}
+        hook = settings.hooks.callEnded
+        self.reports = ReportSender(hook, settings.store_dir, self.clock) if hook else None
         self._rejected_provider_ids: set[str] = set()
         self._tasks = BackgroundTasks(log, level=logging.ERROR)
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
@@ -99,6 +103,8 @@ class CallManager:
 
     async def start(self) -> None:
         self.store.open()
+        if self.reports is not None:
+            await self.reports.start()
         await self._recover()
         await self.carrier.start(self)
         if self.settings.staleCallReaperSeconds > 0:
@@ -117,6 +123,8 @@ class CallManager:
         self._voices.clear()
         await self.carrier.close()
         await self._tasks.cancel()
+        if self.reports is not None:
+            await self.reports.close()
         if self.responder is not None:
             await self.responder.close()
         self.store.close()
@@ -327,6 +335,7 @@ class CallManager:
             meta = call.metadata
             meta["turnCount"] = int(meta.get("turnCount", 0)) + 1
             meta["lastTurnLatencyMs"] = round((done - turn.started) * 1000, 1)
+            meta.setdefault("turnLatenciesMs", []).append(meta["lastTurnLatencyMs"])
             meta["lastTurnListenWaitMs"] = round((done - listen_started) * 1000, 1)
             meta["lastTurnCompletedAt"] = self.clock.time()
             self._save(call)
@@ -742,6 +751,19 @@ class CallManager:
             self._spawn(voice.close(), f"close-voice-{call.callId}")
         self._save(call)
         self._publish("call.ended", call, reason=reason.value)
+        self._report(call)
+
+    def _report(self, call: CallRecord) -> None:
+        """The after-call report: to subscribers as `call.report`, to hooks.callEnded via the outbox."""
+        if self.reports is None and not self._subscribers:
+            return
+        recording = None
+        if self.settings.recording.enabled and call.metadata.get("mediaAttached") is not None:
+            recording = str(self.settings.store_dir / "recordings" / f"{call.callId}.wav")
+        report = build_report(call, delivery_id=uuid.uuid4().hex, recording=recording)
+        self._publish("call.report", call, report=report)
+        if self.reports is not None:
+            self.reports.submit(report)
 
     # ================================================================== timers
 
