@@ -36,7 +36,7 @@ class MachineDetection:
         *,
         wants_message_point: bool,
         on_verdict: Callable[[AmdVerdict], None],
-        on_message_point: Callable[[str], None],
+        on_message_point: Callable[[str], object],
     ) -> None:
         self._settings = settings
         self._params = amd_params(settings)

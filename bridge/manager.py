@@ -300,6 +300,10 @@ class CallManager:
             raise CallError(f"Call {call.callId} has ended ({call.state})")
         return call
 
+    def answered_call(self, call_id: str) -> CallRecord:
+        """The live, answered call with this id; CallError otherwise."""
+        return self._answered_call(call_id)
+
     def _answered_call(self, call_id: str) -> CallRecord:
         call = self._live_call(call_id)
         if call.answeredAt is None:

@@ -100,7 +100,7 @@ class RpcDispatcher:
 
     async def _continue_start(self, p: dict[str, Any]) -> dict[str, Any]:
         call_id, message = _str(p, "callId") or "", _str(p, "message") or ""
-        call = self.manager._answered_call(call_id)  # noqa: SLF001 - refuse at once, not at the first poll
+        call = self.manager.answered_call(call_id)  # refuse at once, not at the first poll
         continue_id = self.continues.start(call.callId, self.manager.continue_call(call.callId, message))
         return {"continueId": continue_id, "callId": call.callId, "started": True}
 

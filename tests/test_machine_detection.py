@@ -167,7 +167,7 @@ async def test_leave_message_speaks_after_the_beep_and_ends_voicemail(tmp_path: 
 
 
 async def test_leave_message_without_a_beep_waits_for_the_greeting_silence(tmp_path: Path) -> None:
-    manager, carrier, clock, voices = make(tmp_path, "leave-message", greetingEndSilenceMs=1500,
+    manager, _carrier, clock, voices = make(tmp_path, "leave-message", greetingEndSilenceMs=1500,
                                            voicemailMessage="Please call the clinic back.")
     call, (bridge, _) = await answer(manager)
     greeting = machine(MACHINE_TEXTS[2], "en-us", 165, beep_hz=None, snr_db=20.0, seed=4, lead_ms=300)
@@ -183,8 +183,8 @@ async def test_leave_message_without_a_beep_waits_for_the_greeting_silence(tmp_p
 
 
 async def test_a_person_gets_the_normal_call_after_the_verdict(tmp_path: Path) -> None:
-    manager, carrier, clock, voices = make(tmp_path, "leave-message")
-    call, (bridge, events) = await answer(manager, "Your table is ready.", mode="conversation")
+    manager, _carrier, clock, voices = make(tmp_path, "leave-message")
+    call, (bridge, _events) = await answer(manager, "Your table is ready.", mode="conversation")
     opener = human("Yes, who is this?", "en-us", 165, snr_db=20.0, seed=2, lead_ms=400)
     manager.process_event(CallEvent(EventType.SPEECH, call_id=call.callId, transcript="Yes, who is this?"))
     await play(clock, bridge, opener.pcm, until=lambda: bool(voices[0].said))
@@ -201,7 +201,7 @@ async def test_a_person_gets_the_normal_call_after_the_verdict(tmp_path: Path) -
 
 
 async def test_a_silent_leg_is_a_machine_by_initial_silence_on_the_clock(tmp_path: Path) -> None:
-    manager, carrier, clock, voices = make(tmp_path, "detect")
+    manager, _carrier, clock, voices = make(tmp_path, "detect")
     call, _ = await answer(manager)
     await clock.advance(2.3)
     assert "answeredBy" not in call.metadata and voices[0].said == []

@@ -22,10 +22,10 @@ RATE = 8000
 MACHINE_TEXTS = [
     "Hi, you've reached Anna. Leave a message.",
     "Hello, this is Dave. I can't come to the phone right now. Please leave a message after the tone.",
-    "You have reached the voicemail of extension four two one. Please leave your name, number and a short "
-    "message, and I will return your call as soon as possible.",
-    "Thank you for calling Riverside Dental. Our office is currently closed. Our opening hours are Monday "
-    "to Friday, eight to five. Please leave a message after the beep and we will call you back.",
+    ("You have reached the voicemail of extension four two one. Please leave your name, number and a short "
+     "message, and I will return your call as soon as possible."),
+    ("Thank you for calling Riverside Dental. Our office is currently closed. Our opening hours are Monday "
+     "to Friday, eight to five. Please leave a message after the beep and we will call you back."),
     "The person you are calling is not available. Record your message at the tone.",
     "Hey, it's Sam. Text me instead.",
 ]
