@@ -135,3 +135,17 @@ async def test_status_without_call_id_lists_calls_and_start_stays_an_alias(tmp_p
         assert [c["callId"] for c in listed["calls"]] == [legacy["callId"]]
         assert listed["calls"][0]["state"] == "busy" and listed["calls"][0]["metadata"]["machineDetection"] == "detect"
         assert listed["calls"][0]["transcript"] == []
+
+
+async def test_mock_0006_is_a_person_who_speaks_a_line_and_hears_the_caller(tmp_path: Path) -> None:
+    async with run_bridge({**BASE, "mock": {**FAST_MOCK, "calleeScript": ["not used by this persona"]}},
+                          tmp_path) as runtime:
+        result = await rpc_client(runtime).call("voicecall.initiate", {
+            "to": "+15550000006", "message": "Hi Jordan, I have a caller for you.", "mode": "conversation"})
+        call = runtime.manager.calls[result["callId"]]
+        line = runtime.settings.mock.transferLine
+        await wait_for(lambda: ("user", line) in [(t.speaker, t.text) for t in call.transcript], timeout=20)
+        callee = runtime.carrier.callee(call.callId)
+        await wait_for(lambda: len(callee.heard) / 16000 > 1.0, timeout=20)
+        assert callee.said == [line] and list(callee.script) == []
+        await rpc_client(runtime).call("voicecall.end", {"callId": call.callId})
