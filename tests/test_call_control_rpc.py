@@ -96,14 +96,13 @@ async def post(port: int, method: str, params: dict) -> tuple[int, dict]:
 
 
 async def test_continue_start_returns_at_once_and_result_polls_the_transcript(tmp_path: Path) -> None:
-    config = {**BASE, "mock": {**FAST_MOCK, "calleeScript": ["Thursday works."]}}
+    config = {**BASE, "mock": {**FAST_MOCK, "calleeScript": []}}
     async with run_bridge(config, tmp_path) as runtime:
         client = rpc_client(runtime)
         call_id = (await client.call("voicecall.initiate", {"message": "Hi!", "mode": "conversation"}))["callId"]
         call = runtime.manager.calls[call_id]
-        await wait_for(lambda: any(t.speaker == "user" for t in call.transcript), timeout=15)
         await wait_for(lambda: call.state == CallState.LISTENING, timeout=15)
-        runtime.carrier.callee(call_id).script.append("Three o'clock, please.")
+        runtime.carrier.callee(call_id).script.append("Three o'clock, please.")  # the answer to the next turn
         started = await client.call("voicecall.continue.start", {"callId": call_id, "message": "What time?"})
         assert started["started"] is True and started["callId"] == call_id
         first = await client.call("voicecall.continue.result", {"continueId": started["continueId"]})
@@ -138,14 +137,17 @@ async def test_status_without_call_id_lists_calls_and_start_stays_an_alias(tmp_p
 
 
 async def test_mock_0006_is_a_person_who_speaks_a_line_and_hears_the_caller(tmp_path: Path) -> None:
-    async with run_bridge({**BASE, "mock": {**FAST_MOCK, "calleeScript": ["not used by this persona"]}},
-                          tmp_path) as runtime:
+    mock = {**FAST_MOCK, "calleeScript": ["not used by this persona"], "transferLine": "Front desk."}
+    async with run_bridge({**BASE, "mock": mock}, tmp_path) as runtime:
         result = await rpc_client(runtime).call("voicecall.initiate", {
-            "to": "+15550000006", "message": "Hi Jordan, I have a caller for you.", "mode": "conversation"})
+            "to": "+15550000006", "message": "Hi Jordan.", "mode": "conversation"})
         call = runtime.manager.calls[result["callId"]]
         line = runtime.settings.mock.transferLine
         await wait_for(lambda: ("user", line) in [(t.speaker, t.text) for t in call.transcript], timeout=20)
         callee = runtime.carrier.callee(call.callId)
-        await wait_for(lambda: len(callee.heard) / 16000 > 1.0, timeout=20)
+        # the bridge answers the person's line; once that reply has played, the person heard it
+        await wait_for(lambda: call.transcript[-1].speaker == "bot" and call.state == CallState.LISTENING,
+                       timeout=20)
+        assert len(callee.heard) / 16000 > 1.0, "the person heard the bridge"
         assert callee.said == [line] and list(callee.script) == []
         await rpc_client(runtime).call("voicecall.end", {"callId": call.callId})

@@ -224,7 +224,7 @@ async def test_kill_9_between_call_end_and_delivery_delivers_exactly_once_after_
                     await asyncio.sleep(0.1)
             async with session.post(f"http://127.0.0.1:{port}/rpc", json={
                     "jsonrpc": "2.0", "id": 1, "method": "voicecall.initiate",
-                    "params": {"message": "Reminder: dentist at nine.", "mode": "notify"}}) as resp:
+                    "params": {"message": "Dentist at nine.", "mode": "notify"}}) as resp:
                 call_id = (await resp.json())["result"]["callId"]
             # the call ends; the report is in the outbox and its first attempts failed
             await wait_for(lambda: outbox.exists() and outbox.read_text().count('"op":"try"') >= 2, timeout=30)
@@ -238,7 +238,7 @@ async def test_kill_9_between_call_end_and_delivery_delivers_exactly_once_after_
             server.wait(20)
         assert len(receiver.received) == 1 and receiver.received[0]["valid"]
         (report,) = receiver.accepted.values()
-        assert report["callId"] == call_id and report["transcript"][0]["text"] == "Reminder: dentist at nine."
+        assert report["callId"] == call_id and report["transcript"][0]["text"] == "Dentist at nine."
         assert Outbox(outbox.parent).pending() == [], "marked delivered: a later start sends nothing"
     finally:
         if server.poll() is None:
