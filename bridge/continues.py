@@ -59,6 +59,10 @@ class ContinueJobs:
             return {**base, "status": "error", "success": False, "error": "cancelled"}
         return {**base, **job.task.result()}
 
+    async def close(self) -> None:
+        """Stop turns still running (the server is shutting down)."""
+        await self._tasks.cancel()
+
     def _expire(self) -> None:
         now = self._clock.monotonic()
         for job_id, job in list(self._jobs.items()):

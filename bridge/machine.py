@@ -16,10 +16,12 @@ from typing import Any
 from bridge.clock import Clock, TimerHandle
 from bridge.config import AmdSettings
 from media.amd import AmdParams, AmdVerdict, AnsweringMachineDetector, GreetingEnd, GreetingEndParams
+from media.resample import StreamResampler
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.1
+RATE = 8000  # the detectors run on telephone-rate audio, like Asterisk's (slin 8 kHz)
 # Audio may lag the clock by this much (jitter, a busy loop) before the gap counts as silence.
 GAP_GRACE_MS = 300
 
@@ -44,8 +46,8 @@ class MachineDetection:
         self._wants_message_point = wants_message_point
         self._on_verdict = on_verdict
         self._on_message_point = on_message_point
-        self._rate: int | None = None
-        self._amd: AnsweringMachineDetector | None = None
+        self._resampler: StreamResampler | None = None
+        self._amd = AnsweringMachineDetector(RATE, self._params)
         self._end: GreetingEnd | None = None
         self._started = clock.monotonic()
         self._fed_ms = 0.0
@@ -75,16 +77,14 @@ class MachineDetection:
 
     # ------------------------------------------------------------------ audio and gaps
 
-    def _ensure(self, rate: int) -> None:
-        if self._rate is None:
-            self._rate = rate
-            self._amd = AnsweringMachineDetector(rate, self._params)
-
     def _on_audio(self, pcm: bytes, rate: int) -> None:
         if self.done:
             return
-        self._ensure(rate)
         self._fed_ms += len(pcm) / 2 / rate * 1000
+        if rate != RATE:  # wideband legs (L16 16 kHz, ...)
+            if self._resampler is None or self._resampler.in_rate != rate:
+                self._resampler = StreamResampler(rate, RATE)
+            pcm = self._resampler.process(pcm)
         self._feed(pcm)
 
     def _tick(self) -> None:
@@ -94,24 +94,24 @@ class MachineDetection:
         elapsed_ms = (self._clock.monotonic() - self._started) * 1000
         behind = elapsed_ms - self._fed_ms
         if behind > GAP_GRACE_MS:
-            self._ensure(8000)
             gap = int(behind - GAP_GRACE_MS / 2) // 20 * 20
             if gap > 0:
                 self._fed_ms += gap
-                self._feed(bytes((self._rate or 8000) * gap // 1000 * 2))
+                self._feed(bytes(RATE * gap // 1000 * 2))
         if not self.done:
             self._timer = self._clock.call_later(TICK_S, self._tick)
 
     def _feed(self, pcm: bytes) -> None:
+        if not pcm:
+            return
         if self.verdict is None:
-            assert self._amd is not None
             verdict = self._amd.feed(pcm)
             if verdict is None:
                 return
             self.verdict = verdict
             if verdict.answered_by == "machine" and self._wants_message_point:
                 # the greeting goes on after the verdict: look for its end from here on
-                self._end = GreetingEnd(self._rate or 8000, GreetingEndParams(
+                self._end = GreetingEnd(RATE, GreetingEndParams(
                     self._settings.greetingEndSilenceMs, self._settings.maxGreetingWaitMs), self._params)
             else:
                 self.close()

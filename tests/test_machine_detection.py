@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+import soxr
 
 from bridge.calls import CallEvent, CallRecord, CallState, EventType
 from bridge.clock import FakeClock
@@ -20,7 +21,7 @@ from bridge.store import CallStore
 from bridge.voice import Spoken
 from media import g711
 from media.bridge import MediaBridge
-from media.formats import ULAW_8K
+from media.formats import ULAW_8K, AudioEncoding, AudioFormat
 from tests.fakes.amd_set import MACHINE_TEXTS, human, machine
 from tests.fakes.carrier import RecordingCarrier
 from tests.harness import rpc_client, run_bridge, wait_for
@@ -36,12 +37,12 @@ class MediaCarrier(RecordingCarrier):
 
 
 class SilentLeg:
-    """The carrier side of the media leg: takes what the bridge plays, echoes marks at once."""
+    """The carrier side of the media leg: takes what the bridge plays (no marks)."""
 
-    format = ULAW_8K
     supports_marks = False
 
-    def __init__(self) -> None:
+    def __init__(self, format: AudioFormat = ULAW_8K) -> None:
+        self.format = format
         self.sent = 0
 
     async def send_media(self, payload: bytes) -> None:
@@ -99,11 +100,11 @@ def make(tmp_path: Path, mode: str, **amd: Any) -> tuple[CallManager, MediaCarri
 
 
 async def answer(manager: CallManager, message: str = "This is the pharmacy: your order is ready.",
-                 mode: str = "notify") -> tuple[CallRecord, Any]:
+                 mode: str = "notify", leg: SilentLeg | None = None) -> tuple[CallRecord, Any]:
     await manager.start()
     events = manager.subscribe()
     call = await manager.initiate(None, message, mode)
-    bridge = manager.attach_media(call.callId, SilentLeg())
+    bridge = manager.attach_media(call.callId, leg or SilentLeg())
     manager.process_event(CallEvent(EventType.ANSWERED, call_id=call.callId))
     await settle()
     return call, (bridge, events)
@@ -111,8 +112,12 @@ async def answer(manager: CallManager, message: str = "This is the pharmacy: you
 
 async def play(clock: FakeClock, bridge: MediaBridge, pcm: bytes, until: Any = None) -> None:
     """Send the callee's audio in real-time frames on the fake clock (stop early once `until()`)."""
-    for offset in range(0, len(pcm), FRAME):
-        bridge.receive(g711.encode(pcm[offset:offset + FRAME].ljust(FRAME, b"\0"), ULAW_8K.encoding))
+    wire = bridge.wire
+    if wire.rate != 8000:
+        pcm = soxr.resample(np.frombuffer(pcm, dtype="<i2"), 8000, wire.rate).astype("<i2").tobytes()
+    frame = wire.rate // 50 * 2
+    for offset in range(0, len(pcm), frame):
+        bridge.receive(g711.encode(pcm[offset:offset + frame].ljust(frame, b"\0"), wire.encoding))
         await clock.advance(0.02)
         if until is not None and until():
             return
@@ -198,6 +203,21 @@ async def test_a_person_gets_the_normal_call_after_the_verdict(tmp_path: Path) -
     assert [(t.speaker, t.text) for t in call.transcript] == [("user", "Yes, who is this?"),
                                                              ("bot", "Your table is ready.")]
     await manager.stop()
+
+
+async def test_a_wideband_leg_is_resampled_for_the_detector(tmp_path: Path) -> None:
+    manager, carrier, clock, _voices = make(tmp_path, "hangup")
+    call, (bridge, _) = await answer(manager, leg=SilentLeg(AudioFormat(AudioEncoding.L16, 16000)))
+    greeting = machine(MACHINE_TEXTS[1], "en-us", 165, beep_hz=None, snr_db=None, seed=1)
+    narrow_manager, _, narrow_clock, _ = make(tmp_path / "narrow", "hangup")
+    narrow_call, (narrow_bridge, _) = await answer(narrow_manager)
+    await play(clock, bridge, greeting.pcm, until=lambda: call.terminal)
+    await play(narrow_clock, narrow_bridge, greeting.pcm, until=lambda: narrow_call.terminal)
+    await settle()
+    assert call.metadata["answeredBy"] == "machine" and carrier.hangups == [(call.callId, CallState.HANGUP_BOT)]
+    assert abs(call.metadata["amdDecisionMs"] - narrow_call.metadata["amdDecisionMs"]) <= 40, "same audio time"
+    await manager.stop()
+    await narrow_manager.stop()
 
 
 async def test_a_silent_leg_is_a_machine_by_initial_silence_on_the_clock(tmp_path: Path) -> None:
