@@ -5,6 +5,9 @@ errors for bad call-control parameters."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import sys
 from pathlib import Path
 
 from bridge.calls import CallEvent, CallRecord, CallState, EventType
@@ -12,6 +15,7 @@ from bridge.clock import FakeClock
 from bridge.config import build_settings
 from bridge.manager import CallManager
 from bridge.store import CallStore
+from bridge.tool import dispatch
 from media.dtmf import DtmfDetector
 from tests.fakes.carrier import RecordingCarrier
 from tests.harness import rpc_client, run_bridge, wait_for
@@ -151,3 +155,20 @@ async def test_mock_0006_is_a_person_who_speaks_a_line_and_hears_the_caller(tmp_
         assert len(callee.heard) / 16000 > 1.0, "the person heard the bridge"
         assert callee.said == [line] and list(callee.script) == []
         await rpc_client(runtime).call("voicecall.end", {"callId": call.callId})
+
+
+async def test_cli_and_tool_pass_machine_detection_and_keys(tmp_path: Path) -> None:
+    async with run_bridge({**BASE, "mock": {**FAST_MOCK, "calleeScript": []}}, tmp_path) as runtime:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge.cli", "call", "--to", "+15550000002", "-m", "Hi", "--machine-detection",
+            "hangup", "--dtmf", "12w#", "--json", env={**os.environ, "VOICECALL_URL": rpc_client(runtime).url},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        by_cli = runtime.manager.calls[json.loads(out)["callId"]]
+        assert by_cli.metadata["machineDetection"] == "hangup" and by_cli.metadata["dtmfSequence"] == "12w#"
+        result = await dispatch(rpc_client(runtime).call, {"action": "initiate_call", "to": "+15550000002",
+                                                           "message": "Hi", "machineDetection": "detect",
+                                                           "dtmfSequence": "9"})
+        by_tool = runtime.manager.calls[result["callId"]]
+        assert by_tool.metadata["machineDetection"] == "detect" and by_tool.metadata["dtmfSequence"] == "9"
