@@ -2,9 +2,10 @@
 
 It taps the call's MediaBridge (the decoded wire audio) from answer until it has what it needs:
 the verdict, and with leave-message on a machine, the end of the greeting (beep or long silence).
-Stretches without audio (silence suppression, a leg that sends nothing while quiet, media not up
-yet) count as silence, measured on the injectable clock, so every call gets a verdict within
-`totalAnalysisTime` and a message point within `maxGreetingWaitMs` whatever the leg does.
+Once audio flows, stretches without it (silence suppression, a leg that sends nothing while quiet)
+count as silence, measured on the injectable clock; a leg that never sends a frame ends as unknown
+(Asterisk's NOAUDIODATA) after `totalAnalysisTime`, so a failed media stream is not taken for a
+silent machine. Every call gets a verdict, and a message point within `maxGreetingWaitMs`.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class MachineDetection:
         self._end: GreetingEnd | None = None
         self._started = clock.monotonic()
         self._fed_ms = 0.0
+        self._heard = False  # a frame arrived: the audio timeline starts there
         self._bridge: Any = None
         self._timer: TimerHandle | None = clock.call_later(TICK_S, self._tick)
         self.verdict: AmdVerdict | None = None
@@ -80,6 +82,9 @@ class MachineDetection:
     def _on_audio(self, pcm: bytes, rate: int) -> None:
         if self.done:
             return
+        if not self._heard:
+            self._heard = True
+            self._started = self._clock.monotonic()  # media set-up time is not the callee's silence
         self._fed_ms += len(pcm) / 2 / rate * 1000
         if rate != RATE:  # wideband legs (L16 16 kHz, ...)
             if self._resampler is None or self._resampler.in_rate != rate:
@@ -92,6 +97,15 @@ class MachineDetection:
         if self.done:
             return
         elapsed_ms = (self._clock.monotonic() - self._started) * 1000
+        if not self._heard:
+            if elapsed_ms >= self._params.totalAnalysisTime:
+                ms = int(elapsed_ms)
+                self.verdict = AmdVerdict("unknown", f"NOAUDIODATA-{ms}", ms)
+                self.close()
+                self._on_verdict(self.verdict)
+            else:
+                self._timer = self._clock.call_later(TICK_S, self._tick)
+            return
         behind = elapsed_ms - self._fed_ms
         if behind > GAP_GRACE_MS:
             gap = int(behind - GAP_GRACE_MS / 2) // 20 * 20

@@ -220,15 +220,29 @@ async def test_a_wideband_leg_is_resampled_for_the_detector(tmp_path: Path) -> N
     await narrow_manager.stop()
 
 
-async def test_a_silent_leg_is_a_machine_by_initial_silence_on_the_clock(tmp_path: Path) -> None:
+async def test_a_leg_gone_quiet_is_a_machine_by_initial_silence_on_the_clock(tmp_path: Path) -> None:
     manager, _carrier, clock, voices = make(tmp_path, "detect")
-    call, _ = await answer(manager)
-    await clock.advance(2.3)
+    call, (bridge, _) = await answer(manager)
+    await clock.advance(0.7)  # media set-up: not counted
+    await play(clock, bridge, bytes(FRAME * 5))  # 100 ms of line silence, then nothing (silence suppression)
+    await clock.advance(2.2)
     assert "answeredBy" not in call.metadata and voices[0].said == []
-    await clock.advance(0.6)
+    await clock.advance(0.5)
     await settle()
     assert call.metadata["answeredBy"] == "machine" and call.metadata["amdCause"] == "INITIALSILENCE-2500-2500"
     assert voices[0].said[0][1] == "This is the pharmacy: your order is ready.", "detect mode still speaks"
+    await manager.stop()
+
+
+async def test_a_leg_that_never_sends_audio_is_unknown_and_gets_the_normal_call(tmp_path: Path) -> None:
+    manager, carrier, clock, voices = make(tmp_path, "hangup")
+    call, _ = await answer(manager)
+    await clock.advance(4.9)
+    assert "answeredBy" not in call.metadata
+    await clock.advance(0.2)
+    await settle()
+    assert call.metadata["answeredBy"] == "unknown" and call.metadata["amdCause"].startswith("NOAUDIODATA-")
+    assert carrier.hangups == [] and voices[0].said[0][1] == "This is the pharmacy: your order is ready."
     await manager.stop()
 
 
