@@ -19,7 +19,7 @@ import aiohttp
 
 from bridge.clock import Clock
 from bridge.config import CallEndedHook
-from bridge.outbox import Outbox, Pending
+from bridge.outbox import COMPACT_BYTES, Outbox, Pending
 from bridge.report import DELIVERY_HEADER, EVENT, EVENT_HEADER, SIGNATURE_HEADER, encode, signature
 from bridge.tasks import BackgroundTasks
 
@@ -37,14 +37,14 @@ class ReportSender:
         self._session: aiohttp.ClientSession | None = None
         self._adding: set[asyncio.Future[None]] = set()  # outbox writes: finished, never cancelled, on close
         self._closing = False
+        self._inflight: set[str] = set()
         self.delivered = 0
         self.failures = 0
 
     async def start(self) -> None:
         await asyncio.to_thread(self.outbox.repair)
+        await asyncio.to_thread(self.outbox.compact)
         pending = await asyncio.to_thread(self.outbox.pending)
-        if not pending:
-            await asyncio.to_thread(self.outbox.compact_if_empty)
         for entry in pending:
             log.info("after-call report %s still pending from before; delivering", entry.id)
             self._tasks.spawn(self._deliver(entry), f"report-{entry.id}")
@@ -67,6 +67,7 @@ class ReportSender:
 
     async def _deliver(self, entry: Pending) -> None:
         hook = self.hook
+        self._inflight.add(entry.id)
         while True:
             wait = entry.next_at - self._clock.time()
             if wait > 0:
@@ -75,6 +76,9 @@ class ReportSender:
             if problem is None:
                 await asyncio.to_thread(self.outbox.done, entry.id)
                 self.delivered += 1
+                self._inflight.discard(entry.id)
+                if not self._inflight and not self._adding:
+                    await asyncio.to_thread(self.outbox.compact, larger_than=COMPACT_BYTES)
                 return
             self.failures += 1
             entry.attempts += 1
@@ -82,6 +86,7 @@ class ReportSender:
                 log.warning("after-call report %s to %s given up after %d attempts (%s)", entry.id, self._where,
                             entry.attempts, problem)
                 await asyncio.to_thread(self.outbox.dead, entry.id)
+                self._inflight.discard(entry.id)
                 return
             backoff_ms = min(hook.retryMaxMs, hook.retryBaseMs * 2 ** (entry.attempts - 1))
             entry.next_at = self._clock.time() + backoff_ms / 1000

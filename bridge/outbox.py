@@ -5,7 +5,8 @@ Append-only lines, each fsync'd before the call returns:
     {"op": "try", "id", "attempts", "nextAt"}   a failed attempt, and when to try again (wall clock)
     {"op": "done", "id"} | {"op": "dead", "id"}  delivered | given up after maxAttempts
 Replay on open gives the entries still pending; a torn last line (crash mid-write) is skipped.
-When nothing is pending on open, the file is truncated, so it stays small.
+`compact` rewrites the file with only the pending entries (a new file, fsync'd, renamed over the
+old one), on start and whenever the file has grown past `COMPACT_BYTES` with nothing in flight.
 Blocking file I/O: the async caller runs these methods in a thread.
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 OUTBOX_NAME = "outbox.jsonl"
+COMPACT_BYTES = 1 << 20
 
 
 @dataclass(slots=True)
@@ -72,12 +74,27 @@ class Outbox:
                     log.warning("outbox %s line %d skipped (unreadable)", self.path, number)
         return list(entries.values())
 
-    def compact_if_empty(self) -> None:
+    def size(self) -> int:
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    def compact(self, larger_than: int = 0) -> None:
+        """Keep only what is pending (with its attempt count); crash-safe by rename."""
         with self._lock:
-            if self.path.exists() and not self.pending():
-                with open(self.path, "w", encoding="utf-8") as fh:
-                    fh.flush()
-                    os.fsync(fh.fileno())
+            if not self.path.exists() or self.size() <= larger_than:
+                return
+            lines = []
+            for entry in self.pending():
+                lines.append({"op": "add", "id": entry.id, "body": entry.body, "createdAt": entry.created_at})
+                if entry.attempts:
+                    lines.append({"op": "try", "id": entry.id, "attempts": entry.attempts, "nextAt": entry.next_at})
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for item in lines:
+                    fh.write(json.dumps(item, separators=(",", ":"), ensure_ascii=False) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+            self._sync_dir()
 
     def add(self, entry: Pending) -> None:
         self._append({"op": "add", "id": entry.id, "body": entry.body, "createdAt": entry.created_at})
@@ -101,8 +118,11 @@ class Outbox:
                 fh.flush()
                 os.fsync(fh.fileno())
             if new:  # the file's directory entry must survive a crash too
-                fd = os.open(self.path.parent, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                self._sync_dir()
+
+    def _sync_dir(self) -> None:
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -245,3 +245,19 @@ async def test_kill_9_between_call_end_and_delivery_delivers_exactly_once_after_
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(10)
         await receiver.stop()
+
+
+def test_compaction_keeps_only_pending_entries_with_their_attempts(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path)
+    for name in ("a", "b", "c"):
+        outbox.add(Pending(name, '{"n":"%s"}' % name, 1.0))
+    outbox.done("a")
+    entry = Pending("b", "", 1.0, attempts=2, next_at=99.0)
+    outbox.attempted(entry)
+    outbox.dead("c")
+    before = outbox.size()
+    outbox.compact()
+    assert outbox.size() < before
+    (pending,) = outbox.pending()
+    assert (pending.id, pending.body, pending.attempts, pending.next_at) == ("b", '{"n":"b"}', 2, 99.0)
+    assert not (tmp_path / "outbox.jsonl.tmp").exists()
