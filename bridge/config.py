@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from carriers.asterisk.settings import AsteriskSettings, asterisk_problems
 from carriers.plivo.settings import PlivoSettings
@@ -56,6 +56,11 @@ class OutboundSettings(Section):
     # Answering machines on outbound calls: detect (record answeredBy), hangup (end machines at
     # once) or leave-message (speak the message after the greeting/beep, end as voicemail).
     machineDetection: MachineDetectionMode = "off"
+
+    @field_validator("machineDetection", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
 
 
 class AmdSettings(Section):

@@ -10,9 +10,12 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+import yaml
+
 from bridge.calls import CallEvent, CallRecord, CallState, EventType
 from bridge.clock import FakeClock
-from bridge.config import build_settings
+from bridge.config import ConfigError, build_settings
 from bridge.manager import CallManager
 from bridge.store import CallStore
 from bridge.tool import dispatch
@@ -172,3 +175,12 @@ async def test_cli_and_tool_pass_machine_detection_and_keys(tmp_path: Path) -> N
                                                            "dtmfSequence": "9"})
         by_tool = runtime.manager.calls[result["callId"]]
         assert by_tool.metadata["machineDetection"] == "detect" and by_tool.metadata["dtmfSequence"] == "9"
+
+
+def test_machine_detection_config_accepts_yaml_off_and_names_bad_values() -> None:
+    settings = build_settings(yaml.safe_load("outbound: {machineDetection: off}"), {})
+    assert settings.outbound.machineDetection == "off"
+    with pytest.raises(ConfigError) as err:
+        build_settings({"outbound": {"machineDetection": "sometimes"}, "amd": {"greeting": 0}}, {})
+    assert any(line.startswith("outbound.machineDetection:") for line in err.value.problems)
+    assert any(line.startswith("amd.greeting:") for line in err.value.problems)
