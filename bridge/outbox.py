@@ -89,8 +89,7 @@ class Outbox:
                     lines.append({"op": "try", "id": entry.id, "attempts": entry.attempts, "nextAt": entry.next_at})
             tmp = self.path.with_suffix(".jsonl.tmp")
             with open(tmp, "w", encoding="utf-8") as fh:
-                for item in lines:
-                    fh.write(json.dumps(item, separators=(",", ":"), ensure_ascii=False) + "\n")
+                fh.writelines(json.dumps(item, separators=(",", ":"), ensure_ascii=False) + "\n" for item in lines)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
