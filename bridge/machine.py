@@ -44,12 +44,12 @@ class MachineDetection:
         self._settings = settings
         self._params = amd_params(settings)
         self._clock = clock
-        self._wants_message_point = wants_message_point
         self._on_verdict = on_verdict
         self._on_message_point = on_message_point
         self._resampler: StreamResampler | None = None
         self._amd = AnsweringMachineDetector(RATE, self._params)
-        self._end: GreetingEnd | None = None
+        self._end = GreetingEnd(RATE, GreetingEndParams(settings.greetingEndSilenceMs, settings.maxGreetingWaitMs),
+                                self._params) if wants_message_point else None
         self._started = clock.monotonic()
         self._fed_ms = 0.0
         self._heard = False  # a frame arrived: the audio timeline starts there
@@ -118,22 +118,19 @@ class MachineDetection:
     def _feed(self, pcm: bytes) -> None:
         if not pcm:
             return
+        # The greeting's end is tracked from the answer on: a short greeting's beep may be under
+        # way, or over, by the time the verdict comes.
+        if self._end is not None and self._end.reason is None:
+            self._end.feed(pcm)
         if self.verdict is None:
             verdict = self._amd.feed(pcm)
             if verdict is None:
                 return
             self.verdict = verdict
-            if verdict.answered_by == "machine" and self._wants_message_point:
-                # the greeting goes on after the verdict: look for its end from here on
-                self._end = GreetingEnd(RATE, GreetingEndParams(
-                    self._settings.greetingEndSilenceMs, self._settings.maxGreetingWaitMs), self._params)
-            else:
+            if verdict.answered_by != "machine" or self._end is None:
                 self.close()
             self._on_verdict(verdict)
-            return
-        if self._end is not None and self.message_point is None:
-            reason = self._end.feed(pcm)
-            if reason is not None:
-                self.message_point = reason
-                self.close()
-                self._on_message_point(reason)
+        if self._end is not None and self._end.reason is not None and self.message_point is None:
+            self.message_point = self._end.reason
+            self.close()
+            self._on_message_point(self.message_point)

@@ -22,7 +22,7 @@ from bridge.voice import Spoken
 from media import g711
 from media.bridge import MediaBridge
 from media.formats import ULAW_8K, AudioEncoding, AudioFormat
-from tests.fakes.amd_set import MACHINE_TEXTS, human, machine
+from tests.fakes.amd_set import MACHINE_TEXTS, human, machine, silence, tone
 from tests.fakes.carrier import RecordingCarrier
 from tests.harness import rpc_client, run_bridge, wait_for
 
@@ -168,6 +168,23 @@ async def test_leave_message_speaks_after_the_beep_and_ends_voicemail(tmp_path: 
     assert carrier.hangups == [(call.callId, CallState.VOICEMAIL)]
     assert call.metadata["answeredBy"] == "machine" and call.metadata["voicemailAfter"] == "beep"
     assert [e["reason"] for e in published(events, "call.ended")] == ["voicemail"]
+    await manager.stop()
+
+
+async def test_a_beep_under_way_at_the_verdict_still_marks_the_greeting_end(tmp_path: Path) -> None:
+    """A short greeting whose beep starts before the detector has decided (the tone counts as voice)."""
+    manager, _carrier, clock, voices = make(tmp_path, "leave-message")
+    call, (bridge, _) = await answer(manager)
+    t = np.arange(8000 * 1200 // 1000) / 8000
+    voice = 3000 * sum(np.sin(2 * np.pi * 140 * k * t) / k for k in range(1, 8)) / 2
+    audio = np.concatenate([silence(300), voice, silence(100), tone(1000.0, 400), silence(3000)])
+    t0 = clock.monotonic()
+    await play(clock, bridge, audio.astype("<i2").tobytes())
+    await settle()
+    assert call.metadata["amdCause"] == "LONGGREETING-1500-1500" and call.metadata["amdDecisionMs"] < 2000
+    ((spoken_at, _),) = voices[0].said
+    assert abs((spoken_at - t0) * 1000 - 2000) <= 100 and call.metadata["voicemailAfter"] == "beep"
+    assert call.state == CallState.VOICEMAIL
     await manager.stop()
 
 
