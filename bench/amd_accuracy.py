@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine, table, write_results  # noqa: E402
 from bridge.latency import percentile  # noqa: E402
-from media.amd import AmdParams, AnsweringMachineDetector  # noqa: E402
+from media.amd import AmdParams, AnsweringMachineDetector, GreetingEnd  # noqa: E402
 from media.beep import BeepDetector  # noqa: E402
 from tests.fakes.amd_set import RATE, Sample, full_set, quick_set  # noqa: E402
 
@@ -90,6 +90,35 @@ def beep_row(samples: list[Sample]) -> dict[str, Any]:
             "end_error_p95_ms": percentile(errors, 95) if errors else 0.0}
 
 
+def message_point_row(samples: list[Sample]) -> dict[str, Any]:
+    """leave-message: where the message would start, against where the greeting really ended (the
+    beep's end, else the end of speech); early = the message would talk over the greeting."""
+    delays: dict[str, list[float]] = {"beep": [], "silence": []}
+    early = timeout = 0
+    for s in samples:
+        if s.label != "machine":
+            continue
+        end = GreetingEnd(RATE)
+        for offset in range(0, len(s.pcm), FRAME_BYTES):
+            if end.feed(s.pcm[offset:offset + FRAME_BYTES]):
+                break
+        if end.reason is None:
+            end.feed_silence(end.params.maxWaitMs)
+        truth = s.beep_end_ms if s.has_beep else s.lead_ms + s.speech_ms
+        if end.reason == "timeout":
+            timeout += 1
+            continue
+        delay = end.elapsed_ms - float(truth or 0)
+        early += delay < -100
+        delays["beep" if s.has_beep else "silence"].append(delay)
+    out: dict[str, Any] = {"early": early, "timeout": timeout}
+    for kind, values in delays.items():
+        values.sort()
+        out[kind] = {"n": len(values), "p50_ms": percentile(values, 50) if values else 0.0,
+                     "p95_ms": percentile(values, 95) if values else 0.0}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the dozen samples of the test, not the full set")
@@ -100,6 +129,7 @@ def main() -> None:
     generated_s = time.perf_counter() - started
     rows = [amd_row(name, params, samples) for name, params in VARIANTS.items()]
     beeps = beep_row(samples)
+    message = message_point_row(samples)
     print(f"{len(samples)} samples ({sum(s.label == 'machine' for s in samples)} machine, "
           f"{sum(s.label == 'human' for s in samples)} human), generated in {generated_s:.1f} s")
     print(table(["parameters", "machine acc %", "human acc %", "machine p50/p95 ms", "human p50/p95 ms",
@@ -112,8 +142,13 @@ def main() -> None:
                 [[f"{beeps['found']}/{beeps['with_beep']}", beeps["missed"],
                   f"{beeps['false_positives']}/{beeps['without_beep']}",
                   f"{beeps['end_error_p50_ms']:.0f}/{beeps['end_error_p95_ms']:.0f}"]]))
+    print(table(["voicemail message starts after", "greetings", "p50 ms", "p95 ms", "over the greeting", "timeouts"],
+                [["end of the beep", message["beep"]["n"], message["beep"]["p50_ms"], message["beep"]["p95_ms"],
+                  message["early"], message["timeout"]],
+                 ["end of speech (no beep)", message["silence"]["n"], message["silence"]["p50_ms"],
+                  message["silence"]["p95_ms"], "", ""]]))
     data = {"benchmark": "amd_accuracy", "machine": machine(), "samples": len(samples), "amd": rows,
-            "beep": beeps, "seconds": round(time.perf_counter() - started, 1)}
+            "beep": beeps, "message_point": message, "seconds": round(time.perf_counter() - started, 1)}
     path = write_results("amd_accuracy", data, args.out)
     print(f"results: {path}")
 

@@ -43,6 +43,7 @@ class Sample:
     has_beep: bool
     speech_ms: int  # length of the spoken part
     beep_end_ms: int | None = None  # where the beep ends in the audio
+    lead_ms: int = 0  # silence before the speech
 
 
 @functools.lru_cache(maxsize=256)
@@ -93,7 +94,8 @@ def machine(text: str, voice: str, speed: int, *, beep_hz: float | None, snr_db:
     parts.append(silence(tail_ms))
     speech_ms = len(speech) * 1000 // RATE
     name = f"machine/{voice}/{speech_ms}ms/{'beep' if beep_hz else 'nobeep'}/snr{snr_db}"
-    return Sample(name, "machine", _finish(parts, speech, snr_db, seed), beep_hz is not None, speech_ms, beep_end)
+    return Sample(name, "machine", _finish(parts, speech, snr_db, seed), beep_hz is not None, speech_ms, beep_end,
+                  lead_ms)
 
 
 def human(text: str, voice: str, speed: int, *, snr_db: float | None, seed: int, lead_ms: int = 500,
@@ -102,7 +104,7 @@ def human(text: str, voice: str, speed: int, *, snr_db: float | None, seed: int,
     parts = [silence(lead_ms), speech, silence(tail_ms)]
     speech_ms = len(speech) * 1000 // RATE
     return Sample(f"human/{voice}/{text}/snr{snr_db}", "human", _finish(parts, speech, snr_db, seed), False,
-                  speech_ms)
+                  speech_ms, None, lead_ms)
 
 
 def full_set() -> list[Sample]:
