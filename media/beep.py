@@ -37,11 +37,13 @@ class BeepDetector:
         self.min_level = min_level
         self._frame = rate * FRAME_MS // 1000
         self._window = rate * WINDOW_MS // 1000
-        self._nfft = 1 << int(np.ceil(np.log2(self._window * 8)))
+        # zero-padded to ~3x the window: 7.8 Hz bins at 8 kHz, refined by parabolic interpolation
+        self._nfft = 1 << int(np.ceil(np.log2(self._window * 3)))
         self._hann = np.hanning(self._window)
         freqs = np.fft.rfftfreq(self._nfft, 1 / rate)
         self._hz_per_bin = float(freqs[1])
-        self._band = (freqs >= low_hz) & (freqs <= high_hz)
+        band = np.flatnonzero((freqs >= low_hz) & (freqs <= high_hz))
+        self._band_lo, self._band_hi = int(band[0]), int(band[-1]) + 1
         self._voice = (freqs >= 100) & (freqs <= min(3800.0, rate / 2 - 100))
         # The Hann main lobe of the unpadded window is 2 x rate / window wide.
         self._lobe_bins = int(np.ceil(rate / self._window / self._hz_per_bin))
@@ -70,9 +72,9 @@ class BeepDetector:
         x = self._history
         if np.abs(x[-frame.size:]).mean() < self.min_level:
             return None
-        power = np.abs(np.fft.rfft(x * self._hann, self._nfft)) ** 2
-        band = np.where(self._band, power, 0.0)
-        peak = int(np.argmax(band))
+        spectrum = np.fft.rfft(x * self._hann, self._nfft)
+        power = spectrum.real**2 + spectrum.imag**2
+        peak = self._band_lo + int(np.argmax(power[self._band_lo:self._band_hi]))
         total = float(power[self._voice].sum())
         if total <= 0:
             return None
