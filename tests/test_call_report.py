@@ -10,13 +10,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import yaml
-from aiohttp import web
 
 from bridge.calls import CallRecord, CallState, Direction, TranscriptEntry
 from bridge.clock import FakeClock
@@ -24,56 +22,10 @@ from bridge.config import CallEndedHook
 from bridge.hooks import ReportSender
 from bridge.outbox import Outbox, Pending
 from bridge.report import build_report, signature, verify
-from tests.fakes.http_app import serve_local
+from tests.fakes.report_receiver import SECRET, Receiver
 from tests.harness import free_port, rpc_client, run_bridge, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-SECRET = "hook-secret-123"
-
-
-class Receiver:
-    """A report receiver on 127.0.0.1: answers with the scripted statuses, then 200; checks signatures."""
-
-    def __init__(self, statuses: list[int] | None = None, now: Any = time.time) -> None:
-        self.statuses = list(statuses or [])
-        self.now = now
-        self.received: list[dict[str, Any]] = []  # every request: headers, body, valid signature
-        self.accepted: dict[str, dict[str, Any]] = {}  # deduped on the delivery id, 2xx only
-        self.runner: web.AppRunner | None = None
-        self.port = 0
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        ok = verify(SECRET, request.headers.get("X-Voicecall-Signature", ""), body, self.now())
-        delivery = request.headers.get("X-Voicecall-Delivery", "")
-        self.received.append({"delivery": delivery, "body": body, "valid": ok, "at": self.now(),
-                              "event": request.headers.get("X-Voicecall-Event")})
-        if not ok:
-            return web.Response(status=401)
-        status = self.statuses.pop(0) if self.statuses else 200
-        if status == 200:
-            self.accepted.setdefault(delivery, json.loads(body))
-        return web.Response(status=status)
-
-    async def start(self, port: int = 0) -> str:
-        app = web.Application()
-        app.router.add_post("/hooks/call-ended", self.handle)
-        if port:
-            self.runner = web.AppRunner(app, access_log=None)
-            await self.runner.setup()
-            await web.TCPSite(self.runner, "127.0.0.1", port).start()
-            self.port = port
-        else:
-            self.runner, self.port = await serve_local(app)
-        return self.url
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hooks/call-ended"
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
 
 
 def ended_call() -> CallRecord:
@@ -250,7 +202,7 @@ async def test_kill_9_between_call_end_and_delivery_delivers_exactly_once_after_
 def test_compaction_keeps_only_pending_entries_with_their_attempts(tmp_path: Path) -> None:
     outbox = Outbox(tmp_path)
     for name in ("a", "b", "c"):
-        outbox.add(Pending(name, '{"n":"%s"}' % name, 1.0))
+        outbox.add(Pending(name, json.dumps({"n": name}, separators=(",", ":")), 1.0))
     outbox.done("a")
     entry = Pending("b", "", 1.0, attempts=2, next_at=99.0)
     outbox.attempted(entry)

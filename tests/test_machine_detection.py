@@ -24,6 +24,7 @@ from media.bridge import MediaBridge
 from media.formats import ULAW_8K, AudioEncoding, AudioFormat
 from tests.fakes.amd_set import MACHINE_TEXTS, human, machine, silence, tone
 from tests.fakes.carrier import RecordingCarrier
+from tests.fakes.report_receiver import SECRET, Receiver
 from tests.harness import rpc_client, run_bridge, wait_for
 
 FRAME = 320  # 20 ms of PCM16 at 8 kHz
@@ -293,7 +294,9 @@ def rms(pcm: bytes) -> float:
 
 
 async def test_mock_answering_machine_gets_the_message_after_its_beep(tmp_path: Path) -> None:
-    short = {**BASE, "mock": {**FAST_MOCK, "machineGreeting": "You have reached Alex. Leave a message after the tone."}}
+    receiver = Receiver()
+    short = {**BASE, "mock": {**FAST_MOCK, "machineGreeting": "You have reached Alex. Leave a message after the tone."},
+             "hooks": {"callEnded": {"url": await receiver.start(), "secret": SECRET}}}
     async with run_bridge(short, tmp_path) as runtime, aiohttp.ClientSession() as session:
         ws = await session.ws_connect(f"http://127.0.0.1:{runtime.port}/rpc")
         await ws.send_json({"jsonrpc": "2.0", "id": 1, "method": "voicecall.subscribe"})
@@ -321,6 +324,11 @@ async def test_mock_answering_machine_gets_the_message_after_its_beep(tmp_path: 
         status = await rpc_client(runtime).call("voicecall.status", {"callId": call.callId})
         assert status["call"]["metadata"]["answeredBy"] == "machine" and status["call"]["state"] == "voicemail"
         await ws.close()
+        await wait_for(lambda: len(receiver.accepted) == 1)
+        (report,) = receiver.accepted.values()
+        assert (report["answeredBy"], report["endReason"]) == ("machine", "voicemail")
+        assert report["transcript"][-1]["text"] == "Hello, this is the bridge calling about your delivery."
+    await receiver.stop()
 
 
 async def test_mock_person_is_detected_as_human_and_hears_the_message(tmp_path: Path) -> None:
