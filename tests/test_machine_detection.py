@@ -297,38 +297,40 @@ async def test_mock_answering_machine_gets_the_message_after_its_beep(tmp_path: 
     receiver = Receiver()
     short = {**BASE, "mock": {**FAST_MOCK, "machineGreeting": "You have reached Alex. Leave a message after the tone."},
              "hooks": {"callEnded": {"url": await receiver.start(), "secret": SECRET}}}
-    async with run_bridge(short, tmp_path) as runtime, aiohttp.ClientSession() as session:
-        ws = await session.ws_connect(f"http://127.0.0.1:{runtime.port}/rpc")
-        await ws.send_json({"jsonrpc": "2.0", "id": 1, "method": "voicecall.subscribe"})
-        assert (await ws.receive_json())["result"] == {"subscribed": True}
-        result = await rpc_client(runtime).call("voicecall.initiate", {
-            "to": "+15550000005", "message": "Hello, this is the bridge calling about your delivery.",
-            "mode": "notify", "machineDetection": "leave-message"})
-        call = runtime.manager.calls[result["callId"]]
-        await wait_for(lambda: call.terminal, timeout=40)
-        assert call.state == CallState.VOICEMAIL
-        meta = call.metadata
-        assert meta["answeredBy"] == "machine" and meta["voicemailAfter"] == "beep"
-        callee = runtime.carrier.callee(call.callId)
-        assert len(callee.heard) / 16000 > 1.5 and rms(callee.heard) > 500, "the machine recorded the message"
-        events: list[dict[str, Any]] = []
-        while not any(e.get("type") == "call.ended" for e in events):
-            msg = await asyncio.wait_for(ws.receive_json(), 5)
-            if msg.get("method") == "voicecall.event":
-                events.append(msg["params"])
-        kinds = [e["type"] for e in events]
-        assert kinds.index("call.answered") < kinds.index("call.answered_by") < kinds.index("call.speaking")
-        answered_by = next(e for e in events if e["type"] == "call.answered_by")
-        assert answered_by["answeredBy"] == "machine" and answered_by["decisionMs"] < 4000
-        assert events[-1]["reason"] == "voicemail"
-        status = await rpc_client(runtime).call("voicecall.status", {"callId": call.callId})
-        assert status["call"]["metadata"]["answeredBy"] == "machine" and status["call"]["state"] == "voicemail"
-        await ws.close()
-        await wait_for(lambda: len(receiver.accepted) == 1)
-        (report,) = receiver.accepted.values()
-        assert (report["answeredBy"], report["endReason"]) == ("machine", "voicemail")
-        assert report["transcript"][-1]["text"] == "Hello, this is the bridge calling about your delivery."
-    await receiver.stop()
+    try:
+        async with run_bridge(short, tmp_path) as runtime, aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(f"http://127.0.0.1:{runtime.port}/rpc")
+            await ws.send_json({"jsonrpc": "2.0", "id": 1, "method": "voicecall.subscribe"})
+            assert (await ws.receive_json())["result"] == {"subscribed": True}
+            result = await rpc_client(runtime).call("voicecall.initiate", {
+                "to": "+15550000005", "message": "Hello, this is the bridge calling about your delivery.",
+                "mode": "notify", "machineDetection": "leave-message"})
+            call = runtime.manager.calls[result["callId"]]
+            await wait_for(lambda: call.terminal, timeout=40)
+            assert call.state == CallState.VOICEMAIL
+            meta = call.metadata
+            assert meta["answeredBy"] == "machine" and meta["voicemailAfter"] == "beep"
+            callee = runtime.carrier.callee(call.callId)
+            assert len(callee.heard) / 16000 > 1.5 and rms(callee.heard) > 500, "the machine recorded the message"
+            events: list[dict[str, Any]] = []
+            while not any(e.get("type") == "call.ended" for e in events):
+                msg = await asyncio.wait_for(ws.receive_json(), 5)
+                if msg.get("method") == "voicecall.event":
+                    events.append(msg["params"])
+            kinds = [e["type"] for e in events]
+            assert kinds.index("call.answered") < kinds.index("call.answered_by") < kinds.index("call.speaking")
+            answered_by = next(e for e in events if e["type"] == "call.answered_by")
+            assert answered_by["answeredBy"] == "machine" and answered_by["decisionMs"] < 4000
+            assert events[-1]["reason"] == "voicemail"
+            status = await rpc_client(runtime).call("voicecall.status", {"callId": call.callId})
+            assert status["call"]["metadata"]["answeredBy"] == "machine" and status["call"]["state"] == "voicemail"
+            await ws.close()
+            await wait_for(lambda: len(receiver.accepted) == 1)
+            (report,) = receiver.accepted.values()
+            assert (report["answeredBy"], report["endReason"]) == ("machine", "voicemail")
+            assert report["transcript"][-1]["text"] == "Hello, this is the bridge calling about your delivery."
+    finally:
+        await receiver.stop()
 
 
 async def test_mock_person_is_detected_as_human_and_hears_the_message(tmp_path: Path) -> None:
