@@ -499,9 +499,9 @@ class CallManager:
         if digits:
             await self.send_dtmf(call.callId, digits)
 
-    def _detecting(self, call: CallRecord) -> bool:
-        detection = self._machine.get(call.callId)
-        return detection is not None and detection.verdict is None
+    def _machine_pending(self, call: CallRecord) -> bool:
+        """Detection still listening, a machine's greeting still playing, or a voicemail being left."""
+        return call.callId in self._machine or "voicemailAfter" in call.metadata
 
     def _start_machine_detection(self, call: CallRecord, mode: MachineDetectionMode) -> None:
         if not self._expects_media(call):
@@ -700,8 +700,8 @@ class CallManager:
             return
         call.transcript.append(TranscriptEntry(event.timestamp, "user", text))
         self._publish("call.speech", call, transcript=text)
-        if self._detecting(call):
-            return  # "Hello?" while machine detection listens: the verdict decides what comes next
+        if self._machine_pending(call):
+            return  # "Hello?" while detection listens, or a machine's greeting: no reply to those
         turn = self._turns.get(call.callId)
         if turn is not None:
             if event.turn_token is not None and event.turn_token != turn.token:

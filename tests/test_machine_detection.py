@@ -17,6 +17,7 @@ from bridge.calls import CallEvent, CallRecord, CallState, EventType
 from bridge.clock import FakeClock
 from bridge.config import build_settings
 from bridge.manager import CallManager
+from bridge.responder import OfflineResponder
 from bridge.store import CallStore
 from bridge.voice import Spoken
 from media import g711
@@ -96,7 +97,7 @@ def make(tmp_path: Path, mode: str, **amd: Any) -> tuple[CallManager, MediaCarri
 
     carrier = MediaCarrier()
     manager = CallManager(build_settings(raw, {}), carrier, clock=clock, store=CallStore(tmp_path),
-                          voice_factory=factory)
+                          voice_factory=factory, responder=OfflineResponder())
     return manager, carrier, clock, voices
 
 
@@ -157,10 +158,14 @@ async def test_hangup_mode_ends_a_machine_at_the_verdict(tmp_path: Path) -> None
 
 async def test_leave_message_speaks_after_the_beep_and_ends_voicemail(tmp_path: Path) -> None:
     manager, carrier, clock, voices = make(tmp_path, "leave-message")
-    call, (bridge, events) = await answer(manager, "Hi, this is the clinic: please call us back.")
+    call, (bridge, events) = await answer(manager, "Hi, this is the clinic: please call us back.", "conversation")
     greeting = machine(MACHINE_TEXTS[3], "en-gb", 175, beep_hz=850.0, snr_db=None, seed=3)
     t0 = clock.monotonic()
-    await play(clock, bridge, greeting.pcm)
+    await play(clock, bridge, greeting.pcm[:len(greeting.pcm) // 2])
+    assert call.metadata["answeredBy"] == "machine" and voices[0].said == []
+    # a recognizer transcribes the greeting: a conversation call must not answer a machine
+    manager.process_event(CallEvent(EventType.SPEECH, call_id=call.callId, transcript=MACHINE_TEXTS[3]))
+    await play(clock, bridge, greeting.pcm[len(greeting.pcm) // 2:])
     await settle()
     ((spoken_at, text),) = voices[0].said
     assert text == "Hi, this is the clinic: please call us back."
