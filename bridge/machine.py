@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Protocol
 
 from bridge.clock import Clock, TimerHandle
 from bridge.config import AmdSettings
 from media.amd import AmdParams, AmdVerdict, AnsweringMachineDetector, GreetingEnd, GreetingEndParams
 from media.resample import StreamResampler
+from media.transport import CallerAudioTap
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,14 @@ TICK_S = 0.1
 RATE = 8000  # the detectors run on telephone-rate audio, like Asterisk's (slin 8 kHz)
 # Audio may lag the clock by this much (jitter, a busy loop) before the gap counts as silence.
 GAP_GRACE_MS = 300
+
+
+class TapSource(Protocol):
+    """What a call's MediaBridge offers: the caller's decoded audio, frame by frame."""
+
+    def add_tap(self, tap: CallerAudioTap) -> None: ...
+
+    def remove_tap(self, tap: CallerAudioTap) -> None: ...
 
 
 def amd_params(settings: AmdSettings) -> AmdParams:
@@ -53,13 +62,13 @@ class MachineDetection:
         self._started = clock.monotonic()
         self._fed_ms = 0.0
         self._heard = False  # a frame arrived: the audio timeline starts there
-        self._bridge: Any = None
+        self._bridge: TapSource | None = None
         self._timer: TimerHandle | None = clock.call_later(TICK_S, self._tick)
         self.verdict: AmdVerdict | None = None
         self.message_point: str | None = None
         self.done = False
 
-    def attach(self, bridge: Any) -> None:
+    def attach(self, bridge: TapSource) -> None:
         """Listen to a (new) media bridge of the call."""
         if self.done:
             return
