@@ -38,6 +38,7 @@ class ReportSender:
         self._adding: set[asyncio.Future[None]] = set()  # outbox writes: finished, never cancelled, on close
         self._closing = False
         self._inflight: set[str] = set()
+        self.attempts = 0  # POSTs started
         self.delivered = 0
         self.failures = 0
 
@@ -72,6 +73,7 @@ class ReportSender:
             wait = entry.next_at - self._clock.time()
             if wait > 0:
                 await self._clock.sleep(wait)
+            self.attempts += 1
             problem = await self._post(entry)
             if problem is None:
                 await asyncio.to_thread(self.outbox.done, entry.id)
