@@ -308,7 +308,7 @@ async def test_mock_answering_machine_gets_the_message_after_its_beep(tmp_path: 
             await ws.send_json({"jsonrpc": "2.0", "id": 1, "method": "voicecall.subscribe"})
             assert (await ws.receive_json())["result"] == {"subscribed": True}
             result = await rpc_client(runtime).call("voicecall.initiate", {
-                "to": "+15550000005", "message": "Hello, this is the bridge calling about your delivery.",
+                "to": "+15550000005", "message": "Please call us back.",
                 "mode": "notify", "machineDetection": "leave-message"})
             call = runtime.manager.calls[result["callId"]]
             await wait_for(lambda: call.terminal, timeout=40)
@@ -333,7 +333,7 @@ async def test_mock_answering_machine_gets_the_message_after_its_beep(tmp_path: 
             await wait_for(lambda: len(receiver.accepted) == 1)
             (report,) = receiver.accepted.values()
             assert (report["answeredBy"], report["endReason"]) == ("machine", "voicemail")
-            assert report["transcript"][-1]["text"] == "Hello, this is the bridge calling about your delivery."
+            assert report["transcript"][-1]["text"] == "Please call us back."
     finally:
         await receiver.stop()
 
