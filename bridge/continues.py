@@ -15,9 +15,9 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.clock import Clock
 from bridge.manager import CallError
 from bridge.tasks import BackgroundTasks
+from media.clock import Clock
 
 log = logging.getLogger(__name__)
 

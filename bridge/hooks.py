@@ -17,11 +17,11 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from bridge.clock import Clock
 from bridge.config import CallEndedHook
 from bridge.outbox import COMPACT_BYTES, Outbox, Pending
 from bridge.report import DELIVERY_HEADER, EVENT, EVENT_HEADER, SIGNATURE_HEADER, encode, signature
 from bridge.tasks import BackgroundTasks
+from media.clock import Clock
 
 log = logging.getLogger(__name__)
 

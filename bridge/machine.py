@@ -14,9 +14,9 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from bridge.clock import Clock, TimerHandle
 from bridge.config import AmdSettings
 from media.amd import AmdParams, AmdVerdict, AnsweringMachineDetector, GreetingEnd, GreetingEndParams
+from media.clock import Clock, TimerHandle
 from media.resample import StreamResampler
 from media.transport import CallerAudioTap
 

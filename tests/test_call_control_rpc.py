@@ -14,11 +14,11 @@ import pytest
 import yaml
 
 from bridge.calls import CallEvent, CallRecord, CallState, EventType
-from bridge.clock import FakeClock
 from bridge.config import ConfigError, build_settings
 from bridge.manager import CallManager
 from bridge.store import CallStore
 from bridge.tool import dispatch
+from media.clock import FakeClock
 from media.dtmf import DtmfDetector
 from tests.fakes.carrier import RecordingCarrier
 from tests.harness import rpc_client, run_bridge, wait_for
@@ -149,7 +149,7 @@ async def test_mock_0006_is_a_person_who_speaks_a_line_and_hears_the_caller(tmp_
         result = await rpc_client(runtime).call("voicecall.initiate", {
             "to": "+15550000006", "message": "Hi Jordan.", "mode": "conversation"})
         call = runtime.manager.calls[result["callId"]]
-        line = runtime.settings.mock.transferLine
+        line = "Front desk."
         await wait_for(lambda: ("user", line) in [(t.speaker, t.text) for t in call.transcript], timeout=20)
         callee = runtime.carrier.callee(call.callId)
         # the bridge answers the person's line; once that reply has played, the person heard it

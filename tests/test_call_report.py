@@ -17,11 +17,11 @@ import aiohttp
 import yaml
 
 from bridge.calls import CallRecord, CallState, Direction, TranscriptEntry
-from bridge.clock import FakeClock
 from bridge.config import CallEndedHook
 from bridge.hooks import ReportSender
 from bridge.outbox import Outbox, Pending
 from bridge.report import build_report, signature, verify
+from media.clock import FakeClock
 from tests.fakes.report_receiver import SECRET, Receiver
 from tests.harness import free_port, rpc_client, run_bridge, wait_for
 

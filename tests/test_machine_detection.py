@@ -14,7 +14,6 @@ import numpy as np
 import soxr
 
 from bridge.calls import CallEvent, CallRecord, CallState, EventType
-from bridge.clock import FakeClock
 from bridge.config import build_settings
 from bridge.manager import CallManager
 from bridge.responder import OfflineResponder
@@ -22,6 +21,7 @@ from bridge.store import CallStore
 from bridge.voice import Spoken
 from media import g711
 from media.bridge import MediaBridge
+from media.clock import FakeClock
 from media.formats import ULAW_8K, AudioEncoding, AudioFormat
 from tests.fakes.amd_set import MACHINE_TEXTS, human, machine, silence, tone
 from tests.fakes.carrier import RecordingCarrier

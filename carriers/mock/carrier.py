@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from bridge.calls import CallEvent, CallRecord, CallState, Direction, EventType
-from bridge.config import MockSettings
 from carriers.base import (
+    CallLookup,
     Carrier,
     OutboundRequest,
     ProviderStatus,
@@ -34,6 +34,7 @@ from carriers.base import (
     WebhookResult,
     WebhookVerdict,
 )
+from carriers.mock.settings import MockSettings
 from media import g711
 from media.formats import FRAME_MS, ULAW_8K
 from media.resample import StreamResampler
@@ -316,7 +317,7 @@ class MockCarrier(Carrier):
     def verify_webhook(self, request: WebhookRequest) -> WebhookVerdict:
         return WebhookVerdict(ok=True)
 
-    def parse_webhook(self, request: WebhookRequest) -> WebhookResult:
+    def parse_webhook(self, request: WebhookRequest, calls: CallLookup) -> WebhookResult:
         try:
             data = json.loads(request.body or b"{}")
             items = data["events"] if "events" in data else [data["event"]]
@@ -362,4 +363,4 @@ def _event_from_json(item: dict[str, Any]) -> CallEvent:
 def from_settings(settings: Any) -> MockCarrier:
     from media.tts.factory import create_tts
 
-    return MockCarrier(settings.mock, lambda: create_tts({"provider": "espeak"}))
+    return MockCarrier(settings.section(MockSettings), lambda: create_tts({"provider": "espeak"}))
