@@ -158,6 +158,7 @@ class Runtime:
         if self._runner is not None:
             await self._runner.cleanup()  # closes media streams and RPC sockets first
             self._runner = None
+        await self.dispatcher.continues.close()
         if self.manager.started:
             await self.manager.stop()
         if self._close_engines is not None:

@@ -84,3 +84,12 @@ def test_voice_to_voice_two_calls_both_modes(tmp_path: Path) -> None:
         assert point["p50_ms"] >= point["floor_ms"] * 0.9  # nothing arrives before the engines could make it
     assert streaming["floor_ms"] < batch["floor_ms"]
     assert streaming["bridge_first_audio_p50_ms"] >= streaming["bridge_first_piece_p50_ms"] > 0
+
+
+def test_amd_accuracy_quick(tmp_path: Path) -> None:
+    data = run_bench("amd_accuracy.py", "--quick", out=tmp_path / "amd.json")
+    assert data["samples"] == 12 and data["beep"]["with_beep"] == 4
+    for row in data["amd"]:
+        for label in ("machine", "human"):
+            assert row[label]["n"] == 6 and 0 <= row[label]["accuracy"] <= 1
+            assert row[label]["decision_p95_ms"] >= row[label]["decision_p50_ms"] > 0
