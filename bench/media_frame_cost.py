@@ -43,6 +43,12 @@ class NullLeg:
     async def send_clear(self) -> None: ...
 
 
+class NullStreamLeg(NullLeg):
+    """A carrier media stream (Twilio/Telnyx/Plivo): it reports key presses itself."""
+
+    reports_dtmf = True
+
+
 class VirtualClock:
     """Time that jumps forward instead of sleeping (CPU cost only)."""
 
@@ -72,9 +78,9 @@ def speechlike(rate: int, secs: float) -> np.ndarray:
     return np.clip(x, -32768, 32767).astype("<i2")
 
 
-def inbound(secs: float, **kw: bool) -> float:
+def inbound(secs: float, leg: type[NullLeg] = NullLeg, **kw: bool) -> float:
     frames = [g711.encode(f.tobytes(), ULAW_8K.encoding) for f in np.split(speechlike(8000, secs)[: int(secs * 50) * 160], int(secs * 50))]
-    bridge = MediaBridge(NullLeg(), NullListener(), **kw)  # type: ignore[arg-type]
+    bridge = MediaBridge(leg(), NullListener(), **kw)  # type: ignore[arg-type]
     t = time.perf_counter()
     for seq, f in enumerate(frames):
         bridge.receive(f, seq)
@@ -110,7 +116,8 @@ def main() -> None:
     rows = [
         ("inbound  receive: decode+resample only", inbound(secs, inband_dtmf=False, vad_barge_in=False)),
         ("inbound  receive: + VAD", inbound(secs, inband_dtmf=False, vad_barge_in=True)),
-        ("inbound  receive: + VAD + in-band DTMF (default)", inbound(secs)),
+        ("inbound  receive: + VAD + in-band DTMF (SIP default)", inbound(secs)),
+        ("inbound  receive, carrier stream leg (default: no DTMF)", inbound(secs, NullStreamLeg)),
         ("outbound resample 24k->8k + u-law + framing", outbound_codec_only(secs)),
         ("outbound MediaBridge.play, whole coroutine", asyncio.run(outbound_play(secs))),
     ]

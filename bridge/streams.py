@@ -89,6 +89,7 @@ class WebSocketTransport:
     max_buffer: int
     send_ms: int = 20  # audio per outbound media message (streaming.outboundFrameMs)
     supports_marks: bool = True
+    reports_dtmf: bool = False  # the carrier sends `dtmf` events on this stream
     overflowed: bool = False
 
     def _buffered(self) -> int:
@@ -169,7 +170,8 @@ class StreamHandler:
             self.gate.started(ip)
             pending = False
             call_id = call.callId
-            transport = WebSocketTransport(ws, codec, start.format, limits.maxSendBufferBytes, limits.outboundFrameMs)
+            transport = WebSocketTransport(ws, codec, start.format, limits.maxSendBufferBytes, limits.outboundFrameMs,
+                                           reports_dtmf=self.manager.carrier.reports_dtmf)
             bridge = self.manager.attach_media(call_id, transport)
             if bridge is None:
                 await ws.close(code=CLOSE_POLICY, message=b"Call cannot take media")
