@@ -1,9 +1,15 @@
 """ONE aiohttp application: webhooks, media-stream WebSockets, RPC, /healthz and /metrics.
 
 Webhook pipeline, in order (the seed system's, hardened): exact path (404), POST only (405),
-signature header present (401, before the body is read), per-IP in-flight cap (429), body size
-and read time (413 / 408), public URL + Host validation (400), signature (401), replay (200, no
-side effect), parse and process.
+signature header present (401, before the body is read), per-IP cap on requests whose body is
+still arriving (429), body size and read time (413 / 408), public URL + Host validation (400),
+signature (401), JSON nesting depth (400), replay (200, no side effect), parse and process.
+A carrier parser that raises is a 400 with one log line, never a 500.
+
+Only requests whose body is still arriving count against the per-IP cap: behind a tunnel every
+carrier request shares one address, and a carrier sends its callback in one go, so slow uploads
+with a junk signature fill their own slots, never those of signed callbacks. Processing after
+verification is synchronous, so verified requests hold no slot at all.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from aiohttp import web
 
 from bridge.security import ReplayCache, UntrustedHost, resolve_public_url
 from bridge.streams import StreamGate, StreamHandler
-from carriers.base import WebhookReply, WebhookRequest
+from bridge.untrusted import MAX_DEPTH, nesting_depth
+from carriers.base import WebhookReply, WebhookRequest, WebhookVerdict
 
 if TYPE_CHECKING:
     from bridge.manager import CallManager
@@ -39,7 +46,12 @@ class WebhookHandler:
         security = manager.settings.webhookSecurity
         self.replays = ReplayCache(max_entries=security.replayCacheSize, ttl_seconds=security.replayWindowSeconds,
                                    clock=manager.clock)
-        self._in_flight: Counter[str] = Counter()
+        self._uploading: Counter[str] = Counter()
+
+    @property
+    def uploading(self) -> int:
+        """Requests whose body is still arriving (what the per-IP cap counts)."""
+        return sum(self._uploading.values())
 
     def _reply(self, status: int, text: str) -> web.Response:
         """An early refusal. The body may be unread, so the connection is closed instead of kept alive
@@ -58,15 +70,21 @@ class WebhookHandler:
         if verify and carrier.signature_headers and not any(h in request.headers for h in carrier.signature_headers):
             return self._reply(401, "Missing signature")
         ip = request.remote or ""
-        if self._in_flight[ip] >= settings.webhookSecurity.maxInFlightPerIp:
-            return self._reply(429, "Too Many Requests")
-        self._in_flight[ip] += 1
-        try:
-            return await self._handle(request, verify)
-        finally:
-            self._in_flight[ip] -= 1
-            if self._in_flight[ip] <= 0:
-                del self._in_flight[ip]
+        if request.content.is_eof():  # the whole body is already here: nothing to hold a slot for
+            checked = await self._read_and_verify(request, verify)
+        else:
+            if self._uploading[ip] >= settings.webhookSecurity.maxInFlightPerIp:
+                return self._reply(429, "Too Many Requests")
+            self._uploading[ip] += 1
+            try:
+                checked = await self._read_and_verify(request, verify)
+            finally:
+                self._uploading[ip] -= 1
+                if self._uploading[ip] <= 0:
+                    del self._uploading[ip]
+        if isinstance(checked, web.StreamResponse):
+            return checked
+        return self._process(*checked)
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.manager.settings.webhookSecurity.maxBodyBytes
@@ -79,7 +97,8 @@ class WebhookHandler:
                 raise BodyTooLarge
         return bytes(body)
 
-    async def _handle(self, request: web.Request, verify: bool) -> web.StreamResponse:
+    async def _read_and_verify(self, request: web.Request,
+                               verify: bool) -> web.StreamResponse | tuple[WebhookRequest, WebhookVerdict | None]:
         settings = self.manager.settings
         security = settings.webhookSecurity
         try:
@@ -89,6 +108,9 @@ class WebhookHandler:
             return self._reply(413, "Payload Too Large")
         except TimeoutError:
             return self._reply(408, "Request Timeout")
+        except (ConnectionError, web.HTTPException, ValueError) as exc:  # the client went away mid-body
+            log.info("webhook body not read: %s", type(exc).__name__)
+            return self._reply(400, "Bad Request")
         try:
             resolved = resolve_public_url(
                 path_qs=request.path_qs,
@@ -118,12 +140,28 @@ class WebhookHandler:
             remote=request.remote or "",
             url_variants=resolved.variants,
         )
-        carrier = self.manager.carrier
-        verdict = carrier.verify_webhook(hook) if verify else None
+        try:
+            verdict = self.manager.carrier.verify_webhook(hook) if verify else None
+        except Exception as exc:  # noqa: BLE001 - a malformed signature header is a 401, not a 500
+            verdict = WebhookVerdict(ok=False, reason=f"unreadable ({type(exc).__name__})")
         if verdict is not None and not verdict.ok:
             log.warning("webhook signature rejected (%s) from %s", verdict.reason, request.remote)
             return self._reply(401, "Unauthorized")
-        result = carrier.parse_webhook(hook)
+        return hook, verdict
+
+    def _process(self, hook: WebhookRequest, verdict: WebhookVerdict | None) -> web.StreamResponse:
+        carrier = self.manager.carrier
+        if hook.body[:1] in (b"{", b"[") and nesting_depth(hook.body) > MAX_DEPTH:
+            log.warning("webhook refused: JSON nested deeper than %d levels", MAX_DEPTH)
+            return self._reply(400, "Bad Request")
+        try:
+            return self._apply(hook, verdict)
+        except Exception as exc:  # noqa: BLE001 - odd input that slipped past validation is a 400, not a 500
+            log.warning("webhook refused: %s could not use it (%s)", carrier.name, type(exc).__name__)
+            return self._reply(400, "Bad Request")
+
+    def _apply(self, hook: WebhookRequest, verdict: WebhookVerdict | None) -> web.StreamResponse:
+        result = self.manager.carrier.parse_webhook(hook)
         replay = bool(verdict and verdict.replay_key and self.replays.check_and_remember(verdict.replay_key))
         call = None
         if replay:
