@@ -156,6 +156,8 @@ class MockSettings(Section):
     noAnswerAfterMs: int = Field(3000, ge=0)
     # The callee hangs up this long after the bot's last words once its script is done (0: never).
     calleeHangupAfterMs: int = Field(8000, ge=0)
+    # The only folder `mock.callee play` reads WAVs from (default <store>/audio).
+    audioDir: str | None = None
 
 
 class RpcSettings(Section):
@@ -249,6 +251,10 @@ class Settings(Section):
     @property
     def store_dir(self) -> Path:
         return Path(os.path.expanduser(self.store))
+
+    @property
+    def mock_audio_dir(self) -> Path:
+        return Path(os.path.expanduser(self.mock.audioDir)) if self.mock.audioDir else self.store_dir / "audio"
 
     @property
     def effective_tts(self) -> dict[str, Any]:

@@ -290,7 +290,7 @@ class CallManager:
         try:
             await self._say(call, message)
             listen_started = self.clock.monotonic()
-            self._transition(call, CallState.LISTENING)
+            self._move(call, CallState.LISTENING)
             if call.callId not in self._voices:
                 await self.carrier.start_listening(call, turn.token)
             timeout_ms = self.settings.transcriptTimeoutMs
@@ -307,6 +307,8 @@ class CallManager:
             self._save(call)
             return transcript
         finally:
+            if turn.future.done() and not turn.future.cancelled():
+                turn.future.exception()  # the call may have ended before anyone awaited the turn
             if self._turns.get(call.callId) is turn:
                 del self._turns[call.callId]
             if call.callId not in self._voices and not call.terminal:
@@ -325,7 +327,7 @@ class CallManager:
         return call
 
     async def send_dtmf(self, call_id: str, digits: str) -> None:
-        call = self._live_call(call_id)
+        call = self._answered_call(call_id)
         voice = self._voices.get(call.callId)
         if voice is not None:
             await voice.bridge.send_dtmf(digits)
@@ -399,7 +401,7 @@ class CallManager:
                 if not call.terminal:
                     await self._hangup(call, CallState.HANGUP_BOT)
             else:
-                self._transition(call, CallState.LISTENING)
+                self._move(call, CallState.LISTENING)
         except CallError as exc:
             log.warning("call %s: initial message failed: %s", call.callId, exc)
 
@@ -425,7 +427,7 @@ class CallManager:
             if not call.terminal:
                 await self._hangup(call, CallState.HANGUP_BOT)
         elif not call.terminal:
-            self._transition(call, CallState.LISTENING)
+            self._move(call, CallState.LISTENING)
 
     # ================================================================== events
 
@@ -568,13 +570,15 @@ class CallManager:
             return
         if not text:
             return
+        turn = self._turns.get(call.callId)
+        if turn is not None and event.turn_token is not None and event.turn_token != turn.token:
+            # an answer to an earlier question: kept out of the turn AND of the transcript the model reads
+            log.info("call %s: stale transcript (old turn token) dropped", call.callId)
+            call.metadata["staleTranscripts"] = int(call.metadata.get("staleTranscripts", 0)) + 1
+            return
         call.transcript.append(TranscriptEntry(event.timestamp, "user", text))
         self._publish("call.speech", call, transcript=text)
-        turn = self._turns.get(call.callId)
         if turn is not None:
-            if event.turn_token is not None and event.turn_token != turn.token:
-                log.info("call %s: stale transcript (old turn token) ignored for the waiting turn", call.callId)
-                return
             if not turn.future.done():
                 turn.future.set_result(text)
             return
@@ -590,6 +594,12 @@ class CallManager:
         call.state = target
         self._publish("call.state", call)
         return True
+
+    def _move(self, call: CallRecord, target: CallState) -> None:
+        """A transition outside event processing (which saves after applying): written at once, so a
+        restart never brings the call back in an older state."""
+        if call.state != target and self._transition(call, target):
+            self._save(call)
 
     async def _hangup(self, call: CallRecord, reason: CallState) -> None:
         try:

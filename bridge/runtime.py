@@ -85,7 +85,10 @@ class Runtime:
         self.metrics = Metrics()
         self.dispatcher = RpcDispatcher(self.manager)
         token = settings.rpc.token.get_secret_value() if settings.rpc.token else None
-        self.app = create_app(self.manager, RpcEndpoint(self.dispatcher, token), self.metrics)
+        limits = settings.webhookSecurity
+        endpoint = RpcEndpoint(self.dispatcher, token, max_body_bytes=limits.maxBodyBytes,
+                               body_timeout_s=limits.bodyTimeoutMs / 1000)
+        self.app = create_app(self.manager, endpoint, self.metrics)
         self._runner: web.AppRunner | None = None
         self._tunnel: Any = None
         self.port: int | None = None

@@ -1,0 +1,78 @@
+"""Manager hardening on a fake clock: every state change written, stale answers kept out of the
+model's context, no orphaned future exceptions."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.calls import CallState, EventType
+from bridge.manager import CallError, CallManager
+from bridge.store import CallStore
+from tests.test_manager import ev, make, settle
+
+
+def logged_states(store: Path, call_id: str) -> list[str]:
+    lines = (store / "calls.jsonl").read_text().splitlines()
+    return [json.loads(line)["state"] for line in lines if json.loads(line)["callId"] == call_id]
+
+
+async def test_move_to_listening_is_written_and_survives_a_restart(tmp_path: Path) -> None:
+    manager, carrier, clock = make(tmp_path)
+    await manager.start()
+    call = await manager.initiate(None, "Hello there", "conversation")
+    manager.process_event(ev(EventType.ANSWERED, call.callId))
+    await settle()
+    assert call.state == CallState.LISTENING
+    assert logged_states(tmp_path, call.callId)[-1] == "listening"
+    manager.store.close()  # a crash: no stop(), the log is all that is left
+    carrier2 = type(carrier)()
+    carrier2.status[call.providerCallId] = None  # the carrier still has the call up
+    again = CallManager(manager.settings, carrier2, clock=clock, store=CallStore(tmp_path))
+    await again.start()
+    assert again.calls[call.callId].state == CallState.LISTENING
+    await again.stop()
+
+
+async def test_stale_answer_stays_out_of_the_transcript(tmp_path: Path) -> None:
+    manager, carrier, clock = make(tmp_path)
+    await manager.start()
+    call = await manager.initiate(None, "Hi", "conversation")
+    manager.process_event(ev(EventType.ANSWERED, call.callId))
+    turn = asyncio.ensure_future(manager.continue_call(call.callId, "Question?"))
+    await settle()
+    manager.process_event(ev(EventType.SPEECH, call.callId, transcript="answer to an old question",
+                             turn_token="stale-token"))
+    manager.process_event(ev(EventType.SPEECH, call.callId, transcript="new answer",
+                             turn_token=carrier.listening[-1][1]))
+    assert await turn == "new answer"
+    assert [t.text for t in call.transcript if t.speaker == "user"] == ["new answer"]
+    assert call.metadata["staleTranscripts"] == 1
+    await manager.stop()
+
+
+async def test_call_ending_mid_turn_leaves_no_unretrieved_future_exception(tmp_path: Path) -> None:
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    manager, carrier, clock = make(tmp_path)
+    await manager.start()
+    call = await manager.initiate(None, "Hi", "conversation")
+    manager.process_event(ev(EventType.ANSWERED, call.callId))
+    await settle()
+
+    async def hang_up_while_speaking(rec: Any, text: str) -> None:
+        manager.process_event(ev(EventType.ENDED, call.callId, reason=CallState.HANGUP_USER))
+
+    carrier.speak_native = hang_up_while_speaking  # type: ignore[method-assign]
+    with pytest.raises(CallError, match="ended"):
+        await manager.continue_call(call.callId, "Still there?")
+    await manager.stop()
+    gc.collect()
+    await settle()
+    assert not [e for e in errors if "never retrieved" in str(e.get("message"))], errors
