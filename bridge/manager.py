@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 REAPER_INTERVAL_S = 30.0
 MEDIA_WAIT_S = 10.0
 MAX_PROCESSED_IDS = 200_000
+STORE_RETRY_S = 5.0
 
 
 class CallError(Exception):
@@ -702,10 +703,20 @@ class CallManager:
         self._by_provider_id[provider_id] = call.callId
 
     def _save(self, call: CallRecord) -> None:
-        try:
-            self.store.append(call)
-        except OSError as exc:
-            log.error("call log write failed: %s", exc)
+        was_degraded = self.store.degraded
+        if self.store.append(call) or was_degraded:
+            return
+        log.error("call log write failed (%s); keeping records in memory and retrying", self.store.last_error)
+        self._schedule_store_retry()
+
+    def _schedule_store_retry(self) -> None:
+        def retry() -> None:
+            if self.store.flush():
+                log.warning("call log writable again; kept records written")
+            elif not self.stopping:
+                self._schedule_store_retry()
+
+        self.clock.call_later(STORE_RETRY_S, retry)
 
     def _publish(self, kind: str, call: CallRecord, **extra: Any) -> None:
         if not self._subscribers:

@@ -119,6 +119,10 @@ class Runtime:
             self.manager.public_base = f"http://{host}:{self.port}"
         try:
             await self.manager.start()
+        except OSError as exc:  # the call log: a folder in its place, a read-only or missing disk
+            await self.stop()
+            raise StartupError(f"cannot open the call log in {settings.store_dir}: "
+                               f"{exc.strerror or type(exc).__name__}") from None
         except CarrierError as exc:  # e.g. ARI refused our credentials: one clear line, nothing left open
             self.manager.store.close()
             await self.stop()

@@ -203,8 +203,14 @@ def create_app(manager: CallManager, rpc: RpcEndpoint, metrics: Metrics) -> web.
     app.on_shutdown.append(close_streams)
 
     async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"ok": manager.started, "provider": manager.carrier.name,
-                                  "activeCalls": len(manager.active_calls())})
+        store = manager.store
+        body: dict[str, object] = {"ok": manager.started and not store.degraded, "provider": manager.carrier.name,
+                                   "activeCalls": len(manager.active_calls())}
+        if store.degraded:
+            # still serving calls, but a restart now would bring them back in an older state
+            body["status"] = "degraded"
+            body["problems"] = [f"call log not writable ({store.last_error}); {store.pending} record(s) kept in memory"]
+        return web.json_response(body)
 
     async def metrics_view(_: web.Request) -> web.Response:
         return web.Response(text=metrics.render(), content_type="text/plain", charset="utf-8")
@@ -212,6 +218,8 @@ def create_app(manager: CallManager, rpc: RpcEndpoint, metrics: Metrics) -> web.
     metrics.gauge("voicecall_calls_active", lambda: len(manager.active_calls()))
     metrics.gauge("voicecall_streams_open", lambda: gate.open)
     metrics.gauge("voicecall_streams_pending", lambda: gate.pending)
+    metrics.counter("voicecall_store_write_failures_total", lambda: manager.store.write_failures)
+    metrics.gauge("voicecall_store_pending_records", lambda: manager.store.pending)
 
     app.router.add_route("*", settings.serve.path, webhook.handle)
     app.router.add_get(settings.streaming.streamPath, streams.handle)
