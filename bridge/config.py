@@ -99,8 +99,10 @@ class StreamingSettings(Section):
     streamPath: str = Field("/voice/stream", pattern=r"^/")
     providers: SttProviders = Field(default_factory=SttProviders)
     preStartTimeoutMs: int = Field(5000, gt=0)
-    maxPendingConnections: int = Field(32, gt=0)
-    maxPendingConnectionsPerIp: int = Field(4, gt=0)
+    # Not-yet-started sockets (no token checked yet). Carriers connect from a few addresses, so the
+    # per-address cap must let a burst of real calls through; preStartTimeoutMs bounds each one.
+    maxPendingConnections: int = Field(64, gt=0)
+    maxPendingConnectionsPerIp: int = Field(32, gt=0)
     maxConnections: int = Field(128, gt=0)
     maxSendBufferBytes: int = Field(1024 * 1024, gt=0)
     disconnectGraceMs: int = Field(2000, ge=0)
