@@ -30,7 +30,7 @@ from bridge.calls import (
 from bridge.clock import Clock, RealClock, TimerHandle
 from bridge.config import Settings
 from bridge.responder import Responder, ResponderError
-from bridge.store import CallStore
+from bridge.store import CallStore, is_safe_id
 from bridge.tasks import BackgroundTasks
 from carriers.base import Carrier, CarrierError, OutboundRequest
 from media.transport import MediaTransport
@@ -470,7 +470,7 @@ class CallManager:
                 self._refuse(event, reason)
                 return None
         call = CallRecord(
-            callId=event.call_id or str(uuid.uuid4()),
+            callId=event.call_id if is_safe_id(event.call_id) else str(uuid.uuid4()),
             provider=self.carrier.name,
             direction=event.direction,
             state=CallState.RINGING,
@@ -513,7 +513,7 @@ class CallManager:
             self._rejected_provider_ids.clear()
         self._rejected_provider_ids.add(provider_id)
         ghost = CallRecord(
-            callId=event.call_id or f"rejected-{uuid.uuid4().hex[:12]}",
+            callId=event.call_id if is_safe_id(event.call_id) else f"rejected-{uuid.uuid4().hex[:12]}",
             provider=self.carrier.name,
             direction=Direction.INBOUND,
             state=CallState.HANGUP_BOT,

@@ -17,6 +17,7 @@ from bridge.metrics import Metrics
 from bridge.responder import create_responder
 from bridge.rpc import RpcDispatcher, RpcEndpoint
 from bridge.server import create_app
+from bridge.store import child_path
 from bridge.voice import CallVoice
 from carriers.base import Carrier, CarrierError
 from carriers.registry import create_carrier
@@ -55,8 +56,12 @@ def voice_factory(settings: Settings, carrier: Carrier) -> VoiceFactory:
     def build(call: CallRecord, transport: MediaTransport, emit: Callable[[CallEvent], None]) -> CallVoice:
         recorder = None
         if settings.recording.enabled:
-            recorder = CallRecorder(settings.store_dir / "recordings" / f"{call.callId}.wav",
-                                    settings.pipelineSampleRate)
+            try:
+                path = child_path(settings.store_dir / "recordings", call.callId, ".wav")
+            except ValueError as exc:
+                log.warning("call %s: not recorded: %s", call.callId[:40], exc)
+            else:
+                recorder = CallRecorder(path, settings.pipelineSampleRate)
         return CallVoice(
             call_id=call.callId,
             transport=transport,

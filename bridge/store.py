@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,24 @@ from bridge.calls import CallRecord
 log = logging.getLogger(__name__)
 
 LOG_NAME = "calls.jsonl"
+
+# What a call id may look like when it names a file (recordings): ours are UUIDs; one from the
+# network is used only if it fits, else the call gets a UUID of ours.
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def is_safe_id(value: str | None) -> bool:
+    return bool(value) and SAFE_ID.match(value) is not None  # type: ignore[arg-type]
+
+
+def child_path(folder: Path, name: str, suffix: str = "") -> Path:
+    """`folder/name+suffix`, refused (ValueError) unless name is a safe id and the result stays in folder."""
+    if not is_safe_id(name):
+        raise ValueError(f"unsafe file name {name[:40]!r}")
+    path = folder / f"{name}{suffix}"
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"{name[:40]!r} leaves {folder}")
+    return path
 
 
 @dataclass(slots=True)
