@@ -28,7 +28,7 @@ from bridge.calls import (
     can_transition,
 )
 from bridge.clock import Clock, RealClock, TimerHandle
-from bridge.config import Settings
+from bridge.config import Settings, is_destination
 from bridge.responder import Responder, ResponderError
 from bridge.store import CallStore, is_safe_id
 from bridge.tasks import BackgroundTasks
@@ -41,6 +41,8 @@ REAPER_INTERVAL_S = 30.0
 MEDIA_WAIT_S = 10.0
 MAX_PROCESSED_IDS = 200_000
 STORE_RETRY_S = 5.0
+RING_TIMEOUT_SLACK_S = 10.0  # the carrier's own ring timeout should normally win
+DIAL_STRING_PROVIDERS = ("sip", "asterisk")  # these also dial extensions and dial strings; they check `to` themselves
 
 
 class CallError(Exception):
@@ -223,6 +225,8 @@ class CallManager:
         to = to or self.settings.toNumber
         if not to:
             raise CallError("No destination: pass `to` or set toNumber in the config")
+        if self.settings.provider not in DIAL_STRING_PROVIDERS and not is_destination(to):
+            raise CallError(f"`to` must be an E.164 number like +15550001234 or a sip: URI (got {to[:40]!r})")
         if not message or not message.strip():
             raise CallError("`message` must be a non-empty string")
         mode = mode or self.settings.outbound.defaultMode
@@ -253,6 +257,7 @@ class CallManager:
         if not call.terminal:
             self._link_provider_id(call, provider_id)
             self._save(call)
+            self._start_ring_timeout(call)
         return call
 
     def _check_capacity(self) -> None:
@@ -646,6 +651,21 @@ class CallManager:
                 self._spawn(self._hangup(call, CallState.TIMEOUT), f"timeout-{call.callId}")
 
         self._timers[call.callId] = self.clock.call_later(max(0.0, seconds), expire)
+
+    def _start_ring_timeout(self, call: CallRecord) -> None:
+        """Our own limit on ringing, beside the carrier's: if its no-answer never reaches us (a webhook
+        that cannot be verified, a lost callback), the call must not hold a slot forever. Answering
+        replaces this timer with the max-duration one."""
+        seconds = self.settings.ringTimeoutMs / 1000 + RING_TIMEOUT_SLACK_S
+
+        def expire() -> None:
+            self._timers.pop(call.callId, None)
+            if not call.terminal and call.answeredAt is None:
+                log.info("call %s: not answered within %.0fs", call.callId, seconds)
+                call.metadata["ringTimeout"] = True
+                self._spawn(self._hangup(call, CallState.NO_ANSWER), f"ring-timeout-{call.callId}")
+
+        self._timers[call.callId] = self.clock.call_later(seconds, expire)
 
     def _schedule_reaper(self) -> None:
         self._reaper = self.clock.call_later(REAPER_INTERVAL_S, self._reap)

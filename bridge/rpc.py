@@ -101,6 +101,8 @@ class RpcDispatcher:
 
     # ---------------------------------------------------------------- voicecall.*
     async def _initiate(self, p: dict[str, Any]) -> dict[str, Any]:
+        if p.get("to") == "" or (isinstance(p.get("to"), str) and not p["to"].strip()):
+            raise RpcError(INVALID_PARAMS, "parameter `to` is empty: give a number or leave it out for toNumber")
         call = await self.manager.initiate(_str(p, "to", required=False), _str(p, "message") or "",
                                            _str(p, "mode", required=False))
         return {"callId": call.callId, "initiated": True}
@@ -119,7 +121,11 @@ class RpcDispatcher:
         return {"success": True}
 
     async def _end(self, p: dict[str, Any]) -> dict[str, Any]:
-        await self.manager.end(_str(p, "callId") or "")
+        call_id = _str(p, "callId") or ""
+        call = self.manager.status(call_id)
+        if call is not None and call.terminal:
+            raise RpcError(CALL_FAILED, f"Call {call.callId} has already ended ({call.state})")
+        await self.manager.end(call_id)
         return {"success": True}
 
     async def _status(self, p: dict[str, Any]) -> dict[str, Any]:

@@ -83,9 +83,10 @@ class Runtime:
         self.settings = settings
         self.carrier = carrier or create_carrier(settings)
         secret = settings.responseApiKey.get_secret_value() if settings.responseApiKey else None
-        responder = create_responder(settings.responseModel, base_url=settings.responseBaseUrl, api_key=secret,
-                                     system_prompt=settings.responseSystemPrompt,
-                                     timeout_ms=settings.responseTimeoutMs)
+        # `none`: no auto-replies at all (the agent drives every turn); `offline`: the rule-based one
+        responder = None if settings.responseModel == "none" else create_responder(
+            settings.responseModel, base_url=settings.responseBaseUrl, api_key=secret,
+            system_prompt=settings.responseSystemPrompt, timeout_ms=settings.responseTimeoutMs)
         self.manager = CallManager(settings, self.carrier, clock=clock, responder=responder, voice_factory=voice_factory(settings, self.carrier))
         self.metrics = Metrics()
         self.dispatcher = RpcDispatcher(self.manager)
@@ -122,6 +123,11 @@ class Runtime:
         if not settings.publicUrl:
             host = "127.0.0.1" if bind in ("0.0.0.0", "::") else bind
             self.manager.public_base = f"http://{host}:{self.port}"
+            if self.carrier.signature_headers and not settings.skipSignatureVerification \
+                    and not settings.webhookSecurity.allowedHosts:
+                log.warning("no publicUrl (or tunnel, or webhookSecurity.allowedHosts): %s signs the public URL "
+                            "it calls, so its webhooks will fail verification unless they reach %s directly",
+                            settings.provider, self.manager.public_base)
         try:
             await self.manager.start()
         except OSError as exc:  # the call log: a folder in its place, a read-only or missing disk
@@ -139,14 +145,17 @@ class Runtime:
 
         tunnel = self.settings.tunnel
         token = tunnel.ngrokAuthToken.get_secret_value() if tunnel.ngrokAuthToken else None
+        provider = provider or tunnel.provider
+        # tailscale: tailscale.path is the public path, mapped onto our serve.path
+        public_path = self.settings.tailscale.path if provider.startswith("tailscale") else self.settings.serve.path
         try:
-            url, self._tunnel = await open_tunnel(provider or tunnel.provider, port=self.port or 0,
-                                                  path=self.settings.serve.path, authtoken=token,
+            url, self._tunnel = await open_tunnel(provider, port=self.port or 0, path=public_path,
+                                                  serve_path=self.settings.serve.path, authtoken=token,
                                                   domain=tunnel.ngrokDomain)
         except ExposeError as exc:
             await self.stop()
             raise StartupError(str(exc)) from None
-        log.warning("public webhook URL via %s: %s", provider or tunnel.provider, url)
+        log.warning("public webhook URL via %s: %s", provider, url)
         self.settings.publicUrl = url
 
     @property
