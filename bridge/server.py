@@ -184,12 +184,38 @@ class WebhookHandler:
         return self.manager.settings.publicUrl
 
 
+class _OneLineHttpErrors(logging.Filter):
+    """aiohttp logs a malformed request (duplicate Host, an 8 KB URL, a bad header) as an ERROR with
+    a traceback, after already answering 400. It is bad input, not our fault: one WARNING line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            reason = " ".join(str(exc.message).split(":", 1)[0].split())[:80]  # not the request bytes
+            record.msg, record.args = "malformed HTTP request refused (%s %s)", (exc.code, reason)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+_HTTP_ERROR_FILTER = _OneLineHttpErrors()
+
+
+def one_line_http_errors() -> None:
+    server_log = logging.getLogger("aiohttp.server")
+    if _HTTP_ERROR_FILTER not in server_log.filters:
+        server_log.addFilter(_HTTP_ERROR_FILTER)
+
+
 WEBHOOK_KEY = web.AppKey("webhook", WebhookHandler)
 STREAM_GATE_KEY = web.AppKey("stream_gate", StreamGate)
 
 
 def create_app(manager: CallManager, rpc: RpcEndpoint, metrics: Metrics) -> web.Application:
     settings = manager.settings
+    one_line_http_errors()
     app = web.Application(client_max_size=settings.webhookSecurity.maxBodyBytes)
     webhook = WebhookHandler(manager, metrics)
     gate = StreamGate(settings.streaming)

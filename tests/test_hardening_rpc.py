@@ -108,3 +108,31 @@ async def test_body_length_and_time_limits(tmp_path: Path) -> None:
         head = await asyncio.wait_for(reader.read(100), 5)
         assert head.startswith(b"HTTP/1.1 408"), head
         writer.close()
+
+
+async def raw(port: int, data: bytes, *, hang_up: bool = False) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    try:
+        if hang_up:
+            return b""
+        return await asyncio.wait_for(reader.read(100), 5)
+    finally:
+        writer.close()
+
+
+async def test_malformed_http_is_400_in_one_log_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async with run_bridge(CONFIG, tmp_path) as runtime:
+        port = runtime.port
+        reply = await raw(port, b"POST /rpc HTTP/1.1\r\nHost: a\r\nHost: b\r\nContent-Length: 2\r\n\r\n{}")
+        assert reply.startswith(b"HTTP/1.0 400")
+        reply = await raw(port, b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.0 400")
+        for path in (b"/rpc", b"/voice/webhook"):
+            await raw(port, b"POST " + path + b" HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n{\"a\"", hang_up=True)
+        status, body = await post_raw(f"http://127.0.0.1:{port}/rpc", json.dumps(request("voicecall.list", {})))
+        assert status == 200 and body["result"] == {"calls": []}
+    no_tracebacks(caplog)
+    refused = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert len(refused) == 2 and all(r.levelno == logging.WARNING and "aaaa" not in r.getMessage() for r in refused)
