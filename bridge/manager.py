@@ -41,7 +41,10 @@ REAPER_INTERVAL_S = 30.0
 MEDIA_WAIT_S = 10.0
 MAX_PROCESSED_IDS = 200_000
 STORE_RETRY_S = 5.0
-RING_TIMEOUT_SLACK_S = 10.0  # the carrier's own ring timeout should normally win
+RING_TIMEOUT_SLACK_S = 10.0
+HANGUP_ATTEMPT_S = 8.0  # one hang-up attempt (the carrier client's own retries included) before we back off
+HANGUP_RETRY_FIRST_S = 1.0
+HANGUP_RETRY_MAX_S = 60.0  # the carrier's own ring timeout should normally win
 DIAL_STRING_PROVIDERS = ("sip", "asterisk")  # these also dial extensions and dial strings; they check `to` themselves
 
 
@@ -82,6 +85,7 @@ class CallManager:
         self._processed: set[str] = set()
         self._turns: dict[str, _Turn] = {}
         self._timers: dict[str, TimerHandle] = {}
+        self._hangup_retries: dict[str, TimerHandle] = {}
         self._voices: dict[str, Any] = {}
         self._media_waiters: dict[str, list[asyncio.Future[Any]]] = {}
         self._rejected_provider_ids: set[str] = set()
@@ -106,9 +110,10 @@ class CallManager:
         self.stopping = True
         if self._reaper is not None:
             self._reaper.cancel()
-        for timer in self._timers.values():
+        for timer in [*self._timers.values(), *self._hangup_retries.values()]:
             timer.cancel()
         self._timers.clear()
+        self._hangup_retries.clear()
         for voice in list(self._voices.values()):
             await voice.close()
         self._voices.clear()
@@ -324,12 +329,16 @@ class CallManager:
                     log.warning("call %s: stop listening failed: %s", call.callId, exc)
 
     async def end(self, call_id: str) -> CallRecord:
+        """Hang up, and say so only once the carrier has: a failed hang-up is retried in the
+        background (with backoff) and reported as an error, never as success."""
         call = self.find_call(call_id, call_id)
         if call is None:
             raise CallError(f"Call not found: {call_id}")
         if call.terminal:
             return call
-        await self._hangup(call, CallState.HANGUP_BOT)
+        if not await self._hangup(call, CallState.HANGUP_BOT):
+            raise CallError(f"Call {call.callId} is still up: the carrier did not confirm the hang-up "
+                            f"({call.metadata.get('hangupError')}); retrying in the background")
         return call
 
     async def send_dtmf(self, call_id: str, digits: str) -> None:
@@ -607,12 +616,66 @@ class CallManager:
         if call.state != target and self._transition(call, target):
             self._save(call)
 
-    async def _hangup(self, call: CallRecord, reason: CallState) -> None:
+    async def _hangup(self, call: CallRecord, reason: CallState) -> bool:
+        """Ask the carrier to hang up; the call is final only once it has (or says it no longer has
+        the call). Otherwise the call stays live, and the hang-up is retried with backoff."""
+        if await self._try_hangup(call, reason):
+            return True
+        if call.callId not in self._hangup_retries:
+            self._schedule_hangup_retry(call, reason, 0)
+        return False
+
+    async def _try_hangup(self, call: CallRecord, reason: CallState) -> bool:
+        if call.terminal:
+            return True
         try:
-            await self.carrier.hangup_call(call, reason)
+            await self._bounded(self.carrier.hangup_call(call, reason), HANGUP_ATTEMPT_S)
         except CarrierError as exc:
-            log.warning("call %s: hang-up request failed: %s", call.callId, exc)
+            if exc.status == 404:  # the carrier has no such call (any more): nothing is up
+                log.info("call %s: carrier no longer has the call", call.callId)
+            else:
+                return self._hangup_failed(call, reason, str(exc))
+        except TimeoutError:
+            return self._hangup_failed(call, reason, f"no answer from the carrier in {HANGUP_ATTEMPT_S:.0f}s")
         self._finalize(call, reason)
+        return True
+
+    def _hangup_failed(self, call: CallRecord, reason: CallState, error: str) -> bool:
+        log.warning("call %s: hang-up not confirmed (%s); will retry", call.callId, error)
+        call.metadata["hangupError"] = error
+        call.metadata["hangupPending"] = reason.value
+        self._save(call)
+        return False
+
+    def _schedule_hangup_retry(self, call: CallRecord, reason: CallState, attempt: int) -> None:
+        delay = min(HANGUP_RETRY_MAX_S, HANGUP_RETRY_FIRST_S * 2 ** attempt)
+
+        async def retry() -> None:
+            if call.terminal or self.stopping:
+                self._hangup_retries.pop(call.callId, None)
+                return
+            if await self._try_hangup(call, reason):
+                self._hangup_retries.pop(call.callId, None)
+            else:
+                self._schedule_hangup_retry(call, reason, attempt + 1)
+
+        self._hangup_retries[call.callId] = self.clock.call_later(
+            delay, lambda: self._spawn(retry(), f"hangup-retry-{call.callId}"))
+
+    async def _bounded(self, awaitable: Awaitable[Any], seconds: float) -> Any:
+        """Await with a limit on the manager's clock; the work is cancelled when the limit passes."""
+        task = asyncio.ensure_future(awaitable)
+        expired = asyncio.get_running_loop().create_future()
+        timer = self.clock.call_later(seconds, lambda: expired.done() or expired.set_result(None))
+        try:
+            await asyncio.wait({task, expired}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+            if not task.done():
+                task.cancel()
+        if not task.done() or task.cancelled():
+            raise TimeoutError
+        return task.result()
 
     def _finalize(self, call: CallRecord, reason: CallState, *, error: str | None = None) -> None:
         if call.terminal:
@@ -625,6 +688,10 @@ class CallManager:
         timer = self._timers.pop(call.callId, None)
         if timer is not None:
             timer.cancel()
+        retry = self._hangup_retries.pop(call.callId, None)
+        if retry is not None:
+            retry.cancel()
+        call.metadata.pop("hangupPending", None)
         turn = self._turns.get(call.callId)
         if turn is not None and not turn.future.done():
             turn.future.set_exception(CallError(f"Call ended ({reason}) before a transcript arrived"))
@@ -652,11 +719,12 @@ class CallManager:
 
         self._timers[call.callId] = self.clock.call_later(max(0.0, seconds), expire)
 
-    def _start_ring_timeout(self, call: CallRecord) -> None:
+    def _start_ring_timeout(self, call: CallRecord, *, already: float = 0.0) -> None:
         """Our own limit on ringing, beside the carrier's: if its no-answer never reaches us (a webhook
         that cannot be verified, a lost callback), the call must not hold a slot forever. Answering
         replaces this timer with the max-duration one."""
         seconds = self.settings.ringTimeoutMs / 1000 + RING_TIMEOUT_SLACK_S
+        remaining = max(0.0, seconds - already)
 
         def expire() -> None:
             self._timers.pop(call.callId, None)
@@ -665,7 +733,7 @@ class CallManager:
                 call.metadata["ringTimeout"] = True
                 self._spawn(self._hangup(call, CallState.NO_ANSWER), f"ring-timeout-{call.callId}")
 
-        self._timers[call.callId] = self.clock.call_later(seconds, expire)
+        self._timers[call.callId] = self.clock.call_later(remaining, expire)
 
     def _schedule_reaper(self) -> None:
         self._reaper = self.clock.call_later(REAPER_INTERVAL_S, self._reap)
@@ -712,6 +780,8 @@ class CallManager:
             if call.answeredAt is not None:
                 elapsed = now - call.answeredAt
                 self._start_max_duration(call, self.settings.maxDurationSeconds - elapsed)
+            elif call.direction == Direction.OUTBOUND:
+                self._start_ring_timeout(call, already=now - call.startedAt)
             log.info("call %s restored in state %s", call.callId, call.state)
 
     # ================================================================== bookkeeping
