@@ -478,7 +478,7 @@ def mutate(text: str, draw: Any) -> bytes:
 @seed(SEED)
 @given(data=st.data())
 def test_fuzz_sip_front(bad_logs: BadLogs, data: st.DataObject) -> None:
-    from carriers.sip_proxy import SipFrontCore
+    from carriers.sip.proxy import SipFrontCore
 
     worker = ("127.0.0.1", 5071)
     core = SipFrontCore(("127.0.0.1", 5060), [worker], lambda _: worker, local_hosts=("127.0.0.1",))

@@ -151,8 +151,9 @@ class TelnyxCarrier(Carrier):
             body.update(self._stream_params(call, codec))
             if self._carrier_transcribes:
                 body.update(self._transcription_params())
-        # `command_id` makes a retried dial a no-op at Telnyx, so retrying it is safe
-        result = await self.http.request("POST", "/calls", json_body=body, idempotent=True)
+        # Sent once: Telnyx dedupes `command_id` on call commands, not on the dial itself, so a retried
+        # dial after a 5xx, a dropped connection or a timeout may ring the callee twice.
+        result = await self.http.request("POST", "/calls", json_body=body, idempotent=False)
         data = result.body.get("data") if isinstance(result.body, dict) else None
         ccid = data.get("call_control_id") if isinstance(data, dict) else None
         if not isinstance(ccid, str) or not ccid:
@@ -329,7 +330,7 @@ class TelnyxCarrier(Carrier):
             self._speak_ended(ccid, tag, str(p.get("status") or "completed"))
             return None
         if kind in ("call.machine.detection.ended", "call.machine.premium.detection.ended"):
-            if p.get("result") not in MACHINE_RESULTS:
+            if _text(p.get("result")) not in MACHINE_RESULTS:  # a string, or nothing we act on
                 return None
             if first_time and ccid:
                 self._tasks.spawn(self._command(ccid, "hangup", ended_ok=True), f"telnyx-amd-hangup-{ccid}")
@@ -348,7 +349,7 @@ class TelnyxCarrier(Carrier):
             return None
         confidence = data.get("confidence")
         token = tag.removeprefix("listen:") if tag and tag.startswith("listen:") else None
-        return event(EventType.SPEECH, transcript=transcript, is_final=bool(data.get("is_final", True)),
+        return event(EventType.SPEECH, transcript=transcript, is_final=data.get("is_final", True) is not False,
                      confidence=float(confidence) if isinstance(confidence, int | float) else None,
                      turn_token=token)
 

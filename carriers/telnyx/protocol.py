@@ -290,10 +290,14 @@ def _custom_parameters(value: Any) -> dict[str, str]:
 
 
 def _int(value: Any) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
+    """An integer field (a number or digits in a string); anything else, 1e400 included, is absent."""
+    if isinstance(value, bool):
         return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit() and len(value) <= 20:
+        return int(value)
+    return None
 
 
 def verify_request(public_key: Ed25519PublicKey, request: WebhookRequest, now: float) -> WebhookVerdict:

@@ -98,20 +98,20 @@ class TwilioStreamCodec(MediaStreamCodec):
         event = msg.get("event")
         try:
             if event == "media":
-                media = msg["media"]
+                media = _section(msg, "media")
                 if media.get("track", "inbound") not in ("inbound", "inbound_track"):
                     return StreamIgnored("media")
-                chunk = media.get("chunk")
-                stamp = media.get("timestamp")
-                return StreamMedia(base64.b64decode(media["payload"], validate=True),
-                                   int(chunk) if chunk is not None else None,
-                                   int(stamp) if stamp is not None else None)
+                payload = media.get("payload")
+                if not isinstance(payload, str):
+                    raise StreamProtocolError("media frame without a base64 payload")
+                return StreamMedia(base64.b64decode(payload, validate=True),
+                                   _count(media.get("chunk")), _count(media.get("timestamp")))
             if event == "start":
                 return self._start(msg)
             if event == "mark":
-                return StreamMark(str(msg["mark"]["name"]))
+                return StreamMark(_text(_section(msg, "mark"), "name"))
             if event == "dtmf":
-                return StreamDtmf(str(msg["dtmf"]["digit"]))
+                return StreamDtmf(_text(_section(msg, "dtmf"), "digit"))
             if event == "stop":
                 return StreamStop()
         except (KeyError, TypeError, ValueError, binascii.Error) as exc:
@@ -121,15 +121,20 @@ class TwilioStreamCodec(MediaStreamCodec):
         raise StreamProtocolError("frame has no event")
 
     def _start(self, msg: dict[str, Any]) -> StreamStart:
-        start = msg["start"]
+        start = _section(msg, "start")
         call_sid = start.get("callSid")
         stream_sid = start.get("streamSid") or msg.get("streamSid")
-        if not call_sid or not stream_sid:
+        if not isinstance(call_sid, str) or not call_sid or not isinstance(stream_sid, str) or not stream_sid:
             raise StreamProtocolError("start without callSid/streamSid")
         fmt = start.get("mediaFormat") or {}
-        if fmt and (fmt.get("encoding") != "audio/x-mulaw" or int(fmt.get("sampleRate", 8000)) != 8000):
-            raise StreamProtocolError(f"unsupported media format {fmt.get('encoding')}/{fmt.get('sampleRate')}")
-        custom = {str(k): str(v) for k, v in (start.get("customParameters") or {}).items()}
+        if not isinstance(fmt, dict):
+            raise StreamProtocolError("start: `mediaFormat` is not an object")
+        if fmt and (fmt.get("encoding") != "audio/x-mulaw" or _count(fmt.get("sampleRate", 8000)) != 8000):
+            raise StreamProtocolError("unsupported media format")
+        params = start.get("customParameters") or {}
+        if not isinstance(params, dict):
+            raise StreamProtocolError("start: `customParameters` is not an object")
+        custom = {str(k): v for k, v in params.items() if isinstance(v, str)}
         self.stream_sid = str(stream_sid)
         self._sid_json = json.dumps(self.stream_sid)
         self._media_prefix = '{"event":"media","streamSid":' + self._sid_json + ',"media":{"payload":"'
@@ -144,6 +149,31 @@ class TwilioStreamCodec(MediaStreamCodec):
 
     def encode_clear(self) -> str:
         return '{"event":"clear","streamSid":' + self._sid_json + "}"
+
+
+def _section(msg: dict[str, Any], key: str) -> dict[str, Any]:
+    value = msg.get(key)
+    if not isinstance(value, dict):
+        raise StreamProtocolError(f"`{key}` is not an object")
+    return value
+
+
+def _text(section: dict[str, Any], key: str) -> str:
+    value = section.get(key)
+    if not isinstance(value, str) or len(value) > 256:
+        raise StreamProtocolError(f"`{key}` is not a string")
+    return value
+
+
+def _count(value: Any) -> int | None:
+    """Twilio's chunk / timestamp / sampleRate: digits in a string (or a plain integer)."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**53:
+        return value
+    if isinstance(value, str) and value.isdigit() and len(value) <= 15:
+        return int(value)
+    raise StreamProtocolError("a counter is not an integer")
 
 
 # ====================================================================== callbacks
