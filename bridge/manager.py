@@ -33,6 +33,7 @@ from bridge.responder import Responder, ResponderError
 from bridge.store import CallStore, is_safe_id
 from bridge.tasks import BackgroundTasks
 from carriers.base import Carrier, CarrierError, OutboundRequest
+from media.tts.base import TtsError
 from media.transport import MediaTransport
 
 log = logging.getLogger(__name__)
@@ -380,7 +381,7 @@ class CallManager:
                     self._save(call)
             else:
                 await self.carrier.speak_native(call, text)
-        except CarrierError as exc:
+        except (CarrierError, TtsError) as exc:  # the carrier, or the voice engine mid-call
             raise CallError(f"Could not speak on call {call.callId}: {exc}") from None
         if call.terminal:
             raise CallError(f"Call {call.callId} ended while speaking ({call.state})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 import yaml
 
 from bridge.calls import CallState
-from bridge.client import RpcClient
+from bridge.client import RpcClient, RpcClientError
 from bridge.clock import FakeClock
 from bridge.config import build_settings
 from bridge.manager import CallError
@@ -164,3 +165,27 @@ async def test_media_stream_dropped_and_reconnected_keeps_the_call(tmp_path: Pat
             assert call.terminal and call.metadata.get("streamLost") is True
     finally:
         await runtime.stop()
+
+
+async def test_tts_engine_failing_mid_call_is_a_clear_error(tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    from tests.fakes.openai_server import FakeOpenAI
+
+    openai = await FakeOpenAI().start()
+    try:
+        cfg = {"provider": "mock", "fromNumber": "+15550001234", "responseModel": "none",
+               "mock": {"ringDelayMs": 10, "answerDelayMs": 10, "calleeScript": [], "calleeHangupAfterMs": 0},
+               "tts": {"provider": "openai", "openai": {"apiKey": "wrong-key", "baseUrl": openai.base_url}}}
+        async with run_bridge(cfg, tmp_path) as runtime:
+            client = RpcClient(f"http://127.0.0.1:{runtime.port}/rpc")
+            call_id = (await client.call("voicecall.initiate", {"to": "+15550007777", "message": "Hello",
+                                                                "mode": "conversation"}))["callId"]
+            call = runtime.manager.calls[call_id]
+            await wait_for(lambda: call.answeredAt is not None)
+            await runtime.manager.drain()  # the greeting failed in the engine
+            with pytest.raises(RpcClientError, match="Could not speak on call .*: OpenAI TTS failed: HTTP 401"):
+                await client.call("voicecall.speak", {"callId": call_id, "message": "Still there?"})
+            assert not call.terminal  # the call stays up; the agent can end it or try again
+    finally:
+        await openai.stop()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
