@@ -485,7 +485,7 @@ class CallManager:
                 self._refuse(event, reason)
                 return None
         call = CallRecord(
-            callId=event.call_id if is_safe_id(event.call_id) else str(uuid.uuid4()),
+            callId=event.call_id if event.call_id and is_safe_id(event.call_id) else str(uuid.uuid4()),
             provider=self.carrier.name,
             direction=event.direction,
             state=CallState.RINGING,
@@ -528,7 +528,7 @@ class CallManager:
             self._rejected_provider_ids.clear()
         self._rejected_provider_ids.add(provider_id)
         ghost = CallRecord(
-            callId=event.call_id if is_safe_id(event.call_id) else f"rejected-{uuid.uuid4().hex[:12]}",
+            callId=event.call_id if event.call_id and is_safe_id(event.call_id) else f"rejected-{uuid.uuid4().hex[:12]}",
             provider=self.carrier.name,
             direction=Direction.INBOUND,
             state=CallState.HANGUP_BOT,
@@ -666,8 +666,13 @@ class CallManager:
     async def _bounded(self, awaitable: Awaitable[Any], seconds: float) -> Any:
         """Await with a limit on the manager's clock; the work is cancelled when the limit passes."""
         task = asyncio.ensure_future(awaitable)
-        expired = asyncio.get_running_loop().create_future()
-        timer = self.clock.call_later(seconds, lambda: expired.done() or expired.set_result(None))
+        expired: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def expire() -> None:
+            if not expired.done():
+                expired.set_result(None)
+
+        timer = self.clock.call_later(seconds, expire)
         try:
             await asyncio.wait({task, expired}, return_when=asyncio.FIRST_COMPLETED)
         finally:

@@ -35,7 +35,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from bridge.calls import CallEvent, CallState, Direction, EventType
+from bridge.calls import CallEvent, Direction, EventType
 from bridge.config import ConfigError, Settings, build_settings, parse_text
 from bridge.preflight import preflight
 from bridge.rpc import RpcDispatcher

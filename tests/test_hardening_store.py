@@ -3,7 +3,6 @@ count the failures, calls keep working, and every kept record is written once th
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -360,7 +360,7 @@ def _event_from_json(item: Any) -> CallEvent:
             raise TypeError("id must be a string or an integer")
         event.id = str(item["id"])[:128]
     if item.get("direction"):
-        event.direction = Direction(_text(item, "direction"))
+        event.direction = Direction(_text(item, "direction") or "")
     event.from_number = _text(item, "from", 256)
     event.to_number = _text(item, "to", 256)
     event.transcript = _text(item, "transcript", 10_000)
@@ -371,7 +371,7 @@ def _event_from_json(item: Any) -> CallEvent:
     event.digits = _text(item, "digits", 64)
     event.turn_token = _text(item, "turnToken", 128)
     if item.get("reason"):
-        event.reason = CallState(_text(item, "reason"))
+        event.reason = CallState(_text(item, "reason") or "")
     event.error = _text(item, "error")
     return event
 
