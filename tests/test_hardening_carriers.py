@@ -4,7 +4,10 @@ and a Telnyx dial is never sent twice."""
 
 from __future__ import annotations
 
+import json
+import logging
 import secrets
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -121,3 +124,28 @@ async def test_telnyx_dial_is_sent_once(tmp_path: Path, failure: str) -> None:
         assert len(dials) == 1
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("data, status", [
+    ({"event_type": "call.machine.detection.ended", "id": "e1",
+      "payload": {"call_control_id": "v3:x", "result": {"a": 1}}}, 200),
+    ({"event_type": "call.transcription", "id": "e2",
+      "payload": {"call_control_id": "v3:x", "transcription_data": {"transcript": ["x"], "confidence": "high"}}}, 200),
+    ({"event_type": "call.hangup", "id": "e3", "payload": {"call_control_id": ["v3:x"], "client_state": {"a": 1}}},
+     200),
+    ({"event_type": "call.initiated", "id": "e4", "payload": {"nested": json.loads("[" * 40 + "]" * 40)}}, 400),
+])
+async def test_telnyx_signed_webhook_with_odd_types_is_never_a_500(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                                   data: dict[str, Any], status: int) -> None:
+    telnyx = FakeTelnyx()
+    cfg = {"provider": "telnyx", "fromNumber": "+15550001234", "responseModel": "none", "telnyx": telnyx.config()}
+    async with run_bridge(cfg, tmp_path) as runtime:
+        body = json.dumps({"data": data, "meta": {"attempt": 1}}).encode()
+        stamp = str(int(time.time()))
+        headers = {"Content-Type": "application/json", "telnyx-timestamp": stamp,
+                   "telnyx-signature-ed25519": telnyx.sign(body, stamp)}
+        async with aiohttp.ClientSession() as session, session.post(webhook(runtime), data=body,
+                                                                    headers=headers) as resp:
+            assert resp.status == status
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info
+                or "could not use it" in r.getMessage()]
