@@ -1,5 +1,5 @@
 """Faults over real processes and sockets, against the carrier fakes: kill -9 with live calls and a
-restart, carrier API failures on initiate / speak / hang-up, a media stream dropped and reconnected."""
+restart (Twilio and Plivo fakes), carrier API failures on initiate / speak / hang-up, a media stream dropped and reconnected."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import logging
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +25,15 @@ from bridge.config import build_settings
 from bridge.manager import CallError
 from bridge.runtime import Runtime
 from tests.fakes.carrier import SignedJsonCarrier
+from tests.fakes.plivo_server import FakePlivo
 from tests.fakes.twilio_server import CallerScript, FakeTwilio
 from tests.harness import free_port, run_bridge, wait_for
 from tests.test_stream_limits import inbound_call, stream_url
+from tests.test_plivo_e2e import config as plivo_config
 from tests.test_twilio_e2e import config as twilio_config
 
 ROOT = Path(__file__).resolve().parents[1]
 KILL_CALLS = 6
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeTwilio]:
-    async with FakeTwilio(say_chars_per_second=200) as server:
-        server.default_script = CallerScript(gather_timeout_s=0.3)
-        yield server
 
 
 class Server:
@@ -74,40 +70,64 @@ class Server:
         return (await self.client.call("voicecall.status", {"callId": call_id}))["call"]
 
 
-async def test_kill_9_with_live_calls_then_restart_recovers_every_call(fake: FakeTwilio, tmp_path: Path) -> None:
-    fake.default_script = CallerScript(gather_timeout_s=60)  # the caller stays quiet through the outage
-    port = free_port()
-    cfg = twilio_config(fake, stream=False, maxConcurrentCalls=KILL_CALLS + 2, store=str(tmp_path),
-                        serve={"port": port}, publicUrl=f"http://127.0.0.1:{port}/voice/webhook",
-                        maxDurationSeconds=600)
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    server = Server(tmp_path / "c.yaml", port)
-    await server.start()
-    try:
-        ids = [(await server.client.call("voicecall.initiate", {"to": f"+1555000{7000 + i}", "message": "Hi.",
-                                                                 "mode": "conversation"}))["callId"]
-               for i in range(KILL_CALLS)]
+@asynccontextmanager
+async def carrier_fake(name: str, port: int, store: Path) -> AsyncIterator[tuple[dict[str, Any], Callable[[], list[bool]]]]:
+    """A carrier fake whose callers stay quiet through the outage; (bridge config, which calls are up)."""
+    common = {"maxConcurrentCalls": KILL_CALLS + 2, "store": str(store), "serve": {"port": port},
+              "publicUrl": f"http://127.0.0.1:{port}/voice/webhook", "maxDurationSeconds": 600}
+    if name == "twilio":
+        async with FakeTwilio(say_chars_per_second=200) as twilio:
+            twilio.default_script = CallerScript(gather_timeout_s=60)
+            yield ({**twilio_config(twilio, stream=False), **common},
+                   lambda: [c.status == "in-progress" and not c.ended.is_set() for c in twilio.calls.values()])
+    else:
+        plivo = await FakePlivo().start()
+        try:
+            yield ({**plivo_config(plivo, streaming=False), **common},
+                   lambda: [c.live for c in plivo.calls.values()])
+        finally:
+            await plivo.stop()
 
-        async def all_listening() -> bool:
-            return [(await server.status(i))["state"] for i in ids] == ["listening"] * len(ids)
-        async with asyncio.timeout(30):
-            while not await all_listening():
-                await asyncio.sleep(0.1)
-        assert server.kill(signal.SIGKILL) == -signal.SIGKILL  # no drain, no goodbye: the log is all that is left
-        assert all(c.status == "in-progress" for c in fake.calls.values())
+
+@pytest.mark.parametrize("name", ["twilio", "plivo"])
+async def test_kill_9_with_live_calls_then_restart_recovers_every_call(tmp_path: Path, name: str) -> None:
+    port = free_port()
+    async with carrier_fake(name, port, tmp_path) as (cfg, up):
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+        server = Server(tmp_path / "c.yaml", port)
         await server.start()
-        for call_id in ids:  # every call is back, in the state it was in, still up at the carrier
-            record = await server.status(call_id)
-            assert record["state"] == "listening" and not record.get("endReason"), record
-        assert [c.status for c in fake.calls.values()] == ["in-progress"] * KILL_CALLS
-        for call_id in ids:
-            assert (await server.client.call("voicecall.end", {"callId": call_id})) == {"success": True}
-        await wait_for(lambda: all(c.ended.is_set() for c in fake.calls.values()), timeout=15)
-        assert server.kill(signal.SIGTERM) == 0  # and a SIGTERM drains and exits cleanly
-    finally:
-        if server.proc is not None and server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
+        try:
+            ids = [(await server.client.call("voicecall.initiate", {"to": f"+1555000{7000 + i}", "message": "Hi.",
+                                                                     "mode": "conversation"}))["callId"]
+                   for i in range(KILL_CALLS)]
+
+            async def all_listening() -> bool:
+                return [(await server.status(i))["state"] for i in ids] == ["listening"] * len(ids)
+            async with asyncio.timeout(30):
+                while not await all_listening():
+                    await asyncio.sleep(0.1)
+            assert server.kill(signal.SIGKILL) == -signal.SIGKILL  # no drain, no goodbye: only the log is left
+            assert up() == [True] * KILL_CALLS
+            await server.start()
+            for call_id in ids:  # every call is back, in the state it was in, still up at the carrier
+                record = await server.status(call_id)
+                assert record["state"] == "listening" and not record.get("endReason"), record
+            assert up() == [True] * KILL_CALLS
+            for call_id in ids:
+                assert (await server.client.call("voicecall.end", {"callId": call_id})) == {"success": True}
+            await wait_for(lambda: not any(up()), timeout=15)
+            assert server.kill(signal.SIGTERM) == 0  # and a SIGTERM drains and exits cleanly
+        finally:
+            if server.proc is not None and server.proc.poll() is None:
+                server.proc.kill()
+                server.proc.wait()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeTwilio]:
+    async with FakeTwilio(say_chars_per_second=200) as server:
+        server.default_script = CallerScript(gather_timeout_s=0.3)
+        yield server
 
 
 async def test_carrier_api_failures_are_clear_and_leave_nothing_half_done(fake: FakeTwilio, tmp_path: Path) -> None:
