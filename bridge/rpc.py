@@ -226,8 +226,11 @@ def _inside(folder: Path, name: str) -> str:
     Checked before the file is touched, so the reply never tells whether a file elsewhere exists.
     """
     root = folder.resolve()
-    target = (root / name).resolve()
-    if not name or not target.is_relative_to(root):
+    try:
+        target = (root / name).resolve()
+    except (ValueError, OSError):  # a NUL byte, a symlink loop
+        target = None
+    if not name or target is None or not target.is_relative_to(root):
         raise RpcError(INVALID_PARAMS, f"`file` must be a WAV inside {root}")
     return str(target)
 

@@ -161,7 +161,7 @@ class WebhookHandler:
 
     def _process(self, hook: WebhookRequest, verdict: WebhookVerdict | None) -> web.StreamResponse:
         carrier = self.manager.carrier
-        if hook.body[:1] in (b"{", b"[") and nesting_depth(hook.body) > MAX_DEPTH:
+        if hook.body.lstrip()[:1] in (b"{", b"[") and nesting_depth(hook.body) > MAX_DEPTH:
             log.warning("webhook refused: JSON nested deeper than %d levels", MAX_DEPTH)
             return self._reply(400, "Bad Request")
         try:
