@@ -50,6 +50,7 @@ DEFAULT_TOTAL = 10_000
 SCALE = max(1.0, int(os.environ.get("FUZZ_EXAMPLES", DEFAULT_TOTAL)) / DEFAULT_TOTAL)
 SEED = int(os.environ.get("FUZZ_SEED", "20261201"))
 BATCH = 10  # inputs per hypothesis example
+pytestmark = pytest.mark.timeout(int(120 * SCALE))  # a larger FUZZ_EXAMPLES needs a longer per-test limit
 COUNTS: Counter[str] = Counter()
 
 
@@ -429,23 +430,26 @@ configs = st.dictionaries(config_keys, json_values, max_size=6)
 @given(data=st.data())
 def test_fuzz_config_validation(bad_logs: BadLogs, data: st.DataObject) -> None:
     for _ in range(BATCH):
-        if data.draw(st.booleans()):
-            text = data.draw(st.one_of(text_blobs, configs.map(as_text)))
-            source = data.draw(st.sampled_from(["c.yaml", "c.json5"]))
+        # every draw first: what happens next must not decide what is drawn
+        as_file = data.draw(st.booleans())
+        text = data.draw(st.one_of(text_blobs, configs.map(as_text))) if as_file else ""
+        source = data.draw(st.sampled_from(["c.yaml", "c.json5"]))
+        drawn = data.draw(configs)
+        build_engines = data.draw(st.integers(0, 24)) == 0  # engines (espeak probes) are the slow part
+        raw: Any = drawn
+        if as_file:
             try:
-                raw: Any = parse_text(text, source)
+                raw = parse_text(text, source)
             except ConfigError as exc:
                 assert all(isinstance(p, str) and "\n" not in p for p in exc.problems)
                 COUNTS["config"] += 1
                 continue
-        else:
-            raw = data.draw(configs)
         try:
             settings_ = build_settings(raw, {})
         except ConfigError as exc:
             assert exc.problems and all(isinstance(p, str) for p in exc.problems)
         else:
-            if data.draw(st.integers(0, 24)) == 0:  # building engines (espeak probes) is the slow part
+            if build_engines:
                 assert all(isinstance(p, str) for p in preflight(settings_))
         COUNTS["config"] += 1
 
