@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-
 from urllib.parse import urlsplit, urlunsplit
 
 from bridge.client import RpcClient, RpcClientError

@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from bridge.manager import CallError, CallManager
-from bridge.untrusted import UntrustedJsonError, loads
+from media.untrusted import UntrustedJsonError, loads
 
 log = logging.getLogger(__name__)
 

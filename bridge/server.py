@@ -3,8 +3,10 @@
 Webhook pipeline, in order (the seed system's, hardened): exact path (404), POST only (405),
 signature header present (401, before the body is read), per-IP cap on requests whose body is
 still arriving (429), body size and read time (413 / 408), public URL + Host validation (400),
-signature (401), JSON nesting depth (400), replay (200, no side effect), parse and process.
-A carrier parser that raises is a 400 with one log line, never a 500.
+signature (401), JSON nesting depth (400), replay check, pure parse into events + reply, the
+manager applies the events (not for a replay: 200, no side effect), the reply, then the carrier's
+follow-up effects (only when the delivery brought something new). Odd input that a carrier's
+parser did not expect is a 400 with one log line, never a 500.
 
 Only requests whose body is still arriving count against the per-IP cap: behind a tunnel every
 carrier request shares one address, and a carrier sends its callback in one go, so slow uploads
@@ -24,8 +26,8 @@ from aiohttp import web
 
 from bridge.security import ReplayCache, UntrustedHost, resolve_public_url
 from bridge.streams import StreamGate, StreamHandler
-from bridge.untrusted import MAX_DEPTH, nesting_depth
 from carriers.base import WebhookReply, WebhookRequest, WebhookVerdict
+from media.untrusted import MAX_DEPTH, nesting_depth
 
 if TYPE_CHECKING:
     from bridge.manager import CallManager
@@ -171,9 +173,11 @@ class WebhookHandler:
             return self._reply(400, "Bad Request")
 
     def _apply(self, hook: WebhookRequest, verdict: WebhookVerdict | None) -> web.StreamResponse:
-        result = self.manager.carrier.parse_webhook(hook)
+        carrier = self.manager.carrier
         replay = bool(verdict and verdict.replay_key and self.replays.check_and_remember(verdict.replay_key))
+        result = carrier.parse_webhook(hook, self.manager)
         call = None
+        fresh = not result.events  # a delivery with events is new if any of them is
         if replay:
             self.metrics.inc("voicecall_webhook_replays_total")
             first = result.events[0] if result.events else None
@@ -182,11 +186,14 @@ class WebhookHandler:
             for index, event in enumerate(result.events):
                 if verdict is not None and verdict.replay_key and event.dedupe_key is None:
                     event.dedupe_key = f"{verdict.replay_key}:{index}"
+                fresh = fresh or not self.manager.has_processed(event)
                 processed = self.manager.process_event(event)
                 call = call or processed
         if call is None and hook.query_value("callId"):
             call = self.manager.find_call(hook.query_value("callId"))
         reply: WebhookReply = result.respond(call) if result.respond is not None else result.reply
+        if result.effects and fresh and not replay:
+            carrier.apply_effects(result.effects)
         self.metrics.inc("voicecall_webhooks_total", status=str(reply.status))
         return web.Response(status=reply.status, text=reply.body, content_type=reply.content_type)
 

@@ -15,7 +15,7 @@ import asyncio
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -24,17 +24,19 @@ from carriers.base import (
     StreamDtmf,
     StreamMark,
     StreamMedia,
+    StreamMessage,
     StreamProtocolError,
     StreamStart,
     StreamStop,
 )
-from bridge.untrusted import MAX_DEPTH, nesting_depth
 from media.formats import AudioFormat
+from media.untrusted import MAX_DEPTH, nesting_depth
 
 if TYPE_CHECKING:
     from bridge.config import StreamingSettings
     from bridge.manager import CallManager
     from bridge.metrics import Metrics
+    from media.bridge import MediaBridge
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +161,7 @@ class StreamHandler:
         self.gate.enter(ip)
         pending = True
         call_id: str | None = None
-        bridge: Any = None
+        bridge: MediaBridge | None = None
         try:
             start = await self._await_start(ws, codec, limits.preStartTimeoutMs / 1000)
             if start is None:
@@ -208,7 +210,7 @@ class StreamHandler:
             await ws.close(code=CLOSE_POLICY, message=b"Start timeout")
         return None
 
-    async def _pump(self, ws: web.WebSocketResponse, codec: MediaStreamCodec, bridge: Any) -> None:
+    async def _pump(self, ws: web.WebSocketResponse, codec: MediaStreamCodec, bridge: MediaBridge) -> None:
         frames = 0
         reorders = codec.reorders
         try:
@@ -237,7 +239,7 @@ class StreamHandler:
             self.metrics.inc("voicecall_stream_frames_in_total", amount=frames)
 
 
-def _parse(codec: MediaStreamCodec, text: str) -> Any:
+def _parse(codec: MediaStreamCodec, text: str) -> StreamMessage:
     """The codec's parse, with every failure as a StreamProtocolError (one line, no traceback)."""
     if nesting_depth(text) > MAX_DEPTH:
         raise StreamProtocolError(f"frame nested deeper than {MAX_DEPTH} levels")

@@ -28,8 +28,8 @@ from tests.fakes.carrier import SignedJsonCarrier
 from tests.fakes.plivo_server import FakePlivo
 from tests.fakes.twilio_server import CallerScript, FakeTwilio
 from tests.harness import free_port, run_bridge, wait_for
-from tests.test_stream_limits import inbound_call, stream_url
 from tests.test_plivo_e2e import config as plivo_config
+from tests.test_stream_limits import inbound_call, stream_url
 from tests.test_twilio_e2e import config as twilio_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -40,10 +40,10 @@ from bridge.config import ConfigError, Settings, build_settings, parse_text
 from bridge.preflight import preflight
 from bridge.rpc import RpcDispatcher
 from bridge.server import WEBHOOK_KEY
-from bridge.signatures import plivo_v3_signature, twilio_signature
 from bridge.streams import _parse
 from carriers.base import StreamProtocolError, StreamStart, WebhookRequest
 from carriers.registry import create_carrier
+from carriers.signatures import plivo_v3_signature, twilio_signature
 from tests.harness import run_bridge
 
 DEFAULT_TOTAL = 10_000

@@ -13,10 +13,10 @@ import aiohttp
 import pytest
 
 from bridge.calls import CallEvent, CallRecord, CallState, Direction
-from bridge.config import MockSettings
 from bridge.store import child_path
 from carriers.base import OutboundRequest
 from carriers.mock import MockCarrier
+from carriers.mock.settings import MockSettings
 from tests.fakes.carrier import SignedJsonCarrier
 from tests.harness import run_bridge, wait_for
 from tests.test_webhook_pipeline import event, send

@@ -20,9 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 from bridge.calls import CallEvent, CallRecord, CallState, Direction, EventType
-from bridge.config import MockSettings
-from bridge.untrusted import loads
 from carriers.base import (
+    CallLookup,
     Carrier,
     OutboundRequest,
     ProviderStatus,
@@ -31,10 +30,12 @@ from carriers.base import (
     WebhookResult,
     WebhookVerdict,
 )
+from carriers.mock.settings import MockSettings
 from media import g711
 from media.formats import FRAME_MS, ULAW_8K
 from media.resample import StreamResampler
 from media.tts.base import TtsEngine
+from media.untrusted import loads
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +314,7 @@ class MockCarrier(Carrier):
     def verify_webhook(self, request: WebhookRequest) -> WebhookVerdict:
         return WebhookVerdict(ok=True)
 
-    def parse_webhook(self, request: WebhookRequest) -> WebhookResult:
+    def parse_webhook(self, request: WebhookRequest, calls: CallLookup) -> WebhookResult:
         try:
             data = loads(request.body or b"{}")
             if not isinstance(data, dict):
@@ -379,4 +380,4 @@ def _event_from_json(item: Any) -> CallEvent:
 def from_settings(settings: Any) -> MockCarrier:
     from media.tts.factory import create_tts
 
-    return MockCarrier(settings.mock, lambda: create_tts({"provider": "espeak"}))
+    return MockCarrier(settings.section(MockSettings), lambda: create_tts({"provider": "espeak"}))

@@ -3,6 +3,8 @@
 Python's json recurses per nesting level: a few thousand `[` raise RecursionError (a 500 and a
 traceback) and a deep-but-legal document costs stack on every consumer. Counting brackets outside
 strings first rejects it in linear time, without recursion.
+
+It lives in the lowest layer so the server, the media-stream handler and every carrier share it.
 """
 
 from __future__ import annotations
