@@ -20,10 +20,10 @@ import yaml
 
 from bridge.calls import CallState
 from bridge.client import RpcClient, RpcClientError
-from bridge.clock import FakeClock
 from bridge.config import build_settings
 from bridge.manager import CallError
 from bridge.runtime import Runtime
+from media.clock import FakeClock
 from tests.fakes.carrier import SignedJsonCarrier
 from tests.fakes.plivo_server import FakePlivo
 from tests.fakes.twilio_server import CallerScript, FakeTwilio
