@@ -17,7 +17,9 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from bridge.continues import ContinueJobs
 from bridge.manager import CallError, CallManager
+from bridge.tasks import BackgroundTasks
 from media.untrusted import UntrustedJsonError, loads
 
 log = logging.getLogger(__name__)
@@ -69,10 +71,13 @@ def _bool(params: dict[str, Any], key: str) -> bool:
 class RpcDispatcher:
     def __init__(self, manager: CallManager) -> None:
         self.manager = manager
+        self.continues = ContinueJobs(manager.clock, BackgroundTasks(log))
         self._methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "voicecall.initiate": self._initiate,
             "voicecall.start": self._start_legacy,
             "voicecall.continue": self._continue,
+            "voicecall.continue.start": self._continue_start,
+            "voicecall.continue.result": self._continue_result,
             "voicecall.speak": self._speak,
             "voicecall.end": self._end,
             "voicecall.status": self._status,
@@ -104,17 +109,30 @@ class RpcDispatcher:
         if p.get("to") == "" or (isinstance(p.get("to"), str) and not p["to"].strip()):
             raise RpcError(INVALID_PARAMS, "parameter `to` is empty: give a number or leave it out for toNumber")
         call = await self.manager.initiate(_str(p, "to", required=False), _str(p, "message") or "",
-                                           _str(p, "mode", required=False))
+                                           _str(p, "mode", required=False), **_call_options(p))
         return {"callId": call.callId, "initiated": True}
 
     async def _start_legacy(self, p: dict[str, Any]) -> dict[str, Any]:
         message = _str(p, "message", required=False) or "Hello"
-        call = await self.manager.initiate(_str(p, "to"), message, _str(p, "mode", required=False))
+        call = await self.manager.initiate(_str(p, "to"), message, _str(p, "mode", required=False),
+                                           **_call_options(p))
         return {"callId": call.callId, "initiated": True}
 
     async def _continue(self, p: dict[str, Any]) -> dict[str, Any]:
         transcript = await self.manager.continue_call(_str(p, "callId") or "", _str(p, "message") or "")
         return {"success": True, "transcript": transcript}
+
+    async def _continue_start(self, p: dict[str, Any]) -> dict[str, Any]:
+        call_id, message = _str(p, "callId") or "", _str(p, "message") or ""
+        call = self.manager.answered_call(call_id)  # refuse at once, not at the first poll
+        continue_id = self.continues.start(call.callId, self.manager.continue_call(call.callId, message))
+        return {"continueId": continue_id, "callId": call.callId, "started": True}
+
+    async def _continue_result(self, p: dict[str, Any]) -> dict[str, Any]:
+        result = self.continues.result(_str(p, "continueId") or "")
+        if result is None:
+            raise RpcError(INVALID_PARAMS, "unknown or expired `continueId`")
+        return result
 
     async def _speak(self, p: dict[str, Any]) -> dict[str, Any]:
         await self.manager.speak(_str(p, "callId") or "", _str(p, "message") or "")
@@ -130,8 +148,8 @@ class RpcDispatcher:
 
     async def _status(self, p: dict[str, Any]) -> dict[str, Any]:
         key = _str(p, "callId", required=False) or _str(p, "sid", required=False)
-        if not key:
-            raise RpcError(INVALID_PARAMS, "missing parameter `callId`")
+        if not key:  # the seed's newer form: no id lists the calls
+            return await self._list(p)
         call = self.manager.status(key)
         return {"found": True, "call": call.public_view()} if call else {"found": False}
 
@@ -254,6 +272,13 @@ def _refuse(status: int, message: str) -> web.Response:
     response = web.json_response(_error(None, INVALID_REQUEST, message), status=status)
     response.force_close()  # the body may be unread: do not wait for it on a kept-alive connection
     return response
+
+
+def _call_options(p: dict[str, Any]) -> dict[str, str | None]:
+    """voicecall.initiate's optional call-control parameters."""
+    return {"machine_detection": _str(p, "machineDetection", required=False),
+            "dtmf_sequence": _str(p, "dtmfSequence", required=False),
+            "voicemail_message": _str(p, "voicemailMessage", required=False)}
 
 
 def _error(request_id: Any, code: int, message: str) -> dict[str, Any]:
