@@ -359,7 +359,8 @@ def test_fuzz_stream_frames_over_websocket(labs: dict[str, Lab], bad_logs: BadLo
 rpc_requests = st.one_of(
     st.fixed_dictionaries({"jsonrpc": st.just("2.0"), "method": st.sampled_from(
         ["voicecall.list", "voicecall.status", "voicecall.end", "voicecall.dtmf", "voicecall.speak",
-         "voicecall.continue", "voicecall.initiate", "mock.callee", "mock.inject", "voicecall.nope"])},
+         "voicecall.continue", "voicecall.continue.start", "voicecall.continue.result", "voicecall.initiate",
+         "mock.callee", "mock.inject", "voicecall.nope"])},
         optional={"id": json_values, "params": st.one_of(json_objects, json_values)}),
     json_values)
 
@@ -375,7 +376,8 @@ def test_fuzz_rpc_dispatcher(labs: dict[str, Lab], bad_logs: BadLogs, data: st.D
         if isinstance(payload, dict) and payload.get("method") == "voicecall.initiate":
             payload["method"] = "voicecall.list"  # placing real calls is the e2e tests' job
         if isinstance(payload, dict) and payload.get("method") in ("voicecall.end", "voicecall.speak",
-                                                                   "voicecall.continue", "voicecall.dtmf"):
+                                                                   "voicecall.continue", "voicecall.dtmf",
+                                                                   "voicecall.continue.start"):
             params = payload.get("params")
             if isinstance(params, dict) and params.get("callId") == lab.control.callId:
                 params["callId"] = "someone-else"
