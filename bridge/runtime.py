@@ -95,7 +95,8 @@ class Runtime:
         voices = voice_factory(settings, self.carrier)
         self._close_engines = getattr(voices, "close", None)
         self.manager = CallManager(settings, self.carrier, clock=clock, responder=responder,
-                                   voice_factory=voices, conversation=create_conversation(settings))
+                                   voice_factory=voices,
+                                   conversation=None if settings.responseModel == "none" else create_conversation(settings))
         self.metrics = Metrics()
         self.dispatcher = RpcDispatcher(self.manager)
         token = settings.rpc.token.get_secret_value() if settings.rpc.token else None
