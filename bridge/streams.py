@@ -30,7 +30,7 @@ from carriers.base import (
     StreamStop,
 )
 from media.formats import AudioFormat
-from media.untrusted import MAX_DEPTH, nesting_depth
+from media.untrusted import MAX_DEPTH, too_deep
 
 if TYPE_CHECKING:
     from bridge.config import StreamingSettings
@@ -243,7 +243,7 @@ class StreamHandler:
 
 def _parse(codec: MediaStreamCodec, text: str) -> StreamMessage:
     """The codec's parse, with every failure as a StreamProtocolError (one line, no traceback)."""
-    if nesting_depth(text) > MAX_DEPTH:
+    if too_deep(text, MAX_DEPTH):
         raise StreamProtocolError(f"frame nested deeper than {MAX_DEPTH} levels")
     try:
         return codec.parse(text)
