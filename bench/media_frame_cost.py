@@ -103,6 +103,8 @@ def twilio_messages(secs: float) -> tuple[float, float]:
                                     "payload": base64.b64encode(f).decode()}})
               for k, f in enumerate(g711.encode(speechlike(8000, 1).tobytes(), ULAW_8K.encoding)[i : i + 160]
                                     for i in range(0, 8000, 160))]
+    global _FRAMES
+    _FRAMES = (codec, frames)
     n = int(secs * 10)  # best of 5 runs of secs/5 each: these are ~us, a shared machine's noise is not
     parse = build = float("inf")
     out = bytes(320)
@@ -116,6 +118,30 @@ def twilio_messages(secs: float) -> tuple[float, float]:
             codec.encode_media(out)
         build = min(build, (time.perf_counter() - t) / n * 1e6)
     return parse, build
+
+
+_FRAMES: tuple[object, list[str]] | None = None
+
+
+def stream_inbound(secs: float) -> float:
+    """What the stream handler does per inbound Twilio message outside aiohttp: depth gate, parse,
+    MediaBridge.receive on a carrier stream leg (best of 5)."""
+    from bridge.streams import _parse
+    from carriers.base import StreamMedia
+
+    assert _FRAMES is not None
+    codec, frames = _FRAMES
+    bridge = MediaBridge(NullStreamLeg(), NullListener(), inband_dtmf=False)  # type: ignore[arg-type]
+    n = int(secs * 10)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for k in range(n):
+            msg = _parse(codec, frames[k % 50])  # type: ignore[arg-type]
+            assert isinstance(msg, StreamMedia)
+            bridge.receive(msg.payload)
+        best = min(best, (time.perf_counter() - t) / n * 1e6)
+    return best
 
 
 def outbound_codec_only(secs: float) -> float:
@@ -154,7 +180,8 @@ def main() -> None:
     ]
     parse, build = twilio_messages(secs)
     rows += [("inbound  Twilio media message: parse (JSON+base64)", parse),
-             ("outbound Twilio media message (40 ms): build", build)]
+             ("outbound Twilio media message (40 ms): build", build),
+             ("inbound  stream handler: depth gate + parse + receive", stream_inbound(secs))]
     print(f"{secs:.0f} s of audio, 20 ms frames, Python {sys.version.split()[0]}")
     for name, us in rows:
         print(f"  {name:<52} {us:7.1f} µs/frame  ({us / 200:.3f}% of a core per call)")
