@@ -11,6 +11,7 @@ from aiohttp import web
 
 from bridge.calls import CallEvent, CallRecord
 from bridge.config import Settings, reveal
+from bridge.conversation.factory import create_conversation
 from bridge.manager import CallManager, VoiceFactory
 from bridge.metrics import Metrics
 from bridge.responder import create_responder
@@ -73,6 +74,7 @@ def voice_factory(settings: Settings, carrier: Carrier) -> VoiceFactory:
             echo=settings.streaming.echo,
         )
 
+    build.close = tts.close  # type: ignore[attr-defined]  # the runtime releases the shared engine at stop
     return build
 
 
@@ -84,8 +86,10 @@ class Runtime:
         responder = create_responder(settings.responseModel, base_url=settings.responseBaseUrl, api_key=secret,
                                      system_prompt=settings.responseSystemPrompt,
                                      timeout_ms=settings.responseTimeoutMs)
+        voices = voice_factory(settings, self.carrier)
+        self._close_engines = getattr(voices, "close", None)
         self.manager = CallManager(settings, self.carrier, clock=clock, responder=responder,
-                                   voice_factory=voice_factory(settings, self.carrier))
+                                   voice_factory=voices, conversation=create_conversation(settings))
         self.metrics = Metrics()
         self.dispatcher = RpcDispatcher(self.manager)
         token = settings.rpc.token.get_secret_value() if settings.rpc.token else None
@@ -157,3 +161,6 @@ class Runtime:
         await self.dispatcher.continues.close()
         if self.manager.started:
             await self.manager.stop()
+        if self._close_engines is not None:
+            close, self._close_engines = self._close_engines, None
+            await close()
