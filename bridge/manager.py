@@ -109,6 +109,9 @@ class CallManager:
         for voice in list(self._voices.values()):
             await voice.close()
         self._voices.clear()
+        close_factory = getattr(self._voice_factory, "close", None)
+        if close_factory is not None:
+            await close_factory()
         await self.carrier.close()
         await self._tasks.cancel()
         if self.responder is not None:
@@ -242,6 +245,7 @@ class CallManager:
         self.calls[call.callId] = call
         self._save(call)
         self._publish("call.created", call)
+        self._prewarm(call)
         request = OutboundRequest(to=to, from_number=call.from_, message=message, mode=str(mode),
                                   stream=self.settings.streaming.enabled)
         try:
@@ -368,6 +372,12 @@ class CallManager:
         if call.terminal:
             raise CallError(f"Call {call.callId} ended while speaking ({call.state})")
 
+    def _prewarm(self, call: CallRecord) -> None:
+        """Let the voice factory open the call's model/STT session while the call still rings."""
+        prewarm = getattr(self._voice_factory, "prewarm", None)
+        if prewarm is not None:
+            prewarm(call)
+
     def _expects_media(self, call: CallRecord) -> bool:
         return self.carrier.streams_media and (self.settings.streaming.enabled or self.carrier.media_always)
 
@@ -485,6 +495,7 @@ class CallManager:
         self._save(call)
         self._publish("call.created", call)
         if event.direction == Direction.INBOUND:
+            self._prewarm(call)
             self._spawn(self._answer(call), f"answer-{call.callId}")
         return call
 
@@ -547,7 +558,11 @@ class CallManager:
                 self._publish("call.answered", call)
                 self._spawn(self._speak_initial(call), f"initial-{call.callId}")
         elif kind == EventType.SPEAKING:
-            self._transition(call, CallState.SPEAKING)
+            if event.text:  # a realtime model's own words, as the caller heard them
+                call.transcript.append(TranscriptEntry(event.timestamp, "bot", event.text))
+                self._publish("call.speaking", call, text=event.text)
+            else:
+                self._transition(call, CallState.SPEAKING)
         elif kind == EventType.SPEECH:
             self._on_speech(call, event)
         elif kind == EventType.DTMF:
@@ -618,6 +633,9 @@ class CallManager:
         voice = self._voices.pop(call.callId, None)
         if voice is not None:
             self._spawn(voice.close(), f"close-voice-{call.callId}")
+        discard = getattr(self._voice_factory, "discard", None)
+        if discard is not None:
+            discard(call.callId)  # a pre-warmed session the call never used
         self._save(call)
         self._publish("call.ended", call, reason=reason.value)
 

@@ -39,18 +39,28 @@ def _is_loopback(host: str) -> bool:
 
 
 def voice_factory(settings: Settings, carrier: Carrier) -> VoiceFactory:
-    """One TTS engine and STT engine per deployment; one CallVoice (MediaBridge + sessions) per call."""
+    """One TTS engine and STT engine per deployment; one CallVoice (MediaBridge + sessions) per call,
+    or a RealtimeVoice when speech-to-speech mode (`realtime.enabled`) is on."""
     from media.recorder import CallRecorder
     from media.tts.factory import create_tts
 
     tts = create_tts(settings.effective_tts)
+    inband_dtmf = {"on": True, "off": False}.get(settings.streaming.inbandDtmf, not carrier.reports_dtmf)
+
+    def recorder_for(call: CallRecord) -> CallRecorder | None:
+        if not settings.recording.enabled:
+            return None
+        return CallRecorder(settings.store_dir / "recordings" / f"{call.callId}.wav", settings.pipelineSampleRate)
+
+    if settings.realtime.enabled:
+        from bridge.realtime.factory import RealtimeVoices
+
+        return RealtimeVoices(settings, tts, inband_dtmf=inband_dtmf, recorder=recorder_for)
     stt = None
     if settings.streaming.provider != "none":
         from media.stt.factory import create_stt
 
         stt = create_stt(reveal(settings.streaming.model_dump(mode="python")))
-
-    inband_dtmf = {"on": True, "off": False}.get(settings.streaming.inbandDtmf, not carrier.reports_dtmf)
 
     def build(call: CallRecord, transport: MediaTransport, emit: Callable[[CallEvent], None]) -> CallVoice:
         recorder = None
@@ -78,10 +88,14 @@ class Runtime:
         self.settings = settings
         self.carrier = carrier or create_carrier(settings)
         secret = settings.responseApiKey.get_secret_value() if settings.responseApiKey else None
-        responder = create_responder(settings.responseModel, base_url=settings.responseBaseUrl, api_key=secret,
-                                     system_prompt=settings.responseSystemPrompt,
-                                     timeout_ms=settings.responseTimeoutMs)
-        self.manager = CallManager(settings, self.carrier, clock=clock, responder=responder, voice_factory=voice_factory(settings, self.carrier))
+        # speech-to-speech: the realtime model answers the caller itself; no cascade responder
+        responder = None if settings.realtime.enabled else create_responder(
+            settings.responseModel, base_url=settings.responseBaseUrl, api_key=secret,
+            system_prompt=settings.responseSystemPrompt, timeout_ms=settings.responseTimeoutMs)
+        voices = voice_factory(settings, self.carrier)
+        self.manager = CallManager(settings, self.carrier, clock=clock, responder=responder, voice_factory=voices)
+        if hasattr(voices, "bind"):
+            voices.bind(self.manager)
         self.metrics = Metrics()
         self.dispatcher = RpcDispatcher(self.manager)
         token = settings.rpc.token.get_secret_value() if settings.rpc.token else None

@@ -1,0 +1,191 @@
+"""Speech-to-speech (OpenAI Realtime, GA events) end to end over real sockets: the bridge (run_bridge)
+with the mock and Twilio carriers against the local Realtime fake."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bridge.calls import CallState
+from tests.fakes.audio import fake_speech
+from tests.fakes.openai_realtime_server import FakeOpenAIRealtime, Reply
+from tests.fakes.twilio_server import CallerScript, FakeTwilio
+from tests.harness import rpc_client, run_bridge, wait_for
+
+FAST_MOCK = {"ringDelayMs": 50, "answerDelayMs": 100, "replyDelayMs": 150, "calleeHangupAfterMs": 0}
+LONG = ("Thank you for calling the hardware store. Today we have discounts on hammers, nails, "
+        "screws, drills, saws, ladders, paint and brushes, and much more besides that.")
+
+
+def realtime_cfg(fake: FakeOpenAIRealtime, **extra: Any) -> dict[str, Any]:
+    return {"enabled": True, "provider": "openai", "apiKey": fake.api_key, "baseUrl": fake.base_url,
+            "model": "gpt-realtime", "instructions": "Be brief.", **extra}
+
+
+def mock_config(fake: FakeOpenAIRealtime, *, script: list[str] | None = None, mock: dict[str, Any] | None = None,
+                **extra: Any) -> dict[str, Any]:
+    return {
+        "provider": "mock", "fromNumber": "+15550001234", "toNumber": "+15550005678",
+        "outbound": {"notifyHangupDelaySec": 1}, "maxConcurrentCalls": 3,
+        "streaming": {"enabled": True, "provider": "none"}, "tts": {"provider": "espeak"},
+        "mock": {**FAST_MOCK, "calleeScript": script or [], **(mock or {})},
+        "realtime": realtime_cfg(fake, **extra),
+    }
+
+
+def rms(pcm: bytes) -> float:
+    samples = np.frombuffer(bytes(pcm), dtype=np.int16).astype(np.float64)
+    return float(np.sqrt(np.mean(samples**2))) if samples.size else 0.0
+
+
+@pytest.fixture
+async def rt() -> AsyncIterator[FakeOpenAIRealtime]:
+    fake = await FakeOpenAIRealtime(transcripts=["realtime heard a table for two"],
+                                    replies=[Reply("Certainly, a table for two.")]).start()
+    try:
+        yield fake
+    finally:
+        await fake.stop()
+
+
+async def test_mock_call_prewarmed_greeting_and_a_turn(rt: FakeOpenAIRealtime, tmp_path: Path) -> None:
+    """The session connects while the call rings; the greeting is the model speaking the agent's
+    text in u-law passthrough; the callee's reply is answered by the model; both sides' transcripts land."""
+    cfg = mock_config(rt, script=["I would like a table for two please."], mock={"answerDelayMs": 1500})
+    async with run_bridge(cfg, tmp_path) as runtime:
+        client = rpc_client(runtime)
+        call_id = (await client.call("voicecall.initiate", {"message": "Hello from the hardware store.",
+                                                            "mode": "conversation"}))["callId"]
+        call = runtime.manager.calls[call_id]
+        factory = runtime.manager._voice_factory
+        await wait_for(lambda: factory.warm(call_id) is not None and factory.warm(call_id).ready.is_set(), timeout=5)
+        assert call.answeredAt is None, "the model session was ready while the call was still ringing"
+        assert rt.sessions[0].updates and rt.sessions[0].format == "audio/pcmu"
+        await wait_for(lambda: any(t.speaker == "bot" and t.text == "Certainly, a table for two." for t in call.transcript),
+                       timeout=30)
+        session = rt.sessions[0]
+        assert len(rt.sessions) == 1, "the pre-warmed session carried the call"
+        update = session.updates[0]
+        assert update["audio"]["output"]["format"] == {"type": "audio/pcmu"}
+        assert update["audio"]["input"]["turn_detection"]["type"] == "server_vad"
+        assert [t["name"] for t in update["tools"]] == ["end_call"]
+        assert session.responses[0]["tag"] and session.responses[0]["text"] == "Hello from the hardware store."
+        callee = runtime.carrier.callee(call_id)
+        assert rms(callee.heard) > 500 and len(callee.heard) / 16 > 1000, "the callee heard the model's audio"
+        assert len(session.audio) / 16 > 1000, "the callee's audio reached the model"
+        lines = [(t.speaker, t.text) for t in call.transcript]
+        assert lines[0] == ("bot", "Hello from the hardware store.")
+        assert ("user", "realtime heard a table for two") in lines
+        await client.call("voicecall.end", {"callId": call_id})
+        assert call.state == CallState.HANGUP_BOT
+
+
+async def test_mock_barge_in_truncates_to_what_was_heard(rt: FakeOpenAIRealtime, tmp_path: Path) -> None:
+    async with run_bridge(mock_config(rt), tmp_path) as runtime:
+        client = rpc_client(runtime)
+        call_id = (await client.call("voicecall.initiate", {"message": LONG, "mode": "conversation"}))["callId"]
+        call = runtime.manager.calls[call_id]
+        await wait_for(lambda: runtime.carrier.callee(call_id) is not None, timeout=10)
+        callee = runtime.carrier.callee(call_id)
+        await wait_for(lambda: len(callee.heard) / 16 >= 800, timeout=20)
+        callee.play_later(fake_speech("stop stop stop stop stop stop", 8000), 8000)
+        await wait_for(lambda: bool(rt.sessions[0].truncates), timeout=10)
+        heard_ms = len(callee.heard) / 16
+        truncate = rt.sessions[0].truncates[0]
+        assert callee.clears >= 1
+        assert abs(truncate["audio_end_ms"] - heard_ms) <= 20, (truncate, heard_ms)
+        assert truncate["item_id"].startswith("item_") and truncate["content_index"] == 0
+        await wait_for(lambda: call.state == CallState.LISTENING, timeout=10)
+        bot = call.transcript[0]
+        assert bot.speaker == "bot" and LONG.startswith(bot.text) and 0 < len(bot.text) < len(LONG)
+        await client.call("voicecall.end", {"callId": call_id})
+
+
+async def test_tool_call_round_trip_ends_the_call(tmp_path: Path) -> None:
+    fake = await FakeOpenAIRealtime(transcripts=["that is all, bye"],
+                                    replies=[Reply(tool=("end_call", {})), Reply("Goodbye!")]).start()
+    try:
+        async with run_bridge(mock_config(fake, script=["That is all, bye."]), tmp_path) as runtime:
+            client = rpc_client(runtime)
+            call_id = (await client.call("voicecall.initiate", {"message": "Anything else?",
+                                                                "mode": "conversation"}))["callId"]
+            call = runtime.manager.calls[call_id]
+            await wait_for(lambda: call.terminal, timeout=30)
+            session = fake.sessions[0]
+            call_ids = [r for r in session.responses if r["tool"]]
+            assert call_ids and session.tool_outputs, "the function call's output went back to the model"
+            output = session.tool_outputs[0]
+            assert output["call_id"].startswith("call_") and json.loads(output["output"])["ok"] is True
+            assert session.responses[-1]["text"] == "Goodbye!" and session.responses[-1]["status"] == "completed"
+            assert call.state == CallState.HANGUP_BOT
+            assert call.metadata["toolCalls"][0]["name"] == "end_call"
+            assert ("bot", "Goodbye!") in [(t.speaker, t.text) for t in call.transcript]
+    finally:
+        await fake.stop()
+
+
+async def test_session_failing_mid_call_apologizes_and_hangs_up(tmp_path: Path) -> None:
+    fake = await FakeOpenAIRealtime(fail_after_s=1.5).start()
+    try:
+        async with run_bridge(mock_config(fake, maxReconnects=1), tmp_path) as runtime:
+            client = rpc_client(runtime)
+            call_id = (await client.call("voicecall.initiate", {"message": "Hi.", "mode": "conversation"}))["callId"]
+            call = runtime.manager.calls[call_id]
+            await wait_for(lambda: runtime.carrier.callee(call_id) is not None, timeout=10)
+            callee = runtime.carrier.callee(call_id)
+            await wait_for(lambda: fake.sessions and fake.sessions[0].closed_at is not None, timeout=10)
+            heard_at_failure = len(callee.heard)
+            await wait_for(lambda: call.terminal, timeout=30)
+            assert call.state == CallState.HANGUP_BOT
+            assert "could not reconnect" in call.metadata["realtimeFailure"]
+            assert fake.refused >= 1, "it tried to reconnect first"
+            assert len(callee.heard) - heard_at_failure > 16 * 1000, "the apology was played"
+            log = (tmp_path / "calls.jsonl").read_text() if (tmp_path / "calls.jsonl").exists() else \
+                "".join(p.read_text() for p in tmp_path.glob("**/*.jsonl"))
+            assert "realtimeFailure" in log and fake.api_key not in log
+    finally:
+        await fake.stop()
+
+
+# ====================================================================== Twilio media streams
+
+
+@pytest.fixture
+async def twilio() -> AsyncIterator[FakeTwilio]:
+    async with FakeTwilio(say_chars_per_second=40) as server:
+        yield server
+
+
+def twilio_config(fake: FakeTwilio, rt: FakeOpenAIRealtime) -> dict[str, Any]:
+    return {
+        "provider": "twilio", "fromNumber": "+15550001234", "toNumber": "+15550005678",
+        "maxConcurrentCalls": 3,
+        "twilio": {"accountSid": fake.account_sid, "authToken": fake.auth_token, "apiBaseUrl": fake.api_base_url},
+        "streaming": {"provider": "none"}, "tts": {"provider": "espeak"},
+        "realtime": realtime_cfg(rt),
+    }
+
+
+async def test_twilio_turn_and_barge_in_truncation(twilio: FakeTwilio, rt: FakeOpenAIRealtime, tmp_path: Path) -> None:
+    """Over Twilio media streams: the greeting plays, the caller talks over it after 800 ms, Twilio's
+    buffer is cleared and the model is told what was heard (within one 40 ms message); the caller's
+    turn is then answered."""
+    twilio.default_script = CallerScript(utterances=["I need a table for two."], barge_in=True, barge_in_after_ms=800)
+    async with run_bridge(twilio_config(twilio, rt), tmp_path) as runtime:
+        call = await runtime.manager.initiate(None, LONG, "conversation")
+        await wait_for(lambda: bool(rt.sessions) and bool(rt.sessions[0].truncates), timeout=30)
+        [fake_call] = twilio.calls.values()
+        stream = fake_call.stream
+        assert stream is not None and stream.clears >= 1
+        truncate = rt.sessions[0].truncates[0]
+        heard_ms = len(stream.heard_ulaw()) / 8
+        assert abs(truncate["audio_end_ms"] - heard_ms) <= 40, (truncate, heard_ms)
+        assert rt.sessions[0].format == "audio/pcmu"
+        await wait_for(lambda: any(t.text == "Certainly, a table for two." for t in call.transcript), timeout=30)
+        assert ("user", "realtime heard a table for two") in [(t.speaker, t.text) for t in call.transcript]
+        await rpc_client(runtime).call("voicecall.end", {"callId": call.callId})
