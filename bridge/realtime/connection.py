@@ -42,6 +42,7 @@ class RealtimeProtocol(Protocol):
     def handle(self, msg: dict[str, Any]) -> list[ev.RealtimeEvent]: ...
     def audio(self, chunk: bytes) -> dict[str, Any]: ...
     def link_lost(self) -> None: ...
+    def items_lost(self, item_ids: set[str]) -> None: ...
     def set_wire(self, wire: Any) -> list[dict[str, Any]]: ...
     def decode_output(self, audio: bytes) -> bytes: ...
     def say(self, text: str, tag: str) -> list[dict[str, Any]]: ...
@@ -61,7 +62,7 @@ class _Link:
     go_away: asyncio.Future[float]
     reader: asyncio.Task[None] | None = None
     retired: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    items: set[str] = field(default_factory=set)  # audio items this socket delivered
 
 
 class RealtimeConnection:
@@ -261,6 +262,10 @@ class RealtimeConnection:
             with contextlib.suppress(TimeoutError, Exception):
                 await self._clock.wait_for(asyncio.shield(link.reader), max(time_left, 0.0) + 1.0)
             await self._close_link(link)
+            # a reply the old socket had not finished will not continue on the new one
+            self.protocol.items_lost(link.items)
+            for item in link.items:
+                self._dispatch(ev.AudioDone(item))
 
         task = asyncio.create_task(retire())
         self._retiring.add(task)
@@ -290,6 +295,8 @@ class RealtimeConnection:
                         if not link.go_away.done() and not link.retired:
                             link.go_away.set_result(event.time_left_s)
                     else:
+                        if isinstance(event, ev.AudioOut):
+                            link.items.add(event.item_id)
                         self._dispatch(event)
         except asyncio.CancelledError:
             raise

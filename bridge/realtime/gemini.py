@@ -108,6 +108,11 @@ class GeminiLiveProtocol:
         self._turn = None
         self._bot_text = self._user_text = ""
 
+    def items_lost(self, item_ids: set[str]) -> None:
+        """A retired socket closed; if it was sending the current turn, that turn is over."""
+        if self._turn in item_ids:
+            self.link_lost()
+
     def set_wire(self, wire: object) -> list[dict[str, Any]]:
         return []  # Gemini's formats do not depend on the carrier
 

@@ -126,6 +126,10 @@ class OpenAiRealtimeProtocol:
         self._user_partials.clear()
         self._bot_text.clear()
 
+    def items_lost(self, item_ids: set[str]) -> None:
+        for item in item_ids:
+            self._bot_text.pop(item, None)
+
     def audio(self, chunk: bytes) -> dict[str, Any]:
         return {"type": "input_audio_buffer.append", "audio": base64.b64encode(chunk).decode("ascii")}
 
