@@ -82,6 +82,16 @@ class OpenAiSttSettings(Section):
     silenceDurationMs: int = Field(800, gt=0)
 
 
+class DeepgramSttSettings(Section):
+    apiKey: SecretStr | None = None  # env: DEEPGRAM_API_KEY
+    baseUrl: str = "wss://api.deepgram.com/v1"
+    model: str = "nova-3"
+    language: str | None = None
+    endpointingMs: int = Field(300, gt=0)
+    utteranceEndMs: int = Field(1000, ge=1000)
+    keepAliveSeconds: float = Field(4.0, gt=0, le=9)  # Deepgram closes a stream idle for 10 s
+
+
 class PocketsphinxSettings(Section):
     keywords: list[str] = Field(default_factory=list)
     grammar: str | None = None
@@ -89,6 +99,7 @@ class PocketsphinxSettings(Section):
 
 class SttProviders(Section):
     openai: OpenAiSttSettings = Field(default_factory=OpenAiSttSettings)
+    deepgram: DeepgramSttSettings = Field(default_factory=DeepgramSttSettings)
     pocketsphinx: PocketsphinxSettings = Field(default_factory=PocketsphinxSettings)
 
 
@@ -139,7 +150,7 @@ class RealtimeSettings(Section):
 class StreamingSettings(Section):
     enabled: bool = False
     # STT engine for streamed calls; "none" relies on the carrier's own transcripts (mock, Telnyx, Plivo)
-    provider: Literal["openai", "pocketsphinx", "none"] | None = None
+    provider: Literal["openai", "deepgram", "pocketsphinx", "none"] | None = None
     streamPath: str = Field("/voice/stream", pattern=r"^/")
     providers: SttProviders = Field(default_factory=SttProviders)
     preStartTimeoutMs: int = Field(5000, gt=0)
@@ -292,6 +303,9 @@ class Settings(Section):
                 problems.append(f"realtime.baseUrl: must start with wss:// or https:// (got {base!r})")
             # the model hears the call through the bridge's media path: streams are implied
             self.streaming.enabled = True
+        if self.streaming.provider == "deepgram" and not self.streaming.providers.deepgram.apiKey:
+            problems.append("streaming.providers.deepgram.apiKey: required when streaming.provider is deepgram "
+                            "(or set DEEPGRAM_API_KEY)")
         if self.provider == "sip":
             problems += sip_capacity_problems(self.sip, self.maxConcurrentCalls)
         if self.provider == "asterisk":
@@ -375,6 +389,7 @@ ENV_FALLBACKS: list[tuple[tuple[str, ...], str]] = [
     (("plivo", "authToken"), "PLIVO_AUTH_TOKEN"),
     (("asterisk", "password"), "ASTERISK_ARI_PASSWORD"),
     (("streaming", "providers", "openai", "apiKey"), "OPENAI_API_KEY"),
+    (("streaming", "providers", "deepgram", "apiKey"), "DEEPGRAM_API_KEY"),
     (("responseApiKey",), "OPENAI_API_KEY"),
     (("tunnel", "ngrokAuthToken"), "NGROK_AUTHTOKEN"),
     (("rpc", "token"), "VOICECALL_RPC_TOKEN"),

@@ -13,6 +13,7 @@ from bridge.calls import CallEvent, CallRecord
 from bridge.clock import Clock
 from bridge.config import Settings, reveal
 from bridge.manager import CallManager, VoiceFactory
+from bridge.prewarm import PrewarmingFactory, SttPrewarm
 from bridge.metrics import Metrics
 from bridge.responder import create_responder
 from bridge.rpc import RpcDispatcher, RpcEndpoint
@@ -61,6 +62,9 @@ def voice_factory(settings: Settings, carrier: Carrier) -> VoiceFactory:
         from media.stt.factory import create_stt
 
         stt = create_stt(reveal(settings.streaming.model_dump(mode="python")))
+    # network engines connect while the call rings (offline ones have nothing to set up)
+    prewarm = SttPrewarm(stt, settings.pipelineSampleRate) if stt is not None and stt.name in ("openai", "deepgram") \
+        else None
 
     def build(call: CallRecord, transport: MediaTransport, emit: Callable[[CallEvent], None]) -> CallVoice:
         recorder = None
@@ -71,7 +75,7 @@ def voice_factory(settings: Settings, carrier: Carrier) -> VoiceFactory:
             call_id=call.callId,
             transport=transport,
             tts=tts,
-            stt_engine=stt,
+            stt_engine=prewarm.engine_for(call.callId) if prewarm is not None else stt,
             emit=emit,
             pipeline_rate=settings.pipelineSampleRate,
             recorder=recorder,
@@ -80,7 +84,7 @@ def voice_factory(settings: Settings, carrier: Carrier) -> VoiceFactory:
             echo=settings.streaming.echo,
         )
 
-    return build
+    return PrewarmingFactory(build, prewarm)
 
 
 class Runtime:
