@@ -97,10 +97,11 @@ class RealtimeVoice:
         self._ready_timeout = ready_timeout_s
         self.apology = apology
         self.pipeline_rate = pipeline_rate
-        self.bridge = MediaBridge(transport, self, pipeline_rate=pipeline_rate, recorder=recorder,
-                                  inband_dtmf=inband_dtmf, vad_barge_in=barge_in)
         self.connection.send(self.protocol.set_wire(transport.format))
         self._passthrough = self.protocol.wire_passthrough
+        self.wants_pipeline_audio = not self._passthrough  # read by the MediaBridge
+        self.bridge = MediaBridge(transport, self, pipeline_rate=pipeline_rate, recorder=recorder,
+                                  inband_dtmf=inband_dtmf, vad_barge_in=barge_in)
         self._resampler = None if self._passthrough else StreamResampler(pipeline_rate, self.protocol.input_rate)
         self._clock: Clock = clock or RealClock()
         self._last_in = self._clock.monotonic()

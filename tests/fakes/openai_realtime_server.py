@@ -83,6 +83,7 @@ class FakeOpenAIRealtime:
     async def start(self) -> FakeOpenAIRealtime:
         app = web.Application()
         app.router.add_get("/v1/realtime", self._realtime)
+        app.router.add_get("/_fake/responses", self._responses)  # for a benchmark running this fake apart
         self._runner, self.port = await serve_local(app)
         self._ids = itertools.count(1)
         self._failing = False
@@ -91,6 +92,10 @@ class FakeOpenAIRealtime:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+    async def _responses(self, request: web.Request) -> web.Response:
+        return web.json_response([{k: r[k] for k in ("id", "status", "first_delta_at", "metadata")}
+                                  for s in self.sessions for r in s.responses])
 
     def _id(self, prefix: str) -> str:
         return f"{prefix}_{next(self._ids)}"
@@ -174,7 +179,8 @@ class _Conn:
             instructions = str(response.get("instructions") or "")
             said = SAY.search(instructions)
             reply = Reply(said.group(1)) if said else self.next_reply()
-            self.start_response(reply, (response.get("metadata") or {}).get("say"))
+            metadata = response.get("metadata") or {}
+            self.start_response(reply, metadata.get("say"), metadata)
         elif kind == "response.cancel":
             self.sess.cancels += 1
             if not await self.cancel("client_cancelled"):
@@ -253,11 +259,11 @@ class _Conn:
             "status_details": {"type": "cancelled", "reason": reason}, "output": [], "usage": None}})
         return True
 
-    def start_response(self, reply: Reply, tag: str | None) -> None:
+    def start_response(self, reply: Reply, tag: str | None, metadata: dict[str, Any] | None = None) -> None:
         if self.streaming is not None and not self.streaming.done():
             self.streaming.cancel()
         record = {"id": self.fake._id("resp"), "text": reply.text, "tag": tag, "status": "in_progress",
-                  "first_delta_at": None, "tool": reply.tool}
+                  "first_delta_at": None, "tool": reply.tool, "metadata": metadata or {}}
         self.sess.responses.append(record)
         self.current = record
         self.streaming = asyncio.ensure_future(self.stream(record, reply, tag))
@@ -265,7 +271,7 @@ class _Conn:
     async def stream(self, record: dict[str, Any], reply: Reply, tag: str | None) -> None:
         rid = record["id"]
         response = {"id": rid, "object": "realtime.response", "status": "in_progress", "output": [],
-                    "metadata": {"say": tag} if tag else None}
+                    "metadata": record["metadata"] or None}
         await self.send({"type": "response.created", "response": response})
         if reply.tool is not None:
             name, args = reply.tool
@@ -314,3 +320,15 @@ class _Conn:
                          "item": {"id": item, "type": "message", "role": "assistant"}})
         record["status"] = "completed"
         await self.send({"type": "response.done", "response": {**response, "status": "completed"}})
+
+
+async def _serve_forever(reply: str) -> None:
+    fake = await FakeOpenAIRealtime(replies=[Reply(reply)]).start()
+    print(f"port {fake.port}", flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":  # a benchmark runs the "model" in its own process: python -m tests.fakes.openai_realtime_server TEXT
+    import sys
+
+    asyncio.run(_serve_forever(sys.argv[1] if len(sys.argv) > 1 else "Okay."))
