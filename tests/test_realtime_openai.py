@@ -3,6 +3,7 @@ with the mock and Twilio carriers against the local Realtime fake."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -148,6 +149,47 @@ async def test_session_failing_mid_call_apologizes_and_hangs_up(tmp_path: Path) 
             log = (tmp_path / "calls.jsonl").read_text() if (tmp_path / "calls.jsonl").exists() else \
                 "".join(p.read_text() for p in tmp_path.glob("**/*.jsonl"))
             assert "realtimeFailure" in log and fake.api_key not in log
+    finally:
+        await fake.stop()
+
+
+async def test_speak_and_continue_from_the_agent_in_speech_to_speech_mode(rt: FakeOpenAIRealtime, tmp_path: Path) -> None:
+    async with run_bridge(mock_config(rt), tmp_path) as runtime:
+        client = rpc_client(runtime)
+        call_id = (await client.call("voicecall.initiate", {"message": "Hi.", "mode": "conversation"}))["callId"]
+        call = runtime.manager.calls[call_id]
+        await wait_for(lambda: call.state == CallState.LISTENING, timeout=15)
+        await client.call("voicecall.speak", {"callId": call_id, "message": "Your order has shipped."})
+        session = rt.sessions[0]
+        assert [r["text"] for r in session.responses] == ["Hi.", "Your order has shipped."]
+        assert all(r["tag"] for r in session.responses), "the agent's words are spoken by the model, on request"
+        callee = runtime.carrier.callee(call_id)
+        turn = asyncio.ensure_future(client.call("voicecall.continue", {"callId": call_id, "message": "Anything else?"}))
+        await wait_for(lambda: len(session.responses) == 3 and session.responses[2]["status"] == "completed", timeout=10)
+        await wait_for(lambda: call.state == CallState.LISTENING, timeout=10)
+        callee.play_later(fake_speech("a table for two please", 8000), 8000)
+        result = await asyncio.wait_for(turn, 20)
+        assert result["transcript"] == "realtime heard a table for two"
+        lines = [(t.speaker, t.text) for t in call.transcript]
+        assert lines[:4] == [("bot", "Hi."), ("bot", "Your order has shipped."), ("bot", "Anything else?"),
+                             ("user", "realtime heard a table for two")]
+        await client.call("voicecall.end", {"callId": call_id})
+
+
+async def test_dropped_session_reconnects_and_the_call_goes_on(tmp_path: Path) -> None:
+    fake = await FakeOpenAIRealtime(transcripts=["after the drop"], replies=[Reply("Still here.")],
+                                    drop_first_after_s=1.0).start()
+    try:
+        async with run_bridge(mock_config(fake, script=["Hello, are you there?"], mock={"replyDelayMs": 1200}),
+                              tmp_path) as runtime:
+            client = rpc_client(runtime)
+            call_id = (await client.call("voicecall.initiate", {"message": "Hi.", "mode": "conversation"}))["callId"]
+            call = runtime.manager.calls[call_id]
+            await wait_for(lambda: any(t.text == "Still here." for t in call.transcript), timeout=30)
+            assert len(fake.sessions) == 2 and fake.sessions[0].closed_at is not None
+            assert fake.sessions[1].responses[0]["text"] == "Still here.", "the reply came over the new socket"
+            assert "realtimeFailure" not in call.metadata
+            await client.call("voicecall.end", {"callId": call_id})
     finally:
         await fake.stop()
 

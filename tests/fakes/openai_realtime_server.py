@@ -71,6 +71,7 @@ class FakeOpenAIRealtime:
     first_delta_delay_s: float = 0.0
     vad_threshold_level: float | None = None
     fail_after_s: float | None = None  # close every socket this long after it opened, refuse new ones
+    drop_first_after_s: float | None = None  # close the first socket this long after it opened (once)
     sessions: list[RtSession] = field(default_factory=list)
     refused: int = 0
     _runner: web.AppRunner | None = None
@@ -115,6 +116,9 @@ class FakeOpenAIRealtime:
         killer = None
         if self.fail_after_s is not None:
             killer = loop.call_later(self.fail_after_s, conn.fail)
+        elif self.drop_first_after_s is not None and len(self.sessions) == 1:
+            killer = loop.call_later(self.drop_first_after_s,
+                                     lambda: asyncio.ensure_future(ws.close(code=1011, message=b"server error")))
         try:
             await conn.run()
         finally:
