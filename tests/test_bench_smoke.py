@@ -70,3 +70,10 @@ def test_sip_calls_eight_calls(tmp_path: Path) -> None:
     assert row["peak_concurrent"] == 8 and row["audio_r_min"] > 0.9
     for key in ("cpu_pct_one_core", "cpu_pct_per_call", "rss_mb", "setup_ms_p50", "setup_ms_max"):
         assert row[key] is not None and row[key] >= 0, key
+
+
+def test_s2s_latency_one_call(tmp_path: Path) -> None:
+    data = run_bench("s2s_latency.py", "--calls", "1", "--rounds", "1", "--cpu", "-1", out=tmp_path / "s2s.json")
+    (point,) = data["points"]
+    assert point["calls"] == 1 and point["replies"] == 1 and point["missed"] == 0
+    assert 0 < point["added_p50_ms"] < 1000
