@@ -163,3 +163,22 @@ def test_realtime_config_rules_and_env_fallback() -> None:
                                         "providers": {"openai": {"apiKey": "sk-seed", "model": "gpt-realtime-mini"}}}}, {})
     assert seed.realtime.effective("model") == "gpt-realtime-mini"
     assert "sk-seed" not in json.dumps(seed.masked())
+
+
+def test_protocol_modules_are_sans_io() -> None:
+    """The realtime protocols and Deepgram's turn builder import with every socket library refused."""
+    import subprocess
+    import sys
+
+    blocker = (
+        "import sys\n"
+        "class Refuse:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('aiohttp', 'websockets'):\n"
+        "            raise ImportError(f'blocked: {name}')\n"
+        "sys.meta_path.insert(0, Refuse())\n"
+        "import bridge.realtime.openai, bridge.realtime.gemini, media.stt.deepgram\n"
+        "assert not {'aiohttp', 'websockets'} & set(sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
