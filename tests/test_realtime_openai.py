@@ -231,3 +231,39 @@ async def test_twilio_turn_and_barge_in_truncation(twilio: FakeTwilio, rt: FakeO
         await wait_for(lambda: any(t.text == "Certainly, a table for two." for t in call.transcript), timeout=30)
         assert ("user", "realtime heard a table for two") in [(t.speaker, t.text) for t in call.transcript]
         await rpc_client(runtime).call("voicecall.end", {"callId": call.callId})
+
+
+# ====================================================================== Telnyx (A-law passthrough)
+
+
+async def test_telnyx_pcma_passthrough_barge_in_truncation(rt: FakeOpenAIRealtime, tmp_path: Path) -> None:
+    """An EU-style A-law stream: the session runs audio/pcma both ways (no transcoding), Telnyx's own
+    transcription is not asked for, and a barge-in truncates to what the caller heard."""
+    from tests.fakes.telnyx_server import FakeTelnyx
+
+    async with FakeTelnyx() as telnyx:
+        cfg = {
+            "provider": "telnyx", "fromNumber": "+15550001234", "toNumber": "+15550005678",
+            "streaming": {"provider": "none", "disconnectGraceMs": 500}, "tts": {"provider": "espeak"},
+            "telnyx": {**telnyx.config(), "streamCodec": "PCMA"}, "realtime": realtime_cfg(rt),
+        }
+        async with run_bridge(cfg, tmp_path) as runtime:
+            telnyx.connection_webhook_url = f"http://127.0.0.1:{runtime.port}/voice/webhook"
+            try:
+                call = await runtime.manager.initiate(None, LONG, "conversation")
+                await wait_for(lambda: len(telnyx.calls) == 1 and next(iter(telnyx.calls.values())).stream is not None,
+                               timeout=10)
+                tx = next(iter(telnyx.calls.values()))
+                assert "transcription" not in tx.dial and tx.dial["stream_bidirectional_codec"] == "PCMA"
+                stream = tx.stream
+                await wait_for(lambda: len(stream.heard_now()) / 16 >= 800, timeout=20)
+                await tx.say("stop stop stop stop", pcm=fake_speech("stop stop stop stop", 8000))
+                await wait_for(lambda: bool(rt.sessions[0].truncates), timeout=10)
+                heard_ms = len(stream.heard_now()) / 16
+                truncate = rt.sessions[0].truncates[0]
+                assert rt.sessions[0].format == "audio/pcma" and stream.clears >= 1
+                assert abs(truncate["audio_end_ms"] - heard_ms) <= 40, (truncate, heard_ms)
+                await wait_for(lambda: any(t.text == "Certainly, a table for two." for t in call.transcript), timeout=20)
+                await runtime.manager.end(call.callId)
+            finally:
+                await telnyx.close_streams()
