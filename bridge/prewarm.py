@@ -1,9 +1,9 @@
 """Pre-warm for the cascade: open a call's STT session while the call still rings.
 
 The manager calls `prewarm(call)` when it places an outbound call or an inbound one rings; the
-session connects then (guessing u-law 8 kHz, what most carriers send). When the call's CallVoice
-opens its STT session, `engine_for(call_id)` hands it the warm one (if the wire format guess was
-right; otherwise a fresh session opens, as without pre-warm). An unanswered call's session is
+session connects then, for the wire format the configured carrier will most likely use
+(`expected_wire`). When the call's CallVoice opens its STT session, `engine_for(call_id)` hands it
+the warm one (if that guess was right; otherwise a fresh session opens, as without pre-warm). An unanswered call's session is
 closed by `discard`.
 """
 
@@ -16,12 +16,22 @@ from typing import Any
 
 from bridge.calls import CallEvent, CallRecord
 from bridge.tasks import BackgroundTasks
-from media.formats import ULAW_8K, AudioFormat
+from media.formats import ALAW_8K, ULAW_8K, AudioEncoding, AudioFormat
 from media.stt.base import SttEngine, SttEvent, SttSession
 
 log = logging.getLogger(__name__)
 
-GUESSED_WIRE = ULAW_8K
+
+
+def expected_wire(settings: Any) -> AudioFormat:
+    """The media format a call on the configured carrier will most likely have."""
+    if settings.provider == "telnyx" and settings.telnyx.streamCodec == "PCMA":
+        return ALAW_8K
+    if settings.provider == "sip":  # pjsua2 hands the bridge PCM at the conference clock rate
+        return AudioFormat(AudioEncoding.L16, settings.sip.clockRate)
+    if settings.provider == "asterisk":
+        return {"alaw": ALAW_8K, "slin16": AudioFormat(AudioEncoding.L16, 16000)}.get(settings.asterisk.format, ULAW_8K)
+    return ULAW_8K
 
 
 class _Relay:
@@ -45,10 +55,11 @@ class _Relay:
 
 
 class _Warm:
-    def __init__(self, session: SttSession, relay: _Relay, sample_rate: int) -> None:
+    def __init__(self, session: SttSession, relay: _Relay, sample_rate: int, wire: AudioFormat) -> None:
         self.session = session
         self.relay = relay
         self.sample_rate = sample_rate
+        self.wire = wire
 
 
 class _AdoptingEngine(SttEngine):
@@ -64,7 +75,7 @@ class _AdoptingEngine(SttEngine):
              wire_format: AudioFormat | None = None) -> SttSession:
         warm, self._warm = self._warm, None
         if warm is not None:
-            if wire_format == GUESSED_WIRE and sample_rate == warm.sample_rate:
+            if wire_format == warm.wire and sample_rate == warm.sample_rate:
                 warm.relay.adopt(on_event)
                 return warm.session
             self._discard(warm.session)
@@ -72,9 +83,10 @@ class _AdoptingEngine(SttEngine):
 
 
 class SttPrewarm:
-    def __init__(self, engine: SttEngine, pipeline_rate: int) -> None:
+    def __init__(self, engine: SttEngine, pipeline_rate: int, wire: AudioFormat = ULAW_8K) -> None:
         self.engine = engine
         self.pipeline_rate = pipeline_rate
+        self.wire = wire
         self._warm: dict[str, _Warm] = {}
         self._tasks = BackgroundTasks(log)
 
@@ -82,8 +94,8 @@ class SttPrewarm:
         if call.callId in self._warm:
             return
         relay = _Relay()
-        session = self.engine.open(sample_rate=self.pipeline_rate, on_event=relay, wire_format=GUESSED_WIRE)
-        self._warm[call.callId] = _Warm(session, relay, self.pipeline_rate)
+        session = self.engine.open(sample_rate=self.pipeline_rate, on_event=relay, wire_format=self.wire)
+        self._warm[call.callId] = _Warm(session, relay, self.pipeline_rate, self.wire)
         self._tasks.spawn(session.start(), f"stt-prewarm-{call.callId}")
 
     def warm(self, call_id: str) -> SttSession | None:

@@ -13,7 +13,7 @@ from bridge.calls import CallEvent, CallRecord
 from bridge.clock import Clock
 from bridge.config import Settings, reveal
 from bridge.manager import CallManager, VoiceFactory
-from bridge.prewarm import PrewarmingFactory, SttPrewarm
+from bridge.prewarm import PrewarmingFactory, SttPrewarm, expected_wire
 from bridge.metrics import Metrics
 from bridge.responder import create_responder
 from bridge.rpc import RpcDispatcher, RpcEndpoint
@@ -63,8 +63,8 @@ def voice_factory(settings: Settings, carrier: Carrier) -> VoiceFactory:
 
         stt = create_stt(reveal(settings.streaming.model_dump(mode="python")))
     # network engines connect while the call rings (offline ones have nothing to set up)
-    prewarm = SttPrewarm(stt, settings.pipelineSampleRate) if stt is not None and stt.name in ("openai", "deepgram") \
-        else None
+    prewarm = SttPrewarm(stt, settings.pipelineSampleRate, expected_wire(settings)) \
+        if stt is not None and stt.name in ("openai", "deepgram") else None
 
     def build(call: CallRecord, transport: MediaTransport, emit: Callable[[CallEvent], None]) -> CallVoice:
         recorder = None

@@ -1,7 +1,7 @@
 """Builds each call's RealtimeVoice from the `realtime` config, and pre-warms sessions.
 
 Pre-warm: the manager calls `prewarm(call)` when an outbound call is placed or an inbound call
-rings; the model session connects then (guessing u-law 8 kHz, the format of most carriers), so
+rings; the model session connects then (for the carrier's likely wire format), so
 the greeting does not wait for the TLS + WebSocket + session set-up when the call is answered.
 When the media leg attaches, the voice adopts that session (a different wire format only costs a
 `session.update`). A call that ends unanswered closes its session (`discard`).
@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from bridge.calls import CallEvent, CallRecord
 from bridge.clock import Clock
+from bridge.prewarm import expected_wire
 from bridge.realtime.connection import RealtimeConnection, RealtimeProtocol
 from bridge.realtime.gemini import GeminiLiveOptions, GeminiLiveProtocol
 from bridge.realtime.openai import OpenAiRealtimeOptions, OpenAiRealtimeProtocol
 from bridge.realtime_voice import RealtimeVoice, ToolRunner
 from bridge.tasks import BackgroundTasks
-from media.formats import ULAW_8K
 
 if TYPE_CHECKING:
     from bridge.config import RealtimeSettings, Settings
@@ -77,7 +77,7 @@ class RealtimeVoices:
     def prewarm(self, call: CallRecord) -> None:
         if not self.rt.prewarm or call.callId in self._warm:
             return
-        connection = self._connection(ULAW_8K)
+        connection = self._connection(expected_wire(self.settings))
         connection.start()
         self._warm[call.callId] = connection
 
