@@ -267,3 +267,30 @@ async def test_telnyx_pcma_passthrough_barge_in_truncation(rt: FakeOpenAIRealtim
                 await runtime.manager.end(call.callId)
             finally:
                 await telnyx.close_streams()
+
+
+# ====================================================================== Asterisk (ARI + ExternalMedia RTP)
+
+
+async def test_asterisk_inbound_speech_to_speech_with_barge_in(rt: FakeOpenAIRealtime, tmp_path: Path) -> None:
+    from tests.fakes.ari_server import FakeAsterisk
+
+    async with FakeAsterisk() as ari:
+        cfg = {
+            "provider": "asterisk", "inboundPolicy": "allowlist", "allowFrom": ["+15550009999"],
+            "inboundGreeting": LONG, "streaming": {"provider": "none"}, "tts": {"provider": "espeak"},
+            "asterisk": ari.config(rtpPortStart=43600, rtpPortRange=100), "realtime": realtime_cfg(rt),
+        }
+        async with run_bridge(cfg, tmp_path) as runtime:
+            # quiet while 1.2 s of the greeting plays, then the caller talks over it
+            phone = ari.inbound_call(caller="+15550009999", exten="100",
+                                     audio=bytes(int(1.2 * 16000)) + fake_speech("stop stop stop stop", 8000))
+            await wait_for(lambda: bool(rt.sessions) and bool(rt.sessions[0].truncates), timeout=15)
+            heard_ms = len(phone.heard) / 16
+            truncate = rt.sessions[0].truncates[0]
+            assert rt.sessions[0].format == "audio/pcmu", "ExternalMedia ulaw passes straight through"
+            assert 800 < heard_ms < len(LONG) * 20 - 500
+            assert abs(truncate["audio_end_ms"] - heard_ms) <= 40, (truncate, heard_ms)
+            call = next(iter(runtime.manager.calls.values()))
+            await wait_for(lambda: any(t.text == "Certainly, a table for two." for t in call.transcript), timeout=20)
+            await runtime.manager.end(call.callId)
