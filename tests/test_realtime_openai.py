@@ -294,3 +294,36 @@ async def test_asterisk_inbound_speech_to_speech_with_barge_in(rt: FakeOpenAIRea
             call = next(iter(runtime.manager.calls.values()))
             await wait_for(lambda: any(t.text == "Certainly, a table for two." for t in call.transcript), timeout=20)
             await runtime.manager.end(call.callId)
+
+
+# ====================================================================== Plivo
+
+
+async def test_plivo_speech_to_speech_with_barge_in(rt: FakeOpenAIRealtime, tmp_path: Path) -> None:
+    from media import g711
+    from media.formats import AudioEncoding
+    from tests.fakes.plivo_server import FakePlivo
+
+    plivo = await FakePlivo().start()
+    try:
+        cfg = {
+            "provider": "plivo", "fromNumber": "+15550001234",
+            "plivo": {"authId": plivo.auth_id, "authToken": plivo.auth_token, "apiBaseUrl": plivo.base_url},
+            "streaming": {"provider": "none", "disconnectGraceMs": 200}, "tts": {"provider": "espeak"},
+            "realtime": realtime_cfg(rt),
+        }
+        async with run_bridge(cfg, tmp_path) as runtime:
+            call = await runtime.manager.initiate("+15550005678", LONG, "conversation")
+            await wait_for(lambda: bool(plivo.calls) and plivo.call().stream is not None, timeout=10)
+            stream = plivo.call().stream
+            await wait_for(lambda: len(stream.heard) / 8 >= 800, timeout=20)
+            stream.say_ulaw(g711.encode(fake_speech("stop stop stop stop", 8000), AudioEncoding.PCMU))
+            await wait_for(lambda: bool(rt.sessions[0].truncates), timeout=10)
+            heard_ms = len(stream.heard) / 8
+            truncate = rt.sessions[0].truncates[0]
+            assert rt.sessions[0].format == "audio/pcmu" and stream.clears >= 1
+            assert abs(truncate["audio_end_ms"] - heard_ms) <= 40, (truncate, heard_ms)
+            await wait_for(lambda: any(t.text == "Certainly, a table for two." for t in call.transcript), timeout=20)
+            await runtime.manager.end(call.callId)
+    finally:
+        await plivo.stop()
