@@ -130,7 +130,7 @@ async def measure(calls: int, rounds: int, fake_cpu: int | None) -> dict[str, An
                             await asyncio.sleep(0.05)
                     await asyncio.sleep(1.0)
                     for r in range(rounds):
-                        async def one(call_id: str) -> None:
+                        async def one(call_id: str, r: int = r) -> None:
                             await asyncio.sleep(random.random() * 0.2)
                             manager.voice(call_id).connection.send(
                                 [{"type": "response.create", "response": {"metadata": {"bench": f"{call_id}/{r}"}}}])

@@ -25,7 +25,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -120,6 +120,7 @@ class RealtimeVoice:
         self._tags_with_audio: set[str] = set()
         self._says: dict[str, tuple[str, asyncio.Future[Spoken]]] = {}
         self._provider_barge = False
+        self._barge_in = barge_in
         self._ending: set[str] | None = None  # end_call: hang up after a response newer than these
         self._ended = False
         self._with_audio: set[str] = set()  # responses that produced audio
@@ -169,7 +170,8 @@ class RealtimeVoice:
             self._end_item(event.item_id)
         elif isinstance(event, ev.SpeechStarted):
             self._provider_barge = True
-            self.bridge.on_speech_started()
+            if self._barge_in:
+                self.bridge.on_speech_started()
         elif isinstance(event, ev.ResponseStarted):
             self._provider_barge = False
             self._responses[event.response_id] = event.tag
@@ -392,8 +394,3 @@ class RealtimeVoice:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
 
-
-def tool_specs(tools: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Declared tools (name, description, parameters) as OpenAI function-style specs."""
-    return [{"type": "function", "name": t["name"], "description": t.get("description", ""),
-             "parameters": t.get("parameters") or {"type": "object", "properties": {}}} for t in tools]

@@ -107,6 +107,23 @@ async def test_mock_barge_in_truncates_to_what_was_heard(rt: FakeOpenAIRealtime,
         await client.call("voicecall.end", {"callId": call_id})
 
 
+async def test_barge_in_off_lets_the_model_finish(rt: FakeOpenAIRealtime, tmp_path: Path) -> None:
+    cfg = mock_config(rt)
+    cfg["streaming"]["bargeIn"] = False
+    async with run_bridge(cfg, tmp_path) as runtime:
+        call = await runtime.manager.initiate(None, "Please hold while I read the whole notice to you.", "conversation")
+        await wait_for(lambda: runtime.carrier.callee(call.callId) is not None, timeout=10)
+        callee = runtime.carrier.callee(call.callId)
+        await wait_for(lambda: len(callee.heard) / 16 >= 300, timeout=20)
+        callee.play_later(fake_speech("stop stop stop", 8000), 8000)
+        await wait_for(lambda: call.state == CallState.LISTENING and bool(rt.sessions[0].speech_started_at), timeout=20)
+        session = rt.sessions[0]
+        assert session.updates[0]["audio"]["input"]["turn_detection"]["interrupt_response"] is False
+        assert callee.clears == 0 and session.truncates == [] and session.responses[0]["status"] == "completed"
+        assert call.transcript[0].text == "Please hold while I read the whole notice to you."
+        await runtime.manager.end(call.callId)
+
+
 async def test_tool_call_round_trip_ends_the_call(tmp_path: Path) -> None:
     fake = await FakeOpenAIRealtime(transcripts=["that is all, bye"],
                                     replies=[Reply(tool=("end_call", {})), Reply("Goodbye!")]).start()

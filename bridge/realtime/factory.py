@@ -37,18 +37,19 @@ END_CALL_TOOL = {"type": "function", "name": "end_call",
                  "parameters": {"type": "object", "properties": {}}}
 
 
-def build_protocol(rt: RealtimeSettings, wire: Any = None, tools: list[dict[str, Any]] | None = None) -> RealtimeProtocol:
+def build_protocol(rt: RealtimeSettings, wire: Any = None, tools: list[dict[str, Any]] | None = None,
+                   *, barge_in: bool = True) -> RealtimeProtocol:
     key = rt.apiKey.get_secret_value() if rt.apiKey else str((rt.providers.get(rt.provider) or {}).get("apiKey") or "")
     specs = [t.model_dump() for t in rt.tools] + list(tools or [])
     if rt.provider == "gemini":
         return GeminiLiveProtocol(GeminiLiveOptions(
             api_key=key, base_url=str(rt.effective("baseUrl")), model=str(rt.effective("model")),
-            voice=str(rt.effective("voice")), instructions=rt.instructions), tools=specs)
+            voice=str(rt.effective("voice")), instructions=rt.instructions, interrupt=barge_in), tools=specs)
     return OpenAiRealtimeProtocol(OpenAiRealtimeOptions(
         api_key=key, base_url=str(rt.effective("baseUrl")), model=str(rt.effective("model")),
         voice=str(rt.effective("voice")), instructions=rt.instructions, transcription_model=rt.transcriptionModel,
         vad_threshold=rt.vadThreshold, prefix_padding_ms=rt.prefixPaddingMs,
-        silence_duration_ms=rt.silenceDurationMs), wire, tools=specs)
+        silence_duration_ms=rt.silenceDurationMs, interrupt_response=barge_in), wire, tools=specs)
 
 
 class RealtimeVoices:
@@ -70,7 +71,8 @@ class RealtimeVoices:
         self.manager = manager
 
     def _connection(self, wire: Any) -> RealtimeConnection:
-        return RealtimeConnection(build_protocol(self.rt, wire, [END_CALL_TOOL]), clock=self.clock,
+        protocol = build_protocol(self.rt, wire, [END_CALL_TOOL], barge_in=self.settings.streaming.bargeIn)
+        return RealtimeConnection(protocol, clock=self.clock,
                                   max_retries=self.rt.maxReconnects)
 
     # ---- pre-warm

@@ -39,6 +39,7 @@ class GeminiLiveOptions:
     model: str = DEFAULT_MODEL
     voice: str = "Charon"
     instructions: str = ""
+    interrupt: bool = True  # START_OF_ACTIVITY_INTERRUPTS, or NO_INTERRUPTION when barge-in is off
     tools: tuple[dict[str, Any], ...] = field(default_factory=tuple)
 
     def __repr__(self) -> str:  # never show the key
@@ -90,7 +91,8 @@ class GeminiLiveProtocol:
             "generationConfig": {"responseModalities": ["AUDIO"],
                                  "speechConfig": {"voiceConfig": {"prebuiltVoiceConfig": {"voiceName": o.voice}}}},
             "realtimeInputConfig": {"automaticActivityDetection": {"disabled": False},
-                                    "activityHandling": "START_OF_ACTIVITY_INTERRUPTS"},
+                                    "activityHandling": "START_OF_ACTIVITY_INTERRUPTS" if o.interrupt
+                                    else "NO_INTERRUPTION"},
             "inputAudioTranscription": {},
             "outputAudioTranscription": {},
             "sessionResumption": {"handle": self.resume_handle} if self.resume_handle else {},

@@ -43,6 +43,7 @@ class OpenAiRealtimeOptions:
     vad_threshold: float = 0.5
     prefix_padding_ms: int = 300
     silence_duration_ms: int = 500
+    interrupt_response: bool = True  # off when the deployment disables barge-in
     tools: tuple[dict[str, Any], ...] = field(default_factory=tuple)
 
     def __repr__(self) -> str:  # never show the key
@@ -60,7 +61,8 @@ def realtime_url(base_url: str, model: str) -> str:
 def flat_tool(spec: dict[str, Any]) -> dict[str, Any]:
     """A tool spec in OpenAI function style (flat, or nested as Chat Completions has it) -> the
     Realtime session's flat `{"type":"function", name, description, parameters}`."""
-    fn = spec.get("function") if isinstance(spec.get("function"), dict) else spec
+    nested = spec.get("function")
+    fn: dict[str, Any] = nested if isinstance(nested, dict) else spec
     return {"type": "function", "name": fn["name"], "description": fn.get("description", ""),
             "parameters": fn.get("parameters") or {"type": "object", "properties": {}}}
 
@@ -100,7 +102,7 @@ class OpenAiRealtimeProtocol:
             "format": self._format_obj(),
             "turn_detection": {"type": "server_vad", "threshold": o.vad_threshold,
                                "prefix_padding_ms": o.prefix_padding_ms, "silence_duration_ms": o.silence_duration_ms,
-                               "create_response": True, "interrupt_response": True},
+                               "create_response": True, "interrupt_response": o.interrupt_response},
         }
         if o.transcription_model:
             audio_in["transcription"] = {"model": o.transcription_model}

@@ -15,7 +15,6 @@ import asyncio
 import json
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
 
 from aiohttp import WSMsgType, web
 

@@ -29,7 +29,7 @@ from tests.fakes.http_app import serve_local
 from tests.fakes.openai_server import _ServerVad
 
 PATH = "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent"
-SAY = re.compile(r"word for word, and nothing else: (.*)$", re.S)
+SAY = re.compile(r"word for word, and nothing else: (.*)$", re.DOTALL)
 
 
 @dataclass

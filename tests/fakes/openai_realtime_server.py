@@ -32,7 +32,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import audioop
 
-SAY = re.compile(r"word for word, and nothing else: (.*)$", re.S)
+SAY = re.compile(r"word for word, and nothing else: (.*)$", re.DOTALL)
 
 
 @dataclass
@@ -139,6 +139,7 @@ class _Conn:
         self.streaming: asyncio.Task[None] | None = None
         self.current: dict[str, Any] | None = None
         self.item_ms: dict[str, float] = {}
+        self.interrupt = True
         self.loop = asyncio.get_running_loop()
 
     def fail(self) -> None:
@@ -172,6 +173,7 @@ class _Conn:
             audio_in = (session.get("audio") or {}).get("input") or {}
             self.sess.format = (audio_in.get("format") or {}).get("type", self.sess.format)
             td = audio_in.get("turn_detection") or {}
+            self.interrupt = bool(td.get("interrupt_response", True))
             self.vad.configure(self.sess.rate, td.get("threshold", 0.5), td.get("silence_duration_ms", 500))
             if self.fake.vad_threshold_level is not None:
                 self.vad.level = self.fake.vad_threshold_level
@@ -238,7 +240,8 @@ class _Conn:
                 self.sess.speech_started_at.append(self.loop.time())
                 await self.send({"type": "input_audio_buffer.speech_started", "item_id": user_item,
                                  "audio_start_ms": len(self.sess.audio) * 500 // self.sess.rate})
-                await self.cancel("turn_detected")
+                if self.interrupt:
+                    await self.cancel("turn_detected")
             else:
                 await self.send({"type": "input_audio_buffer.speech_stopped", "item_id": user_item,
                                  "audio_end_ms": len(self.sess.audio) * 500 // self.sess.rate})
