@@ -147,6 +147,42 @@ async def test_tool_call_round_trip_ends_the_call(tmp_path: Path) -> None:
         await fake.stop()
 
 
+async def test_a_local_toolbox_runs_the_models_function_call(tmp_path: Path) -> None:
+    """The toolbox contract: OpenAI function-style specs and run(call id, name, arguments JSON)."""
+    from bridge.realtime.factory import ToolResult
+
+    class Orders:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, str, dict[str, Any]]] = []
+
+        def specs(self) -> list[dict[str, Any]]:
+            return [{"type": "function", "function": {"name": "lookup_order", "description": "Find an order",
+                     "parameters": {"type": "object", "properties": {"id": {"type": "string"}}}}}]
+
+        async def run(self, call_id: str, name: str, arguments: str) -> ToolResult:
+            self.calls.append((call_id, name, json.loads(arguments)))
+            return ToolResult(json.dumps({"status": "shipped"}))
+
+    fake = await FakeOpenAIRealtime(transcripts=["where is order 42"],
+                                    replies=[Reply(tool=("lookup_order", {"id": "42"})), Reply("It has shipped.")]).start()
+    orders = Orders()
+    try:
+        async with run_bridge(mock_config(fake, script=["Where is my order forty two?"]), tmp_path) as runtime:
+            runtime.manager._voice_factory.toolbox_for = lambda call: orders
+            call_id = (await rpc_client(runtime).call("voicecall.initiate", {"message": "Hi.", "mode": "conversation"}))["callId"]
+            call = runtime.manager.calls[call_id]
+            await wait_for(lambda: any(t.text == "It has shipped." for t in call.transcript), timeout=30)
+            session = fake.sessions[0]
+            assert [t["name"] for t in session.updates[0]["tools"]] == ["lookup_order"]
+            assert orders.calls == [(call_id, "lookup_order", {"id": "42"})]
+            assert json.loads(session.tool_outputs[0]["output"]) == {"status": "shipped"}
+            assert call.metadata["toolCalls"] == [{"name": "lookup_order", "arguments": '{"id": "42"}',
+                                                   "output": '{"status": "shipped"}'}]
+            await runtime.manager.end(call_id)
+    finally:
+        await fake.stop()
+
+
 async def test_session_failing_mid_call_apologizes_and_hangs_up(tmp_path: Path) -> None:
     fake = await FakeOpenAIRealtime(fail_after_s=1.5).start()
     try:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bridge.calls import CallEvent, CallRecord
 from bridge.clock import Clock
@@ -21,7 +22,7 @@ from bridge.prewarm import expected_wire
 from bridge.realtime.connection import RealtimeConnection, RealtimeProtocol
 from bridge.realtime.gemini import GeminiLiveOptions, GeminiLiveProtocol
 from bridge.realtime.openai import OpenAiRealtimeOptions, OpenAiRealtimeProtocol
-from bridge.realtime_voice import RealtimeVoice, ToolRunner
+from bridge.realtime_voice import RealtimeVoice
 from bridge.tasks import BackgroundTasks
 
 if TYPE_CHECKING:
@@ -35,6 +36,32 @@ log = logging.getLogger(__name__)
 END_CALL_TOOL = {"type": "function", "name": "end_call",
                  "description": "Hang up the call once you have said goodbye.",
                  "parameters": {"type": "object", "properties": {}}}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResult:
+    output: str  # what goes back to the model
+    end_call: bool = False  # hang up once the model's next words have played
+
+
+class Toolbox(Protocol):
+    """One call's tools, as the realtime session uses them: OpenAI function-style specs, and a run."""
+
+    def specs(self) -> Sequence[dict[str, Any]]: ...
+
+    async def run(self, call_id: str, name: str, arguments: str) -> ToolResult: ...
+
+
+class BuiltinTools:
+    """Without the conversation toolbox: `end_call`, and a clear error for declared tools."""
+
+    def specs(self) -> Sequence[dict[str, Any]]:
+        return [END_CALL_TOOL]
+
+    async def run(self, call_id: str, name: str, arguments: str) -> ToolResult:
+        if name == "end_call":
+            return ToolResult(json.dumps({"ok": True, "note": "the call ends after your next words"}), end_call=True)
+        return ToolResult(json.dumps({"error": f"tool {name!r} has no handler on this bridge"}))
 
 
 def build_protocol(rt: RealtimeSettings, wire: Any = None, tools: list[dict[str, Any]] | None = None,
@@ -64,14 +91,22 @@ class RealtimeVoices:
         self._warm: dict[str, RealtimeConnection] = {}
         self._tasks = BackgroundTasks(log)
         self.manager: Any = None
-        # conv's toolbox plugs in here: (call) -> (extra tool specs, runner)
-        self.toolbox: Callable[[CallRecord, RealtimeVoice], tuple[list[dict[str, Any]], ToolRunner]] | None = None
+        # the call's tools (the conversation toolbox plugs in here); default: BuiltinTools
+        self.toolbox_for: Callable[[CallRecord], Toolbox] = lambda call: BuiltinTools()
+        self._toolboxes: dict[str, Toolbox] = {}
 
     def bind(self, manager: Any) -> None:
         self.manager = manager
 
-    def _connection(self, wire: Any) -> RealtimeConnection:
-        protocol = build_protocol(self.rt, wire, [END_CALL_TOOL], barge_in=self.settings.streaming.bargeIn)
+    def _toolbox(self, call: CallRecord) -> Toolbox:
+        box = self._toolboxes.get(call.callId)
+        if box is None:
+            box = self._toolboxes[call.callId] = self.toolbox_for(call)
+        return box
+
+    def _connection(self, call: CallRecord, wire: Any) -> RealtimeConnection:
+        tools = list(self._toolbox(call).specs())
+        protocol = build_protocol(self.rt, wire, tools, barge_in=self.settings.streaming.bargeIn)
         return RealtimeConnection(protocol, clock=self.clock,
                                   max_retries=self.rt.maxReconnects)
 
@@ -79,11 +114,12 @@ class RealtimeVoices:
     def prewarm(self, call: CallRecord) -> None:
         if not self.rt.prewarm or call.callId in self._warm:
             return
-        connection = self._connection(expected_wire(self.settings))
+        connection = self._connection(call, expected_wire(self.settings))
         connection.start()
         self._warm[call.callId] = connection
 
     def discard(self, call_id: str) -> None:
+        self._toolboxes.pop(call_id, None)
         connection = self._warm.pop(call_id, None)
         if connection is not None:
             self._tasks.spawn(connection.close(), f"realtime-discard-{call_id}")
@@ -93,8 +129,9 @@ class RealtimeVoices:
 
     # ---- per call
     def __call__(self, call: CallRecord, transport: MediaTransport, emit: Callable[[CallEvent], None]) -> RealtimeVoice:
-        connection = self._warm.pop(call.callId, None) or self._connection(transport.format)
+        connection = self._warm.pop(call.callId, None) or self._connection(call, transport.format)
         manager = self.manager
+        box = self._toolbox(call)
 
         async def hang_up() -> None:
             if manager is not None:
@@ -103,10 +140,10 @@ class RealtimeVoices:
         holder: dict[str, RealtimeVoice] = {}
 
         async def run_tool(tool_call_id: str, name: str, arguments: str) -> str:
-            if name == "end_call":
+            result = await box.run(call.callId, name, arguments)
+            if result.end_call:
                 holder["voice"].end_after_reply()
-                return json.dumps({"ok": True, "note": "the call ends after your next words"})
-            return json.dumps({"error": f"tool {name!r} has no handler on this bridge"})
+            return result.output
 
         voice = RealtimeVoice(
             call=call, transport=transport, connection=connection, tts=self.tts, emit=emit,
