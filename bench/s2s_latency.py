@@ -32,7 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import loadavg, machine, table, write_results  # noqa: E402
-from bench.common import pinned  # noqa: E402
+from bench.common import cpu_seconds, pinned  # noqa: E402
 from tests.fakes.openai_realtime_server import FakeOpenAIRealtime  # noqa: E402
 from tests.fakes.stream_load import LoadStreamClient, inbound_stream, percentile  # noqa: E402
 from tests.harness import run_bridge  # noqa: E402
@@ -68,6 +68,9 @@ class RemoteFake:
         async with session.get(f"http://127.0.0.1:{self.port}/_fake/responses") as resp:
             return list(await resp.json())
 
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.proc.pid) if self.proc is not None else 0.0
+
     async def stop(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.terminate()
@@ -98,6 +101,7 @@ async def measure(calls: int, rounds: int, fake_cpu: int | None) -> dict[str, An
     fake = await RemoteFake(fake_cpu).start()
     added_ms: list[float] = []
     missed = 0
+    cpu_pct = model_cpu_pct = float("nan")
     try:
         with tempfile.TemporaryDirectory(prefix="bench-s2s-") as tmp:
             async with run_bridge(config(account_sid, auth_token, calls, fake), Path(tmp)) as runtime:
@@ -129,6 +133,7 @@ async def measure(calls: int, rounds: int, fake_cpu: int | None) -> dict[str, An
                                   and manager.voice(cid).connection.ready.is_set()) < calls:
                             await asyncio.sleep(0.05)
                     await asyncio.sleep(1.0)
+                    cpu0, wall0, fake_cpu0 = time.process_time(), loop.time(), fake.cpu_seconds()
                     for r in range(rounds):
                         async def one(call_id: str, r: int = r) -> None:
                             await asyncio.sleep(random.random() * 0.2)
@@ -149,6 +154,8 @@ async def measure(calls: int, rounds: int, fake_cpu: int | None) -> dict[str, An
                                 missed += 1
                                 continue
                             added_ms.append((heard - t0) * 1000)
+                    cpu_pct = 100 * (time.process_time() - cpu0) / (loop.time() - wall0)
+                    model_cpu_pct = 100 * (fake.cpu_seconds() - fake_cpu0) / (loop.time() - wall0)
                 finally:
                     stop.set()
                     ticker.cancel()
@@ -158,7 +165,9 @@ async def measure(calls: int, rounds: int, fake_cpu: int | None) -> dict[str, An
         await fake.stop()
     return {"calls": calls, "replies": len(added_ms), "missed": missed,
             "added_p50_ms": percentile(added_ms, 50), "added_p99_ms": percentile(added_ms, 99),
-            "added_max_ms": max(added_ms) if added_ms else float("nan"), "loadavg": loadavg()}
+            "added_max_ms": max(added_ms) if added_ms else float("nan"), "process_cpu_pct": cpu_pct,
+            "model_fake_cpu_pct": model_cpu_pct,
+            "loadavg": loadavg()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,10 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         points.append(asyncio.run(measure(n, args.rounds, fake_cpu)))
         print(f"[s2s] {n} calls: {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     data = {"benchmark": "s2s_latency", "machine": machine(), "rounds": args.rounds, "points": points}
-    print(table(["calls", "replies", "missed", "added p50", "added p99", "added max", "load1"],
+    print(table(["calls", "replies", "missed", "added p50", "added p99", "added max", "cpu %", "model cpu %", "load1"],
                 [[p["calls"], p["replies"], p["missed"], p["added_p50_ms"], p["added_p99_ms"], p["added_max_ms"],
-                  p["loadavg"][0]] for p in points]))
-    print("(ms from the model's first audio delta leaving the fake to the caller receiving that reply's first frame)")
+                  p["process_cpu_pct"], p["model_fake_cpu_pct"], p["loadavg"][0]] for p in points]))
+    print("(ms from the model's first audio delta leaving the fake to the caller receiving that reply's first frame;"
+          " cpu % = this process, bridge + callers, over the measured rounds)")
     path = write_results("s2s_latency", data, args.out)
     print(f"results: {path}")
     if args.json:

@@ -129,6 +129,8 @@ class RealtimeVoice:
         self.truncations: list[tuple[str, int]] = []
         connection.on_failed = self._on_failed
         connection.listen(self._on_event)
+        if connection.failed:  # a pre-warmed session that failed while the call rang
+            self._on_failed(connection.failed)
 
     async def start(self) -> None:
         self.connection.start()

@@ -247,6 +247,21 @@ async def test_dropped_session_reconnects_and_the_call_goes_on(tmp_path: Path) -
         await fake.stop()
 
 
+async def test_refused_key_while_ringing_apologizes_and_hangs_up(rt: FakeOpenAIRealtime, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    cfg = mock_config(rt, apiKey="sk-wrong-secret")
+    async with run_bridge(cfg, tmp_path) as runtime:
+        call = await runtime.manager.initiate(None, "Hello there.", "conversation")
+        await wait_for(lambda: call.terminal, timeout=30)
+        assert call.state == CallState.HANGUP_BOT
+        assert call.metadata["realtimeFailure"] == "authentication failed (HTTP 401)"
+        callee = runtime.carrier.callee(call.callId)
+        assert len(callee.heard) / 16 > 2000, "the greeting and the apology came through TTS"
+        assert rt.sessions == [], "no session was opened with the refused key"
+    assert "sk-wrong-secret" not in caplog.text
+    assert "sk-wrong-secret" not in "".join(p.read_text() for p in tmp_path.glob("**/*.jsonl"))
+
+
 # ====================================================================== Twilio media streams
 
 
