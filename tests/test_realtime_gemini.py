@@ -91,3 +91,24 @@ async def test_gemini_go_away_hands_over_to_a_resumed_session_without_silence(tm
             await client.call("voicecall.end", {"callId": call_id})
     finally:
         await fake.stop()
+
+
+async def test_gemini_broken_socket_resumes_with_the_last_handle(tmp_path: Path) -> None:
+    fake = await FakeGeminiLive(transcripts=["still there"], replies=[GeminiReply("Yes, still here.")],
+                                drop_first_after_s=0.8).start()
+    try:
+        cfg = config(fake, script=["Hello, are you still there?"])
+        cfg["mock"]["replyDelayMs"] = 1000
+        async with run_bridge(cfg, tmp_path) as runtime:
+            client = rpc_client(runtime)
+            call_id = (await client.call("voicecall.initiate", {"message": "Hi.", "mode": "conversation"}))["callId"]
+            call = runtime.manager.calls[call_id]
+            await wait_for(lambda: any(t.text == "Yes, still here." for t in call.transcript), timeout=30)
+            first, second = fake.sessions[:2]
+            assert first.go_away_at is None and first.closed_at is not None
+            assert second.resumed_from in fake.handles, "the new socket resumed the conversation"
+            assert second.turns[0]["text"] == "Yes, still here."
+            assert "realtimeFailure" not in call.metadata
+            await client.call("voicecall.end", {"callId": call_id})
+    finally:
+        await fake.stop()

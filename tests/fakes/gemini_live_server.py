@@ -62,6 +62,7 @@ class FakeGeminiLive:
     # time, so a caller who talks over it still finds the turn running and gets `interrupted`)
     pace: float = 0.8
     go_away_after_s: float | None = None
+    drop_first_after_s: float | None = None  # the first socket just breaks (no goAway) this long after setup
     time_left_s: float = 1.0
     sessions: list[LiveSession] = field(default_factory=list)
     handles: dict[str, int] = field(default_factory=dict)  # issued handle -> conversation turn count
@@ -140,6 +141,9 @@ class _Live:
         await self.issue_handle()
         if self.first and self.fake.go_away_after_s is not None:
             self.loop.call_later(self.fake.go_away_after_s, lambda: asyncio.ensure_future(self.go_away()))
+        if self.first and self.fake.drop_first_after_s is not None:
+            self.loop.call_later(self.fake.drop_first_after_s,
+                                 lambda: asyncio.ensure_future(self.ws.close(code=1011, message=b"internal error")))
         async for msg in self.ws:
             if msg.type == WSMsgType.TEXT:
                 await self.handle(json.loads(msg.data))
