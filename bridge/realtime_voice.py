@@ -160,6 +160,9 @@ class RealtimeVoice:
 
     def on_dtmf(self, digit: str) -> None:
         self._emit(CallEvent(EventType.DTMF, call_id=self.call_id, digits=digit))
+        # the model cannot hear a key press reliably (carriers report most out of band): tell it
+        if self.connection.ready.is_set() and not self._closed:
+            self.connection.send(self.protocol.user_text(f"[The caller pressed the {digit} key]"))
 
     def on_speech_started(self) -> None:
         return None  # the bridge cut its play; the item's end sends the truncate

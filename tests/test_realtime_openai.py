@@ -107,6 +107,18 @@ async def test_mock_barge_in_truncates_to_what_was_heard(rt: FakeOpenAIRealtime,
         await client.call("voicecall.end", {"callId": call_id})
 
 
+async def test_key_presses_reach_the_model_as_user_turns(rt: FakeOpenAIRealtime, tmp_path: Path) -> None:
+    async with run_bridge(mock_config(rt), tmp_path) as runtime:
+        call = await runtime.manager.initiate(None, "Press one for sales.", "conversation")
+        await wait_for(lambda: call.state == CallState.LISTENING, timeout=15)
+        runtime.carrier.callee(call.callId).press("1")
+        await wait_for(lambda: any(t.text == "Certainly, a table for two." for t in call.transcript), timeout=15)
+        session = rt.sessions[0]
+        assert session.user_texts == ["[The caller pressed the 1 key]"]
+        assert call.metadata["dtmf"] == "1"
+        await runtime.manager.end(call.callId)
+
+
 async def test_barge_in_off_lets_the_model_finish(rt: FakeOpenAIRealtime, tmp_path: Path) -> None:
     cfg = mock_config(rt)
     cfg["streaming"]["bargeIn"] = False

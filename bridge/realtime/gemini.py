@@ -130,6 +130,9 @@ class GeminiLiveProtocol:
         prompt = f"Say exactly the following to the caller, word for word, and nothing else: {text}"
         return [{"clientContent": {"turns": [{"role": "user", "parts": [{"text": prompt}]}], "turnComplete": True}}]
 
+    def user_text(self, text: str) -> list[dict[str, Any]]:
+        return [{"realtimeInput": {"text": text}}]
+
     def tool_result(self, call_id: str, name: str, output: str) -> list[dict[str, Any]]:
         return [{"toolResponse": {"functionResponses": [{"id": call_id, "name": name, "response": {"result": output}}]}}]
 

@@ -146,6 +146,12 @@ class OpenAiRealtimeProtocol:
             "metadata": {"say": tag},
         }}]
 
+    def user_text(self, text: str) -> list[dict[str, Any]]:
+        """Something the caller did that the model cannot hear (a key press), as a user turn."""
+        return [{"type": "conversation.item.create",
+                 "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}},
+                {"type": "response.create"}]
+
     def tool_result(self, call_id: str, name: str, output: str) -> list[dict[str, Any]]:
         return [{"type": "conversation.item.create",
                  "item": {"type": "function_call_output", "call_id": call_id, "output": output}},

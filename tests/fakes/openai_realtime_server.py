@@ -52,6 +52,7 @@ class RtSession:
     responses: list[dict[str, Any]] = field(default_factory=list)  # {"id", "text", "tag", "status", "first_delta_at"}
     truncates: list[dict[str, Any]] = field(default_factory=list)
     tool_outputs: list[dict[str, Any]] = field(default_factory=list)
+    user_texts: list[str] = field(default_factory=list)
     cancels: int = 0
     speech_started_at: list[float] = field(default_factory=list)
     closed_at: float | None = None
@@ -204,6 +205,8 @@ class _Conn:
             item = event.get("item") or {}
             if item.get("type") == "function_call_output":
                 self.sess.tool_outputs.append(item)
+            elif item.get("type") == "message" and item.get("role") == "user":
+                self.sess.user_texts += [c.get("text", "") for c in item.get("content") or [] if c.get("type") == "input_text"]
             await self.send({"type": "conversation.item.added", "item": {**item, "id": self.fake._id("item")}})
         else:
             await self.error(f"unknown client event {kind!r}")
