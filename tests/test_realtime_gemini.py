@@ -17,6 +17,9 @@ from tests.harness import rpc_client, run_bridge, wait_for
 from tests.test_realtime_openai import FAST_MOCK, LONG
 
 
+GREETING = "Hello, this is the booking line of the hardware store, how can I help?"  # 1.5 s
+
+
 def config(fake: FakeGeminiLive, *, script: list[str] | None = None) -> dict[str, Any]:
     return {
         "provider": "mock", "fromNumber": "+15550001234", "toNumber": "+15550005678",
@@ -72,18 +75,18 @@ async def test_gemini_barge_in_then_tool_call_ends_the_call(gemini: FakeGeminiLi
 
 async def test_gemini_go_away_hands_over_to_a_resumed_session_without_silence(tmp_path: Path) -> None:
     fake = await FakeGeminiLive(transcripts=["table for two"], replies=[GeminiReply("Booked, see you soon.")],
-                                go_away_after_s=1.0, time_left_s=3.0).start()
+                                go_away_after_s=0.5, time_left_s=2.0).start()
     try:
         async with run_bridge(config(fake, script=["A table for two please."]), tmp_path) as runtime:
             client = rpc_client(runtime)
-            call_id = (await client.call("voicecall.initiate", {"message": LONG, "mode": "conversation"}))["callId"]
+            call_id = (await client.call("voicecall.initiate", {"message": GREETING, "mode": "conversation"}))["callId"]
             call = runtime.manager.calls[call_id]
             await wait_for(lambda: any(t.text == "Booked, see you soon." for t in call.transcript), timeout=40)
             first, second = fake.sessions[:2]
             assert len(fake.sessions) == 2
             assert first.go_away_at is not None and second.resumed_from in fake.handles
             assert first.go_away_at < second.opened_at < first.closed_at, "the new session was up before the old closed"
-            assert call.transcript[0].text == LONG, "the greeting played out whole across the hand-over"
+            assert call.transcript[0].text == GREETING, "the greeting played out whole across the hand-over"
             callee = runtime.carrier.callee(call_id)
             assert callee.clears == 0
             assert second.turns and second.turns[0]["text"] == "Booked, see you soon."
