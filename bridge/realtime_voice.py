@@ -118,6 +118,7 @@ class RealtimeVoice:
         self._bot_text: dict[str, str] = {}
         self._bot_done: dict[str, tuple[PlaybackResult, float]] = {}
         self._tags_with_audio: set[str] = set()
+        self._said_items: set[str] = set()
         self._says: dict[str, tuple[str, asyncio.Future[Spoken]]] = {}
         self._provider_barge = False
         self._barge_in = barge_in
@@ -193,8 +194,9 @@ class RealtimeVoice:
                 self._emit(CallEvent(EventType.SPEECH, call_id=self.call_id, transcript=event.text.strip(),
                                      is_final=event.final))
         elif isinstance(event, ev.BotTranscript):
-            self._bot_text[event.item_id] = event.text
-            self._record_bot(event.item_id)
+            if event.item_id not in self._said_items:
+                self._bot_text[event.item_id] = event.text
+                self._record_bot(event.item_id)
         elif isinstance(event, ev.ToolCall):
             self._spawn(self._run_tool(event))
         elif isinstance(event, ev.ToolCancelled):
@@ -247,6 +249,8 @@ class RealtimeVoice:
                 self.connection.send(self.protocol.cancel())  # our own VAD cut it; the model keeps going otherwise
         if item.tag is not None:
             self._resolve_say(item.tag, result, item.audio_ms)
+            self._said_items.add(item.item_id)  # the manager records the requested text itself
+            self._bot_text.pop(item.item_id, None)
         else:
             self._bot_done[item.item_id] = (result, item.audio_ms)
             self._record_bot(item.item_id)
