@@ -10,7 +10,8 @@ the real RealtimeVoice, RealtimeConnection and MediaBridge) and N Twilio media s
 silence at real-time cadence from one metronome). Each call's session is pre-warmed on the webhook.
 
 Each round, every call's session gets a `response.create` (spread over 200 ms); the fake streams
-1 s of u-law reply audio as 100 ms deltas. Timed per reply: from the moment the fake hands its first
+1 s of u-law reply audio as 100 ms deltas, `--model-speed` times faster than real time (default 4;
+0 sends the whole second at once). Timed per reply: from the moment the fake hands its first
 `response.output_audio.delta` to its WebSocket until the caller's stream receives the first media
 message of that reply (both processes read the same CLOCK_MONOTONIC). That span is the bridge's whole share:
 model socket in, JSON + base64 decode, the play queue, frame + pace, Twilio socket out.
@@ -45,8 +46,9 @@ class RemoteFake:
 
     api_key = FakeOpenAIRealtime.api_key
 
-    def __init__(self, cpu: int | None) -> None:
+    def __init__(self, cpu: int | None, speed: float) -> None:
         self.cpu = cpu
+        self.delta_interval_s = 0.1 / speed if speed > 0 else 0.0  # 100 ms deltas
         self.proc: asyncio.subprocess.Process | None = None
         self.port = 0
 
@@ -56,7 +58,8 @@ class RemoteFake:
 
     async def start(self) -> RemoteFake:
         root = Path(__file__).resolve().parent.parent
-        argv = pinned(self.cpu, [sys.executable, "-m", "tests.fakes.openai_realtime_server", REPLY])
+        argv = pinned(self.cpu, [sys.executable, "-m", "tests.fakes.openai_realtime_server", REPLY,
+                                 str(self.delta_interval_s)])
         self.proc = await asyncio.create_subprocess_exec(*argv, cwd=root, stdout=asyncio.subprocess.PIPE,
                                                          env={**os.environ, "PYTHONPATH": str(root)})
         assert self.proc.stdout is not None
@@ -90,7 +93,7 @@ def config(account_sid: str, auth_token: str, calls: int, fake: RemoteFake) -> d
     }
 
 
-async def measure(calls: int, rounds: int, fake_cpu: int | None) -> dict[str, Any]:
+async def measure(calls: int, rounds: int, fake_cpu: int | None, speed: float) -> dict[str, Any]:
     import secrets
 
     import aiohttp
@@ -98,7 +101,7 @@ async def measure(calls: int, rounds: int, fake_cpu: int | None) -> dict[str, An
     loop = asyncio.get_running_loop()
     account_sid, auth_token = "AC" + secrets.token_hex(16), secrets.token_hex(16)
     # a caller who never speaks: the fake's VAD stays quiet; replies come only from response.create
-    fake = await RemoteFake(fake_cpu).start()
+    fake = await RemoteFake(fake_cpu, speed).start()
     added_ms: list[float] = []
     missed = 0
     cpu_pct = model_cpu_pct = float("nan")
@@ -175,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", default="1,100")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cpu", type=int, default=0, help="pin this process to one CPU (-1: don't)")
+    parser.add_argument("--model-speed", type=float, default=4.0,
+                        help="seconds of reply audio the fake model streams per second (0: all at once)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
@@ -185,9 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     for n in (int(x) for x in args.calls.split(",")):
         started = time.monotonic()
         fake_cpu = None if args.cpu < 0 else (1 if args.cpu == 0 else 0)
-        points.append(asyncio.run(measure(n, args.rounds, fake_cpu)))
+        points.append(asyncio.run(measure(n, args.rounds, fake_cpu, args.model_speed)))
         print(f"[s2s] {n} calls: {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
-    data = {"benchmark": "s2s_latency", "machine": machine(), "rounds": args.rounds, "points": points}
+    data = {"benchmark": "s2s_latency", "machine": machine(), "rounds": args.rounds,
+            "model_speed": args.model_speed, "points": points}
     print(table(["calls", "replies", "missed", "added p50", "added p99", "added max", "cpu %", "model cpu %", "load1"],
                 [[p["calls"], p["replies"], p["missed"], p["added_p50_ms"], p["added_p99_ms"], p["added_max_ms"],
                   p["process_cpu_pct"], p["model_fake_cpu_pct"], p["loadavg"][0]] for p in points]))

@@ -137,6 +137,7 @@ class RealtimeSettings(Section):
     prefixPaddingMs: int = Field(300, ge=0)
     silenceDurationMs: int = Field(500, gt=0)
     prewarm: bool = True  # open the session while the call rings
+    inputChunkMs: int = Field(40, ge=20, le=200, multiple_of=20)  # caller audio per message to the model
     maxReconnects: int = Field(4, ge=0)
     apology: str = "I'm sorry, I'm having technical trouble and have to end the call. Please try again later."
     # the seed system's keys: accepted; `providers.<provider>` values fill the keys above

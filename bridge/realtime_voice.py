@@ -85,6 +85,7 @@ class RealtimeVoice:
         ready_timeout_s: float = 10.0,
         apology: str = APOLOGY,
         clock: Clock | None = None,
+        input_chunk_ms: int = 40,
     ) -> None:
         self.call = call
         self.call_id = call.callId
@@ -109,8 +110,15 @@ class RealtimeVoice:
         if self._passthrough:
             n = int(transport.format.rate * GAP_FILL_S) * transport.format.bytes_per_sample
             self._gap_silence = bytes([transport.format.silence_byte]) * n
+            bytes_per_ms = transport.format.rate * transport.format.bytes_per_sample / 1000
         else:
             self._gap_silence = bytes(int(self.protocol.input_rate * GAP_FILL_S) * 2)
+            bytes_per_ms = self.protocol.input_rate * 2 / 1000
+        # The caller's audio goes up in chunks of `input_chunk_ms`: each message to the model costs
+        # ~0.1 ms of CPU (JSON, base64, a masked WebSocket frame, a syscall), so 40 ms chunks halve
+        # what 20 ms frames would cost, for 20 ms more before the model hears the caller.
+        self._in_buf = bytearray()
+        self._in_chunk = max(1, int(input_chunk_ms * bytes_per_ms))
         self._items: dict[str, _Item] = {}
         self._cut: set[str] = set()  # items the caller talked over: their late audio is dropped
         self._responses: dict[str, str | None] = {}  # response id -> say tag
@@ -143,18 +151,27 @@ class RealtimeVoice:
     def on_pipeline_audio(self, pcm: bytes) -> None:
         if self._resampler is not None:
             self._last_in = self._clock.monotonic()
-            self.connection.send_audio(self._resampler.process(pcm))
+            self._send_in(self._resampler.process(pcm))
 
     def on_wire_audio(self, payload: bytes, format: AudioFormat) -> None:
         if self._passthrough:
             self._last_in = self._clock.monotonic()
-            self.connection.send_audio(payload)
+            self._send_in(payload)
+
+    def _send_in(self, audio: bytes) -> None:
+        self._in_buf += audio
+        if len(self._in_buf) >= self._in_chunk:
+            self.connection.send_audio(bytes(self._in_buf))
+            self._in_buf.clear()
 
     def _fill_gap(self) -> None:
         if self._closed:
             return
         now = self._clock.monotonic()
         if now - self._last_in >= GAP_FILL_S and self.connection.ready.is_set():
+            if self._in_buf:
+                self.connection.send_audio(bytes(self._in_buf))
+                self._in_buf.clear()
             self.connection.send_audio(self._gap_silence)
             self._last_in = now
         self._gap_timer = self._clock.call_later(GAP_FILL_S, self._fill_gap)

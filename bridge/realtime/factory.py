@@ -150,7 +150,7 @@ class RealtimeVoices:
             pipeline_rate=self.settings.pipelineSampleRate,
             recorder=self._recorder(call) if self._recorder else None,
             barge_in=self.settings.streaming.bargeIn, inband_dtmf=self.inband_dtmf,
-            on_tool_call=run_tool, hang_up=hang_up, apology=self.rt.apology)
+            on_tool_call=run_tool, hang_up=hang_up, apology=self.rt.apology, input_chunk_ms=self.rt.inputChunkMs)
         holder["voice"] = voice
         return voice
 

@@ -332,13 +332,14 @@ class _Conn:
         await self.send({"type": "response.done", "response": {**response, "status": "completed"}})
 
 
-async def _serve_forever(reply: str) -> None:
-    fake = await FakeOpenAIRealtime(replies=[Reply(reply)]).start()
+async def _serve_forever(reply: str, delta_interval_s: float) -> None:
+    fake = await FakeOpenAIRealtime(replies=[Reply(reply)], delta_interval_s=delta_interval_s).start()
     print(f"port {fake.port}", flush=True)
     await asyncio.Event().wait()
 
 
-if __name__ == "__main__":  # a benchmark runs the "model" in its own process: python -m tests.fakes.openai_realtime_server TEXT
+if __name__ == "__main__":  # a benchmark runs the "model" apart: python -m tests.fakes.openai_realtime_server TEXT [DELTA_S]
     import sys
 
-    asyncio.run(_serve_forever(sys.argv[1] if len(sys.argv) > 1 else "Okay."))
+    asyncio.run(_serve_forever(sys.argv[1] if len(sys.argv) > 1 else "Okay.",
+                               float(sys.argv[2]) if len(sys.argv) > 2 else 0.0))
