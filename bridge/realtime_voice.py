@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bridge.calls import CallEvent, CallRecord, EventType
-from bridge.clock import Clock, RealClock, TimerHandle
+from media.clock import Clock, RealClock, TimerHandle
 from bridge.realtime import events as ev
 from bridge.voice import Spoken
 from media.bridge import MediaBridge, PlaybackResult, heard_text

@@ -5,12 +5,11 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 
 from bridge.calls import CallEvent, CallRecord
-from bridge.clock import Clock
 from bridge.config import Settings, reveal
 from bridge.manager import CallManager, VoiceFactory
 from bridge.prewarm import PrewarmingFactory, SttPrewarm, expected_wire
@@ -21,7 +20,11 @@ from bridge.server import create_app
 from bridge.voice import CallVoice
 from carriers.base import Carrier, CarrierError
 from carriers.registry import create_carrier
+from media.clock import Clock
 from media.transport import MediaTransport
+
+if TYPE_CHECKING:
+    import asyncio
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +126,8 @@ class Runtime:
             await self._runner.cleanup()
             raise StartupError(f"cannot listen on {bind}:{settings.serve.port}: {exc.strerror} "
                                "(is another voicecall server running?)") from None
-        sockets = site._server.sockets if site._server else []  # noqa: SLF001
+        server = cast("asyncio.Server | None", site._server)  # noqa: SLF001 - the bound port, for port 0
+        sockets = server.sockets if server else []
         self.port = sockets[0].getsockname()[1] if sockets else settings.serve.port
         if not settings.publicUrl and settings.tunnel.provider != "none":
             await self._open_tunnel()

@@ -10,7 +10,7 @@ import json
 import pytest
 from aiohttp import web
 
-from bridge.clock import FakeClock
+from media.clock import FakeClock
 from bridge.config import ConfigError, build_settings
 from bridge.realtime import events as ev
 from bridge.realtime.connection import RealtimeConnection

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from bridge.calls import CallState
-from bridge.clock import FakeClock
+from media.clock import FakeClock
 from media import g711
 from media.formats import ULAW_8K, AudioEncoding, AudioFormat
 from media.stt.base import SttEvent

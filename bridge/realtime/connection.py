@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from bridge.clock import Clock, RealClock
+from media.clock import Clock, RealClock
 from bridge.realtime import events as ev
 from media.logsafe import quiet_logger
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bridge.calls import CallEvent, CallRecord
-from bridge.clock import Clock
+from media.clock import Clock
 from bridge.prewarm import expected_wire
 from bridge.realtime.connection import RealtimeConnection, RealtimeProtocol
 from bridge.realtime.gemini import GeminiLiveOptions, GeminiLiveProtocol

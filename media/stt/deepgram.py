@@ -24,9 +24,10 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlencode
 
+from media.clock import Clock, RealClock, TimerHandle
 from media.formats import AudioEncoding, AudioFormat
 from media.logsafe import quiet_logger
 from media.stt.base import SttEngine, SttError, SttEvent, SttSession
@@ -35,26 +36,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "wss://api.deepgram.com/v1"
 _G711 = {AudioEncoding.PCMU: "mulaw", AudioEncoding.PCMA: "alaw"}
-
-
-class TimerHandle(Protocol):
-    def cancel(self) -> None: ...
-
-
-class Timers(Protocol):
-    """The part of the bridge's Clock this engine needs (media/ does not import bridge/)."""
-
-    def monotonic(self) -> float: ...
-
-    def call_later(self, delay: float, callback: Callable[[], object]) -> TimerHandle: ...
-
-
-class _LoopTimers:
-    def monotonic(self) -> float:
-        return asyncio.get_running_loop().time()
-
-    def call_later(self, delay: float, callback: Callable[[], object]) -> TimerHandle:
-        return asyncio.get_running_loop().call_later(max(0.0, delay), callback)
 
 
 def listen_url(base_url: str, params: dict[str, Any]) -> str:
@@ -83,7 +64,7 @@ class DeepgramStt(SttEngine):
         backoff_s: float = 1.0,
         connect_timeout_s: float = 10.0,
         close_timeout_s: float = 2.0,
-        clock: Timers | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.api_key = api_key
         self.base_url = base_url
@@ -97,7 +78,7 @@ class DeepgramStt(SttEngine):
         self.backoff_s = backoff_s
         self.connect_timeout_s = connect_timeout_s
         self.close_timeout_s = close_timeout_s
-        self.clock: Timers = clock or _LoopTimers()
+        self.clock: Clock = clock or RealClock()
 
     def __repr__(self) -> str:  # never show the key
         return f"DeepgramStt(base_url={self.base_url!r}, model={self.model!r})"
