@@ -32,8 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import loadavg, machine, table, write_results  # noqa: E402
-from bench.common import cpu_seconds, pinned  # noqa: E402
+from bench.common import cpu_seconds, loadavg, machine, pinned, table, write_results  # noqa: E402  # noqa: E402
 from tests.fakes.openai_realtime_server import FakeOpenAIRealtime  # noqa: E402
 from tests.fakes.stream_load import LoadStreamClient, inbound_stream, percentile  # noqa: E402
 from tests.harness import run_bridge  # noqa: E402

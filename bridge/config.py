@@ -242,8 +242,8 @@ class CoreSettings(Section):
             problems += section.problems(self.provider, context)
         if self.realtime.enabled:
             rt = self.realtime
-            key = rt.apiKey or (rt.providers.get(rt.provider) or {}).get("apiKey")
-            if not key:
+            api_key = rt.apiKey or (rt.providers.get(rt.provider) or {}).get("apiKey")
+            if not api_key:
                 env = REALTIME_DEFAULTS[rt.provider]["env"]
                 problems.append(f"realtime.apiKey: required when realtime.enabled with provider {rt.provider} (or set {env})")
             base = str(rt.effective("baseUrl"))

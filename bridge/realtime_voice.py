@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bridge.calls import CallEvent, CallRecord, EventType
-from media.clock import Clock, RealClock, TimerHandle
 from bridge.realtime import events as ev
 from bridge.voice import Spoken
 from media.bridge import MediaBridge, PlaybackResult, heard_text
+from media.clock import Clock, RealClock, TimerHandle
 from media.resample import StreamResampler
 
 if TYPE_CHECKING:

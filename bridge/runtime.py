@@ -12,8 +12,8 @@ from aiohttp import web
 from bridge.calls import CallEvent, CallRecord
 from bridge.config import Settings, reveal
 from bridge.manager import CallManager, VoiceFactory
-from bridge.prewarm import PrewarmingFactory, SttPrewarm, expected_wire
 from bridge.metrics import Metrics
+from bridge.prewarm import PrewarmingFactory, SttPrewarm, expected_wire
 from bridge.responder import create_responder
 from bridge.rpc import RpcDispatcher, RpcEndpoint
 from bridge.server import create_app
@@ -59,7 +59,9 @@ def voice_factory(settings: Settings, carrier: Carrier) -> VoiceFactory:
     if settings.realtime.enabled:
         from bridge.realtime.factory import RealtimeVoices
 
-        return RealtimeVoices(settings, tts, inband_dtmf=inband_dtmf, recorder=recorder_for)
+        # a RealtimeVoice has the surface the manager uses of a CallVoice (start, close, say, interrupt,
+        # bridge, the MediaListener callbacks); tests/test_realtime_protocols.py checks it stays so
+        return cast("VoiceFactory", RealtimeVoices(settings, tts, inband_dtmf=inband_dtmf, recorder=recorder_for))
     stt = None
     if settings.streaming.provider != "none":
         from media.stt.factory import create_stt

@@ -16,7 +16,6 @@ from tests.fakes.gemini_live_server import FakeGeminiLive, GeminiReply
 from tests.harness import rpc_client, run_bridge, wait_for
 from tests.test_realtime_openai import FAST_MOCK, LONG
 
-
 GREETING = "Hello, this is the booking line of the hardware store, how can I help?"  # 1.5 s
 
 

@@ -10,13 +10,13 @@ import json
 import pytest
 from aiohttp import web
 
-from media.clock import FakeClock
 from bridge.config import ConfigError, build_settings
 from bridge.realtime import events as ev
 from bridge.realtime.connection import RealtimeConnection
 from bridge.realtime.gemini import GeminiLiveOptions, GeminiLiveProtocol, live_url, parse_duration
 from bridge.realtime.openai import OpenAiRealtimeOptions, OpenAiRealtimeProtocol, realtime_url
 from media import g711
+from media.clock import FakeClock
 from media.formats import ALAW_8K, ULAW_8K, AudioEncoding, AudioFormat
 from tests.fakes.http_app import serve_local
 from tests.harness import wait_for
@@ -182,3 +182,16 @@ def test_protocol_modules_are_sans_io() -> None:
     )
     result = subprocess.run([sys.executable, "-c", blocker], check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_realtime_voice_offers_what_the_manager_uses_of_a_call_voice() -> None:
+    import inspect
+
+    from bridge.realtime_voice import RealtimeVoice
+    from bridge.voice import CallVoice
+
+    for name in ("start", "close", "say", "interrupt", "on_pipeline_audio", "on_wire_audio", "on_dtmf",
+                 "on_speech_started"):
+        ours, theirs = getattr(RealtimeVoice, name), getattr(CallVoice, name)
+        assert inspect.iscoroutinefunction(ours) == inspect.iscoroutinefunction(theirs), name
+        assert list(inspect.signature(ours).parameters) == list(inspect.signature(theirs).parameters), name

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from bridge.calls import CallState
-from media.clock import FakeClock
 from media import g711
+from media.clock import FakeClock
 from media.formats import ULAW_8K, AudioEncoding, AudioFormat
 from media.stt.base import SttEvent
 from media.stt.deepgram import DeepgramStt, TurnBuilder

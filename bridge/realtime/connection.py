@@ -21,8 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from media.clock import Clock, RealClock
 from bridge.realtime import events as ev
+from media.clock import Clock, RealClock
 from media.logsafe import quiet_logger
 
 log = logging.getLogger(__name__)

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bridge.calls import CallEvent, CallRecord
-from media.clock import Clock
 from bridge.prewarm import expected_wire
 from bridge.realtime.connection import RealtimeConnection, RealtimeProtocol
 from bridge.realtime.gemini import GeminiLiveOptions, GeminiLiveProtocol
 from bridge.realtime.openai import OpenAiRealtimeOptions, OpenAiRealtimeProtocol
 from bridge.realtime_voice import RealtimeVoice
 from bridge.tasks import BackgroundTasks
+from media.clock import Clock
 
 if TYPE_CHECKING:
     from bridge.config import RealtimeSettings, Settings

@@ -141,11 +141,12 @@ class _Conn:
         self.current: dict[str, Any] | None = None
         self.item_ms: dict[str, float] = {}
         self.interrupt = True
+        self.closing: asyncio.Future[bool] | None = None
         self.loop = asyncio.get_running_loop()
 
     def fail(self) -> None:
         self.fake._failing = True
-        asyncio.ensure_future(self.ws.close(code=1011, message=b"server error"))
+        self.closing = asyncio.ensure_future(self.ws.close(code=1011, message=b"server error"))
 
     async def send(self, event: dict[str, Any]) -> None:
         if not self.ws.closed:
