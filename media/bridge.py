@@ -3,6 +3,7 @@
 Inbound (sync, per frame, on the event loop):
     wire frame -> [reorder by sequence] -> G.711 decode -+-> in-band DTMF -> listener.on_dtmf
                                                          +-> VAD -> barge-in
+                                                         +-> taps (machine detection)
                                                          +-> stream-resample to the pipeline rate
                                                              -> listener.on_pipeline_audio, recorder ch 0
     (DTMF and VAD sit before the resampler, which releases audio in blocks up to ~130 ms late.)
@@ -34,7 +35,7 @@ from media.frames import Framer, Pacer
 from media.jitter import ReorderBuffer
 from media.recorder import CallRecorder
 from media.resample import StreamResampler
-from media.transport import MediaListener, MediaTransport, outbound_ms
+from media.transport import CallerAudioTap, MediaListener, MediaTransport, outbound_ms
 from media.vad import EnergyVad
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ class MediaBridge:
         # A listener that takes only the wire payloads (a realtime model fed u-law as is) needs no
         # pipeline-rate copy: skip the resampler unless the recorder wants the caller's side.
         self._pipeline_in = bool(getattr(listener, "wants_pipeline_audio", True)) or recorder is not None
+        self._taps: list[CallerAudioTap] = []
         self._last_dtmf: tuple[str, str, float] | None = None  # (digit, source, time)
         self._play_lock = asyncio.Lock()
         self._generation = 0  # bumped by interrupt(): plays queued before it are dropped
@@ -171,6 +173,8 @@ class MediaBridge:
         except ValueError:
             self.stats.bad_frames += 1
             return
+        for tap in self._taps:
+            tap(wire_pcm, self.wire.rate)
         if self._dtmf is not None:
             for digit in self._dtmf.process(wire_pcm):
                 self._dtmf_event(digit, "inband")
@@ -200,6 +204,14 @@ class MediaBridge:
             held = self._in_resampler.pending_s + self._rec_in.pending_s
             at = self._clock.monotonic() - held - len(out) / 2 / self.recorder.rate
             self.recorder.write_caller(out, at=at)
+
+    def add_tap(self, tap: CallerAudioTap) -> None:
+        """Also give the caller's decoded wire audio, in order, to `tap` (e.g. machine detection)."""
+        self._taps.append(tap)
+
+    def remove_tap(self, tap: CallerAudioTap) -> None:
+        if tap in self._taps:
+            self._taps.remove(tap)
 
     def on_dtmf(self, digit: str) -> None:
         """A DTMF digit the carrier reported out of band."""

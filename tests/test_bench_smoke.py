@@ -77,3 +77,10 @@ def test_s2s_latency_one_call(tmp_path: Path) -> None:
     (point,) = data["points"]
     assert point["calls"] == 1 and point["replies"] == 1 and point["missed"] == 0
     assert 0 < point["added_p50_ms"] < 1000
+def test_amd_accuracy_quick(tmp_path: Path) -> None:
+    data = run_bench("amd_accuracy.py", "--quick", out=tmp_path / "amd.json")
+    assert data["samples"] == 12 and data["beep"]["with_beep"] == 4
+    for row in data["amd"]:
+        for label in ("machine", "human"):
+            assert row[label]["n"] == 6 and 0 <= row[label]["accuracy"] <= 1
+            assert row[label]["decision_p95_ms"] >= row[label]["decision_p50_ms"] > 0
