@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bridge.calls import CallEvent, CallRecord
@@ -123,9 +123,10 @@ class PrewarmingFactory:
     """A voice factory (call, transport, emit) -> voice, plus the manager's pre-warm hooks."""
 
     def __init__(self, build: Callable[[CallRecord, Any, Callable[[CallEvent], None]], Any],
-                 prewarm: SttPrewarm | None) -> None:
+                 prewarm: SttPrewarm | None, close_engines: Callable[[], Awaitable[None]] | None = None) -> None:
         self._build = build
         self.stt = prewarm
+        self._close_engines = close_engines
 
     def __call__(self, call: CallRecord, transport: Any, emit: Callable[[CallEvent], None]) -> Any:
         return self._build(call, transport, emit)
@@ -141,3 +142,5 @@ class PrewarmingFactory:
     async def close(self) -> None:
         if self.stt is not None:
             await self.stt.close()
+        if self._close_engines is not None:
+            await self._close_engines()

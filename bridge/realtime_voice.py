@@ -311,8 +311,6 @@ class RealtimeVoice:
                 output = await self._on_tool_call(call.call_id, call.name, call.arguments)
             except Exception as exc:  # noqa: BLE001 - the model hears the failure; the call goes on
                 output = json.dumps({"error": f"{type(exc).__name__}: {exc}"[:300]})
-        self.call.metadata.setdefault("toolCalls", []).append(
-            {"name": call.name, "arguments": call.arguments[:1000], "output": output[:1000]})
         if not self._closed:
             self.connection.send(self.protocol.tool_result(call.call_id, call.name, output))
 

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from bridge.calls import CallEvent, CallRecord
 from bridge.config import Settings, reveal
+from bridge.conversation.factory import create_conversation
 from bridge.manager import CallManager, VoiceFactory
 from bridge.metrics import Metrics
 from bridge.prewarm import PrewarmingFactory, SttPrewarm, expected_wire
@@ -89,7 +90,8 @@ def voice_factory(settings: Settings, carrier: Carrier) -> VoiceFactory:
             echo=settings.streaming.echo,
         )
 
-    return PrewarmingFactory(build, prewarm)
+    # the runtime releases the shared engines (TTS, pre-warmed STT sessions) at stop
+    return PrewarmingFactory(build, prewarm, tts.close)
 
 
 class Runtime:
@@ -98,13 +100,17 @@ class Runtime:
         self.carrier = carrier or create_carrier(settings)
         secret = settings.responseApiKey.get_secret_value() if settings.responseApiKey else None
         # speech-to-speech: the realtime model answers the caller itself; no cascade responder
-        responder = None if settings.realtime.enabled else create_responder(
+        realtime = settings.realtime.enabled
+        responder = None if realtime else create_responder(
             settings.responseModel, base_url=settings.responseBaseUrl, api_key=secret,
             system_prompt=settings.responseSystemPrompt, timeout_ms=settings.responseTimeoutMs)
         voices = voice_factory(settings, self.carrier)
-        self.manager = CallManager(settings, self.carrier, clock=clock, responder=responder, voice_factory=voices)
-        if hasattr(voices, "bind"):
-            voices.bind(self.manager)
+        self._close_engines = getattr(voices, "close", None)
+        self.manager = CallManager(settings, self.carrier, clock=clock, responder=responder,
+                                   voice_factory=voices, conversation=create_conversation(settings))
+        bind = getattr(voices, "bind", None)
+        if bind is not None:  # speech-to-speech: hang-ups, and the conversation's tools for the model
+            bind(self.manager)
         self.metrics = Metrics()
         self.dispatcher = RpcDispatcher(self.manager)
         token = settings.rpc.token.get_secret_value() if settings.rpc.token else None
@@ -176,3 +182,6 @@ class Runtime:
         await self.dispatcher.continues.close()
         if self.manager.started:
             await self.manager.stop()
+        if self._close_engines is not None:
+            close, self._close_engines = self._close_engines, None
+            await close()

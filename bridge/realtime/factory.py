@@ -79,6 +79,32 @@ def build_protocol(rt: RealtimeSettings, wire: Any = None, tools: list[dict[str,
         silence_duration_ms=rt.silenceDurationMs, interrupt_response=barge_in), wire, tools=specs)
 
 
+class ConversationTools:
+    """The conversation's per-call toolbox (`bridge/conversation/tools.py`: end_call, send_dtmf,
+    consult_agent, declared HTTP tools) as the realtime session's Toolbox; calls are recorded in the
+    call record and events like the cascade's."""
+
+    def __init__(self, engine: Any, manager: Any, call: CallRecord) -> None:
+        self._engine = engine
+        self._manager = manager
+        self._call = call
+        self._box = engine.toolbox(call.callId, manager)
+        self._count = 0
+
+    def specs(self) -> Sequence[dict[str, Any]]:
+        return [{"type": "function", "name": s.name, "description": s.description, "parameters": s.parameters}
+                for s in self._box.specs()]
+
+    async def run(self, call_id: str, name: str, arguments: str) -> ToolResult:
+        from bridge.conversation.tools import ToolCall
+
+        self._count += 1
+        tool_call = ToolCall(f"rt-{self._count}", name, arguments)
+        outcome = await self._box.run(tool_call)
+        self._engine.record_tool(self._call, self._manager, tool_call, outcome, len(self._call.transcript), False)
+        return ToolResult(outcome.content, outcome.end_call)
+
+
 class RealtimeVoices:
     def __init__(self, settings: Settings, tts: TtsEngine, *, inband_dtmf: bool, clock: Clock | None = None,
                  recorder: Callable[[CallRecord], CallRecorder | None] | None = None) -> None:
@@ -97,6 +123,9 @@ class RealtimeVoices:
 
     def bind(self, manager: Any) -> None:
         self.manager = manager
+        engine = getattr(manager, "conversation", None)
+        if engine is not None:
+            self.toolbox_for = lambda call: ConversationTools(engine, manager, call)
 
     def _toolbox(self, call: CallRecord) -> Toolbox:
         box = self._toolboxes.get(call.callId)
@@ -158,3 +187,4 @@ class RealtimeVoices:
         for call_id in list(self._warm):
             self.discard(call_id)
         await asyncio.gather(self._tasks.drain(), return_exceptions=True)
+        await self.tts.close()
