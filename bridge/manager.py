@@ -299,6 +299,7 @@ class CallManager:
         self.calls[call.callId] = call
         self._save(call)
         self._publish("call.created", call)
+        self._prewarm(call)
         request = OutboundRequest(to=to, from_number=call.from_, message=message, mode=str(mode),
                                   stream=self.settings.streaming.enabled, machine_detection=detection)
         try:
@@ -443,6 +444,12 @@ class CallManager:
             raise CallError(f"Could not speak on call {call.callId}: {exc}") from None
         if call.terminal:
             raise CallError(f"Call {call.callId} ended while speaking ({call.state})")
+
+    def _prewarm(self, call: CallRecord) -> None:
+        """Let the voice factory open the call's model/STT session while the call still rings."""
+        prewarm = getattr(self._voice_factory, "prewarm", None)
+        if prewarm is not None:
+            prewarm(call)
 
     def _expects_media(self, call: CallRecord) -> bool:
         return self.carrier.streams_media and (self.settings.streaming.enabled or self.carrier.media_always)
@@ -757,6 +764,7 @@ class CallManager:
         self._save(call)
         self._publish("call.created", call)
         if event.direction == Direction.INBOUND:
+            self._prewarm(call)
             self._spawn(self._answer(call), f"answer-{call.callId}")
         return call
 
@@ -819,7 +827,11 @@ class CallManager:
                 self._publish("call.answered", call)
                 self._spawn(self._after_answer(call), f"initial-{call.callId}")
         elif kind == EventType.SPEAKING:
-            self._transition(call, CallState.SPEAKING)
+            if event.text:  # a realtime model's own words, as the caller heard them
+                call.transcript.append(TranscriptEntry(event.timestamp, "bot", event.text))
+                self._publish("call.speaking", call, text=event.text)
+            else:
+                self._transition(call, CallState.SPEAKING)
         elif kind == EventType.SPEECH:
             self._on_speech(call, event)
         elif kind == EventType.DTMF:
@@ -855,6 +867,8 @@ class CallManager:
             if not turn.future.done():
                 turn.future.set_result(text)
             return
+        if self.settings.realtime.enabled:
+            return  # speech-to-speech: the realtime model answers the caller by itself
         if call.direction == Direction.INBOUND or call.metadata.get("mode") == CallMode.CONVERSATION:
             self._spawn(self._respond(call, heard_at), f"respond-{call.callId}")
 
@@ -967,6 +981,9 @@ class CallManager:
         voice = self._voices.pop(call.callId, None)
         if voice is not None:
             self._spawn(voice.close(), f"close-voice-{call.callId}")
+        discard = getattr(self._voice_factory, "discard", None)
+        if discard is not None:
+            discard(call.callId)  # a pre-warmed session the call never used
         for owner, answer in list(self._consults.values()):
             if owner == call.callId and not answer.done():
                 answer.set_result("The call has ended.")

@@ -14,6 +14,7 @@ from bridge.config import Settings, reveal
 from bridge.conversation.factory import create_conversation
 from bridge.manager import CallManager, VoiceFactory
 from bridge.metrics import Metrics
+from bridge.prewarm import PrewarmingFactory, SttPrewarm, expected_wire
 from bridge.responder import create_responder
 from bridge.rpc import RpcDispatcher, RpcEndpoint
 from bridge.server import create_app
@@ -44,18 +45,33 @@ def _is_loopback(host: str) -> bool:
 
 
 def voice_factory(settings: Settings, carrier: Carrier) -> VoiceFactory:
-    """One TTS engine and STT engine per deployment; one CallVoice (MediaBridge + sessions) per call."""
+    """One TTS engine and STT engine per deployment; one CallVoice (MediaBridge + sessions) per call,
+    or a RealtimeVoice when speech-to-speech mode (`realtime.enabled`) is on."""
     from media.recorder import CallRecorder
     from media.tts.factory import create_tts
 
     tts = create_tts(settings.effective_tts)
+    inband_dtmf = {"on": True, "off": False}.get(settings.streaming.inbandDtmf, not carrier.reports_dtmf)
+
+    def recorder_for(call: CallRecord) -> CallRecorder | None:
+        if not settings.recording.enabled:
+            return None
+        return CallRecorder(settings.store_dir / "recordings" / f"{call.callId}.wav", settings.pipelineSampleRate)
+
+    if settings.realtime.enabled:
+        from bridge.realtime.factory import RealtimeVoices
+
+        # a RealtimeVoice has the surface the manager uses of a CallVoice (start, close, say, interrupt,
+        # bridge, the MediaListener callbacks); tests/test_realtime_protocols.py checks it stays so
+        return cast("VoiceFactory", RealtimeVoices(settings, tts, inband_dtmf=inband_dtmf, recorder=recorder_for))
     stt = None
     if settings.streaming.provider != "none":
         from media.stt.factory import create_stt
 
         stt = create_stt(reveal(settings.streaming.model_dump(mode="python")))
-
-    inband_dtmf = {"on": True, "off": False}.get(settings.streaming.inbandDtmf, not carrier.reports_dtmf)
+    # network engines connect while the call rings (offline ones have nothing to set up)
+    prewarm = SttPrewarm(stt, settings.pipelineSampleRate, expected_wire(settings)) \
+        if stt is not None and stt.name in ("openai", "deepgram") else None
 
     def build(call: CallRecord, transport: MediaTransport, emit: Callable[[CallEvent], None]) -> CallVoice:
         recorder = None
@@ -70,7 +86,7 @@ def voice_factory(settings: Settings, carrier: Carrier) -> VoiceFactory:
             call_id=call.callId,
             transport=transport,
             tts=tts,
-            stt_engine=stt,
+            stt_engine=prewarm.engine_for(call.callId) if prewarm is not None else stt,
             emit=emit,
             pipeline_rate=settings.pipelineSampleRate,
             recorder=recorder,
@@ -79,8 +95,8 @@ def voice_factory(settings: Settings, carrier: Carrier) -> VoiceFactory:
             echo=settings.streaming.echo,
         )
 
-    build.close = tts.close  # type: ignore[attr-defined]  # the runtime releases the shared engine at stop
-    return build
+    # the runtime releases the shared engines (TTS, pre-warmed STT sessions) at stop
+    return PrewarmingFactory(build, prewarm, tts.close)
 
 
 class Runtime:
@@ -88,8 +104,9 @@ class Runtime:
         self.settings = settings
         self.carrier = carrier or create_carrier(settings)
         secret = settings.responseApiKey.get_secret_value() if settings.responseApiKey else None
-        # `none`: no auto-replies at all (the agent drives every turn); `offline`: the rule-based one
-        responder = None if settings.responseModel == "none" else create_responder(
+        # `none`: no auto-replies at all (the agent drives every turn); `offline`: the rule-based one;
+        # speech-to-speech: the realtime model answers the caller itself, no cascade responder
+        responder = None if settings.responseModel == "none" or settings.realtime.enabled else create_responder(
             settings.responseModel, base_url=settings.responseBaseUrl, api_key=secret,
             system_prompt=settings.responseSystemPrompt, timeout_ms=settings.responseTimeoutMs)
         voices = voice_factory(settings, self.carrier)
@@ -97,6 +114,9 @@ class Runtime:
         self.manager = CallManager(settings, self.carrier, clock=clock, responder=responder,
                                    voice_factory=voices,
                                    conversation=None if settings.responseModel == "none" else create_conversation(settings))
+        bind = getattr(voices, "bind", None)
+        if bind is not None:  # speech-to-speech: hang-ups, and the conversation's tools for the model
+            bind(self.manager)
         self.metrics = Metrics()
         self.dispatcher = RpcDispatcher(self.manager)
         token = settings.rpc.token.get_secret_value() if settings.rpc.token else None

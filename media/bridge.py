@@ -139,6 +139,9 @@ class MediaBridge:
         self._vad_buf = bytearray()
         self._vad_frame = self.wire.rate * FRAME_MS // 1000 * 2
         self._wire_cb = getattr(listener, "on_wire_audio", None)
+        # A listener that takes only the wire payloads (a realtime model fed u-law as is) needs no
+        # pipeline-rate copy: skip the resampler unless the recorder wants the caller's side.
+        self._pipeline_in = bool(getattr(listener, "wants_pipeline_audio", True)) or recorder is not None
         self._taps: list[CallerAudioTap] = []
         self._last_dtmf: tuple[str, str, float] | None = None  # (digit, source, time)
         self._play_lock = asyncio.Lock()
@@ -187,6 +190,8 @@ class MediaBridge:
                 if self._vad.process(frame) and self._barge_in_allowed():
                     self.listener.on_speech_started()
                     self.interrupt("vad")
+        if not self._pipeline_in:
+            return
         pcm = self._in_resampler.process(wire_pcm)
         if pcm:
             self.listener.on_pipeline_audio(pcm)
@@ -395,7 +400,7 @@ class MediaBridge:
         self._closed = True
         for p in self._reorder.drain():
             self._inbound(p)
-        tail = self._in_resampler.flush()
+        tail = self._in_resampler.flush() if self._pipeline_in else b""
         if tail:
             self.listener.on_pipeline_audio(tail)
             if self.recorder is not None and self._rec_in is not None:
