@@ -29,6 +29,7 @@ from bridge.calls import (
 )
 from bridge.clock import Clock, RealClock, TimerHandle
 from bridge.config import Settings
+from bridge.logs import call_id_var
 from bridge.responder import Responder, ResponderError
 from bridge.store import CallStore
 from bridge.tasks import BackgroundTasks
@@ -52,6 +53,9 @@ class _Turn:
     future: asyncio.Future[str]
     started: float
 
+
+# Sees every call event (kind, call, extra fields) as it is published: metrics, traces, turn timing.
+CallObserver = Callable[[str, CallRecord, dict[str, Any]], None]
 
 # Builds a call's voice (a CallVoice: MediaBridge + STT + TTS) from its media leg; the manager starts it.
 VoiceFactory = Callable[[CallRecord, MediaTransport, Callable[[CallEvent], None]], Any]
@@ -84,6 +88,7 @@ class CallManager:
         self._rejected_provider_ids: set[str] = set()
         self._tasks = BackgroundTasks(log, level=logging.ERROR)
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self.observers: list[CallObserver] = []
         self._reaper: TimerHandle | None = None
         self.public_base: str | None = None  # public origin, e.g. https://host.example (set by server)
         self.started = False
@@ -161,6 +166,7 @@ class CallManager:
         call = self.calls.get(call_id)
         if call is None or call.terminal or self._voice_factory is None:
             return None
+        call_id_var.set(call_id)  # this stream's task (and the voice's tasks) log with the call id
         old = self._voices.pop(call_id, None)
         if old is not None:
             self._spawn(old.close(), f"close-voice-{call_id}")
@@ -240,6 +246,7 @@ class CallManager:
             metadata={"initialMessage": message, "mode": str(mode), "turnCount": 0},
         )
         self.calls[call.callId] = call
+        call_id_var.set(call.callId)
         self._save(call)
         self._publish("call.created", call)
         request = OutboundRequest(to=to, from_number=call.from_, message=message, mode=str(mode),
@@ -265,6 +272,7 @@ class CallManager:
             raise CallError(f"Call not found: {call_id}")
         if call.terminal:
             raise CallError(f"Call {call.callId} has ended ({call.state})")
+        call_id_var.set(call.callId)
         return call
 
     def _answered_call(self, call_id: str) -> CallRecord:
@@ -411,6 +419,7 @@ class CallManager:
             reply = await self.responder.reply(call.transcript)
         except ResponderError as exc:
             log.warning("call %s: responder failed: %s", call.callId, exc)
+            self._publish("call.error", call, error=f"responder: {exc}", engine="responder")
             return
         if call.terminal or not reply.spoken:
             return
@@ -434,6 +443,13 @@ class CallManager:
         if event.key in self._processed:
             return self.find_call(event.call_id, event.provider_call_id)
         self._remember(event.key)
+        token = call_id_var.set(event.call_id)
+        try:
+            return self._process(event)
+        finally:
+            call_id_var.reset(token)
+
+    def _process(self, event: CallEvent) -> CallRecord | None:
         call = self.find_call(event.call_id, event.provider_call_id)
         if call is None and event.previous_provider_call_id:
             call = self.find_call(None, event.previous_provider_call_id)
@@ -445,6 +461,7 @@ class CallManager:
             self._link_provider_id(call, event.provider_call_id)
         if call.terminal:
             return call
+        call_id_var.set(call.callId)  # tasks spawned while applying the event inherit it
         call.processedEventIds.append(event.key)
         del call.processedEventIds[:-500]
         self._apply(call, event)
@@ -479,6 +496,7 @@ class CallManager:
         )
         if event.direction == Direction.INBOUND:
             call.metadata["initialMessage"] = self.settings.inboundGreeting
+        call_id_var.set(call.callId)
         self.calls[call.callId] = call
         if provider_id:
             self._by_provider_id[provider_id] = call.callId
@@ -696,8 +714,18 @@ class CallManager:
             self.store.append(call)
         except OSError as exc:
             log.error("call log write failed: %s", exc)
+            self._publish("store.error", call, error=type(exc).__name__)
+
+    def publish(self, kind: str, call: CallRecord, **extra: Any) -> None:
+        """Tell observers and RPC subscribers about a call (e.g. `call.turn` from the turn timing)."""
+        self._publish(kind, call, **extra)
 
     def _publish(self, kind: str, call: CallRecord, **extra: Any) -> None:
+        for observer in self.observers:
+            try:
+                observer(kind, call, extra)
+            except Exception:  # noqa: BLE001 - monitoring must never break a call
+                log.exception("call observer failed on %s", kind)
         if not self._subscribers:
             return
         message = {"type": kind, "callId": call.callId, "state": str(call.state), **extra}

@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from bridge.console.levels import LevelSubscriptions
 from bridge.manager import CallError, CallManager
 
 log = logging.getLogger(__name__)
@@ -209,9 +210,13 @@ class RpcEndpoint:
     def __init__(self, dispatcher: RpcDispatcher, token: str | None) -> None:
         self.dispatcher = dispatcher
         self._token = token
+        # The console's browser login (a session cookie from a same-origin page), set by bridge/console.
+        self.browser_auth: Callable[[web.Request], bool] | None = None
 
     def _authorized(self, request: web.Request) -> bool:
         if not self._token:
+            return True
+        if self.browser_auth is not None and self.browser_auth(request):
             return True
         header = request.headers.get("Authorization", "")
         scheme, _, presented = header.partition(" ")
@@ -238,6 +243,7 @@ class RpcEndpoint:
         tasks: set[asyncio.Task[None]] = set()
         queue: asyncio.Queue[dict[str, Any]] | None = None
         forwarder: asyncio.Task[None] | None = None
+        levels = LevelSubscriptions(self.dispatcher.manager, lambda obj: send(obj))
 
         async def send(obj: Any) -> None:
             async with send_lock:
@@ -270,10 +276,20 @@ class RpcEndpoint:
                     if "id" in item:
                         await send({"jsonrpc": "2.0", "id": item["id"], "result": {"subscribed": True}})
                     continue
+                if isinstance(item, dict) and item.get("method") == "voicecall.levels":
+                    try:
+                        result = levels.handle(item.get("params"))
+                        reply = {"jsonrpc": "2.0", "id": item.get("id"), "result": result}
+                    except ValueError as exc:
+                        reply = _error(item.get("id"), INVALID_PARAMS, str(exc))
+                    if "id" in item:
+                        await send(reply)
+                    continue
                 task = asyncio.create_task(serve(item))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         finally:
+            levels.close()
             if queue is not None:
                 self.dispatcher.manager.unsubscribe(queue)
             for task in [*tasks, *([forwarder] if forwarder else [])]:

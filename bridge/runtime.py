@@ -10,14 +10,17 @@ from typing import Any
 from aiohttp import web
 
 from bridge.calls import CallEvent, CallRecord
-from bridge.clock import Clock
+from bridge.clock import Clock, RealClock
 from bridge.config import Settings, reveal
 from bridge.manager import CallManager, VoiceFactory
 from bridge.metrics import Metrics
+from bridge.monitor import Monitor
 from bridge.responder import create_responder
 from bridge.rpc import RpcDispatcher, RpcEndpoint
 from bridge.server import create_app
+from bridge.tracing import Tracing
 from bridge.voice import CallVoice
+from carriers import http as carrier_http
 from carriers.base import Carrier, CarrierError
 from carriers.registry import create_carrier
 from media.transport import MediaTransport
@@ -38,7 +41,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def voice_factory(settings: Settings, carrier: Carrier) -> VoiceFactory:
+def voice_factory(settings: Settings, carrier: Carrier, monitor: Monitor | None = None) -> VoiceFactory:
     """One TTS engine and STT engine per deployment; one CallVoice (MediaBridge + sessions) per call."""
     from media.recorder import CallRecorder
     from media.tts.factory import create_tts
@@ -57,7 +60,7 @@ def voice_factory(settings: Settings, carrier: Carrier) -> VoiceFactory:
         if settings.recording.enabled:
             recorder = CallRecorder(settings.store_dir / "recordings" / f"{call.callId}.wav",
                                     settings.pipelineSampleRate)
-        return CallVoice(
+        voice = CallVoice(
             call_id=call.callId,
             transport=transport,
             tts=tts,
@@ -68,24 +71,42 @@ def voice_factory(settings: Settings, carrier: Carrier) -> VoiceFactory:
             barge_in=settings.streaming.bargeIn,
             inband_dtmf=inband_dtmf,
             echo=settings.streaming.echo,
+            on_milestone=monitor.milestone_hook(call.callId) if monitor is not None else None,
         )
+        if monitor is not None:
+            monitor.metrics.track_media(voice.bridge)
+        return voice
 
     return build
 
 
 class Runtime:
-    def __init__(self, settings: Settings, *, clock: Clock | None = None, carrier: Carrier | None = None) -> None:
+    def __init__(self, settings: Settings, *, clock: Clock | None = None, carrier: Carrier | None = None,
+                 tracer_provider: Any = None) -> None:
+        """`tracer_provider`: an OpenTelemetry TracerProvider to use instead of `telemetry.otlpEndpoint`."""
         self.settings = settings
         self.carrier = carrier or create_carrier(settings)
         secret = settings.responseApiKey.get_secret_value() if settings.responseApiKey else None
         responder = create_responder(settings.responseModel, base_url=settings.responseBaseUrl, api_key=secret,
                                      system_prompt=settings.responseSystemPrompt,
                                      timeout_ms=settings.responseTimeoutMs)
-        self.manager = CallManager(settings, self.carrier, clock=clock, responder=responder, voice_factory=voice_factory(settings, self.carrier))
         self.metrics = Metrics()
+        self.clock: Clock = clock or RealClock()
+        self.tracing = (Tracing(tracer_provider, monotonic=self.clock.monotonic) if tracer_provider is not None
+                        else Tracing.from_settings(settings.telemetry.otlpEndpoint, settings.telemetry.serviceName,
+                                                   monotonic=self.clock.monotonic))
+        self.monitor = Monitor(self.metrics, self.tracing)
+        self.manager = CallManager(settings, self.carrier, clock=self.clock, responder=responder,
+                                   voice_factory=voice_factory(settings, self.carrier, self.monitor))
+        self.monitor.attach(self.manager)
         self.dispatcher = RpcDispatcher(self.manager)
         token = settings.rpc.token.get_secret_value() if settings.rpc.token else None
-        self.app = create_app(self.manager, RpcEndpoint(self.dispatcher, token), self.metrics)
+        self.rpc = RpcEndpoint(self.dispatcher, token)
+        self.app = create_app(self.manager, self.rpc, self.metrics, self.tracing)
+        if settings.console.enabled:
+            from bridge.console.routes import add_console
+
+            add_console(self.app, self.manager, self.rpc, token)
         self._runner: web.AppRunner | None = None
         self._tunnel: Any = None
         self.port: int | None = None
@@ -96,6 +117,7 @@ class Runtime:
         if not _is_loopback(bind) and not settings.rpc.token:
             raise StartupError(f"serve.bind is {bind}, not loopback: set rpc.token (or VOICECALL_RPC_TOKEN) "
                                "so the RPC endpoint is not open to the network")
+        carrier_http.request_observers.append(self.monitor.on_carrier_request)
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, lingering_time=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, bind, settings.serve.port if port is None else port, reuse_address=True)
@@ -142,6 +164,8 @@ class Runtime:
         return f"{self.manager.public_base or self.settings.rpc_url.rsplit('/rpc', 1)[0]}/rpc"
 
     async def stop(self) -> None:
+        if self.monitor.on_carrier_request in carrier_http.request_observers:
+            carrier_http.request_observers.remove(self.monitor.on_carrier_request)
         if self._tunnel is not None:
             await self._tunnel.stop()
             self._tunnel = None
@@ -151,3 +175,4 @@ class Runtime:
             self._runner = None
         if self.manager.started:
             await self.manager.stop()
+        self.tracing.shutdown()

@@ -10,6 +10,8 @@ import asyncio
 import base64
 import json
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,11 @@ log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+
+# Told of every finished request (monitoring: metrics, trace spans):
+# (carrier, method, path, last HTTP status or None, start as time.time_ns(), end as time.time_ns()).
+RequestObserver = Callable[[str, str, str, "int | None", int, int], None]
+request_observers: list[RequestObserver] = []
 
 
 @dataclass(slots=True)
@@ -72,6 +79,27 @@ class CarrierHttp:
         ok_statuses: tuple[int, ...] = (),
     ) -> HttpResult:
         """Send; return the result for 2xx or an `ok_statuses` code; raise CarrierError otherwise."""
+        if not request_observers:
+            return await self._request(method, path, json_body, form, idempotent, ok_statuses)
+        started = time.time_ns()
+        status: int | None = None
+        try:
+            result = await self._request(method, path, json_body, form, idempotent, ok_statuses)
+            status = result.status
+            return result
+        except CarrierError as exc:
+            status = exc.status
+            raise
+        finally:
+            ended = time.time_ns()
+            for observe in list(request_observers):
+                try:
+                    observe(self.carrier, method, path, status, started, ended)
+                except Exception:  # noqa: BLE001 - monitoring must never break a carrier request
+                    log.exception("request observer failed")
+
+    async def _request(self, method: str, path: str, json_body: Any, form: Any, idempotent: bool | None,
+                       ok_statuses: tuple[int, ...]) -> HttpResult:
         url = path if path.startswith(("http://", "https://")) else f"{self.base_url}{path}"
         retry = method.upper() in IDEMPOTENT_METHODS if idempotent is None else idempotent
         attempts = self._retries + 1 if retry else 1
