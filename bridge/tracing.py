@@ -60,9 +60,11 @@ class Tracing:
     def enabled(self) -> bool:
         return self._tracer is not None
 
-    def _ns(self, mono: float) -> int:
-        """A monotonic clock reading as wall-clock nanoseconds (what spans carry)."""
-        return time.time_ns() - int((self._monotonic() - mono) * 1e9)
+    def _to_ns(self) -> Callable[[float], int]:
+        """Monotonic clock readings -> wall-clock nanoseconds (what spans carry), on one anchor so
+        back-to-back parts share their boundaries exactly."""
+        offset = time.time_ns() - int(self._monotonic() * 1e9)
+        return lambda mono: offset + int(mono * 1e9)
 
     # ------------------------------------------------------------ calls and turns
     def call_started(self, call_id: str, attributes: dict[str, Any]) -> None:
@@ -94,16 +96,17 @@ class Tracing:
         if len(known) < 2:
             return
         parts = turn.parts
+        ns = self._to_ns()
         span = self._tracer.start_span(
-            "turn", context=self._parent(turn.call_id), start_time=self._ns(marks[known[0]]),
+            "turn", context=self._parent(turn.call_id), start_time=ns(marks[known[0]]),
             attributes={"voicecall.call_id": turn.call_id, "voicecall.turn": turn.number,
                         **{f"voicecall.latency_ms.{k}": v for k, v in parts.items()}})
         context = trace.set_span_in_context(span)
         for name, (a, b) in PARTS.items():
             if a in marks and b in marks:
-                child = self._tracer.start_span(name, context=context, start_time=self._ns(marks[a]))
-                child.end(end_time=self._ns(marks[b]))
-        span.end(end_time=self._ns(marks[known[-1]]))
+                child = self._tracer.start_span(name, context=context, start_time=ns(marks[a]))
+                child.end(end_time=ns(marks[b]))
+        span.end(end_time=ns(marks[known[-1]]))
 
     # ------------------------------------------------------------ HTTP in and out
     @contextlib.contextmanager

@@ -149,4 +149,5 @@ async def test_health_and_metrics(tmp_path: Path) -> None:
             async with session.get(f"http://127.0.0.1:{runtime.port}/metrics") as resp:
                 text = await resp.text()
         assert 'voicecall_webhooks_total{carrier="fake",status="405"} 1.0' in text
+        assert 'voicecall_webhook_duration_seconds_count{carrier="fake"} 1.0' in text
         assert "# TYPE voicecall_calls_active gauge\n" in text and "voicecall_calls_active{" not in text

@@ -1,0 +1,74 @@
+"""/metrics through prometheus-client, scraped over HTTP during and after a real mock call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from bridge.calls import CallEvent, CallState, EventType
+from tests.harness import rpc_client, run_bridge, wait_for
+from tests.test_mock_e2e import BASE, FAST_MOCK
+
+
+async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = await resp.text()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_metrics_during_and_after_a_mock_conversation(tmp_path: Path) -> None:
+    script = ["I would like a table for two.", "No thanks, goodbye."]
+    config = {**BASE, "mock": {**FAST_MOCK, "calleeScript": script}}
+    async with run_bridge(config, tmp_path) as runtime:
+        call_id = (await rpc_client(runtime).call("voicecall.initiate", {"message": "Hello, how can I help?",
+                                                                         "mode": "conversation"}))["callId"]
+        call = runtime.manager.calls[call_id]
+        await wait_for(lambda: call.answeredAt is not None and runtime.manager.voice(call_id) is not None, 15)
+        live = await scrape(runtime.port)
+        assert value(live, "voicecall_calls_total", carrier="mock", direction="outbound") == 1
+        states = {dict(k[1])["state"]: v for k, v in live.items() if k[0] == "voicecall_calls_active"}
+        assert sum(states.values()) == 1 and set(states) <= {"answered", "active", "speaking", "listening"}
+        assert value(live, "voicecall_media_streams_active") == 1
+
+        # an engine error and a failed call-log write, through the manager's real paths
+        runtime.manager.emit(CallEvent(EventType.ERROR, call_id=call_id, error="stt: socket closed", retryable=True))
+
+        def full_disk(record: object) -> None:
+            raise OSError(28, "No space left on device")
+
+        real_append = runtime.manager.store.append
+        runtime.manager.store.append = full_disk  # type: ignore[method-assign]
+        runtime.manager.emit(CallEvent(EventType.DTMF, call_id=call_id, digits="5"))
+        runtime.manager.store.append = real_append  # type: ignore[method-assign]
+
+        await wait_for(lambda: call.terminal, timeout=40)
+        assert call.state == CallState.HANGUP_BOT
+        await runtime.manager.drain()
+        done = await scrape(runtime.port)
+
+    assert value(done, "voicecall_calls_ended_total", carrier="mock", state="hangup-bot") == 1
+    assert not [k for k in done if k[0] == "voicecall_calls_active"]
+    assert value(done, "voicecall_media_streams_active") == 0
+    assert value(done, "voicecall_media_frames_total", direction="in") > 50
+    assert value(done, "voicecall_media_frames_total", direction="out") > 50
+    assert ("voicecall_media_frames_late_total", ()) in done and ("voicecall_media_frames_lost_total", ()) in done
+    assert value(done, "voicecall_engine_errors_total", engine="stt") == 1
+    assert value(done, "voicecall_store_write_failures_total") == 1
+    # two caller turns answered: each one a total and the parts the mock pipeline can time
+    turns = len(call.metadata["turns"])
+    assert turns == 2
+    assert value(done, "voicecall_turn_latency_seconds_count", part="total") == turns
+    for part in ("model", "piece", "tts", "bridge"):
+        assert value(done, "voicecall_turn_latency_seconds_count", part=part) == turns, part
+    total = value(done, "voicecall_turn_latency_seconds_sum", part="total")
+    parts = sum(value(done, "voicecall_turn_latency_seconds_sum", part=p) for p in ("model", "piece", "tts", "bridge"))
+    assert 0 < total < 5 and abs(total - parts) < 0.01  # parts add up to the voice-to-voice total
