@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from bridge.console.levels import LevelSubscriptions
 from bridge.manager import CallError, CallManager
@@ -212,6 +212,12 @@ class RpcEndpoint:
         self._token = token
         # The console's browser login (a session cookie from a same-origin page), set by bridge/console.
         self.browser_auth: Callable[[web.Request], bool] | None = None
+        self._sockets: set[web.WebSocketResponse] = set()
+
+    async def close_all(self) -> None:
+        """On shutdown: close subscribers' sockets (a console left open must not hold the server up)."""
+        await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=b"Server shutdown")
+                               for ws in list(self._sockets)), return_exceptions=True)
 
     def _authorized(self, request: web.Request) -> bool:
         if not self._token:
@@ -239,6 +245,7 @@ class RpcEndpoint:
             return web.json_response(_error(None, INVALID_REQUEST, "unauthorized"), status=401)
         ws = web.WebSocketResponse(heartbeat=30)
         await ws.prepare(request)
+        self._sockets.add(ws)
         send_lock = asyncio.Lock()
         tasks: set[asyncio.Task[None]] = set()
         queue: asyncio.Queue[dict[str, Any]] | None = None
@@ -289,6 +296,7 @@ class RpcEndpoint:
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         finally:
+            self._sockets.discard(ws)
             levels.close()
             if queue is not None:
                 self.dispatcher.manager.unsubscribe(queue)

@@ -176,6 +176,7 @@ def create_app(manager: CallManager, rpc: RpcEndpoint, metrics: Metrics,
 
     async def close_streams(_: web.Application) -> None:
         await streams.close_all()
+        await rpc.close_all()
 
     app.on_shutdown.append(close_streams)
 

@@ -217,6 +217,7 @@ function renderDetail() {
   $("#turns tbody").replaceChildren(...turns);
   $("#timeline").replaceChildren(...(state.events.get(call.callId) || []).map((e) =>
     el("li", {}, el("span", { class: "t" }, clock(e.t)), e.text)));
+  $("#timeline").scrollTop = $("#timeline").scrollHeight;
   $("#controls").hidden = !isLive(call);
 }
 
