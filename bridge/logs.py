@@ -69,4 +69,5 @@ def setup_logging(fmt: str = "text", level: str | int = "WARNING") -> None:
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level if isinstance(level, int) else level.upper())
+    named = logging.getLevelName(level.upper()) if isinstance(level, str) else level
+    root.setLevel(named if isinstance(named, int) else logging.WARNING)

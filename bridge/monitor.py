@@ -84,6 +84,7 @@ class Monitor:
         turns = call.metadata.setdefault("turns", [])
         turns.append(record)
         del turns[:-MAX_TURNS_KEPT]
+        self.manager.save(call)
         self.manager.publish("call.turn", call, turn=record)
 
     # ------------------------------------------------------------ carrier REST (carriers/http.py observer)

@@ -92,9 +92,12 @@ class Runtime:
                                      timeout_ms=settings.responseTimeoutMs)
         self.metrics = Metrics()
         self.clock: Clock = clock or RealClock()
-        self.tracing = (Tracing(tracer_provider, monotonic=self.clock.monotonic) if tracer_provider is not None
-                        else Tracing.from_settings(settings.telemetry.otlpEndpoint, settings.telemetry.serviceName,
-                                                   monotonic=self.clock.monotonic))
+        try:
+            self.tracing = (Tracing(tracer_provider, monotonic=self.clock.monotonic) if tracer_provider is not None
+                            else Tracing.from_settings(settings.telemetry.otlpEndpoint,
+                                                       settings.telemetry.serviceName, monotonic=self.clock.monotonic))
+        except RuntimeError as exc:
+            raise StartupError(str(exc)) from None
         self.monitor = Monitor(self.metrics, self.tracing)
         self.manager = CallManager(settings, self.carrier, clock=self.clock, responder=responder,
                                    voice_factory=voice_factory(settings, self.carrier, self.monitor))
