@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 from collections.abc import Callable
@@ -178,4 +179,4 @@ class Runtime:
             self._runner = None
         if self.manager.started:
             await self.manager.stop()
-        self.tracing.shutdown()
+        await asyncio.to_thread(self.tracing.shutdown)  # flushes queued spans to the collector (blocking I/O)

@@ -110,3 +110,46 @@ def test_tracing_is_off_and_imports_nothing_without_an_endpoint(tmp_path: Path) 
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+async def test_spans_reach_an_otlp_http_collector(tmp_path: Path) -> None:
+    """`telemetry.otlpEndpoint` set: the SDK exports over OTLP/HTTP (protobuf) to a local collector."""
+    from aiohttp import web
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    received: list[ExportTraceServiceRequest] = []
+
+    async def collect(request: web.Request) -> web.Response:
+        message = ExportTraceServiceRequest()
+        message.ParseFromString(await request.read())
+        received.append(message)
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", collect)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        raw = {**BASE, "mock": {**FAST_MOCK, "calleeScript": ["Sounds good.", "Bye."]},
+               "telemetry": {"otlpEndpoint": f"http://127.0.0.1:{port}", "serviceName": "voicecall-test"},
+               "store": str(tmp_path), "serve": {"port": free_port(), "bind": "127.0.0.1"}}
+        runtime = Runtime(build_settings(raw, {}))
+        assert runtime.tracing.enabled
+        await runtime.start()
+        try:
+            call_id = (await rpc_client(runtime).call("voicecall.initiate",
+                                                      {"message": "Hi!", "mode": "conversation"}))["callId"]
+            call = runtime.manager.calls[call_id]
+            await wait_for(lambda: call.terminal, timeout=40)
+        finally:
+            await runtime.stop()  # flushes the batch processor
+    finally:
+        await runner.cleanup()
+    spans = [(span.name, resource.resource) for message in received for resource in message.resource_spans
+             for scope in resource.scope_spans for span in scope.spans]
+    names = [name for name, _ in spans]
+    assert names.count("call") == 1 and names.count("turn") >= 1 and "bridge" in names
+    service = {a.value.string_value for _, r in spans for a in r.attributes if a.key == "service.name"}
+    assert service == {"voicecall-test"}
