@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import cpu_seconds, machine, pinned, rss_bytes, write_results  # noqa: E402
 from bridge.calls import EventType  # noqa: E402
-from carriers.sip_settings import SipSettings  # noqa: E402
+from carriers.sip.settings import SipSettings  # noqa: E402
 from tests.peers.audio import pcm16, read_pcm, speech_wav, ulaw_wav, windowed_alignment  # noqa: E402
 from tests.peers.harness import running_carrier, skip_reason  # noqa: E402
 from tests.peers.host import RecordingBridge  # noqa: E402

@@ -18,8 +18,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-from carriers.asterisk_settings import AsteriskSettings, asterisk_problems
-from carriers.sip_settings import SipSettings, sip_capacity_problems
+from carriers.asterisk.settings import AsteriskSettings, asterisk_problems
+from carriers.plivo.settings import PlivoSettings
+from carriers.sip.settings import SipSettings, sip_capacity_problems
+from carriers.telnyx.settings import TelnyxSettings
+from carriers.twilio.settings import TwilioSettings
 
 E164 = re.compile(r"^\+[1-9]\d{1,14}$")
 CONFIG_ENV = "VOICECALL_CONFIG"
@@ -113,31 +116,6 @@ class StreamingSettings(Section):
     outboundFrameMs: Literal[20, 40] = 40
     # Benchmarks only: play each caller's audio back through the full media path, no engines.
     echo: bool = False
-
-
-class TwilioSettings(Section):
-    accountSid: str | None = None
-    authToken: SecretStr | None = None
-    apiBaseUrl: str = "https://api.twilio.com"
-    machineDetection: Literal["Enable", "DetectMessageEnd"] | None = None
-
-
-class TelnyxSettings(Section):
-    apiKey: SecretStr | None = None
-    connectionId: str | None = None
-    publicKey: str | None = None
-    apiBaseUrl: str = "https://api.telnyx.com/v2"
-    streamCodec: Literal["PCMU", "PCMA"] | None = None  # None: as the call negotiates
-    voice: str = "AWS.Polly.Joanna-Neural"  # native speak when no media stream is up
-    language: str = "en-US"
-    answeringMachineDetection: str | None = None
-
-
-class PlivoSettings(Section):
-    authId: str | None = None
-    authToken: SecretStr | None = None
-    apiBaseUrl: str = "https://api.plivo.com"
-    machineDetection: Literal["true", "hangup"] | None = None
 
 
 class MockSettings(Section):

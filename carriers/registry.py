@@ -14,12 +14,12 @@ if TYPE_CHECKING:
 # provider -> "module:factory"; the factory takes the Settings. Imported lazily so optional
 # extras (pjsua2) are needed only by the deployments that use them.
 REGISTRY: dict[str, str] = {
-    "mock": "carriers.mock:from_settings",
-    "twilio": "carriers.twilio:from_settings",
-    "telnyx": "carriers.telnyx:from_settings",
-    "plivo": "carriers.plivo:from_settings",
-    "sip": "carriers.sip:from_settings",
-    "asterisk": "carriers.asterisk:from_settings",
+    "mock": "carriers.mock.carrier:from_settings",
+    "twilio": "carriers.twilio.carrier:from_settings",
+    "telnyx": "carriers.telnyx.carrier:from_settings",
+    "plivo": "carriers.plivo.carrier:from_settings",
+    "sip": "carriers.sip.carrier:from_settings",
+    "asterisk": "carriers.asterisk.carrier:from_settings",
 }
 
 

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from bridge.calls import CallState, Direction, EventType
-from carriers.ari_protocol import DialError, dial_endpoint, end_reason, rtp_peer
-from carriers.asterisk import AsteriskCarrier
-from carriers.asterisk_settings import AsteriskSettings
+from carriers.asterisk.carrier import AsteriskCarrier
+from carriers.asterisk.protocol import DialError, dial_endpoint, end_reason, rtp_peer
+from carriers.asterisk.settings import AsteriskSettings
 from carriers.base import CarrierError, OutboundRequest
 from tests.fakes.ari_server import FakeAsterisk
 from tests.fakes.audio import fake_speech

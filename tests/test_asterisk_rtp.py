@@ -11,7 +11,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from carriers.rtp import (
+from carriers.asterisk.rtp import (
     CODECS,
     PT_SLIN16,
     RtpError,

@@ -393,7 +393,7 @@ def _start(call_uuid: str, extra: str) -> dict[str, Any]:
 
 
 async def test_stream_with_bad_token_or_unknown_call_closes_1008(plivo: FakePlivo, tmp_path: Path) -> None:
-    from carriers.plivo import encode_extra_headers
+    from carriers.plivo.protocol import encode_extra_headers
 
     async with run_bridge(config(plivo), tmp_path) as runtime:
         call, stream = await _answered_stream_call(runtime, plivo, "Hello.")

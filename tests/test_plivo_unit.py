@@ -22,7 +22,7 @@ from carriers.base import (
     StreamStart,
     WebhookRequest,
 )
-from carriers.plivo import (
+from carriers.plivo.protocol import (
     PlivoStreamCodec,
     callback_events,
     decode_extra_headers,

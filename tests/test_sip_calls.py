@@ -14,7 +14,7 @@ import pytest
 
 from bridge.calls import CallState, Direction, EventType
 from carriers.base import CarrierError, OutboundRequest
-from carriers.sip_settings import SipSettings
+from carriers.sip.settings import SipSettings
 from tests.peers.audio import (
     best_alignment,
     pcm16,

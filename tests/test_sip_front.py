@@ -23,9 +23,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from carriers import sip_proxy
-from carriers.sip_front import SipFront
-from carriers.sip_proxy import Addr, Forward, SipFrontCore
+from carriers.sip import proxy as sip_proxy
+from carriers.sip.front import SipFront
+from carriers.sip.proxy import Addr, Forward, SipFrontCore
 from tests.peers.ports import bridge_sip, sipp_media, sipp_uac
 from tests.peers.ports import sipp_uas as uas_port
 

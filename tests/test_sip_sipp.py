@@ -16,7 +16,7 @@ import pytest
 
 from bridge.calls import CallState, EventType
 from carriers.base import OutboundRequest
-from carriers.sip_settings import SipSettings
+from carriers.sip.settings import SipSettings
 from tests.peers.audio import pcm16, read_pcm, speech_wav, ulaw_wav, windowed_alignment
 from tests.peers.harness import running_carrier, skip_reason
 from tests.peers.host import RecordingBridge

@@ -12,7 +12,7 @@ import pytest
 
 from bridge.calls import CallState, EventType
 from carriers.base import CarrierError, OutboundRequest
-from carriers.sip_settings import SipSettings
+from carriers.sip.settings import SipSettings
 from tests.peers.harness import running_carrier, skip_reason
 from tests.peers.ports import bridge_rtp, bridge_sip, sipp_media, sipp_uac, sipp_uas
 from tests.peers.sipp import run_sipp

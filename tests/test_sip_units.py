@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from bridge.calls import CallState
 from carriers.base import CarrierError, CarrierHost
-from carriers.sip import (
+from carriers.sip.carrier import (
     JITTER_MAX_FRAMES,
     SipCarrier,
     SipMediaTransport,
@@ -21,7 +21,7 @@ from carriers.sip import (
     dial_uri,
     outbound_end_reason,
 )
-from carriers.sip_settings import SipSettings
+from carriers.sip.settings import SipSettings
 from media.formats import AudioEncoding, AudioFormat
 from tests.peers.harness import skip_reason
 from tests.peers.host import TestHost
@@ -192,7 +192,7 @@ class _Agent:
 
 
 def test_pool_spreads_calls_counts_reservations_and_skips_dead_agents() -> None:
-    from carriers.sip_pool import RESERVATION_S, UaPool
+    from carriers.sip.pool import RESERVATION_S, UaPool
 
     a, b = _Agent(2), _Agent(2)
     pool = UaPool(agents=[a, b])

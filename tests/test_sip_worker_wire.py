@@ -11,8 +11,8 @@ import struct
 
 import pytest
 
-from carriers.sip_settings import SipSettings
-from carriers.sip_worker import (
+from carriers.sip.settings import SipSettings
+from carriers.sip.worker import (
     AUDIO_BACKLOG_BYTES,
     KIND_AUDIO,
     KIND_JSON,

@@ -30,8 +30,8 @@ from carriers.base import (
     StreamStop,
     WebhookRequest,
 )
-from carriers.telnyx import (
-    TelnyxCarrier,
+from carriers.telnyx.carrier import TelnyxCarrier
+from carriers.telnyx.protocol import (
     TelnyxStreamCodec,
     choose_codec,
     decode_state,

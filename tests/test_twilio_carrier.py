@@ -24,7 +24,8 @@ from carriers.base import (
     StreamStop,
     WebhookRequest,
 )
-from carriers.twilio import TwilioCarrier, TwilioStreamCodec, stream_verb, twiml
+from carriers.twilio.carrier import TwilioCarrier
+from carriers.twilio.protocol import TwilioStreamCodec, stream_verb, twiml
 from media.formats import ULAW_8K
 
 TOKEN = "12345"

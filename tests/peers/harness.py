@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 from typing import cast
 
 from carriers.base import CarrierHost
-from carriers.sip import SipCarrier
-from carriers.sip_settings import SipSettings
+from carriers.sip.carrier import SipCarrier
+from carriers.sip.settings import SipSettings
 from tests.peers.host import TestHost
 
 APT_HINT = "apt-get install -y baresip-core sip-tester espeak-ng sox"

@@ -28,7 +28,7 @@ import sys
 from typing import Any
 
 from carriers.base import CarrierError
-from carriers.sip_settings import SipSettings
+from carriers.sip.settings import SipSettings
 
 log = logging.getLogger("voicecall.sip")
 
@@ -140,7 +140,7 @@ class _Worker:
 
 
 async def serve(sock: socket.socket) -> int:
-    from carriers.sip_ua import (  # needs pjsua2: imported only in the worker
+    from carriers.sip.ua import (  # needs pjsua2: imported only in the worker
         WorkerRole,
         _UserAgent,
     )
@@ -203,7 +203,7 @@ async def serve(sock: socket.socket) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m carriers.sip_worker", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m carriers.sip.worker", description=__doc__.splitlines()[0])
     parser.add_argument("--fd", type=int, required=True, help="the inherited Unix socket to the parent")
     parser.add_argument("--index", type=int, default=0)
     args = parser.parse_args(argv)

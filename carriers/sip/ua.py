@@ -22,7 +22,7 @@ from typing import Any
 
 from bridge.calls import Direction
 from carriers.base import CarrierError
-from carriers.sip_settings import SipSettings
+from carriers.sip.settings import SipSettings
 from media.formats import FRAME_MS, AudioEncoding, AudioFormat
 
 try:  # the `sip` extra; absent on Python 3.13 (no wheel)
@@ -32,8 +32,8 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 
 log = logging.getLogger("voicecall.sip")
 
-from carriers.sip_media import SipMediaTransport, _AudioPort  # noqa: E402
-from carriers.sip_protocol import caller_id  # noqa: E402
+from carriers.sip.media import SipMediaTransport, _AudioPort  # noqa: E402
+from carriers.sip.protocol import caller_id  # noqa: E402
 
 POLL_MS = 5  # libHandleEvents timeout: bounds command latency
 SHUTDOWN_GRACE_S = 2.0  # how long close() waits for BYE transactions before destroying the library

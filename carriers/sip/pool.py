@@ -1,12 +1,12 @@
 """More SIP calls than one pjsua process holds: worker processes behind one SIP front.
 
 pjsua keeps calls in a compile-time table (PJSUA_MAX_CALLS, 4 in the pjsua2-python wheel) and is a
-per-process singleton. With `sip.workers` > 1 the carrier starts that many `sip_worker` processes,
+per-process singleton. With `sip.workers` > 1 the carrier starts that many `sip.worker` processes,
 each a full user agent on a private loopback SIP port, and serves the public SIP port with the
 stateless record-routing proxy of `sip_front`: new INVITEs go to the least-loaded worker, in-dialog
 requests follow the Record-Route, and RTP flows straight between the peer and the worker.
 
-`WorkerUa` drives one worker process with the same interface as `sip_ua.LocalUa`; `UaPool` holds
+`WorkerUa` drives one worker process with the same interface as `ua.LocalUa`; `UaPool` holds
 the user agents and decides where each call goes.
 """
 
@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from carriers.base import CarrierError
-from carriers.sip_media import LegCounters
-from carriers.sip_settings import SipSettings
-from carriers.sip_worker import (
+from carriers.sip.media import LegCounters
+from carriers.sip.settings import SipSettings
+from carriers.sip.worker import (
     KIND_AUDIO,
     KIND_JSON,
     STARTUP_TIMEOUT_S,
@@ -101,7 +101,7 @@ class RemoteMediaTransport(LegCounters):
 
 
 class WorkerUa:
-    """One `sip_worker` process: started with its settings over a socket pair, driven by requests."""
+    """One `sip.worker` process: started with its settings over a socket pair, driven by requests."""
 
     def __init__(
         self, index: int, settings: SipSettings, front: FrontAddresses, register: bool, notify: Notify
@@ -146,7 +146,7 @@ class WorkerUa:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "carriers.sip_worker", "--fd", str(child.fileno()), "--index", str(self.index),
+                sys.executable, "-m", "carriers.sip.worker", "--fd", str(child.fileno()), "--index", str(self.index),
                 pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL, cwd=_ROOT,
                 stdout=asyncio.subprocess.DEVNULL,  # pjlib prints a banner there; our logs go to stderr
             )

@@ -8,13 +8,13 @@ Call flow. Inbound: the dialplan sends a channel to `Stasis(app)`; its StasisSta
 call.initiated and the manager answers or rejects. Outbound: POST /ari/channels originates into our
 app; ChannelStateChange "Ringing" is call.ringing, and the channel enters Stasis (StasisStart) when
 answered. Either way, once answered: a mixing bridge, an ExternalMedia channel sending RTP to our
-UDP port (`carriers.rtp`), both channels in the bridge, the RTP leg attached to the call's
+UDP port (`carriers.asterisk.rtp`), both channels in the bridge, the RTP leg attached to the call's
 pipeline, then call.answered and call.active. ChannelDestroyed ends the call (cause -> reason).
 
 The provider call id is the ARI channel id; ids of the channels and bridges we create are ours
 (`vc-...`), so an event that arrives before the REST reply that created its channel is still known.
 
-Modules: `ari_protocol` (pure ARI facts), `ari_events` (the events WebSocket), `rtp` (RTP), this one.
+Modules: `protocol` (pure ARI facts), `events` (the events WebSocket), `rtp` (RTP), this one.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from urllib.parse import quote, urlencode
 
 from bridge.calls import CallEvent, CallRecord, CallState, Direction, EventType
 from bridge.tasks import BackgroundTasks
-from carriers.ari_events import AriEvents
-from carriers.ari_protocol import (
+from carriers.asterisk.events import AriEvents
+from carriers.asterisk.protocol import (
     CAUSE_NO_ANSWER,
     CAUSE_REJECTED,
     DTMF_DIGITS,
@@ -43,7 +43,8 @@ from carriers.ari_protocol import (
     end_reason,
     rtp_peer,
 )
-from carriers.asterisk_settings import AsteriskSettings
+from carriers.asterisk.rtp import CODECS, RtpTransport
+from carriers.asterisk.settings import AsteriskSettings
 from carriers.base import (
     Carrier,
     CarrierError,
@@ -53,7 +54,6 @@ from carriers.base import (
 )
 from carriers.http import CarrierHttp
 from carriers.legs import LegTable, cancel_timer
-from carriers.rtp import CODECS, RtpTransport
 
 log = logging.getLogger("voicecall.asterisk")
 

@@ -6,7 +6,7 @@ import re
 
 from bridge.calls import CallState
 from carriers.base import CarrierError
-from carriers.sip_settings import SipSettings
+from carriers.sip.settings import SipSettings
 
 _E164 = re.compile(r"^\+?[1-9]\d{1,14}$")
 _SCHEME = re.compile(r"(sips?):", re.IGNORECASE)

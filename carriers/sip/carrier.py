@@ -1,20 +1,20 @@
 """Direct SIP carrier on pjsua2 (extra `sip`, wheel `pjsua2-python`).
 
 Where pjsua2 runs:
-- One user agent (`sip.workers` = 1): a dedicated thread of this process (`sip_ua.LocalUa`) owns
+- One user agent (`sip.workers` = 1): a dedicated thread of this process (`sip.ua.LocalUa`) owns
   pjsua2, polls `libHandleEvents` and runs every pjsua2 call; the asyncio side never calls pjsua2,
   it queues commands and awaits their results as futures.
 - Several (`sip.workers` > 1, or "auto" when maxConcurrentCalls exceeds one process's call table):
-  worker processes (`sip_pool.WorkerUa`) behind the SIP front (`sip_front`), a stateless
+  worker processes (`pool.WorkerUa`) behind the SIP front (`front`), a stateless
   record-routing proxy on the public port.
-Either way the carrier sees the same user-agent interface (`sip_pool.UserAgent`) and the same
+Either way the carrier sees the same user-agent interface (`pool.UserAgent`) and the same
 notifications `(kind, provider_call_id, data)`, delivered on the loop in order and turned into
 `CallEvent`s here.
 
 The provider call id is the SIP Call-ID of the dialog.
 
-Modules: `sip_protocol` (SIP identities and end reasons, no I/O), `sip_media` (the media leg),
-`sip_ua` (the pjsua2 thread), `sip_worker` / `sip_pool` / `sip_proxy` / `sip_front` (scaling out),
+Modules: `protocol` (SIP identities and end reasons, no I/O), `media` (the media leg),
+`ua` (the pjsua2 thread), `worker` / `pool` / `proxy` / `front` (scaling out),
 and this one (the carrier: loop-side call state and events).
 """
 
@@ -38,18 +38,18 @@ from carriers.base import (
     ProviderStatus,
 )
 from carriers.legs import LegTable, cancel_timer
-from carriers.sip_front import SipFront
-from carriers.sip_media import JITTER_MAX_FRAMES, PREBUFFER_FRAMES, SipMediaTransport  # noqa: F401 - re-exported
-from carriers.sip_pool import FrontAddresses, RemoteMediaTransport, UaPool, WorkerUa
-from carriers.sip_protocol import (  # noqa: F401
+from carriers.sip.front import SipFront
+from carriers.sip.media import JITTER_MAX_FRAMES, PREBUFFER_FRAMES, SipMediaTransport  # noqa: F401 - re-exported
+from carriers.sip.pool import FrontAddresses, RemoteMediaTransport, UaPool, WorkerUa
+from carriers.sip.protocol import (  # noqa: F401
     caller_id,
     dial_uri,
     inbound_end_reason,
     outbound_end_reason,
 )
-from carriers.sip_proxy import SipFrontCore
-from carriers.sip_settings import SipSettings
-from carriers.sip_ua import LocalUa
+from carriers.sip.proxy import SipFrontCore
+from carriers.sip.settings import SipSettings
+from carriers.sip.ua import LocalUa
 
 try:  # the `sip` extra; absent on Python 3.13 (no wheel)
     import pjsua2 as pj

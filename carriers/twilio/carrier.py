@@ -23,167 +23,57 @@ How a call runs here:
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import json
 import logging
 import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
-from xml.sax.saxutils import escape, quoteattr
+from xml.sax.saxutils import quoteattr
 
 from bridge.calls import CallEvent, CallMode, CallRecord, CallState, Direction, EventType
 from bridge.config import Settings
-from bridge.security import twilio_replay_key
-from bridge.signatures import verify_twilio
 from carriers.base import (
     Carrier,
     CarrierError,
     MediaStreamCodec,
     OutboundRequest,
     ProviderStatus,
-    StreamDtmf,
-    StreamIgnored,
-    StreamMark,
-    StreamMedia,
-    StreamMessage,
-    StreamProtocolError,
-    StreamStart,
-    StreamStop,
     WebhookReply,
     WebhookRequest,
     WebhookResult,
     WebhookVerdict,
 )
 from carriers.http import CarrierHttp
-from media.formats import ULAW_8K
+from carriers.twilio.protocol import (
+    EMPTY_TWIML,
+    HANGUP_TWIML,
+    LIVE_STATUS,
+    REJECT_TWIML,
+    SIGNATURE_HEADER,
+    TERMINAL_STATUS,
+    XML,
+    TwilioStreamCodec,
+    direction,
+    float_param,
+    gather_verb,
+    redirect_verb,
+    say_verb,
+    say_voice,
+    status_events,
+    stream_verb,
+    twiml,
+    verify_request,
+)
 
 log = logging.getLogger(__name__)
 
 API_VERSION = "2010-04-01"
-SIGNATURE_HEADER = "X-Twilio-Signature"
 STATUS_EVENTS = ("initiated", "ringing", "answered", "completed")
-XML = "text/xml"
-
-# CallStatus -> the end reason, for the statuses that end a call.
-TERMINAL_STATUS = {
-    "completed": CallState.COMPLETED,
-    "busy": CallState.BUSY,
-    "no-answer": CallState.NO_ANSWER,
-    "failed": CallState.FAILED,
-    "canceled": CallState.HANGUP_BOT,
-}
-# OpenAI voice names (the seed's TTS config) -> the Polly voice `<Say>` uses without a stream.
-POLLY_VOICES = {"alloy": "Polly.Joanna", "echo": "Polly.Matthew", "fable": "Polly.Amy", "onyx": "Polly.Brian",
-                "nova": "Polly.Salli", "shimmer": "Polly.Kimberly"}
-DEFAULT_VOICE = "Polly.Joanna"
 # Seconds to wait for Twilio to finish a <Say>: generous (slow voices), and bounded.
 SAY_WAIT_BASE_S = 10.0
 SAY_WAIT_CHARS_PER_S = 5.0
 PURGE_AT = 1024  # per-call bookkeeping entries before ended calls are swept
 TWIML_PARAM_MAX = 4000  # Calls API: longer TwiML must come from a URL
-
-
-# ====================================================================== TwiML (sans-I/O)
-
-
-def twiml(*verbs: str) -> str:
-    return f'<?xml version="1.0" encoding="UTF-8"?><Response>{"".join(verbs)}</Response>'
-
-
-def say_verb(text: str, voice: str = DEFAULT_VOICE, language: str = "en-US") -> str:
-    return f"<Say voice={quoteattr(voice)} language={quoteattr(language)}>{escape(text)}</Say>"
-
-
-def redirect_verb(url: str) -> str:
-    return f'<Redirect method="POST">{escape(url)}</Redirect>'
-
-
-def gather_verb(action: str, language: str = "en-US") -> str:
-    return (f'<Gather input="speech" speechTimeout="auto" language={quoteattr(language)} '
-            f'action={quoteattr(action)} method="POST"/>')
-
-
-def stream_verb(url: str, parameters: dict[str, str]) -> str:
-    params = "".join(f"<Parameter name={quoteattr(k)} value={quoteattr(v)}/>" for k, v in parameters.items())
-    return f"<Connect><Stream url={quoteattr(url)}>{params}</Stream></Connect>"
-
-
-EMPTY_TWIML = twiml()
-REJECT_TWIML = twiml("<Reject/>")
-HANGUP_TWIML = twiml("<Hangup/>")
-
-
-# ====================================================================== Media Streams codec
-
-
-class TwilioStreamCodec(MediaStreamCodec):
-    """Twilio's bidirectional Media Streams dialect (u-law 8 kHz, JSON text frames)."""
-
-    reorders = False  # one TCP connection: frames arrive in order
-
-    def __init__(self) -> None:
-        self.stream_sid: str | None = None
-        self._media_prefix = ""
-        self._sid_json = ""
-
-    def parse(self, text: str) -> StreamMessage:
-        try:
-            msg = json.loads(text)
-        except ValueError:
-            raise StreamProtocolError("not JSON") from None
-        if not isinstance(msg, dict):
-            raise StreamProtocolError("frame is not a JSON object")
-        event = msg.get("event")
-        try:
-            if event == "media":
-                media = msg["media"]
-                if media.get("track", "inbound") not in ("inbound", "inbound_track"):
-                    return StreamIgnored("media")
-                chunk = media.get("chunk")
-                stamp = media.get("timestamp")
-                return StreamMedia(base64.b64decode(media["payload"], validate=True),
-                                   int(chunk) if chunk is not None else None,
-                                   int(stamp) if stamp is not None else None)
-            if event == "start":
-                return self._start(msg)
-            if event == "mark":
-                return StreamMark(str(msg["mark"]["name"]))
-            if event == "dtmf":
-                return StreamDtmf(str(msg["dtmf"]["digit"]))
-            if event == "stop":
-                return StreamStop()
-        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
-            raise StreamProtocolError(f"bad {event} frame: {type(exc).__name__}") from None
-        if isinstance(event, str):
-            return StreamIgnored(event)  # connected, and events Twilio may add later
-        raise StreamProtocolError("frame has no event")
-
-    def _start(self, msg: dict[str, Any]) -> StreamStart:
-        start = msg["start"]
-        call_sid = start.get("callSid")
-        stream_sid = start.get("streamSid") or msg.get("streamSid")
-        if not call_sid or not stream_sid:
-            raise StreamProtocolError("start without callSid/streamSid")
-        fmt = start.get("mediaFormat") or {}
-        if fmt and (fmt.get("encoding") != "audio/x-mulaw" or int(fmt.get("sampleRate", 8000)) != 8000):
-            raise StreamProtocolError(f"unsupported media format {fmt.get('encoding')}/{fmt.get('sampleRate')}")
-        custom = {str(k): str(v) for k, v in (start.get("customParameters") or {}).items()}
-        self.stream_sid = str(stream_sid)
-        self._sid_json = json.dumps(self.stream_sid)
-        self._media_prefix = '{"event":"media","streamSid":' + self._sid_json + ',"media":{"payload":"'
-        return StreamStart(provider_call_id=str(call_sid), stream_id=self.stream_sid, format=ULAW_8K,
-                           token=custom.get("token"), call_id=custom.get("callId"), custom=custom)
-
-    def encode_media(self, payload: bytes) -> str:
-        return self._media_prefix + base64.b64encode(payload).decode("ascii") + '"}}'
-
-    def encode_mark(self, name: str) -> str:
-        return '{"event":"mark","streamSid":' + self._sid_json + ',"mark":{"name":' + json.dumps(name) + "}}"
-
-    def encode_clear(self) -> str:
-        return '{"event":"clear","streamSid":' + self._sid_json + "}"
 
 
 # ====================================================================== the carrier
@@ -227,7 +117,7 @@ class TwilioCarrier(Carrier):
         self.http = CarrierHttp("twilio", twilio.apiBaseUrl, basic_auth=(self.account_sid, self._token),
                                 headers={"Accept": "application/json"})
         self._calls: dict[str, _CallState] = {}
-        self.voice = _say_voice(settings.effective_tts)
+        self.voice = say_voice(settings.effective_tts)
 
     # ------------------------------------------------------------------ helpers
 
@@ -392,7 +282,7 @@ class TwilioCarrier(Carrier):
         status = str(result.body.get("status", "")) if isinstance(result.body, dict) else ""
         if status in TERMINAL_STATUS:
             return ProviderStatus(terminal=True, state=TERMINAL_STATUS[status])
-        return ProviderStatus(terminal=False, state=_LIVE_STATUS.get(status))
+        return ProviderStatus(terminal=False, state=LIVE_STATUS.get(status))
 
     async def close(self) -> None:
         for call_id in list(self._calls):
@@ -402,13 +292,7 @@ class TwilioCarrier(Carrier):
     # ------------------------------------------------------------------ webhooks
 
     def verify_webhook(self, request: WebhookRequest) -> WebhookVerdict:
-        signature = request.headers.get(SIGNATURE_HEADER, "")
-        if not signature:
-            return WebhookVerdict(ok=False, reason="missing X-Twilio-Signature")
-        urls = [request.public_url, *request.url_variants]
-        if not verify_twilio(self._token, urls, request.form, signature, request.body):
-            return WebhookVerdict(ok=False, reason="bad X-Twilio-Signature")
-        return WebhookVerdict(ok=True, replay_key=twilio_replay_key(request.public_url, request.form, signature))
+        return verify_request(self._token, request)
 
     def parse_webhook(self, request: WebhookRequest) -> WebhookResult:
         kind = request.query_value("type")
@@ -431,13 +315,13 @@ class TwilioCarrier(Carrier):
         digits = request.param("Digits")
         if kind == "gather" or request.query_value("turnToken") is not None or speech is not None or digits:
             return self._on_gather(request, call_id, sid, speech, digits)
-        events = self._status_events(request, call_id, sid, status)
+        events = status_events(request, call_id, sid, status)
         if call_id and any(e.type == EventType.ENDED for e in events):
             self._finish_says(call_id)  # a speak_native waiting for a <Say> returns now
         if kind == "status" or status in TERMINAL_STATUS:
             return WebhookResult(events=events, reply=WebhookReply(200, EMPTY_TWIML, XML))
         # The voice URL: Twilio asks what to do with a call it just connected.
-        inbound = _direction(request.param("Direction")) == Direction.INBOUND and not call_id
+        inbound = direction(request.param("Direction")) == Direction.INBOUND and not call_id
         known = self.host.get_call(call_id) if call_id else None
         if known is not None and known.answeredAt is not None:  # the `answered` callback came first
             events = [e for e in events if e.type != EventType.ANSWERED]
@@ -453,23 +337,6 @@ class TwilioCarrier(Carrier):
 
         return WebhookResult(events=events, respond=respond)
 
-    def _status_events(self, request: WebhookRequest, call_id: str | None, sid: str | None,
-                       status: str) -> list[CallEvent]:
-        def event(kind: EventType, **extra: Any) -> CallEvent:
-            return CallEvent(kind, call_id=call_id, provider_call_id=sid, **extra)
-
-        answered_by = (request.param("AnsweredBy") or "").lower()
-        if answered_by.startswith("machine") or answered_by == "fax":
-            return [event(EventType.ENDED, reason=CallState.VOICEMAIL)]
-        if status in ("queued", "initiated"):
-            return [event(EventType.INITIATED)]
-        if status == "ringing":
-            return [event(EventType.RINGING)]
-        if status == "in-progress":
-            return [event(EventType.ANSWERED)]
-        if status in TERMINAL_STATUS:
-            return [event(EventType.ENDED, reason=TERMINAL_STATUS[status])]
-        return []
 
     def _on_said(self, call_id: str | None, say_id: str | None) -> WebhookResult:
         state = self._calls.get(call_id or "")
@@ -494,7 +361,7 @@ class TwilioCarrier(Carrier):
         token = request.query_value("turnToken")
         events: list[CallEvent] = []
         if speech:
-            confidence = _float(request.param("Confidence"), 0.9)
+            confidence = float_param(request.param("Confidence"), 0.9)
             events.append(CallEvent(EventType.SPEECH, call_id=call_id, provider_call_id=sid, transcript=speech,
                                     is_final=True, confidence=confidence, turn_token=token))
         if digits:
@@ -534,33 +401,6 @@ class TwilioCarrier(Carrier):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "accountSid": self.account_sid, "apiBaseUrl": self.http.base_url}
-
-
-_LIVE_STATUS = {"queued": CallState.INITIATED, "initiated": CallState.INITIATED, "ringing": CallState.RINGING,
-                "in-progress": CallState.ANSWERED}
-
-
-def _direction(value: str | None) -> Direction | None:
-    if not value:
-        return None
-    return Direction.INBOUND if value == "inbound" else Direction.OUTBOUND
-
-
-def _float(value: str | None, default: float) -> float:
-    try:
-        return float(value) if value is not None else default
-    except ValueError:
-        return default
-
-
-def _say_voice(tts: dict[str, Any]) -> str:
-    """The `<Say>` voice: a Polly voice named in the TTS config, or the seed's mapping of OpenAI voices."""
-    provider = tts.get("provider")
-    section = tts.get(provider) if isinstance(provider, str) else None
-    voice = str(tts.get("voice") or (section.get("voice") if isinstance(section, dict) else "") or "")
-    if voice.startswith("Polly."):
-        return voice
-    return POLLY_VOICES.get(voice, DEFAULT_VOICE)
 
 
 def from_settings(settings: Settings) -> TwilioCarrier:

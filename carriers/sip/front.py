@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from carriers.sip_proxy import Addr, Forward, SipFrontCore
+from carriers.sip.proxy import Addr, Forward, SipFrontCore
 
 log = logging.getLogger("voicecall.sip")
 

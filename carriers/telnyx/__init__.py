@@ -1,0 +1,5 @@
+"""Telnyx Call Control v2: protocol.py (pure events, stream codec, signatures), carrier.py (REST + streams), settings.py."""
+
+from carriers import lazy_exports
+
+__getattr__ = lazy_exports(__name__, "carrier", "protocol")

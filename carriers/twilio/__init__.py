@@ -1,0 +1,5 @@
+"""Twilio Programmable Voice: protocol.py (pure TwiML, callbacks, stream codec, signatures), carrier.py (REST + streams), settings.py."""
+
+from carriers import lazy_exports
+
+__getattr__ = lazy_exports(__name__, "carrier", "protocol")

@@ -1,0 +1,207 @@
+"""Twilio's wire protocol, sans-I/O: TwiML builders, callback parsing, signature check, and the
+Media Streams frame codec. No sockets, no clock, no per-call state (the codec keeps only its own
+stream's id)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+from xml.sax.saxutils import escape, quoteattr
+
+from bridge.calls import CallEvent, CallState, Direction, EventType
+from bridge.security import twilio_replay_key
+from bridge.signatures import verify_twilio
+from carriers.base import (
+    MediaStreamCodec,
+    StreamDtmf,
+    StreamIgnored,
+    StreamMark,
+    StreamMedia,
+    StreamMessage,
+    StreamProtocolError,
+    StreamStart,
+    StreamStop,
+    WebhookRequest,
+    WebhookVerdict,
+)
+from media.formats import ULAW_8K
+
+SIGNATURE_HEADER = "X-Twilio-Signature"
+XML = "text/xml"
+
+# CallStatus -> the end reason, for the statuses that end a call.
+TERMINAL_STATUS = {
+    "completed": CallState.COMPLETED,
+    "busy": CallState.BUSY,
+    "no-answer": CallState.NO_ANSWER,
+    "failed": CallState.FAILED,
+    "canceled": CallState.HANGUP_BOT,
+}
+# OpenAI voice names (the seed's TTS config) -> the Polly voice `<Say>` uses without a stream.
+POLLY_VOICES = {"alloy": "Polly.Joanna", "echo": "Polly.Matthew", "fable": "Polly.Amy", "onyx": "Polly.Brian",
+                "nova": "Polly.Salli", "shimmer": "Polly.Kimberly"}
+DEFAULT_VOICE = "Polly.Joanna"
+
+
+# ====================================================================== TwiML (sans-I/O)
+
+
+def twiml(*verbs: str) -> str:
+    return f'<?xml version="1.0" encoding="UTF-8"?><Response>{"".join(verbs)}</Response>'
+
+
+def say_verb(text: str, voice: str = DEFAULT_VOICE, language: str = "en-US") -> str:
+    return f"<Say voice={quoteattr(voice)} language={quoteattr(language)}>{escape(text)}</Say>"
+
+
+def redirect_verb(url: str) -> str:
+    return f'<Redirect method="POST">{escape(url)}</Redirect>'
+
+
+def gather_verb(action: str, language: str = "en-US") -> str:
+    return (f'<Gather input="speech" speechTimeout="auto" language={quoteattr(language)} '
+            f'action={quoteattr(action)} method="POST"/>')
+
+
+def stream_verb(url: str, parameters: dict[str, str]) -> str:
+    params = "".join(f"<Parameter name={quoteattr(k)} value={quoteattr(v)}/>" for k, v in parameters.items())
+    return f"<Connect><Stream url={quoteattr(url)}>{params}</Stream></Connect>"
+
+
+EMPTY_TWIML = twiml()
+REJECT_TWIML = twiml("<Reject/>")
+HANGUP_TWIML = twiml("<Hangup/>")
+
+
+# ====================================================================== Media Streams codec
+
+
+class TwilioStreamCodec(MediaStreamCodec):
+    """Twilio's bidirectional Media Streams dialect (u-law 8 kHz, JSON text frames)."""
+
+    reorders = False  # one TCP connection: frames arrive in order
+
+    def __init__(self) -> None:
+        self.stream_sid: str | None = None
+        self._media_prefix = ""
+        self._sid_json = ""
+
+    def parse(self, text: str) -> StreamMessage:
+        try:
+            msg = json.loads(text)
+        except ValueError:
+            raise StreamProtocolError("not JSON") from None
+        if not isinstance(msg, dict):
+            raise StreamProtocolError("frame is not a JSON object")
+        event = msg.get("event")
+        try:
+            if event == "media":
+                media = msg["media"]
+                if media.get("track", "inbound") not in ("inbound", "inbound_track"):
+                    return StreamIgnored("media")
+                chunk = media.get("chunk")
+                stamp = media.get("timestamp")
+                return StreamMedia(base64.b64decode(media["payload"], validate=True),
+                                   int(chunk) if chunk is not None else None,
+                                   int(stamp) if stamp is not None else None)
+            if event == "start":
+                return self._start(msg)
+            if event == "mark":
+                return StreamMark(str(msg["mark"]["name"]))
+            if event == "dtmf":
+                return StreamDtmf(str(msg["dtmf"]["digit"]))
+            if event == "stop":
+                return StreamStop()
+        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+            raise StreamProtocolError(f"bad {event} frame: {type(exc).__name__}") from None
+        if isinstance(event, str):
+            return StreamIgnored(event)  # connected, and events Twilio may add later
+        raise StreamProtocolError("frame has no event")
+
+    def _start(self, msg: dict[str, Any]) -> StreamStart:
+        start = msg["start"]
+        call_sid = start.get("callSid")
+        stream_sid = start.get("streamSid") or msg.get("streamSid")
+        if not call_sid or not stream_sid:
+            raise StreamProtocolError("start without callSid/streamSid")
+        fmt = start.get("mediaFormat") or {}
+        if fmt and (fmt.get("encoding") != "audio/x-mulaw" or int(fmt.get("sampleRate", 8000)) != 8000):
+            raise StreamProtocolError(f"unsupported media format {fmt.get('encoding')}/{fmt.get('sampleRate')}")
+        custom = {str(k): str(v) for k, v in (start.get("customParameters") or {}).items()}
+        self.stream_sid = str(stream_sid)
+        self._sid_json = json.dumps(self.stream_sid)
+        self._media_prefix = '{"event":"media","streamSid":' + self._sid_json + ',"media":{"payload":"'
+        return StreamStart(provider_call_id=str(call_sid), stream_id=self.stream_sid, format=ULAW_8K,
+                           token=custom.get("token"), call_id=custom.get("callId"), custom=custom)
+
+    def encode_media(self, payload: bytes) -> str:
+        return self._media_prefix + base64.b64encode(payload).decode("ascii") + '"}}'
+
+    def encode_mark(self, name: str) -> str:
+        return '{"event":"mark","streamSid":' + self._sid_json + ',"mark":{"name":' + json.dumps(name) + "}}"
+
+    def encode_clear(self) -> str:
+        return '{"event":"clear","streamSid":' + self._sid_json + "}"
+
+
+# ====================================================================== callbacks
+
+
+def verify_request(auth_token: str, request: WebhookRequest) -> WebhookVerdict:
+    """X-Twilio-Signature over the public URL (or a port variant) and the form parameters."""
+    signature = request.headers.get(SIGNATURE_HEADER, "")
+    if not signature:
+        return WebhookVerdict(ok=False, reason="missing X-Twilio-Signature")
+    urls = [request.public_url, *request.url_variants]
+    if not verify_twilio(auth_token, urls, request.form, signature, request.body):
+        return WebhookVerdict(ok=False, reason="bad X-Twilio-Signature")
+    return WebhookVerdict(ok=True, replay_key=twilio_replay_key(request.public_url, request.form, signature))
+
+
+def status_events(request: WebhookRequest, call_id: str | None, sid: str | None, status: str) -> list[CallEvent]:
+    """The events of a status callback (or of the voice URL's request), from CallStatus and AnsweredBy."""
+
+    def event(kind: EventType, **extra: Any) -> CallEvent:
+        return CallEvent(kind, call_id=call_id, provider_call_id=sid, **extra)
+
+    answered_by = (request.param("AnsweredBy") or "").lower()
+    if answered_by.startswith("machine") or answered_by == "fax":
+        return [event(EventType.ENDED, reason=CallState.VOICEMAIL)]
+    if status in ("queued", "initiated"):
+        return [event(EventType.INITIATED)]
+    if status == "ringing":
+        return [event(EventType.RINGING)]
+    if status == "in-progress":
+        return [event(EventType.ANSWERED)]
+    if status in TERMINAL_STATUS:
+        return [event(EventType.ENDED, reason=TERMINAL_STATUS[status])]
+    return []
+
+
+LIVE_STATUS = {"queued": CallState.INITIATED, "initiated": CallState.INITIATED, "ringing": CallState.RINGING,
+                "in-progress": CallState.ANSWERED}
+
+
+def direction(value: str | None) -> Direction | None:
+    if not value:
+        return None
+    return Direction.INBOUND if value == "inbound" else Direction.OUTBOUND
+
+
+def float_param(value: str | None, default: float) -> float:
+    try:
+        return float(value) if value is not None else default
+    except ValueError:
+        return default
+
+
+def say_voice(tts: dict[str, Any]) -> str:
+    """The `<Say>` voice: a Polly voice named in the TTS config, or the seed's mapping of OpenAI voices."""
+    provider = tts.get("provider")
+    section = tts.get(provider) if isinstance(provider, str) else None
+    voice = str(tts.get("voice") or (section.get("voice") if isinstance(section, dict) else "") or "")
+    if voice.startswith("Polly."):
+        return voice
+    return POLLY_VOICES.get(voice, DEFAULT_VOICE)
