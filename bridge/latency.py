@@ -57,8 +57,8 @@ def latency_stats(path: Path, *, last: int = 200) -> dict[str, Any] | None:
 
 def format_stats(stats: dict[str, Any]) -> str:
     lines = [f"voice-to-voice turn latency over {stats['turns']} turn(s) in {stats['calls']} call(s), ms",
-             "(from the caller's end of speech to the first audio of the answer; playback and the caller's "
-             "thinking time excluded)",
+             ("(from the caller's end of speech to the first audio of the answer; playback and the caller's "
+              "thinking time excluded)"),
              f"  {'part':<8}{'count':>6}{'p50':>8}{'p95':>8}{'p99':>8}{'max':>8}"]
     for part, s in stats["parts"].items():
         lines.append(f"  {part:<8}{s['count']:>6}{s['p50']:>8.0f}{s['p95']:>8.0f}{s['p99']:>8.0f}{s['max']:>8.0f}")

@@ -75,7 +75,7 @@ class Metrics:
         return generate_latest(self.registry)
 
     def value(self, name: str, **labels: str) -> float:
-        """One sample's value (tests and the console); 0 when absent."""
+        """One sample's value (0 when absent), e.g. `value("voicecall_webhooks_total", carrier=..., status=...)`."""
         return self.registry.get_sample_value(name, labels) or 0.0
 
 

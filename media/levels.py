@@ -15,7 +15,7 @@ FULL_SCALE = 32768.0
 class LevelTap:
     """Sums of squares of PCM16 samples since the last `take()`, per side."""
 
-    __slots__ = ("_caller", "_bot")
+    __slots__ = ("_bot", "_caller")
 
     def __init__(self) -> None:
         self._caller = [0.0, 0]

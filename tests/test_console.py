@@ -111,10 +111,10 @@ async def test_levels_of_both_sides_stream_while_watched_then_the_recording_play
                                 peak[side] = max(peak[side], params[side])
                 assert samples >= 3
                 bridge = runtime.manager.voice(call_id).bridge
-                assert len(bridge._level_taps) == 1  # noqa: SLF001 - the tap exists only while watched
+                assert len(bridge._level_taps) == 1
                 await ws.send_json({"jsonrpc": "2.0", "id": 4, "method": "voicecall.levels",
                                     "params": {"callId": call_id, "on": False}})
-                await wait_for(lambda: not bridge._level_taps)  # noqa: SLF001
+                await wait_for(lambda: not bridge._level_taps)
                 await rpc_client(runtime, TOKEN).call("voicecall.end", {"callId": call_id})
             await runtime.manager.drain()
             recording = tmp_path / "recordings" / f"{call_id}.wav"

@@ -70,8 +70,8 @@ async def test_console_in_headless_chromium(browser: Any, tmp_path: Path) -> Non
     async def run(fn: Callable[[], Any]) -> Any:
         return await asyncio.to_thread(fn)  # the browser blocks; the bridge keeps serving on this loop
 
-    find = lambda css: browser.find_element(By.CSS_SELECTOR, css)  # noqa: E731
-    text = lambda css: browser.find_element(By.CSS_SELECTOR, css).text  # noqa: E731
+    find = lambda css: browser.find_element(By.CSS_SELECTOR, css)
+    text = lambda css: browser.find_element(By.CSS_SELECTOR, css).text
     js = browser.execute_script
 
     async with run_bridge(CONFIG, tmp_path) as runtime:

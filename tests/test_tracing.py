@@ -3,6 +3,7 @@ the fake Twilio (real webhooks and REST requests over sockets)."""
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -69,7 +70,7 @@ async def test_span_tree_of_a_turn_on_the_mock_carrier(exporter: InMemorySpanExp
         # caller speech end (= the carrier's final transcript here) -> model -> first piece -> TTS -> audio out
         assert [c.name for c in children] == ["model", "piece", "tts", "bridge"]
         assert children[0].start_time == turn.start_time and children[-1].end_time == turn.end_time
-        for before, after in zip(children, children[1:], strict=False):
+        for before, after in itertools.pairwise(children):
             assert before.end_time == after.start_time  # back to back: the parts add up to the turn
         assert call.start_time <= turn.start_time and turn.end_time <= call.end_time
         total_ms = (turn.end_time - turn.start_time) / 1e6
@@ -108,7 +109,7 @@ def test_tracing_is_off_and_imports_nothing_without_an_endpoint(tmp_path: Path) 
         "loaded = [m for m in sys.modules if m.startswith('opentelemetry')]\n"
         "assert not loaded, loaded\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
 
 

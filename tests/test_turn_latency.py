@@ -89,8 +89,8 @@ def test_latency_report_from_the_call_log(tmp_path: Path) -> None:
     assert stats["parts"]["stt"]["count"] == 1 and "piece" not in stats["parts"]
     assert latency_stats(log, last=1)["parts"]["total"]["max"] == 700.0  # type: ignore[index]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "bridge", "latency", "--file", str(log)], capture_output=True,
-                          text=True, timeout=60, cwd=ROOT, env=env)
+    proc = subprocess.run([sys.executable, "-m", "bridge", "latency", "--file", str(log)], check=False,
+                          capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "voice-to-voice turn latency over 3 turn(s) in 2 call(s)" in proc.stdout
     row = next(line.split() for line in proc.stdout.splitlines() if line.strip().startswith("total"))
@@ -98,8 +98,8 @@ def test_latency_report_from_the_call_log(tmp_path: Path) -> None:
     assert "not measured on these calls: piece" in proc.stdout
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    proc = subprocess.run([sys.executable, "-m", "bridge", "latency", "--file", str(empty)], capture_output=True,
-                          text=True, timeout=60, cwd=ROOT, env=env)
+    proc = subprocess.run([sys.executable, "-m", "bridge", "latency", "--file", str(empty)], check=False,
+                          capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
     assert proc.returncode == 0 and "no timed turns" in proc.stdout
 
 
