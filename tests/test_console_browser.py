@@ -150,5 +150,6 @@ async def test_console_in_headless_chromium(browser: Any, tmp_path: Path) -> Non
             until(lambda _: js("const p = document.querySelector('#player'); "
                                "return p.readyState >= 1 && p.duration > 1 && !p.error"), 15)
             assert js("return document.querySelector('#player').src").endswith(f"/console/recordings/{call_id}")
+            assert browser.save_screenshot(str(ARTIFACTS / "console-history-playback.png"))
 
         await run(play_recording)

@@ -72,3 +72,25 @@ async def test_metrics_during_and_after_a_mock_conversation(tmp_path: Path) -> N
     total = value(done, "voicecall_turn_latency_seconds_sum", part="total")
     parts = sum(value(done, "voicecall_turn_latency_seconds_sum", part=p) for p in ("model", "piece", "tts", "bridge"))
     assert 0 < total < 5 and abs(total - parts) < 0.01  # parts add up to the voice-to-voice total
+
+
+async def test_late_and_lost_frames_count_live_and_after_the_bridge_closes() -> None:
+    from bridge.metrics import Metrics
+    from media.formats import ULAW_8K
+    from tests.test_media_bridge import make
+
+    metrics = Metrics()
+    bridge, _, _ = make()
+    metrics.track_media(bridge)
+    frame = bytes([0xFF]) * ULAW_8K.frame_bytes
+    for seq in [1, 2, 3, *range(5, 12)]:  # 4 never comes in time ...
+        bridge.receive(frame, seq)
+    bridge.receive(frame, 4)  # ... and then it is too late
+    assert (bridge.stats.lost_frames, bridge.stats.late_frames) == (1, 1)
+    assert metrics.value("voicecall_media_frames_lost_total") == 1
+    assert metrics.value("voicecall_media_frames_late_total") == 1
+    assert metrics.value("voicecall_media_streams_active") == 1
+    await bridge.close()
+    assert metrics.value("voicecall_media_streams_active") == 0
+    assert metrics.value("voicecall_media_frames_lost_total") == 1 and metrics.value("voicecall_media_frames_late_total") == 1
+    assert metrics.value("voicecall_media_frames_total", direction="in") == bridge.stats.frames_in > 0
