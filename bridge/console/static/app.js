@@ -219,6 +219,7 @@ function renderDetail() {
     el("li", {}, el("span", { class: "t" }, clock(e.t)), e.text)));
   $("#timeline").scrollTop = $("#timeline").scrollHeight;
   $("#controls").hidden = !isLive(call);
+  document.querySelector(".meters").hidden = !isLive(call);
 }
 
 function showLevels(ev) {
