@@ -33,7 +33,8 @@ def provider_for(exporter: InMemorySpanExporter) -> TracerProvider:
     return provider
 
 
-async def run_call(raw: dict, tmp_path: Path, provider: TracerProvider, message: str, mode: str) -> str:
+async def run_call(raw: dict, tmp_path: Path, provider: TracerProvider, message: str, mode: str,
+                   end_after_turns: int = 0) -> str:
     raw = {**raw, "store": str(tmp_path), "serve": {"port": free_port(), "bind": "127.0.0.1"}}
     if raw["provider"] != "mock":
         raw["publicUrl"] = f"http://127.0.0.1:{raw['serve']['port']}/voice/webhook"
@@ -42,6 +43,9 @@ async def run_call(raw: dict, tmp_path: Path, provider: TracerProvider, message:
     try:
         call_id = (await rpc_client(runtime).call("voicecall.initiate", {"message": message, "mode": mode}))["callId"]
         call = runtime.manager.calls[call_id]
+        if end_after_turns:
+            await wait_for(lambda: len(call.metadata.get("turns", [])) == end_after_turns, timeout=20)
+            await rpc_client(runtime).call("voicecall.end", {"callId": call_id})
         await wait_for(lambda: call.terminal, timeout=40)
         await runtime.manager.drain()
     finally:
@@ -54,8 +58,8 @@ def by_name(spans: tuple[ReadableSpan, ...], name: str) -> list[ReadableSpan]:
 
 
 async def test_span_tree_of_a_turn_on_the_mock_carrier(exporter: InMemorySpanExporter, tmp_path: Path) -> None:
-    config = {**BASE, "mock": {**FAST_MOCK, "calleeScript": ["A table for two, please.", "No, goodbye."]}}
-    call_id = await run_call(config, tmp_path, provider_for(exporter), "Hello, how can I help?", "conversation")
+    config = {**BASE, "mock": {**FAST_MOCK, "calleeScript": ["A table for two.", "At eight."]}}
+    call_id = await run_call(config, tmp_path, provider_for(exporter), "Hi!", "conversation", end_after_turns=2)
     spans = exporter.get_finished_spans()
     [call] = by_name(spans, "call")
     assert call.parent is None
@@ -133,7 +137,7 @@ async def test_spans_reach_an_otlp_http_collector(tmp_path: Path) -> None:
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
-        raw = {**BASE, "mock": {**FAST_MOCK, "calleeScript": ["Sounds good.", "Bye."]},
+        raw = {**BASE, "mock": {**FAST_MOCK, "calleeScript": ["Sounds good."]},
                "telemetry": {"otlpEndpoint": f"http://127.0.0.1:{port}", "serviceName": "voicecall-test"},
                "store": str(tmp_path), "serve": {"port": free_port(), "bind": "127.0.0.1"}}
         runtime = Runtime(build_settings(raw, {}))
@@ -143,7 +147,8 @@ async def test_spans_reach_an_otlp_http_collector(tmp_path: Path) -> None:
             call_id = (await rpc_client(runtime).call("voicecall.initiate",
                                                       {"message": "Hi!", "mode": "conversation"}))["callId"]
             call = runtime.manager.calls[call_id]
-            await wait_for(lambda: call.terminal, timeout=40)
+            await wait_for(lambda: len(call.metadata.get("turns", [])) == 1, timeout=20)
+            await rpc_client(runtime).call("voicecall.end", {"callId": call_id})
         finally:
             await runtime.stop()  # flushes the batch processor
     finally:
