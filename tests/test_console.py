@@ -9,7 +9,10 @@ from typing import Any
 
 import aiohttp
 
-from tests.harness import rpc_client, run_bridge, wait_for
+from bridge.clock import FakeClock
+from bridge.config import build_settings
+from bridge.runtime import Runtime
+from tests.harness import free_port, rpc_client, run_bridge, wait_for
 from tests.test_mock_e2e import BASE, FAST_MOCK
 
 TOKEN = "console-test-token-0123456789"
@@ -55,6 +58,28 @@ async def test_login_refuses_wrong_missing_and_cross_origin_tokens(tmp_path: Pat
             cookie = resp.headers["Set-Cookie"]
         assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
         assert TOKEN not in cookie
+
+
+async def test_login_is_throttled_after_ten_wrong_tokens_a_minute(tmp_path: Path) -> None:
+    clock = FakeClock()
+    raw = {**CONFIG, "store": str(tmp_path), "serve": {"port": free_port(), "bind": "127.0.0.1"}}
+    runtime = Runtime(build_settings(raw, {}), clock=clock)
+    await runtime.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            async def login(token: str) -> int:
+                async with http.post(f"http://127.0.0.1:{runtime.port}/console/login", json={"token": token},
+                                     headers=origin(runtime.port)) as resp:
+                    return resp.status
+
+            assert [await login("guess") for _ in range(10)] == [401] * 10
+            assert await login(TOKEN) == 429  # even the right token waits out the window
+            await clock.advance(30)
+            assert await login(TOKEN) == 429
+            await clock.advance(31)
+            assert await login(TOKEN) == 200
+    finally:
+        await runtime.stop()
 
 
 async def test_websocket_needs_the_cookie_and_our_origin(tmp_path: Path) -> None:

@@ -18,6 +18,9 @@ from bridge.manager import CallManager
 from bridge.rpc import RpcEndpoint
 
 STATIC = {"app.js": "application/javascript", "style.css": "text/css", "index.html": "text/html"}
+# Wrong tokens allowed per client address and window before login answers 429 for the rest of it.
+MAX_LOGIN_FAILURES = 10
+LOGIN_WINDOW_S = 60.0
 CALL_ID = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
 # The console's own files only: no inline scripts, nothing fetched from elsewhere.
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; media-src 'self'; "
@@ -36,6 +39,16 @@ def add_console(app: web.Application, manager: CallManager, rpc: RpcEndpoint, to
     rpc.browser_auth = lambda request: sessions.of(request) and same_origin(request)
     files = {name: _static(name) for name in STATIC}
     recordings = (settings.store_dir / "recordings").resolve()
+    failures: dict[str, list[float]] = {}
+
+    def throttled(ip: str) -> bool:
+        now = manager.clock.monotonic()
+        recent = [t for t in failures.get(ip, []) if now - t < LOGIN_WINDOW_S]
+        if recent:
+            failures[ip] = recent
+        else:
+            failures.pop(ip, None)
+        return len(recent) >= MAX_LOGIN_FAILURES
 
     def signed_in(request: web.Request) -> bool:
         return not token or sessions.of(request) or _bearer_ok(request, token)
@@ -64,7 +77,12 @@ def add_console(app: web.Application, manager: CallManager, rpc: RpcEndpoint, to
         except ValueError:
             return web.json_response({"error": "expected JSON {\"token\": ...}"}, status=400)
         presented = body.get("token") if isinstance(body, dict) else None
+        ip = request.remote or ""
+        if token and throttled(ip):
+            return web.json_response({"error": "too many wrong tokens; try again later"}, status=429)
         if token and not (isinstance(presented, str) and hmac.compare_digest(presented.encode(), token.encode())):
+            if len(failures) < 10_000 or ip in failures:
+                failures.setdefault(ip, []).append(manager.clock.monotonic())
             return web.json_response({"error": "wrong token"}, status=401)
         response = web.json_response({"authenticated": True})
         response.set_cookie(COOKIE, sessions.create(), httponly=True, samesite="Strict", path="/",
