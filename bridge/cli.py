@@ -94,7 +94,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         runtime = Runtime(settings)
         port = await runtime.start()
         print(f"voicecall serving {settings.provider} on http://{settings.serve.bind}:{port} "
-              f"(webhook {settings.serve.path}, streams {settings.streaming.streamPath}, rpc /rpc; "
+              f"(webhook {settings.serve.path}, streams {settings.streaming.streamPath}, rpc /rpc, "
+              f"{'console /console, ' if settings.console.enabled else ''}metrics /metrics; "
               f"{type(asyncio.get_running_loop()).__module__.split('.')[0]} loop)", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
