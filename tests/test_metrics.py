@@ -8,7 +8,10 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.calls import CallEvent, CallState, EventType
+from bridge.metrics import Metrics
+from media.formats import ULAW_8K
 from tests.harness import rpc_client, run_bridge, wait_for
+from tests.test_media_bridge import make
 from tests.test_mock_e2e import BASE, FAST_MOCK
 
 
@@ -78,10 +81,6 @@ async def test_metrics_during_and_after_a_mock_conversation(tmp_path: Path) -> N
 
 
 async def test_late_and_lost_frames_count_live_and_after_the_bridge_closes() -> None:
-    from bridge.metrics import Metrics
-    from media.formats import ULAW_8K
-    from tests.test_media_bridge import make
-
     metrics = Metrics()
     bridge, _, _ = make()
     metrics.track_media(bridge)
