@@ -35,6 +35,7 @@ from bridge.store import CallStore
 from bridge.tasks import BackgroundTasks
 from carriers.base import Carrier, CarrierError, OutboundRequest
 from media.transport import MediaTransport
+from media.tts.base import TtsError
 
 log = logging.getLogger(__name__)
 
@@ -372,6 +373,9 @@ class CallManager:
             else:
                 await self.carrier.speak_native(call, text)
         except CarrierError as exc:
+            raise CallError(f"Could not speak on call {call.callId}: {exc}") from None
+        except (TtsError, TimeoutError) as exc:  # the speech engine failed or stalled
+            self._publish("call.error", call, error=f"tts: {exc}", engine="tts")
             raise CallError(f"Could not speak on call {call.callId}: {exc}") from None
         if call.terminal:
             raise CallError(f"Call {call.callId} ended while speaking ({call.state})")

@@ -8,8 +8,10 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.calls import CallEvent, CallState, EventType
+from bridge.client import RpcClientError
 from bridge.metrics import Metrics
 from media.formats import ULAW_8K
+from tests.fakes.elevenlabs_server import FakeElevenLabs
 from tests.harness import rpc_client, run_bridge, wait_for
 from tests.test_media_bridge import make
 from tests.test_mock_e2e import BASE, FAST_MOCK
@@ -96,3 +98,30 @@ async def test_late_and_lost_frames_count_live_and_after_the_bridge_closes() -> 
     assert metrics.value("voicecall_media_streams_active") == 0
     assert metrics.value("voicecall_media_frames_lost_total") == 1 and metrics.value("voicecall_media_frames_late_total") == 1
     assert metrics.value("voicecall_media_frames_total", direction="in") == bridge.stats.frames_in > 0
+
+
+async def test_a_failing_speech_engine_is_counted_and_reported(tmp_path: Path) -> None:
+    """TTS through the fake ElevenLabs with a key it refuses: an engine error, not a crashed task."""
+    fake = await FakeElevenLabs().start()
+    try:
+        config = {**BASE, "tts": {"provider": "elevenlabs",
+                                  "elevenlabs": {"apiKey": "xi-wrong", "baseUrl": fake.base_url}}}
+        async with run_bridge(config, tmp_path) as runtime:
+            events = runtime.manager.subscribe()
+            client = rpc_client(runtime)
+            call_id = (await client.call("voicecall.initiate", {"message": "Hi!", "mode": "conversation"}))["callId"]
+            call = runtime.manager.calls[call_id]
+            await wait_for(lambda: runtime.metrics.value("voicecall_engine_errors_total", engine="tts") == 1, 15)
+            seen = [events.get_nowait() for _ in range(events.qsize())]
+            errors = [e for e in seen if e["type"] == "call.error"]
+            assert errors == [{"type": "call.error", "callId": call_id, "state": str(call.state),
+                               "error": "tts: ElevenLabs TTS failed: HTTP 401", "engine": "tts"}]
+            assert fake.api_key not in errors[0]["error"]
+            try:
+                await client.call("voicecall.speak", {"callId": call_id, "message": "Still there?"})
+                raise AssertionError("speaking with a broken engine succeeded")
+            except RpcClientError as exc:
+                assert "Could not speak" in str(exc) and "HTTP 401" in str(exc)
+            assert runtime.metrics.value("voicecall_engine_errors_total", engine="tts") == 2
+    finally:
+        await fake.stop()
