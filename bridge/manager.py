@@ -330,6 +330,7 @@ class CallManager:
             raise CallError(f"Call not found: {call_id}")
         if call.terminal:
             return call
+        call_id_var.set(call.callId)
         await self._hangup(call, CallState.HANGUP_BOT)
         return call
 
