@@ -159,6 +159,48 @@ class CallRecord:
     def terminal(self) -> bool:
         return self.state.terminal
 
+    # Typed access to the bookkeeping the manager keeps and carriers read. Stored under these
+    # metadata keys, so calls.jsonl keeps its shape and old records read back unchanged.
+
+    @property
+    def mode(self) -> CallMode:
+        return CallMode(self.metadata.get("mode") or CallMode.CONVERSATION)
+
+    @mode.setter
+    def mode(self, value: CallMode) -> None:
+        self.metadata["mode"] = CallMode(value).value
+
+    @property
+    def media_attached(self) -> bool:
+        """A media stream or leg is connected to the call's pipeline right now."""
+        return bool(self.metadata.get("mediaAttached"))
+
+    @media_attached.setter
+    def media_attached(self, value: bool) -> None:
+        self.metadata["mediaAttached"] = value
+
+    @property
+    def initial_message(self) -> str:
+        """What the call says first (notify text, conversation opener, inbound greeting)."""
+        return str(self.metadata.get("initialMessage") or "")
+
+    @initial_message.setter
+    def initial_message(self, value: str) -> None:
+        self.metadata["initialMessage"] = value
+
+    @property
+    def initial_message_spoken(self) -> bool:
+        return bool(self.metadata.get("initialMessageSpoken"))
+
+    @initial_message_spoken.setter
+    def initial_message_spoken(self, value: bool) -> None:
+        self.metadata["initialMessageSpoken"] = value
+
+    @property
+    def previous_provider_call_ids(self) -> list[str]:
+        """Carrier ids this call had before (Plivo's request_uuid before its CallUUID), oldest first."""
+        return [str(v) for v in self.metadata.get("previousProviderCallIds") or []]
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["from"] = data.pop("from_")

@@ -13,16 +13,13 @@ import re
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, create_model, model_validator
 
-from carriers.asterisk.settings import AsteriskSettings, asterisk_problems
-from carriers.plivo.settings import PlivoSettings
-from carriers.sip.settings import SipSettings, sip_capacity_problems
-from carriers.telnyx.settings import TelnyxSettings
-from carriers.twilio.settings import TwilioSettings
+from carriers.registry import settings_sections
+from carriers.settings import CarrierSettings, ProviderContext
 
 E164 = re.compile(r"^\+[1-9]\d{1,14}$")
 CONFIG_ENV = "VOICECALL_CONFIG"
@@ -118,24 +115,6 @@ class StreamingSettings(Section):
     echo: bool = False
 
 
-class MockSettings(Section):
-    """The offline loopback carrier. Numbers ending in 0002 are busy, 0003 never answer, 0004 fail."""
-
-    ringDelayMs: int = Field(300, ge=0)
-    answerDelayMs: int = Field(700, ge=0)
-    busySuffix: str = "0002"
-    noAnswerSuffix: str = "0003"
-    failSuffix: str = "0004"
-    # What the simulated callee says, one utterance per bot turn (text spoken with offline TTS).
-    calleeScript: list[str] = Field(
-        default_factory=lambda: ["Yes, I can make it on Thursday at three.", "No, that's all. Goodbye!"]
-    )
-    replyDelayMs: int = Field(400, ge=0)
-    noAnswerAfterMs: int = Field(3000, ge=0)
-    # The callee hangs up this long after the bot's last words once its script is done (0: never).
-    calleeHangupAfterMs: int = Field(8000, ge=0)
-
-
 class RpcSettings(Section):
     token: SecretStr | None = None
     url: str | None = None  # where the CLI finds the server; default http://<serve.bind>:<serve.port>/rpc
@@ -164,9 +143,14 @@ class MessagesSettings(Section):
     tts: dict[str, Any] = Field(default_factory=dict)
 
 
-class Settings(Section):
+S = TypeVar("S", bound=CarrierSettings)
+
+
+class CoreSettings(Section):
+    """The application's settings. `Settings` adds one section per registered carrier (below)."""
+
     enabled: bool = True
-    provider: Literal["mock", "twilio", "telnyx", "plivo", "sip", "asterisk"] = "mock"
+    provider: str = "mock"  # one of the registered carriers (a Literal in the assembled model)
     fromNumber: str | None = None
     toNumber: str | None = None
     inboundPolicy: Literal["disabled", "allowlist", "pairing", "open"] = "disabled"
@@ -200,15 +184,9 @@ class Settings(Section):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     console: ConsoleSettings = Field(default_factory=ConsoleSettings)
-    twilio: TwilioSettings = Field(default_factory=TwilioSettings)
-    telnyx: TelnyxSettings = Field(default_factory=TelnyxSettings)
-    plivo: PlivoSettings = Field(default_factory=PlivoSettings)
-    sip: SipSettings = Field(default_factory=SipSettings)
-    asterisk: AsteriskSettings = Field(default_factory=AsteriskSettings)
-    mock: MockSettings = Field(default_factory=MockSettings)
 
     @model_validator(mode="after")
-    def _cross_field_rules(self) -> Settings:
+    def _cross_field_rules(self) -> CoreSettings:
         problems: list[str] = []
         for key in ("fromNumber", "toNumber"):
             value = getattr(self, key)
@@ -217,28 +195,28 @@ class Settings(Section):
         for i, entry in enumerate(self.allowFrom):
             if not (E164.match(entry) or entry.startswith(("sip:", "sips:"))):
                 problems.append(f"allowFrom[{i}]: must be an E.164 number or a sip: URI (got {entry!r})")
-        if self.provider in ("twilio", "telnyx", "plivo") and not self.fromNumber:
-            problems.append(f"fromNumber: required when provider is {self.provider}")
-        required = {
-            "twilio": [("twilio.accountSid", self.twilio.accountSid, "TWILIO_ACCOUNT_SID"),
-                       ("twilio.authToken", self.twilio.authToken, "TWILIO_AUTH_TOKEN")],
-            "telnyx": [("telnyx.apiKey", self.telnyx.apiKey, "TELNYX_API_KEY"),
-                       ("telnyx.connectionId", self.telnyx.connectionId, "TELNYX_CONNECTION_ID")],
-            "plivo": [("plivo.authId", self.plivo.authId, "PLIVO_AUTH_ID"),
-                      ("plivo.authToken", self.plivo.authToken, "PLIVO_AUTH_TOKEN")],
-        }.get(self.provider, [])
-        if self.provider == "telnyx" and not self.skipSignatureVerification:
-            required.append(("telnyx.publicKey", self.telnyx.publicKey, "TELNYX_PUBLIC_KEY"))
-        for path, value, env in required:
-            if not value:
-                problems.append(f"{path}: required when provider is {self.provider} (or set {env})")
-        if self.provider == "sip":
-            problems += sip_capacity_problems(self.sip, self.maxConcurrentCalls)
-        if self.provider == "asterisk":
-            problems += asterisk_problems(self.asterisk, self.maxConcurrentCalls)
+        section = self.carrier_sections().get(self.provider)
+        if section is not None:
+            context = ProviderContext(max_concurrent_calls=self.maxConcurrentCalls,
+                                      skip_signature_verification=self.skipSignatureVerification,
+                                      from_number=self.fromNumber)
+            problems += section.problems(self.provider, context)
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    # ------------------------------------------------------------------ carrier sections
+
+    def carrier_sections(self) -> dict[str, CarrierSettings]:
+        """Each registered carrier's section, by key."""
+        return {name: getattr(self, name) for name in CARRIER_SECTIONS}
+
+    def section(self, cls: type[S]) -> S:
+        """A carrier's own section, typed: `settings.section(TwilioSettings)`."""
+        for value in self.carrier_sections().values():
+            if type(value) is cls:
+                return value
+        raise KeyError(f"no config section of type {cls.__name__}")
 
     # ------------------------------------------------------------------ derived values
 
@@ -265,6 +243,22 @@ class Settings(Section):
     def masked(self) -> dict[str, Any]:
         """The effective config as plain data with every secret masked."""
         return _mask(self.model_dump(mode="python"))
+
+
+CARRIER_SECTIONS: dict[str, type[CarrierSettings]] = settings_sections()
+
+
+def _assemble() -> type[CoreSettings]:
+    """CoreSettings plus one section per registered carrier, so a new carrier needs no edit here."""
+    fields: dict[str, Any] = {name: (cls, Field(default_factory=cls)) for name, cls in CARRIER_SECTIONS.items()}
+    provider: Any = Literal[tuple(CARRIER_SECTIONS)]
+    return create_model("Settings", __base__=CoreSettings, provider=(provider, "mock"), **fields)
+
+
+if TYPE_CHECKING:
+    Settings = CoreSettings
+else:
+    Settings = _assemble()
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -306,14 +300,7 @@ def _mask(data: Any, key: str = "") -> Any:
 # ---------------------------------------------------------------------- loading
 
 ENV_FALLBACKS: list[tuple[tuple[str, ...], str]] = [
-    (("twilio", "accountSid"), "TWILIO_ACCOUNT_SID"),
-    (("twilio", "authToken"), "TWILIO_AUTH_TOKEN"),
-    (("telnyx", "apiKey"), "TELNYX_API_KEY"),
-    (("telnyx", "connectionId"), "TELNYX_CONNECTION_ID"),
-    (("telnyx", "publicKey"), "TELNYX_PUBLIC_KEY"),
-    (("plivo", "authId"), "PLIVO_AUTH_ID"),
-    (("plivo", "authToken"), "PLIVO_AUTH_TOKEN"),
-    (("asterisk", "password"), "ASTERISK_ARI_PASSWORD"),
+    *(((name, key), env) for name, cls in CARRIER_SECTIONS.items() for key, env in cls.ENV.items()),
     (("streaming", "providers", "openai", "apiKey"), "OPENAI_API_KEY"),
     (("responseApiKey",), "OPENAI_API_KEY"),
     (("tunnel", "ngrokAuthToken"), "NGROK_AUTHTOKEN"),

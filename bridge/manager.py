@@ -14,7 +14,7 @@ import secrets
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from bridge.calls import (
@@ -27,15 +27,19 @@ from bridge.calls import (
     TranscriptEntry,
     can_transition,
 )
-from bridge.clock import Clock, RealClock, TimerHandle
 from bridge.config import Settings
 from bridge.logs import call_id_var
 from bridge.responder import Responder, ResponderError
 from bridge.store import CallStore
 from bridge.tasks import BackgroundTasks
 from carriers.base import Carrier, CarrierError, OutboundRequest
+from media.clock import Clock, RealClock, TimerHandle
 from media.transport import MediaTransport
 from media.tts.base import TtsError
+
+if TYPE_CHECKING:
+    from bridge.voice import CallVoice
+    from media.bridge import MediaBridge
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +63,7 @@ class _Turn:
 CallObserver = Callable[[str, CallRecord, dict[str, Any]], None]
 
 # Builds a call's voice (a CallVoice: MediaBridge + STT + TTS) from its media leg; the manager starts it.
-VoiceFactory = Callable[[CallRecord, MediaTransport, Callable[[CallEvent], None]], Any]
+VoiceFactory = Callable[[CallRecord, MediaTransport, Callable[[CallEvent], None]], "CallVoice"]
 
 
 class CallManager:
@@ -84,8 +88,8 @@ class CallManager:
         self._processed: set[str] = set()
         self._turns: dict[str, _Turn] = {}
         self._timers: dict[str, TimerHandle] = {}
-        self._voices: dict[str, Any] = {}
-        self._media_waiters: dict[str, list[asyncio.Future[Any]]] = {}
+        self._voices: dict[str, CallVoice] = {}
+        self._media_waiters: dict[str, list[asyncio.Future[CallVoice | None]]] = {}
         self._rejected_provider_ids: set[str] = set()
         self._tasks = BackgroundTasks(log, level=logging.ERROR)
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
@@ -162,7 +166,7 @@ class CallManager:
             return self.calls.get(self._by_provider_id[provider_call_id])
         return None
 
-    def attach_media(self, call_id: str, transport: MediaTransport) -> Any:
+    def attach_media(self, call_id: str, transport: MediaTransport) -> MediaBridge | None:
         """Create the call's voice (MediaBridge + STT + TTS) and return its MediaBridge."""
         call = self.calls.get(call_id)
         if call is None or call.terminal or self._voice_factory is None:
@@ -174,7 +178,7 @@ class CallManager:
         voice = self._voice_factory(call, transport, self.emit)
         self._voices[call_id] = voice
         self._spawn(voice.start(), f"voice-start-{call_id}")
-        call.metadata["mediaAttached"] = True
+        call.media_attached = True
         for waiter in self._media_waiters.pop(call_id, []):
             if not waiter.done():
                 waiter.set_result(voice)
@@ -186,9 +190,9 @@ class CallManager:
             self._spawn(voice.close(), f"detach-{call_id}")
         call = self.calls.get(call_id)
         if call is not None:
-            call.metadata["mediaAttached"] = False
+            call.media_attached = False
 
-    def media_disconnected(self, call_id: str, bridge: Any = None) -> None:
+    def media_disconnected(self, call_id: str, bridge: MediaBridge | None = None) -> None:
         """A media stream went away: end the call after a grace period unless a new stream attaches."""
         current = self._voices.get(call_id)
         if current is not None and bridge is not None and current.bridge is not bridge:
@@ -206,7 +210,7 @@ class CallManager:
 
         self.clock.call_later(grace, expire)
 
-    def voice(self, call_id: str) -> Any:
+    def voice(self, call_id: str) -> CallVoice | None:
         return self._voices.get(call_id)
 
     def accept_stream(self, provider: str, provider_call_id: str | None, call_id: str | None,
@@ -384,10 +388,10 @@ class CallManager:
     def _expects_media(self, call: CallRecord) -> bool:
         return self.carrier.streams_media and (self.settings.streaming.enabled or self.carrier.media_always)
 
-    async def _wait_for_media(self, call: CallRecord) -> Any:
+    async def _wait_for_media(self, call: CallRecord) -> CallVoice | None:
         if call.callId in self._voices:
             return self._voices[call.callId]
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[CallVoice | None] = asyncio.get_running_loop().create_future()
         self._media_waiters.setdefault(call.callId, []).append(future)
         try:
             return await self.clock.wait_for(future, MEDIA_WAIT_S)
@@ -443,6 +447,10 @@ class CallManager:
 
     # ================================================================== events
 
+    def has_processed(self, event: CallEvent) -> bool:
+        """Whether an event with this key was applied already (a carrier's redelivery)."""
+        return event.key in self._processed
+
     def process_event(self, event: CallEvent) -> CallRecord | None:
         """Apply one normalized event. Sync: side effects that need I/O are spawned as tasks."""
         if event.key in self._processed:
@@ -458,6 +466,8 @@ class CallManager:
         call = self.find_call(event.call_id, event.provider_call_id)
         if call is None and event.previous_provider_call_id:
             call = self.find_call(None, event.previous_provider_call_id)
+        if call is None and event.type == EventType.ENDED and event.provider_call_id:
+            self._remember(f"ended:{event.provider_call_id}")  # its INITIATED may still come, late
         if call is None:
             call = self._register_unknown(event)
             if call is None:
@@ -481,6 +491,9 @@ class CallManager:
     def _register_unknown(self, event: CallEvent) -> CallRecord | None:
         if event.direction is None or event.type == EventType.ENDED:
             log.info("event %s for unknown call %s ignored", event.type, event.provider_call_id or event.call_id)
+            return None
+        if f"ended:{event.provider_call_id}" in self._processed:
+            log.info("late %s for call %s that already ended ignored", event.type, event.provider_call_id)
             return None
         provider_id = event.provider_call_id or ""
         if event.direction == Direction.INBOUND:

@@ -6,12 +6,11 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 
 from bridge.calls import CallEvent, CallRecord
-from bridge.clock import Clock, RealClock
 from bridge.config import Settings, reveal
 from bridge.manager import CallManager, VoiceFactory
 from bridge.metrics import Metrics
@@ -21,10 +20,13 @@ from bridge.rpc import RpcDispatcher, RpcEndpoint
 from bridge.server import create_app
 from bridge.tracing import Tracing
 from bridge.voice import CallVoice
-from carriers import http as carrier_http
-from carriers.base import Carrier, CarrierError
+from carriers.base import Carrier, CarrierError, request_observers
 from carriers.registry import create_carrier
+from media.clock import Clock, RealClock
 from media.transport import MediaTransport
+
+if TYPE_CHECKING:
+    import asyncio
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +123,7 @@ class Runtime:
         if not _is_loopback(bind) and not settings.rpc.token:
             raise StartupError(f"serve.bind is {bind}, not loopback: set rpc.token (or VOICECALL_RPC_TOKEN) "
                                "so the RPC endpoint is not open to the network")
-        carrier_http.request_observers.append(self.monitor.on_carrier_request)
+        request_observers.append(self.monitor.on_carrier_request)
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, lingering_time=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, bind, settings.serve.port if port is None else port, reuse_address=True)
@@ -131,7 +133,8 @@ class Runtime:
             await self._runner.cleanup()
             raise StartupError(f"cannot listen on {bind}:{settings.serve.port}: {exc.strerror} "
                                "(is another voicecall server running?)") from None
-        sockets = site._server.sockets if site._server else []  # noqa: SLF001
+        server = cast("asyncio.Server | None", site._server)  # noqa: SLF001 - the bound port, for port 0
+        sockets = server.sockets if server else []
         self.port = sockets[0].getsockname()[1] if sockets else settings.serve.port
         if not settings.publicUrl and settings.tunnel.provider != "none":
             await self._open_tunnel()
@@ -168,8 +171,8 @@ class Runtime:
         return f"{self.manager.public_base or self.settings.rpc_url.rsplit('/rpc', 1)[0]}/rpc"
 
     async def stop(self) -> None:
-        if self.monitor.on_carrier_request in carrier_http.request_observers:
-            carrier_http.request_observers.remove(self.monitor.on_carrier_request)
+        if self.monitor.on_carrier_request in request_observers:
+            request_observers.remove(self.monitor.on_carrier_request)
         if self._tunnel is not None:
             await self._tunnel.stop()
             self._tunnel = None

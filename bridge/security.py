@@ -10,25 +10,19 @@ captured signature is checked against.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
-import json
 import re
-import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from bridge.signatures import Params, decode_telnyx_signature, normalize_params
+from media.clock import RealClock
 
 __all__ = [
     "MonotonicClock",
     "ReplayCache",
-    "twilio_replay_key",
-    "telnyx_replay_key",
-    "plivo_replay_key",
     "UntrustedHost",
     "ResolvedUrl",
     "HostPort",
@@ -45,11 +39,6 @@ __all__ = [
 
 class MonotonicClock(Protocol):
     def monotonic(self) -> float: ...
-
-
-class _SystemMonotonic:
-    def monotonic(self) -> float:
-        return time.monotonic()
 
 
 class ReplayCache:
@@ -71,7 +60,7 @@ class ReplayCache:
             raise ValueError("ttl_seconds must be > 0")
         self._max = max_entries
         self._ttl = ttl_seconds
-        self._clock: MonotonicClock = clock if clock is not None else _SystemMonotonic()
+        self._clock: MonotonicClock = clock if clock is not None else RealClock()
         self._seen: OrderedDict[str, float] = OrderedDict()
 
     def __len__(self) -> int:
@@ -104,29 +93,6 @@ class ReplayCache:
 
     def clear(self) -> None:
         self._seen.clear()
-
-
-def _digest(provider: str, *fields: object) -> str:
-    # JSON framing keeps field boundaries unambiguous ("ab"+"c" never equals "a"+"bc").
-    blob = json.dumps([provider, *fields], ensure_ascii=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("ascii")).hexdigest()
-
-
-def twilio_replay_key(url: str, params: Params, signature: str) -> str:
-    grouped = normalize_params(params)
-    canonical = [[name, sorted(grouped[name])] for name in sorted(grouped)]
-    return _digest("twilio", url, canonical, signature.strip())
-
-
-def telnyx_replay_key(timestamp: str, signature: str, body: bytes) -> str:
-    # The same signature re-encoded (base64 vs base64url, padding) is the same delivery.
-    raw = decode_telnyx_signature(signature)
-    sig = raw.hex() if raw is not None else signature.strip()
-    return _digest("telnyx", timestamp.strip(), sig, hashlib.sha256(body).hexdigest())
-
-
-def plivo_replay_key(base_url: str, nonce: str) -> str:
-    return _digest("plivo", base_url, nonce.strip())
 
 
 # ------------------------------------------------------------------------ host validation

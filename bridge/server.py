@@ -2,8 +2,9 @@
 
 Webhook pipeline, in order (the seed system's, hardened): exact path (404), POST only (405),
 signature header present (401, before the body is read), per-IP in-flight cap (429), body size
-and read time (413 / 408), public URL + Host validation (400), signature (401), replay (200, no
-side effect), parse and process.
+and read time (413 / 408), public URL + Host validation (400), signature (401), replay check, pure
+parse into events + reply, the manager applies the events (not for a replay: 200, no side effect),
+the reply, then the carrier's follow-up effects (only when the delivery brought something new).
 """
 
 from __future__ import annotations
@@ -138,9 +139,10 @@ class WebhookHandler:
         if verdict is not None and not verdict.ok:
             log.warning("webhook signature rejected (%s) from %s", verdict.reason, request.remote)
             return self._reply(401, "Unauthorized")
-        result = carrier.parse_webhook(hook)
         replay = bool(verdict and verdict.replay_key and self.replays.check_and_remember(verdict.replay_key))
+        result = carrier.parse_webhook(hook, self.manager)
         call = None
+        fresh = not result.events  # a delivery with events is new if any of them is
         if replay:
             self.metrics.webhook_replays.labels(carrier=carrier.name).inc()
             first = result.events[0] if result.events else None
@@ -149,11 +151,14 @@ class WebhookHandler:
             for index, event in enumerate(result.events):
                 if verdict is not None and verdict.replay_key and event.dedupe_key is None:
                     event.dedupe_key = f"{verdict.replay_key}:{index}"
+                fresh = fresh or not self.manager.has_processed(event)
                 processed = self.manager.process_event(event)
                 call = call or processed
         if call is None and hook.query_value("callId"):
             call = self.manager.find_call(hook.query_value("callId"))
         reply: WebhookReply = result.respond(call) if result.respond is not None else result.reply
+        if result.effects and fresh and not replay:
+            carrier.apply_effects(result.effects)
         return web.Response(status=reply.status, text=reply.body, content_type=reply.content_type)
 
     def _public_url_origin(self) -> str | None:
@@ -188,7 +193,7 @@ def create_app(manager: CallManager, rpc: RpcEndpoint, metrics: Metrics,
         return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     def calls_by_state() -> tuple[tuple[str, ...], dict[tuple[str, ...], int]]:
-        counts = Counter((c.provider, str(c.state)) for c in manager.active_calls())
+        counts: Counter[tuple[str, ...]] = Counter((c.provider, str(c.state)) for c in manager.active_calls())
         return ("carrier", "state"), dict(counts)
 
     metrics.gauge("voicecall_calls_active", "Live calls by carrier and state", calls_by_state)

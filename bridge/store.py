@@ -8,6 +8,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from bridge.calls import CallRecord
 
@@ -33,7 +34,7 @@ class CallStore:
         self.directory = directory
         self.path = directory / LOG_NAME
         self._lock = threading.Lock()
-        self._fh: object | None = None
+        self._fh: TextIO | None = None
 
     def open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -56,12 +57,13 @@ class CallStore:
         with self._lock:
             if self._fh is None:
                 self.open()
-            self._fh.write(line)  # type: ignore[attr-defined]
+            assert self._fh is not None  # open() set it or raised
+            self._fh.write(line)
 
     def close(self) -> None:
         with self._lock:
             if self._fh is not None:
-                self._fh.close()  # type: ignore[attr-defined]
+                self._fh.close()
                 self._fh = None
 
     def replay(self) -> Replay:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from bridge.config import StreamingSettings
     from bridge.manager import CallManager
     from bridge.metrics import Metrics
+    from media.bridge import MediaBridge
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ class StreamHandler:
         self.gate.enter(ip)
         pending = True
         call_id: str | None = None
-        bridge: Any = None
+        bridge: MediaBridge | None = None
         try:
             start = await self._await_start(ws, codec, limits.preStartTimeoutMs / 1000)
             if start is None:
@@ -203,7 +204,7 @@ class StreamHandler:
             await ws.close(code=CLOSE_POLICY, message=b"Start timeout")
         return None
 
-    async def _pump(self, ws: web.WebSocketResponse, codec: MediaStreamCodec, bridge: Any) -> None:
+    async def _pump(self, ws: web.WebSocketResponse, codec: MediaStreamCodec, bridge: MediaBridge) -> None:
         frames = 0
         reorders = codec.reorders
         try:

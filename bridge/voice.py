@@ -6,10 +6,9 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-
-from bridge.calls import CallEvent, EventType
 from typing import TYPE_CHECKING
 
+from bridge.calls import CallEvent, EventType
 from media.bridge import MediaBridge, heard_text
 
 if TYPE_CHECKING:
@@ -53,7 +52,8 @@ class CallVoice:
         self.tts = tts
         self._emit = emit
         self.bridge = MediaBridge(transport, self, pipeline_rate=pipeline_rate, recorder=recorder,
-                                  inband_dtmf=inband_dtmf, vad_barge_in=barge_in and not echo, stall_timeout_s=None if echo else 8.0)
+                                  inband_dtmf=inband_dtmf, vad_barge_in=barge_in and not echo,
+                                  stall_timeout_s=None if echo else 8.0)
         self.pipeline_rate = pipeline_rate
         # Benchmark mode: the caller's audio is played straight back through the whole media path.
         self._echo: asyncio.Queue[bytes | None] | None = asyncio.Queue() if echo else None

@@ -8,17 +8,18 @@ It knows nothing of the manager's internals: it sees only `CarrierHost`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from bridge.calls import CallEvent, CallRecord, CallState
+from media.dtmf import DtmfDigit
 from media.formats import AudioFormat
 
 if TYPE_CHECKING:
-    from bridge.clock import Clock
     from bridge.config import Settings
     from media.bridge import MediaBridge
+    from media.clock import Clock
     from media.transport import MediaTransport
 
 
@@ -29,6 +30,12 @@ class CarrierError(Exception):
         super().__init__(message)
         self.status = status
         self.retryable = retryable
+
+
+# Told of every finished carrier REST request (monitoring: metrics, trace spans), by carriers/http.py:
+# (carrier, method, path, last HTTP status or None, start as time.time_ns(), end as time.time_ns()).
+RequestObserver = Callable[[str, str, str, "int | None", int, int], None]
+request_observers: list[RequestObserver] = []
 
 
 # ---------------------------------------------------------------- webhooks (sans-I/O)
@@ -52,6 +59,17 @@ class WebhookRequest:
     form: list[tuple[str, str]] = field(default_factory=list)
     remote: str = ""
     url_variants: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # Header names are case-insensitive: lower-cased once here (the first of repeated ones
+        # kept), and read with header() whatever the case the carrier's docs spell them in.
+        normalized: dict[str, str] = {}
+        for name, value in self.headers.items():
+            normalized.setdefault(name.lower(), value)
+        self.headers = normalized
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
 
     def query_value(self, key: str) -> str | None:
         for k, v in self.query:
@@ -84,13 +102,56 @@ class WebhookReply:
 
 @dataclass(slots=True)
 class WebhookResult:
-    """Events to process, and the reply. Where the reply depends on what the manager decided
-    (e.g. TwiML for an inbound call the policy accepted or rejected), `respond` builds it from the
-    call record after processing (None when the call was rejected or is unknown)."""
+    """What `parse_webhook` read from one delivery: events to process, the reply, and follow-ups.
+
+    Where the reply depends on what the manager decided (e.g. TwiML for an inbound call the policy
+    accepted or rejected), `respond` builds it from the call record after processing (None when
+    the call was rejected or is unknown). `effects` are the carrier's own follow-ups (a REST
+    hang-up, waking a waiter), run by `Carrier.apply_effects` after the manager applied the
+    events, and only for a delivery with something new: never for a replay, never for a
+    redelivery whose events were all processed before.
+    """
 
     events: list[CallEvent] = field(default_factory=list)
     reply: WebhookReply = field(default_factory=WebhookReply)
     respond: Callable[[CallRecord | None], WebhookReply] | None = None
+    effects: list[object] = field(default_factory=list)
+
+
+# The follow-ups carriers ask for in `WebhookResult.effects` (a carrier may add its own). A call is
+# named by our call id or, where the carrier keys its bookkeeping by its own id, by that.
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechHeard:
+    """The carrier reports the end of one of its own speeches (<Say>, speak, <Speak>): the
+    speak_native waiting for it returns (with `status`)."""
+
+    key: str | None  # how the carrier named that speech (say id, speech id, command tag)
+    call_id: str | None = None
+    provider_call_id: str | None = None
+    status: str = "completed"
+
+
+@dataclass(frozen=True, slots=True)
+class CallGone:
+    """The carrier reports the call over: its waiters return, its bookkeeping goes."""
+
+    call_id: str | None = None
+    provider_call_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HangUp:
+    """End the call at the carrier (answering-machine detection found a machine, ...)."""
+
+    provider_call_id: str
+
+
+class CallLookup(Protocol):
+    """A read-only view of the calls the manager knows, for parsing a webhook."""
+
+    def find_call(self, call_id: str | None = None, provider_call_id: str | None = None) -> CallRecord | None: ...
 
 
 # ---------------------------------------------------------------- media streams (sans-I/O)
@@ -119,7 +180,7 @@ class StreamMedia:
 
 @dataclass(slots=True)
 class StreamDtmf:
-    digit: str
+    digit: DtmfDigit
 
 
 @dataclass(slots=True)
@@ -282,8 +343,15 @@ class Carrier(ABC):
     def verify_webhook(self, request: WebhookRequest) -> WebhookVerdict:
         return WebhookVerdict(ok=False, reason=f"{self.name} does not take webhooks")
 
-    def parse_webhook(self, request: WebhookRequest) -> WebhookResult:
+    def parse_webhook(self, request: WebhookRequest, calls: CallLookup) -> WebhookResult:
+        """Pure: the result depends only on the request, the settings and `calls` (read, never
+        changed). No carrier state is read or changed here and nothing is sent: what must follow
+        goes into `effects` (and `respond`)."""
         return WebhookResult()
+
+    def apply_effects(self, effects: Sequence[object]) -> None:
+        """Run the follow-ups of a parsed webhook (sync: REST commands are spawned as tasks)."""
+        return None
 
     def open_stream(self) -> MediaStreamCodec | None:
         """A codec for one new media-stream WebSocket, or None if the carrier has none."""

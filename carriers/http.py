@@ -11,23 +11,17 @@ import base64
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
-from carriers.base import CarrierError
+from carriers.base import CarrierError, request_observers
 
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
-
-# Told of every finished request (monitoring: metrics, trace spans):
-# (carrier, method, path, last HTTP status or None, start as time.time_ns(), end as time.time_ns()).
-RequestObserver = Callable[[str, str, str, "int | None", int, int], None]
-request_observers: list[RequestObserver] = []
 
 
 @dataclass(slots=True)

@@ -26,8 +26,8 @@ from collections.abc import AsyncIterable, AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.clock import Clock, RealClock
 from media import g711
+from media.clock import Clock, RealClock
 from media.dtmf import DtmfDetector, dtmf_tones
 from media.formats import FRAME_MS
 from media.frames import Framer, Pacer

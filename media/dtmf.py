@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import NewType
 
 import numpy as np
 
@@ -26,6 +27,17 @@ ROWS = (697.0, 770.0, 852.0, 941.0)
 COLS = (1209.0, 1336.0, 1477.0, 1633.0)
 KEYS = ("123A", "456B", "789C", "*0#D")
 DIGITS = "".join(KEYS)
+
+# One key of the 16: 0-9, *, #, A-D (upper case). Every source (carrier stream frames, webhooks,
+# SIP INFO/RFC 2833, the in-band detector) hands digits on as this type.
+DtmfDigit = NewType("DtmfDigit", str)
+
+
+def dtmf_digit(value: object) -> DtmfDigit:
+    """`value` as a DtmfDigit: exactly one character of 0-9 * # A-D (a-d accepted); else ValueError."""
+    if isinstance(value, str) and len(value) == 1 and value.upper() in DIGITS:
+        return DtmfDigit(value.upper())
+    raise ValueError(f"not a DTMF digit: {value!r}")
 
 
 def _digit_freqs(digit: str) -> tuple[float, float]:

@@ -46,7 +46,7 @@ class StreamResampler:
             return bytes(pcm)
         out = self._stream.resample_chunk(np.frombuffer(pcm, dtype=np.int16))
         self.samples_out += len(out)
-        return out.tobytes()
+        return bytes(out.tobytes())
 
     @property
     def pending_s(self) -> float:
@@ -62,7 +62,7 @@ class StreamResampler:
         out = self._stream.resample_chunk(np.zeros(0, dtype=np.int16), last=True)
         self._stream.clear()
         self.samples_in = self.samples_out = 0
-        return out.tobytes()
+        return bytes(out.tobytes())
 
     def reset(self) -> None:
         self._odd = b""

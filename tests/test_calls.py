@@ -60,3 +60,25 @@ def test_record_round_trips_through_json(text: str, state: CallState, started: f
                         from_="+15550001111", to="+15550002222", startedAt=started,
                         transcript=[TranscriptEntry(1.0, "user", text)], metadata={"mode": "conversation"})
     assert CallRecord.from_json(record.to_json()) == record
+
+
+def test_typed_bookkeeping_reads_old_call_log_records_and_keeps_their_shape() -> None:
+    from bridge.calls import CallMode, CallRecord
+
+    old = {"callId": "c1", "provider": "plivo", "direction": "outbound", "state": "answered", "from": "+1",
+           "to": "+2", "startedAt": 1.0, "providerCallId": "uuid-2",
+           "metadata": {"mode": "notify", "initialMessage": "Hi", "mediaAttached": True,
+                        "previousProviderCallIds": ["req-1"], "turnCount": 0}}
+    call = CallRecord.from_json(old)
+    assert (call.mode, call.initial_message, call.media_attached, call.previous_provider_call_ids) == (
+        CallMode.NOTIFY, "Hi", True, ["req-1"])
+    assert not call.initial_message_spoken
+    call.media_attached = False
+    call.initial_message_spoken = True
+    call.mode = CallMode.CONVERSATION
+    assert call.to_json()["metadata"] == {"mode": "conversation", "initialMessage": "Hi", "mediaAttached": False,
+                                          "previousProviderCallIds": ["req-1"], "turnCount": 0,
+                                          "initialMessageSpoken": True}
+    bare = CallRecord.from_json({**old, "metadata": {}})
+    assert (bare.mode, bare.initial_message, bare.media_attached, bare.previous_provider_call_ids) == (
+        CallMode.CONVERSATION, "", False, [])

@@ -9,9 +9,9 @@ from typing import Any
 
 import aiohttp
 
-from bridge.clock import FakeClock
 from bridge.config import build_settings
 from bridge.runtime import Runtime
+from media.clock import FakeClock
 from tests.harness import free_port, rpc_client, run_bridge, wait_for
 from tests.test_mock_e2e import BASE, FAST_MOCK
 

@@ -61,17 +61,24 @@ def heard_digits(pcm: bytes) -> str:
 
 
 async def test_console_in_headless_chromium(browser: Any, tmp_path: Path) -> None:
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    def until(predicate: Callable[[Any], Any], timeout: float = 15) -> Any:
-        return WebDriverWait(browser, timeout, poll_frequency=0.05).until(predicate)
+    def until(predicate: Callable[[Any], Any], timeout: float = 30) -> Any:
+        # the page re-renders its lists as events arrive: an element read mid-render is simply read again
+        return WebDriverWait(browser, timeout, poll_frequency=0.05,
+                             ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(predicate)
 
     async def run(fn: Callable[[], Any]) -> Any:
         return await asyncio.to_thread(fn)  # the browser blocks; the bridge keeps serving on this loop
 
-    find = lambda css: browser.find_element(By.CSS_SELECTOR, css)
-    text = lambda css: browser.find_element(By.CSS_SELECTOR, css).text
+    def find(css: str) -> Any:
+        return browser.find_element(By.CSS_SELECTOR, css)
+
+    def text(css: str) -> str:
+        return str(browser.find_element(By.CSS_SELECTOR, css).text)
+
     js = browser.execute_script
 
     async with run_bridge(CONFIG, tmp_path) as runtime:
@@ -110,14 +117,14 @@ async def test_console_in_headless_chromium(browser: Any, tmp_path: Path) -> Non
         call = runtime.manager.calls[call_id]
 
         def watch_live_call() -> None:
-            until(lambda _: len(browser.find_elements(By.CSS_SELECTOR, "#transcript li")) >= 2, 20)
+            until(lambda _: len(browser.find_elements(By.CSS_SELECTOR, "#transcript li")) >= 2, 40)
             first = len(browser.find_elements(By.CSS_SELECTOR, "#transcript li"))
-            until(lambda _: len(browser.find_elements(By.CSS_SELECTOR, "#transcript li")) > first, 20)
-            lines = [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#transcript li")]
+            until(lambda _: len(browser.find_elements(By.CSS_SELECTOR, "#transcript li")) > first, 40)
+            lines = until(lambda _: [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#transcript li")])
             assert lines[0].startswith("bot") and "Thursday at three" in lines[0]
             assert any(line.startswith("caller") and "Thursday at three works" in line for line in lines)
             for side in ("caller", "bot"):
-                until(lambda _, s=side: float(find(f"#meter-{s}").get_attribute("data-max")) > 0.01, 20)
+                until(lambda _, s=side: float(find(f"#meter-{s}").get_attribute("data-max")) > 0.01, 40)
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             assert browser.save_screenshot(str(ARTIFACTS / "console-live-call.png"))
 
@@ -130,16 +137,19 @@ async def test_console_in_headless_chromium(browser: Any, tmp_path: Path) -> Non
 
         await run(send_key)
         callee = runtime.carrier.callee(call_id)
-        await wait_for(lambda: "5" in heard_digits(callee.heard), timeout=10)
+        await wait_for(lambda: "5" in heard_digits(callee.heard), timeout=20)
 
         def end_and_find_in_history() -> None:
             find("#end-call").click()
             until(lambda _: "ended: hangup-bot" in text("#timeline"))
             until(lambda _: not browser.find_elements(By.CSS_SELECTOR, f'#live tr[data-call-id="{call_id}"]'))
             find("#search").send_keys(call_id[:8])
-            rows = until(lambda _: browser.find_elements(By.CSS_SELECTOR, "#history tbody tr"))
-            assert [r.get_attribute("data-call-id") for r in rows] == [call_id]
-            assert rows[0].find_element(By.CSS_SELECTOR, ".state").text == "hangup-bot"
+
+            def history() -> list[tuple[str, str]]:
+                return [(row.get_attribute("data-call-id"), row.find_element(By.CSS_SELECTOR, ".state").text)
+                        for row in browser.find_elements(By.CSS_SELECTOR, "#history tbody tr")]
+
+            until(lambda _: history() == [(call_id, "hangup-bot")])
 
         await run(end_and_find_in_history)
         await wait_for(lambda: call.terminal)
@@ -148,7 +158,7 @@ async def test_console_in_headless_chromium(browser: Any, tmp_path: Path) -> Non
         def play_recording() -> None:
             find(f'#history tr[data-call-id="{call_id}"] .play').click()
             until(lambda _: js("const p = document.querySelector('#player'); "
-                               "return p.readyState >= 1 && p.duration > 1 && !p.error"), 15)
+                               "return p.readyState >= 1 && p.duration > 1 && !p.error"), 30)
             assert js("return document.querySelector('#player').src").endswith(f"/console/recordings/{call_id}")
             assert browser.save_screenshot(str(ARTIFACTS / "console-history-playback.png"))
 

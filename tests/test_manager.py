@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from bridge.calls import CallEvent, CallState, Direction, EventType
-from bridge.clock import FakeClock
 from bridge.config import build_settings
 from bridge.manager import CallError, CallManager
 from bridge.store import CallStore
 from carriers.base import ProviderStatus
+from media.clock import FakeClock
 from tests.fakes.carrier import RecordingCarrier
 
 

@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
+from test_media_bridge import Listener, LoopbackCarrier, aligned_correlation, caller_frames
 
 from media import g711
 from media.bridge import MediaBridge
 from media.formats import ULAW_8K
 from media.recorder import CallRecorder
-
-from test_media_bridge import LoopbackCarrier, Listener, aligned_correlation, caller_frames
 
 
 async def noise_clip(secs: float) -> AsyncIterator[bytes]:

@@ -8,12 +8,16 @@ import sys
 import pytest
 
 PROTOCOL_MODULES = [
+    "carriers.twilio",  # the package itself re-exports lazily
     "carriers.twilio.protocol",
     "carriers.telnyx.protocol",
     "carriers.plivo.protocol",
     "carriers.sip.protocol",
     "carriers.sip.proxy",
     "carriers.asterisk.protocol",
+    "carriers.wire",
+    "carriers.signatures",
+    "carriers.registry",
 ]
 
 # A meta-path finder that refuses aiohttp (and anything below it), as if it were not installed.

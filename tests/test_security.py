@@ -17,24 +17,16 @@ from bridge.security import (
     ip_in_networks,
     is_loopback,
     parse_host,
-    plivo_replay_key,
     resolve_public_url,
+)
+from carriers.signatures import (
+    plivo_replay_key,
     telnyx_replay_key,
     twilio_replay_key,
+    twilio_signature,
+    verify_twilio,
 )
-from bridge.signatures import twilio_signature, verify_twilio
-
-
-class FakeClock:
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
+from media.clock import FakeClock
 
 # ------------------------------------------------------------------------------ replay cache
 
@@ -47,36 +39,36 @@ def test_replay_cache_detects_replay() -> None:
     assert len(cache) == 2
 
 
-def test_replay_cache_defaults() -> None:
+async def test_replay_cache_defaults() -> None:
     clock = FakeClock()
     cache = ReplayCache(clock=clock)
     cache.check_and_remember("k")
-    clock.advance(599.9)
+    await clock.advance(599.9)
     assert cache.check_and_remember("k") is True
-    clock.advance(0.1)
+    await clock.advance(0.1)
     assert cache.check_and_remember("k") is False
 
 
-def test_replay_cache_age_bound() -> None:
+async def test_replay_cache_age_bound() -> None:
     clock = FakeClock()
     cache = ReplayCache(max_entries=100, ttl_seconds=10, clock=clock)
     cache.check_and_remember("old")
-    clock.advance(5)
+    await clock.advance(5)
     cache.check_and_remember("young")
-    clock.advance(5)  # "old" is now exactly 10 s old: expired
+    await clock.advance(5)  # "old" is now exactly 10 s old: expired
     assert "old" not in cache
     assert "young" in cache
     assert len(cache) == 1
     assert cache.check_and_remember("old") is False
 
 
-def test_replay_cache_age_counts_from_first_sighting() -> None:
+async def test_replay_cache_age_counts_from_first_sighting() -> None:
     clock = FakeClock()
     cache = ReplayCache(ttl_seconds=10, clock=clock)
     cache.check_and_remember("k")
-    clock.advance(9)
+    await clock.advance(9)
     assert cache.check_and_remember("k") is True
-    clock.advance(1)
+    await clock.advance(1)
     assert cache.check_and_remember("k") is False
 
 
@@ -91,14 +83,14 @@ def test_replay_cache_size_bound_evicts_oldest() -> None:
     assert cache.check_and_remember("a") is False  # evicted, so no longer recognised
 
 
-def test_replay_cache_stays_bounded_under_flood() -> None:
+async def test_replay_cache_stays_bounded_under_flood() -> None:
     clock = FakeClock()
     cache = ReplayCache(max_entries=1000, ttl_seconds=600, clock=clock)
     for index in range(20_000):
         cache.check_and_remember(f"k{index}")
-        clock.advance(0.001)
+        await clock.advance(0.001)
     assert len(cache) == 1000
-    clock.advance(601)
+    await clock.advance(601)
     cache.check_and_remember("fresh")
     assert len(cache) == 1
 

@@ -19,7 +19,7 @@ from plivo.utils import validate_v3_signature as plivo_sdk_validate_v3
 from plivo.utils.signature_v3 import construct_get_url, construct_post_url, get_signature_v3
 from twilio.request_validator import RequestValidator
 
-from bridge.signatures import (
+from carriers.signatures import (
     decode_telnyx_signature,
     load_ed25519_public_key,
     normalize_params,

@@ -20,7 +20,8 @@ from media.formats import ALAW_8K, ULAW_8K, AudioFormat
 from media.stt.base import SttError, SttEvent
 from media.stt.factory import create_stt
 from media.stt.openai_realtime import OpenAiRealtimeStt, realtime_url
-from media.stt.pocketsphinx import PocketsphinxStt, available as pocketsphinx_available
+from media.stt.pocketsphinx import PocketsphinxStt
+from media.stt.pocketsphinx import available as pocketsphinx_available
 from tests.fakes.openai_server import FakeOpenAI
 
 HAVE_ESPEAK = subprocess.run(["which", "espeak-ng"], capture_output=True).returncode == 0

@@ -16,11 +16,11 @@ import aiohttp
 import pytest
 
 from bridge.calls import CallRecord, CallState, Direction, EventType
-from bridge.clock import FakeClock
 from bridge.config import build_settings
-from bridge.security import telnyx_replay_key
 from carriers.base import (
+    CallGone,
     CarrierError,
+    HangUp,
     StreamDtmf,
     StreamIgnored,
     StreamMark,
@@ -30,6 +30,7 @@ from carriers.base import (
     StreamStop,
     WebhookRequest,
 )
+from carriers.signatures import telnyx_replay_key
 from carriers.telnyx.carrier import TelnyxCarrier
 from carriers.telnyx.protocol import (
     TelnyxStreamCodec,
@@ -40,6 +41,7 @@ from carriers.telnyx.protocol import (
     is_already_ended,
     split_text,
 )
+from media.clock import FakeClock
 from media.formats import ALAW_8K, ULAW_8K
 from tests.fakes.telnyx_server import (
     FakeCall,
@@ -79,6 +81,11 @@ class Host:
 
     def get_call(self, call_id: str) -> CallRecord | None:
         return self.calls.get(call_id)
+
+    def find_call(self, call_id: str | None = None, provider_call_id: str | None = None) -> CallRecord | None:
+        if call_id in self.calls:
+            return self.calls[call_id]
+        return next((c for c in self.calls.values() if provider_call_id and c.providerCallId == provider_call_id), None)
 
 
 def settings(**telnyx: Any) -> Any:
@@ -212,10 +219,10 @@ async def test_stream_with_bad_token_or_unknown_call_is_closed_1008(tmp_path: Pa
 
 
 async def test_inbound_call_initiated_carries_direction_from_to() -> None:
-    c, _ = await carrier()
+    c, host = await carrier()
     body = event("call.initiated", "ev-1", direction="incoming", state="parked", to="+15550001234",
                  **{"from": "+15550009999"}, offered_codecs="PCMA,PCMU")
-    (ev,) = c.parse_webhook(hook(body)).events
+    (ev,) = c.parse_webhook(hook(body), host).events
     assert (ev.type, ev.direction, ev.from_number, ev.to_number) == (EventType.INITIATED, Direction.INBOUND,
                                                                       "+15550009999", "+15550001234")
     assert ev.provider_call_id == "v3:abc" and ev.call_id is None and ev.dedupe_key == "telnyx:ev-1"
@@ -223,16 +230,16 @@ async def test_inbound_call_initiated_carries_direction_from_to() -> None:
 
 
 async def test_outbound_events_find_our_call_id_in_query_or_client_state() -> None:
-    c, _ = await carrier()
-    (ev,) = c.parse_webhook(hook(event("call.answered"), query=[("callId", "c-1")])).events
+    c, host = await carrier()
+    (ev,) = c.parse_webhook(hook(event("call.answered"), query=[("callId", "c-1")]), host).events
     assert (ev.type, ev.call_id, ev.direction) == (EventType.ANSWERED, "c-1", None)
-    (ev,) = c.parse_webhook(hook(event("call.bridged", client_state=encode_state("c-2", "speak-1")))).events
+    (ev,) = c.parse_webhook(hook(event("call.bridged", client_state=encode_state("c-2", "speak-1"))), host).events
     assert (ev.type, ev.call_id) == (EventType.ACTIVE, "c-2")
-    (ev,) = c.parse_webhook(hook(event("call.initiated", direction="outgoing"), query=[("callId", "c-1")])).events
+    (ev,) = c.parse_webhook(hook(event("call.initiated", direction="outgoing"), query=[("callId", "c-1")]), host).events
     assert ev.direction is None, "an outgoing call.initiated never registers a new call"
-    assert c.parse_webhook(hook(b"{not json")).reply.status == 400
-    assert c.parse_webhook(hook({"data": {"event_type": "call.answered"}})).reply.status == 400
-    assert c.parse_webhook(hook(event("call.playback.ended"))).events == []
+    assert c.parse_webhook(hook(b"{not json"), host).reply.status == 400
+    assert c.parse_webhook(hook({"data": {"event_type": "call.answered"}}), host).reply.status == 400
+    assert c.parse_webhook(hook(event("call.playback.ended")), host).events == []
     await c.close()
 
 
@@ -255,47 +262,50 @@ def test_hangup_cause_map(cause: str, source: str, direction: Direction | None, 
     assert end_reason(cause, source, direction) == reason
 
 
-async def test_hangup_uses_the_call_direction_and_late_initiated_is_dropped() -> None:
+async def test_hangup_uses_the_call_direction_found_by_call_id_or_call_control_id() -> None:
     c, host = await carrier()
     host.calls["c-1"] = record("c-1", Direction.INBOUND)
-    (ev,) = c.parse_webhook(hook(event("call.hangup", hangup_cause="normal_clearing", hangup_source="caller"),
-                                 query=[("callId", "c-1")])).events
-    assert (ev.type, ev.reason) == (EventType.ENDED, CallState.HANGUP_USER)
-    # out of order: the hang-up of an unknown inbound call first, then its call.initiated
-    c.parse_webhook(hook(event("call.hangup", hangup_cause="originator_cancel", call_control_id="v3:late")))
-    late = event("call.initiated", direction="incoming", call_control_id="v3:late", **{"from": "+1555"})
-    assert c.parse_webhook(hook(late)).events == []
+    hangup = event("call.hangup", hangup_cause="normal_clearing", hangup_source="caller")
+    by_call_id = c.parse_webhook(hook(hangup, query=[("callId", "c-1")]), host)
+    by_ccid = c.parse_webhook(hook(hangup), host)  # an inbound call hung up before we answered it
+    for result in (by_call_id, by_ccid):
+        (ev,) = result.events
+        assert (ev.type, ev.reason) == (EventType.ENDED, CallState.HANGUP_USER)
+        assert result.effects == [CallGone(provider_call_id="v3:abc")]
+    assert by_call_id.events[0].key == by_ccid.events[0].key == f"telnyx:{hangup['data']['id']}"
     await c.close()
 
 
 async def test_transcription_becomes_speech_with_the_turn_token() -> None:
-    c, _ = await carrier()
+    c, host = await carrier()
     data = {"transcript": " two please ", "is_final": True, "confidence": 0.9, "transcription_track": "inbound"}
     (ev,) = c.parse_webhook(hook(event("call.transcription", client_state=encode_state("c-1", "listen:tok"),
-                                       transcription_data=data))).events
+                                       transcription_data=data)), host).events
     assert (ev.type, ev.call_id, ev.transcript, ev.is_final, ev.confidence, ev.turn_token) == (
         EventType.SPEECH, "c-1", "two please", True, 0.9, "tok")
     (ev,) = c.parse_webhook(hook(event("call.transcription", client_state=encode_state("c-1", "speak-2"),
-                                       transcription_data={**data, "is_final": False}))).events
+                                       transcription_data={**data, "is_final": False})), host).events
     assert ev.turn_token is None and ev.is_final is False
     ours = {**data, "transcription_track": "outbound"}
-    assert c.parse_webhook(hook(event("call.transcription", transcription_data=ours))).events == []
+    assert c.parse_webhook(hook(event("call.transcription", transcription_data=ours)), host).events == []
     await c.close()
 
 
 async def test_machine_detection_is_voicemail_and_human_is_nothing(fake: FakeTelnyx) -> None:
-    c, _ = await carrier(apiBaseUrl=fake.base_url, apiKey=fake.api_key)
+    c, host = await carrier(apiBaseUrl=fake.base_url, apiKey=fake.api_key)
     tx = FakeCall(fake, "outgoing", "+1555", "+1666", "")
     tx.state = "answered"
     fake.calls[tx.ccid] = tx
     human = event("call.machine.detection.ended", result="human", call_control_id=tx.ccid)
-    assert c.parse_webhook(hook(human)).events == []
+    assert c.parse_webhook(hook(human), host).events == []
     machine = event("call.machine.premium.detection.ended", "amd-1", result="machine", call_control_id=tx.ccid)
-    (ev,) = c.parse_webhook(hook(machine)).events
-    assert (ev.type, ev.reason) == (EventType.ENDED, CallState.VOICEMAIL)
-    c.parse_webhook(hook(machine))  # redelivered: no second hang-up
+    result = c.parse_webhook(hook(machine), host)
+    (ev,) = result.events
+    assert (ev.type, ev.reason, ev.key) == (EventType.ENDED, CallState.VOICEMAIL, "telnyx:amd-1")
+    assert result.effects == [HangUp(tx.ccid)]
+    assert tx.commands == [], "parsing sends nothing"
+    c.apply_effects(result.effects)
     await wait_for(lambda: not tx.alive, timeout=5)
-    await asyncio.sleep(0.1)
     assert tx.command_names() == ["hangup"]
     await c.close()
 
@@ -303,10 +313,10 @@ async def test_machine_detection_is_voicemail_and_human_is_nothing(fake: FakeTel
 async def test_dtmf_webhook_counts_only_without_a_media_stream() -> None:
     c, host = await carrier()
     host.calls["c-1"] = record("c-1", Direction.OUTBOUND)
-    (ev,) = c.parse_webhook(hook(event("call.dtmf.received", digit="7"), query=[("callId", "c-1")])).events
+    (ev,) = c.parse_webhook(hook(event("call.dtmf.received", digit="7"), query=[("callId", "c-1")]), host).events
     assert (ev.type, ev.digits) == (EventType.DTMF, "7")
     host.calls["c-1"].metadata["mediaAttached"] = True
-    assert c.parse_webhook(hook(event("call.dtmf.received", digit="7"), query=[("callId", "c-1")])).events == []
+    assert c.parse_webhook(hook(event("call.dtmf.received", digit="7"), query=[("callId", "c-1")]), host).events == []
     await c.close()
 
 
@@ -392,7 +402,7 @@ def test_helpers() -> None:
 
 
 async def test_commands_carry_unique_command_ids_and_ended_calls_hang_up_cleanly(fake: FakeTelnyx) -> None:
-    c, _ = await carrier(apiBaseUrl=fake.base_url, apiKey=fake.api_key)
+    c, host = await carrier(apiBaseUrl=fake.base_url, apiKey=fake.api_key)
     tx = FakeCall(fake, "outgoing", "+1555", "+1666", "")
     tx.state = "answered"
     fake.calls[tx.ccid] = tx

@@ -12,9 +12,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import pytest
 
 from bridge.calls import CallEvent, CallRecord, CallState, Direction, EventType
-from bridge.clock import RealClock
 from bridge.config import build_settings
 from carriers.base import (
+    SpeechHeard,
     StreamDtmf,
     StreamIgnored,
     StreamMark,
@@ -26,6 +26,7 @@ from carriers.base import (
 )
 from carriers.twilio.carrier import TwilioCarrier
 from carriers.twilio.protocol import TwilioStreamCodec, stream_verb, twiml
+from media.clock import RealClock
 from media.formats import ULAW_8K
 
 TOKEN = "12345"
@@ -59,6 +60,11 @@ class StubHost:
 
     def get_call(self, call_id: str) -> CallRecord | None:
         return self.calls.get(call_id)
+
+    def find_call(self, call_id: str | None = None, provider_call_id: str | None = None) -> CallRecord | None:
+        if call_id in self.calls:
+            return self.calls[call_id]
+        return next((c for c in self.calls.values() if provider_call_id and c.providerCallId == provider_call_id), None)
 
 
 def make_carrier(**overrides: Any) -> tuple[TwilioCarrier, StubHost]:
@@ -167,7 +173,7 @@ async def test_answer_twiml_with_streaming_is_connect_stream() -> None:
     host.calls[call.callId] = call
     result = carrier.parse_webhook(webhook(f"{PUBLIC}?callId={call.callId}",
                                            {"CallSid": call.providerCallId, "CallStatus": "in-progress",
-                                            "Direction": "outbound-api"}))
+                                            "Direction": "outbound-api"}), host)
     assert result.respond is not None
     reply = result.respond(call)
     stream = ET.fromstring(reply.body).find("Connect/Stream")
@@ -177,16 +183,16 @@ async def test_answer_twiml_with_streaming_is_connect_stream() -> None:
 
 
 async def test_inbound_rejected_by_policy_gets_reject_and_status_callbacks_get_empty_response() -> None:
-    carrier, _ = make_carrier()
+    carrier, host = make_carrier()
     inbound = carrier.parse_webhook(webhook(PUBLIC, {"CallSid": "CA7", "CallStatus": "ringing", "Direction": "inbound",
-                                                     "From": "+15550000001", "To": "+15550001234"}))
+                                                     "From": "+15550000001", "To": "+15550001234"}), host)
     assert [e.type for e in inbound.events] == [EventType.INITIATED, EventType.ANSWERED]
     first = inbound.events[0]
     assert (first.direction, first.from_number, first.to_number, first.provider_call_id) == \
         (Direction.INBOUND, "+15550000001", "+15550001234", "CA7")
     assert inbound.respond is not None
     assert ET.fromstring(inbound.respond(None).body).find("Reject") is not None
-    status = carrier.parse_webhook(webhook(f"{PUBLIC}?callId=c1&type=status", {"CallSid": "CA7", "CallStatus": "ringing"}))
+    status = carrier.parse_webhook(webhook(f"{PUBLIC}?callId=c1&type=status", {"CallSid": "CA7", "CallStatus": "ringing"}), host)
     assert status.respond is None and status.reply.content_type == "text/xml"
     assert list(ET.fromstring(status.reply.body)) == []
 
@@ -208,7 +214,7 @@ OFFICIAL_FORM = {"CallSid": "CA1234567890ABCDE", "Caller": "+14158675309", "Digi
 
 
 def test_verify_official_vector_and_port_variants() -> None:
-    carrier, _ = make_carrier()
+    carrier, host = make_carrier()
     verdict = carrier.verify_webhook(webhook(OFFICIAL_URL, OFFICIAL_FORM, "RSOYDt4T1cUTdK1PDd93/VVr8B8="))
     assert verdict.ok and verdict.replay_key
     # Twilio signed the URL with :443; we reconstructed it without
@@ -219,7 +225,7 @@ def test_verify_official_vector_and_port_variants() -> None:
 
 
 def test_verify_json_body_sha256_form() -> None:
-    carrier, _ = make_carrier()
+    carrier, host = make_carrier()
     body = b'{"property": "value", "boolean": true}'
     digest = hashlib.sha256(body).hexdigest()
     url = f"{OFFICIAL_URL}&bodySHA256={digest}"
@@ -229,7 +235,7 @@ def test_verify_json_body_sha256_form() -> None:
 
 
 def test_replay_key_is_the_same_for_the_same_delivery() -> None:
-    carrier, _ = make_carrier()
+    carrier, host = make_carrier()
     a = carrier.verify_webhook(webhook(OFFICIAL_URL, OFFICIAL_FORM, "RSOYDt4T1cUTdK1PDd93/VVr8B8="))
     b = carrier.verify_webhook(webhook(OFFICIAL_URL, dict(reversed(OFFICIAL_FORM.items())),
                                        "RSOYDt4T1cUTdK1PDd93/VVr8B8="))
@@ -251,27 +257,27 @@ def test_replay_key_is_the_same_for_the_same_delivery() -> None:
     ("canceled", EventType.ENDED, CallState.HANGUP_BOT),
 ])
 def test_status_callbacks_become_events(status: str, kind: EventType, reason: CallState | None) -> None:
-    carrier, _ = make_carrier()
+    carrier, host = make_carrier()
     result = carrier.parse_webhook(webhook(f"{PUBLIC}?callId=c1&type=status",
-                                           {"CallSid": "CA1", "CallStatus": status, "Direction": "outbound-api"}))
+                                           {"CallSid": "CA1", "CallStatus": status, "Direction": "outbound-api"}), host)
     assert [(e.type, e.reason, e.call_id, e.provider_call_id) for e in result.events] == [(kind, reason, "c1", "CA1")]
 
 
 @pytest.mark.parametrize("answered_by", ["machine_start", "machine_end_beep", "machine_end_silence",
                                          "machine_end_other", "fax"])
 def test_answering_machine_ends_the_call_as_voicemail(answered_by: str) -> None:
-    carrier, _ = make_carrier()
+    carrier, host = make_carrier()
     result = carrier.parse_webhook(webhook(f"{PUBLIC}?callId=c1", {"CallSid": "CA1", "CallStatus": "in-progress",
-                                                                   "AnsweredBy": answered_by}))
+                                                                   "AnsweredBy": answered_by}), host)
     assert [(e.type, e.reason) for e in result.events] == [(EventType.ENDED, CallState.VOICEMAIL)]
     assert result.respond is not None
     assert ET.fromstring(result.respond(None).body).find("Hangup") is not None
 
 
 def test_human_answer_is_answered() -> None:
-    carrier, _ = make_carrier()
+    carrier, host = make_carrier()
     result = carrier.parse_webhook(webhook(f"{PUBLIC}?callId=c1", {"CallSid": "CA1", "CallStatus": "in-progress",
-                                                                   "AnsweredBy": "human"}))
+                                                                   "AnsweredBy": "human"}), host)
     assert [e.type for e in result.events] == [EventType.ANSWERED]
 
 
@@ -280,19 +286,19 @@ def test_gather_result_carries_the_turn_token_and_confidence() -> None:
     call = record("c1")
     host.calls["c1"] = call
     result = carrier.parse_webhook(webhook(f"{PUBLIC}?callId=c1&turnToken=T1",
-                                           {"CallSid": "CA1", "SpeechResult": "yes please", "Confidence": "0.81"}))
+                                           {"CallSid": "CA1", "SpeechResult": "yes please", "Confidence": "0.81"}), host)
     [speech] = result.events
     assert (speech.type, speech.transcript, speech.turn_token, speech.confidence, speech.is_final) == \
         (EventType.SPEECH, "yes please", "T1", 0.81, True)
     assert result.respond is not None
     gather = ET.fromstring(result.respond(call).body).find("Gather")
     assert gather is not None and gather.get("input") == "speech"  # keeps listening, the call stays up
-    digits = carrier.parse_webhook(webhook(f"{PUBLIC}?callId=c1&type=gather", {"CallSid": "CA1", "Digits": "42"}))
+    digits = carrier.parse_webhook(webhook(f"{PUBLIC}?callId=c1&type=gather", {"CallSid": "CA1", "Digits": "42"}), host)
     assert [(e.type, e.digits) for e in digits.events] == [(EventType.DTMF, "42")]
 
 
 def test_listen_twiml_puts_the_turn_token_in_the_gather_action() -> None:
-    carrier, _ = make_carrier()
+    carrier, host = make_carrier()
     doc = ET.fromstring(carrier.listen_twiml("c1", "tok9"))
     gather = doc.find("Gather")
     assert gather is not None
@@ -326,3 +332,17 @@ async def test_create_call_form() -> None:
     assert ("StatusCallback", f"{PUBLIC}?callId=c1&type=status") in form
     assert [v for k, v in form if k == "StatusCallbackEvent"] == ["initiated", "ringing", "answered", "completed"]
     assert ("Timeout", "46") in form and ("MachineDetection", "DetectMessageEnd") in form
+
+
+async def test_parse_changes_nothing_the_said_effect_wakes_the_waiter() -> None:
+    carrier, host = make_carrier()
+    call = record("c1")
+    host.calls["c1"] = call
+    say_id, say = carrier._new_say("c1", "Hello")
+    said = webhook(f"{PUBLIC}?callId=c1&type=said&say={say_id}", {"CallSid": "CA1", "CallStatus": "in-progress"})
+    result = carrier.parse_webhook(said, host)
+    assert result.events == [] and not say.done.done(), "parsing is pure"
+    assert carrier.parse_webhook(said, host).effects == result.effects == [SpeechHeard(say_id, call_id="c1")]
+    carrier.apply_effects(result.effects)
+    assert say.done.done()
+    assert result.respond is not None and ET.fromstring(result.respond(call).body).find("Gather") is not None

@@ -23,6 +23,7 @@ class StubBridge:
 
     def __init__(self, script: Script | None = None, echo: bool = False) -> None:
         self.script = script
+        self.scripts: set[asyncio.Future[None]] = set()  # running scripts, kept referenced
         self.echo = echo
         self.frames: list[list[dict[str, Any]]] = []
         self.port = 0
@@ -42,7 +43,8 @@ class StubBridge:
             frame = json.loads(msg.data)
             seen.append(frame)
             if frame["event"] == "start" and self.script is not None:
-                asyncio.ensure_future(self.script(ws, frame["start"]["streamSid"]))
+                self.scripts.add(task := asyncio.ensure_future(self.script(ws, frame["start"]["streamSid"])))
+                task.add_done_callback(self.scripts.discard)
             elif frame["event"] == "media" and self.echo:
                 await ws.send_str(json.dumps({"event": "media", "streamSid": frame["streamSid"],
                                               "media": {"payload": frame["media"]["payload"]}}))

@@ -140,6 +140,40 @@ async def test_replayed_webhook_is_acknowledged_without_side_effect(tmp_path: Pa
         assert runtime.metrics.value("voicecall_webhook_replays_total", carrier="fake") == 1
 
 
+async def test_effects_run_once_per_new_event_never_for_a_replay_or_a_redelivery(tmp_path: Path) -> None:
+    async with run_bridge(CONFIG, tmp_path, carrier=SignedJsonCarrier()) as runtime:
+        carrier: SignedJsonCarrier = runtime.carrier
+        status, text = await send(runtime, event(type="call.initiated", providerCallId="P5", direction="inbound",
+                                                  **{"from": "+15550001111"}))
+        call = runtime.manager.calls[json.loads(text)["callId"]]
+        first = {"id": uuid.uuid4().hex, "type": "call.dtmf", "providerCallId": "P5", "digits": "5",
+                 "eventKey": "ev-1", "effects": ["hang-up"]}
+        body = json.dumps({**first, "attempt": 1}).encode()
+        assert (await send(runtime, body))[0] == 200
+        assert (await send(runtime, body))[0] == 200  # a replay: the same delivery, the same signature
+        # a redelivery: a new delivery (new body, new signature) of the same event
+        assert (await send(runtime, json.dumps({**first, "attempt": 2}).encode()))[0] == 200
+        assert carrier.applied == ["hang-up"]
+        assert call.metadata["dtmf"] == "5"
+        # a new event with the same effect runs it again
+        assert (await send(runtime, json.dumps({**first, "eventKey": "ev-2"}).encode()))[0] == 200
+        assert carrier.applied == ["hang-up", "hang-up"]
+
+
+async def test_late_inbound_initiated_after_its_hangup_is_dropped(tmp_path: Path) -> None:
+    """Out of order: the hang-up of a call we never saw, then its call.initiated."""
+    async with run_bridge(CONFIG, tmp_path, carrier=SignedJsonCarrier()) as runtime:
+        assert (await send(runtime, event(type="call.ended", providerCallId="P6")))[0] == 200
+        status, text = await send(runtime, event(type="call.initiated", providerCallId="P6", direction="inbound",
+                                                  **{"from": "+15550001111"}))
+        assert status == 200 and json.loads(text)["callId"] is None
+        assert runtime.manager.calls == {}
+        # another call is still taken
+        await send(runtime, event(type="call.initiated", providerCallId="P7", direction="inbound",
+                                  **{"from": "+15550001111"}))
+        assert runtime.manager.find_call(None, "P7") is not None
+
+
 async def test_health_and_metrics(tmp_path: Path) -> None:
     async with run_bridge(CONFIG, tmp_path, carrier=SignedJsonCarrier()) as runtime:
         await send(runtime, b"{}", method="GET")

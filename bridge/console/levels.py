@@ -68,8 +68,13 @@ class LevelSubscriptions:
         if on:
             task = asyncio.create_task(stream_levels(self._manager, key, self._send))
             self._tasks[key] = task
-            task.add_done_callback(lambda t, k=key: self._tasks.pop(k, None) if self._tasks.get(k) is t else None)
+            task.add_done_callback(self._forget)
         return {"levels": on, "callId": key}
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        for key, running in list(self._tasks.items()):
+            if running is task:
+                del self._tasks[key]
 
     def close(self) -> None:
         for task in self._tasks.values():

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import quote, urlencode
 
-from bridge.calls import CallEvent, CallRecord, CallState, Direction, EventType
+from bridge.calls import CallRecord, CallState, Direction, EventType
 from bridge.tasks import BackgroundTasks
 from carriers.asterisk.events import AriEvents
 from carriers.asterisk.protocol import (
@@ -53,7 +53,7 @@ from carriers.base import (
     ProviderStatus,
 )
 from carriers.http import CarrierHttp
-from carriers.legs import LegTable, cancel_timer
+from carriers.legs import LegTable, cancel_timer, leg_event
 
 log = logging.getLogger("voicecall.asterisk")
 
@@ -176,13 +176,9 @@ class AsteriskCarrier(Carrier):
         return leg.id
 
     async def answer_call(self, call: CallRecord) -> None:
-        leg = self._legs.for_call(call)
-        if leg is None or leg.ended:
+        leg = self._legs.answering(call)
+        if leg is None:
             return
-        leg.call_id = call.callId
-        self._legs.bind_call(call.callId, leg.id)
-        leg.decided = True
-        cancel_timer(leg)
         result = await self._http.request("POST", f"/channels/{_q(leg.id)}/answer", ok_statuses=(404,))
         if result.status == 404:
             return  # hung up meanwhile: ChannelDestroyed ends it
@@ -190,26 +186,21 @@ class AsteriskCarrier(Carrier):
         await self._start_media(leg)
 
     async def reject_call(self, call: CallRecord) -> None:
-        leg = self._legs.for_call(call)
-        if leg is None or leg.ended:
+        leg = self._legs.ending(call, CallState.HANGUP_BOT, decided=True)
+        if leg is None:
             return
-        leg.decided = True
-        leg.local_reason = CallState.HANGUP_BOT
-        cancel_timer(leg)
         await self._delete_channel(leg.id, CAUSE_REJECTED)
 
     async def hangup_call(self, call: CallRecord, reason: CallState) -> None:
-        leg = self._legs.for_call(call)
-        if leg is None or leg.ended:
+        leg = self._legs.ending(call, reason)
+        if leg is None:
             return
-        leg.local_reason = reason
-        cancel_timer(leg)
         if not await self._delete_channel(leg.id):
             self._end(leg, reason)  # already gone: no ChannelDestroyed will tell us
 
     async def send_dtmf(self, call: CallRecord, digits: str) -> None:
-        leg = self._legs.for_call(call)
-        if leg is None or leg.ended:
+        leg = self._legs.live_for(call)
+        if leg is None:
             raise CarrierError("asterisk: no such active call")
         if not DTMF_DIGITS.match(digits):
             raise CarrierError("asterisk: DTMF digits must be 0-9, A-D, * or #")
@@ -446,10 +437,7 @@ class AsteriskCarrier(Carrier):
         self._legs.forget(leg.id, leg.call_id)
 
     def _emit(self, leg: _Leg, etype: EventType, key: str | None = None, **fields: Any) -> None:
-        self.host.emit(CallEvent(
-            type=etype, call_id=leg.call_id, provider_call_id=leg.id,
-            dedupe_key=f"asterisk:{leg.id}:{key or etype.value}", timestamp=self.host.clock.time(), **fields,
-        ))
+        self.host.emit(leg_event("asterisk", leg.id, leg.call_id, etype, self.host.clock.time(), key, **fields))
 
     @staticmethod
     def _stats(leg: _Leg) -> dict[str, Any]:
@@ -474,4 +462,4 @@ def _host(address: str) -> str:
 
 def from_settings(settings: Any) -> AsteriskCarrier:
     """Registry factory: the carrier for `provider: asterisk`, configured by the `asterisk` section."""
-    return AsteriskCarrier(settings.asterisk)
+    return AsteriskCarrier(settings.section(AsteriskSettings))

@@ -67,19 +67,20 @@ def dial_endpoint(to: str, template: str) -> str:
 
 def channel_id(event: dict[str, Any]) -> str | None:
     channel = event.get("channel")
-    if isinstance(channel, dict) and isinstance(channel.get("id"), str):
-        return channel["id"]
-    return None
+    value = channel.get("id") if isinstance(channel, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def caller_of(channel: dict[str, Any]) -> str:
-    caller = channel.get("caller") if isinstance(channel.get("caller"), dict) else {}
+    caller = channel.get("caller")
+    if not isinstance(caller, dict):
+        return ""
     return str(caller.get("number") or caller.get("name") or "")
 
 
 def dialed_of(channel: dict[str, Any]) -> str:
-    dialplan = channel.get("dialplan") if isinstance(channel.get("dialplan"), dict) else {}
-    return str(dialplan.get("exten") or "")
+    dialplan = channel.get("dialplan")
+    return str(dialplan.get("exten") or "") if isinstance(dialplan, dict) else ""
 
 
 def cause_of(event: dict[str, Any]) -> int | None:

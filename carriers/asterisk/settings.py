@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import ipaddress
 import string
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
     field_validator,
     model_validator,
 )
 
+from carriers.settings import CarrierSettings, ProviderContext
 
-class AsteriskSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+
+class AsteriskSettings(CarrierSettings):
+    ENV: ClassVar[dict[str, str]] = {"password": "ASTERISK_ARI_PASSWORD"}
 
     # ARI base URL: Asterisk's HTTP server (http.conf), without the /ari prefix.
     url: str = "http://127.0.0.1:8088"
@@ -75,6 +75,10 @@ class AsteriskSettings(BaseModel):
     @property
     def advertise_address(self) -> str:
         return self.rtpAdvertiseAddress or self.rtpBindAddress
+
+
+    def problems(self, section: str, context: ProviderContext) -> list[str]:
+        return asterisk_problems(self, context.max_concurrent_calls)
 
 
 def asterisk_problems(ast: AsteriskSettings, max_concurrent_calls: int) -> list[str]:

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 from bridge.calls import CallEvent, CallRecord, CallState, Direction, EventType
-from bridge.config import MockSettings
 from carriers.base import (
+    CallLookup,
     Carrier,
     OutboundRequest,
     ProviderStatus,
@@ -30,6 +30,7 @@ from carriers.base import (
     WebhookResult,
     WebhookVerdict,
 )
+from carriers.mock.settings import MockSettings
 from media import g711
 from media.formats import FRAME_MS, ULAW_8K
 from media.resample import StreamResampler
@@ -286,7 +287,7 @@ class MockCarrier(Carrier):
     def verify_webhook(self, request: WebhookRequest) -> WebhookVerdict:
         return WebhookVerdict(ok=True)
 
-    def parse_webhook(self, request: WebhookRequest) -> WebhookResult:
+    def parse_webhook(self, request: WebhookRequest, calls: CallLookup) -> WebhookResult:
         try:
             data = json.loads(request.body or b"{}")
             items = data["events"] if "events" in data else [data["event"]]
@@ -324,4 +325,4 @@ def _event_from_json(item: dict[str, Any]) -> CallEvent:
 def from_settings(settings: Any) -> MockCarrier:
     from media.tts.factory import create_tts
 
-    return MockCarrier(settings.mock, lambda: create_tts({"provider": "espeak"}))
+    return MockCarrier(settings.section(MockSettings), lambda: create_tts({"provider": "espeak"}))

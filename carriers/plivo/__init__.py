@@ -1,4 +1,7 @@
-"""Plivo Voice API: protocol.py (pure XML, callbacks, stream codec, signatures), carrier.py (REST + streams), settings.py."""
+"""Plivo Voice API.
+
+protocol.py (pure XML, callbacks, stream codec, signatures), carrier.py (REST + streams), settings.py.
+"""
 
 from carriers import lazy_exports
 

@@ -21,6 +21,7 @@ import logging
 import math
 import secrets
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,11 +33,15 @@ from bridge.calls import (
 )
 from bridge.tasks import BackgroundTasks
 from carriers.base import (
+    CallGone,
+    CallLookup,
     Carrier,
     CarrierError,
+    HangUp,
     MediaStreamCodec,
     OutboundRequest,
     ProviderStatus,
+    SpeechHeard,
     WebhookReply,
     WebhookRequest,
     WebhookResult,
@@ -69,6 +74,8 @@ from carriers.plivo.protocol import (
     xml_stream,
     xml_wait_then_hangup,
 )
+from carriers.plivo.settings import PlivoSettings
+from carriers.speech import wait_spoken
 
 if TYPE_CHECKING:
     from bridge.config import Settings
@@ -102,12 +109,13 @@ class PlivoCarrier(Carrier):
     reports_dtmf = True
 
     def __init__(self, settings: Settings) -> None:
-        if not settings.plivo.authId or not settings.plivo.authToken:
+        plivo = self.plivo = settings.section(PlivoSettings)
+        if not plivo.authId or not plivo.authToken:
             raise CarrierError("plivo: authId and authToken are required")
         self.settings = settings
-        self.auth_id = settings.plivo.authId
-        self._token = settings.plivo.authToken.get_secret_value()
-        base = f"{settings.plivo.apiBaseUrl.rstrip('/')}/v1/Account/{self.auth_id}"
+        self.auth_id = plivo.authId
+        self._token = plivo.authToken.get_secret_value()
+        base = f"{plivo.apiBaseUrl.rstrip('/')}/v1/Account/{self.auth_id}"
         self.http = CarrierHttp("plivo", base, basic_auth=(self.auth_id, self._token),
                                 headers={"Accept": "application/json"})
         self._calls: dict[str, _CallState] = {}
@@ -123,7 +131,7 @@ class PlivoCarrier(Carrier):
         await self.http.close()
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "authId": self.auth_id, "apiBaseUrl": self.settings.plivo.apiBaseUrl}
+        return {"name": self.name, "authId": self.auth_id, "apiBaseUrl": self.plivo.apiBaseUrl}
 
     # ------------------------------------------------------------------ helpers
 
@@ -158,8 +166,8 @@ class PlivoCarrier(Carrier):
 
     @staticmethod
     def _request_uuid(call: CallRecord) -> str | None:
-        previous = call.metadata.get("previousProviderCallIds") or []
-        return str(previous[0]) if previous else call.providerCallId
+        previous = call.previous_provider_call_ids
+        return previous[0] if previous else call.providerCallId
 
     # ------------------------------------------------------------------ REST
 
@@ -177,7 +185,7 @@ class PlivoCarrier(Carrier):
             # A safety net: Plivo ends the call itself if the bridge is gone when it should have.
             "time_limit": self.settings.maxDurationSeconds + 60,
         }
-        detection = self.settings.plivo.machineDetection
+        detection = self.plivo.machineDetection
         if detection:
             body["machine_detection"] = detection
             body["machine_detection_url"] = self._url(call.callId, FLOW_MACHINE)
@@ -238,13 +246,8 @@ class PlivoCarrier(Carrier):
 
     async def _await_spoken(self, speech: _Speech | None) -> None:
         """Until Plivo follows the <Redirect> after the <Speak> (or the call ends)."""
-        if speech is None:
-            return
-        words = len(speech.text.split())
-        try:
-            await self.host.clock.wait_for(asyncio.shield(speech.done), 10 + words * 1.0)
-        except TimeoutError:
-            log.warning("call %s: Plivo did not confirm the end of a <Speak>; going on", speech.call_id)
+        if speech is not None:
+            await wait_spoken(self.host.clock, speech.done, speech.text, carrier=self.name, call_id=speech.call_id)
 
     async def start_listening(self, call: CallRecord, turn_token: str) -> None:
         await self._transfer(call, self._url(call.callId, FLOW_LISTEN, turnToken=turn_token))
@@ -275,7 +278,7 @@ class PlivoCarrier(Carrier):
     def verify_webhook(self, request: WebhookRequest) -> WebhookVerdict:
         return verify_request(self._token, request)
 
-    def parse_webhook(self, request: WebhookRequest) -> WebhookResult:
+    def parse_webhook(self, request: WebhookRequest, calls: CallLookup) -> WebhookResult:
         query = dict(request.query)
         params = dict(request.form) if request.form else ({} if request.method.upper() == "POST" else query)
         cb = parse_callback(query, params)
@@ -284,21 +287,32 @@ class PlivoCarrier(Carrier):
         if flow == FLOW_ANSWER:
             return WebhookResult(events, respond=lambda call: self._answer_xml(cb, call))
         if flow == FLOW_SPEAK:
-            return WebhookResult(events, reply=self._speak_xml(cb))
+            return WebhookResult(events, respond=lambda _: self._speak_xml(cb))
         if flow == FLOW_SPOKEN:
-            return WebhookResult(events, reply=self._spoken(cb))
+            effects: list[object] = [SpeechHeard(cb.speech_id, call_id=cb.call_id)] if cb.call_id else []
+            return WebhookResult(events, respond=lambda _: self._spoken_xml(cb), effects=effects)
         if flow == FLOW_LISTEN:
-            return WebhookResult(events, reply=self._listen_xml(cb.call_id, cb.turn_token or uuid.uuid4().hex, None))
+            token = cb.turn_token or uuid.uuid4().hex
+            return WebhookResult(events, respond=lambda _: self._listen_xml(cb.call_id, token, None))
         if flow == FLOW_GETINPUT:
             return WebhookResult(events, reply=xml_hold(self._hold_s))
         if flow == FLOW_HANGUP:
-            self._forget(cb.call_id)
-            return WebhookResult(events, respond=lambda call: self._after_end(call))
-        if flow == FLOW_MACHINE and cb.machine and cb.call_uuid and self.settings.plivo.machineDetection != "hangup":
+            return WebhookResult(events, respond=self._after_end, effects=[CallGone(call_id=cb.call_id)] if cb.call_id else [])
+        if flow == FLOW_MACHINE and cb.machine and cb.call_uuid and self.plivo.machineDetection != "hangup":
             # Plivo only reported the machine; the call is still up, so end it.
-            self._tasks.spawn(self.http.request("DELETE", f"/Call/{cb.call_uuid}/", ok_statuses=(404,)),
-                        f"plivo-machine-hangup-{cb.call_uuid}")
+            return WebhookResult(events, effects=[HangUp(cb.call_uuid)])
         return WebhookResult(events)
+
+    def apply_effects(self, effects: Sequence[object]) -> None:
+        for effect in effects:
+            if isinstance(effect, SpeechHeard) and effect.call_id:
+                self._speech_done(effect.call_id, effect.key)
+            elif isinstance(effect, CallGone):
+                self._forget(effect.call_id)
+            elif isinstance(effect, HangUp):
+                uuid_ = effect.provider_call_id
+                self._tasks.spawn(self.http.request("DELETE", f"/Call/{uuid_}/", ok_statuses=(404,)),
+                                  f"plivo-machine-hangup-{uuid_}")
 
     def _after_end(self, call: CallRecord | None) -> WebhookReply:
         if call is not None:
@@ -316,9 +330,9 @@ class PlivoCarrier(Carrier):
             token = self.host.stream_token(call.callId)
             extra = encode_extra_headers({"token": token, "callId": call.callId})
             return xml_stream(self.host.stream_url(), extra)
-        message = str(call.metadata.get("initialMessage") or "")
+        message = call.initial_message
         state = self._state(call.callId)
-        if call.metadata.get("mode") == CallMode.NOTIFY and call.direction == Direction.OUTBOUND:
+        if call.mode == CallMode.NOTIFY and call.direction == Direction.OUTBOUND:
             if not message:
                 return xml_wait_then_hangup(self.settings.outbound.notifyHangupDelaySec)
             sid = state.initial_sid or self._new_speech(call.callId, message,
@@ -350,18 +364,24 @@ class PlivoCarrier(Carrier):
             return xml_hold(self._hold_s)
         return xml_speak_then_redirect(speech.text, self._url(cb.call_id, FLOW_SPOKEN, sid=cb.speech_id))
 
-    def _spoken(self, cb: PlivoCallback) -> WebhookReply:
+    def _spoken_xml(self, cb: PlivoCallback) -> WebhookReply:
         speech = self._find_speech(cb)
         if speech is None:
             return xml_hold(self._hold_s)
-        state = self._calls.get(speech.call_id)
-        if state is not None and state.initial_sid != cb.speech_id:
-            state.speeches.pop(cb.speech_id or "", None)
-        if not speech.done.done():
-            speech.done.set_result(None)
         if speech.hangup_after_s is not None:
             return xml_wait_then_hangup(speech.hangup_after_s)
         return xml_hold(self._hold_s)
+
+    def _speech_done(self, call_id: str, speech_id: str | None) -> None:
+        """Plivo followed the Redirect after a <Speak>: the caller heard it all."""
+        state = self._calls.get(call_id)
+        speech = state.speeches.get(speech_id or "") if state else None
+        if state is None or speech is None:
+            return
+        if state.initial_sid != speech_id:
+            state.speeches.pop(speech_id or "", None)
+        if not speech.done.done():
+            speech.done.set_result(None)
 
     def open_stream(self) -> MediaStreamCodec:
         return PlivoStreamCodec()

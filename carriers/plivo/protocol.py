@@ -5,7 +5,6 @@ clock, no per-call state."""
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,8 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 from xml.etree import ElementTree as ET
 
 from bridge.calls import CallEvent, CallState, Direction, EventType
-from bridge.security import plivo_replay_key
-from bridge.signatures import verify_plivo_v2, verify_plivo_v3
+from carriers import wire
 from carriers.base import (
     MediaStreamCodec,
     StreamCleared,
@@ -31,6 +29,7 @@ from carriers.base import (
     WebhookRequest,
     WebhookVerdict,
 )
+from carriers.signatures import plivo_replay_key, verify_plivo_v2, verify_plivo_v3
 from media.formats import ULAW_8K
 
 SIG_V3 = "X-Plivo-Signature-V3"
@@ -313,35 +312,22 @@ class PlivoStreamCodec(MediaStreamCodec):
         self.stream_id: str | None = None
 
     def parse(self, text: str) -> StreamMessage:
-        try:
-            frame = json.loads(text)
-        except ValueError:
-            raise StreamProtocolError("frame is not JSON") from None
-        if not isinstance(frame, dict) or not isinstance(frame.get("event"), str):
-            raise StreamProtocolError("frame has no event")
-        kind = frame["event"]
+        kind, frame = wire.json_frame(text)
         if kind == "start":
             return self._start(frame)
         if kind == "media":
-            media = frame.get("media")
-            if not isinstance(media, dict) or not isinstance(media.get("payload"), str):
-                raise StreamProtocolError("media frame without payload")
-            try:
-                payload = base64.b64decode(media["payload"], validate=True)
-            except (binascii.Error, ValueError):
-                raise StreamProtocolError("media payload is not base64") from None
-            return StreamMedia(payload, sequence=_int(media.get("chunk")), timestamp_ms=_int(media.get("timestamp")))
+            media = wire.section(frame, "media")
+            if not wire.inbound_track(media):
+                return StreamIgnored("media")
+            if self.stream_id is None:
+                raise StreamProtocolError("media before start")
+            return StreamMedia(wire.payload(media.get("payload")),
+                               sequence=wire.optional_int(media.get("chunk"), "media.chunk"),
+                               timestamp_ms=wire.optional_int(media.get("timestamp"), "media.timestamp"))
         if kind == "dtmf":
-            dtmf = frame.get("dtmf")
-            digit = dtmf.get("digit") if isinstance(dtmf, dict) else None
-            if not isinstance(digit, str) or len(digit) != 1:
-                raise StreamProtocolError("dtmf frame without a digit")
-            return StreamDtmf(digit)
+            return StreamDtmf(wire.digit(wire.section(frame, "dtmf").get("digit")))
         if kind == "playedStream":
-            name = frame.get("name")
-            if not isinstance(name, str):
-                raise StreamProtocolError("playedStream frame without a name")
-            return StreamMark(name)
+            return StreamMark(wire.mark_name(frame.get("name")))
         if kind == "clearedAudio":
             return StreamCleared()
         if kind == "stop":  # not in Plivo's protocol; harmless if a proxy sends one
@@ -349,18 +335,16 @@ class PlivoStreamCodec(MediaStreamCodec):
         return StreamIgnored(kind)
 
     def _start(self, frame: dict[str, Any]) -> StreamStart:
-        start = frame.get("start")
-        if not isinstance(start, dict):
-            raise StreamProtocolError("start frame without start")
+        start = wire.section(frame, "start")
         call_uuid = start.get("callId")
         stream_id = start.get("streamId") or frame.get("streamId")
         if not isinstance(call_uuid, str) or not call_uuid:
             raise StreamProtocolError("start frame without callId")
         if not isinstance(stream_id, str) or not stream_id:
             raise StreamProtocolError("start frame without streamId")
-        media_format = start.get("mediaFormat") or {}
-        encoding = str(media_format.get("encoding", "audio/x-mulaw")).lower() if isinstance(media_format, dict) else ""
-        rate = _int(media_format.get("sampleRate", 8000)) if isinstance(media_format, dict) else None
+        media_format = wire.optional_section(start, "mediaFormat")
+        encoding = str(media_format.get("encoding", "audio/x-mulaw")).lower()
+        rate = wire.optional_int(media_format.get("sampleRate", 8000), "mediaFormat.sampleRate")
         if not encoding.startswith("audio/x-mulaw") or rate not in (8000, None):
             raise StreamProtocolError(f"unsupported media format {encoding or '?'}/{rate}")
         raw = frame.get("extra_headers")
@@ -382,28 +366,7 @@ class PlivoStreamCodec(MediaStreamCodec):
         return json.dumps({"event": "clearAudio", "streamId": self.stream_id})
 
 
-def _int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    return None
-
-
 # ============================================================================ verification
-
-
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    value = headers.get(name)
-    if value is not None:
-        return value
-    wanted = name.lower()
-    for key, val in headers.items():
-        if key.lower() == wanted:
-            return val
-    return None
 
 
 def _without_query(url: str) -> str:
@@ -414,12 +377,11 @@ def _without_query(url: str) -> str:
 def verify_request(auth_token: str, request: WebhookRequest) -> WebhookVerdict:
     """V3 (account or main-account signature, any of a comma-separated list) over each candidate
     URL; V2 only when no V3 signature was sent at all."""
-    headers = request.headers
     urls = [request.public_url, *request.url_variants]
     params = request.form if request.method.upper() != "GET" else []
-    v3 = [h for h in (_header(headers, SIG_V3), _header(headers, SIG_MA_V3)) if h]
+    v3 = [h for h in (request.header(SIG_V3), request.header(SIG_MA_V3)) if h]
     if v3:
-        nonce = _header(headers, SIG_V3_NONCE)
+        nonce = request.header(SIG_V3_NONCE)
         if not nonce:
             return WebhookVerdict(False, "missing X-Plivo-Signature-V3-Nonce")
         ok = False
@@ -429,9 +391,9 @@ def verify_request(auth_token: str, request: WebhookRequest) -> WebhookVerdict:
         if not ok:
             return WebhookVerdict(False, "bad V3 signature")
         return WebhookVerdict(True, "v3", plivo_replay_key(_without_query(request.public_url), nonce))
-    v2 = _header(headers, SIG_V2)
+    v2 = request.header(SIG_V2)
     if v2:
-        v2_nonce = _header(headers, SIG_V2_NONCE)
+        v2_nonce = request.header(SIG_V2_NONCE)
         if not v2_nonce:
             return WebhookVerdict(False, "missing X-Plivo-Signature-V2-Nonce")
         if not any(verify_plivo_v2(auth_token, url, v2_nonce, v2) for url in urls):

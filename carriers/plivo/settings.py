@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, SecretStr
+from pydantic import SecretStr
+
+from carriers.settings import CarrierSettings
 
 
-class PlivoSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+class PlivoSettings(CarrierSettings):
+    ENV: ClassVar[dict[str, str]] = {"authId": "PLIVO_AUTH_ID", "authToken": "PLIVO_AUTH_TOKEN"}
+    REQUIRED: ClassVar[tuple[str, ...]] = ("authId", "authToken")
+    NEEDS_FROM_NUMBER: ClassVar[bool] = True
 
     authId: str | None = None
     authToken: SecretStr | None = None

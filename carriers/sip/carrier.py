@@ -28,7 +28,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from bridge.calls import CallEvent, CallRecord, CallState, Direction, EventType
+from bridge.calls import CallRecord, CallState, Direction, EventType
 from bridge.tasks import BackgroundTasks
 from carriers.base import (
     Carrier,
@@ -37,7 +37,7 @@ from carriers.base import (
     OutboundRequest,
     ProviderStatus,
 )
-from carriers.legs import LegTable, cancel_timer
+from carriers.legs import LegTable, cancel_timer, leg_event
 from carriers.sip.front import SipFront
 from carriers.sip.media import JITTER_MAX_FRAMES, PREBUFFER_FRAMES, SipMediaTransport  # noqa: F401 - re-exported
 from carriers.sip.pool import FrontAddresses, RemoteMediaTransport, UaPool, WorkerUa
@@ -172,6 +172,8 @@ class SipCarrier(Carrier):
         s = self.settings
         span = s.rtpPortRange // self._worker_count
         own = s.model_copy(update={"rtpPortStart": s.rtpPortStart + index * span, "rtpPortRange": span})
+        if self._front_addresses is None:
+            raise CarrierError("sip: workers start only once the SIP front is up")
         return WorkerUa(index, own, self._front_addresses, register=index == 0, notify=self._notify_from(index))
 
     async def _restart_worker(self, index: int) -> None:
@@ -241,39 +243,30 @@ class SipCarrier(Carrier):
         return pid
 
     async def answer_call(self, call: CallRecord) -> None:
-        leg = self._legs.for_call(call)
-        if leg is None or leg.ended:
+        leg = self._legs.answering(call)
+        if leg is None:
             return
-        leg.call_id = call.callId
-        self._legs.bind_call(call.callId, leg.pid)
-        leg.decided = True
-        cancel_timer(leg)
         if self.settings.answerDelayMs:
             await self.host.clock.sleep(self.settings.answerDelayMs / 1000)
         await self._call_op(leg.pid, "answer", 200)
 
     async def reject_call(self, call: CallRecord) -> None:
-        leg = self._legs.for_call(call)
-        if leg is None or leg.ended:
+        leg = self._legs.ending(call, CallState.HANGUP_BOT, decided=True)
+        if leg is None:
             return
-        leg.decided = True
-        leg.local_reason = CallState.HANGUP_BOT
-        cancel_timer(leg)
         await self._call_op(leg.pid, "hangup", self.settings.rejectCode)
 
     async def hangup_call(self, call: CallRecord, reason: CallState) -> None:
-        leg = self._legs.for_call(call)
-        if leg is None or leg.ended:
+        leg = self._legs.ending(call, reason)
+        if leg is None:
             return
-        leg.local_reason = reason
-        cancel_timer(leg)
         # Inbound not yet answered: a final error response; otherwise BYE (or CANCEL while ringing).
         code = 603 if leg.direction is Direction.INBOUND and not leg.confirmed else 0
         await self._call_op(leg.pid, "hangup", code)
 
     async def send_dtmf(self, call: CallRecord, digits: str) -> None:
-        leg = self._legs.for_call(call)
-        if leg is None or leg.ended:
+        leg = self._legs.live_for(call)
+        if leg is None:
             raise CarrierError("sip: no such active call")
         if not re.fullmatch(r"[0-9A-Da-d*#]+", digits):
             raise CarrierError("sip: DTMF digits must be 0-9, A-D, * or #")
@@ -284,8 +277,8 @@ class SipCarrier(Carrier):
 
     async def get_call_status(self, call: CallRecord) -> ProviderStatus | None:
         # SIP dialogs live only in this process: a call we do not hold has ended.
-        leg = self._legs.for_call(call)
-        if leg is None or leg.ended:
+        leg = self._legs.live_for(call)
+        if leg is None:
             return ProviderStatus(terminal=True)
         return ProviderStatus(terminal=False)
 
@@ -350,15 +343,7 @@ class SipCarrier(Carrier):
         return notify
 
     def _emit(self, leg: _Leg, etype: EventType, key: str | None = None, **fields: Any) -> None:
-        event = CallEvent(
-            type=etype,
-            call_id=leg.call_id,
-            provider_call_id=leg.pid,
-            dedupe_key=f"sip:{leg.pid}:{key or etype.value}",
-            timestamp=self.host.clock.time(),
-            **fields,
-        )
-        self.host.emit(event)
+        self.host.emit(leg_event("sip", leg.pid, leg.call_id, etype, self.host.clock.time(), key, **fields))
 
     def _on_registration(self, pid: str, data: dict[str, Any]) -> None:
         self.registration = data
@@ -523,4 +508,4 @@ class SipCarrier(Carrier):
 
 def from_settings(settings: Any) -> SipCarrier:
     """Registry factory: the carrier for `provider: sip`, configured by the `sip` section."""
-    return SipCarrier(settings.sip)
+    return SipCarrier(settings.section(SipSettings))

@@ -172,7 +172,7 @@ class SipMediaTransport(LegCounters):
 _AudioPort: Any = None  # defined below when the `sip` extra is installed
 if pj is not None:
 
-    class _AudioPort(pj.AudioMediaPort):
+    class _AudioPort(pj.AudioMediaPort):  # type: ignore[no-redef]  # the real one, with pjsua2
         """Conference-bridge port between a call's stream and its SipMediaTransport."""
 
         def __init__(self, transport: SipMediaTransport) -> None:

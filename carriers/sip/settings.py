@@ -13,6 +13,8 @@ from pydantic import (
     model_validator,
 )
 
+from carriers.settings import CarrierSettings, ProviderContext
+
 KNOWN_CODECS = ("PCMU", "PCMA", "G722")
 
 
@@ -37,8 +39,7 @@ class SipAccount(BaseModel):
         return value
 
 
-class SipSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SipSettings(CarrierSettings):
 
     bindAddress: str = "127.0.0.1"
     port: int = Field(default=5062, ge=1, le=65535)
@@ -99,6 +100,10 @@ class SipSettings(BaseModel):
         host = self.publicAddress or self.bindAddress
         suffix = ";transport=tcp" if self.transport == "tcp" else ""
         return f"sip:voicecall@{host}:{self.port}{suffix}"
+
+
+    def problems(self, section: str, context: ProviderContext) -> list[str]:
+        return sip_capacity_problems(self, context.max_concurrent_calls)
 
 
 def sip_capacity_problems(sip: SipSettings, max_concurrent_calls: int) -> list[str]:

@@ -100,7 +100,7 @@ class _UserAgent(threading.Thread):
             queue.SimpleQueue()
         )
         self._stopping = False
-        self.calls: dict[str, _PjCall] = {}
+        self.calls: dict[str, Any] = {}  # pid -> _PjCall
         # Media ports to delete later, on this thread, once the conference bridge has applied the
         # removal of the call's stream (queued to its clock thread): then nothing calls them any more.
         self._graveyard: list[tuple[float, Any]] = []
@@ -343,12 +343,13 @@ class _UserAgent(threading.Thread):
         if len(keep) != len(self._graveyard):
             self._graveyard = keep  # dropping the last references deletes the C++ objects here
 
-    def forget(self, call: _PjCall) -> None:
+    def forget(self, call: Any) -> None:
         """Drop a disconnected call. Called from its own DISCONNECTED callback, so the C++ Call is
         deleted as that callback returns, the one moment pjsua2 allows it: a Call deleted later
         still holds its slot number, and would clear (and hang up) the next call in that slot."""
-        if self.calls.get(call.pid) is call:
-            del self.calls[call.pid]
+        pid = call.pid
+        if self.calls.get(pid) is call:
+            del self.calls[pid]
 
 
 _PjCall: Any = None  # defined below when the `sip` extra is installed
@@ -403,7 +404,7 @@ if pj is not None:
             except Exception:
                 log.exception("sip: registration callback failed")
 
-    class _PjCall(pj.Call):
+    class _PjCall(pj.Call):  # type: ignore[no-redef]  # the real one, with pjsua2
         def __init__(self, ua: _UserAgent, account: Any, call_id: int = pj.PJSUA_INVALID_ID) -> None:
             super().__init__(account, call_id)
             self.ua = ua

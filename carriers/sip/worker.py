@@ -123,8 +123,8 @@ class _Worker:
             transport.bridge = _Uplink(self, leg)
             data = {"leg": leg, "codec": data.get("codec", "")}
         elif kind == "disconnected":
-            leg = self._leg_of.pop(pid, None)
-            transport = self.legs.pop(leg, None) if leg is not None else None
+            gone = self._leg_of.pop(pid) if pid in self._leg_of else None
+            transport = self.legs.pop(gone, None) if gone is not None else None
             if transport is not None:
                 data = {**data, "stats": {"framesOut": transport.frames_out, "underruns": transport.underruns,
                                           "framesDropped": transport.frames_dropped}}

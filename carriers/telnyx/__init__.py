@@ -1,4 +1,7 @@
-"""Telnyx Call Control v2: protocol.py (pure events, stream codec, signatures), carrier.py (REST + streams), settings.py."""
+"""Telnyx Call Control v2.
+
+protocol.py (pure events, stream codec, signatures), carrier.py (REST + streams), settings.py.
+"""
 
 from carriers import lazy_exports
 

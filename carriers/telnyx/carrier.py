@@ -19,45 +19,50 @@ import asyncio
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from bridge.calls import CallEvent, CallRecord, CallState, Direction, EventType
-from bridge.signatures import load_ed25519_public_key
+from bridge.calls import CallRecord, CallState
 from bridge.tasks import BackgroundTasks
 from carriers.base import (
+    CallGone,
+    CallLookup,
     Carrier,
     CarrierError,
+    HangUp,
     MediaStreamCodec,
     OutboundRequest,
     ProviderStatus,
+    SpeechHeard,
     WebhookReply,
     WebhookRequest,
     WebhookResult,
     WebhookVerdict,
 )
 from carriers.http import CarrierHttp
+from carriers.signatures import load_ed25519_public_key
+from carriers.speech import wait_spoken
 from carriers.telnyx.protocol import (
     DEFAULT_LANGUAGE,
     DEFAULT_VOICE,
-    DTMF_DIGITS,
-    MACHINE_RESULTS,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
+    InboundOffered,
     TelnyxEvent,
     TelnyxStreamCodec,
     choose_codec,
-    decode_state,
     encode_state,
-    end_reason,
     errors_of,
     is_already_ended,
     split_text,
+    translate,
     verify_request,
 )
+from carriers.telnyx.settings import TelnyxSettings
+from media.dtmf import DIGITS
 
 if TYPE_CHECKING:
     from bridge.config import Settings
@@ -78,7 +83,7 @@ class TelnyxCarrier(Carrier):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        tx = settings.telnyx
+        tx = self.telnyx = settings.section(TelnyxSettings)
         self._public_key: Ed25519PublicKey | None = None
         if tx.publicKey:
             try:
@@ -92,11 +97,6 @@ class TelnyxCarrier(Carrier):
         self.language = str(getattr(tx, "language", None) or DEFAULT_LANGUAGE)
         self._codecs: OrderedDict[str, str] = OrderedDict()  # call_control_id -> declared stream codec
         self._offered: OrderedDict[str, str] = OrderedDict()  # inbound call_control_id -> offered codecs
-        # bounded (oldest dropped first): call_control_ids of inbound calls and of calls Telnyx
-        # reported hung up, and the event ids whose side effects already ran
-        self._inbound: OrderedDict[str, str] = OrderedDict()
-        self._ended: OrderedDict[str, str] = OrderedDict()
-        self._effects: OrderedDict[str, str] = OrderedDict()
         self._speaks: dict[str, dict[str, asyncio.Future[str]]] = {}  # ccid -> tag -> waiter
         self._speak_ids = 0
         self._tasks = BackgroundTasks(log)
@@ -143,10 +143,10 @@ class TelnyxCarrier(Carrier):
             # a backstop should the bridge die mid-call; the manager enforces maxDurationSeconds itself
             "time_limit_secs": min(14_400, self.settings.maxDurationSeconds + 60),
         }
-        amd = self.settings.telnyx.answeringMachineDetection
+        amd = self.telnyx.answeringMachineDetection
         if amd and amd != "disabled":
             body["answering_machine_detection"] = amd
-        codec = choose_codec(self.settings.telnyx.streamCodec)
+        codec = choose_codec(self.telnyx.streamCodec)
         if request.stream:
             body.update(self._stream_params(call, codec))
             if self._carrier_transcribes:
@@ -187,7 +187,7 @@ class TelnyxCarrier(Carrier):
             "webhook_url_method": "POST",
         }
         if self.settings.streaming.enabled:
-            codec = choose_codec(self.settings.telnyx.streamCodec, self._offered.pop(ccid, None))
+            codec = choose_codec(self.telnyx.streamCodec, self._offered.pop(ccid, None))
             body.update(self._stream_params(call, codec))
             if self._carrier_transcribes:
                 body.update(self._transcription_params())
@@ -227,14 +227,8 @@ class TelnyxCarrier(Carrier):
                     "language": self.language,
                     "client_state": encode_state(call.callId, tag),
                 })
-                # ~15 characters a second of speech, plus room for the webhook to arrive
-                timeout = 10 + len(piece) / 15
-                try:
-                    status = await self.host.clock.wait_for(waiter, timeout)
-                except TimeoutError:
-                    log.warning("call %s: no call.speak.ended after %.0fs; going on", call.callId, timeout)
-                    continue
-                if status != "completed":
+                status = await wait_spoken(self.host.clock, waiter, piece, carrier=self.name, call_id=call.callId)
+                if status is not None and status != "completed":
                     return  # the call hung up (or AMD cancelled it): say no more
             finally:
                 self._speaks.get(ccid, {}).pop(tag, None)
@@ -250,7 +244,7 @@ class TelnyxCarrier(Carrier):
         await self._command(call.providerCallId, "transcription_stop", ended_ok=True)
 
     async def send_dtmf(self, call: CallRecord, digits: str) -> None:
-        if not digits or any(d not in DTMF_DIGITS for d in digits):
+        if not digits or any(d.upper() not in DIGITS for d in digits):
             raise CarrierError("telnyx send_dtmf: digits must be 0-9, *, #, A-D")
         await self._command(call.providerCallId, "send_dtmf", {"digits": digits, "duration_millis": 250})
 
@@ -273,84 +267,25 @@ class TelnyxCarrier(Carrier):
             return WebhookVerdict(ok=False, reason="telnyx.publicKey is not configured")
         return verify_request(self._public_key, request, now=self.host.clock.time())
 
-    def parse_webhook(self, request: WebhookRequest) -> WebhookResult:
+    def parse_webhook(self, request: WebhookRequest, calls: CallLookup) -> WebhookResult:
         try:
             hook = TelnyxEvent.from_body(request.body)
         except (ValueError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
             return WebhookResult(reply=WebhookReply(400, f"bad telnyx webhook: {exc}"))
-        event = self._translate(hook, request.query_value("callId"))
-        return WebhookResult(events=[event] if event is not None else [])
+        event, effects = translate(hook, request.query_value("callId"), calls)
+        return WebhookResult(events=[event] if event is not None else [], effects=list(effects))
 
-    def _translate(self, hook: TelnyxEvent, query_call_id: str | None) -> CallEvent | None:
-        p = hook.payload
-        ccid = p.get("call_control_id") if isinstance(p.get("call_control_id"), str) else None
-        state_call_id, tag = decode_state(p.get("client_state"))
-        call_id = query_call_id or state_call_id
-        first_time = hook.event_id not in self._effects
-        if hook.event_id:
-            _put(self._effects, hook.event_id, "")
-        kind = hook.event_type
-
-        def event(etype: EventType, **fields: Any) -> CallEvent:
-            ev = CallEvent(etype, call_id=call_id, provider_call_id=ccid, **fields)
-            if hook.event_id:
-                ev.dedupe_key = f"telnyx:{hook.event_id}"
-            return ev
-
-        if kind == "call.initiated":
-            if p.get("direction") != "incoming":
-                return event(EventType.INITIATED)
-            if ccid is None or ccid in self._ended:
-                return None  # a late call.initiated for a call that already hung up
-            _put(self._inbound, ccid, "")
-            _put(self._offered, ccid, _text(p.get("offered_codecs")))
-            return event(EventType.INITIATED, direction=Direction.INBOUND,
-                         from_number=_text(p.get("from")), to_number=_text(p.get("to")))
-        if kind == "call.answered":
-            return event(EventType.ANSWERED)
-        if kind == "call.bridged":
-            return event(EventType.ACTIVE)
-        if kind == "call.hangup":
-            if ccid is not None:
-                _put(self._ended, ccid, "")
-                self._call_gone(ccid)
-            call = self.host.get_call(call_id) if call_id else None
-            direction = call.direction if call is not None else (Direction.INBOUND if ccid in self._inbound else None)
-            return event(EventType.ENDED, reason=end_reason(p.get("hangup_cause"), p.get("hangup_source"), direction))
-        if kind == "call.dtmf.received":
-            call = self.host.get_call(call_id) if call_id else None
-            if call is not None and call.metadata.get("mediaAttached"):
-                return None  # the media stream reports the same key press (and in-band detection dedupes it)
-            digit = _text(p.get("digit"))
-            return event(EventType.DTMF, digits=digit) if digit else None
-        if kind == "call.transcription":
-            return self._speech(p, tag, event)
-        if kind == "call.speak.ended":
-            self._speak_ended(ccid, tag, str(p.get("status") or "completed"))
-            return None
-        if kind in ("call.machine.detection.ended", "call.machine.premium.detection.ended"):
-            if p.get("result") not in MACHINE_RESULTS:
-                return None
-            if first_time and ccid:
+    def apply_effects(self, effects: Sequence[object]) -> None:
+        for effect in effects:
+            if isinstance(effect, InboundOffered):
+                _put(self._offered, effect.ccid, effect.offered_codecs)
+            elif isinstance(effect, CallGone) and effect.provider_call_id:
+                self._call_gone(effect.provider_call_id)
+            elif isinstance(effect, SpeechHeard):
+                self._speak_ended(effect.provider_call_id, effect.key, effect.status)
+            elif isinstance(effect, HangUp):
+                ccid = effect.provider_call_id
                 self._tasks.spawn(self._command(ccid, "hangup", ended_ok=True), f"telnyx-amd-hangup-{ccid}")
-            return event(EventType.ENDED, reason=CallState.VOICEMAIL)
-        if kind == "streaming.failed":
-            log.warning("telnyx streaming failed on %s: %s", ccid, _text(p.get("failure_reason")) or "no reason")
-        return None
-
-    def _speech(self, p: dict[str, Any], tag: str | None,
-                event: Callable[..., CallEvent]) -> CallEvent | None:
-        data = p.get("transcription_data")
-        if not isinstance(data, dict) or data.get("transcription_track", "inbound") != "inbound":
-            return None
-        transcript = _text(data.get("transcript")).strip()
-        if not transcript:
-            return None
-        confidence = data.get("confidence")
-        token = tag.removeprefix("listen:") if tag and tag.startswith("listen:") else None
-        return event(EventType.SPEECH, transcript=transcript, is_final=bool(data.get("is_final", True)),
-                     confidence=float(confidence) if isinstance(confidence, int | float) else None,
-                     turn_token=token)
 
     def _speak_ended(self, ccid: str | None, tag: str | None, status: str) -> None:
         waiters = self._speaks.get(ccid or "", {})
@@ -378,17 +313,13 @@ class TelnyxCarrier(Carrier):
         await self.http.close()
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "apiBaseUrl": self.http.base_url, "streamCodec": self.settings.telnyx.streamCodec}
+        return {"name": self.name, "apiBaseUrl": self.http.base_url, "streamCodec": self.telnyx.streamCodec}
 
 
 def _put(table: OrderedDict[str, str], key: str, value: str) -> None:
     table[key] = value
     while len(table) > _SEEN_LIMIT:
         table.popitem(last=False)
-
-
-def _text(value: Any) -> str:
-    return value if isinstance(value, str) else ""
 
 
 def from_settings(settings: Settings) -> TelnyxCarrier:

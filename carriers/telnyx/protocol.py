@@ -14,11 +14,14 @@ from typing import Any, ClassVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from bridge.calls import CallState, Direction
-from bridge.security import telnyx_replay_key
-from bridge.signatures import verify_telnyx
+from bridge.calls import CallEvent, CallState, Direction, EventType
+from carriers import wire
 from carriers.base import (
+    CallGone,
+    CallLookup,
+    HangUp,
     MediaStreamCodec,
+    SpeechHeard,
     StreamDtmf,
     StreamIgnored,
     StreamMark,
@@ -30,6 +33,7 @@ from carriers.base import (
     WebhookRequest,
     WebhookVerdict,
 )
+from carriers.signatures import telnyx_replay_key, verify_telnyx
 from media import g711
 from media.formats import ALAW_8K, ULAW_8K, AudioFormat
 
@@ -43,7 +47,6 @@ DEFAULT_VOICE = "AWS.Polly.Joanna-Neural"
 DEFAULT_LANGUAGE = "en-US"
 SPEAK_MAX_CHARS = 3000  # Telnyx `speak` payload limit
 CODECS: dict[str, AudioFormat] = {"PCMU": ULAW_8K, "PCMA": ALAW_8K}
-DTMF_DIGITS = frozenset("0123456789*#ABCDabcd")
 MACHINE_RESULTS = frozenset({"machine", "fax_detected"})
 
 
@@ -172,13 +175,7 @@ class TelnyxStreamCodec(MediaStreamCodec):
         self._out_format: AudioFormat | None = None  # set when Telnyx expects another codec back
 
     def parse(self, text: str) -> StreamMessage:
-        try:
-            msg = json.loads(text)
-        except ValueError:
-            raise StreamProtocolError("frame is not JSON") from None
-        if not isinstance(msg, dict):
-            raise StreamProtocolError("frame is not a JSON object")
-        event = msg.get("event")
+        event, msg = wire.json_frame(text)
         if event == "media":
             return self._media(msg)
         if event == "connected":
@@ -189,34 +186,26 @@ class TelnyxStreamCodec(MediaStreamCodec):
         if event == "start":
             return self._start(msg)
         if event == "dtmf":
-            digit = _section(msg, "dtmf").get("digit")
-            if not isinstance(digit, str) or len(digit) != 1 or digit not in DTMF_DIGITS:
-                raise StreamProtocolError("dtmf frame without a valid digit")
-            return StreamDtmf(digit.upper())
+            return StreamDtmf(wire.digit(wire.section(msg, "dtmf").get("digit")))
         if event == "mark":
-            name = _section(msg, "mark").get("name")
-            if not isinstance(name, str):
-                raise StreamProtocolError("mark frame without a name")
-            return StreamMark(name)
+            return StreamMark(wire.mark_name(wire.section(msg, "mark").get("name")))
         if event == "stop":
             return StreamStop()
         if event == "error":
             detail = _dict(msg.get("payload"))
             log.warning("telnyx stream error: %s %s", detail.get("code", ""), detail.get("title", ""))
             return StreamIgnored("error")
-        if not isinstance(event, str):
-            raise StreamProtocolError("frame without an event")
         return StreamIgnored(event)
 
     def _start(self, msg: dict[str, Any]) -> StreamStart:
-        start = _section(msg, "start")
+        start = wire.section(msg, "start")
         ccid = start.get("call_control_id")
         if not isinstance(ccid, str) or not ccid:
             raise StreamProtocolError("start frame without call_control_id")
-        media_format = _dict(start.get("media_format"))
+        media_format = wire.optional_section(start, "media_format")
         encoding = str(media_format.get("encoding") or "PCMU").upper()
-        rate = media_format.get("sample_rate", 8000)
-        if encoding not in CODECS or str(rate) != "8000":
+        rate = wire.optional_int(media_format.get("sample_rate", 8000), "media_format.sample_rate")
+        if encoding not in CODECS or rate != 8000:
             raise StreamProtocolError(f"unsupported media format {encoding}/{rate}")
         self.format = CODECS[encoding]
         declared = self._declared_codec(ccid)
@@ -238,24 +227,18 @@ class TelnyxStreamCodec(MediaStreamCodec):
         )
 
     def _media(self, msg: dict[str, Any]) -> StreamMessage:
+        media = wire.section(msg, "media")
+        if not wire.inbound_track(media):
+            return StreamIgnored("media")
         if self.format is None:
             raise StreamProtocolError("media before start")
-        media = _section(msg, "media")
-        if media.get("track", "inbound") not in ("inbound", "inbound_track"):
-            return StreamIgnored("media")
-        raw = media.get("payload")
-        if not isinstance(raw, str):
-            raise StreamProtocolError("media frame without a payload")
-        try:
-            payload = base64.b64decode(raw, validate=True)
-        except (binascii.Error, ValueError):
-            raise StreamProtocolError("media payload is not base64") from None
+        payload = wire.payload(media.get("payload"))
         # `media.chunk` counts media frames only; `sequence_number` counts every frame (a dtmf or
         # mark frame leaves a hole the reorder buffer would wait on), so chunk is preferred.
-        sequence = _int(media.get("chunk"))
+        sequence = wire.optional_int(media.get("chunk"), "media.chunk")
         if sequence is None:
-            sequence = _int(msg.get("sequence_number"))
-        return StreamMedia(payload, sequence, _int(media.get("timestamp")))
+            sequence = wire.optional_int(msg.get("sequence_number"), "sequence_number")
+        return StreamMedia(payload, sequence, wire.optional_int(media.get("timestamp"), "media.timestamp"))
 
     def encode_media(self, payload: bytes) -> str:
         if self._out_format is not None and self.format is not None:
@@ -267,13 +250,6 @@ class TelnyxStreamCodec(MediaStreamCodec):
 
     def encode_clear(self) -> str:
         return json.dumps({"event": "clear"})
-
-
-def _section(msg: dict[str, Any], key: str) -> dict[str, Any]:
-    value = msg.get(key)
-    if not isinstance(value, dict):
-        raise StreamProtocolError(f"{msg.get('event')} frame without {key!r}")
-    return value
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -289,18 +265,96 @@ def _custom_parameters(value: Any) -> dict[str, str]:
     return {}
 
 
-def _int(value: Any) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
 def verify_request(public_key: Ed25519PublicKey, request: WebhookRequest, now: float) -> WebhookVerdict:
     """Ed25519 over `timestamp|body`, the timestamp within five minutes of `now`."""
-    signature = request.headers.get(SIGNATURE_HEADER, "")
-    timestamp = request.headers.get(TIMESTAMP_HEADER, "")
+    signature = request.header(SIGNATURE_HEADER) or ""
+    timestamp = request.header(TIMESTAMP_HEADER) or ""
     ok, reason = verify_telnyx(public_key, signature, timestamp, request.body, now=now)
     if not ok:
         return WebhookVerdict(ok=False, reason=reason)
     return WebhookVerdict(ok=True, replay_key=telnyx_replay_key(timestamp, signature, request.body))
+
+
+# ------------------------------------------------------------------ webhook -> event + effects
+
+
+@dataclass(frozen=True, slots=True)
+class InboundOffered:
+    """An inbound call offered these codecs (the answer's stream codec is chosen from them)."""
+
+    ccid: str
+    offered_codecs: str
+
+
+Effect = InboundOffered | CallGone | SpeechHeard | HangUp
+
+
+def translate(hook: TelnyxEvent, query_call_id: str | None,
+              calls: CallLookup) -> tuple[CallEvent | None, list[Effect]]:
+    """One webhook -> the normalized event (or None) and the carrier's follow-ups. Pure: `calls`
+    is only read. A redelivery (same `data.id`) gives the same event key, so the manager applies
+    it once and its effects are not run again."""
+    p = hook.payload
+    ccid = p.get("call_control_id") if isinstance(p.get("call_control_id"), str) else None
+    state_call_id, tag = decode_state(p.get("client_state"))
+    call_id = query_call_id or state_call_id
+    kind = hook.event_type
+
+    def event(etype: EventType, **fields: Any) -> CallEvent:
+        ev = CallEvent(etype, call_id=call_id, provider_call_id=ccid, **fields)
+        if hook.event_id:
+            ev.dedupe_key = f"telnyx:{hook.event_id}"
+        return ev
+
+    if kind == "call.initiated":
+        if p.get("direction") != "incoming":
+            return event(EventType.INITIATED), []
+        if ccid is None:
+            return None, []
+        return (event(EventType.INITIATED, direction=Direction.INBOUND, from_number=_text(p.get("from")),
+                      to_number=_text(p.get("to"))),
+                [InboundOffered(ccid, _text(p.get("offered_codecs")))])
+    if kind == "call.answered":
+        return event(EventType.ANSWERED), []
+    if kind == "call.bridged":
+        return event(EventType.ACTIVE), []
+    if kind == "call.hangup":
+        call = calls.find_call(call_id, ccid) if call_id or ccid else None
+        direction = call.direction if call is not None else None
+        reason = end_reason(p.get("hangup_cause"), p.get("hangup_source"), direction)
+        return event(EventType.ENDED, reason=reason), [CallGone(provider_call_id=ccid)] if ccid else []
+    if kind == "call.dtmf.received":
+        call = calls.find_call(call_id, ccid) if call_id or ccid else None
+        if call is not None and call.media_attached:
+            return None, []  # the media stream reports the same key press (and in-band detection dedupes it)
+        digit = _text(p.get("digit"))
+        return (event(EventType.DTMF, digits=digit) if digit else None), []
+    if kind == "call.transcription":
+        return _speech(p, tag, event), []
+    if kind == "call.speak.ended":
+        return None, [SpeechHeard(tag, provider_call_id=ccid, status=str(p.get("status") or "completed"))]
+    if kind in ("call.machine.detection.ended", "call.machine.premium.detection.ended"):
+        if p.get("result") not in MACHINE_RESULTS:
+            return None, []
+        return event(EventType.ENDED, reason=CallState.VOICEMAIL), [HangUp(ccid)] if ccid else []
+    if kind == "streaming.failed":
+        log.warning("telnyx streaming failed on %s: %s", ccid, _text(p.get("failure_reason")) or "no reason")
+    return None, []
+
+
+def _speech(p: dict[str, Any], tag: str | None, event: Callable[..., CallEvent]) -> CallEvent | None:
+    data = p.get("transcription_data")
+    if not isinstance(data, dict) or data.get("transcription_track", "inbound") != "inbound":
+        return None
+    transcript = _text(data.get("transcript")).strip()
+    if not transcript:
+        return None
+    confidence = data.get("confidence")
+    token = tag.removeprefix("listen:") if tag and tag.startswith("listen:") else None
+    return event(EventType.SPEECH, transcript=transcript, is_final=bool(data.get("is_final", True)),
+                 confidence=float(confidence) if isinstance(confidence, int | float) else None,
+                 turn_token=token)
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""

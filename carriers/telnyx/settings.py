@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, SecretStr
+from pydantic import SecretStr
+
+from carriers.settings import CarrierSettings, ProviderContext
 
 
-class TelnyxSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+class TelnyxSettings(CarrierSettings):
+    ENV: ClassVar[dict[str, str]] = {"apiKey": "TELNYX_API_KEY", "connectionId": "TELNYX_CONNECTION_ID",
+                                     "publicKey": "TELNYX_PUBLIC_KEY"}
+    REQUIRED: ClassVar[tuple[str, ...]] = ("apiKey", "connectionId")
+    NEEDS_FROM_NUMBER: ClassVar[bool] = True
 
     apiKey: SecretStr | None = None
     connectionId: str | None = None
@@ -18,3 +23,7 @@ class TelnyxSettings(BaseModel):
     voice: str = "AWS.Polly.Joanna-Neural"  # native speak when no media stream is up
     language: str = "en-US"
     answeringMachineDetection: str | None = None
+
+    def required_keys(self, context: ProviderContext) -> tuple[str, ...]:
+        # webhooks are Ed25519-signed; without the key none could be verified
+        return self.REQUIRED if context.skip_signature_verification else (*self.REQUIRED, "publicKey")

@@ -1,4 +1,7 @@
-"""Twilio Programmable Voice: protocol.py (pure TwiML, callbacks, stream codec, signatures), carrier.py (REST + streams), settings.py."""
+"""Twilio Programmable Voice.
+
+protocol.py (pure TwiML, callbacks, stream codec, signatures), carrier.py (REST + streams), settings.py.
+"""
 
 from carriers import lazy_exports
 

@@ -26,24 +26,28 @@ import asyncio
 import logging
 import math
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import quoteattr
 
 from bridge.calls import CallEvent, CallMode, CallRecord, CallState, Direction, EventType
-from bridge.config import Settings
 from carriers.base import (
+    CallGone,
+    CallLookup,
     Carrier,
     CarrierError,
     MediaStreamCodec,
     OutboundRequest,
     ProviderStatus,
+    SpeechHeard,
     WebhookReply,
     WebhookRequest,
     WebhookResult,
     WebhookVerdict,
 )
 from carriers.http import CarrierHttp
+from carriers.speech import wait_spoken
 from carriers.twilio.protocol import (
     EMPTY_TWIML,
     HANGUP_TWIML,
@@ -56,6 +60,7 @@ from carriers.twilio.protocol import (
     direction,
     float_param,
     gather_verb,
+    inbound_events,
     redirect_verb,
     say_verb,
     say_voice,
@@ -64,14 +69,15 @@ from carriers.twilio.protocol import (
     twiml,
     verify_request,
 )
+from carriers.twilio.settings import TwilioSettings
+
+if TYPE_CHECKING:
+    from bridge.config import Settings
 
 log = logging.getLogger(__name__)
 
 API_VERSION = "2010-04-01"
 STATUS_EVENTS = ("initiated", "ringing", "answered", "completed")
-# Seconds to wait for Twilio to finish a <Say>: generous (slow voices), and bounded.
-SAY_WAIT_BASE_S = 10.0
-SAY_WAIT_CHARS_PER_S = 5.0
 PURGE_AT = 1024  # per-call bookkeeping entries before ended calls are swept
 TWIML_PARAM_MAX = 4000  # Calls API: longer TwiML must come from a URL
 
@@ -108,7 +114,7 @@ class TwilioCarrier(Carrier):
     reports_dtmf = True
 
     def __init__(self, settings: Settings) -> None:
-        twilio = settings.twilio
+        twilio = self.twilio = settings.section(TwilioSettings)
         if not twilio.accountSid or twilio.authToken is None:
             raise CarrierError("twilio: accountSid and authToken are required")
         self.settings = settings
@@ -152,7 +158,7 @@ class TwilioCarrier(Carrier):
         return twiml(gather_verb(action), redirect_verb(again))
 
     def _after_say_twiml(self, call: CallRecord | None, call_id: str) -> str:
-        if call is not None and call.metadata.get("mode") == CallMode.NOTIFY and call.direction == Direction.OUTBOUND:
+        if call is not None and call.mode == CallMode.NOTIFY and call.direction == Direction.OUTBOUND:
             # The manager hangs up notifyHangupDelaySec after the message; this is only a safety net.
             pause = self.settings.outbound.notifyHangupDelaySec + 2
             return twiml(f'<Pause length="{pause}"/>', "<Hangup/>")
@@ -209,8 +215,8 @@ class TwilioCarrier(Carrier):
             *(("StatusCallbackEvent", event) for event in STATUS_EVENTS),
             ("Timeout", str(min(600, max(1, math.ceil(self.settings.ringTimeoutMs / 1000))))),
         ]
-        if self.settings.twilio.machineDetection:
-            form.append(("MachineDetection", self.settings.twilio.machineDetection))
+        if self.twilio.machineDetection:
+            form.append(("MachineDetection", self.twilio.machineDetection))
         if not request.stream and request.message:
             # Said by the answer TwiML (fetched once the callee picks up), not by a second request.
             self._state(call.callId).initial = _Say.new(call.callId, request.message)
@@ -241,7 +247,7 @@ class TwilioCarrier(Carrier):
         return None  # the voice-URL reply is <Reject/>: Twilio never answers the call
 
     async def speak_native(self, call: CallRecord, text: str) -> None:
-        if call.metadata.get("mediaAttached"):
+        if call.media_attached:
             raise CarrierError("twilio: a media stream is active; replacing its TwiML would cut the stream")
         state = self._state(call.callId)
         initial = state.initial
@@ -254,19 +260,15 @@ class TwilioCarrier(Carrier):
         await self._wait_said(say)
 
     async def _wait_said(self, say: _Say) -> None:
-        bound = SAY_WAIT_BASE_S + len(say.text) / SAY_WAIT_CHARS_PER_S
-        try:
-            await self.host.clock.wait_for(asyncio.shield(say.done), bound)
-        except TimeoutError:
-            log.warning("call %s: Twilio did not report the end of a <Say> within %.0fs", say.call_id, bound)
+        await wait_spoken(self.host.clock, say.done, say.text, carrier=self.name, call_id=say.call_id)
 
     async def start_listening(self, call: CallRecord, turn_token: str) -> None:
-        if call.metadata.get("mediaAttached"):
+        if call.media_attached:
             return  # the stream's own STT listens; never replace live TwiML under a stream
         await self._set_twiml(call, self.listen_twiml(call.callId, turn_token))
 
     async def send_dtmf(self, call: CallRecord, digits: str) -> None:
-        if call.metadata.get("mediaAttached"):
+        if call.media_attached:
             raise CarrierError("twilio: a media stream is active; send DTMF as in-band tones on it")
         if not digits or any(d not in "0123456789*#wW" for d in digits):
             raise CarrierError("twilio: DTMF digits must be 0-9, *, # or w (pause)")
@@ -294,52 +296,49 @@ class TwilioCarrier(Carrier):
     def verify_webhook(self, request: WebhookRequest) -> WebhookVerdict:
         return verify_request(self._token, request)
 
-    def parse_webhook(self, request: WebhookRequest) -> WebhookResult:
+    def parse_webhook(self, request: WebhookRequest, calls: CallLookup) -> WebhookResult:
         kind = request.query_value("type")
         call_id = request.query_value("callId")
         sid = request.param("CallSid")
         status = (request.param("CallStatus") or "").lower()
         if kind == "said":
-            return self._on_said(call_id, request.query_value("say"))
+            return WebhookResult(respond=self._after_said, effects=[SpeechHeard(request.query_value("say"), call_id=call_id)])
         if kind == "twiml":
-            state = self._calls.get(call_id or "")
-            document = state.documents.pop(request.query_value("doc") or "", None) if state else None
-            return WebhookResult(reply=WebhookReply(200, document or HANGUP_TWIML, XML))
+            doc_id = request.query_value("doc") or ""
+            return WebhookResult(respond=lambda _: self._document(call_id or "", doc_id))
         if kind == "listen":
             token = request.query_value("turnToken")
-            call = self.host.get_call(call_id or "")
-            if call is None or call.terminal:
-                return WebhookResult(reply=WebhookReply(200, HANGUP_TWIML, XML))
-            return WebhookResult(reply=WebhookReply(200, self.listen_twiml(call.callId, token), XML))
+            return WebhookResult(respond=lambda call: self._listen_reply(call, token))
         speech = request.param("SpeechResult")
         digits = request.param("Digits")
         if kind == "gather" or request.query_value("turnToken") is not None or speech is not None or digits:
             return self._on_gather(request, call_id, sid, speech, digits)
         events = status_events(request, call_id, sid, status)
-        if call_id and any(e.type == EventType.ENDED for e in events):
-            self._finish_says(call_id)  # a speak_native waiting for a <Say> returns now
+        # a speak_native waiting for a <Say> returns once the call ended
+        ended = call_id and any(e.type == EventType.ENDED for e in events)
+        effects: list[object] = [CallGone(call_id=call_id)] if call_id and ended else []
         if kind == "status" or status in TERMINAL_STATUS:
-            return WebhookResult(events=events, reply=WebhookReply(200, EMPTY_TWIML, XML))
-        # The voice URL: Twilio asks what to do with a call it just connected.
+            return WebhookResult(events=events, reply=WebhookReply(200, EMPTY_TWIML, XML), effects=effects)
+        # The voice URL: Twilio asks what to do with a call it just connected. (When the `answered`
+        # callback came first, this ANSWERED has the same key and the manager skips it.)
         inbound = direction(request.param("Direction")) == Direction.INBOUND and not call_id
-        known = self.host.get_call(call_id) if call_id else None
-        if known is not None and known.answeredAt is not None:  # the `answered` callback came first
-            events = [e for e in events if e.type != EventType.ANSWERED]
         if inbound and sid:
-            ended = [e for e in events if e.type == EventType.ENDED]
-            events = [CallEvent(EventType.INITIATED, provider_call_id=sid, direction=Direction.INBOUND,
-                                from_number=request.param("From"), to_number=request.param("To")),
-                      # our TwiML answers it (an ANSWERED for a call the policy refused is ignored)
-                      *(ended or [CallEvent(EventType.ANSWERED, provider_call_id=sid)])]
+            events = inbound_events(request, sid, events)
 
         def respond(processed: CallRecord | None) -> WebhookReply:
-            return self._answer_reply(processed or (self.host.get_call(call_id) if call_id else None), inbound)
+            return self._answer_reply(processed, inbound)
 
-        return WebhookResult(events=events, respond=respond)
+        return WebhookResult(events=events, respond=respond, effects=effects)
 
+    def apply_effects(self, effects: Sequence[object]) -> None:
+        for effect in effects:
+            if isinstance(effect, SpeechHeard) and effect.call_id:
+                self._said(effect.call_id, effect.key)
+            elif isinstance(effect, CallGone) and effect.call_id:
+                self._finish_says(effect.call_id)
 
-    def _on_said(self, call_id: str | None, say_id: str | None) -> WebhookResult:
-        state = self._calls.get(call_id or "")
+    def _said(self, call_id: str, say_id: str | None) -> None:
+        state = self._calls.get(call_id)
         say = None
         if state is not None:
             say = state.says.pop(say_id or "", None)
@@ -348,13 +347,21 @@ class TwilioCarrier(Carrier):
         if say is not None and not say.done.done():
             say.done.set_result(None)
 
-        def respond(_: CallRecord | None) -> WebhookReply:
-            call = self.host.get_call(call_id or "")
-            if call is None or call.terminal:
-                return WebhookReply(200, HANGUP_TWIML, XML)
-            return WebhookReply(200, self._after_say_twiml(call, call.callId), XML)
+    def _after_said(self, call: CallRecord | None) -> WebhookReply:
+        if call is None or call.terminal:
+            return WebhookReply(200, HANGUP_TWIML, XML)
+        return WebhookReply(200, self._after_say_twiml(call, call.callId), XML)
 
-        return WebhookResult(respond=respond)
+    def _document(self, call_id: str, doc_id: str) -> WebhookReply:
+        """TwiML too long for the REST parameter, served once by URL."""
+        state = self._calls.get(call_id)
+        document = state.documents.pop(doc_id, None) if state else None
+        return WebhookReply(200, document or HANGUP_TWIML, XML)
+
+    def _listen_reply(self, call: CallRecord | None, token: str | None) -> WebhookReply:
+        if call is None or call.terminal:
+            return WebhookReply(200, HANGUP_TWIML, XML)
+        return WebhookReply(200, self.listen_twiml(call.callId, token), XML)
 
     def _on_gather(self, request: WebhookRequest, call_id: str | None, sid: str | None, speech: str | None,
                    digits: str | None) -> WebhookResult:
@@ -367,8 +374,7 @@ class TwilioCarrier(Carrier):
         if digits:
             events.append(CallEvent(EventType.DTMF, call_id=call_id, provider_call_id=sid, digits=digits))
 
-        def respond(processed: CallRecord | None) -> WebhookReply:
-            call = processed or self.host.get_call(call_id or "")
+        def respond(call: CallRecord | None) -> WebhookReply:
             if call is None or call.terminal:
                 return WebhookReply(200, HANGUP_TWIML, XML)
             # Keep listening: a reply or the next turn replaces this TwiML through the REST API.
@@ -385,8 +391,8 @@ class TwilioCarrier(Carrier):
             parameters = {"token": self.host.stream_token(call.callId), "callId": call.callId}
             return WebhookReply(200, twiml(stream_verb(self.host.stream_url(), parameters)), XML)
         state = self._state(call.callId)
-        message = str(call.metadata.get("initialMessage") or "")
-        if state.initial is None and message and not call.metadata.get("initialMessageSpoken"):
+        message = call.initial_message
+        if state.initial is None and message and not call.initial_message_spoken:
             state.initial = _Say.new(call.callId, message)
         initial = state.initial
         if initial is None or initial.served:

@@ -5,14 +5,12 @@ stream's id)."""
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
 from bridge.calls import CallEvent, CallState, Direction, EventType
-from bridge.security import twilio_replay_key
-from bridge.signatures import verify_twilio
+from carriers import wire
 from carriers.base import (
     MediaStreamCodec,
     StreamDtmf,
@@ -26,6 +24,7 @@ from carriers.base import (
     WebhookRequest,
     WebhookVerdict,
 )
+from carriers.signatures import twilio_replay_key, verify_twilio
 from media.formats import ULAW_8K
 
 SIGNATURE_HEADER = "X-Twilio-Signature"
@@ -89,51 +88,41 @@ class TwilioStreamCodec(MediaStreamCodec):
         self._sid_json = ""
 
     def parse(self, text: str) -> StreamMessage:
-        try:
-            msg = json.loads(text)
-        except ValueError:
-            raise StreamProtocolError("not JSON") from None
-        if not isinstance(msg, dict):
-            raise StreamProtocolError("frame is not a JSON object")
-        event = msg.get("event")
-        try:
-            if event == "media":
-                media = msg["media"]
-                if media.get("track", "inbound") not in ("inbound", "inbound_track"):
-                    return StreamIgnored("media")
-                chunk = media.get("chunk")
-                stamp = media.get("timestamp")
-                return StreamMedia(base64.b64decode(media["payload"], validate=True),
-                                   int(chunk) if chunk is not None else None,
-                                   int(stamp) if stamp is not None else None)
-            if event == "start":
-                return self._start(msg)
-            if event == "mark":
-                return StreamMark(str(msg["mark"]["name"]))
-            if event == "dtmf":
-                return StreamDtmf(str(msg["dtmf"]["digit"]))
-            if event == "stop":
-                return StreamStop()
-        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
-            raise StreamProtocolError(f"bad {event} frame: {type(exc).__name__}") from None
-        if isinstance(event, str):
-            return StreamIgnored(event)  # connected, and events Twilio may add later
-        raise StreamProtocolError("frame has no event")
+        event, msg = wire.json_frame(text)
+        if event == "media":
+            media = wire.section(msg, "media")
+            if not wire.inbound_track(media):
+                return StreamIgnored("media")
+            if self.stream_sid is None:
+                raise StreamProtocolError("media before start")
+            return StreamMedia(wire.payload(media.get("payload")),
+                               wire.optional_int(media.get("chunk"), "media.chunk"),
+                               wire.optional_int(media.get("timestamp"), "media.timestamp"))
+        if event == "start":
+            return self._start(msg)
+        if event == "mark":
+            return StreamMark(wire.mark_name(wire.section(msg, "mark").get("name")))
+        if event == "dtmf":
+            return StreamDtmf(wire.digit(wire.section(msg, "dtmf").get("digit")))
+        if event == "stop":
+            return StreamStop()
+        return StreamIgnored(event)  # connected, and events Twilio may add later
 
     def _start(self, msg: dict[str, Any]) -> StreamStart:
-        start = msg["start"]
+        start = wire.section(msg, "start")
         call_sid = start.get("callSid")
         stream_sid = start.get("streamSid") or msg.get("streamSid")
-        if not call_sid or not stream_sid:
+        if not isinstance(call_sid, str) or not call_sid or not isinstance(stream_sid, str) or not stream_sid:
             raise StreamProtocolError("start without callSid/streamSid")
-        fmt = start.get("mediaFormat") or {}
-        if fmt and (fmt.get("encoding") != "audio/x-mulaw" or int(fmt.get("sampleRate", 8000)) != 8000):
+        fmt = wire.optional_section(start, "mediaFormat")
+        rate = wire.optional_int(fmt.get("sampleRate", 8000), "mediaFormat.sampleRate")
+        if fmt and (fmt.get("encoding") != "audio/x-mulaw" or rate != 8000):
             raise StreamProtocolError(f"unsupported media format {fmt.get('encoding')}/{fmt.get('sampleRate')}")
-        custom = {str(k): str(v) for k, v in (start.get("customParameters") or {}).items()}
-        self.stream_sid = str(stream_sid)
+        custom = {str(k): str(v) for k, v in wire.optional_section(start, "customParameters").items()}
+        self.stream_sid = stream_sid
         self._sid_json = json.dumps(self.stream_sid)
         self._media_prefix = '{"event":"media","streamSid":' + self._sid_json + ',"media":{"payload":"'
-        return StreamStart(provider_call_id=str(call_sid), stream_id=self.stream_sid, format=ULAW_8K,
+        return StreamStart(provider_call_id=call_sid, stream_id=self.stream_sid, format=ULAW_8K,
                            token=custom.get("token"), call_id=custom.get("callId"), custom=custom)
 
     def encode_media(self, payload: bytes) -> str:
@@ -151,7 +140,7 @@ class TwilioStreamCodec(MediaStreamCodec):
 
 def verify_request(auth_token: str, request: WebhookRequest) -> WebhookVerdict:
     """X-Twilio-Signature over the public URL (or a port variant) and the form parameters."""
-    signature = request.headers.get(SIGNATURE_HEADER, "")
+    signature = request.header(SIGNATURE_HEADER) or ""
     if not signature:
         return WebhookVerdict(ok=False, reason="missing X-Twilio-Signature")
     urls = [request.public_url, *request.url_variants]
@@ -164,7 +153,7 @@ def status_events(request: WebhookRequest, call_id: str | None, sid: str | None,
     """The events of a status callback (or of the voice URL's request), from CallStatus and AnsweredBy."""
 
     def event(kind: EventType, **extra: Any) -> CallEvent:
-        return CallEvent(kind, call_id=call_id, provider_call_id=sid, **extra)
+        return lifecycle_event(kind, sid, call_id=call_id, **extra)
 
     answered_by = (request.param("AnsweredBy") or "").lower()
     if answered_by.startswith("machine") or answered_by == "fax":
@@ -178,6 +167,24 @@ def status_events(request: WebhookRequest, call_id: str | None, sid: str | None,
     if status in TERMINAL_STATUS:
         return [event(EventType.ENDED, reason=TERMINAL_STATUS[status])]
     return []
+
+
+def lifecycle_event(kind: EventType, sid: str | None, **fields: Any) -> CallEvent:
+    """A call-progress event. Each happens once per call, so its key is the CallSid and the kind:
+    the voice URL's ANSWERED after the `answered` callback (or a redelivery) is applied once."""
+    event = CallEvent(kind, provider_call_id=sid, **fields)
+    if sid:
+        event.dedupe_key = f"twilio:{sid}:{kind.value}"
+    return event
+
+
+def inbound_events(request: WebhookRequest, sid: str, events: list[CallEvent]) -> list[CallEvent]:
+    """The voice URL of a call to our number: the inbound call, answered by our TwiML (an ANSWERED
+    for a call the policy refused is ignored), or ended if Twilio says so already."""
+    ended = [e for e in events if e.type == EventType.ENDED]
+    return [lifecycle_event(EventType.INITIATED, sid, direction=Direction.INBOUND, from_number=request.param("From"),
+                            to_number=request.param("To")),
+            *(ended or [lifecycle_event(EventType.ANSWERED, sid)])]
 
 
 LIVE_STATUS = {"queued": CallState.INITIATED, "initiated": CallState.INITIATED, "ringing": CallState.RINGING,

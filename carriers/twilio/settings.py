@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, SecretStr
+from pydantic import SecretStr
+
+from carriers.settings import CarrierSettings
 
 
-class TwilioSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+class TwilioSettings(CarrierSettings):
+    ENV: ClassVar[dict[str, str]] = {"accountSid": "TWILIO_ACCOUNT_SID", "authToken": "TWILIO_AUTH_TOKEN"}
+    REQUIRED: ClassVar[tuple[str, ...]] = ("accountSid", "authToken")
+    NEEDS_FROM_NUMBER: ClassVar[bool] = True
 
     accountSid: str | None = None
     authToken: SecretStr | None = None

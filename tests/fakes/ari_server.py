@@ -181,6 +181,7 @@ class FakeBridge:
 
 class FakeAsterisk:
     def __init__(self, username: str = "voicecall", password: str = "ari-secret-pw", app: str = "voicecall") -> None:
+        self._sends: set[asyncio.Future[None]] = set()  # event sends in flight, kept referenced
         self.username = username
         self.password = password
         self.app = app
@@ -303,7 +304,8 @@ class FakeAsterisk:
         text = json.dumps(event)
         for ws in list(self._sockets):
             if not ws.closed:
-                asyncio.ensure_future(ws.send_str(text))
+                self._sends.add(task := asyncio.ensure_future(ws.send_str(text)))
+                task.add_done_callback(self._sends.discard)
 
     def _set_state(self, channel: FakeChannel, state: str) -> None:
         channel.state = state

@@ -52,15 +52,22 @@ class SignedJsonCarrier(RecordingCarrier):
     server's generic webhook pipeline and stream limits without any one real carrier's quirks.
 
     Webhook: header X-Test-Signature = hex HMAC-SHA256(secret, public_url + body); body
-    {"id", "callId"?, "providerCallId", "type", "direction"?, "from"?}.
+    {"id", "callId"?, "providerCallId", "type", "direction"?, "from"?, "eventKey"?, "effects"?}.
+    `eventKey` is a carrier-stable event id (its redeliveries share it, as Telnyx's `data.id`);
+    `effects` (names) come back from parse and are recorded in `applied` when the server runs them.
     Stream frames: {"event": "start", "callSid", "token"}, {"event": "media", "payload": hex},
     {"event": "mark", "name"}, {"event": "stop"}.
     """
 
     name = "fake"
     signature_headers = ("X-Test-Signature",)
+    applied: list[str]
     streams_media = True
     SECRET = b"test-secret"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.applied = []
 
     def sign(self, url: str, body: bytes) -> str:
         import hashlib
@@ -73,13 +80,13 @@ class SignedJsonCarrier(RecordingCarrier):
 
         from carriers.base import WebhookVerdict
 
-        presented = request.headers.get("X-Test-Signature", "")
+        presented = request.header("X-Test-Signature") or ""
         for url in [request.public_url, *request.url_variants]:
             if hmac.compare_digest(self.sign(url, request.body), presented):
                 return WebhookVerdict(ok=True, replay_key=presented)
         return WebhookVerdict(ok=False, reason="bad signature")
 
-    def parse_webhook(self, request):  # type: ignore[no-untyped-def]
+    def parse_webhook(self, request, calls):  # type: ignore[no-untyped-def]
         import json
 
         from bridge.calls import CallEvent, Direction, EventType
@@ -89,9 +96,13 @@ class SignedJsonCarrier(RecordingCarrier):
         event = CallEvent(EventType(data["type"]), call_id=data.get("callId"),
                           provider_call_id=data.get("providerCallId"), id=data["id"],
                           direction=Direction(data["direction"]) if data.get("direction") else None,
-                          from_number=data.get("from"), digits=data.get("digits"))
+                          from_number=data.get("from"), digits=data.get("digits"), dedupe_key=data.get("eventKey"))
         return WebhookResult(events=[event], respond=lambda call: WebhookReply(
-            200, json.dumps({"callId": call.callId if call else None}), "application/json"))
+            200, json.dumps({"callId": call.callId if call else None}), "application/json"),
+            effects=list(data.get("effects", [])))
+
+    def apply_effects(self, effects):  # type: ignore[no-untyped-def]
+        self.applied.extend(effects)
 
     def open_stream(self):  # type: ignore[no-untyped-def]
         return JsonStreamCodec()
@@ -132,10 +143,10 @@ class JsonStreamCodec(MediaStreamCodec):
         raise StreamProtocolError(f"unknown event {event!r}")
 
     def encode_media(self, payload: bytes) -> str:
-        return '{"event":"media","payload":"%s"}' % payload.hex()
+        return f'{{"event":"media","payload":"{payload.hex()}"}}'
 
     def encode_mark(self, name: str) -> str:
-        return '{"event":"mark","name":"%s"}' % name
+        return f'{{"event":"mark","name":"{name}"}}'
 
     def encode_clear(self) -> str:
         return '{"event":"clear"}'

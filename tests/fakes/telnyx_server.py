@@ -159,7 +159,7 @@ class FakeMediaStream:
         self._pending_marks = [(n, h) for n, h in self._pending_marks if n != name]
         self._played(self._loop.time())
         self.marks_echoed.append(name)
-        asyncio.ensure_future(self.send({"event": "mark", "sequence_number": str(next(self._seq)),
+        self.call.fake._spawn(self.send({"event": "mark", "sequence_number": str(next(self._seq)),
                                          "stream_id": self.stream_id, "mark": {"name": name}}))
 
     def _clear(self) -> None:
@@ -239,6 +239,7 @@ class FakeCall:
     state: str = "parked"  # parked | answered | ended
     dial: dict[str, Any] = field(default_factory=dict)
     commands: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    received: list[str] = field(default_factory=list)  # every command asked for, even refused ones
     command_ids: set[str] = field(default_factory=set)
     stream: FakeMediaStream | None = None
     transcribing: bool = False
@@ -532,6 +533,7 @@ class FakeTelnyx:
             return self._error(404, "10005", "Resource not found")
         command = request.match_info["command"]
         body = await self._body(request)
+        call.received.append(command)
         command_id = body.get("command_id")
         if command_id and command_id in call.command_ids:
             return web.json_response({"data": {"result": "ok"}})  # duplicate command: ignored

@@ -66,7 +66,7 @@ def twilio_sign(auth_token: str, url: str, params: dict[str, str]) -> str:
     try:
         from twilio.request_validator import RequestValidator
     except ImportError:  # benchmarks may run without the SDK
-        from bridge.signatures import twilio_signature
+        from carriers.signatures import twilio_signature
 
         return twilio_signature(auth_token, url, params)
     return str(RequestValidator(auth_token).compute_signature(url, params))

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from bridge.calls import CallEvent, CallRecord, CallState, Direction, EventType
-from bridge.clock import RealClock
+from media.clock import RealClock
 
 FRAME_S = 0.02
 

@@ -1,4 +1,7 @@
-"""Injectable time: the manager's timers and timeouts use a Clock, so tests advance time instead of sleeping."""
+"""Injectable time: timers, timeouts and pacing use a Clock, so tests advance time instead of sleeping.
+
+In media/ because the media path paces on it and media/ imports nothing of bridge/ or carriers/.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import heapq
 import itertools
 import time
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -49,6 +52,16 @@ class RealClock:
         return await asyncio.wait_for(awaitable, timeout)
 
 
+def _settle(fut: asyncio.Future[Any], outcome: BaseException | None) -> None:
+    """Resolve `fut` (with None, or the exception) unless it is done already."""
+    if fut.done():
+        return
+    if outcome is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(outcome)
+
+
 class _FakeTimer:
     __slots__ = ("when", "callback", "cancelled")
 
@@ -83,12 +96,12 @@ class FakeClock:
 
     async def sleep(self, seconds: float) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.call_later(seconds, lambda: fut.done() or fut.set_result(None))
+        self.call_later(seconds, lambda: _settle(fut, None))
         await fut
 
     async def wait_for(self, awaitable: asyncio.Future[T], timeout: float) -> T:
         fut = asyncio.ensure_future(awaitable)
-        timer = self.call_later(timeout, lambda: fut.done() or fut.set_exception(TimeoutError()))
+        timer = self.call_later(timeout, lambda: _settle(fut, TimeoutError()))
         try:
             return await fut
         finally:

@@ -1,4 +1,4 @@
-"""Webhook signature algorithms for Twilio, Telnyx and Plivo (sans-I/O).
+"""Webhook signature algorithms and replay keys for Twilio, Telnyx and Plivo (sans-I/O).
 
 Pure functions over str/bytes: the server hands in the reconstructed public URL(s), the parsed
 parameters, the raw body and the signature headers; nothing here reads sockets or the clock.
@@ -12,8 +12,8 @@ import base64
 import binascii
 import hashlib
 import hmac
+import json
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Union
 from urllib.parse import SplitResult, parse_qsl, urlsplit, urlunsplit
 
 from cryptography.exceptions import InvalidSignature
@@ -36,11 +36,14 @@ __all__ = [
     "verify_plivo_v2",
     "plivo_v1_signature",
     "verify_plivo_v1",
+    "twilio_replay_key",
+    "telnyx_replay_key",
+    "plivo_replay_key",
 ]
 
 # Pairs (keeps repeated names, e.g. a form body), or a mapping whose values are a string or a
 # sequence of strings (a dict, or an aiohttp MultiDict whose items() repeat names).
-Params = Union[Iterable[tuple[str, str]], Mapping[str, Union[str, Sequence[str]]]]
+Params = Iterable[tuple[str, str]] | Mapping[str, str | Sequence[str]]
 
 
 def normalize_params(params: Params | None) -> dict[str, list[str]]:
@@ -318,3 +321,29 @@ def verify_plivo_v1(auth_token: str, url: str, params: Params | None, signature:
     if not auth_token or not signature:
         return False
     return _secure_equals(plivo_v1_signature(auth_token, url, params), signature.strip())
+
+
+# ------------------------------------------------------------------------------ replay keys
+
+
+def _digest(provider: str, *fields: object) -> str:
+    # JSON framing keeps field boundaries unambiguous ("ab"+"c" never equals "a"+"bc").
+    blob = json.dumps([provider, *fields], ensure_ascii=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("ascii")).hexdigest()
+
+
+def twilio_replay_key(url: str, params: Params, signature: str) -> str:
+    grouped = normalize_params(params)
+    canonical = [[name, sorted(grouped[name])] for name in sorted(grouped)]
+    return _digest("twilio", url, canonical, signature.strip())
+
+
+def telnyx_replay_key(timestamp: str, signature: str, body: bytes) -> str:
+    # The same signature re-encoded (base64 vs base64url, padding) is the same delivery.
+    raw = decode_telnyx_signature(signature)
+    sig = raw.hex() if raw is not None else signature.strip()
+    return _digest("telnyx", timestamp.strip(), sig, hashlib.sha256(body).hexdigest())
+
+
+def plivo_replay_key(base_url: str, nonce: str) -> str:
+    return _digest("plivo", base_url, nonce.strip())

@@ -1,0 +1,95 @@
+"""Shared readers for the carriers' JSON media-stream dialects (sans-I/O).
+
+Every WebSocket codec (Twilio, Telnyx, Plivo) reads its frames with these, so the same malformed
+frame gets the same verdict everywhere (tests/test_stream_conformance.py): a frame that breaks
+the protocol raises StreamProtocolError and the stream is closed; a well-formed frame of a kind we
+do not use is ignored.
+
+Verdicts: not JSON, not an object, no string `event`: refused. A section (`media`, `dtmf`, ...)
+that is not an object: refused. A DTMF digit that is not exactly one of 0-9 * # A-D: refused
+(a-d is taken as A-D). A sequence/chunk/timestamp that is present but not an integer (an int, or
+a string of decimal digits): refused. A payload that is not strict base64: refused. A mark name
+that is not a string: refused (we only ever send string names).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from carriers.base import StreamProtocolError
+from media.dtmf import DtmfDigit, dtmf_digit
+
+
+def json_frame(text: str) -> tuple[str, dict[str, Any]]:
+    """(event, frame) of a text frame."""
+    try:
+        frame = json.loads(text)
+    except ValueError:
+        raise StreamProtocolError("frame is not JSON") from None
+    if not isinstance(frame, dict):
+        raise StreamProtocolError("frame is not a JSON object")
+    event = frame.get("event")
+    if not isinstance(event, str) or not event:
+        raise StreamProtocolError("frame has no event")
+    return event, frame
+
+
+def section(frame: dict[str, Any], key: str) -> dict[str, Any]:
+    value = frame.get(key)
+    if not isinstance(value, dict):
+        raise StreamProtocolError(f"{frame.get('event')} frame without a {key!r} object")
+    return value
+
+
+def optional_section(frame: dict[str, Any], key: str) -> dict[str, Any]:
+    """A section that may be absent (then empty); present, it must be an object."""
+    if frame.get(key) is None:
+        return {}
+    return section(frame, key)
+
+
+def optional_int(value: Any, what: str) -> int | None:
+    """None when absent; an int or a string of decimal digits; anything else is refused."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.isascii() and value.lstrip("-").isdigit():
+        return int(value)
+    raise StreamProtocolError(f"{what} is not an integer")
+
+
+def text(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise StreamProtocolError(f"{what} is missing or not a string")
+    return value
+
+
+def payload(value: Any) -> bytes:
+    if not isinstance(value, str):
+        raise StreamProtocolError("media frame without a payload")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise StreamProtocolError("media payload is not base64") from None
+
+
+def digit(value: Any) -> DtmfDigit:
+    try:
+        return dtmf_digit(value)
+    except ValueError:
+        raise StreamProtocolError("dtmf frame without a valid digit (one of 0-9 * # A-D)") from None
+
+
+def mark_name(value: Any) -> str:
+    if not isinstance(value, str):
+        raise StreamProtocolError("mark frame without a string name")
+    return value
+
+
+def inbound_track(media: dict[str, Any]) -> bool:
+    """Only the caller's audio is ours to take (an outbound track echoes what we sent)."""
+    return media.get("track", "inbound") in ("inbound", "inbound_track")
