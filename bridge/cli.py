@@ -126,6 +126,10 @@ def cmd_call(args: argparse.Namespace) -> int:
     params = {"message": args.message, "mode": args.mode}
     if args.to:
         params["to"] = args.to
+    if args.machine_detection:
+        params["machineDetection"] = args.machine_detection
+    if args.dtmf:
+        params["dtmfSequence"] = args.dtmf
     result = _rpc(args, "voicecall.initiate", params)
     _emit(args, result, f"call {result['callId']} initiated")
     return 0
@@ -315,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-t", "--to")
         p.add_argument("-m", "--message", required=True)
         p.add_argument("--mode", choices=["notify", "conversation"], default="conversation")
+        p.add_argument("--machine-detection", choices=["off", "detect", "hangup", "leave-message"])
+        p.add_argument("--dtmf", help="keys to send after answer, e.g. 1234w# (w = 0.5 s pause)")
     for name, func in (("continue", cmd_continue), ("speak", cmd_speak)):
         p = add(name, func, f"{name} on a live call")
         p.add_argument("--call-id", required=True)

@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from carriers.registry import settings_sections
 from carriers.settings import CarrierSettings, ProviderContext
@@ -44,9 +53,53 @@ class ServeSettings(Section):
     eventLoop: Literal["auto", "asyncio", "uvloop"] = "auto"  # auto: uvloop when installed (extra `fast`)
 
 
+MachineDetectionMode = Literal["off", "detect", "hangup", "leave-message"]
+
+
 class OutboundSettings(Section):
     defaultMode: Literal["notify", "conversation"] = "notify"
     notifyHangupDelaySec: int = Field(3, ge=0)
+    # Answering machines on outbound calls: detect (record answeredBy), hangup (end machines at
+    # once) or leave-message (speak the message after the greeting/beep, end as voicemail).
+    machineDetection: MachineDetectionMode = "off"
+
+    @field_validator("machineDetection", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
+
+class AmdSettings(Section):
+    """The local answering-machine detector (media/amd.py), Asterisk amd.conf names and defaults."""
+
+    initialSilence: int = Field(2500, gt=0)
+    greeting: int = Field(1500, gt=0)
+    afterGreetingSilence: int = Field(800, gt=0)
+    totalAnalysisTime: int = Field(5000, gt=0)
+    minimumWordLength: int = Field(100, gt=0)
+    betweenWordsSilence: int = Field(50, gt=0)
+    maximumNumberOfWords: int = Field(2, ge=1)
+    silenceThreshold: int = Field(256, ge=0, le=32767)
+    maximumWordLength: int = Field(5000, gt=0)
+    noiseAdaptive: bool = True  # silence = under the threshold or near the line's noise floor
+    noiseFactor: float = Field(2.0, ge=1.0)
+    # leave-message: the greeting is over at the end of its beep, or after this much silence
+    greetingEndSilenceMs: int = Field(2000, gt=0)
+    maxGreetingWaitMs: int = Field(30_000, gt=0)
+    voicemailMessage: str | None = None  # default: the call's own message
+
+
+class CallEndedHook(Section):
+    url: str = Field(pattern=r"^https?://")
+    secret: SecretStr
+    timeoutMs: int = Field(5000, gt=0)
+    maxAttempts: int = Field(12, ge=1)
+    retryBaseMs: int = Field(1000, gt=0)  # doubles per attempt
+    retryMaxMs: int = Field(300_000, gt=0)
+
+
+class HooksSettings(Section):
+    callEnded: CallEndedHook | None = None
 
 
 class TailscaleSettings(Section):
@@ -157,6 +210,8 @@ class CoreSettings(Section):
     allowFrom: list[str] = Field(default_factory=list)
     inboundGreeting: str = "Hello! How can I help you today?"
     outbound: OutboundSettings = Field(default_factory=OutboundSettings)
+    amd: AmdSettings = Field(default_factory=AmdSettings)
+    hooks: HooksSettings = Field(default_factory=HooksSettings)
     maxDurationSeconds: int = Field(300, gt=0)
     maxConcurrentCalls: int = Field(1, gt=0)
     transcriptTimeoutMs: int = Field(180_000, gt=0)

@@ -27,12 +27,16 @@ from bridge.calls import (
     TranscriptEntry,
     can_transition,
 )
-from bridge.config import Settings
+from bridge.config import MachineDetectionMode, Settings
+from bridge.hooks import ReportSender
 from bridge.logs import call_id_var
+from bridge.machine import MachineDetection
+from bridge.report import build_report
 from bridge.responder import Responder, ResponderError
 from bridge.store import CallStore
 from bridge.tasks import BackgroundTasks
 from carriers.base import Carrier, CarrierError, OutboundRequest
+from media.amd import AmdVerdict
 from media.clock import Clock, RealClock, TimerHandle
 from media.transport import MediaTransport
 from media.tts.base import TtsError
@@ -46,6 +50,9 @@ log = logging.getLogger(__name__)
 REAPER_INTERVAL_S = 30.0
 MEDIA_WAIT_S = 10.0
 MAX_PROCESSED_IDS = 200_000
+MACHINE_DETECTION_MODES = ("off", "detect", "hangup", "leave-message")
+DTMF_SEQUENCE_CHARS = frozenset("0123456789*#ABCDwW")
+MAX_DTMF_SEQUENCE = 64
 
 
 class CallError(Exception):
@@ -90,6 +97,9 @@ class CallManager:
         self._timers: dict[str, TimerHandle] = {}
         self._voices: dict[str, CallVoice] = {}
         self._media_waiters: dict[str, list[asyncio.Future[CallVoice | None]]] = {}
+        self._machine: dict[str, MachineDetection] = {}
+        hook = settings.hooks.callEnded
+        self.reports = ReportSender(hook, settings.store_dir, self.clock) if hook else None
         self._rejected_provider_ids: set[str] = set()
         self._tasks = BackgroundTasks(log, level=logging.ERROR)
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
@@ -103,6 +113,8 @@ class CallManager:
 
     async def start(self) -> None:
         self.store.open()
+        if self.reports is not None:
+            await self.reports.start()
         await self._recover()
         await self.carrier.start(self)
         if self.settings.staleCallReaperSeconds > 0:
@@ -121,6 +133,8 @@ class CallManager:
         self._voices.clear()
         await self.carrier.close()
         await self._tasks.cancel()
+        if self.reports is not None:
+            await self.reports.close()
         if self.responder is not None:
             await self.responder.close()
         self.store.close()
@@ -178,6 +192,9 @@ class CallManager:
         voice = self._voice_factory(call, transport, self.emit)
         self._voices[call_id] = voice
         self._spawn(voice.start(), f"voice-start-{call_id}")
+        detection = self._machine.get(call_id)
+        if detection is not None:
+            detection.attach(voice.bridge)
         call.media_attached = True
         for waiter in self._media_waiters.pop(call_id, []):
             if not waiter.done():
@@ -229,7 +246,9 @@ class CallManager:
     def active_calls(self) -> list[CallRecord]:
         return [c for c in self.calls.values() if not c.terminal]
 
-    async def initiate(self, to: str | None, message: str, mode: str | None = None) -> CallRecord:
+    async def initiate(self, to: str | None, message: str, mode: str | None = None, *,
+                       machine_detection: str | None = None, dtmf_sequence: str | None = None,
+                       voicemail_message: str | None = None) -> CallRecord:
         to = to or self.settings.toNumber
         if not to:
             raise CallError("No destination: pass `to` or set toNumber in the config")
@@ -238,6 +257,14 @@ class CallManager:
         mode = mode or self.settings.outbound.defaultMode
         if mode not in (CallMode.NOTIFY, CallMode.CONVERSATION):
             raise CallError(f"`mode` must be notify or conversation (got {mode!r})")
+        detection = machine_detection or self.settings.outbound.machineDetection
+        if detection not in MACHINE_DETECTION_MODES:
+            raise CallError(f"`machineDetection` must be one of {', '.join(MACHINE_DETECTION_MODES)} "
+                            f"(got {detection!r})")
+        if dtmf_sequence is not None and (not dtmf_sequence or len(dtmf_sequence) > MAX_DTMF_SEQUENCE
+                                          or not set(dtmf_sequence) <= DTMF_SEQUENCE_CHARS):
+            raise CallError(f"`dtmfSequence` must be 1-{MAX_DTMF_SEQUENCE} of 0-9 * # A-D, "
+                            "w (0.5 s pause) or W (1 s pause)")
         self._check_capacity()
         now = self.clock.time()
         call = CallRecord(
@@ -250,12 +277,18 @@ class CallManager:
             startedAt=now,
             metadata={"initialMessage": message, "mode": str(mode), "turnCount": 0},
         )
+        if detection != "off":
+            call.metadata["machineDetection"] = detection
+        if dtmf_sequence:
+            call.metadata["dtmfSequence"] = dtmf_sequence
+        if voicemail_message:
+            call.metadata["voicemailMessage"] = voicemail_message
         self.calls[call.callId] = call
         call_id_var.set(call.callId)
         self._save(call)
         self._publish("call.created", call)
         request = OutboundRequest(to=to, from_number=call.from_, message=message, mode=str(mode),
-                                  stream=self.settings.streaming.enabled)
+                                  stream=self.settings.streaming.enabled, machine_detection=detection)
         try:
             provider_id = await self.carrier.initiate_call(call, request)
         except CarrierError as exc:
@@ -279,6 +312,10 @@ class CallManager:
             raise CallError(f"Call {call.callId} has ended ({call.state})")
         call_id_var.set(call.callId)
         return call
+
+    def answered_call(self, call_id: str) -> CallRecord:
+        """The live, answered call with this id; CallError otherwise."""
+        return self._answered_call(call_id)
 
     def _answered_call(self, call_id: str) -> CallRecord:
         call = self._live_call(call_id)
@@ -315,6 +352,7 @@ class CallManager:
             meta = call.metadata
             meta["turnCount"] = int(meta.get("turnCount", 0)) + 1
             meta["lastTurnLatencyMs"] = round((done - turn.started) * 1000, 1)
+            meta.setdefault("turnLatenciesMs", []).append(meta["lastTurnLatencyMs"])
             meta["lastTurnListenWaitMs"] = round((done - listen_started) * 1000, 1)
             meta["lastTurnCompletedAt"] = self.clock.time()
             self._save(call)
@@ -444,6 +482,97 @@ class CallManager:
                 await self._hangup(call, CallState.HANGUP_BOT)
         elif not call.terminal:
             self._transition(call, CallState.LISTENING)
+
+    # ================================================================== after answer: keys out, machines
+
+    async def _after_answer(self, call: CallRecord) -> None:
+        """dtmfSequence first (an extension, an IVR menu), then machine detection or the first message."""
+        sequence = call.metadata.get("dtmfSequence")
+        if sequence and not call.metadata.get("dtmfSequenceSent"):
+            try:
+                await self._send_sequence(call, str(sequence))
+            except CallError as exc:
+                log.warning("call %s: dtmfSequence not sent: %s", call.callId, exc)
+            call.metadata["dtmfSequenceSent"] = True
+            self._save(call)
+        if call.terminal:
+            return
+        mode = call.metadata.get("machineDetection")
+        if mode and call.direction == Direction.OUTBOUND and "answeredBy" not in call.metadata:
+            self._start_machine_detection(call, mode)
+            return
+        await self._speak_initial(call)
+
+    async def _send_sequence(self, call: CallRecord, sequence: str) -> None:
+        """Digits through send_dtmf; `w` pauses 0.5 s and `W` 1 s, on the manager's clock."""
+        digits = ""
+        for ch in sequence:
+            if ch in "wW":
+                if digits:
+                    await self.send_dtmf(call.callId, digits)
+                    digits = ""
+                await self.clock.sleep(0.5 if ch == "w" else 1.0)
+            else:
+                digits += ch
+        if digits:
+            await self.send_dtmf(call.callId, digits)
+
+    def _machine_pending(self, call: CallRecord) -> bool:
+        """Detection still listening, a machine's greeting still playing, or a voicemail being left."""
+        return call.callId in self._machine or "voicemailAfter" in call.metadata
+
+    def _start_machine_detection(self, call: CallRecord, mode: MachineDetectionMode) -> None:
+        if not self._expects_media(call):
+            # no audio reaches us, and this carrier has no detector of its own
+            self._machine_verdict(call, mode, AmdVerdict("unknown", "NOMEDIA", 0))
+            return
+        detection = MachineDetection(
+            self.settings.amd, self.clock, wants_message_point=mode == "leave-message",
+            on_verdict=lambda verdict: self._machine_verdict(call, mode, verdict),
+            on_message_point=lambda reason: self._spawn(self._leave_message(call, reason),
+                                                        f"voicemail-{call.callId}"))
+        self._machine[call.callId] = detection
+        voice = self._voices.get(call.callId)
+        if voice is not None:
+            detection.attach(voice.bridge)
+
+    def _machine_verdict(self, call: CallRecord, mode: MachineDetectionMode, verdict: AmdVerdict) -> None:
+        if call.terminal:
+            return
+        meta = call.metadata
+        meta["answeredBy"] = verdict.answered_by
+        meta["amdCause"] = verdict.cause
+        meta["amdDecisionMs"] = verdict.at_ms
+        self._save(call)
+        log.info("call %s answered by %s (%s)", call.callId, verdict.answered_by, verdict.cause)
+        self._publish("call.answered_by", call, answeredBy=verdict.answered_by, cause=verdict.cause,
+                      decisionMs=verdict.at_ms)
+        if verdict.answered_by == "machine" and mode == "hangup":
+            self._spawn(self._hangup(call, CallState.HANGUP_BOT), f"amd-hangup-{call.callId}")
+            return
+        if verdict.answered_by == "machine" and mode == "leave-message":
+            return  # the detector goes on listening for the end of the greeting
+        self._machine.pop(call.callId, None)
+        self._spawn(self._speak_initial(call), f"initial-{call.callId}")
+
+    async def _leave_message(self, call: CallRecord, after: str) -> None:
+        """The greeting is over (its beep ended, or a long silence): speak the message, hang up."""
+        self._machine.pop(call.callId, None)
+        if call.terminal:
+            return
+        call.metadata["voicemailAfter"] = after
+        call.initial_message_spoken = True
+        text = call.metadata.get("voicemailMessage") or self.settings.amd.voicemailMessage or call.initial_message
+        voice = self._voices.get(call.callId)
+        if voice is not None:
+            voice.bridge.barge_in_enabled = False  # the machine's own sounds must not cut the message
+        try:
+            await self._say(call, text)
+        except CallError as exc:
+            log.warning("call %s: voicemail message failed: %s", call.callId, exc)
+            return
+        if not call.terminal:
+            await self._hangup(call, CallState.VOICEMAIL)
 
     # ================================================================== events
 
@@ -581,7 +710,7 @@ class CallManager:
                 call.answeredAt = self.clock.time()
                 self._start_max_duration(call, self.settings.maxDurationSeconds)
                 self._publish("call.answered", call)
-                self._spawn(self._speak_initial(call), f"initial-{call.callId}")
+                self._spawn(self._after_answer(call), f"initial-{call.callId}")
         elif kind == EventType.SPEAKING:
             self._transition(call, CallState.SPEAKING)
         elif kind == EventType.SPEECH:
@@ -606,6 +735,8 @@ class CallManager:
             return
         call.transcript.append(TranscriptEntry(event.timestamp, "user", text))
         self._publish("call.speech", call, transcript=text)
+        if self._machine_pending(call):
+            return  # "Hello?" while detection listens, or a machine's greeting: no reply to those
         turn = self._turns.get(call.callId)
         if turn is not None:
             if event.turn_token is not None and event.turn_token != turn.token:
@@ -645,6 +776,9 @@ class CallManager:
         timer = self._timers.pop(call.callId, None)
         if timer is not None:
             timer.cancel()
+        detection = self._machine.pop(call.callId, None)
+        if detection is not None:
+            detection.close()
         turn = self._turns.get(call.callId)
         if turn is not None and not turn.future.done():
             turn.future.set_exception(CallError(f"Call ended ({reason}) before a transcript arrived"))
@@ -656,6 +790,19 @@ class CallManager:
             self._spawn(voice.close(), f"close-voice-{call.callId}")
         self._save(call)
         self._publish("call.ended", call, reason=reason.value)
+        self._report(call)
+
+    def _report(self, call: CallRecord) -> None:
+        """The after-call report: to subscribers as `call.report`, to hooks.callEnded via the outbox."""
+        if self.reports is None and not self._subscribers:
+            return
+        recording = None
+        if self.settings.recording.enabled and "mediaAttached" in call.metadata:  # a leg was attached once
+            recording = str(self.settings.store_dir / "recordings" / f"{call.callId}.wav")
+        report = build_report(call, delivery_id=uuid.uuid4().hex, recording=recording)
+        self._publish("call.report", call, report=report)
+        if self.reports is not None:
+            self.reports.submit(report)
 
     # ================================================================== timers
 

@@ -16,7 +16,9 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from bridge.console.levels import LevelSubscriptions
+from bridge.continues import ContinueJobs
 from bridge.manager import CallError, CallManager
+from bridge.tasks import BackgroundTasks
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +50,13 @@ def _str(params: dict[str, Any], key: str, *, required: bool = True) -> str | No
 class RpcDispatcher:
     def __init__(self, manager: CallManager) -> None:
         self.manager = manager
+        self.continues = ContinueJobs(manager.clock, BackgroundTasks(log))
         self._methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "voicecall.initiate": self._initiate,
             "voicecall.start": self._start_legacy,
             "voicecall.continue": self._continue,
+            "voicecall.continue.start": self._continue_start,
+            "voicecall.continue.result": self._continue_result,
             "voicecall.speak": self._speak,
             "voicecall.end": self._end,
             "voicecall.status": self._status,
@@ -81,17 +86,30 @@ class RpcDispatcher:
     # ---------------------------------------------------------------- voicecall.*
     async def _initiate(self, p: dict[str, Any]) -> dict[str, Any]:
         call = await self.manager.initiate(_str(p, "to", required=False), _str(p, "message") or "",
-                                           _str(p, "mode", required=False))
+                                           _str(p, "mode", required=False), **_call_options(p))
         return {"callId": call.callId, "initiated": True}
 
     async def _start_legacy(self, p: dict[str, Any]) -> dict[str, Any]:
         message = _str(p, "message", required=False) or "Hello"
-        call = await self.manager.initiate(_str(p, "to"), message, _str(p, "mode", required=False))
+        call = await self.manager.initiate(_str(p, "to"), message, _str(p, "mode", required=False),
+                                           **_call_options(p))
         return {"callId": call.callId, "initiated": True}
 
     async def _continue(self, p: dict[str, Any]) -> dict[str, Any]:
         transcript = await self.manager.continue_call(_str(p, "callId") or "", _str(p, "message") or "")
         return {"success": True, "transcript": transcript}
+
+    async def _continue_start(self, p: dict[str, Any]) -> dict[str, Any]:
+        call_id, message = _str(p, "callId") or "", _str(p, "message") or ""
+        call = self.manager.answered_call(call_id)  # refuse at once, not at the first poll
+        continue_id = self.continues.start(call.callId, self.manager.continue_call(call.callId, message))
+        return {"continueId": continue_id, "callId": call.callId, "started": True}
+
+    async def _continue_result(self, p: dict[str, Any]) -> dict[str, Any]:
+        result = self.continues.result(_str(p, "continueId") or "")
+        if result is None:
+            raise RpcError(INVALID_PARAMS, "unknown or expired `continueId`")
+        return result
 
     async def _speak(self, p: dict[str, Any]) -> dict[str, Any]:
         await self.manager.speak(_str(p, "callId") or "", _str(p, "message") or "")
@@ -103,8 +121,8 @@ class RpcDispatcher:
 
     async def _status(self, p: dict[str, Any]) -> dict[str, Any]:
         key = _str(p, "callId", required=False) or _str(p, "sid", required=False)
-        if not key:
-            raise RpcError(INVALID_PARAMS, "missing parameter `callId`")
+        if not key:  # the seed's newer form: no id lists the calls
+            return await self._list(p)
         call = self.manager.status(key)
         return {"found": True, "call": call.public_view()} if call else {"found": False}
 
@@ -198,6 +216,13 @@ async def _read_wav(path: str) -> tuple[bytes, int]:
         return await asyncio.to_thread(read)
     except (OSError, RuntimeError) as exc:  # soundfile raises RuntimeError subclasses for bad files
         raise RpcError(INVALID_PARAMS, f"cannot read WAV {path!r}: {exc}") from None
+
+
+def _call_options(p: dict[str, Any]) -> dict[str, str | None]:
+    """voicecall.initiate's optional call-control parameters."""
+    return {"machine_detection": _str(p, "machineDetection", required=False),
+            "dtmf_sequence": _str(p, "dtmfSequence", required=False),
+            "voicemail_message": _str(p, "voicemailMessage", required=False)}
 
 
 def _error(request_id: Any, code: int, message: str) -> dict[str, Any]:

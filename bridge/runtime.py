@@ -180,6 +180,7 @@ class Runtime:
         if self._runner is not None:
             await self._runner.cleanup()  # closes media streams and RPC sockets first
             self._runner = None
+        await self.dispatcher.continues.close()
         if self.manager.started:
             await self.manager.stop()
         await asyncio.to_thread(self.tracing.shutdown)  # flushes queued spans to the collector (blocking I/O)

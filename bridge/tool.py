@@ -31,6 +31,11 @@ TOOL_SCHEMA: dict[str, Any] = {
                 "message": {"type": "string", "description": "What to say (initiate, continue, speak)."},
                 "to": {"type": "string", "description": "E.164 number to call; defaults to the configured toNumber."},
                 "mode": {"type": "string", "enum": ["notify", "conversation"]},
+                "machineDetection": {"type": "string", "enum": ["off", "detect", "hangup", "leave-message"],
+                                     "description": "initiate_call: what to do if an answering machine picks up "
+                                                    "(leave-message speaks the message after the beep)."},
+                "dtmfSequence": {"type": "string", "description": "initiate_call: keys to press after answer "
+                                                                  "(extension, IVR), w = 0.5 s pause."},
                 "callId": {"type": "string", "description": "The call id returned by initiate_call."},
             },
             "required": ["action"],
@@ -43,7 +48,7 @@ Caller = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 _ACTIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     # action: (rpc method, required args, optional args)
-    "initiate_call": ("voicecall.initiate", ("message",), ("to", "mode")),
+    "initiate_call": ("voicecall.initiate", ("message",), ("to", "mode", "machineDetection", "dtmfSequence")),
     "continue_call": ("voicecall.continue", ("callId", "message"), ()),
     "speak_to_user": ("voicecall.speak", ("callId", "message"), ()),
     "end_call": ("voicecall.end", ("callId",), ()),

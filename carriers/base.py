@@ -249,6 +249,7 @@ class OutboundRequest:
     message: str
     mode: str  # "notify" | "conversation"
     stream: bool  # media streaming enabled for this call
+    machine_detection: str = "off"  # off | detect | hangup | leave-message (carriers with native AMD use it)
 
 
 class CarrierHost(Protocol):

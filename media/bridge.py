@@ -3,6 +3,7 @@
 Inbound (sync, per frame, on the event loop):
     wire frame -> [reorder by sequence] -> G.711 decode -+-> in-band DTMF -> listener.on_dtmf
                                                          +-> VAD -> barge-in
+                                                         +-> taps (machine detection)
                                                          +-> stream-resample to the pipeline rate
                                                              -> listener.on_pipeline_audio, recorder ch 0
     (DTMF and VAD sit before the resampler, which releases audio in blocks up to ~130 ms late.)
@@ -35,7 +36,7 @@ from media.jitter import ReorderBuffer
 from media.levels import LevelTap
 from media.recorder import CallRecorder
 from media.resample import StreamResampler
-from media.transport import MediaListener, MediaTransport, outbound_ms
+from media.transport import CallerAudioTap, MediaListener, MediaTransport, outbound_ms
 from media.vad import EnergyVad
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ class MediaBridge:
         self._vad_buf = bytearray()
         self._vad_frame = self.wire.rate * FRAME_MS // 1000 * 2
         self._wire_cb = getattr(listener, "on_wire_audio", None)
+        self._taps: list[CallerAudioTap] = []
         self._last_dtmf: tuple[str, str, float] | None = None  # (digit, source, time)
         self._play_lock = asyncio.Lock()
         self._generation = 0  # bumped by interrupt(): plays queued before it are dropped
@@ -182,8 +184,10 @@ class MediaBridge:
         except ValueError:
             self.stats.bad_frames += 1
             return
-        for tap in self._level_taps:
-            tap.caller(wire_pcm)
+        for tap in self._taps:
+            tap(wire_pcm, self.wire.rate)
+        for level in self._level_taps:
+            level.caller(wire_pcm)
         if self._dtmf is not None:
             for digit in self._dtmf.process(wire_pcm):
                 self._dtmf_event(digit, "inband")
@@ -211,6 +215,14 @@ class MediaBridge:
             held = self._in_resampler.pending_s + self._rec_in.pending_s
             at = self._clock.monotonic() - held - len(out) / 2 / self.recorder.rate
             self.recorder.write_caller(out, at=at)
+
+    def add_tap(self, tap: CallerAudioTap) -> None:
+        """Also give the caller's decoded wire audio, in order, to `tap` (e.g. machine detection)."""
+        self._taps.append(tap)
+
+    def remove_tap(self, tap: CallerAudioTap) -> None:
+        if tap in self._taps:
+            self._taps.remove(tap)
 
     def on_dtmf(self, digit: str) -> None:
         """A DTMF digit the carrier reported out of band."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from media.formats import FRAME_MS, AudioFormat
@@ -51,3 +52,8 @@ class WireAudioListener(Protocol):
     gets it without a decode/resample/encode round trip. MediaBridge calls it when present."""
 
     def on_wire_audio(self, payload: bytes, format: AudioFormat) -> None: ...
+
+
+# Extra consumers of the caller's audio next to the listener (answering-machine detection):
+# PCM16 mono as decoded off the wire, and its sample rate. Called per frame on the event loop.
+CallerAudioTap = Callable[[bytes, int], None]

@@ -70,3 +70,12 @@ def test_sip_calls_eight_calls(tmp_path: Path) -> None:
     assert row["peak_concurrent"] == 8 and row["audio_r_min"] > 0.9
     for key in ("cpu_pct_one_core", "cpu_pct_per_call", "rss_mb", "setup_ms_p50", "setup_ms_max"):
         assert row[key] is not None and row[key] >= 0, key
+
+
+def test_amd_accuracy_quick(tmp_path: Path) -> None:
+    data = run_bench("amd_accuracy.py", "--quick", out=tmp_path / "amd.json")
+    assert data["samples"] == 12 and data["beep"]["with_beep"] == 4
+    for row in data["amd"]:
+        for label in ("machine", "human"):
+            assert row[label]["n"] == 6 and 0 <= row[label]["accuracy"] <= 1
+            assert row[label]["decision_p95_ms"] >= row[label]["decision_p50_ms"] > 0

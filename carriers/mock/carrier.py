@@ -1,7 +1,9 @@
 """The offline loopback carrier: a simulated phone network and a simulated person at the other end.
 
 Outbound calls ring and are answered after configurable delays; numbers ending in the configured
-suffixes are busy (0002), never answer (0003) or fail (0004). Inbound calls are injected (RPC
+suffixes are busy (0002), never answer (0003) or fail (0004); 0005 is an answering machine (a spoken
+greeting, a beep, then silence, sent as audio so the bridge's local detector does the work), 0006
+a person who answers transfers (says one line, then listens). Inbound calls are injected (RPC
 `mock.inject` / `voicecall inject`). Media loops back: every frame the bridge plays is what the
 callee hears (u-law 8 kHz, paced like a real carrier, marks echoed when the audio before them has
 played), and the callee's speech (offline TTS, or a WAV) goes into the bridge like a caller's.
@@ -18,6 +20,8 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from bridge.calls import CallEvent, CallRecord, CallState, Direction, EventType
 from carriers.base import (
@@ -164,6 +168,16 @@ class MockCallee:
             if delay > 0:
                 await asyncio.sleep(delay)
 
+    def answer_as_machine(self, greeting: str) -> asyncio.Task[None]:
+        """An answering machine: the greeting, a short pause, a 1 kHz beep, then it records (silence)."""
+        self._speaking = asyncio.ensure_future(self._machine(greeting))
+        return self._speaking
+
+    async def _machine(self, greeting: str) -> None:
+        pcm, rate = await self.carrier.synthesize(greeting)
+        await self.play(pcm, rate)
+        await self.play(_beep(self.format.rate, pause_ms=500, beep_ms=400) + bytes(self.format.rate * 2), self.format.rate)
+
     def play_later(self, pcm: bytes, rate: int) -> asyncio.Task[None]:
         """Speak recorded audio (a WAV's samples) into the call, without a transcript."""
         self._speaking = asyncio.ensure_future(self.play(pcm, rate))
@@ -207,6 +221,7 @@ class MockCarrier(Carrier):
         self.rejected: list[str] = []
         self.hangups: list[tuple[str, str]] = []
         self._scripts: dict[str, list[str]] = {}
+        self._personas: dict[str, str] = {}  # call id -> "machine" | "transfer" | "human" | "human-opener"
         self._timers: list[asyncio.TimerHandle] = []
 
     @staticmethod
@@ -237,6 +252,12 @@ class MockCarrier(Carrier):
             self._later(settings.ringDelayMs + settings.noAnswerAfterMs, self._emit, call.callId,
                         EventType.ENDED, CallState.NO_ANSWER)
         else:
+            if number.endswith(settings.machineSuffix):
+                self._personas[call.callId] = "machine"
+            elif number.endswith(settings.transferSuffix):
+                self._personas[call.callId] = "transfer"
+            elif request.machine_detection != "off" and settings.calleeOpener:
+                self._personas[call.callId] = "human-opener"
             self._later(settings.ringDelayMs + settings.answerDelayMs, self._connect, call.callId)
         return provider_id
 
@@ -248,10 +269,19 @@ class MockCarrier(Carrier):
         if call is None or call.terminal or call_id in self.callees:
             return
         script = self._scripts.pop(call.providerCallId or "", None)
+        persona = self._personas.pop(call_id, "human")
+        if persona in ("machine", "transfer"):
+            script = []
         callee = MockCallee(self, call_id, list(self.settings.calleeScript) if script is None else script)
         self.callees[call_id] = callee
         callee.bridge = self.host.attach_media(call_id, callee)
         self._emit(call_id, EventType.ANSWERED)
+        if persona == "machine":
+            callee.answer_as_machine(self.settings.machineGreeting)
+        elif persona == "transfer":
+            callee.say(self.settings.transferLine)
+        elif persona == "human-opener":
+            callee.say(self.settings.calleeOpener)
 
     def inject_inbound(self, from_number: str, to_number: str, script: list[str] | None = None) -> str:
         """A call from `from_number` arrives; the manager runs the inbound policy on it."""
@@ -301,6 +331,14 @@ class MockCarrier(Carrier):
             timer.cancel()
         for callee in self.callees.values():
             callee.stop()
+
+
+def _beep(rate: int, *, pause_ms: int, beep_ms: int, hz: float = 1000.0) -> bytes:
+    """`pause_ms` of silence, then a steady tone with 5 ms edges (PCM16)."""
+    t = np.arange(rate * beep_ms // 1000) / rate
+    ramp = np.minimum(1.0, np.minimum(t, t[-1] - t) / 0.005)
+    tone = (8000 * ramp * np.sin(2 * np.pi * hz * t)).astype("<i2")
+    return bytes(rate * pause_ms // 1000 * 2) + tone.tobytes()
 
 
 def _event_from_json(item: dict[str, Any]) -> CallEvent:

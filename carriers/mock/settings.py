@@ -8,7 +8,8 @@ from carriers.settings import CarrierSettings
 
 
 class MockSettings(CarrierSettings):
-    """The offline loopback carrier. Numbers ending in 0002 are busy, 0003 never answer, 0004 fail."""
+    """The offline loopback carrier. Numbers ending in 0002 are busy, 0003 never answer, 0004 fail,
+    0005 are answering machines, 0006 a person who answers transfers."""
 
     ringDelayMs: int = Field(300, ge=0)
     answerDelayMs: int = Field(700, ge=0)
@@ -23,3 +24,12 @@ class MockSettings(CarrierSettings):
     noAnswerAfterMs: int = Field(3000, ge=0)
     # The callee hangs up this long after the bot's last words once its script is done (0: never).
     calleeHangupAfterMs: int = Field(8000, ge=0)
+    # Numbers ending in machineSuffix answer as an answering machine (greeting, beep, silence);
+    # transferSuffix is a person who answers transfers (says transferLine, then listens).
+    machineSuffix: str = "0005"
+    machineGreeting: str = ("Hi, you have reached the voicemail of Alex. I can't take your call right now. "
+                            "Please leave a message after the tone.")
+    transferSuffix: str = "0006"
+    transferLine: str = "Hello, this is Jordan from the front desk."
+    # What a person says on picking up when the call uses machine detection ("" = nothing).
+    calleeOpener: str = "Hello?"

@@ -148,6 +148,8 @@ function onEvent(ev) {
     case "call.turn": if (call) { (call.metadata.turns = call.metadata.turns || []).push(ev.turn); }
       note(id, `turn ${ev.turn.n}: ${ev.turn.totalMs ?? "?"} ms`); break;
     case "call.dtmf": note(id, `keys from caller: ${ev.digits}`); break;
+    case "call.answered_by": if (call) call.metadata.answeredBy = ev.answeredBy;
+      note(id, `answered by ${ev.answeredBy}`); break;
     case "call.error": note(id, `error: ${ev.error}`); break;
     case "call.ended": note(id, `ended: ${ev.reason}`); break;
     case "call.state": note(id, `state ${ev.state}`); break;
