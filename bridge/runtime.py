@@ -12,6 +12,7 @@ from aiohttp import web
 
 from bridge.calls import CallEvent, CallRecord
 from bridge.config import Settings, reveal
+from bridge.conversation.factory import create_conversation
 from bridge.manager import CallManager, VoiceFactory
 from bridge.metrics import Metrics
 from bridge.monitor import Monitor
@@ -80,6 +81,7 @@ def voice_factory(settings: Settings, carrier: Carrier, monitor: Monitor | None 
             monitor.metrics.track_media(voice.bridge)
         return voice
 
+    build.close = tts.close  # type: ignore[attr-defined]  # the runtime releases the shared engine at stop
     return build
 
 
@@ -102,8 +104,10 @@ class Runtime:
         except RuntimeError as exc:
             raise StartupError(str(exc)) from None
         self.monitor = Monitor(self.metrics, self.tracing)
+        voices = voice_factory(settings, self.carrier, self.monitor)
+        self._close_engines = getattr(voices, "close", None)
         self.manager = CallManager(settings, self.carrier, clock=self.clock, responder=responder,
-                                   voice_factory=voice_factory(settings, self.carrier, self.monitor))
+                                   voice_factory=voices, conversation=create_conversation(settings))
         self.monitor.attach(self.manager)
         self.dispatcher = RpcDispatcher(self.manager)
         token = settings.rpc.token.get_secret_value() if settings.rpc.token else None
@@ -183,4 +187,7 @@ class Runtime:
         await self.dispatcher.continues.close()
         if self.manager.started:
             await self.manager.stop()
+        if self._close_engines is not None:
+            close, self._close_engines = self._close_engines, None
+            await close()
         await asyncio.to_thread(self.tracing.shutdown)  # flushes queued spans to the collector (blocking I/O)
