@@ -992,14 +992,6 @@ class CallManager:
             log.error("call log write failed: %s", exc)
             self._publish("store.error", call, error=type(exc).__name__)
 
-    def save(self, call: CallRecord) -> None:
-        """Write the call's record to the call log (e.g. after a timed turn was added to its metadata)."""
-        self._save(call)
-
-    def publish(self, kind: str, call: CallRecord, **extra: Any) -> None:
-        """Tell observers and RPC subscribers about a call (e.g. `call.turn` from the turn timing)."""
-        self._publish(kind, call, **extra)
-
     def _publish(self, kind: str, call: CallRecord, **extra: Any) -> None:
         for observer in self.observers:
             try:

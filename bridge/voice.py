@@ -95,6 +95,11 @@ class CallVoice:
     def on_dtmf(self, digit: str) -> None:
         self._emit(CallEvent(EventType.DTMF, call_id=self.call_id, digits=digit))
 
+    def mark(self, milestone: str) -> None:
+        """A turn milestone (bridge/turnmarks.py) reached now, for the turn timing (e.g. modelFirstToken)."""
+        if self._milestone is not None:
+            self._milestone(milestone)
+
     def on_first_audio(self, label: str | None) -> None:
         if self._milestone is not None and label != "dtmf":
             self._milestone("firstAudioOut")
