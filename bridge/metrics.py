@@ -45,8 +45,6 @@ class Metrics:
                                                  "Carrier REST request time (all attempts)", ["carrier"],
                                                  buckets=WEBHOOK_BUCKETS[3:] + (5.0, 10.0), registry=r)
         self.engine_errors = Counter("voicecall_engine_errors", "Speech/model engine errors", ["engine"], registry=r)
-        self.store_write_failures = Counter("voicecall_store_write_failures", "Call-log writes that failed",
-                                            registry=r)
         self.stream_refused = Counter("voicecall_stream_refused", "Media-stream sockets refused", ["reason"],
                                       registry=r)
         self.streams_started = Counter("voicecall_streams_started", "Media-stream sockets started", registry=r)
@@ -55,7 +53,8 @@ class Metrics:
         self._media = _MediaCollector()
         r.register(self._media)
         self._gauges: dict[str, tuple[str, Callable[[], Any]]] = {}
-        r.register(_CallbackCollector(self._gauges))
+        self._counters: dict[str, tuple[str, Callable[[], float]]] = {}
+        r.register(_CallbackCollector(self._gauges, self._counters))
 
     # ------------------------------------------------------------ updates from the application
     def track_media(self, bridge: Any) -> None:
@@ -65,6 +64,10 @@ class Metrics:
     def gauge(self, name: str, help_text: str, read: Callable[[], Any]) -> None:
         """A value read at scrape time: a number, or a mapping of label tuple -> number (`labels` in help)."""
         self._gauges[name] = (help_text, read)
+
+    def counter(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        """A counter kept elsewhere (e.g. by the call store), read at scrape time (`name` without _total)."""
+        self._counters[name] = (help_text, read)
 
     def observe_turn(self, parts_ms: dict[str, float]) -> None:
         for part, ms in parts_ms.items():
@@ -125,10 +128,14 @@ class _MediaCollector(Collector):
 
 
 class _CallbackCollector(Collector):
-    def __init__(self, gauges: dict[str, tuple[str, Callable[[], Any]]]) -> None:
+    def __init__(self, gauges: dict[str, tuple[str, Callable[[], Any]]],
+                 counters: dict[str, tuple[str, Callable[[], float]]]) -> None:
         self._gauges = gauges
+        self._counters = counters
 
     def collect(self) -> Iterable[Any]:
+        for name, (help_text, read_count) in sorted(self._counters.items()):
+            yield CounterMetricFamily(name, help_text, value=read_count())
         for name, (help_text, read) in sorted(self._gauges.items()):
             value = read()
             if isinstance(value, tuple):  # (label names, {label values: number})

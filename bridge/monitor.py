@@ -52,8 +52,6 @@ class Monitor:
             engine = extra.get("engine") or str(extra.get("error") or "").partition(":")[0]
             if engine in ENGINES:
                 self.metrics.engine_errors.labels(engine=engine).inc()
-        elif kind == "store.error":
-            self.metrics.store_write_failures.inc()
         elif kind == "call.speech":
             self.turn_mark(call.callId, "sttFinal")
         elif kind == "call.speaking":

@@ -19,6 +19,7 @@ from bridge.monitor import Monitor
 from bridge.responder import create_responder
 from bridge.rpc import RpcDispatcher, RpcEndpoint
 from bridge.server import create_app
+from bridge.store import child_path
 from bridge.tracing import Tracing
 from bridge.voice import CallVoice
 from carriers.base import Carrier, CarrierError, request_observers
@@ -62,8 +63,12 @@ def voice_factory(settings: Settings, carrier: Carrier, monitor: Monitor | None 
     def build(call: CallRecord, transport: MediaTransport, emit: Callable[[CallEvent], None]) -> CallVoice:
         recorder = None
         if settings.recording.enabled:
-            recorder = CallRecorder(settings.store_dir / "recordings" / f"{call.callId}.wav",
-                                    settings.pipelineSampleRate)
+            try:
+                path = child_path(settings.store_dir / "recordings", call.callId, ".wav")
+            except ValueError as exc:
+                log.warning("call %s: not recorded: %s", call.callId[:40], exc)
+            else:
+                recorder = CallRecorder(path, settings.pipelineSampleRate)
         voice = CallVoice(
             call_id=call.callId,
             transport=transport,
@@ -92,9 +97,10 @@ class Runtime:
         self.settings = settings
         self.carrier = carrier or create_carrier(settings)
         secret = settings.responseApiKey.get_secret_value() if settings.responseApiKey else None
-        responder = create_responder(settings.responseModel, base_url=settings.responseBaseUrl, api_key=secret,
-                                     system_prompt=settings.responseSystemPrompt,
-                                     timeout_ms=settings.responseTimeoutMs)
+        # `none`: no auto-replies at all (the agent drives every turn); `offline`: the rule-based one
+        responder = None if settings.responseModel == "none" else create_responder(
+            settings.responseModel, base_url=settings.responseBaseUrl, api_key=secret,
+            system_prompt=settings.responseSystemPrompt, timeout_ms=settings.responseTimeoutMs)
         self.metrics = Metrics()
         self.clock: Clock = clock or RealClock()
         try:
@@ -107,11 +113,14 @@ class Runtime:
         voices = voice_factory(settings, self.carrier, self.monitor)
         self._close_engines = getattr(voices, "close", None)
         self.manager = CallManager(settings, self.carrier, clock=self.clock, responder=responder,
-                                   voice_factory=voices, conversation=create_conversation(settings))
+                                   voice_factory=voices,
+                                   conversation=None if settings.responseModel == "none" else create_conversation(settings))
         self.monitor.attach(self.manager)
         self.dispatcher = RpcDispatcher(self.manager)
         token = settings.rpc.token.get_secret_value() if settings.rpc.token else None
-        self.rpc = RpcEndpoint(self.dispatcher, token)
+        limits = settings.webhookSecurity
+        self.rpc = RpcEndpoint(self.dispatcher, token, max_body_bytes=limits.maxBodyBytes,
+                               body_timeout_s=limits.bodyTimeoutMs / 1000)
         self.app = create_app(self.manager, self.rpc, self.metrics, self.tracing)
         if settings.console.enabled:
             from bridge.console.routes import add_console
@@ -147,8 +156,17 @@ class Runtime:
         if not settings.publicUrl:
             host = "127.0.0.1" if bind in ("0.0.0.0", "::") else bind
             self.manager.public_base = f"http://{host}:{self.port}"
+            if self.carrier.signature_headers and not settings.skipSignatureVerification \
+                    and not settings.webhookSecurity.allowedHosts:
+                log.warning("no publicUrl (or tunnel, or webhookSecurity.allowedHosts): %s signs the public URL "
+                            "it calls, so its webhooks will fail verification unless they reach %s directly",
+                            settings.provider, self.manager.public_base)
         try:
             await self.manager.start()
+        except OSError as exc:  # the call log: a folder in its place, a read-only or missing disk
+            await self.stop()
+            raise StartupError(f"cannot open the call log in {settings.store_dir}: "
+                               f"{exc.strerror or type(exc).__name__}") from None
         except CarrierError as exc:  # e.g. ARI refused our credentials: one clear line, nothing left open
             self.manager.store.close()
             await self.stop()
@@ -160,14 +178,17 @@ class Runtime:
 
         tunnel = self.settings.tunnel
         token = tunnel.ngrokAuthToken.get_secret_value() if tunnel.ngrokAuthToken else None
+        provider = provider or tunnel.provider
+        # tailscale: tailscale.path is the public path, mapped onto our serve.path
+        public_path = self.settings.tailscale.path if provider.startswith("tailscale") else self.settings.serve.path
         try:
-            url, self._tunnel = await open_tunnel(provider or tunnel.provider, port=self.port or 0,
-                                                  path=self.settings.serve.path, authtoken=token,
+            url, self._tunnel = await open_tunnel(provider, port=self.port or 0, path=public_path,
+                                                  serve_path=self.settings.serve.path, authtoken=token,
                                                   domain=tunnel.ngrokDomain)
         except ExposeError as exc:
             await self.stop()
             raise StartupError(str(exc)) from None
-        log.warning("public webhook URL via %s: %s", provider or tunnel.provider, url)
+        log.warning("public webhook URL via %s: %s", provider, url)
         self.settings.publicUrl = url
 
     @property

@@ -44,16 +44,8 @@ async def test_metrics_during_and_after_a_mock_conversation(tmp_path: Path) -> N
         assert sum(states.values()) == 1 and set(states) <= {"answered", "active", "speaking", "listening"}
         assert value(live, "voicecall_media_streams_active") == 1
 
-        # an engine error and a failed call-log write, through the manager's real paths
+        # an engine error, through the manager's real path
         runtime.manager.emit(CallEvent(EventType.ERROR, call_id=call_id, error="stt: socket closed", retryable=True))
-
-        def full_disk(record: object) -> None:
-            raise OSError(28, "No space left on device")
-
-        real_append = runtime.manager.store.append
-        runtime.manager.store.append = full_disk  # type: ignore[method-assign]
-        runtime.manager.emit(CallEvent(EventType.DTMF, call_id=call_id, digits="5"))
-        runtime.manager.store.append = real_append  # type: ignore[method-assign]
 
         # one caller turn answered, then the call is ended over RPC
         await wait_for(lambda: len(call.metadata.get("turns", [])) == 1, timeout=20)
@@ -70,7 +62,7 @@ async def test_metrics_during_and_after_a_mock_conversation(tmp_path: Path) -> N
     assert not [k for k in done if k[0].endswith("_created")]
     assert ("voicecall_media_frames_late_total", ()) in done and ("voicecall_media_frames_lost_total", ()) in done
     assert value(done, "voicecall_engine_errors_total", engine="stt") == 1
-    assert value(done, "voicecall_store_write_failures_total") == 1
+    assert ("voicecall_store_write_failures_total", ()) in done  # counted by the call store (test_faults)
     # the caller's turn: a total and the parts the mock pipeline can time
     turns = len(call.metadata["turns"])
     assert turns == 1
