@@ -236,6 +236,21 @@ class RecordingSettings(Section):
     enabled: bool = False
 
 
+class LoggingSettings(Section):
+    format: Literal["text", "json"] = "text"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+
+
+class TelemetrySettings(Section):
+    otlpEndpoint: str | None = None  # OTLP/HTTP collector, e.g. http://127.0.0.1:4318 (extra `telemetry`)
+    serviceName: str = "voicecall"
+
+
+class ConsoleSettings(Section):
+    enabled: bool = True
+    sessionHours: float = Field(12, gt=0)
+
+
 class MessagesSettings(Section):
     tts: dict[str, Any] = Field(default_factory=dict)
 
@@ -330,6 +345,9 @@ class CoreSettings(Section):
     pipelineSampleRate: Literal[8000, 16000, 24000, 48000] = 16000
     recording: RecordingSettings = Field(default_factory=RecordingSettings)
     rpc: RpcSettings = Field(default_factory=RpcSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> CoreSettings:
@@ -516,6 +534,7 @@ ENV_FALLBACKS: list[tuple[tuple[str, ...], str]] = [
     (("responseApiKey",), "OPENAI_API_KEY"),
     (("tunnel", "ngrokAuthToken"), "NGROK_AUTHTOKEN"),
     (("rpc", "token"), "VOICECALL_RPC_TOKEN"),
+    (("telemetry", "otlpEndpoint"), "OTEL_EXPORTER_OTLP_ENDPOINT"),
 ]
 
 

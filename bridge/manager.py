@@ -30,6 +30,7 @@ from bridge.calls import (
 from bridge.config import MachineDetectionMode, Settings, is_destination
 from bridge.conversation.engine import ConversationEngine
 from bridge.hooks import ReportSender
+from bridge.logs import call_id_var
 from bridge.machine import MachineDetection
 from bridge.report import build_report
 from bridge.responder import Responder, ResponderError
@@ -73,6 +74,9 @@ class _Turn:
     started: float
 
 
+# Sees every call event (kind, call, extra fields) as it is published: metrics, traces, turn timing.
+CallObserver = Callable[[str, CallRecord, dict[str, Any]], None]
+
 # Builds a call's voice (a CallVoice: MediaBridge + STT + TTS) from its media leg; the manager starts it.
 VoiceFactory = Callable[[CallRecord, MediaTransport, Callable[[CallEvent], None]], "CallVoice"]
 
@@ -113,6 +117,7 @@ class CallManager:
         self._rejected_provider_ids: set[str] = set()
         self._tasks = BackgroundTasks(log, level=logging.ERROR)
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self.observers: list[CallObserver] = []
         self._reaper: TimerHandle | None = None
         self.public_base: str | None = None  # public origin, e.g. https://host.example (set by server)
         self.started = False
@@ -197,6 +202,7 @@ class CallManager:
         call = self.calls.get(call_id)
         if call is None or call.terminal or self._voice_factory is None:
             return None
+        call_id_var.set(call_id)  # this stream's task (and the voice's tasks) log with the call id
         old = self._voices.pop(call_id, None)
         if old is not None:
             self._spawn(old.close(), f"close-voice-{call_id}")
@@ -297,6 +303,7 @@ class CallManager:
         if voicemail_message:
             call.metadata["voicemailMessage"] = voicemail_message
         self.calls[call.callId] = call
+        call_id_var.set(call.callId)
         self._save(call)
         self._publish("call.created", call)
         self._prewarm(call)
@@ -324,6 +331,7 @@ class CallManager:
             raise CallError(f"Call not found: {call_id}")
         if call.terminal:
             raise CallError(f"Call {call.callId} has ended ({call.state})")
+        call_id_var.set(call.callId)
         return call
 
     def answered_call(self, call_id: str) -> CallRecord:
@@ -396,6 +404,7 @@ class CallManager:
             raise CallError(f"Call not found: {call_id}")
         if call.terminal:
             return call
+        call_id_var.set(call.callId)
         if not await self._hangup(call, CallState.HANGUP_BOT):
             raise CallError(f"Call {call.callId} is still up: the carrier did not confirm the hang-up "
                             f"({call.metadata.get('hangupError')}); retrying in the background")
@@ -441,6 +450,9 @@ class CallManager:
             else:
                 await self.carrier.speak_native(call, text)
         except CarrierError as exc:  # (a TtsError goes up: the reply path apologizes or hangs up)
+            raise CallError(f"Could not speak on call {call.callId}: {exc}") from None
+        except (TtsError, TimeoutError) as exc:  # the speech engine failed or stalled
+            self._publish("call.error", call, error=f"tts: {exc}", engine="tts")
             raise CallError(f"Could not speak on call {call.callId}: {exc}") from None
         if call.terminal:
             raise CallError(f"Call {call.callId} ended while speaking ({call.state})")
@@ -530,6 +542,7 @@ class CallManager:
         try:
             reply = await self.responder.reply(call.transcript)
         except ResponderError as exc:
+            self._publish("call.error", call, error=f"responder: {exc}", engine="responder")
             if self.conversation is not None:
                 await self.conversation.failed(call, self, str(exc))
             else:
@@ -708,6 +721,13 @@ class CallManager:
         if event.key in self._processed:
             return self.find_call(event.call_id, event.provider_call_id)
         self._remember(event.key)
+        token = call_id_var.set(event.call_id)
+        try:
+            return self._process(event)
+        finally:
+            call_id_var.reset(token)
+
+    def _process(self, event: CallEvent) -> CallRecord | None:
         call = self.find_call(event.call_id, event.provider_call_id)
         if call is None and event.previous_provider_call_id:
             call = self.find_call(None, event.previous_provider_call_id)
@@ -721,6 +741,7 @@ class CallManager:
             self._link_provider_id(call, event.provider_call_id)
         if call.terminal:
             return call
+        call_id_var.set(call.callId)  # tasks spawned while applying the event inherit it
         call.processedEventIds.append(event.key)
         del call.processedEventIds[:-500]
         self._apply(call, event)
@@ -758,6 +779,7 @@ class CallManager:
         )
         if event.direction == Direction.INBOUND:
             call.metadata["initialMessage"] = self.settings.inboundGreeting
+        call_id_var.set(call.callId)
         self.calls[call.callId] = call
         if provider_id:
             self._by_provider_id[provider_id] = call.callId
@@ -1110,6 +1132,11 @@ class CallManager:
         self.clock.call_later(STORE_RETRY_S, retry)
 
     def _publish(self, kind: str, call: CallRecord, **extra: Any) -> None:
+        for observer in self.observers:
+            try:
+                observer(kind, call, extra)
+            except Exception:  # noqa: BLE001 - monitoring must never break a call
+                log.exception("call observer failed on %s", kind)
         if not self._subscribers:
             return
         message = {"type": kind, "callId": call.callId, "state": str(call.state), **extra}

@@ -4,7 +4,8 @@ set -euo pipefail
 profile="${1:-demo}"
 packages=(espeak-ng)
 if [ "$profile" = test ]; then
-  packages+=(sox baresip-core sip-tester docker-compose)
+  # chromium + chromium-driver: the console's browser test (selenium drives /usr/bin/chromedriver)
+  packages+=(sox baresip-core sip-tester docker-compose chromium chromium-driver)
 fi
 missing=()
 for pkg in "${packages[@]}"; do
