@@ -4,7 +4,7 @@ set -euo pipefail
 profile="${1:-demo}"
 packages=(espeak-ng)
 if [ "$profile" = test ]; then
-  packages+=(sox baresip-core sip-tester docker-compose)
+  packages+=(sox baresip-core sip-tester docker-compose redis-server nginx-light)
 fi
 missing=()
 for pkg in "${packages[@]}"; do
