@@ -25,6 +25,8 @@ from media.transport import MediaTransport
 if TYPE_CHECKING:
     import asyncio
 
+    from bridge.cluster.shared_log import SharedCallLog
+
 log = logging.getLogger(__name__)
 
 
@@ -84,7 +86,12 @@ class Runtime:
         responder = create_responder(settings.responseModel, base_url=settings.responseBaseUrl, api_key=secret,
                                      system_prompt=settings.responseSystemPrompt,
                                      timeout_ms=settings.responseTimeoutMs)
-        self.manager = CallManager(settings, self.carrier, clock=clock, responder=responder,
+        self.shared: SharedCallLog | None = None
+        if settings.cluster is not None:
+            from bridge.cluster.factory import shared_log
+
+            self.shared = shared_log(settings.cluster, clock)
+        self.manager = CallManager(settings, self.carrier, clock=clock, responder=responder, store=self.shared,
                                    voice_factory=voice_factory(settings, self.carrier))
         self.metrics = Metrics()
         self.dispatcher = RpcDispatcher(self.manager)
@@ -119,6 +126,14 @@ class Runtime:
         if not settings.publicUrl:
             host = "127.0.0.1" if bind in ("0.0.0.0", "::") else bind
             self.manager.public_base = f"http://{host}:{self.port}"
+        if self.shared is not None and settings.cluster is not None:
+            from bridge.cluster.factory import ClusterUnavailable, check_reachable
+
+            try:
+                await check_reachable(self.shared, settings.cluster.redisUrl)
+            except ClusterUnavailable as exc:
+                await self.stop()
+                raise StartupError(str(exc)) from None
         try:
             await self.manager.start()
         except CarrierError as exc:  # e.g. ARI refused our credentials: one clear line, nothing left open

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -28,6 +29,7 @@ TURN_TTL_S = 3_600
 MAX_UPDATE_RETRIES = 50
 
 # KEYS: call hash, calls set, live set. ARGV: expected version (-1: any), json, call id, terminal (1/0).
+# A terminal record gives its live-call slot back (slots are taken by _RESERVE).
 # Returns the new version, or -(current version) - 1 on a version mismatch.
 _SAVE = """
 local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
@@ -36,7 +38,7 @@ if expected >= 0 and expected ~= v then return -v - 1 end
 v = v + 1
 redis.call('HSET', KEYS[1], 'v', v, 'json', ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[3])
-if ARGV[4] == '1' then redis.call('SREM', KEYS[3], ARGV[3]) else redis.call('SADD', KEYS[3], ARGV[3]) end
+if ARGV[4] == '1' then redis.call('SREM', KEYS[3], ARGV[3]) end
 return v
 """
 
@@ -131,6 +133,8 @@ class RedisStore:
         replay = read_log(path)
         for record in replay.calls.values():
             await self.save(record)
+            if not record.terminal:
+                await self.redis.sadd(self.keys.live, record.callId)
         return len(replay.calls), replay.skipped_lines
 
     # ------------------------------------------------------------------ capacity
@@ -166,13 +170,17 @@ class RedisStore:
     async def publish(self, message: dict[str, Any]) -> None:
         await self.redis.publish(self.keys.events, json.dumps(message, separators=(",", ":"), default=str))
 
-    async def events(self) -> AsyncIterator[dict[str, Any]]:
-        """Every node's events, as published; ends when the caller stops iterating."""
+    async def subscribe(self) -> AsyncIterator[dict[str, Any]]:
+        """Subscribed when this returns (so nothing published afterwards is missed): every node's events."""
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         await pubsub.subscribe(self.keys.events)
-        try:
-            async for item in pubsub.listen():
-                if item.get("type") == "message":
-                    yield json.loads(item["data"])
-        finally:
-            await pubsub.aclose()
+        return _messages(pubsub)
+
+
+async def _messages(pubsub: PubSub) -> AsyncIterator[dict[str, Any]]:
+    try:
+        async for item in pubsub.listen():
+            if item.get("type") == "message":
+                yield json.loads(item["data"])
+    finally:
+        await pubsub.aclose()

@@ -1,0 +1,83 @@
+"""Two bridge nodes (real servers on 127.0.0.1, mock carrier) sharing one real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bridge.calls import CallState
+from bridge.client import RpcClientError
+from tests.harness import rpc_client, run_bridge, wait_for
+from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401 - the fixture
+
+MOCK = {"ringDelayMs": 20, "answerDelayMs": 40, "replyDelayMs": 50, "calleeHangupAfterMs": 0, "calleeScript": []}
+
+
+def node(redis: RedisServer, node_id: str, limit: int = 2) -> dict[str, Any]:
+    return {"provider": "mock", "fromNumber": "+15550001234", "toNumber": "+15550005678", "maxConcurrentCalls": limit,
+            "streaming": {"enabled": True, "provider": "none"}, "tts": {"provider": "espeak"},
+            "responseModel": "offline", "mock": MOCK,
+            "cluster": {"redisUrl": redis.url, "nodeId": node_id, "leaseSeconds": 2}}
+
+
+async def _initiate(runtime: Any) -> str | None:
+    try:
+        result = await rpc_client(runtime).call("voicecall.initiate", {"message": "Hi.", "mode": "conversation"})
+    except RpcClientError as exc:
+        assert "Maximum concurrent calls (2) reached" in str(exc)
+        return None
+    return str(result["callId"])
+
+
+async def test_capacity_and_events_span_the_nodes(redis_server: RedisServer, tmp_path: Path) -> None:
+    async with run_bridge(node(redis_server, "n1"), tmp_path / "a") as a, \
+            run_bridge(node(redis_server, "n2"), tmp_path / "b") as b:
+        url_b = f"http://127.0.0.1:{b.port}/rpc"
+        async with aiohttp.ClientSession() as session, session.ws_connect(url_b) as ws:
+            await ws.send_json({"jsonrpc": "2.0", "id": 1, "method": "voicecall.subscribe"})
+            assert (await ws.receive_json())["result"] == {"subscribed": True}
+
+            placed = await asyncio.gather(*[_initiate(a if i % 2 else b) for i in range(8)])
+            ids = [call_id for call_id in placed if call_id]
+            assert len(ids) == 2, placed  # the limit holds across both nodes
+            owner = {call_id: (a if call_id in a.manager.calls else b) for call_id in ids}
+            on_a = [call_id for call_id in ids if owner[call_id] is a]
+
+            for call_id in ids:
+                await wait_for(lambda c=call_id: owner[c].manager.calls[c].answeredAt is not None, timeout=20)
+                await rpc_client(owner[call_id]).call("voicecall.end", {"callId": call_id})
+            assert await _initiate(a) is not None  # ending released the slots on Redis
+
+            ended: set[str] = set()
+            async with asyncio.timeout(20):
+                while not set(ids) <= ended:
+                    msg = await ws.receive_json()
+                    if msg.get("method") == "voicecall.event" and msg["params"]["type"] == "call.ended":
+                        ended.add(msg["params"]["callId"])
+            # node b's subscriber saw the end of node a's calls (when there were any) through the bus
+            assert set(on_a) <= ended
+
+
+async def test_records_survive_a_redis_restart_and_a_node_restart(redis_server: RedisServer, tmp_path: Path) -> None:
+    config = node(redis_server, "n1")
+    async with run_bridge(config, tmp_path / "a") as a:
+        first = await _initiate(a)
+        assert first is not None
+        await wait_for(lambda: a.manager.calls[first].answeredAt is not None, timeout=20)
+        await asyncio.to_thread(redis_server.restart)  # AOF, appendfsync always: nothing acknowledged is lost
+        await rpc_client(a).call("voicecall.end", {"callId": first})
+        assert a.shared is not None
+        await a.shared.flush()  # the writer retried across the restart
+        second = await _initiate(a)
+        assert second is not None
+        await a.shared.flush()
+    await asyncio.to_thread(redis_server.restart)
+    async with run_bridge(config, tmp_path / "fresh-dir") as again:  # no JSONL here: records come from Redis
+        status = await rpc_client(again).call("voicecall.status", {"callId": first})
+        assert status["found"] and status["call"]["state"] == CallState.HANGUP_BOT.value
+        assert second in again.manager.calls
+    async with run_bridge(node(redis_server, "n2"), tmp_path / "other") as other:
+        assert first not in other.manager.calls  # another node's calls stay that node's (see README: Scaling)
