@@ -259,6 +259,34 @@ def cmd_latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store(args: argparse.Namespace) -> int:
+    """`store import`: copy the JSONL call log into the cluster's Redis (cluster.redisUrl)."""
+    settings = _settings(args)
+    if settings.cluster is None:
+        raise CliError("store import copies the call log into Redis: set cluster.redisUrl in the config")
+    path = _log_path(args)
+    if not path.exists():
+        raise CliError(f"no call log at {path}")
+    from bridge.cluster.factory import ClusterUnavailable, check_reachable, shared_log
+
+    async def run() -> tuple[int, int]:
+        assert settings.cluster is not None
+        target = shared_log(settings.cluster)
+        await check_reachable(target, settings.cluster.redisUrl)
+        try:
+            return await target.store.import_log(path)
+        finally:
+            await target.store.close()
+
+    try:
+        imported, skipped = asyncio.run(run())
+    except ClusterUnavailable as exc:
+        raise CliError(str(exc)) from None
+    _emit(args, {"imported": imported, "skipped": skipped, "file": str(path)},
+          f"imported {imported} call(s) from {path} into Redis" + (f" ({skipped} unreadable line(s) skipped)" if skipped else ""))
+    return 0
+
+
 def cmd_expose(args: argparse.Namespace) -> int:
     from bridge.expose import ExposeError, tailscale_expose
 
@@ -346,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("latency", cmd_latency, "turn latency statistics from the call log")
     p.add_argument("--file")
     p.add_argument("--last", type=int, default=200)
+    p = add("store", cmd_store, "call store maintenance: `store import` copies the JSONL log into Redis")
+    p.add_argument("action", choices=["import"])
+    p.add_argument("--file", help="the JSONL call log (default: <store>/calls.jsonl)")
     p = add("expose", cmd_expose, "expose the webhook with Tailscale serve/funnel")
     p.add_argument("--mode", choices=["funnel", "serve", "off"], required=True)
     p.add_argument("--path")

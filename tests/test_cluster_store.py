@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bridge.calls import CallRecord, CallState, Direction, TranscriptEntry
 from bridge.cluster.redis_store import RedisStore, VersionConflict
@@ -150,3 +153,48 @@ async def test_commands_ride_over_a_redis_restart(stores: tuple[RedisStore, Redi
     assert loaded is not None and loaded[1] == 1
     assert await a.live_count() == 1
     assert await a.save(_call("c2")) == 1
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bridge.cli", *args], capture_output=True, text=True, timeout=60)
+
+
+async def test_cli_store_import(redis_server: RedisServer, tmp_path: Path) -> None:
+    log = CallStore(tmp_path / "store")
+    log.open()
+    log.append(_call("c1", CallState.COMPLETED))
+    log.close()
+    config = tmp_path / "cluster.yaml"
+    config.write_text(yaml.safe_dump({"store": str(tmp_path / "store"), "cluster": {"redisUrl": redis_server.url}}))
+    result = await asyncio.to_thread(_cli, "store", "import", "--config", str(config), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["imported"] == 1
+    reader = RedisStore(redis_server.url)
+    assert (await reader.replay()).calls["c1"].state == CallState.COMPLETED
+    await reader.close()
+
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump({"store": str(tmp_path / "store")}))
+    result = await asyncio.to_thread(_cli, "store", "import", "--config", str(plain))
+    assert result.returncode == 1 and "set cluster.redisUrl" in result.stderr and "Traceback" not in result.stderr
+
+    down = tmp_path / "down.yaml"
+    down.write_text(yaml.safe_dump({"store": str(tmp_path / "store"),
+                                    "cluster": {"redisUrl": "redis://:hunter2@127.0.0.1:1/0"}}))
+    result = await asyncio.to_thread(_cli, "store", "import", "--config", str(down))
+    assert result.returncode == 1 and "cannot reach Redis at 127.0.0.1:1" in result.stderr
+    assert "hunter2" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cluster_config_is_validated_with_key_paths() -> None:
+    from bridge.config import ConfigError, build_settings
+
+    cases = {"serve.workers: 2 processes need a shared store: set cluster.redisUrl": {"serve": {"workers": 2}},
+             "cluster.redisUrl": {"cluster": {"redisUrl": "http://127.0.0.1:6379"}},
+             "cluster.leaseSeconds": {"cluster": {"redisUrl": "redis://127.0.0.1:6379", "leaseSeconds": 0}}}
+    for expected, raw in cases.items():
+        with pytest.raises(ConfigError) as info:
+            build_settings(raw, env={})
+        assert expected in str(info.value)
+    settings = build_settings({"serve": {"workers": 2}, "cluster": {"redisUrl": "redis://127.0.0.1:6379"}}, env={})
+    assert settings.serve.worker_count == 2 and settings.cluster is not None and settings.cluster.node_id

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
 from bridge.cluster.redis_store import TRANSIENT, RedisStore
 from bridge.cluster.shared_log import SharedCallLog
 from bridge.config import ClusterSettings
@@ -24,8 +28,13 @@ def redis_host(url: str) -> str:
 
 
 async def check_reachable(log: SharedCallLog, url: str) -> None:
+    """One PING without the store client's retries: a wrong URL fails at start within seconds."""
+    probe: aioredis.Redis = aioredis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3,
+                                                     retry=Retry(NoBackoff(), 0))
     try:
-        await log.store.redis.ping()
+        await probe.ping()
     except TRANSIENT as exc:
         await log.store.close()
         raise ClusterUnavailable(f"cluster.redisUrl: cannot reach Redis at {redis_host(url)} ({type(exc).__name__})") from None
+    finally:
+        await probe.aclose()
