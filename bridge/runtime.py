@@ -14,7 +14,7 @@ from bridge.config import Settings, reveal
 from bridge.manager import CallManager, VoiceFactory
 from bridge.metrics import Metrics
 from bridge.responder import create_responder
-from bridge.rpc import RpcDispatcher, RpcEndpoint
+from bridge.rpc import RpcDispatcher, RpcEndpoint, describe_error
 from bridge.server import create_app
 from bridge.voice import CallVoice
 from carriers.base import Carrier, CarrierError
@@ -95,6 +95,11 @@ class Runtime:
                                    voice_factory=voice_factory(settings, self.carrier))
         self.metrics = Metrics()
         self.dispatcher = RpcDispatcher(self.manager)
+        if self.shared is not None:
+            from bridge.cluster.router import ClusterRouter
+
+            self.dispatcher.router = ClusterRouter(self.shared.store, self.shared.node_id, self.manager.clock,
+                                                   self.dispatcher.call_here, describe_error)
         token = settings.rpc.token.get_secret_value() if settings.rpc.token else None
         self.app = create_app(self.manager, RpcEndpoint(self.dispatcher, token), self.metrics)
         self._runner: web.AppRunner | None = None
@@ -140,6 +145,8 @@ class Runtime:
             self.manager.store.close()
             await self.stop()
             raise StartupError(f"carrier {settings.provider} did not start: {exc}") from None
+        if self.dispatcher.router is not None:
+            await self.dispatcher.router.start()
         return self.port
 
     async def _open_tunnel(self, provider: str | None = None) -> None:
@@ -170,5 +177,7 @@ class Runtime:
             await self._runner.cleanup()  # closes media streams and RPC sockets first
             self._runner = None
         await self.dispatcher.continues.close()
+        if self.dispatcher.router is not None:
+            await self.dispatcher.router.close()
         if self.manager.started:
             await self.manager.stop()

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from bridge.calls import CallState
 from bridge.client import RpcClientError
@@ -48,7 +49,16 @@ async def test_capacity_and_events_span_the_nodes(redis_server: RedisServer, tmp
 
             for call_id in ids:
                 await wait_for(lambda c=call_id: owner[c].manager.calls[c].answeredAt is not None, timeout=20)
-                await rpc_client(owner[call_id]).call("voicecall.end", {"callId": call_id})
+                other = b if owner[call_id] is a else a
+                assert call_id not in other.manager.calls
+                # RPC on the node that does not carry the call: routed to the owner through Redis
+                status = await rpc_client(other).call("voicecall.status", {"callId": call_id})
+                assert status["found"] and status["call"]["callId"] == call_id
+                await rpc_client(other).call("voicecall.speak", {"callId": call_id, "message": "One moment."})
+                await rpc_client(other).call("voicecall.end", {"callId": call_id})
+                assert owner[call_id].manager.calls[call_id].state == CallState.HANGUP_BOT
+                with pytest.raises(RpcClientError, match="has ended"):
+                    await rpc_client(other).call("voicecall.speak", {"callId": call_id, "message": "Hello?"})
             assert await _initiate(a) is not None  # ending released the slots on Redis
 
             ended: set[str] = set()
@@ -81,3 +91,18 @@ async def test_records_survive_a_redis_restart_and_a_node_restart(redis_server: 
         assert second in again.manager.calls
     async with run_bridge(node(redis_server, "n2"), tmp_path / "other") as other:
         assert first not in other.manager.calls  # another node's calls stay that node's (see README: Scaling)
+
+
+async def test_a_command_for_a_stopped_nodes_call_gets_a_clear_error(redis_server: RedisServer, tmp_path: Path) -> None:
+    async with run_bridge(node(redis_server, "n2"), tmp_path / "b") as b:
+        async with run_bridge(node(redis_server, "n1"), tmp_path / "a") as a:
+            call_id = await _initiate(a)
+            assert call_id is not None
+            await wait_for(lambda: a.manager.calls[call_id].answeredAt is not None, timeout=20)
+            assert a.shared is not None
+            await a.shared.flush()
+            a.manager.stopping = True
+        with pytest.raises(RpcClientError, match="carried by node n1, which is not reachable"):
+            await rpc_client(b).call("voicecall.end", {"callId": call_id})
+        missing = await rpc_client(b).call("voicecall.status", {"callId": "no-such-call"})
+        assert missing["found"] is False
