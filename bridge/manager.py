@@ -880,6 +880,17 @@ class CallManager:
         except OSError as exc:
             log.error("call log write failed: %s", exc)
 
+    def announce_ended(self, call: CallRecord) -> None:
+        """Another node's call that this node ended (failover): its subscribers learn of it too."""
+        self._publish("call.ended", call, reason=call.endReason or "")
+
+    async def hangup_orphan(self, call: CallRecord) -> None:
+        """End at the carrier a call whose node is gone (failover); a failed request is logged, not raised."""
+        try:
+            await self.carrier.hangup_call(call, CallState.HANGUP_BOT)
+        except CarrierError as exc:
+            log.warning("call %s: failover hang-up failed: %s", call.callId, exc)
+
     def _stamp_node(self, call: CallRecord) -> None:
         if self.shared is not None:
             call.metadata["node"] = self.shared.node_id

@@ -25,6 +25,7 @@ from media.transport import MediaTransport
 if TYPE_CHECKING:
     import asyncio
 
+    from bridge.cluster.failover import Failover
     from bridge.cluster.shared_log import SharedCallLog
 
 log = logging.getLogger(__name__)
@@ -100,9 +101,16 @@ class Runtime:
 
             self.dispatcher.router = ClusterRouter(self.shared.store, self.shared.node_id, self.manager.clock,
                                                    self.dispatcher.call_here, describe_error)
+        self.failover: Failover | None = None
+        if self.shared is not None and settings.cluster is not None:
+            from bridge.cluster.failover import Failover
+
+            self.failover = Failover(self.shared.store, self.shared.node_id, settings.cluster.leaseSeconds,
+                                     self.manager.clock, self.manager.hangup_orphan, self.manager.announce_ended)
         token = settings.rpc.token.get_secret_value() if settings.rpc.token else None
         self.app = create_app(self.manager, RpcEndpoint(self.dispatcher, token), self.metrics)
         self._runner: web.AppRunner | None = None
+        self.crashed = False  # tests: stop like a killed process (the lease is left to expire)
         self._tunnel: Any = None
         self.port: int | None = None
 
@@ -147,6 +155,8 @@ class Runtime:
             raise StartupError(f"carrier {settings.provider} did not start: {exc}") from None
         if self.dispatcher.router is not None:
             await self.dispatcher.router.start()
+        if self.failover is not None:
+            await self.failover.start()
         return self.port
 
     async def _open_tunnel(self, provider: str | None = None) -> None:
@@ -179,5 +189,7 @@ class Runtime:
         await self.dispatcher.continues.close()
         if self.dispatcher.router is not None:
             await self.dispatcher.router.close()
+        if self.failover is not None:
+            await self.failover.close(release=not self.crashed)
         if self.manager.started:
             await self.manager.stop()

@@ -17,11 +17,11 @@ from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401 -
 MOCK = {"ringDelayMs": 20, "answerDelayMs": 40, "replyDelayMs": 50, "calleeHangupAfterMs": 0, "calleeScript": []}
 
 
-def node(redis: RedisServer, node_id: str, limit: int = 2) -> dict[str, Any]:
+def node(redis: RedisServer, node_id: str, limit: int = 2, lease_s: float = 30) -> dict[str, Any]:
     return {"provider": "mock", "fromNumber": "+15550001234", "toNumber": "+15550005678", "maxConcurrentCalls": limit,
             "streaming": {"enabled": True, "provider": "none"}, "tts": {"provider": "espeak"},
             "responseModel": "offline", "mock": MOCK,
-            "cluster": {"redisUrl": redis.url, "nodeId": node_id, "leaseSeconds": 2}}
+            "cluster": {"redisUrl": redis.url, "nodeId": node_id, "leaseSeconds": lease_s}}
 
 
 async def _initiate(runtime: Any) -> str | None:
@@ -101,8 +101,37 @@ async def test_a_command_for_a_stopped_nodes_call_gets_a_clear_error(redis_serve
             await wait_for(lambda: a.manager.calls[call_id].answeredAt is not None, timeout=20)
             assert a.shared is not None
             await a.shared.flush()
-            a.manager.stopping = True
+            a.crashed = True  # its lease (30 s) outlives the test: the call stays n1's
         with pytest.raises(RpcClientError, match="carried by node n1, which is not reachable"):
             await rpc_client(b).call("voicecall.end", {"callId": call_id})
         missing = await rpc_client(b).call("voicecall.status", {"callId": "no-such-call"})
         assert missing["found"] is False
+
+
+async def test_a_dead_nodes_calls_are_ended_once_by_a_survivor(redis_server: RedisServer, tmp_path: Path) -> None:
+    lease_s = 1.0
+    async with run_bridge(node(redis_server, "n2", 5, lease_s), tmp_path / "b") as b, \
+            run_bridge(node(redis_server, "n3", 5, lease_s), tmp_path / "c") as c:
+        async with run_bridge(node(redis_server, "n1", 5, lease_s), tmp_path / "a") as a:
+            ids = [await _initiate(a) for _ in range(3)]
+            for call_id in ids:
+                assert call_id is not None
+                await wait_for(lambda c=call_id: a.manager.calls[c].answeredAt is not None, timeout=20)
+            assert a.shared is not None
+            await a.shared.flush()
+            a.crashed = True  # stops like kill -9 as far as the cluster sees: the lease is left to expire
+        died = asyncio.get_running_loop().time()
+        assert b.shared is not None
+        store = b.shared.store
+        await wait_for(lambda: len(b.failover.taken_over) + len(c.failover.taken_over) == 3,  # type: ignore[union-attr]
+                       timeout=lease_s + 5)
+        assert asyncio.get_running_loop().time() - died < lease_s + 3
+        hangups = [call_id for call_id, _ in b.carrier.hangups + c.carrier.hangups]  # type: ignore[attr-defined]
+        assert sorted(hangups) == sorted(ids)  # exactly one hang-up per call, by one survivor
+        assert await store.live_count() == 0  # the slots are free again
+        for call_id in ids:
+            loaded = await store.load(call_id)
+            assert loaded is not None and loaded[0].terminal and loaded[0].metadata["failover"]["from"] == "n1"
+        assert b.failover is not None and c.failover is not None
+        assert await b.failover.sweep() == [] and await c.failover.sweep() == []  # nothing is ended twice
+        assert len(b.carrier.hangups) + len(c.carrier.hangups) == 3  # type: ignore[attr-defined]
