@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -82,10 +83,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+WORKER_ENV = "VOICECALL_WORKER"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from bridge.runtime import Runtime
 
     settings = _settings(args)
+    if settings.serve.worker_count > 1 and WORKER_ENV not in os.environ:
+        return _supervise_workers(args, settings)
+    worker = os.environ.get(WORKER_ENV)
+    if worker is not None and settings.cluster is not None and settings.cluster.nodeId:
+        settings.cluster.nodeId = f"{settings.cluster.nodeId}-w{worker}"
 
     async def main() -> None:
         runtime = Runtime(settings)
@@ -103,6 +112,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with asyncio.Runner(loop_factory=_loop_factory(settings.serve.eventLoop)) as runner:
         runner.run(main())
     return 0
+
+
+def _supervise_workers(args: argparse.Namespace, settings: Settings) -> int:
+    """`serve.workers: N`: N `serve` processes on one port (SO_REUSEPORT), sharing Redis; signals go to all."""
+    if settings.serve.port == 0:
+        raise CliError("serve.workers > 1 needs a fixed serve.port (the workers share it)")
+    count = settings.serve.worker_count
+    command = [sys.executable, "-m", "bridge.cli", "serve", *([f"--config={args.config}"] if args.config else [])]
+    children = [subprocess.Popen(command, env={**os.environ, WORKER_ENV: str(i)}) for i in range(count)]
+    print(f"voicecall: {count} workers on port {settings.serve.port} (pids {' '.join(str(c.pid) for c in children)})",
+          flush=True)
+
+    def forward(signum: int, _frame: Any) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    codes = [child.wait() for child in children]
+    return max(codes, default=0)
 
 
 def _loop_factory(choice: str) -> Any:

@@ -122,7 +122,8 @@ class Runtime:
                                "so the RPC endpoint is not open to the network")
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, lingering_time=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, bind, settings.serve.port if port is None else port, reuse_address=True)
+        site = web.TCPSite(self._runner, bind, settings.serve.port if port is None else port, reuse_address=True,
+                           reuse_port=settings.serve.worker_count > 1 or None)
         try:
             await site.start()
         except OSError as exc:

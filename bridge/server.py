@@ -170,8 +170,11 @@ def create_app(manager: CallManager, rpc: RpcEndpoint, metrics: Metrics) -> web.
     app.on_shutdown.append(close_streams)
 
     async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"ok": manager.started, "provider": manager.carrier.name,
-                                  "activeCalls": len(manager.active_calls())})
+        body: dict[str, object] = {"ok": manager.started, "provider": manager.carrier.name,
+                                   "activeCalls": len(manager.active_calls())}
+        if manager.shared is not None:
+            body["node"] = manager.shared.node_id  # which node (process) answered, behind a balancer
+        return web.json_response(body)
 
     async def metrics_view(_: web.Request) -> web.Response:
         return web.Response(text=metrics.render(), content_type="text/plain", charset="utf-8")
