@@ -86,6 +86,8 @@ class CallManager:
         # Several nodes on one Redis: capacity and events are shared through it (bridge/cluster/)
         self.shared: SharedStore | None = self.store if isinstance(self.store, SharedStore) else None
         self._bus: asyncio.Task[None] | None = None
+        # On a cluster: sends an event for a call this node does not carry to the node that does (True: sent)
+        self.event_forwarder: Callable[[CallEvent], Awaitable[bool]] | None = None
         self.responder = responder
         self._voice_factory = voice_factory
         self.calls: dict[str, CallRecord] = {}
@@ -582,6 +584,12 @@ class CallManager:
     def has_processed(self, event: CallEvent) -> bool:
         """Whether an event with this key was applied already (a carrier's redelivery)."""
         return event.key in self._processed
+
+    async def forward_event(self, event: CallEvent) -> bool:
+        """On a cluster, an event for another node's call goes to that node; True when it went there."""
+        if self.event_forwarder is None or self.find_call(event.call_id, event.provider_call_id) is not None:
+            return False
+        return await self.event_forwarder(event)
 
     def process_event(self, event: CallEvent) -> CallRecord | None:
         """Apply one normalized event. Sync: side effects that need I/O are spawned as tasks."""

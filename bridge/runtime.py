@@ -100,7 +100,8 @@ class Runtime:
             from bridge.cluster.router import ClusterRouter
 
             self.dispatcher.router = ClusterRouter(self.shared.store, self.shared.node_id, self.manager.clock,
-                                                   self.dispatcher.call_here, describe_error)
+                                                   self.dispatcher.call_here, describe_error, self._apply_routed)
+            self.manager.event_forwarder = self.dispatcher.router.forward_event
         self.failover: Failover | None = None
         if self.shared is not None and settings.cluster is not None:
             from bridge.cluster.failover import Failover
@@ -113,6 +114,9 @@ class Runtime:
         self.crashed = False  # tests: stop like a killed process (the lease is left to expire)
         self._tunnel: Any = None
         self.port: int | None = None
+
+    def _apply_routed(self, event: CallEvent) -> None:
+        self.manager.process_event(event)
 
     async def start(self, *, port: int | None = None) -> int:
         settings = self.settings

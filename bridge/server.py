@@ -137,6 +137,8 @@ class WebhookHandler:
                 if verdict is not None and verdict.replay_key and event.dedupe_key is None:
                     event.dedupe_key = f"{verdict.replay_key}:{index}"
                 fresh = fresh or not self.manager.has_processed(event)
+                if await self.manager.forward_event(event):
+                    continue
                 processed = self.manager.process_event(event)
                 call = call or processed
         if call is None and hook.query_value("callId"):

@@ -135,3 +135,27 @@ async def test_a_dead_nodes_calls_are_ended_once_by_a_survivor(redis_server: Red
         assert b.failover is not None and c.failover is not None
         assert await b.failover.sweep() == [] and await c.failover.sweep() == []  # nothing is ended twice
         assert len(b.carrier.hangups) + len(c.carrier.hangups) == 3  # type: ignore[attr-defined]
+
+
+async def test_a_webhook_on_another_node_is_applied_by_the_owner(redis_server: RedisServer, tmp_path: Path) -> None:
+    async with run_bridge(node(redis_server, "n1"), tmp_path / "a") as a, \
+            run_bridge(node(redis_server, "n2"), tmp_path / "b") as b:
+        call_id = await _initiate(a)
+        assert call_id is not None
+        call = a.manager.calls[call_id]
+        await wait_for(lambda: call.answeredAt is not None, timeout=20)
+        assert a.shared is not None
+        await a.shared.flush()
+        provider_id = call.providerCallId
+        assert provider_id
+        hook = f"http://127.0.0.1:{b.port}/voice/webhook"
+        async with aiohttp.ClientSession() as session:
+            for digits in ("4", "2"):  # by the carrier's call id only, as a carrier's webhook names it
+                event = {"event": {"type": "call.dtmf", "providerCallId": provider_id, "digits": digits, "id": f"d{digits}"}}
+                async with session.post(hook, json=event) as response:
+                    assert response.status == 200
+            async with session.post(hook, json={"event": {"type": "call.dtmf", "providerCallId": provider_id,
+                                                          "digits": "9", "id": "d4"}}) as response:
+                assert response.status == 200  # a redelivery (same id): applied once, by the owner
+        assert call.metadata["dtmf"] == "42"
+        assert call_id not in b.manager.calls  # node b did not make a second record of it

@@ -27,6 +27,11 @@ class Keys:
         """Processed event ids and webhook replay keys (SET NX with a TTL)."""
         return f"{self.prefix}:seen:{key}"
 
+    @property
+    def provider_prefix(self) -> str:
+        """`<prefix>:pcid:<carrier call id>` -> our call id (a webhook names the carrier's id)."""
+        return f"{self.prefix}:pcid:"
+
     def turn(self, call_id: str) -> str:
         return f"{self.prefix}:turn:{call_id}"
 

@@ -28,7 +28,8 @@ SEEN_TTL_S = 86_400  # a carrier's redelivery window is minutes; a day is ample
 TURN_TTL_S = 3_600
 MAX_UPDATE_RETRIES = 50
 
-# KEYS: call hash, calls set, live set. ARGV: expected version (-1: any), json, call id, terminal (1/0).
+# KEYS: call hash, calls set, live set. ARGV: expected version (-1: any), json, call id, terminal (1/0),
+# the carrier's call id ('' = none) and the key prefix of its index (carrier id -> our id).
 # A terminal record gives its live-call slot back (slots are taken by _RESERVE).
 # Returns the new version, or -(current version) - 1 on a version mismatch.
 _SAVE = """
@@ -39,6 +40,7 @@ v = v + 1
 redis.call('HSET', KEYS[1], 'v', v, 'json', ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[3])
 if ARGV[4] == '1' then redis.call('SREM', KEYS[3], ARGV[3]) end
+if ARGV[5] ~= '' then redis.call('SET', ARGV[6] .. ARGV[5], ARGV[3]) end
 return v
 """
 
@@ -85,7 +87,8 @@ class RedisStore:
         payload = json.dumps(record.to_json(), separators=(",", ":"), ensure_ascii=False)
         k = self.keys
         result = int(await self._save(keys=[k.call(record.callId), k.calls, k.live],
-                                      args=[expected_version, payload, record.callId, "1" if record.terminal else "0"]))
+                                      args=[expected_version, payload, record.callId, "1" if record.terminal else "0",
+                                            record.providerCallId or "", k.provider_prefix]))
         if result < 0:
             raise VersionConflict(-result - 1)
         return result
@@ -95,6 +98,10 @@ class RedisStore:
         if not fields or "json" not in fields:
             return None
         return CallRecord.from_json(json.loads(fields["json"])), int(fields.get("v", 0))
+
+    async def call_id_for(self, provider_call_id: str) -> str | None:
+        value = await self.redis.get(self.keys.provider_prefix + provider_call_id)
+        return str(value) if value is not None else None
 
     async def update(self, call_id: str, change: Callable[[CallRecord], None]) -> CallRecord:
         """Read, change, write back only if unchanged meanwhile; on a race re-read and re-apply."""

@@ -12,14 +12,18 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import fields
 from typing import Any
 
+from bridge.calls import CallEvent, CallState, Direction, EventType
 from bridge.cluster.errors import RouteError
 from bridge.cluster.redis_store import RedisStore
 from bridge.tasks import BackgroundTasks
 from media.clock import Clock
 
 log = logging.getLogger(__name__)
+
+EVENT_METHOD = "cluster.event"  # a webhook's event for the owner to apply
 
 # method, params -> result (the owner's own dispatcher); `describe` turns its exception into (code, message)
 LocalCall = Callable[[str, dict[str, Any]], Awaitable[Any]]
@@ -28,7 +32,8 @@ Describe = Callable[[BaseException], tuple[int, str]]
 
 class ClusterRouter:
     def __init__(self, store: RedisStore, node_id: str, clock: Clock, local: LocalCall, describe: Describe,
-                 *, timeout_s: float = 30.0) -> None:
+                 on_event: Callable[[CallEvent], None], *, timeout_s: float = 30.0) -> None:
+        self._on_event = on_event
         self.store = store
         self.node_id = node_id
         self.clock = clock
@@ -59,6 +64,8 @@ class ClusterRouter:
                 future.cancel()
 
     async def owner(self, call_id: str) -> str | None:
+        if not call_id:
+            return None
         loaded = await self.store.load(call_id)
         if loaded is None:
             return None
@@ -84,6 +91,17 @@ class ClusterRouter:
             raise RouteError(int(reply["error"]["code"]), str(reply["error"]["message"]))
         return reply.get("result")
 
+    async def forward_event(self, event: CallEvent) -> bool:
+        """A webhook's event for a call another node carries: applied there. False: not another node's call."""
+        call_id = event.call_id
+        if not call_id and event.provider_call_id:
+            call_id = await self.store.call_id_for(event.provider_call_id)
+        owner = await self.owner(call_id or "")
+        if owner is None or owner == self.node_id:
+            return False
+        await self.forward(owner, EVENT_METHOD, event_to_json(event))
+        return True
+
     async def _listen(self, pubsub: Any) -> None:
         try:
             async for message in _messages(pubsub):
@@ -99,11 +117,31 @@ class ClusterRouter:
     async def _serve(self, request: dict[str, Any]) -> None:
         reply: dict[str, Any] = {"kind": "reply", "id": request.get("id")}
         try:
-            reply["result"] = await self._local(str(request["method"]), dict(request.get("params") or {}))
+            params = dict(request.get("params") or {})
+            if request["method"] == EVENT_METHOD:
+                self._on_event(event_from_json(params))
+                reply["result"] = {"applied": True}
+            else:
+                reply["result"] = await self._local(str(request["method"]), params)
         except Exception as exc:  # noqa: BLE001 - the error goes back to the node that asked
             code, text = self._describe(exc)
             reply["error"] = {"code": code, "message": text}
         await self.store.redis.publish(self.channel(str(request.get("replyTo"))), json.dumps(reply, default=str))
+
+
+def event_to_json(event: CallEvent) -> dict[str, Any]:
+    return {f.name: getattr(event, f.name) for f in fields(event)}
+
+
+def event_from_json(data: dict[str, Any]) -> CallEvent:
+    known = {f.name for f in fields(CallEvent)}
+    values = {k: v for k, v in data.items() if k in known}
+    values["type"] = EventType(values["type"])
+    if values.get("direction") is not None:
+        values["direction"] = Direction(values["direction"])
+    if values.get("reason") is not None:
+        values["reason"] = CallState(values["reason"])
+    return CallEvent(**values)
 
 
 async def _messages(pubsub: Any) -> AsyncIterator[dict[str, Any]]:
