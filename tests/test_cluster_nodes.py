@@ -159,3 +159,18 @@ async def test_a_webhook_on_another_node_is_applied_by_the_owner(redis_server: R
                 assert response.status == 200  # a redelivery (same id): applied once, by the owner
         assert call.metadata["dtmf"] == "42"
         assert call_id not in b.manager.calls  # node b did not make a second record of it
+
+
+async def test_sigterm_style_stop_hands_live_calls_over_before_the_lease_expires(redis_server: RedisServer,
+                                                                                tmp_path: Path) -> None:
+    lease_s = 6.0  # survivors sweep every lease/3 = 2 s; a crashed node's calls would wait the full 6 s
+    async with run_bridge(node(redis_server, "n2", 5, lease_s), tmp_path / "b") as b:
+        async with run_bridge(node(redis_server, "n1", 5, lease_s), tmp_path / "a") as a:
+            call_id = await _initiate(a)
+            assert call_id is not None
+            await wait_for(lambda: a.manager.calls[call_id].answeredAt is not None, timeout=20)
+        stopped = asyncio.get_running_loop().time()  # a graceful stop released n1's lease
+        assert b.failover is not None
+        await wait_for(lambda: call_id in b.failover.taken_over, timeout=lease_s)  # type: ignore[union-attr]
+        assert asyncio.get_running_loop().time() - stopped < lease_s - 1
+        assert [c for c, _ in b.carrier.hangups] == [call_id]  # type: ignore[attr-defined]
