@@ -139,6 +139,33 @@ class TranscriptEntry:
 
 
 @dataclass(slots=True)
+class ToolCallEntry:
+    """One tool the model called during the call, and what went back to it."""
+
+    at: float
+    id: str
+    name: str
+    arguments: str  # JSON text as the model wrote it
+    result: str
+    position: int  # len(transcript) when the model's reply ended: where the call sits in the conversation
+    withText: bool = False  # the same reply also spoke text (transcript[position - 1])
+    endCall: bool = False
+
+
+@dataclass(slots=True)
+class TurnTiming:
+    """One reply turn's latency, in ms from the caller's final transcript (None: that step never happened)."""
+
+    at: float  # unix time of the final transcript
+    mode: str  # streaming | batch
+    modelFirstTokenMs: float | None = None
+    firstPieceMs: float | None = None
+    ttsFirstByteMs: float | None = None
+    firstAudioMs: float | None = None
+    interrupted: bool = False
+
+
+@dataclass(slots=True)
 class CallRecord:
     callId: str
     provider: str
@@ -152,6 +179,8 @@ class CallRecord:
     endedAt: float | None = None
     endReason: str | None = None
     transcript: list[TranscriptEntry] = field(default_factory=list)
+    toolCalls: list[ToolCallEntry] = field(default_factory=list)
+    turnTimings: list[TurnTiming] = field(default_factory=list)
     processedEventIds: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -223,6 +252,8 @@ class CallRecord:
             endedAt=data.get("endedAt"),
             endReason=data.get("endReason"),
             transcript=[TranscriptEntry(**t) for t in data.get("transcript") or []],
+            toolCalls=[ToolCallEntry(**t) for t in data.get("toolCalls") or []],
+            turnTimings=[TurnTiming(**t) for t in data.get("turnTimings") or []],
             processedEventIds=list(data.get("processedEventIds") or []),
             metadata=dict(data.get("metadata") or {}),
         )

@@ -208,6 +208,54 @@ class MessagesSettings(Section):
     tts: dict[str, Any] = Field(default_factory=dict)
 
 
+class AgentToolSettings(Section):
+    """A tool the model may call during a call: the bridge POSTs its arguments (signed) to `url`."""
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    url: str = Field(pattern=r"^https?://")
+    timeoutMs: int = Field(5000, gt=0, le=120_000)
+    secret: SecretStr | None = None
+    filler: str | None = None  # spoken while it runs; None: agent.toolFiller; "": nothing
+
+
+class AgentSettings(Section):
+    """The model on the line: how it replies, its tools, and what it says when things go wrong."""
+
+    responseMode: Literal["streaming", "batch"] = "streaming"  # batch: whole reply, then speak (comparison)
+    responseContract: Literal["tools", "json"] = "tools"  # json: the old JSON answer, for models without tools
+    tools: list[AgentToolSettings] = Field(default_factory=list)
+    consult: bool = True  # offer consult_agent (ask the agent on voicecall.subscribe)
+    consultTimeoutMs: int = Field(30_000, gt=0)
+    consultFiller: str | None = "Let me check on that."
+    toolFiller: str | None = "One moment."
+    apology: str = "Sorry, I'm having trouble right now."
+    onFailure: Literal["apologize", "hangup"] = "apologize"
+    maxFailures: int = Field(2, gt=0)  # consecutive failed replies before the call is ended
+    maxToolRounds: int = Field(4, ge=0)
+    minClauseChars: int = Field(30, gt=0)  # a piece may end at , ; : once this long
+
+
+BUILTIN_TOOLS = ("end_call", "send_dtmf", "consult_agent", "transfer_call")
+
+
+def agent_problems(agent: AgentSettings) -> list[str]:
+    problems: list[str] = []
+    seen: set[str] = set()
+    for i, tool in enumerate(agent.tools):
+        if tool.name in BUILTIN_TOOLS:
+            problems.append(f"agent.tools[{i}].name: {tool.name!r} is a built-in tool; choose another name")
+        elif tool.name in seen:
+            problems.append(f"agent.tools[{i}].name: {tool.name!r} is declared twice")
+        seen.add(tool.name)
+        if tool.parameters.get("type") != "object":
+            problems.append(f"agent.tools[{i}].parameters: must be a JSON schema with \"type\": \"object\"")
+        elif not isinstance(tool.parameters.get("properties", {}), dict):
+            problems.append(f"agent.tools[{i}].parameters.properties: must be a mapping")
+    return problems
+
+
 S = TypeVar("S", bound=CarrierSettings)
 
 
@@ -246,6 +294,7 @@ class CoreSettings(Section):
     responseTimeoutMs: int = Field(30_000, gt=0)
     responseBaseUrl: str = "https://api.openai.com/v1"
     responseApiKey: SecretStr | None = None
+    agent: AgentSettings = Field(default_factory=AgentSettings)
     pipelineSampleRate: Literal[8000, 16000, 24000, 48000] = 16000
     recording: RecordingSettings = Field(default_factory=RecordingSettings)
     rpc: RpcSettings = Field(default_factory=RpcSettings)
@@ -268,6 +317,7 @@ class CoreSettings(Section):
                                       skip_signature_verification=self.skipSignatureVerification,
                                       from_number=self.fromNumber)
             problems += section.problems(self.provider, context)
+        problems += agent_problems(self.agent)
         if problems:
             raise ValueError("\n".join(problems))
         return self

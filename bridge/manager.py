@@ -28,6 +28,7 @@ from bridge.calls import (
     can_transition,
 )
 from bridge.config import MachineDetectionMode, Settings
+from bridge.conversation.engine import ConversationEngine
 from bridge.hooks import ReportSender
 from bridge.machine import MachineDetection
 from bridge.report import build_report
@@ -38,6 +39,7 @@ from carriers.base import Carrier, CarrierError, OutboundRequest
 from media.amd import AmdVerdict
 from media.clock import Clock, RealClock, TimerHandle
 from media.transport import MediaTransport
+from media.tts.base import TtsError
 
 if TYPE_CHECKING:
     from bridge.voice import CallVoice
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 REAPER_INTERVAL_S = 30.0
 MEDIA_WAIT_S = 10.0
 MAX_PROCESSED_IDS = 200_000
+SUPERSEDE_GRACE_S = 0.5  # a superseded reply gets this long to finish its bookkeeping before it is cancelled
 MACHINE_DETECTION_MODES = ("off", "detect", "hangup", "leave-message")
 DTMF_SEQUENCE_CHARS = frozenset("0123456789*#ABCDwW")
 MAX_DTMF_SEQUENCE = 64
@@ -78,6 +81,7 @@ class CallManager:
         store: Store | None = None,
         responder: Responder | None = None,
         voice_factory: VoiceFactory | None = None,
+        conversation: ConversationEngine | None = None,
     ) -> None:
         self.settings = settings
         self.carrier = carrier
@@ -89,6 +93,10 @@ class CallManager:
         # On a cluster: sends an event for a call this node does not carry to the node that does (True: sent)
         self.event_forwarder: Callable[[CallEvent], Awaitable[bool]] | None = None
         self.responder = responder
+        # Streaming replies with tools (the default); None or agent.responseMode batch: the Responder path.
+        self.conversation = conversation
+        self._replies: dict[str, asyncio.Task[Any]] = {}  # call id -> its running reply turn
+        self._consults: dict[str, tuple[str, asyncio.Future[str]]] = {}  # consult id -> (call id, answer)
         self._voice_factory = voice_factory
         self.calls: dict[str, CallRecord] = {}
         self._by_provider_id: dict[str, str] = {}
@@ -139,6 +147,8 @@ class CallManager:
             await self.reports.close()
         if self.responder is not None:
             await self.responder.close()
+        if self.conversation is not None:
+            await self.conversation.close()
         if self._bus is not None:
             self._bus.cancel()
             await asyncio.gather(self._bus, return_exceptions=True)
@@ -464,14 +474,54 @@ class CallManager:
         except CallError as exc:
             log.warning("call %s: initial message failed: %s", call.callId, exc)
 
+    def _streaming_replies(self) -> bool:
+        agent = self.settings.agent
+        return self.conversation is not None and agent.responseMode == "streaming" and agent.responseContract == "tools"
+
+    async def _respond(self, call: CallRecord, heard_at: float) -> None:
+        """One reply turn per call at a time: newer caller words supersede a reply still running."""
+        old = self._replies.get(call.callId)
+        if old is not None and not old.done():
+            voice = self._voices.get(call.callId)
+            if voice is not None:
+                voice.interrupt()  # a reply that is speaking ends at once, keeping what was heard
+            settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            def settle(_: object) -> None:
+                if not settled.done():
+                    settled.set_result(None)
+
+            old.add_done_callback(settle)
+            try:
+                await self.clock.wait_for(settled, SUPERSEDE_GRACE_S)
+            except TimeoutError:  # still waiting on the model or a tool: stop it
+                old.cancel()
+                await asyncio.wait({old})
+        me = asyncio.current_task()
+        if me is not None:
+            self._replies[call.callId] = me
+        try:
+            if self._streaming_replies() and self.conversation is not None:
+                await self.conversation.respond(call, self, heard_at)
+            else:
+                await self._auto_respond(call)
+        except CallError as exc:
+            log.warning("call %s: reply not spoken: %s", call.callId, exc)
+        finally:
+            if self._replies.get(call.callId) is me:
+                del self._replies[call.callId]
+
     async def _auto_respond(self, call: CallRecord) -> None:
+        """The batch path: the whole reply (JSON contract), then speak it."""
         if self.responder is None or call.terminal:
             return
         started = self.clock.monotonic()
         try:
             reply = await self.responder.reply(call.transcript)
         except ResponderError as exc:
-            log.warning("call %s: responder failed: %s", call.callId, exc)
+            if self.conversation is not None:
+                await self.conversation.failed(call, self, str(exc))
+            else:
+                log.warning("call %s: responder failed: %s", call.callId, exc)
             return
         if call.terminal or not reply.spoken:
             return
@@ -481,12 +531,68 @@ class CallManager:
         except CallError as exc:
             log.warning("call %s: reply not spoken: %s", call.callId, exc)
             return
+        except (TimeoutError, OSError, TtsError) as exc:  # the voice failed: apologize or hang up, never silence
+            if self.conversation is not None:
+                await self.conversation.failed(call, self, str(exc) or type(exc).__name__)
+            else:
+                log.warning("call %s: reply not spoken: %s", call.callId, exc)
+            return
         if reply.end_call and not call.terminal:
             await self.clock.sleep(self.settings.outbound.notifyHangupDelaySec)
             if not call.terminal:
                 await self._hangup(call, CallState.HANGUP_BOT)
         elif not call.terminal:
             self._transition(call, CallState.LISTENING)
+
+    # ================================================================== conversation host (TurnHost, ToolHost)
+
+    def transition(self, call: CallRecord, state: CallState) -> bool:
+        return self._transition(call, state)
+
+    def save(self, call: CallRecord) -> None:
+        self._save(call)
+
+    def publish(self, kind: str, call: CallRecord, **extra: Any) -> None:
+        self._publish(kind, call, **extra)
+
+    async def say(self, call: CallRecord, text: str) -> None:
+        await self._say(call, text)
+
+    async def hangup(self, call: CallRecord) -> None:
+        await self._hangup(call, CallState.HANGUP_BOT)
+
+    async def say_filler(self, call_id: str, text: str) -> None:
+        call = self.calls.get(call_id)
+        if call is None or call.terminal:
+            return
+        try:
+            await self._say(call, text)
+        except CallError as exc:
+            log.info("call %s: filler not spoken: %s", call_id, exc)
+
+    async def consult(self, call_id: str, question: str) -> str:
+        """Ask the agent (RPC subscribers) through a `call.consult` event; wait for voicecall.consult.reply."""
+        call = self._live_call(call_id)
+        if not self._subscribers:
+            return "No agent is listening right now; answer without it."
+        consult_id = uuid.uuid4().hex
+        answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._consults[consult_id] = (call.callId, answer)
+        timeout_ms = self.settings.agent.consultTimeoutMs
+        self._publish("call.consult", call, consultId=consult_id, question=question)
+        try:
+            return await self.clock.wait_for(answer, timeout_ms / 1000)
+        except TimeoutError:
+            log.info("call %s: consult %s unanswered after %d ms", call.callId, consult_id, timeout_ms)
+            return f"The agent did not answer within {timeout_ms / 1000:g} seconds."
+        finally:
+            self._consults.pop(consult_id, None)
+
+    def consult_reply(self, call_id: str, consult_id: str, answer: str) -> None:
+        pending = self._consults.get(consult_id)
+        if pending is None or pending[0] != call_id or pending[1].done():
+            raise CallError(f"No open consult {consult_id} on call {call_id} (answered, timed out or never asked)")
+        pending[1].set_result(answer)
 
     # ================================================================== after answer: keys out, machines
 
@@ -741,6 +847,7 @@ class CallManager:
             return
         if not text:
             return
+        heard_at = self.clock.monotonic()
         call.transcript.append(TranscriptEntry(event.timestamp, "user", text))
         self._publish("call.speech", call, transcript=text)
         if self._machine_pending(call):
@@ -754,7 +861,7 @@ class CallManager:
                 turn.future.set_result(text)
             return
         if call.direction == Direction.INBOUND or call.metadata.get("mode") == CallMode.CONVERSATION:
-            self._spawn(self._auto_respond(call), f"respond-{call.callId}")
+            self._spawn(self._respond(call, heard_at), f"respond-{call.callId}")
 
     def _transition(self, call: CallRecord, target: CallState) -> bool:
         if call.state == target:
@@ -796,6 +903,11 @@ class CallManager:
         voice = self._voices.pop(call.callId, None)
         if voice is not None:
             self._spawn(voice.close(), f"close-voice-{call.callId}")
+        for owner, answer in list(self._consults.values()):
+            if owner == call.callId and not answer.done():
+                answer.set_result("The call has ended.")
+        if self.conversation is not None:
+            self.conversation.forget(call.callId)
         self._save(call)
         self._publish("call.ended", call, reason=reason.value)
         self._report(call)

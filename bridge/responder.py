@@ -1,9 +1,11 @@
-"""Auto-responses: what the bridge says back when the caller speaks and no agent turn is waiting.
+"""The batch auto-response path (`agent.responseMode: batch` or `agent.responseContract: json`):
+the whole reply first, then it is spoken. The default is the streaming engine in
+bridge/conversation/ (tools, speakable pieces as tokens arrive).
 
 Two responders behind one interface: an OpenAI-compatible chat model (any server with
 `/chat/completions`), and an offline rule-based one for the demo and tests.
-The model answers with a small JSON contract, `{"spoken": "...", "endCall": false}`, because a
-model that answers in prose tends to narrate or call tools instead of speaking (seed issue #27025).
+The model answers with a small JSON contract, `{"spoken": "...", "endCall": false}`, the fallback
+for models without tool calling (a model that answers in prose tends to narrate; seed issue #27025).
 """
 
 from __future__ import annotations

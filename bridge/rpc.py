@@ -69,6 +69,7 @@ class RpcDispatcher:
             "voicecall.status": self._status,
             "voicecall.list": self._list,
             "voicecall.dtmf": self._dtmf,
+            "voicecall.consult.reply": self._consult_reply,
             "mock.inject": self._mock_inject,
             "mock.callee": self._mock_callee,
         }
@@ -168,6 +169,14 @@ class RpcDispatcher:
         if not all(d in "0123456789*#ABCD" for d in digits):
             raise RpcError(INVALID_PARAMS, "`digits` may contain only 0-9, *, #, A-D")
         await self.manager.send_dtmf(_str(p, "callId") or "", digits)
+        return {"success": True}
+
+    async def _consult_reply(self, p: dict[str, Any]) -> dict[str, Any]:
+        """The agent's answer to a `call.consult` event (the model's consult_agent tool call)."""
+        answer = p.get("answer")
+        if not isinstance(answer, str):
+            raise RpcError(INVALID_PARAMS, "parameter `answer` must be a string")
+        self.manager.consult_reply(_str(p, "callId") or "", _str(p, "consultId") or "", answer)
         return {"success": True}
 
     # ---------------------------------------------------------------- mock carrier controls

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from bridge.calls import CallEvent, CallRecord
 from bridge.config import Settings, reveal
+from bridge.conversation.factory import create_conversation
 from bridge.manager import CallManager, VoiceFactory
 from bridge.metrics import Metrics
 from bridge.responder import create_responder
@@ -76,6 +77,7 @@ def voice_factory(settings: Settings, carrier: Carrier) -> VoiceFactory:
             echo=settings.streaming.echo,
         )
 
+    build.close = tts.close  # type: ignore[attr-defined]  # the runtime releases the shared engine at stop
     return build
 
 
@@ -92,8 +94,10 @@ class Runtime:
             from bridge.cluster.factory import shared_log
 
             self.shared = shared_log(settings.cluster, clock)
+        voices = voice_factory(settings, self.carrier)
+        self._close_engines = getattr(voices, "close", None)
         self.manager = CallManager(settings, self.carrier, clock=clock, responder=responder, store=self.shared,
-                                   voice_factory=voice_factory(settings, self.carrier))
+                                   voice_factory=voices, conversation=create_conversation(settings))
         self.metrics = Metrics()
         self.dispatcher = RpcDispatcher(self.manager)
         if self.shared is not None:
@@ -198,3 +202,6 @@ class Runtime:
             await self.failover.close(release=not self.crashed)
         if self.manager.started:
             await self.manager.stop()
+        if self._close_engines is not None:
+            close, self._close_engines = self._close_engines, None
+            await close()

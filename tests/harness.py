@@ -13,6 +13,7 @@ from bridge.client import RpcClient
 from bridge.config import build_settings
 from bridge.runtime import Runtime
 from carriers.base import Carrier
+from media.clock import Clock
 
 
 def free_port() -> int:
@@ -23,7 +24,8 @@ def free_port() -> int:
 
 @asynccontextmanager
 async def run_bridge(config: dict[str, Any], store: Path, *, env: dict[str, str] | None = None,
-                     public_url: bool = True, carrier: Carrier | None = None) -> AsyncIterator[Runtime]:
+                     public_url: bool = True, carrier: Carrier | None = None,
+                     clock: Clock | None = None) -> AsyncIterator[Runtime]:
     """`config` is a raw config mapping; the store, port and (unless given) publicUrl are filled in."""
     raw = dict(config)
     port = free_port()
@@ -31,7 +33,7 @@ async def run_bridge(config: dict[str, Any], store: Path, *, env: dict[str, str]
     raw["serve"] = {**raw.get("serve", {}), "port": port, "bind": "127.0.0.1"}
     if public_url and raw.get("provider", "mock") != "mock":
         raw.setdefault("publicUrl", f"http://127.0.0.1:{port}{raw['serve'].get('path', '/voice/webhook')}")
-    runtime = Runtime(build_settings(raw, env or {}), carrier=carrier)
+    runtime = Runtime(build_settings(raw, env or {}), carrier=carrier, clock=clock)
     await runtime.start()
     try:
         yield runtime

@@ -72,6 +72,20 @@ def test_sip_calls_eight_calls(tmp_path: Path) -> None:
         assert row[key] is not None and row[key] >= 0, key
 
 
+def test_voice_to_voice_two_calls_both_modes(tmp_path: Path) -> None:
+    data = run_bench("voice_to_voice.py", "--calls", "2", "--rounds", "1", "--cpu", "-1", "--ttft-ms", "100",
+                     "--stt-ms", "100", "--tts-ms", "50", "--tokens-per-s", "200", "--reply-tokens", "8",
+                     out=tmp_path / "v2v.json",
+                     timeout=120)
+    assert [(p["mode"], p["calls"]) for p in data["points"]] == [("batch", 2), ("streaming", 2)]
+    batch, streaming = data["points"]
+    for point in data["points"]:
+        assert point["turns"] == 2 and point["missed"] == 0
+        assert point["p50_ms"] >= point["floor_ms"] * 0.9  # nothing arrives before the engines could make it
+    assert streaming["floor_ms"] < batch["floor_ms"]
+    assert streaming["bridge_first_audio_p50_ms"] >= streaming["bridge_first_piece_p50_ms"] > 0
+
+
 def test_amd_accuracy_quick(tmp_path: Path) -> None:
     data = run_bench("amd_accuracy.py", "--quick", out=tmp_path / "amd.json")
     assert data["samples"] == 12 and data["beep"]["with_beep"] == 4

@@ -47,3 +47,10 @@ def test_the_blocker_really_refuses_aiohttp() -> None:
     result = _run("import carriers.twilio.carrier")
     assert result.returncode != 0
     assert "blocked: aiohttp" in result.stderr
+
+
+@pytest.mark.parametrize("module", ["bridge.conversation.segmenter", "bridge.conversation.sse",
+                                    "bridge.conversation.messages", "bridge.conversation.tools"])
+def test_conversation_wire_logic_imports_without_aiohttp(module: str) -> None:
+    result = _run(f"import {module}\nassert 'aiohttp' not in sys.modules")
+    assert result.returncode == 0, result.stderr[-2000:]

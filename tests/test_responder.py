@@ -106,7 +106,7 @@ async def test_mock_call_replies_come_from_the_model(tmp_path: Path, chat_server
     config = {"provider": "mock", "fromNumber": "+15550001234", "toNumber": "+15550005678",
               "streaming": {"enabled": True, "provider": "none"}, "outbound": {"notifyHangupDelaySec": 0},
               "responseModel": "openai/gpt-4o-mini", "responseBaseUrl": chat_server.base_url,
-              "responseApiKey": "sk-test",
+              "responseApiKey": "sk-test", "agent": {"responseMode": "batch"},  # the JSON-contract path
               "mock": {"ringDelayMs": 50, "answerDelayMs": 100, "replyDelayMs": 100, "calleeHangupAfterMs": 0,
                        "calleeScript": ["Is Thursday fine?", "Great, thanks."]}}
     async with run_bridge(config, tmp_path) as runtime:

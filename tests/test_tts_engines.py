@@ -103,7 +103,7 @@ async def openai_fake():  # type: ignore[no-untyped-def]
     await fake.stop()
 
 
-async def test_openai_tts_streams_24k_pcm_through_sdk(openai_fake: FakeOpenAI) -> None:
+async def test_openai_tts_streams_24k_pcm(openai_fake: FakeOpenAI) -> None:
     tts = create_tts({"provider": "openai", "openai": {"apiKey": openai_fake.api_key, "baseUrl": openai_fake.base_url, "voice": "nova"}})
     assert isinstance(tts, OpenAiTts) and tts.sample_rate == 24000
     text = "Hello from the fake OpenAI."

@@ -19,8 +19,29 @@ class TtsEngine(ABC):
         """Stream PCM16 little-endian mono at `sample_rate`. Chunks may have any size (even empty);
         every chunk holds whole samples. Closing the iterator early stops the synthesis."""
 
+    def open_text_stream(self) -> TextStream | None:
+        """Engines that take text incrementally (one session for a whole streamed reply) return a
+        TextStream; the others return None and get one `synthesize` call per piece."""
+        return None
+
     async def close(self) -> None:
         """Release clients and connections."""
+
+
+class TextStream(ABC):
+    """One reply's synthesis, fed text piece by piece as the model writes it."""
+
+    @abstractmethod
+    def push(self, text: str) -> None:
+        """Queue a speakable piece (sync; sent in order)."""
+
+    @abstractmethod
+    def end(self) -> None:
+        """No more text: finish the audio of what was pushed."""
+
+    @abstractmethod
+    def audio(self) -> AsyncIterator[bytes]:
+        """PCM16 mono at the engine's `sample_rate`, as it arrives; closing it stops the synthesis."""
 
 
 class EvenBytes:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -13,7 +14,7 @@ from urllib.parse import urlencode
 from media import g711
 from media.formats import AudioEncoding
 from media.logsafe import quiet_logger
-from media.tts.base import EvenBytes, TtsEngine, TtsError
+from media.tts.base import EvenBytes, TextStream, TtsEngine, TtsError
 
 DEFAULT_BASE_URL = "https://api.elevenlabs.io"
 DEFAULT_MODEL = "eleven_flash_v2_5"
@@ -92,27 +93,42 @@ class ElevenLabsTts(TtsEngine):
         except ApiError as exc:
             raise TtsError(f"ElevenLabs TTS failed: HTTP {exc.status_code}") from None
 
-    async def _ws(self, text: str) -> AsyncIterator[bytes]:
-        import websockets
+    def open_text_stream(self) -> TextStream | None:
+        """stream-input takes a reply's text as it is written: one socket, each piece flushed."""
+        return _ElevenLabsTextStream(self) if self.transport == "websocket" else None
 
+    def _ws_url(self) -> str:
         scheme_url = self.base_url.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
         query = urlencode({"model_id": self.model_id, "output_format": self.output_format})
-        url = f"{scheme_url}/v1/text-to-speech/{self.voice_id}/stream-input?{query}"
+        return f"{scheme_url}/v1/text-to-speech/{self.voice_id}/stream-input?{query}"
+
+    def _init_message(self) -> str:
+        init: dict[str, Any] = {"text": " ", "generation_config": {"chunk_length_schedule": [120, 160, 250, 290]}}
+        if self.voice_settings:
+            init["voice_settings"] = self.voice_settings
+        return json.dumps(init)
+
+    async def _ws(self, text: str, more: asyncio.Queue[str | None] | None = None) -> AsyncIterator[bytes]:
+        """One stream-input session: `text` (if any), then every piece from `more` until None."""
+        import websockets
+
         even = EvenBytes()
+        sender: asyncio.Task[None] | None = None
         try:
             async with websockets.connect(
-                url,
+                self._ws_url(),
                 additional_headers={"xi-api-key": self._api_key},
                 open_timeout=self._timeout,
                 max_size=2**24,
                 logger=quiet_logger("media.tts.elevenlabs.ws"),
             ) as ws:
-                init: dict[str, Any] = {"text": " ", "generation_config": {"chunk_length_schedule": [120, 160, 250, 290]}}
-                if self.voice_settings:
-                    init["voice_settings"] = self.voice_settings
-                await ws.send(json.dumps(init))
-                await ws.send(json.dumps({"text": text.rstrip() + " ", "flush": True}))
-                await ws.send(json.dumps({"text": ""}))
+                await ws.send(self._init_message())
+                if text:
+                    await ws.send(json.dumps({"text": text.rstrip() + " ", "flush": True}))
+                if more is None:
+                    await ws.send(json.dumps({"text": ""}))
+                else:
+                    sender = asyncio.ensure_future(_send_pieces(ws, more))
                 async for raw in ws:
                     msg = json.loads(raw)
                     if msg.get("audio"):
@@ -125,6 +141,9 @@ class ElevenLabsTts(TtsEngine):
             raise TtsError(f"ElevenLabs TTS failed: HTTP {exc.response.status_code}") from None
         except (OSError, websockets.WebSocketException) as exc:
             raise TtsError(f"ElevenLabs TTS connection failed: {type(exc).__name__}") from None
+        finally:
+            if sender is not None:
+                sender.cancel()
 
     async def close(self) -> None:
         if self._client is not None:
@@ -132,3 +151,25 @@ class ElevenLabsTts(TtsEngine):
             httpx_client = getattr(getattr(wrapper, "httpx_client", None), "httpx_client", None)
             if httpx_client is not None:
                 await httpx_client.aclose()
+
+
+async def _send_pieces(ws: Any, pieces: asyncio.Queue[str | None]) -> None:
+    while (piece := await pieces.get()) is not None:
+        # flush: generate this piece now (the chunk schedule would wait for 120 characters first)
+        await ws.send(json.dumps({"text": piece.rstrip() + " ", "flush": True}))
+    await ws.send(json.dumps({"text": ""}))
+
+
+class _ElevenLabsTextStream(TextStream):
+    def __init__(self, engine: ElevenLabsTts) -> None:
+        self._engine = engine
+        self._pieces: asyncio.Queue[str | None] = asyncio.Queue()
+
+    def push(self, text: str) -> None:
+        self._pieces.put_nowait(text)
+
+    def end(self) -> None:
+        self._pieces.put_nowait(None)
+
+    def audio(self) -> AsyncIterator[bytes]:
+        return self._engine._ws("", self._pieces)  # noqa: SLF001 - the same session code as synthesize

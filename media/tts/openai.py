@@ -1,5 +1,11 @@
-"""OpenAI TTS (`/v1/audio/speech`, response_format=pcm: raw s16le mono at 24 kHz), streamed
-through the official SDK. Works with any OpenAI-compatible server via `baseUrl`."""
+"""OpenAI TTS (`POST {base}/audio/speech`, response_format=pcm: raw s16le mono at 24 kHz), streamed.
+Works with any OpenAI-compatible server via `baseUrl`.
+
+The request is written with aiohttp rather than the `openai` SDK: a streamed reply synthesizes
+several short pieces per turn, and at 100 concurrent requests the SDK (httpx, request models)
+cost 5.8 ms of event-loop CPU per request against 1.35 ms here (measured against the local fake,
+shared 2-core machine); at 100 calls that difference alone delayed first audio by ~0.5 s.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,15 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
+
 from media.tts.base import EvenBytes, TtsEngine, TtsError
 
 OPENAI_PCM_RATE = 24000
 DEFAULT_MODEL = "gpt-4o-mini-tts"
 DEFAULT_VOICE = "alloy"
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+READ_BYTES = 4800  # 100 ms of 24 kHz PCM16
 
 
 class OpenAiTts(TtsEngine):
@@ -29,13 +39,14 @@ class OpenAiTts(TtsEngine):
         speed: float | None = None,
         timeout_s: float = 30.0,
     ) -> None:
-        from openai import AsyncOpenAI  # the `openai` extra
-
         self.model = model
         self.voice = voice
         self.instructions = instructions
         self.speed = speed
-        self._client = AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout_s, max_retries=1)
+        self.url = (base_url or DEFAULT_BASE_URL).rstrip("/") + "/audio/speech"
+        self._headers = {"Authorization": f"Bearer {api_key}"}
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> OpenAiTts:
@@ -52,24 +63,24 @@ class OpenAiTts(TtsEngine):
         )
 
     async def synthesize(self, text: str) -> AsyncIterator[bytes]:
-        import openai
-
-        extra: dict[str, Any] = {}
+        body: dict[str, Any] = {"model": self.model, "voice": self.voice, "input": text, "response_format": "pcm"}
         if self.instructions:
-            extra["instructions"] = self.instructions
+            body["instructions"] = self.instructions
         if self.speed:
-            extra["speed"] = self.speed
+            body["speed"] = self.speed
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self._timeout, connector=aiohttp.TCPConnector(limit=0))
         even = EvenBytes()
         try:
-            async with self._client.audio.speech.with_streaming_response.create(
-                model=self.model, voice=self.voice, input=text, response_format="pcm", **extra
-            ) as response:
-                async for chunk in response.iter_bytes(4800):
+            async with self._session.post(self.url, json=body, headers=self._headers) as resp:
+                if resp.status >= 400:
+                    raise TtsError(f"OpenAI TTS failed: HTTP {resp.status}")
+                async for chunk in resp.content.iter_chunked(READ_BYTES):
                     yield even.feed(chunk)
-        except openai.APIStatusError as exc:
-            raise TtsError(f"OpenAI TTS failed: HTTP {exc.status_code}") from None
-        except openai.APIError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise TtsError(f"OpenAI TTS failed: {type(exc).__name__}") from None
 
     async def close(self) -> None:
-        await self._client.close()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -1,6 +1,12 @@
 """A local fake of the OpenAI endpoints the bridge uses, speaking the real wire protocol:
 
-- POST /v1/audio/speech -> raw PCM16 24 kHz (response_format=pcm), chunked at odd sizes;
+- POST /v1/chat/completions -> with `stream: true`, Server-Sent Events of `chat.completion.chunk`s
+  at a configurable time to first token and token rate, scripted text and tool-call fragments,
+  mid-stream `error` payloads, `data: [DONE]`; it records each request and whether the client
+  closed the stream before the end (barge-in). Without `stream`, one `chat.completion` after the
+  same total time (the batch path);
+- POST /v1/audio/speech -> raw PCM16 24 kHz (response_format=pcm), chunked at odd sizes, after a
+  configurable first-byte delay;
 - GET  /v1/realtime?intent=transcription -> the Realtime transcription WebSocket: session update,
   input_audio_buffer.append, server VAD events, transcription delta/completed events.
 
@@ -12,8 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
+import re
+import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +50,36 @@ class RealtimeSession:
 
 
 @dataclass
+class ChatReply:
+    """One scripted model reply: text (streamed as word tokens), then tool calls (name, arguments JSON)."""
+
+    text: str = ""
+    tool_calls: list[tuple[str, str]] = field(default_factory=list)
+    fail_after_tokens: int | None = None  # send a mid-stream error payload after this many tokens
+    status: int = 200  # >= 400: answer this HTTP error instead
+
+
+@dataclass
+class ChatStream:
+    request: dict[str, Any]
+    started: float  # loop time the request arrived
+    tokens_sent: int = 0
+    first_token_at: float | None = None
+    completed: bool = False  # [DONE] was written
+    client_closed: bool = False  # the client went away before the end
+
+
+def tokens(text: str) -> list[str]:
+    """Word tokens with their leading space, like a BPE model's."""
+    return re.findall(r"\s*\S+", text) + ([text[len(text.rstrip()):]] if text != text.rstrip() else [])
+
+
+def default_chat_reply(body: dict[str, Any]) -> ChatReply:
+    last = next((m.get("content") or "" for m in reversed(body.get("messages", [])) if m.get("role") == "user"), "")
+    return ChatReply(f"You said {last.strip().rstrip('.!?')}. What else can I do for you today?")
+
+
+@dataclass
 class FakeOpenAI:
     api_key: str = "sk-test-123"
     transcripts: list[str] = field(default_factory=lambda: ["hello there", "second thing"])
@@ -48,6 +88,16 @@ class FakeOpenAI:
     drop_after_appends: int | None = None  # close the first socket after N appends (reconnect tests)
     reject_connections: int = 0  # refuse this many WebSocket handshakes with 503 first
     chunk_delay_s: float = 0.0
+    speech_first_byte_s: float = 0.0
+    speech_fail_after: int | None = None  # answer HTTP 500 to every speech request after this many
+    speech_chunk_bytes: int | None = None  # fixed-size chunks (cheap, for benchmarks) instead of odd sizes
+    # chat completions: replies in order (then `chat_reply`), pacing, and what happened
+    chat_script: list[ChatReply] = field(default_factory=list)
+    chat_reply: Callable[[dict[str, Any]], ChatReply] = default_chat_reply
+    chat_ttft_s: float = 0.0
+    chat_tokens_per_s: float = 0.0  # 0: as fast as possible
+    chat_streams: list[ChatStream] = field(default_factory=list)
+    speech_first_byte: list[float] = field(default_factory=list)  # seconds from request to first audio byte
     _runner: web.AppRunner | None = None
     port: int = 0
 
@@ -58,6 +108,8 @@ class FakeOpenAI:
     async def start(self) -> FakeOpenAI:
         app = web.Application()
         app.router.add_post("/v1/audio/speech", self._speech)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/_stats", self._stats)  # benchmarks: how late the fake itself answered
         app.router.add_get("/v1/realtime", self._realtime)
         self._runner, self.port = await serve_local(app)
         return self
@@ -75,17 +127,109 @@ class FakeOpenAI:
                 {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error", "code": "invalid_api_key"}},
                 status=401,
             )
+        arrived = asyncio.get_running_loop().time()
         body = await request.json()
         self.speech_requests.append(body)
+        if self.speech_fail_after is not None and len(self.speech_requests) > self.speech_fail_after:
+            return web.json_response({"error": {"message": "scripted failure", "type": "server_error"}}, status=500)
         if body.get("response_format") != "pcm" or not body.get("input"):
             return web.json_response({"error": {"message": "bad request", "type": "invalid_request_error"}}, status=400)
         resp = web.StreamResponse(headers={"Content-Type": "audio/pcm"})
         await resp.prepare(request)
-        for chunk in odd_chunks(fake_speech(body["input"], 24000), seed=len(body["input"])):
+        if self.speech_first_byte_s:
+            await asyncio.sleep(self.speech_first_byte_s)
+        audio = _speech_audio(body["input"])
+        step = self.speech_chunk_bytes
+        chunks = [audio[i:i + step] for i in range(0, len(audio), step)] if step else \
+            odd_chunks(audio, seed=len(body["input"]))
+        for i, chunk in enumerate(chunks):
             await resp.write(chunk)
+            if i == 0:
+                self.speech_first_byte.append(asyncio.get_running_loop().time() - arrived)
             if self.chunk_delay_s:
                 await asyncio.sleep(self.chunk_delay_s)
         await resp.write_eof()
+        return resp
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        ttft = [s.first_token_at - s.started for s in self.chat_streams if s.first_token_at is not None]
+        data = {"chat_first_token_s": ttft, "speech_first_byte_s": list(self.speech_first_byte)}
+        if request.query.get("reset"):
+            self.chat_streams.clear()
+            self.speech_first_byte.clear()
+            self.speech_requests.clear()
+        return web.json_response(data)
+
+    @property
+    def chat_requests(self) -> list[dict[str, Any]]:
+        return [s.request for s in self.chat_streams]
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        if not self._authorized(request):
+            return web.json_response({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
+                                                "code": "invalid_api_key"}}, status=401)
+        body = await request.json()
+        record = ChatStream(body, asyncio.get_running_loop().time())
+        self.chat_streams.append(record)
+        reply = self.chat_script.pop(0) if self.chat_script else self.chat_reply(body)
+        if reply.status >= 400:
+            return web.json_response({"error": {"message": "scripted failure", "type": "server_error"}},
+                                     status=reply.status)
+        words = tokens(reply.text)
+        gap = 1 / self.chat_tokens_per_s if self.chat_tokens_per_s else 0.0
+        if not body.get("stream"):
+            await asyncio.sleep(self.chat_ttft_s + gap * max(0, len(words) - 1))
+            record.tokens_sent, record.completed = len(words), True
+            message: dict[str, Any] = {"role": "assistant", "content": reply.text or None}
+            if reply.tool_calls:
+                message["tool_calls"] = [{"id": f"call_{i}", "type": "function",
+                                          "function": {"name": n, "arguments": a}}
+                                         for i, (n, a) in enumerate(reply.tool_calls)]
+            return web.json_response({"id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
+                                      "model": body.get("model"), "choices": [{"index": 0, "message": message,
+                                      "finish_reason": "tool_calls" if reply.tool_calls else "stop"}]})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        created = int(time.time())
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            obj = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": created,
+                   "model": body.get("model"), "obfuscation": "xyz",
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+            return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.sleep(self.chat_ttft_s)
+            await resp.write(chunk({"role": "assistant", "content": ""}))
+            for i, word in enumerate(words):
+                if reply.fail_after_tokens is not None and i >= reply.fail_after_tokens:
+                    await resp.write(b'data: {"error": {"message": "The server had an error while processing '
+                                     b'your request.", "type": "server_error"}}\n\n')
+                    await resp.write_eof()
+                    return resp
+                if i and gap:
+                    await asyncio.sleep(gap)
+                await resp.write(chunk({"content": word}))
+                record.tokens_sent += 1
+                if record.first_token_at is None:
+                    record.first_token_at = loop.time()
+            for index, (name, arguments) in enumerate(reply.tool_calls):
+                await resp.write(chunk({"tool_calls": [{"index": index, "id": f"call_{len(self.chat_streams)}_{index}",
+                                                        "type": "function",
+                                                        "function": {"name": name, "arguments": ""}}]}))
+                half = len(arguments) // 2  # arguments arrive in fragments
+                for part in (arguments[:half], arguments[half:]):
+                    await resp.write(chunk({"tool_calls": [{"index": index, "function": {"arguments": part}}]}))
+            await resp.write(chunk({}, "tool_calls" if reply.tool_calls else "stop"))
+            await resp.write(b'data: {"id":"chatcmpl-fake","object":"chat.completion.chunk","choices":[],'
+                             b'"usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15}}\n\n')
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            record.completed = True
+        except (ConnectionResetError, asyncio.CancelledError):
+            record.client_closed = True
+            raise
         return resp
 
     async def _realtime(self, request: web.Request) -> web.StreamResponse:
@@ -150,6 +294,11 @@ class FakeOpenAI:
             else:
                 await ws.send_json({"type": "error", "error": {"type": "invalid_request_error", "message": f"unknown event {kind}"}})
         return ws
+
+
+@functools.lru_cache(maxsize=256)
+def _speech_audio(text: str) -> bytes:
+    return fake_speech(text, 24000)
 
 
 class _ServerVad:

@@ -1,0 +1,461 @@
+"""Voice to voice: from the end of the caller's speech to the first reply audio the caller receives.
+
+    python bench/voice_to_voice.py --calls 1,100 --modes batch,streaming [--rounds 3] [--json]
+
+N concurrent calls over Twilio media streams (tests/fakes/stream_load.py: signed inbound webhook,
+TwiML <Stream>, 20 ms u-law frames at real-time cadence from one metronome; the callers run in their
+own process, as a carrier would be) into a real bridge
+(tests.harness.run_bridge: Twilio carrier, the one aiohttp server, the real CallManager, CallVoice,
+MediaBridge and conversation engine). Each round every caller speaks a line (1 s of tone speech,
+then silence); the time runs from the caller sending its last speech frame to the caller receiving
+the first frame of the reply.
+
+Engines are fakes at configurable latencies, in their OWN process (pinned to another CPU when
+there is one) so their work does not count as the bridge's:
+- STT: in the bridge process, fed the wire audio like the OpenAI Realtime engine (u-law as is); an
+  energy detector finds the end of speech and the final transcript comes `--stt-ms` after it.
+- model: tests/fakes/openai_server.py chat completions, `--ttft-ms` to the first token, then
+  `--tokens-per-s`, a reply of `--reply-tokens` word tokens (streamed, or whole for batch).
+- TTS: the same fake's /v1/audio/speech through the bridge's OpenAI TTS engine, `--tts-ms` to the
+  first byte.
+
+The floor is what the engines alone need: STT final + first token + the tokens until the first
+speakable piece is complete (streaming) or the whole reply (batch) + TTS first byte. "above" is
+the bridge's time on top of it.
+`--mode s2s` is the hook for speech-to-speech (filled in by the realtime work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (
+    Server,
+    cpu_seconds,
+    free_port,
+    loadavg,
+    machine,
+    pinned,
+    table,
+    write_results,
+)
+from bridge.calls import CallEvent
+from bridge.conversation.segmenter import Segmenter
+from bridge.voice import CallVoice
+from media.stt.base import SttEngine, SttEvent, SttSession
+from tests.fakes.openai_server import tokens
+from tests.fakes.stream_load import (
+    LoadStreamClient,
+    StreamTarget,
+    caller_frames,
+    inbound_stream,
+    percentile,
+)
+from tests.fakes.twilio_server import sid
+from tests.harness import run_bridge
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import audioop
+
+DEFAULT_PIPECAT_PY = "/work/venvs/pipecat/bin/python"
+REPLY_WORDS = ["Sure,", "I", "can", "help", "with", "that.", "Your", "table", "for", "two", "is", "booked", "for", "Thursday", "at", "seven,", "and", "we", "will", "send", "you", "a", "short", "confirmation", "text", "in", "a", "minute", "or", "two", "today."]
+SPEECH_S = 1.0
+LOUD_RMS = 500.0
+
+FAKES = """
+import asyncio, sys
+from tests.fakes.openai_server import FakeOpenAI, ChatReply
+async def main():
+    reply = sys.argv[4]
+    fake = FakeOpenAI(chat_reply=lambda body: ChatReply(reply), chat_ttft_s=float(sys.argv[1]),
+                      chat_tokens_per_s=float(sys.argv[2]), speech_first_byte_s=float(sys.argv[3]),
+                      speech_chunk_bytes=4800)
+    await fake.start()
+    print(fake.port, flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+def reply_text(n_tokens: int) -> str:
+    words = (REPLY_WORDS * (n_tokens // len(REPLY_WORDS) + 1))[:n_tokens]
+    text = " ".join(words)
+    return text if text.endswith((".", "!", "?")) else text.rstrip(",") + "."
+
+
+def first_piece_tokens(text: str, min_clause_chars: int = 30) -> int:
+    """How many tokens the model must have sent before the segmenter hands out the first piece."""
+    seg = Segmenter(min_clause_chars=min_clause_chars)
+    toks = tokens(text)
+    for i, tok in enumerate(toks, 1):
+        if seg.push(tok):
+            return i
+    return len(toks)
+
+
+def floor_ms(mode: str, args: argparse.Namespace, text: str) -> float:
+    gap = 1000 / args.tokens_per_s
+    n = len(tokens(text)) if mode == "batch" else first_piece_tokens(text)
+    return args.stt_ms + args.ttft_ms + (n - 1) * gap + args.tts_ms
+
+
+class WireStt(SttEngine):
+    """The STT fake: wire u-law in; a final transcript `delay_s` after the end of the caller's speech."""
+
+    name = "bench-wire"
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+
+    def open(self, *, sample_rate: int, on_event: Callable[[SttEvent], None], wire_format: Any = None) -> SttSession:
+        return _WireSession(on_event, self.delay_s)
+
+
+class _WireSession(SttSession):
+    wants_wire = True
+
+    def __init__(self, on_event: Callable[[SttEvent], None], delay_s: float) -> None:
+        self.on_event = on_event
+        self.delay_s = delay_s
+        self.loop = asyncio.get_running_loop()
+        self.speaking = False
+        self.last_loud = 0.0
+        self.finals = 0
+
+    async def start(self) -> None:
+        return None
+
+    def feed(self, pcm: bytes) -> None:
+        return None
+
+    def feed_wire(self, payload: bytes) -> None:
+        loud = audioop.rms(audioop.ulaw2lin(payload, 2), 2) > LOUD_RMS
+        now = self.loop.time()
+        if loud:
+            self.speaking, self.last_loud = True, now
+        elif self.speaking:
+            self.speaking = False
+            self.finals += 1
+            text = f"I would like a table please, line {self.finals}."
+            self.loop.call_at(self.last_loud + self.delay_s, self.on_event, SttEvent("final", text))
+
+    async def close(self) -> None:
+        return None
+
+
+class Caller(LoadStreamClient):
+    """Notes when its last queued speech frame went out."""
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self.speech_end: float | None = None
+
+    async def tick(self) -> None:
+        last = len(self._outbox) == 1
+        await super().tick()
+        if last:
+            self.speech_end = self._loop.time()
+
+
+def config(account_sid: str, auth_token: str, calls: int, fakes_url: str, mode: str) -> dict[str, Any]:
+    return {
+        "provider": "twilio", "fromNumber": "+15550001234", "inboundPolicy": "open", "inboundGreeting": "",
+        "maxConcurrentCalls": calls + 10, "maxDurationSeconds": 3600,
+        "twilio": {"accountSid": account_sid, "authToken": auth_token, "apiBaseUrl": "http://127.0.0.1:9"},
+        "streaming": {"enabled": True, "provider": "none", "maxConnections": calls + 10, "bargeIn": False,
+                      "maxPendingConnectionsPerIp": 64, "maxPendingConnections": 256},
+        "webhookSecurity": {"maxInFlightPerIp": 64},
+        "tts": {"provider": "openai", "openai": {"apiKey": "sk-test-123", "baseUrl": fakes_url}},
+        "responseModel": "openai/gpt-4o-mini", "responseBaseUrl": fakes_url, "responseApiKey": "sk-test-123",
+        "agent": {"responseMode": mode, "consult": False},
+    }
+
+
+async def generate(args: argparse.Namespace) -> dict[str, Any]:
+    """The callers (run in their own process): N Twilio streams; each round every caller speaks,
+    then waits for the reply to arrive and end; latency = first reply frame - last speech frame."""
+    import aiohttp
+
+    loop = asyncio.get_running_loop()
+    speech = caller_frames(SPEECH_S, seed=3)
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    clients: list[Caller] = []
+    latencies: list[float] = []
+    missed = 0
+    stop = asyncio.Event()
+
+    async def metronome() -> None:
+        start, k = loop.time(), 0
+        while not stop.is_set():
+            for client in clients:
+                await client.tick()
+            k += 1
+            await asyncio.sleep(max(0.0, start + k * 0.02 - loop.time()))
+
+    def replied(client: Caller) -> bool:
+        end = client.speech_end
+        return (end is not None and bool(client.recv_times) and client.recv_times[-1] > end
+                and loop.time() - client.recv_times[-1] > 0.6)
+
+    ticker = asyncio.ensure_future(metronome())
+    try:
+        for _ in range(args.calls):
+            if args.direct_ws:  # a peer without webhooks: straight to its stream URL
+                target = StreamTarget(args.direct_ws, {}, sid("CA"), args.account_sid)
+            else:
+                target = await inbound_stream(session, args.voice_url, auth_token=args.auth_token,
+                                              account_sid=args.account_sid)
+            client = Caller(target.url, parameters=target.parameters, call_sid=target.call_sid,
+                            account_sid=args.account_sid, session=session)
+            await client.connect()
+            clients.append(client)
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(1.5)
+        for _ in range(args.rounds):
+            async def speak(client: Caller) -> None:
+                await asyncio.sleep(random.random() * args.spread_ms / 1000)
+                client.speech_end = None
+                client.queue_audio(speech, len(speech))
+
+            await asyncio.gather(*(speak(c) for c in clients))
+            await asyncio.sleep(SPEECH_S + 0.5)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(60):
+                    while not all(replied(c) for c in clients):
+                        await asyncio.sleep(0.05)
+            for client in clients:
+                end = client.speech_end
+                first = next((t for t in client.recv_times if end is not None and t >= end), None)
+                if end is None or first is None:
+                    missed += 1
+                else:
+                    latencies.append((first - end) * 1000)
+    finally:
+        stop.set()
+        ticker.cancel()
+        await asyncio.gather(*(c.stop() for c in clients), return_exceptions=True)
+        await session.close()
+    return {"latencies": latencies, "missed": missed}
+
+
+async def measure(calls: int, mode: str, args: argparse.Namespace, fakes_url: str,
+                  generator_cpu: int | None) -> dict[str, Any]:
+    from media.tts.factory import create_tts
+
+    if mode == "s2s":
+        raise SystemExit("--mode s2s: not built yet (the speech-to-speech work fills in this hook)")
+    loop = asyncio.get_running_loop()
+    account_sid, auth_token = "AC" + secrets.token_hex(16), secrets.token_hex(16)
+    stt = WireStt(args.stt_ms / 1000)
+    timings: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-v2v-") as tmp:
+        cfg = config(account_sid, auth_token, calls, fakes_url, mode)
+        async with run_bridge(cfg, Path(tmp)) as runtime:
+            settings = runtime.settings
+            tts = create_tts(settings.effective_tts)
+
+            def factory(call: Any, transport: Any, emit: Callable[[CallEvent], None]) -> CallVoice:
+                return CallVoice(call_id=call.callId, transport=transport, tts=tts, stt_engine=stt, emit=emit,
+                                 pipeline_rate=settings.pipelineSampleRate, barge_in=False)
+
+            runtime.manager._voice_factory = factory
+            lags: list[float] = []
+            stop = asyncio.Event()
+
+            async def lag_probe() -> None:  # event-loop health: how late a 10 ms sleep wakes up
+                while not stop.is_set():
+                    t = loop.time()
+                    await asyncio.sleep(0.01)
+                    lags.append((loop.time() - t - 0.01) * 1000)
+
+            probe = asyncio.ensure_future(lag_probe())
+            root = Path(__file__).resolve().parent.parent
+            argv = pinned(generator_cpu, [
+                sys.executable, str(Path(__file__).resolve()), "--generator", "--voice-url", settings.publicUrl or "",
+                "--account-sid", account_sid, "--auth-token", auth_token, "--calls", str(calls),
+                "--rounds", str(args.rounds), "--spread-ms", str(args.spread_ms)])
+            await fake_stats(fakes_url)  # reset
+            cpu0, wall0 = time.process_time(), loop.time()
+            try:
+                proc = await asyncio.create_subprocess_exec(*argv, cwd=root, stdout=asyncio.subprocess.PIPE,
+                                                            env={**os.environ, "PYTHONPATH": str(root)})
+                out, _ = await proc.communicate()
+            finally:
+                stop.set()
+                probe.cancel()
+                await tts.close()
+            cpu, wall = time.process_time() - cpu0, loop.time() - wall0
+            if proc.returncode != 0:
+                raise RuntimeError(f"the caller process failed ({proc.returncode})")
+            result = json.loads(out.decode().strip().splitlines()[-1])
+            fakes = await fake_stats(fakes_url)
+            for call in runtime.manager.calls.values():
+                timings += [dataclasses.asdict(t) for t in call.turnTimings]
+    latencies = result["latencies"]
+    text = reply_text(args.reply_tokens)
+    floor = floor_ms(mode, args, text)
+    above = [x - floor for x in latencies]
+
+    def pct(key: str, q: float) -> float:
+        return percentile([t[key] for t in timings if t.get(key) is not None], q)
+
+    return {"mode": mode, "calls": calls, "turns": len(latencies), "missed": result["missed"], "floor_ms": floor,
+            "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
+            "above_p50_ms": percentile(above, 50), "above_p99_ms": percentile(above, 99),
+            "max_ms": max(latencies) if latencies else float("nan"),
+            "bridge_first_token_p50_ms": pct("modelFirstTokenMs", 50),
+            "bridge_first_piece_p50_ms": pct("firstPieceMs", 50),
+            "bridge_tts_first_byte_p50_ms": pct("ttsFirstByteMs", 50),
+            "bridge_first_audio_p50_ms": pct("firstAudioMs", 50), "bridge_first_audio_p99_ms": pct("firstAudioMs", 99),
+            "fake_first_token_p50_ms": percentile(fakes["chat_first_token_s"], 50) * 1000,
+            "fake_first_token_p99_ms": percentile(fakes["chat_first_token_s"], 99) * 1000,
+            "fake_tts_first_byte_p50_ms": percentile(fakes["speech_first_byte_s"], 50) * 1000,
+            "fake_tts_first_byte_p99_ms": percentile(fakes["speech_first_byte_s"], 99) * 1000,
+            "loop_lag_p99_ms": percentile(lags, 99), "loop_lag_max_ms": max(lags) if lags else float("nan"),
+            "bridge_cpu_pct": 100 * cpu / wall if wall else float("nan"), "loadavg": loadavg()}
+
+
+def run_generator(argv_extra: list[str], args: argparse.Namespace, calls: int, cpu: int | None) -> dict[str, Any]:
+    root = Path(__file__).resolve().parent.parent
+    argv = pinned(cpu, [sys.executable, str(Path(__file__).resolve()), "--generator", "--calls", str(calls),
+                        "--rounds", str(args.rounds), "--spread-ms", str(args.spread_ms), *argv_extra])
+    out = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=600, check=False,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    if out.returncode != 0:
+        raise RuntimeError(f"the caller process failed ({out.returncode}): {out.stderr[-1000:]}")
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def measure_pipecat(calls: int, args: argparse.Namespace, fakes_url: str, generator_cpu: int | None) -> dict[str, Any]:
+    """The same callers and fakes against pipecat's cascade (bench/peers/pipecat_voice.py, its own venv)."""
+    root = Path(__file__).resolve().parent.parent
+    port = free_port()
+    script = root / "bench" / "peers" / "pipecat_voice.py"
+    with tempfile.TemporaryDirectory(prefix="bench-v2v-pipecat-") as tmp:
+        argv = pinned(args.cpu if args.cpu >= 0 else None, [args.pipecat_python, str(script), "--port", str(port),
+                                                              "--base-url", fakes_url, "--stt-ms", str(args.stt_ms)])
+        with Server(argv, log=Path(tmp) / "pipecat.log") as server:
+            server.wait_http(f"http://127.0.0.1:{port}/healthz", timeout=60)
+            asyncio.run(fake_stats(fakes_url))  # reset
+            cpu0, wall0 = cpu_seconds(server.pid), time.monotonic()
+            result = run_generator(["--direct-ws", f"ws://127.0.0.1:{port}/ws", "--account-sid",
+                                    "AC" + secrets.token_hex(16)], args, calls, generator_cpu)
+            cpu, wall = cpu_seconds(server.pid) - cpu0, time.monotonic() - wall0
+            fakes = asyncio.run(fake_stats(fakes_url))
+    latencies = result["latencies"]
+    floor = floor_ms("streaming", args, reply_text(args.reply_tokens))
+    above = [x - floor for x in latencies]
+    nan = float("nan")
+    return {"mode": "pipecat", "calls": calls, "turns": len(latencies), "missed": result["missed"], "floor_ms": floor,
+            "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
+            "above_p50_ms": percentile(above, 50), "above_p99_ms": percentile(above, 99),
+            "max_ms": max(latencies) if latencies else nan,
+            "fake_first_token_p50_ms": percentile(fakes["chat_first_token_s"], 50) * 1000,
+            "fake_tts_first_byte_p50_ms": percentile(fakes["speech_first_byte_s"], 50) * 1000,
+            "bridge_cpu_pct": 100 * cpu / wall if wall else nan, "loadavg": loadavg()}
+
+
+async def fake_stats(url: str) -> dict[str, list[float]]:
+    """How long the fakes themselves took (request in -> first token / first audio byte out), then reset."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/_stats?reset=1") as resp:
+        data: dict[str, list[float]] = await resp.json()
+        return data
+
+
+def start_fakes(args: argparse.Namespace, cpu: int | None) -> tuple[subprocess.Popen[str], str]:
+    root = Path(__file__).resolve().parent.parent
+    argv = pinned(cpu, [sys.executable, "-c", FAKES, str(args.ttft_ms / 1000), str(args.tokens_per_s),
+                        str(args.tts_ms / 1000), reply_text(args.reply_tokens)])
+    proc = subprocess.Popen(argv, cwd=root, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.stdout is not None
+    port = int(proc.stdout.readline().strip())
+    return proc, f"http://127.0.0.1:{port}/v1"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", default="1,100")
+    parser.add_argument("--modes", default="batch,streaming", help="batch, streaming, s2s (hook)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--stt-ms", type=float, default=300)
+    parser.add_argument("--ttft-ms", type=float, default=400)
+    parser.add_argument("--tokens-per-s", type=float, default=40)
+    parser.add_argument("--reply-tokens", type=int, default=25)
+    parser.add_argument("--tts-ms", type=float, default=200)
+    parser.add_argument("--cpu", type=int, default=0, help="pin the bridge to this CPU, the fakes to the next (-1: no)")
+    parser.add_argument("--spread-ms", type=float, default=200, help="callers start speaking within this window")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--out")
+    parser.add_argument("--generator", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--voice-url", help=argparse.SUPPRESS)
+    parser.add_argument("--account-sid", help=argparse.SUPPRESS)
+    parser.add_argument("--auth-token", help=argparse.SUPPRESS)
+    parser.add_argument("--direct-ws", help=argparse.SUPPRESS)
+    parser.add_argument("--peer", choices=["pipecat"], help="also run the streaming scenario against this peer")
+    parser.add_argument("--pipecat-python", default=os.environ.get("PIPECAT_PYTHON", DEFAULT_PIPECAT_PY))
+    args = parser.parse_args(argv)
+    if args.generator:
+        args.calls = int(args.calls)
+        random.seed(2)
+        print(json.dumps(asyncio.run(generate(args))))
+        return 0
+    ncpu = os.cpu_count() or 1
+    if args.cpu >= 0 and hasattr(os, "sched_setaffinity") and args.cpu < ncpu:
+        os.sched_setaffinity(0, {args.cpu})
+    # the bridge on --cpu; the engine fakes and the callers (each its own process) on the next one
+    fakes_cpu = (args.cpu + 1) % ncpu if args.cpu >= 0 and ncpu > 1 else None
+    random.seed(1)
+    fakes, url = start_fakes(args, fakes_cpu)
+    points = []
+    try:
+        for mode in args.modes.split(","):
+            for n in (int(x) for x in args.calls.split(",")):
+                started = time.monotonic()
+                points.append(asyncio.run(measure(n, mode, args, url, fakes_cpu)))
+                print(f"[v2v] {mode} {n} calls: {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+        if args.peer == "pipecat":
+            for n in (int(x) for x in args.calls.split(",")):
+                started = time.monotonic()
+                points.append(measure_pipecat(n, args, url, fakes_cpu))
+                print(f"[v2v] pipecat {n} calls: {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+    finally:
+        fakes.terminate()
+        fakes.wait(5)
+    data = {"benchmark": "voice_to_voice", "machine": machine(), "rounds": args.rounds,
+            "engines": {"stt_ms": args.stt_ms, "ttft_ms": args.ttft_ms, "tokens_per_s": args.tokens_per_s,
+                        "reply_tokens": args.reply_tokens, "tts_first_byte_ms": args.tts_ms}, "points": points}
+    print(table(["mode", "calls", "turns", "missed", "floor", "p50", "p99", "above p50", "above p99", "max", "load1"],
+                [[p["mode"], p["calls"], p["turns"], p["missed"], p["floor_ms"], p["p50_ms"], p["p99_ms"],
+                  p["above_p50_ms"], p["above_p99_ms"], p["max_ms"], p["loadavg"][0]] for p in points]))
+    print("(ms from the caller's last speech frame to the first reply frame it receives; floor: the engines alone)")
+    path = write_results("voice_to_voice", data, args.out)
+    print(f"results: {path}")
+    if args.json:
+        print(json.dumps(data, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The conversation engine: streaming chat turns, in-call tools, consult, speakable text pieces."""
