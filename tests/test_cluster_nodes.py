@@ -174,3 +174,28 @@ async def test_sigterm_style_stop_hands_live_calls_over_before_the_lease_expires
         await wait_for(lambda: call_id in b.failover.taken_over, timeout=lease_s)  # type: ignore[union-attr]
         assert asyncio.get_running_loop().time() - stopped < lease_s - 1
         assert [c for c, _ in b.carrier.hangups] == [call_id]  # type: ignore[attr-defined]
+
+
+async def test_the_event_bus_resubscribes_after_a_redis_restart(redis_server: RedisServer, tmp_path: Path) -> None:
+    async with run_bridge(node(redis_server, "n1"), tmp_path / "a") as a, \
+            run_bridge(node(redis_server, "n2"), tmp_path / "b") as b:
+        assert a.shared is not None
+        redis = a.shared.store.redis
+        channel = a.shared.store.keys.events
+
+        async def listeners() -> int:
+            try:
+                return int((await redis.pubsub_numsub(channel))[0][1])
+            except Exception:  # noqa: BLE001 - Redis still coming back
+                return 0
+
+        assert await listeners() == 2
+        await asyncio.to_thread(redis_server.restart)
+        async with asyncio.timeout(15):
+            while await listeners() < 2:  # both nodes' relays subscribed again
+                await asyncio.sleep(0.05)
+        queue = b.manager.subscribe()
+        call_id = await _initiate(a)
+        async with asyncio.timeout(10):
+            while (await queue.get())["callId"] != call_id:
+                pass
