@@ -103,18 +103,18 @@ async def main(calls: int, hooks: int) -> dict[str, Any]:
                 for _ in range(calls):
                     call_id, _ = await one_call(a)
                     await rpc_client(a).call("voicecall.end", {"callId": call_id})
-                await a.shared.flush()  # type: ignore[union-attr]
+                await a.shared.drain()  # type: ignore[union-attr]
                 result["redis_per_call"] = per(before, await commands(redis.url), calls)
                 _, provider_id = await one_call(a)
-                await a.shared.flush()  # type: ignore[union-attr]
+                await a.shared.drain()  # type: ignore[union-attr]
                 before = await commands(redis.url)
                 owner = await webhooks(a.port or 0, provider_id, hooks, "o")
-                await a.shared.flush()  # type: ignore[union-attr]
+                await a.shared.drain()  # type: ignore[union-attr]
                 result["redis_per_webhook_on_owner"] = per(before, await commands(redis.url), hooks)
                 result["webhook_redis_owner"] = summary(owner)
                 before = await commands(redis.url)
                 forwarded = await webhooks(b.port or 0, provider_id, hooks, "f")
-                await a.shared.flush()  # type: ignore[union-attr]
+                await a.shared.drain()  # type: ignore[union-attr]
                 result["redis_per_webhook_forwarded"] = per(before, await commands(redis.url), hooks)
                 result["webhook_redis_forwarded"] = summary(forwarded)
         finally:

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from bridge.client import RpcClient, RpcClientError
 from bridge.config import ConfigError, Settings, load_settings
@@ -31,7 +32,28 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config)
 
 
+def _checked_settings(args: argparse.Namespace) -> Settings:
+    """The config, and everything `serve` builds from it (without network): one line per problem."""
+    from bridge.preflight import preflight
+
+    settings = _settings(args)
+    problems = preflight(settings)
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def rpc_endpoint(url: str, where: str) -> str:
+    """An http(s) URL of the server; a base URL (no path) gets /rpc."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise CliError(f"{where} must be an http(s) URL like http://127.0.0.1:3334/rpc (got {url[:80]!r})")
+    path = parts.path if parts.path not in ("", "/") else "/rpc"
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+
 def _client(args: argparse.Namespace) -> RpcClient:
+    where = "--url" if args.url else "VOICECALL_URL"
     url = args.url or os.environ.get("VOICECALL_URL")
     token = args.token or os.environ.get("VOICECALL_RPC_TOKEN")
     if not url or not token:
@@ -40,10 +62,11 @@ def _client(args: argparse.Namespace) -> RpcClient:
         except ConfigError:
             settings = None
         if settings is not None:
-            url = url or settings.rpc_url
+            if not url:
+                url, where = settings.rpc_url, "rpc.url"
             if not token and settings.rpc.token:
                 token = settings.rpc.token.get_secret_value()
-    return RpcClient(url or "http://127.0.0.1:3334/rpc", token)
+    return RpcClient(rpc_endpoint(url or "http://127.0.0.1:3334/rpc", where), token)
 
 
 def _emit(args: argparse.Namespace, data: Any, human: str) -> None:
@@ -71,7 +94,7 @@ def _format_call(call: dict[str, Any]) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = _checked_settings(args)
     data = settings.masked()
     if args.json:
         print(json.dumps(data, indent=2, default=str))
@@ -89,7 +112,7 @@ WORKER_ENV = "VOICECALL_WORKER"
 def cmd_serve(args: argparse.Namespace) -> int:
     from bridge.runtime import Runtime
 
-    settings = _settings(args)
+    settings = _checked_settings(args)
     if settings.serve.worker_count > 1 and WORKER_ENV not in os.environ:
         return _supervise_workers(args, settings)
     worker = os.environ.get(WORKER_ENV)
@@ -150,8 +173,11 @@ def _loop_factory(choice: str) -> Any:
 
 def cmd_call(args: argparse.Namespace) -> int:
     params = {"message": args.message, "mode": args.mode}
-    if args.to:
-        params["to"] = args.to
+    if args.to is not None:
+        if not args.to.strip():
+            raise CliError("--to is empty: give a number like +15550001234 or a sip: URI (or leave --to out "
+                           "to call toNumber from the config)")
+        params["to"] = args.to.strip()
     if args.machine_detection:
         params["machineDetection"] = args.machine_detection
     if args.dtmf:
@@ -242,7 +268,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
         raise CliError(f"no call log at {path} yet")
     with open(path, encoding="utf-8", errors="replace") as fh:
         lines = fh.readlines()
-        for line in lines[-args.since:]:
+        for line in lines[len(lines) - args.since:] if args.since else []:
             _print_log_line(line, args.json)
         if args.no_follow:
             return 0
@@ -347,6 +373,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- parser
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voicecall", description="Phone calls for an AI agent.")
     common = argparse.ArgumentParser(add_help=False)
@@ -398,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hangup", action="store_true")
     p = add("tail", cmd_tail, "follow the call log")
     p.add_argument("--file")
-    p.add_argument("--since", type=int, default=25)
+    p.add_argument("--since", type=_non_negative, default=25, help="print the last N lines first (0: only new ones)")
     p.add_argument("--poll", type=int, default=250)
     p.add_argument("--no-follow", action="store_true")
     p = add("latency", cmd_latency, "turn latency statistics from the call log")
@@ -422,6 +458,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # the reader went away (`voicecall check | head -1`): stop quietly, and let no flush at exit fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except ConfigError as exc:
         print("voicecall: invalid config:\n  " + "\n  ".join(exc.problems), file=sys.stderr)
         return 2
@@ -436,7 +476,11 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, StartupError):
             print(f"voicecall: {exc}", file=sys.stderr)
             return 1
-        raise
+        if os.environ.get("VOICECALL_DEBUG"):
+            raise
+        print(f"voicecall: unexpected error ({type(exc).__name__}); rerun with VOICECALL_DEBUG=1 for details",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from carriers.registry import settings_sections
 from carriers.settings import CarrierSettings, ProviderContext
 
 E164 = re.compile(r"^\+[1-9]\d{1,14}$")
+TTS_PROVIDERS = ("espeak", "openai", "elevenlabs", "edge")
 CONFIG_ENV = "VOICECALL_CONFIG"
 
 
@@ -179,8 +180,10 @@ class StreamingSettings(Section):
     streamPath: str = Field("/voice/stream", pattern=r"^/")
     providers: SttProviders = Field(default_factory=SttProviders)
     preStartTimeoutMs: int = Field(5000, gt=0)
-    maxPendingConnections: int = Field(32, gt=0)
-    maxPendingConnectionsPerIp: int = Field(4, gt=0)
+    # Not-yet-started sockets (no token checked yet). Carriers connect from a few addresses, so the
+    # per-address cap must let a burst of real calls through; preStartTimeoutMs bounds each one.
+    maxPendingConnections: int = Field(64, gt=0)
+    maxPendingConnectionsPerIp: int = Field(32, gt=0)
     maxConnections: int = Field(128, gt=0)
     maxSendBufferBytes: int = Field(1024 * 1024, gt=0)
     disconnectGraceMs: int = Field(2000, ge=0)
@@ -318,9 +321,28 @@ class CoreSettings(Section):
                                       from_number=self.fromNumber)
             problems += section.problems(self.provider, context)
         problems += agent_problems(self.agent)
+        problems += self._url_and_engine_problems()
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _url_and_engine_problems(self) -> list[str]:
+        """What `serve` would otherwise refuse later (or trip over on every webhook), found here so
+        that `check` finds it too. Engine keys (which may come from the environment) are checked by
+        bridge.preflight, which builds the engines the way `serve` does."""
+        problems: list[str] = []
+        if self.publicUrl is not None and not _is_http_url(self.publicUrl):
+            problems.append(f"publicUrl: must be an absolute http(s) URL like https://voice.example.com/voice/webhook "
+                            f"(got {self.publicUrl[:80]!r})")
+        if self.rpc.url is not None and not _is_http_url(self.rpc.url):
+            problems.append(f"rpc.url: must be an absolute http(s) URL (got {self.rpc.url[:80]!r})")
+        tts = self.effective_tts
+        provider = tts.get("provider", "espeak")
+        if not isinstance(provider, str) or provider.lower() not in TTS_PROVIDERS:
+            guess = difflib.get_close_matches(str(provider), TTS_PROVIDERS, n=1)
+            hint = f"; did you mean {guess[0]!r}?" if guess else ""
+            problems.append(f"tts.provider: must be one of {', '.join(TTS_PROVIDERS)} (got {provider!r}){hint}")
+        return problems
 
     # ------------------------------------------------------------------ carrier sections
 
@@ -342,6 +364,12 @@ class CoreSettings(Section):
         return Path(os.path.expanduser(self.store))
 
     @property
+    def mock_audio_dir(self) -> Path:
+        """The only folder `mock.callee play` reads from: `mock.audioDir`, else <store>/audio."""
+        folder = getattr(self.carrier_sections().get("mock"), "audioDir", None)
+        return Path(os.path.expanduser(folder)) if folder else self.store_dir / "audio"
+
+    @property
     def effective_tts(self) -> dict[str, Any]:
         """`tts` deep-merged over `messages.tts` (the seeds' rule)."""
         return deep_merge(self.messages.tts, self.tts)
@@ -360,6 +388,30 @@ class CoreSettings(Section):
     def masked(self) -> dict[str, Any]:
         """The effective config as plain data with every secret masked."""
         return _mask(self.model_dump(mode="python"))
+
+
+def _is_http_url(value: str) -> bool:
+    from urllib.parse import urlsplit
+
+    from bridge.security import UntrustedHost, parse_host
+
+    try:
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            return False
+        parse_host(parts.netloc)
+    except (ValueError, UntrustedHost):
+        return False
+    return True
+
+
+def is_destination(value: str) -> bool:
+    """A number or address a phone carrier can dial: E.164, or a sip:/sips: URI."""
+    if E164.match(value):
+        return True
+    lowered = value.lower()
+    return lowered.startswith(("sip:", "sips:")) and len(value) <= 256 and "@" in value \
+        and not any(ch.isspace() or ch in "<>\"" for ch in value)
 
 
 CARRIER_SECTIONS: dict[str, type[CarrierSettings]] = settings_sections()
@@ -459,9 +511,10 @@ def _migrate_legacy(raw: dict[str, Any]) -> None:
                 openai[new] = streaming.pop(old)
         if "sttProvider" in streaming:
             streaming.setdefault("provider", streaming.pop("sttProvider"))
-        if openai:
-            providers = streaming.setdefault("providers", {})
-            providers["openai"] = deep_merge(openai, providers.get("openai") or {})
+        providers = streaming.setdefault("providers", {})
+        if openai and isinstance(providers, dict):  # else pydantic names streaming.providers as the problem
+            current = providers.get("openai") or {}
+            providers["openai"] = deep_merge(openai, current) if isinstance(current, dict) else current
     # seed-only keys that have no meaning here are accepted and dropped
     raw.pop("realtime", None)
 
@@ -473,15 +526,35 @@ def _unwrap_seed_document(raw: Any) -> Any:
             entry = raw["plugins"]["entries"]["voice-call"]
         except (KeyError, TypeError):
             raise ConfigError(["plugins: expected plugins.entries.voice-call.config in a seed-system file"]) from None
-        merged = dict(entry.get("config") or {})
+        if not isinstance(entry, dict):
+            raise ConfigError(["plugins.entries.voice-call: must be a mapping (with a `config` mapping)"])
+        config = entry.get("config") or {}
+        if not isinstance(config, dict):
+            raise ConfigError(["plugins.entries.voice-call.config: must be a mapping of keys"])
+        merged = dict(config)
         if "enabled" in entry:
             merged.setdefault("enabled", entry["enabled"])
         # seed: the plugin's tts deep-merges over the gateway's messages.tts
-        messages_tts = (raw.get("messages") or {}).get("tts")
+        messages = raw.get("messages") or {}
+        if not isinstance(messages, dict):
+            raise ConfigError(["messages: must be a mapping"])
+        messages_tts = messages.get("tts")
         if messages_tts:
             merged.setdefault("messages", {}).setdefault("tts", messages_tts)
         return merged
     return raw
+
+
+def _where(exc: Exception) -> str:
+    """Position and rule of a parse error, never the offending line: it may hold a secret."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:
+        problem = str(getattr(exc, "problem", "") or "syntax error")
+        problem = re.sub(r"'[^']*'|\"[^\"]*\"", "…", problem)  # quoted input, e.g. a found token
+        return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    match = re.search(r"line (\d+)|:(\d+)", str(exc))
+    line = next((g for g in match.groups() if g), None) if match else None
+    return f" at line {line}" if line else f" ({type(exc).__name__})"
 
 
 def parse_text(text: str, source: str) -> dict[str, Any]:
@@ -493,7 +566,8 @@ def parse_text(text: str, source: str) -> dict[str, Any]:
         else:
             data = yaml.safe_load(text)
     except Exception as exc:  # noqa: BLE001 - parser errors vary by library; report them as config errors
-        raise ConfigError([f"{source}: not valid {'JSON5' if source.endswith(('.json', '.json5')) else 'YAML'}: {exc}"]) from None
+        raise ConfigError([f"{source}: not valid {'JSON5' if source.endswith(('.json', '.json5')) else 'YAML'}"
+                           f"{_where(exc)}"]) from None
     data = _unwrap_seed_document(data if data is not None else {})
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the top level must be a mapping of keys"])
@@ -561,4 +635,6 @@ def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, 
         text = Path(source).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{source}: cannot read config file ({exc.strerror})"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{source}: not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x})"]) from None
     return build_settings(parse_text(text, source), env)

@@ -99,14 +99,30 @@ class NgrokTunnel:
         self._proc = None
 
 
-async def open_tunnel(provider: str, *, port: int, path: str, authtoken: str | None = None,
-                      domain: str | None = None) -> tuple[str, NgrokTunnel | None]:
-    """Start the configured tunnel; returns (public webhook URL, handle to stop it or None)."""
+class TailscaleExposure:
+    """What `serve` set up with tailscale serve/funnel; stop() resets it, so nothing stays exposed."""
+
+    async def stop(self) -> None:
+        try:
+            await tailscale_expose("off", port=0, path="", serve_path="")
+        except ExposeError as exc:
+            import logging
+
+            logging.getLogger(__name__).warning("tailscale exposure not reset: %s", exc)
+
+
+async def open_tunnel(provider: str, *, port: int, path: str, serve_path: str | None = None,
+                      authtoken: str | None = None,
+                      domain: str | None = None) -> tuple[str, NgrokTunnel | TailscaleExposure]:
+    """Start the configured tunnel; returns (public webhook URL, handle to stop it).
+
+    `path` is the public path; for tailscale it maps onto `serve_path` (our webhook path)."""
     if provider == "ngrok":
         tunnel = NgrokTunnel(port, authtoken=authtoken, domain=domain)
         origin = await tunnel.start()
         return origin.rstrip("/") + path, tunnel
     if provider in ("tailscale-serve", "tailscale-funnel"):
-        url = await tailscale_expose(provider.removeprefix("tailscale-"), port=port, path=path, serve_path=path)
-        return str(url), None
+        url = await tailscale_expose(provider.removeprefix("tailscale-"), port=port, path=path,
+                                     serve_path=serve_path or path)
+        return str(url), TailscaleExposure()
     raise ExposeError(f"tunnel.provider: unknown provider {provider!r}")

@@ -27,13 +27,13 @@ from bridge.calls import (
     TranscriptEntry,
     can_transition,
 )
-from bridge.config import MachineDetectionMode, Settings
+from bridge.config import MachineDetectionMode, Settings, is_destination
 from bridge.conversation.engine import ConversationEngine
 from bridge.hooks import ReportSender
 from bridge.machine import MachineDetection
 from bridge.report import build_report
 from bridge.responder import Responder, ResponderError
-from bridge.store import CallStore, SharedStore, Store
+from bridge.store import CallStore, SharedStore, Store, is_safe_id
 from bridge.tasks import BackgroundTasks
 from carriers.base import Carrier, CarrierError, OutboundRequest
 from media.amd import AmdVerdict
@@ -50,6 +50,12 @@ log = logging.getLogger(__name__)
 REAPER_INTERVAL_S = 30.0
 MEDIA_WAIT_S = 10.0
 MAX_PROCESSED_IDS = 200_000
+STORE_RETRY_S = 5.0
+RING_TIMEOUT_SLACK_S = 10.0  # the carrier's own ring timeout should normally win
+HANGUP_ATTEMPT_S = 8.0  # one hang-up attempt (the carrier client's own retries included) before we back off
+HANGUP_RETRY_FIRST_S = 1.0
+HANGUP_RETRY_MAX_S = 60.0
+DIAL_STRING_PROVIDERS = ("sip", "asterisk")  # these also dial extensions and dial strings; they check `to` themselves
 SUPERSEDE_GRACE_S = 0.5  # a superseded reply gets this long to finish its bookkeeping before it is cancelled
 MACHINE_DETECTION_MODES = ("off", "detect", "hangup", "leave-message")
 DTMF_SEQUENCE_CHARS = frozenset("0123456789*#ABCDwW")
@@ -103,6 +109,7 @@ class CallManager:
         self._processed: set[str] = set()
         self._turns: dict[str, _Turn] = {}
         self._timers: dict[str, TimerHandle] = {}
+        self._hangup_retries: dict[str, TimerHandle] = {}
         self._voices: dict[str, CallVoice] = {}
         self._media_waiters: dict[str, list[asyncio.Future[CallVoice | None]]] = {}
         self._machine: dict[str, MachineDetection] = {}
@@ -135,9 +142,10 @@ class CallManager:
         self.stopping = True
         if self._reaper is not None:
             self._reaper.cancel()
-        for timer in self._timers.values():
+        for timer in [*self._timers.values(), *self._hangup_retries.values()]:
             timer.cancel()
         self._timers.clear()
+        self._hangup_retries.clear()
         for voice in list(self._voices.values()):
             await voice.close()
         self._voices.clear()
@@ -270,6 +278,8 @@ class CallManager:
         to = to or self.settings.toNumber
         if not to:
             raise CallError("No destination: pass `to` or set toNumber in the config")
+        if self.settings.provider not in DIAL_STRING_PROVIDERS and not is_destination(to):
+            raise CallError(f"`to` must be an E.164 number like +15550001234 or a sip: URI (got {to[:40]!r})")
         if not message or not message.strip():
             raise CallError("`message` must be a non-empty string")
         mode = mode or self.settings.outbound.defaultMode
@@ -318,6 +328,7 @@ class CallManager:
         if not call.terminal:
             self._link_provider_id(call, provider_id)
             self._save(call)
+            self._start_ring_timeout(call)
         return call
 
     def _check_capacity(self) -> None:
@@ -347,7 +358,14 @@ class CallManager:
         call = self._answered_call(call_id)
         if not message or not message.strip():
             raise CallError("`message` must be a non-empty string")
-        await self._say(call, message)
+        await self._say_for_api(call, message)
+
+    async def _say_for_api(self, call: CallRecord, text: str) -> None:
+        """Speak for an API caller: a voice engine failing mid-call is a clear error, the call stays up."""
+        try:
+            await self._say(call, text)
+        except TtsError as exc:
+            raise CallError(f"Could not speak on call {call.callId}: {exc}") from None
 
     async def continue_call(self, call_id: str, message: str) -> str:
         """Speak, listen, and return the caller's next final transcript."""
@@ -358,9 +376,9 @@ class CallManager:
         turn = _Turn(token=uuid.uuid4().hex, future=loop.create_future(), started=self.clock.monotonic())
         self._turns[call.callId] = turn
         try:
-            await self._say(call, message)
+            await self._say_for_api(call, message)
             listen_started = self.clock.monotonic()
-            self._transition(call, CallState.LISTENING)
+            self._move(call, CallState.LISTENING)
             if call.callId not in self._voices:
                 await self.carrier.start_listening(call, turn.token)
             timeout_ms = self.settings.transcriptTimeoutMs
@@ -378,6 +396,8 @@ class CallManager:
             self._save(call)
             return transcript
         finally:
+            if turn.future.done() and not turn.future.cancelled():
+                turn.future.exception()  # the call may have ended before anyone awaited the turn
             if self._turns.get(call.callId) is turn:
                 del self._turns[call.callId]
             if call.callId not in self._voices and not call.terminal:
@@ -387,16 +407,20 @@ class CallManager:
                     log.warning("call %s: stop listening failed: %s", call.callId, exc)
 
     async def end(self, call_id: str) -> CallRecord:
+        """Hang up, and say so only once the carrier has: a failed hang-up is retried in the
+        background (with backoff) and reported as an error, never as success."""
         call = self.find_call(call_id, call_id)
         if call is None:
             raise CallError(f"Call not found: {call_id}")
         if call.terminal:
             return call
-        await self._hangup(call, CallState.HANGUP_BOT)
+        if not await self._hangup(call, CallState.HANGUP_BOT):
+            raise CallError(f"Call {call.callId} is still up: the carrier did not confirm the hang-up "
+                            f"({call.metadata.get('hangupError')}); retrying in the background")
         return call
 
     async def send_dtmf(self, call_id: str, digits: str) -> None:
-        call = self._live_call(call_id)
+        call = self._answered_call(call_id)
         voice = self._voices.get(call.callId)
         if voice is not None:
             await voice.bridge.send_dtmf(digits)
@@ -434,7 +458,7 @@ class CallManager:
                     self._save(call)
             else:
                 await self.carrier.speak_native(call, text)
-        except CarrierError as exc:
+        except CarrierError as exc:  # (a TtsError goes up: the reply path apologizes or hangs up)
             raise CallError(f"Could not speak on call {call.callId}: {exc}") from None
         if call.terminal:
             raise CallError(f"Call {call.callId} ended while speaking ({call.state})")
@@ -461,7 +485,7 @@ class CallManager:
         message = str(call.metadata.get("initialMessage") or "")
         try:
             if message:
-                await self._say(call, message)
+                await self._say_for_api(call, message)
             if call.terminal:
                 return
             if call.metadata.get("mode") == CallMode.NOTIFY:
@@ -470,7 +494,7 @@ class CallManager:
                 if not call.terminal:
                     await self._hangup(call, CallState.HANGUP_BOT)
             else:
-                self._transition(call, CallState.LISTENING)
+                self._move(call, CallState.LISTENING)
         except CallError as exc:
             log.warning("call %s: initial message failed: %s", call.callId, exc)
 
@@ -542,7 +566,7 @@ class CallManager:
             if not call.terminal:
                 await self._hangup(call, CallState.HANGUP_BOT)
         elif not call.terminal:
-            self._transition(call, CallState.LISTENING)
+            self._move(call, CallState.LISTENING)
 
     # ================================================================== conversation host (TurnHost, ToolHost)
 
@@ -740,7 +764,7 @@ class CallManager:
                 self._refuse(event, reason)
                 return None
         call = CallRecord(
-            callId=event.call_id or str(uuid.uuid4()),
+            callId=event.call_id if event.call_id and is_safe_id(event.call_id) else str(uuid.uuid4()),
             provider=self.carrier.name,
             direction=event.direction,
             state=CallState.RINGING,
@@ -784,7 +808,7 @@ class CallManager:
             self._rejected_provider_ids.clear()
         self._rejected_provider_ids.add(provider_id)
         ghost = CallRecord(
-            callId=event.call_id or f"rejected-{uuid.uuid4().hex[:12]}",
+            callId=event.call_id if event.call_id and is_safe_id(event.call_id) else f"rejected-{uuid.uuid4().hex[:12]}",
             provider=self.carrier.name,
             direction=Direction.INBOUND,
             state=CallState.HANGUP_BOT,
@@ -847,16 +871,18 @@ class CallManager:
             return
         if not text:
             return
+        turn = self._turns.get(call.callId)
+        if turn is not None and event.turn_token is not None and event.turn_token != turn.token:
+            # an answer to an earlier question: kept out of the turn AND of the transcript the model reads
+            log.info("call %s: stale transcript (old turn token) dropped", call.callId)
+            call.metadata["staleTranscripts"] = int(call.metadata.get("staleTranscripts", 0)) + 1
+            return
         heard_at = self.clock.monotonic()
         call.transcript.append(TranscriptEntry(event.timestamp, "user", text))
         self._publish("call.speech", call, transcript=text)
         if self._machine_pending(call):
             return  # "Hello?" while detection listens, or a machine's greeting: no reply to those
-        turn = self._turns.get(call.callId)
         if turn is not None:
-            if event.turn_token is not None and event.turn_token != turn.token:
-                log.info("call %s: stale transcript (old turn token) ignored for the waiting turn", call.callId)
-                return
             if not turn.future.done():
                 turn.future.set_result(text)
             return
@@ -873,12 +899,77 @@ class CallManager:
         self._publish("call.state", call)
         return True
 
-    async def _hangup(self, call: CallRecord, reason: CallState) -> None:
+    def _move(self, call: CallRecord, target: CallState) -> None:
+        """A transition outside event processing (which saves after applying): written at once, so a
+        restart never brings the call back in an older state."""
+        if call.state != target and self._transition(call, target):
+            self._save(call)
+
+    async def _hangup(self, call: CallRecord, reason: CallState) -> bool:
+        """Ask the carrier to hang up; the call is final only once it has (or says it no longer has
+        the call). Otherwise the call stays live, and the hang-up is retried with backoff."""
+        if await self._try_hangup(call, reason):
+            return True
+        if call.callId not in self._hangup_retries:
+            self._schedule_hangup_retry(call, reason, 0)
+        return False
+
+    async def _try_hangup(self, call: CallRecord, reason: CallState) -> bool:
+        if call.terminal:
+            return True
         try:
-            await self.carrier.hangup_call(call, reason)
+            await self._bounded(self.carrier.hangup_call(call, reason), HANGUP_ATTEMPT_S)
         except CarrierError as exc:
-            log.warning("call %s: hang-up request failed: %s", call.callId, exc)
+            if exc.status == 404:  # the carrier has no such call (any more): nothing is up
+                log.info("call %s: carrier no longer has the call", call.callId)
+            else:
+                return self._hangup_failed(call, reason, str(exc))
+        except TimeoutError:
+            return self._hangup_failed(call, reason, f"no answer from the carrier in {HANGUP_ATTEMPT_S:.0f}s")
         self._finalize(call, reason)
+        return True
+
+    def _hangup_failed(self, call: CallRecord, reason: CallState, error: str) -> bool:
+        log.warning("call %s: hang-up not confirmed (%s); will retry", call.callId, error)
+        call.metadata["hangupError"] = error
+        call.metadata["hangupPending"] = reason.value
+        self._save(call)
+        return False
+
+    def _schedule_hangup_retry(self, call: CallRecord, reason: CallState, attempt: int) -> None:
+        delay = min(HANGUP_RETRY_MAX_S, HANGUP_RETRY_FIRST_S * 2 ** attempt)
+
+        async def retry() -> None:
+            if call.terminal or self.stopping:
+                self._hangup_retries.pop(call.callId, None)
+                return
+            if await self._try_hangup(call, reason):
+                self._hangup_retries.pop(call.callId, None)
+            else:
+                self._schedule_hangup_retry(call, reason, attempt + 1)
+
+        self._hangup_retries[call.callId] = self.clock.call_later(
+            delay, lambda: self._spawn(retry(), f"hangup-retry-{call.callId}"))
+
+    async def _bounded(self, awaitable: Awaitable[Any], seconds: float) -> Any:
+        """Await with a limit on the manager's clock; the work is cancelled when the limit passes."""
+        task = asyncio.ensure_future(awaitable)
+        expired: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def expire() -> None:
+            if not expired.done():
+                expired.set_result(None)
+
+        timer = self.clock.call_later(seconds, expire)
+        try:
+            await asyncio.wait({task, expired}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+            if not task.done():
+                task.cancel()
+        if not task.done() or task.cancelled():
+            raise TimeoutError
+        return task.result()
 
     def _finalize(self, call: CallRecord, reason: CallState, *, error: str | None = None) -> None:
         if call.terminal:
@@ -891,6 +982,10 @@ class CallManager:
         timer = self._timers.pop(call.callId, None)
         if timer is not None:
             timer.cancel()
+        retry = self._hangup_retries.pop(call.callId, None)
+        if retry is not None:
+            retry.cancel()
+        call.metadata.pop("hangupPending", None)
         detection = self._machine.pop(call.callId, None)
         if detection is not None:
             detection.close()
@@ -939,6 +1034,22 @@ class CallManager:
 
         self._timers[call.callId] = self.clock.call_later(max(0.0, seconds), expire)
 
+    def _start_ring_timeout(self, call: CallRecord, *, already: float = 0.0) -> None:
+        """Our own limit on ringing, beside the carrier's: if its no-answer never reaches us (a webhook
+        that cannot be verified, a lost callback), the call must not hold a slot forever. Answering
+        replaces this timer with the max-duration one."""
+        seconds = self.settings.ringTimeoutMs / 1000 + RING_TIMEOUT_SLACK_S
+        remaining = max(0.0, seconds - already)
+
+        def expire() -> None:
+            self._timers.pop(call.callId, None)
+            if not call.terminal and call.answeredAt is None:
+                log.info("call %s: not answered within %.0fs", call.callId, seconds)
+                call.metadata["ringTimeout"] = True
+                self._spawn(self._hangup(call, CallState.NO_ANSWER), f"ring-timeout-{call.callId}")
+
+        self._timers[call.callId] = self.clock.call_later(remaining, expire)
+
     def _schedule_reaper(self) -> None:
         self._reaper = self.clock.call_later(REAPER_INTERVAL_S, self._reap)
 
@@ -984,6 +1095,8 @@ class CallManager:
             if call.answeredAt is not None:
                 elapsed = now - call.answeredAt
                 self._start_max_duration(call, self.settings.maxDurationSeconds - elapsed)
+            elif call.direction == Direction.OUTBOUND:
+                self._start_ring_timeout(call, already=now - call.startedAt)
             log.info("call %s restored in state %s", call.callId, call.state)
 
     # ================================================================== bookkeeping
@@ -995,10 +1108,20 @@ class CallManager:
         self._by_provider_id[provider_id] = call.callId
 
     def _save(self, call: CallRecord) -> None:
-        try:
-            self.store.append(call)
-        except OSError as exc:
-            log.error("call log write failed: %s", exc)
+        was_degraded = self.store.degraded
+        if self.store.append(call) or was_degraded:
+            return
+        log.error("call log write failed (%s); keeping records in memory and retrying", self.store.last_error)
+        self._schedule_store_retry()
+
+    def _schedule_store_retry(self) -> None:
+        def retry() -> None:
+            if self.store.flush():
+                log.warning("call log writable again; kept records written")
+            elif not self.stopping:
+                self._schedule_store_retry()
+
+        self.clock.call_later(STORE_RETRY_S, retry)
 
     def announce_ended(self, call: CallRecord) -> None:
         """Another node's call that this node ended (failover): its subscribers learn of it too."""

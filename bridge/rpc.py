@@ -10,7 +10,9 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
@@ -19,6 +21,7 @@ from bridge.cluster.errors import RouteError
 from bridge.continues import ContinueJobs
 from bridge.manager import CallError, CallManager
 from bridge.tasks import BackgroundTasks
+from media.untrusted import UntrustedJsonError, loads
 
 if TYPE_CHECKING:
     from bridge.cluster.router import ClusterRouter
@@ -33,6 +36,10 @@ CALL_FAILED = -32000
 # Commands about one call: on a cluster, run by the node that carries the call (bridge/cluster/router.py)
 ROUTED = frozenset({"voicecall.continue", "voicecall.continue.start", "voicecall.speak", "voicecall.end",
                     "voicecall.status", "voicecall.dtmf"})
+
+MAX_DTMF_DIGITS = 32  # a carrier plays ~10 keys/s; longer strings tie up the call and the RPC
+MAX_LIST_LIMIT = 1000
+MAX_BATCH = 50
 
 
 class RpcError(Exception):
@@ -50,6 +57,21 @@ def _str(params: dict[str, Any], key: str, *, required: bool = True) -> str | No
         return None
     if not isinstance(value, str):
         raise RpcError(INVALID_PARAMS, f"parameter `{key}` must be a string")
+    return value
+
+
+def _int(params: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
+    value = params.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value) or not low <= value <= high:
+        raise RpcError(INVALID_PARAMS, f"parameter `{key}` must be an integer from {low} to {high}")
+    return int(value)
+
+
+def _bool(params: dict[str, Any], key: str) -> bool:
+    value = params.get(key, False)
+    if not isinstance(value, bool):
+        raise RpcError(INVALID_PARAMS, f"parameter `{key}` must be true or false")
     return value
 
 
@@ -118,6 +140,8 @@ class RpcDispatcher:
 
     # ---------------------------------------------------------------- voicecall.*
     async def _initiate(self, p: dict[str, Any]) -> dict[str, Any]:
+        if p.get("to") == "" or (isinstance(p.get("to"), str) and not p["to"].strip()):
+            raise RpcError(INVALID_PARAMS, "parameter `to` is empty: give a number or leave it out for toNumber")
         call = await self.manager.initiate(_str(p, "to", required=False), _str(p, "message") or "",
                                            _str(p, "mode", required=False), **_call_options(p))
         return {"callId": call.callId, "initiated": True}
@@ -149,7 +173,11 @@ class RpcDispatcher:
         return {"success": True}
 
     async def _end(self, p: dict[str, Any]) -> dict[str, Any]:
-        await self.manager.end(_str(p, "callId") or "")
+        call_id = _str(p, "callId") or ""
+        call = self.manager.status(call_id)
+        if call is not None and call.terminal:
+            raise RpcError(CALL_FAILED, f"Call {call.callId} has already ended ({call.state})")
+        await self.manager.end(call_id)
         return {"success": True}
 
     async def _status(self, p: dict[str, Any]) -> dict[str, Any]:
@@ -160,14 +188,17 @@ class RpcDispatcher:
         return {"found": True, "call": call.public_view()} if call else {"found": False}
 
     async def _list(self, p: dict[str, Any]) -> dict[str, Any]:
-        calls = self.manager.active_calls() if p.get("active") else list(self.manager.calls.values())
-        calls = sorted(calls, key=lambda c: c.startedAt)[-int(p.get("limit", 50)):]
+        limit = _int(p, "limit", 50, 1, MAX_LIST_LIMIT)
+        calls = self.manager.active_calls() if _bool(p, "active") else list(self.manager.calls.values())
+        calls = sorted(calls, key=lambda c: c.startedAt)[-limit:]
         return {"calls": [c.public_view() for c in calls]}
 
     async def _dtmf(self, p: dict[str, Any]) -> dict[str, Any]:
         digits = _str(p, "digits") or ""
         if not all(d in "0123456789*#ABCD" for d in digits):
             raise RpcError(INVALID_PARAMS, "`digits` may contain only 0-9, *, #, A-D")
+        if len(digits) > MAX_DTMF_DIGITS:
+            raise RpcError(INVALID_PARAMS, f"`digits` may be at most {MAX_DTMF_DIGITS} keys")
         await self.manager.send_dtmf(_str(p, "callId") or "", digits)
         return {"success": True}
 
@@ -210,7 +241,7 @@ class RpcDispatcher:
         elif action == "press":
             callee.press(_str(p, "digits") or "")
         elif action == "play":
-            pcm, rate = await _read_wav(_str(p, "file") or "")
+            pcm, rate = await _read_wav(_inside(self.manager.settings.mock_audio_dir, _str(p, "file") or ""))
             callee.play_later(pcm, rate)
         elif action == "hangup":
             callee.hang_up()
@@ -223,6 +254,8 @@ class RpcDispatcher:
         if isinstance(payload, list):
             if not payload:
                 return _error(None, INVALID_REQUEST, "empty batch")
+            if len(payload) > MAX_BATCH:
+                return _error(None, INVALID_REQUEST, f"a batch may hold at most {MAX_BATCH} requests")
             replies = await asyncio.gather(*(self._handle_one(item) for item in payload))
             return [r for r in replies if r is not None] or None
         return await self._handle_one(payload)
@@ -232,16 +265,34 @@ class RpcDispatcher:
             return _error(item.get("id") if isinstance(item, dict) else None, INVALID_REQUEST,
                           "expected a JSON-RPC 2.0 request object")
         request_id = item.get("id")
+        if not (request_id is None or isinstance(request_id, (str, int)) and not isinstance(request_id, bool)):
+            return _error(None, INVALID_REQUEST, "`id` must be a string, a number or null")
         try:
             result = await self.call(item["method"], item.get("params"))
         except RpcError as exc:
             return _error(request_id, exc.code, exc.message) if "id" in item else None
-        except Exception:  # noqa: BLE001 - one bad request must not end the connection
-            log.exception("rpc %s failed", item["method"])
+        except Exception as exc:  # noqa: BLE001 - one bad request must not end the connection
+            log.error("rpc %s failed: %s", item["method"], type(exc).__name__)
+            log.debug("rpc %s failure", item["method"], exc_info=True)
             return _error(request_id, CALL_FAILED, "internal error") if "id" in item else None
         if "id" not in item:
             return None
         return {"jsonrpc": "2.0", "id": request_id, "result": result}
+
+
+def _inside(folder: Path, name: str) -> str:
+    """`name` (relative to `folder`, or absolute) resolved, and refused unless it stays inside `folder`.
+
+    Checked before the file is touched, so the reply never tells whether a file elsewhere exists.
+    """
+    root = folder.resolve()
+    try:
+        target = (root / name).resolve()
+    except (ValueError, OSError):  # a NUL byte, a symlink loop
+        target = None
+    if not name or target is None or not target.is_relative_to(root):
+        raise RpcError(INVALID_PARAMS, f"`file` must be a WAV inside {root}")
+    return str(target)
 
 
 async def _read_wav(path: str) -> tuple[bytes, int]:
@@ -256,7 +307,13 @@ async def _read_wav(path: str) -> tuple[bytes, int]:
     try:
         return await asyncio.to_thread(read)
     except (OSError, RuntimeError) as exc:  # soundfile raises RuntimeError subclasses for bad files
-        raise RpcError(INVALID_PARAMS, f"cannot read WAV {path!r}: {exc}") from None
+        raise RpcError(INVALID_PARAMS, f"cannot read WAV {Path(path).name!r}: {type(exc).__name__}") from None
+
+
+def _refuse(status: int, message: str) -> web.Response:
+    response = web.json_response(_error(None, INVALID_REQUEST, message), status=status)
+    response.force_close()  # the body may be unread: do not wait for it on a kept-alive connection
+    return response
 
 
 def _call_options(p: dict[str, Any]) -> dict[str, str | None]:
@@ -281,9 +338,12 @@ def _error(request_id: Any, code: int, message: str) -> dict[str, Any]:
 class RpcEndpoint:
     """/rpc: POST for one request (or batch), GET upgrades to a WebSocket with event subscription."""
 
-    def __init__(self, dispatcher: RpcDispatcher, token: str | None) -> None:
+    def __init__(self, dispatcher: RpcDispatcher, token: str | None, *, max_body_bytes: int = 256 * 1024,
+                 body_timeout_s: float = 10.0) -> None:
         self.dispatcher = dispatcher
         self._token = token
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     def _authorized(self, request: web.Request) -> bool:
         if not self._token:
@@ -295,10 +355,21 @@ class RpcEndpoint:
     async def post(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
             return web.json_response(_error(None, INVALID_REQUEST, "unauthorized"), status=401)
+        if request.content_length is not None and request.content_length > self.max_body_bytes:
+            return _refuse(413, f"request body over {self.max_body_bytes} bytes")
         try:
-            payload = json.loads(await request.read())
-        except ValueError:
-            return web.json_response(_error(None, PARSE_ERROR, "invalid JSON"), status=400)
+            async with asyncio.timeout(self.body_timeout_s):
+                body = await request.read()
+        except TimeoutError:
+            return _refuse(408, "request body not received in time")
+        except web.HTTPRequestEntityTooLarge:
+            return _refuse(413, f"request body over {self.max_body_bytes} bytes")
+        except (ConnectionError, web.HTTPException, ValueError):
+            return _refuse(400, "request body not readable")
+        try:
+            payload = loads(body)
+        except UntrustedJsonError as exc:
+            return web.json_response(_error(None, PARSE_ERROR, str(exc)), status=400)
         reply = await self.dispatcher.handle(payload)
         if reply is None:
             return web.Response(status=204)
@@ -307,7 +378,7 @@ class RpcEndpoint:
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         if not self._authorized(request):
             return web.json_response(_error(None, INVALID_REQUEST, "unauthorized"), status=401)
-        ws = web.WebSocketResponse(heartbeat=30)
+        ws = web.WebSocketResponse(heartbeat=30, max_msg_size=self.max_body_bytes)
         await ws.prepare(request)
         send_lock = asyncio.Lock()
         tasks: set[asyncio.Task[None]] = set()
@@ -334,15 +405,15 @@ class RpcEndpoint:
                 if msg.type != WSMsgType.TEXT:
                     continue
                 try:
-                    item = json.loads(msg.data)
-                except ValueError:
-                    await send(_error(None, PARSE_ERROR, "invalid JSON"))
+                    item = loads(msg.data)
+                except UntrustedJsonError as exc:
+                    await send(_error(None, PARSE_ERROR, str(exc)))
                     continue
                 if isinstance(item, dict) and item.get("method") == "voicecall.subscribe":
                     if queue is None:
                         queue = self.dispatcher.manager.subscribe()
                         forwarder = asyncio.create_task(forward(queue))
-                    if "id" in item:
+                    if isinstance(item.get("id"), (str, int)):
                         await send({"jsonrpc": "2.0", "id": item["id"], "result": {"subscribed": True}})
                     continue
                 task = asyncio.create_task(serve(item))

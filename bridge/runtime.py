@@ -17,6 +17,7 @@ from bridge.metrics import Metrics
 from bridge.responder import create_responder
 from bridge.rpc import RpcDispatcher, RpcEndpoint, describe_error
 from bridge.server import create_app
+from bridge.store import child_path
 from bridge.voice import CallVoice
 from carriers.base import Carrier, CarrierError
 from carriers.registry import create_carrier
@@ -62,8 +63,12 @@ def voice_factory(settings: Settings, carrier: Carrier) -> VoiceFactory:
     def build(call: CallRecord, transport: MediaTransport, emit: Callable[[CallEvent], None]) -> CallVoice:
         recorder = None
         if settings.recording.enabled:
-            recorder = CallRecorder(settings.store_dir / "recordings" / f"{call.callId}.wav",
-                                    settings.pipelineSampleRate)
+            try:
+                path = child_path(settings.store_dir / "recordings", call.callId, ".wav")
+            except ValueError as exc:
+                log.warning("call %s: not recorded: %s", call.callId[:40], exc)
+            else:
+                recorder = CallRecorder(path, settings.pipelineSampleRate)
         return CallVoice(
             call_id=call.callId,
             transport=transport,
@@ -86,9 +91,10 @@ class Runtime:
         self.settings = settings
         self.carrier = carrier or create_carrier(settings)
         secret = settings.responseApiKey.get_secret_value() if settings.responseApiKey else None
-        responder = create_responder(settings.responseModel, base_url=settings.responseBaseUrl, api_key=secret,
-                                     system_prompt=settings.responseSystemPrompt,
-                                     timeout_ms=settings.responseTimeoutMs)
+        # `none`: no auto-replies at all (the agent drives every turn); `offline`: the rule-based one
+        responder = None if settings.responseModel == "none" else create_responder(
+            settings.responseModel, base_url=settings.responseBaseUrl, api_key=secret,
+            system_prompt=settings.responseSystemPrompt, timeout_ms=settings.responseTimeoutMs)
         self.shared: SharedCallLog | None = None
         if settings.cluster is not None:
             from bridge.cluster.factory import shared_log
@@ -97,7 +103,8 @@ class Runtime:
         voices = voice_factory(settings, self.carrier)
         self._close_engines = getattr(voices, "close", None)
         self.manager = CallManager(settings, self.carrier, clock=clock, responder=responder, store=self.shared,
-                                   voice_factory=voices, conversation=create_conversation(settings))
+                                   voice_factory=voices,
+                                   conversation=None if settings.responseModel == "none" else create_conversation(settings))
         self.metrics = Metrics()
         self.dispatcher = RpcDispatcher(self.manager)
         if self.shared is not None:
@@ -113,7 +120,10 @@ class Runtime:
             self.failover = Failover(self.shared.store, self.shared.node_id, settings.cluster.leaseSeconds,
                                      self.manager.clock, self.manager.hangup_orphan, self.manager.announce_ended)
         token = settings.rpc.token.get_secret_value() if settings.rpc.token else None
-        self.app = create_app(self.manager, RpcEndpoint(self.dispatcher, token), self.metrics)
+        limits = settings.webhookSecurity
+        endpoint = RpcEndpoint(self.dispatcher, token, max_body_bytes=limits.maxBodyBytes,
+                               body_timeout_s=limits.bodyTimeoutMs / 1000)
+        self.app = create_app(self.manager, endpoint, self.metrics)
         self._runner: web.AppRunner | None = None
         self.crashed = False  # tests: stop like a killed process (the lease is left to expire)
         self._tunnel: Any = None
@@ -148,6 +158,11 @@ class Runtime:
         if not settings.publicUrl:
             host = "127.0.0.1" if bind in ("0.0.0.0", "::") else bind
             self.manager.public_base = f"http://{host}:{self.port}"
+            if self.carrier.signature_headers and not settings.skipSignatureVerification \
+                    and not settings.webhookSecurity.allowedHosts:
+                log.warning("no publicUrl (or tunnel, or webhookSecurity.allowedHosts): %s signs the public URL "
+                            "it calls, so its webhooks will fail verification unless they reach %s directly",
+                            settings.provider, self.manager.public_base)
         if self.shared is not None and settings.cluster is not None:
             from bridge.cluster.factory import ClusterUnavailable, check_reachable
 
@@ -158,6 +173,10 @@ class Runtime:
                 raise StartupError(str(exc)) from None
         try:
             await self.manager.start()
+        except OSError as exc:  # the call log: a folder in its place, a read-only or missing disk
+            await self.stop()
+            raise StartupError(f"cannot open the call log in {settings.store_dir}: "
+                               f"{exc.strerror or type(exc).__name__}") from None
         except CarrierError as exc:  # e.g. ARI refused our credentials: one clear line, nothing left open
             self.manager.store.close()
             await self.stop()
@@ -173,14 +192,17 @@ class Runtime:
 
         tunnel = self.settings.tunnel
         token = tunnel.ngrokAuthToken.get_secret_value() if tunnel.ngrokAuthToken else None
+        provider = provider or tunnel.provider
+        # tailscale: tailscale.path is the public path, mapped onto our serve.path
+        public_path = self.settings.tailscale.path if provider.startswith("tailscale") else self.settings.serve.path
         try:
-            url, self._tunnel = await open_tunnel(provider or tunnel.provider, port=self.port or 0,
-                                                  path=self.settings.serve.path, authtoken=token,
+            url, self._tunnel = await open_tunnel(provider, port=self.port or 0, path=public_path,
+                                                  serve_path=self.settings.serve.path, authtoken=token,
                                                   domain=tunnel.ngrokDomain)
         except ExposeError as exc:
             await self.stop()
             raise StartupError(str(exc)) from None
-        log.warning("public webhook URL via %s: %s", provider or tunnel.provider, url)
+        log.warning("public webhook URL via %s: %s", provider, url)
         self.settings.publicUrl = url
 
     @property

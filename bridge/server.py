@@ -1,10 +1,17 @@
 """ONE aiohttp application: webhooks, media-stream WebSockets, RPC, /healthz and /metrics.
 
 Webhook pipeline, in order (the seed system's, hardened): exact path (404), POST only (405),
-signature header present (401, before the body is read), per-IP in-flight cap (429), body size
-and read time (413 / 408), public URL + Host validation (400), signature (401), replay check, pure
-parse into events + reply, the manager applies the events (not for a replay: 200, no side effect),
-the reply, then the carrier's follow-up effects (only when the delivery brought something new).
+signature header present (401, before the body is read), per-IP cap on requests whose body is
+still arriving (429), body size and read time (413 / 408), public URL + Host validation (400),
+signature (401), JSON nesting depth (400), replay check, pure parse into events + reply, the
+manager applies the events (not for a replay: 200, no side effect), the reply, then the carrier's
+follow-up effects (only when the delivery brought something new). Odd input that a carrier's
+parser did not expect is a 400 with one log line, never a 500.
+
+Only requests whose body is still arriving count against the per-IP cap: behind a tunnel every
+carrier request shares one address, and a carrier sends its callback in one go, so slow uploads
+with a junk signature fill their own slots, never those of signed callbacks. Processing after
+verification is synchronous, so verified requests hold no slot at all.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ from aiohttp import web
 
 from bridge.security import ReplayCache, UntrustedHost, resolve_public_url
 from bridge.streams import StreamGate, StreamHandler
-from carriers.base import WebhookReply, WebhookRequest
+from carriers.base import WebhookReply, WebhookRequest, WebhookVerdict
+from media.untrusted import MAX_DEPTH, nesting_depth
 
 if TYPE_CHECKING:
     from bridge.manager import CallManager
@@ -40,7 +48,12 @@ class WebhookHandler:
         security = manager.settings.webhookSecurity
         self.replays = ReplayCache(max_entries=security.replayCacheSize, ttl_seconds=security.replayWindowSeconds,
                                    clock=manager.clock)
-        self._in_flight: Counter[str] = Counter()
+        self._uploading: Counter[str] = Counter()
+
+    @property
+    def uploading(self) -> int:
+        """Requests whose body is still arriving (what the per-IP cap counts)."""
+        return sum(self._uploading.values())
 
     def _reply(self, status: int, text: str) -> web.Response:
         """An early refusal. The body may be unread, so the connection is closed instead of kept alive
@@ -59,15 +72,37 @@ class WebhookHandler:
         if verify and carrier.signature_headers and not any(h in request.headers for h in carrier.signature_headers):
             return self._reply(401, "Missing signature")
         ip = request.remote or ""
-        if self._in_flight[ip] >= settings.webhookSecurity.maxInFlightPerIp:
-            return self._reply(429, "Too Many Requests")
-        self._in_flight[ip] += 1
+        if request.content.is_eof():  # the whole body is already here: nothing to hold a slot for
+            checked = await self._read_and_verify(request, verify)
+        else:
+            if self._uploading[ip] >= settings.webhookSecurity.maxInFlightPerIp:
+                return self._reply(429, "Too Many Requests")
+            self._uploading[ip] += 1
+            try:
+                checked = await self._read_and_verify(request, verify)
+            finally:
+                self._uploading[ip] -= 1
+                if self._uploading[ip] <= 0:
+                    del self._uploading[ip]
+        if isinstance(checked, web.StreamResponse):
+            return checked
+        foreign = await self._forward_foreign(*checked) if self.manager.event_forwarder is not None else frozenset()
+        return self._process(*checked, foreign)
+
+    async def _forward_foreign(self, hook: WebhookRequest, verdict: WebhookVerdict | None) -> frozenset[int]:
+        """On a cluster: the events of this delivery that another node's call owns, sent to that node.
+        Returns their indexes, which `_apply` then skips."""
         try:
-            return await self._handle(request, verify)
-        finally:
-            self._in_flight[ip] -= 1
-            if self._in_flight[ip] <= 0:
-                del self._in_flight[ip]
+            events = self.manager.carrier.parse_webhook(hook, self.manager).events
+        except Exception:  # noqa: BLE001 - `_process` answers what cannot be parsed
+            return frozenset()
+        sent: set[int] = set()
+        for index, event in enumerate(events):
+            if verdict is not None and verdict.replay_key and event.dedupe_key is None:
+                event.dedupe_key = f"{verdict.replay_key}:{index}"
+            if await self.manager.forward_event(event):
+                sent.add(index)
+        return frozenset(sent)
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.manager.settings.webhookSecurity.maxBodyBytes
@@ -80,7 +115,8 @@ class WebhookHandler:
                 raise BodyTooLarge
         return bytes(body)
 
-    async def _handle(self, request: web.Request, verify: bool) -> web.StreamResponse:
+    async def _read_and_verify(self, request: web.Request,
+                               verify: bool) -> web.StreamResponse | tuple[WebhookRequest, WebhookVerdict | None]:
         settings = self.manager.settings
         security = settings.webhookSecurity
         try:
@@ -90,6 +126,9 @@ class WebhookHandler:
             return self._reply(413, "Payload Too Large")
         except TimeoutError:
             return self._reply(408, "Request Timeout")
+        except (ConnectionError, web.HTTPException, ValueError) as exc:  # the client went away mid-body
+            log.info("webhook body not read: %s", type(exc).__name__)
+            return self._reply(400, "Bad Request")
         try:
             resolved = resolve_public_url(
                 path_qs=request.path_qs,
@@ -119,11 +158,40 @@ class WebhookHandler:
             remote=request.remote or "",
             url_variants=resolved.variants,
         )
-        carrier = self.manager.carrier
-        verdict = carrier.verify_webhook(hook) if verify else None
+        return self.verify(hook, verify)
+
+    def verify(self, hook: WebhookRequest, verify: bool) -> web.StreamResponse | tuple[WebhookRequest, WebhookVerdict | None]:
+        """The signature check: a 401 reply, or the request and its verdict to process."""
+        try:
+            verdict = self.manager.carrier.verify_webhook(hook) if verify else None
+        except Exception as exc:  # noqa: BLE001 - a malformed signature header is a 401, not a 500
+            verdict = WebhookVerdict(ok=False, reason=f"unreadable ({type(exc).__name__})")
         if verdict is not None and not verdict.ok:
-            log.warning("webhook signature rejected (%s) from %s", verdict.reason, request.remote)
+            log.warning("webhook signature rejected (%s) from %s", verdict.reason, hook.remote)
             return self._reply(401, "Unauthorized")
+        return hook, verdict
+
+    def handle_request(self, hook: WebhookRequest) -> web.StreamResponse:
+        """Everything after the body is read, without sockets: signature, depth, replay, parse, process
+        (what the fuzz tests drive for most of their inputs)."""
+        checked = self.verify(hook, not self.manager.settings.skipSignatureVerification)
+        return checked if isinstance(checked, web.StreamResponse) else self._process(*checked)
+
+    def _process(self, hook: WebhookRequest, verdict: WebhookVerdict | None,
+                 foreign: frozenset[int] = frozenset()) -> web.StreamResponse:
+        carrier = self.manager.carrier
+        if hook.body.lstrip()[:1] in (b"{", b"[") and nesting_depth(hook.body) > MAX_DEPTH:
+            log.warning("webhook refused: JSON nested deeper than %d levels", MAX_DEPTH)
+            return self._reply(400, "Bad Request")
+        try:
+            return self._apply(hook, verdict, foreign)
+        except Exception as exc:  # noqa: BLE001 - odd input that slipped past validation is a 400, not a 500
+            log.warning("webhook refused: %s could not use it (%s)", carrier.name, type(exc).__name__)
+            return self._reply(400, "Bad Request")
+
+    def _apply(self, hook: WebhookRequest, verdict: WebhookVerdict | None,
+               foreign: frozenset[int] = frozenset()) -> web.StreamResponse:
+        carrier = self.manager.carrier
         replay = bool(verdict and verdict.replay_key and self.replays.check_and_remember(verdict.replay_key))
         result = carrier.parse_webhook(hook, self.manager)
         call = None
@@ -136,9 +204,10 @@ class WebhookHandler:
             for index, event in enumerate(result.events):
                 if verdict is not None and verdict.replay_key and event.dedupe_key is None:
                     event.dedupe_key = f"{verdict.replay_key}:{index}"
-                fresh = fresh or not self.manager.has_processed(event)
-                if await self.manager.forward_event(event):
+                if index in foreign:  # applied by the node that carries the call
+                    fresh = True
                     continue
+                fresh = fresh or not self.manager.has_processed(event)
                 processed = self.manager.process_event(event)
                 call = call or processed
         if call is None and hook.query_value("callId"):
@@ -153,12 +222,38 @@ class WebhookHandler:
         return self.manager.settings.publicUrl
 
 
+class _OneLineHttpErrors(logging.Filter):
+    """aiohttp logs a malformed request (duplicate Host, an 8 KB URL, a bad header) as an ERROR with
+    a traceback, after already answering 400. It is bad input, not our fault: one WARNING line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            reason = " ".join(str(exc.message).split(":", 1)[0].split())[:80]  # not the request bytes
+            record.msg, record.args = "malformed HTTP request refused (%s %s)", (exc.code, reason)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+_HTTP_ERROR_FILTER = _OneLineHttpErrors()
+
+
+def one_line_http_errors() -> None:
+    server_log = logging.getLogger("aiohttp.server")
+    if _HTTP_ERROR_FILTER not in server_log.filters:
+        server_log.addFilter(_HTTP_ERROR_FILTER)
+
+
 WEBHOOK_KEY = web.AppKey("webhook", WebhookHandler)
 STREAM_GATE_KEY = web.AppKey("stream_gate", StreamGate)
 
 
 def create_app(manager: CallManager, rpc: RpcEndpoint, metrics: Metrics) -> web.Application:
     settings = manager.settings
+    one_line_http_errors()
     app = web.Application(client_max_size=settings.webhookSecurity.maxBodyBytes)
     webhook = WebhookHandler(manager, metrics)
     gate = StreamGate(settings.streaming)
@@ -172,8 +267,13 @@ def create_app(manager: CallManager, rpc: RpcEndpoint, metrics: Metrics) -> web.
     app.on_shutdown.append(close_streams)
 
     async def healthz(_: web.Request) -> web.Response:
-        body: dict[str, object] = {"ok": manager.started, "provider": manager.carrier.name,
+        store = manager.store
+        body: dict[str, object] = {"ok": manager.started and not store.degraded, "provider": manager.carrier.name,
                                    "activeCalls": len(manager.active_calls())}
+        if store.degraded:
+            # still serving calls, but a restart now would bring them back in an older state
+            body["status"] = "degraded"
+            body["problems"] = [f"call log not writable ({store.last_error}); {store.pending} record(s) kept in memory"]
         if manager.shared is not None:
             body["node"] = manager.shared.node_id  # which node (process) answered, behind a balancer
         return web.json_response(body)
@@ -184,6 +284,8 @@ def create_app(manager: CallManager, rpc: RpcEndpoint, metrics: Metrics) -> web.
     metrics.gauge("voicecall_calls_active", lambda: len(manager.active_calls()))
     metrics.gauge("voicecall_streams_open", lambda: gate.open)
     metrics.gauge("voicecall_streams_pending", lambda: gate.pending)
+    metrics.counter("voicecall_store_write_failures_total", lambda: manager.store.write_failures)
+    metrics.gauge("voicecall_store_pending_records", lambda: manager.store.pending)
 
     app.router.add_route("*", settings.serve.path, webhook.handle)
     app.router.add_get(settings.streaming.streamPath, streams.handle)

@@ -5,17 +5,36 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TextIO, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from bridge.calls import CallRecord
 
 log = logging.getLogger(__name__)
 
 LOG_NAME = "calls.jsonl"
+
+# What a call id may look like when it names a file (recordings): ours are UUIDs; one from the
+# network is used only if it fits, else the call gets a UUID of ours.
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def is_safe_id(value: str | None) -> bool:
+    return bool(value) and SAFE_ID.match(value) is not None  # type: ignore[arg-type]
+
+
+def child_path(folder: Path, name: str, suffix: str = "") -> Path:
+    """`folder/name+suffix`, refused (ValueError) unless name is a safe id and the result stays in folder."""
+    if not is_safe_id(name):
+        raise ValueError(f"unsafe file name {name[:40]!r}")
+    path = folder / f"{name}{suffix}"
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"{name[:40]!r} leaves {folder}")
+    return path
 
 
 @dataclass(slots=True)
@@ -27,9 +46,29 @@ class Replay:
 class Store(Protocol):
     """Where call records live. `append` is sync and never blocks the loop; `load` returns every record."""
 
+    @property
+    def degraded(self) -> bool:
+        """Records are kept in memory because the store cannot take them right now."""
+        ...
+
+    @property
+    def pending(self) -> int: ...
+
+    @property
+    def write_failures(self) -> int: ...
+
+    @property
+    def last_error(self) -> str | None: ...
+
     def open(self) -> None: ...
 
-    def append(self, record: CallRecord) -> None: ...
+    def append(self, record: CallRecord) -> bool:
+        """False: not written now (kept for a later `flush`)."""
+        ...
+
+    def flush(self) -> bool:
+        """Try again to write what was kept; True when nothing is left."""
+        ...
 
     async def load(self) -> Replay: ...
 
@@ -54,7 +93,7 @@ class SharedStore(Store, Protocol):
         """Every node's events, from the moment this returns."""
         ...
 
-    async def flush(self) -> None:
+    async def drain(self) -> None:
         """Wait until queued writes and events reached the store."""
         ...
 
@@ -62,26 +101,42 @@ class SharedStore(Store, Protocol):
 
 
 class CallStore:
-    """Appends are small (one JSON line) and go through a lock-guarded, line-buffered file handle.
+    """Appends are small (one JSON line), each one os.write() to an O_APPEND descriptor under a lock.
 
-    A single write() of one line to an O_APPEND file is what makes a torn line possible only at the
-    very end (a crash mid-write); replay skips such a line.
+    One write per line is what makes a torn line possible only at the very end (a crash or a full
+    disk mid-write); reopening repairs it and replay skips it.
+
+    When a write fails (read-only, disk full), the record is kept in memory, newest per call, and
+    the store reports itself degraded; `flush()` (the manager retries on a timer) writes what was
+    kept once the disk takes writes again, so a restart finds every call in its last state.
     """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.path = directory / LOG_NAME
         self._lock = threading.Lock()
-        self._fh: TextIO | None = None
+        self._fd: int | None = None
+        self._pending: dict[str, bytes] = {}  # callId -> its newest line not yet written
+        self.write_failures = 0
+        self.last_error: str | None = None
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self._pending)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
 
     def open(self) -> None:
+        """Raises OSError when the folder or the log cannot be created or opened for appending."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self._repair_tail()
-        self._fh = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - kept open for appends
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
     def _repair_tail(self) -> None:
         """A crash can leave a last line without newline; start our appends on a fresh line."""
-        if not self.path.exists() or self.path.stat().st_size == 0:
+        if not self.path.is_file() or self.path.stat().st_size == 0:
             return
         with open(self.path, "rb") as fh:
             fh.seek(-1, os.SEEK_END)
@@ -90,19 +145,49 @@ class CallStore:
             with open(self.path, "ab") as fh:
                 fh.write(b"\n")
 
-    def append(self, record: CallRecord) -> None:
-        line = json.dumps(record.to_json(), separators=(",", ":"), ensure_ascii=False) + "\n"
+    def append(self, record: CallRecord) -> bool:
+        """Write the record (after any kept from a failed write); False if it is kept in memory instead."""
+        line = (json.dumps(record.to_json(), separators=(",", ":"), ensure_ascii=False) + "\n").encode()
         with self._lock:
-            if self._fh is None:
+            self._pending.pop(record.callId, None)
+            self._pending[record.callId] = line
+            return self._flush_locked()
+
+    def flush(self) -> bool:
+        with self._lock:
+            return self._flush_locked()
+
+    def _flush_locked(self) -> bool:
+        try:
+            if self._fd is None:
                 self.open()
-            assert self._fh is not None  # open() set it or raised
-            self._fh.write(line)
+            for call_id, line in list(self._pending.items()):
+                view = memoryview(line)
+                while view:
+                    written = os.write(self._fd, view)  # type: ignore[arg-type]
+                    view = view[written:]
+                del self._pending[call_id]
+        except OSError as exc:
+            self.write_failures += 1
+            self.last_error = exc.strerror or type(exc).__name__
+            self._close_fd()  # reopen next time: the disk may come back as a new file or mount
+            return False
+        self.last_error = None
+        return True
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
 
     def close(self) -> None:
         with self._lock:
-            if self._fh is not None:
-                self._fh.close()
-                self._fh = None
+            if self._pending:
+                self._flush_locked()
+            self._close_fd()
 
     def replay(self) -> Replay:
         return read_log(self.path)

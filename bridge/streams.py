@@ -4,6 +4,9 @@ The carrier's `MediaStreamCodec` knows the dialect (Twilio, Telnyx, Plivo); this
 the rules every stream obeys: `maxConnections` (503 before the upgrade), pending-connection caps
 (close 1013), the pre-start timeout (close 1008), the per-call token (close 1008 "Unknown call"),
 a bad frame (close 1008, this stream only) and the send-buffer cap (close 1013).
+
+Every frame is checked for JSON nesting depth before the codec sees it, and a codec that raises
+anything on odd input closes that stream with 1008 and one log line, before or after `start`.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ from carriers.base import (
     StreamDtmf,
     StreamMark,
     StreamMedia,
+    StreamMessage,
     StreamProtocolError,
     StreamStart,
     StreamStop,
 )
 from media.formats import AudioFormat
+from media.untrusted import MAX_DEPTH, nesting_depth
 
 if TYPE_CHECKING:
     from bridge.config import StreamingSettings
@@ -191,8 +196,9 @@ class StreamHandler:
                         await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"Text frames only")
                         return None
                     try:
-                        parsed = codec.parse(msg.data)
+                        parsed = _parse(codec, msg.data)
                     except StreamProtocolError as exc:
+                        log.info("media stream refused before start: %s", exc)
                         await ws.close(code=CLOSE_POLICY, message=_reason(exc))
                         return None
                     if isinstance(parsed, StreamStart):
@@ -213,7 +219,7 @@ class StreamHandler:
                     await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"Text frames only")
                     return
                 try:
-                    parsed = codec.parse(msg.data)
+                    parsed = _parse(codec, msg.data)
                 except StreamProtocolError as exc:
                     log.warning("media stream closed: %s", exc)
                     await ws.close(code=CLOSE_POLICY, message=_reason(exc))
@@ -231,6 +237,18 @@ class StreamHandler:
                     return
         finally:
             self.metrics.inc("voicecall_stream_frames_in_total", amount=frames)
+
+
+def _parse(codec: MediaStreamCodec, text: str) -> StreamMessage:
+    """The codec's parse, with every failure as a StreamProtocolError (one line, no traceback)."""
+    if nesting_depth(text) > MAX_DEPTH:
+        raise StreamProtocolError(f"frame nested deeper than {MAX_DEPTH} levels")
+    try:
+        return codec.parse(text)
+    except StreamProtocolError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - odd values the codec did not expect: a bad frame
+        raise StreamProtocolError(f"malformed frame ({type(exc).__name__})") from None
 
 
 def _reason(exc: Exception) -> bytes:

@@ -80,10 +80,10 @@ async def test_records_survive_a_redis_restart_and_a_node_restart(redis_server: 
         await asyncio.to_thread(redis_server.restart)  # AOF, appendfsync always: nothing acknowledged is lost
         await rpc_client(a).call("voicecall.end", {"callId": first})
         assert a.shared is not None
-        await a.shared.flush()  # the writer retried across the restart
+        await a.shared.drain()  # the writer retried across the restart
         second = await _initiate(a)
         assert second is not None
-        await a.shared.flush()
+        await a.shared.drain()
     await asyncio.to_thread(redis_server.restart)
     async with run_bridge(config, tmp_path / "fresh-dir") as again:  # no JSONL here: records come from Redis
         status = await rpc_client(again).call("voicecall.status", {"callId": first})
@@ -100,7 +100,7 @@ async def test_a_command_for_a_stopped_nodes_call_gets_a_clear_error(redis_serve
             assert call_id is not None
             await wait_for(lambda: a.manager.calls[call_id].answeredAt is not None, timeout=20)
             assert a.shared is not None
-            await a.shared.flush()
+            await a.shared.drain()
             a.crashed = True  # its lease (30 s) outlives the test: the call stays n1's
         with pytest.raises(RpcClientError, match="carried by node n1, which is not reachable"):
             await rpc_client(b).call("voicecall.end", {"callId": call_id})
@@ -118,7 +118,7 @@ async def test_a_dead_nodes_calls_are_ended_once_by_a_survivor(redis_server: Red
                 assert call_id is not None
                 await wait_for(lambda c=call_id: a.manager.calls[c].answeredAt is not None, timeout=20)
             assert a.shared is not None
-            await a.shared.flush()
+            await a.shared.drain()
             a.crashed = True  # stops like kill -9 as far as the cluster sees: the lease is left to expire
         died = asyncio.get_running_loop().time()
         assert b.shared is not None
@@ -145,7 +145,7 @@ async def test_a_webhook_on_another_node_is_applied_by_the_owner(redis_server: R
         call = a.manager.calls[call_id]
         await wait_for(lambda: call.answeredAt is not None, timeout=20)
         assert a.shared is not None
-        await a.shared.flush()
+        await a.shared.drain()
         provider_id = call.providerCallId
         assert provider_id
         hook = f"http://127.0.0.1:{b.port}/voice/webhook"

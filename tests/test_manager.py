@@ -174,7 +174,8 @@ async def test_max_duration_counts_from_answer(tmp_path: Path) -> None:
 
 
 async def test_reaper_ends_calls_without_terminal_event(tmp_path: Path) -> None:
-    manager, carrier, clock = make(tmp_path, staleCallReaperSeconds=90, maxDurationSeconds=600)
+    manager, carrier, clock = make(tmp_path, staleCallReaperSeconds=90, maxDurationSeconds=600,
+                                   ringTimeoutMs=600_000)  # the reaper, not our ring timeout, ends it
     await manager.start()
     call = await manager.initiate(None, "Hi", "notify")
     await clock.advance(60)
@@ -209,7 +210,7 @@ async def test_carrier_failure_marks_call_failed(tmp_path: Path) -> None:
 
 
 async def test_restart_recovery_from_log_with_torn_last_line(tmp_path: Path) -> None:
-    manager, carrier, clock = make(tmp_path, maxDurationSeconds=300, maxConcurrentCalls=5)
+    manager, carrier, clock = make(tmp_path, maxDurationSeconds=300, maxConcurrentCalls=5, ringTimeoutMs=600_000)
     await manager.start()
     alive = await manager.initiate(None, "Hi", "conversation")
     manager.process_event(ev(EventType.ANSWERED, alive.callId, dedupe_key="answer-1"))
@@ -222,7 +223,7 @@ async def test_restart_recovery_from_log_with_torn_last_line(tmp_path: Path) -> 
         fh.write('{"callId": "torn", "state": "answ')  # crash mid-write
 
     # a fresh process: same log, carrier says one call is still up and one has ended
-    restarted, carrier2, clock2 = make(tmp_path, maxDurationSeconds=300, maxConcurrentCalls=5)
+    restarted, carrier2, clock2 = make(tmp_path, maxDurationSeconds=300, maxConcurrentCalls=5, ringTimeoutMs=600_000)
     clock2._now = clock.time()  # noqa: SLF001 - same wall time as before the restart
     carrier2.status = {alive.providerCallId: ProviderStatus(terminal=False),
                        gone.providerCallId: ProviderStatus(terminal=True, state=CallState.COMPLETED)}

@@ -144,7 +144,7 @@ async def test_outbound_conversation_one_turn_over_the_stream(plivo: FakePlivo, 
 
 async def test_outbound_conversation_native_speak_and_getinput(plivo: FakePlivo, tmp_path: Path) -> None:
     plivo.default_replies = ["hello who is this", "tomorrow morning"]
-    async with run_bridge(config(plivo, streaming=False), tmp_path) as runtime:
+    async with run_bridge(config(plivo, streaming=False, responseModel="offline"), tmp_path) as runtime:
         manager = runtime.manager
         call = await manager.initiate(CALLEE, "Hi, this is the clinic.", "conversation")
         fake_call = plivo.call()
@@ -237,7 +237,7 @@ async def test_inbound_allowlisted_call_is_greeted_over_the_stream(plivo: FakePl
 async def test_inbound_call_without_stream_is_greeted_by_plivo_and_listened_to(plivo: FakePlivo,
                                                                                 tmp_path: Path) -> None:
     plivo.default_replies = ["I would like to book a table"]
-    async with run_bridge(config(plivo, streaming=False), tmp_path) as runtime:
+    async with run_bridge(config(plivo, streaming=False, responseModel="offline"), tmp_path) as runtime:
         fake_call = await plivo.inbound_call(FRIEND, OUR_NUMBER, webhook(runtime, flow="answer"),
                                              webhook(runtime, flow="hangup"))
         await wait_for(lambda: len(plivo.callbacks_for("getinput")) == 1, 10)

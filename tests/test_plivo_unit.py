@@ -115,9 +115,10 @@ def test_v2_fallback_seed_vector_and_wrong_token() -> None:
     headers = {"X-Plivo-Signature-V2": "PJ9V+hFrV8Su5B6Bvt6VGdBBRCiXrBXSTYguozRD+CY=",
                "X-Plivo-Signature-V2-Nonce": "nonce-123"}
     request = _request(headers, url="https://example.com/voice/webhook?flow=hangup")
-    verdict = verify_request("test-auth-token", request)
+    assert not verify_request("test-auth-token", request).ok  # V2 only by opt-in (plivo.allowV2Signatures)
+    verdict = verify_request("test-auth-token", request, allow_v2=True)
     assert verdict.ok and verdict.reason == "v2"
-    assert not verify_request("test-auth-tokenx", request).ok
+    assert not verify_request("test-auth-tokenx", request, allow_v2=True).ok
 
 
 def test_v2_is_not_used_when_a_v3_signature_is_present_but_wrong() -> None:

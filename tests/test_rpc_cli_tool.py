@@ -128,7 +128,8 @@ async def test_every_cli_command_against_a_running_server(tmp_path: Path) -> Non
         proc = await run("callee", "--call-id", call_id, "--press", "9")
         assert proc.returncode == 0, proc.stderr
         await wait_for(lambda: call.metadata.get("dtmf") == "9", timeout=5)
-        wav = tmp_path / "caller.wav"
+        (tmp_path / "audio").mkdir()
+        wav = tmp_path / "audio" / "caller.wav"
         import numpy as np
         import soundfile
 
@@ -137,8 +138,13 @@ async def test_every_cli_command_against_a_running_server(tmp_path: Path) -> Non
         proc = await run("callee", "--call-id", call_id, "--play", str(wav))
         assert proc.returncode == 0, proc.stderr
         await wait_for(lambda: runtime.manager.voice(call_id).bridge.stats.frames_in >= frames_before + 40, timeout=5)
-        proc = await run("callee", "--call-id", call_id, "--play", str(tmp_path / "missing.wav"))
+        proc = await run("callee", "--call-id", call_id, "--play", str(tmp_path / "audio" / "missing.wav"))
         assert proc.returncode == 1 and "cannot read WAV" in proc.stderr
+        # outside the audio folder: refused before the file system is asked, so existence never leaks
+        for outside in (str(wav.parent.parent / "calls.jsonl"), "/etc/passwd", "/nonexistent.wav", "../calls.jsonl"):
+            proc = await run("callee", "--call-id", call_id, "--play", outside)
+            assert proc.returncode == 1 and proc.stderr.strip() == (
+                f"voicecall: `file` must be a WAV inside {(tmp_path / 'audio').resolve()}"), proc.stderr
         proc = await run("status", "--call-id", call_id)
         assert proc.returncode == 0 and "Which day?" in proc.stdout and "caller: Tuesday works." in proc.stdout
         proc = await run("list", "--active", "--json")

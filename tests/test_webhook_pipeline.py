@@ -10,8 +10,9 @@ from pathlib import Path
 
 import aiohttp
 
+from bridge.server import WEBHOOK_KEY
 from tests.fakes.carrier import SignedJsonCarrier
-from tests.harness import run_bridge
+from tests.harness import run_bridge, wait_for
 
 CONFIG = {"provider": "mock", "inboundPolicy": "open", "maxConcurrentCalls": 5,
           "webhookSecurity": {"maxBodyBytes": 2048, "bodyTimeoutMs": 300, "maxInFlightPerIp": 1}}
@@ -95,16 +96,35 @@ async def test_slow_body_is_408(tmp_path: Path) -> None:
         assert reply.startswith(b"HTTP/1.1 408")
 
 
-async def test_in_flight_cap_per_ip_is_429(tmp_path: Path) -> None:
+async def test_in_flight_cap_per_ip_counts_only_uploads_still_arriving(tmp_path: Path) -> None:
     async with run_bridge(CONFIG, tmp_path, carrier=SignedJsonCarrier()) as runtime:
         head = (f"POST /voice/webhook HTTP/1.1\r\nHost: 127.0.0.1:{runtime.port}\r\nX-Test-Signature: x\r\n"
                 "Content-Type: application/json\r\nContent-Length: 50\r\n\r\n")
         slow = asyncio.ensure_future(raw_request(runtime.port, head, [b" " * 10] * 2, 0.1))
-        await asyncio.sleep(0.05)
-        assert (await send(runtime, event(type="call.ringing", providerCallId="x")))[0] == 429
-        await slow
-        # once the first request is done, the address may send again
+        await wait_for(lambda: runtime.app[WEBHOOK_KEY].uploading == 1)
+        # a second slow upload from the same address finds the slot taken
+        reply = await raw_request(runtime.port, head, [], 0)
+        assert reply.startswith(b"HTTP/1.1 429")
+        # a signed callback that arrives whole is never counted against the uploads
         assert (await send(runtime, event(type="call.ringing", providerCallId="x")))[0] == 200
+        await slow
+        assert runtime.app[WEBHOOK_KEY].uploading == 0
+
+
+async def test_slow_junk_uploads_do_not_starve_signed_callbacks_from_the_same_address(tmp_path: Path) -> None:
+    config = {**CONFIG, "webhookSecurity": {**CONFIG["webhookSecurity"], "maxInFlightPerIp": 8,
+                                            "bodyTimeoutMs": 5000}}
+    async with run_bridge(config, tmp_path, carrier=SignedJsonCarrier()) as runtime:
+        head = (f"POST /voice/webhook HTTP/1.1\r\nHost: 127.0.0.1:{runtime.port}\r\nX-Test-Signature: junk\r\n"
+                "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+        slow = [asyncio.ensure_future(raw_request(runtime.port, head, [b" "] * 4, 0.5)) for _ in range(10)]
+        await wait_for(lambda: runtime.app[WEBHOOK_KEY].uploading == 8)
+        statuses = await asyncio.gather(*(send(runtime, event(type="call.ringing", providerCallId=f"x{i}"))
+                                          for i in range(15)))
+        assert [status for status, _ in statuses] == [200] * 15
+        for task in slow:
+            task.cancel()
+        await asyncio.gather(*slow, return_exceptions=True)
 
 
 async def test_host_header_injection_is_refused(tmp_path: Path) -> None:

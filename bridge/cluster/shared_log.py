@@ -32,14 +32,28 @@ class SharedCallLog:
         self._queue: asyncio.Queue[Write | None] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self.writes = 0  # Redis commands sent by the writer (the measured cost per call)
+        self.last_error: str | None = None  # set while a write is being retried (Redis away)
+        self.write_failures = 0
+
+    @property
+    def degraded(self) -> bool:
+        return self.last_error is not None
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
 
     def open(self) -> None:
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._run(), name="redis-writer")
 
-    def append(self, record: CallRecord) -> None:
+    def append(self, record: CallRecord) -> bool:
         snapshot = CallRecord.from_json(record.to_json())  # the record keeps changing after this call
         self._queue.put_nowait(lambda: self.store.save(snapshot))
+        return True  # queued: the writer retries until Redis has it
+
+    def flush(self) -> bool:
+        return not self.degraded
 
     def publish(self, message: dict[str, Any]) -> None:
         self._queue.put_nowait(lambda: self.store.publish(message))
@@ -56,7 +70,7 @@ class SharedCallLog:
     async def subscribe(self) -> AsyncIterator[dict[str, Any]]:
         return await self.store.subscribe()
 
-    async def flush(self) -> None:
+    async def drain(self) -> None:
         await self._queue.join()
 
     def close(self) -> None:
@@ -86,7 +100,10 @@ class SharedCallLog:
             try:
                 await write()
                 self.writes += 1
+                self.last_error = None
                 return
             except TRANSIENT as exc:
+                self.last_error = type(exc).__name__
+                self.write_failures += 1
                 log.warning("redis write failed (%s); retrying in %.1fs", type(exc).__name__, RETRY_S)
                 await self.clock.sleep(RETRY_S)

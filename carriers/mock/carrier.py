@@ -14,10 +14,10 @@ what its callee said as a `call.speech` event once the audio has been sent.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import re
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -39,8 +39,13 @@ from media import g711
 from media.formats import FRAME_MS, ULAW_8K
 from media.resample import StreamResampler
 from media.tts.base import TtsEngine
+from media.untrusted import loads
 
 log = logging.getLogger(__name__)
+
+ENDED_CALLEES_KEPT = 8  # the last few ended callees stay inspectable (tests, `mock.callee`); older ones go
+HISTORY = 256  # hangups / rejections remembered for inspection
+MAX_EVENTS_PER_WEBHOOK = 100
 
 
 class MockCallee:
@@ -198,6 +203,8 @@ class MockCallee:
                                          reason=CallState.HANGUP_USER))
 
     def stop(self) -> None:
+        if self.alive:
+            self.carrier.release(self.call_id)
         self.alive = False
         self._cancel_reply()
         for _, handle in self._pending_marks:
@@ -217,12 +224,13 @@ class MockCarrier(Carrier):
         self.settings = settings
         self._voice_factory = voice_factory
         self._voice: TtsEngine | None = None
-        self.callees: dict[str, MockCallee] = {}
-        self.rejected: list[str] = []
+        self.callees: dict[str, MockCallee] = {}  # live callees
+        self.ended: OrderedDict[str, MockCallee] = OrderedDict()  # the last ENDED_CALLEES_KEPT ended ones
+        self.rejected: list[str] = []  # the last HISTORY of each
         self.hangups: list[tuple[str, str]] = []
-        self._scripts: dict[str, list[str]] = {}
+        self._scripts: OrderedDict[str, list[str]] = OrderedDict()
         self._personas: dict[str, str] = {}  # call id -> "machine" | "transfer" | "human" | "human-opener"
-        self._timers: list[asyncio.TimerHandle] = []
+        self._timers: set[asyncio.TimerHandle] = set()
 
     @staticmethod
     def provider_id(call_id: str) -> str:
@@ -235,7 +243,21 @@ class MockCarrier(Carrier):
         return b"".join(chunks), self._voice.sample_rate
 
     def _later(self, delay_ms: int, callback: Callable[..., object], *args: Any) -> None:
-        self._timers.append(asyncio.get_running_loop().call_later(delay_ms / 1000, callback, *args))
+        def fire() -> None:
+            self._timers.discard(handle)
+            callback(*args)
+
+        handle = asyncio.get_running_loop().call_later(delay_ms / 1000, fire)
+        self._timers.add(handle)
+
+    def release(self, call_id: str) -> None:
+        """The call ended: its callee (and the audio it heard) leaves the live table."""
+        callee = self.callees.pop(call_id, None)
+        if callee is None:
+            return
+        self.ended[call_id] = callee
+        while len(self.ended) > ENDED_CALLEES_KEPT:
+            self.ended.popitem(last=False)
 
     async def initiate_call(self, call: CallRecord, request: OutboundRequest) -> str:
         provider_id = self.provider_id(call.callId)
@@ -288,6 +310,8 @@ class MockCarrier(Carrier):
         provider_id = f"mock-in-{uuid.uuid4().hex[:16]}"
         if script is not None:
             self._scripts[provider_id] = script
+            while len(self._scripts) > HISTORY:  # scripts of calls the policy never let through
+                self._scripts.popitem(last=False)
         self.host.emit(CallEvent(EventType.INITIATED, provider_call_id=provider_id, direction=Direction.INBOUND,
                                  from_number=from_number, to_number=to_number))
         return provider_id
@@ -298,10 +322,12 @@ class MockCarrier(Carrier):
 
     async def reject_call(self, call: CallRecord) -> None:
         self.rejected.append(call.providerCallId or call.callId)
+        del self.rejected[:-HISTORY]
         self._scripts.pop(call.providerCallId or "", None)
 
     async def hangup_call(self, call: CallRecord, reason: CallState) -> None:
         self.hangups.append((call.callId, reason.value))
+        del self.hangups[:-HISTORY]
         callee = self.callees.get(call.callId)
         if callee is not None:
             callee.stop()
@@ -311,7 +337,8 @@ class MockCarrier(Carrier):
         return ProviderStatus(terminal=callee is None or not callee.alive)
 
     def callee(self, call_id: str) -> MockCallee | None:
-        return self.callees.get(call_id)
+        """A live callee, or one of the last few ended ones."""
+        return self.callees.get(call_id) or self.ended.get(call_id)
 
     # Seed behaviour: mock webhooks are JSON `{event}` or `{events: [...]}`, always verified.
     def verify_webhook(self, request: WebhookRequest) -> WebhookVerdict:
@@ -319,8 +346,12 @@ class MockCarrier(Carrier):
 
     def parse_webhook(self, request: WebhookRequest, calls: CallLookup) -> WebhookResult:
         try:
-            data = json.loads(request.body or b"{}")
+            data = loads(request.body or b"{}")
+            if not isinstance(data, dict):
+                raise TypeError("not an object")
             items = data["events"] if "events" in data else [data["event"]]
+            if not isinstance(items, list) or len(items) > MAX_EVENTS_PER_WEBHOOK:
+                raise TypeError("events must be a list of at most 100 objects")
             events = [_event_from_json(item) for item in items]
         except (ValueError, KeyError, TypeError) as exc:
             return WebhookResult(reply=WebhookReply(400, f"bad mock event: {type(exc).__name__}"))
@@ -329,7 +360,8 @@ class MockCarrier(Carrier):
     async def close(self) -> None:
         for timer in self._timers:
             timer.cancel()
-        for callee in self.callees.values():
+        self._timers.clear()
+        for callee in list(self.callees.values()):
             callee.stop()
 
 
@@ -341,22 +373,45 @@ def _beep(rate: int, *, pause_ms: int, beep_ms: int, hz: float = 1000.0) -> byte
     return bytes(rate * pause_ms // 1000 * 2) + tone.tobytes()
 
 
-def _event_from_json(item: dict[str, Any]) -> CallEvent:
-    kind = EventType(item["type"])
-    event = CallEvent(kind, call_id=item.get("callId"), provider_call_id=item.get("providerCallId"))
+_CALL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # reaches file names (recordings): no dots, no slashes
+
+
+def _text(item: dict[str, Any], key: str, limit: int = 1024) -> str | None:
+    value = item.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > limit:
+        raise TypeError(f"{key} must be a string of at most {limit} characters")
+    return value
+
+
+def _event_from_json(item: Any) -> CallEvent:
+    """One mock event, every field type-checked (a wrong type is a 400, never a 500 later)."""
+    if not isinstance(item, dict):
+        raise TypeError("event must be an object")
+    kind = EventType(_text(item, "type") or "")
+    call_id = _text(item, "callId", 64)
+    if call_id is not None and not _CALL_ID.match(call_id):
+        raise ValueError("callId may hold only letters, digits, - and _")
+    event = CallEvent(kind, call_id=call_id, provider_call_id=_text(item, "providerCallId", 128))
     if "id" in item:
-        event.id = str(item["id"])
+        if isinstance(item["id"], bool) or not isinstance(item["id"], (str, int)):
+            raise TypeError("id must be a string or an integer")
+        event.id = str(item["id"])[:128]
     if item.get("direction"):
-        event.direction = Direction(item["direction"])
-    event.from_number = item.get("from")
-    event.to_number = item.get("to")
-    event.transcript = item.get("transcript")
-    event.is_final = bool(item.get("isFinal", True))
-    event.digits = item.get("digits")
-    event.turn_token = item.get("turnToken")
+        event.direction = Direction(_text(item, "direction") or "")
+    event.from_number = _text(item, "from", 256)
+    event.to_number = _text(item, "to", 256)
+    event.transcript = _text(item, "transcript", 10_000)
+    is_final = item.get("isFinal", True)
+    if not isinstance(is_final, bool):
+        raise TypeError("isFinal must be true or false")
+    event.is_final = is_final
+    event.digits = _text(item, "digits", 64)
+    event.turn_token = _text(item, "turnToken", 128)
     if item.get("reason"):
-        event.reason = CallState(item["reason"])
-    event.error = item.get("error")
+        event.reason = CallState(_text(item, "reason") or "")
+    event.error = _text(item, "error")
     return event
 
 

@@ -24,6 +24,8 @@ class MockSettings(CarrierSettings):
     noAnswerAfterMs: int = Field(3000, ge=0)
     # The callee hangs up this long after the bot's last words once its script is done (0: never).
     calleeHangupAfterMs: int = Field(8000, ge=0)
+    # The only folder `mock.callee play` reads WAVs from (default <store>/audio).
+    audioDir: str | None = None
     # Numbers ending in machineSuffix answer as an answering machine (greeting, beep, silence);
     # transferSuffix is a person who answers transfers (says transferLine, then listens).
     machineSuffix: str = "0005"

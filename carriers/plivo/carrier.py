@@ -21,6 +21,7 @@ import logging
 import math
 import secrets
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -60,6 +61,7 @@ from carriers.plivo.protocol import (
     MAX_WAIT_S,
     SIG_MA_V3,
     SIG_V2,
+    SIG_V2_NONCE,
     SIG_V3,
     PlivoCallback,
     PlivoStreamCodec,
@@ -79,6 +81,8 @@ from carriers.speech import wait_spoken
 
 if TYPE_CHECKING:
     from bridge.config import Settings
+
+V2_NONCES_KEPT = 100_000  # with allowV2Signatures: nonces remembered (about 4 MB at most)
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +124,7 @@ class PlivoCarrier(Carrier):
                                 headers={"Accept": "application/json"})
         self._calls: dict[str, _CallState] = {}
         self._rejected: set[str] = set()  # CallUUIDs we already refused in the answer XML
+        self._v2_nonces: OrderedDict[str, None] = OrderedDict()  # with allowV2Signatures: each nonce once
         self._tasks = BackgroundTasks(log)
 
     async def close(self) -> None:
@@ -276,7 +281,15 @@ class PlivoCarrier(Carrier):
     # ------------------------------------------------------------------ webhooks
 
     def verify_webhook(self, request: WebhookRequest) -> WebhookVerdict:
-        return verify_request(self._token, request)
+        verdict = verify_request(self._token, request, allow_v2=self.plivo.allowV2Signatures)
+        if verdict.ok and verdict.reason == "v2":
+            nonce = request.header(SIG_V2_NONCE) or ""
+            if nonce in self._v2_nonces:  # V2 does not sign the body: a reused nonce vouches for nothing
+                return WebhookVerdict(False, "V2 nonce reused")
+            self._v2_nonces[nonce] = None
+            while len(self._v2_nonces) > V2_NONCES_KEPT:
+                self._v2_nonces.popitem(last=False)
+        return verdict
 
     def parse_webhook(self, request: WebhookRequest, calls: CallLookup) -> WebhookResult:
         query = dict(request.query)

@@ -5,6 +5,7 @@ clock, no per-call state."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -283,20 +284,28 @@ def callback_events(cb: PlivoCallback) -> list[CallEvent]:
             return [event(EventType.ENDED, "ended", reason=CallState.VOICEMAIL)]
         return []
     events: list[CallEvent] = []
+    # One GetInput answers once: its turn token (or speech id) plus what was heard is stable across
+    # Plivo's redeliveries, which come with a fresh nonce and so a fresh replay key.
+    element = cb.turn_token or cb.speech_id or ""
     if cb.flow == FLOW_GETINPUT:
         if cb.transcript:
-            events.append(event(EventType.SPEECH, turn_token=cb.turn_token, transcript=cb.transcript,
+            events.append(event(EventType.SPEECH, f"input:{element}:speech:{_digest(cb.transcript)}",
+                                turn_token=cb.turn_token, transcript=cb.transcript,
                                 is_final=True, confidence=cb.confidence))
         if cb.digits:
-            events.append(event(EventType.DTMF, digits=cb.digits))
+            events.append(event(EventType.DTMF, f"input:{element}:dtmf:{cb.digits}", digits=cb.digits))
         return events
     if not cb.flow:
         # An unknown kind of callback: take what its status says.
         if cb.status == "in-progress":
             return [event(EventType.ANSWERED, "answered")]
         if cb.digits:
-            return [event(EventType.DTMF, digits=cb.digits)]
+            return [event(EventType.DTMF, f"input:{element}:dtmf:{cb.digits}", digits=cb.digits)]
     return []
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 # ============================================================================ sans-I/O: audio stream
@@ -374,9 +383,10 @@ def _without_query(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
-def verify_request(auth_token: str, request: WebhookRequest) -> WebhookVerdict:
+def verify_request(auth_token: str, request: WebhookRequest, *, allow_v2: bool = False) -> WebhookVerdict:
     """V3 (account or main-account signature, any of a comma-separated list) over each candidate
-    URL; V2 only when no V3 signature was sent at all."""
+    URL. V2 only with `allow_v2` and when no V3 signature was sent at all (its nonce must then be
+    remembered by the caller: V2 does not sign the query or the body)."""
     urls = [request.public_url, *request.url_variants]
     params = request.form if request.method.upper() != "GET" else []
     v3 = [h for h in (request.header(SIG_V3), request.header(SIG_MA_V3)) if h]
@@ -392,6 +402,8 @@ def verify_request(auth_token: str, request: WebhookRequest) -> WebhookVerdict:
             return WebhookVerdict(False, "bad V3 signature")
         return WebhookVerdict(True, "v3", plivo_replay_key(_without_query(request.public_url), nonce))
     v2 = request.header(SIG_V2)
+    if v2 and not allow_v2:
+        return WebhookVerdict(False, "V3 signature required (plivo.allowV2Signatures is off)")
     if v2:
         v2_nonce = request.header(SIG_V2_NONCE)
         if not v2_nonce:

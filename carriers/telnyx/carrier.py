@@ -151,8 +151,9 @@ class TelnyxCarrier(Carrier):
             body.update(self._stream_params(call, codec))
             if self._carrier_transcribes:
                 body.update(self._transcription_params())
-        # `command_id` makes a retried dial a no-op at Telnyx, so retrying it is safe
-        result = await self.http.request("POST", "/calls", json_body=body, idempotent=True)
+        # Sent once: Telnyx dedupes `command_id` on call commands, not on the dial itself, so a retried
+        # dial after a 5xx, a dropped connection or a timeout may ring the callee twice.
+        result = await self.http.request("POST", "/calls", json_body=body, idempotent=False)
         data = result.body.get("data") if isinstance(result.body, dict) else None
         ccid = data.get("call_control_id") if isinstance(data, dict) else None
         if not isinstance(ccid, str) or not ccid:

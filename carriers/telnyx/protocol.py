@@ -334,7 +334,7 @@ def translate(hook: TelnyxEvent, query_call_id: str | None,
     if kind == "call.speak.ended":
         return None, [SpeechHeard(tag, provider_call_id=ccid, status=str(p.get("status") or "completed"))]
     if kind in ("call.machine.detection.ended", "call.machine.premium.detection.ended"):
-        if p.get("result") not in MACHINE_RESULTS:
+        if _text(p.get("result")) not in MACHINE_RESULTS:  # a string, or nothing we act on
             return None, []
         return event(EventType.ENDED, reason=CallState.VOICEMAIL), [HangUp(ccid)] if ccid else []
     if kind == "streaming.failed":
@@ -351,7 +351,7 @@ def _speech(p: dict[str, Any], tag: str | None, event: Callable[..., CallEvent])
         return None
     confidence = data.get("confidence")
     token = tag.removeprefix("listen:") if tag and tag.startswith("listen:") else None
-    return event(EventType.SPEECH, transcript=transcript, is_final=bool(data.get("is_final", True)),
+    return event(EventType.SPEECH, transcript=transcript, is_final=data.get("is_final", True) is not False,
                  confidence=float(confidence) if isinstance(confidence, int | float) else None,
                  turn_token=token)
 

@@ -27,3 +27,14 @@ class TelnyxSettings(CarrierSettings):
     def required_keys(self, context: ProviderContext) -> tuple[str, ...]:
         # webhooks are Ed25519-signed; without the key none could be verified
         return self.REQUIRED if context.skip_signature_verification else (*self.REQUIRED, "publicKey")
+
+    def problems(self, section: str, context: ProviderContext) -> list[str]:
+        problems = super().problems(section, context)
+        if self.publicKey:  # found by `check`, not by the first webhook
+            from carriers.signatures import load_ed25519_public_key
+
+            try:
+                load_ed25519_public_key(self.publicKey)
+            except ValueError:
+                problems.append(f"{section}.publicKey: must be the base64 Ed25519 public key from the Telnyx portal")
+        return problems
