@@ -163,6 +163,16 @@ class OpenAiSttSettings(Section):
     silenceDurationMs: int = Field(800, gt=0)
 
 
+class DeepgramSttSettings(Section):
+    apiKey: SecretStr | None = None  # env: DEEPGRAM_API_KEY
+    baseUrl: str = "wss://api.deepgram.com/v1"
+    model: str = "nova-3"
+    language: str | None = None
+    endpointingMs: int = Field(300, gt=0)
+    utteranceEndMs: int = Field(1000, ge=1000)
+    keepAliveSeconds: float = Field(4.0, gt=0, le=9)  # Deepgram closes a stream idle for 10 s
+
+
 class PocketsphinxSettings(Section):
     keywords: list[str] = Field(default_factory=list)
     grammar: str | None = None
@@ -170,13 +180,59 @@ class PocketsphinxSettings(Section):
 
 class SttProviders(Section):
     openai: OpenAiSttSettings = Field(default_factory=OpenAiSttSettings)
+    deepgram: DeepgramSttSettings = Field(default_factory=DeepgramSttSettings)
     pocketsphinx: PocketsphinxSettings = Field(default_factory=PocketsphinxSettings)
+
+
+class RealtimeToolSettings(Section):
+    """A function the realtime model may call (OpenAI function style)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+REALTIME_DEFAULTS = {
+    "openai": {"model": "gpt-realtime", "voice": "marin", "baseUrl": "wss://api.openai.com/v1", "env": "OPENAI_API_KEY"},
+    "gemini": {"model": "gemini-2.5-flash-native-audio-preview-12-2025", "voice": "Charon",
+               "baseUrl": "wss://generativelanguage.googleapis.com", "env": "GEMINI_API_KEY"},
+}
+
+
+class RealtimeSettings(Section):
+    """Speech-to-speech mode: the call's audio goes straight to a realtime model (no STT/TTS turns)."""
+
+    enabled: bool = False
+    provider: Literal["openai", "gemini"] = "openai"
+    model: str | None = None  # default per provider (REALTIME_DEFAULTS)
+    voice: str | None = None
+    instructions: str = "You are a helpful, concise assistant on a phone call."
+    baseUrl: str | None = None
+    apiKey: SecretStr | None = None  # env: OPENAI_API_KEY / GEMINI_API_KEY
+    tools: list[RealtimeToolSettings] = Field(default_factory=list)
+    transcriptionModel: str | None = "gpt-4o-mini-transcribe"  # OpenAI: transcript of the caller's side
+    vadThreshold: float = Field(0.5, ge=0, le=1)
+    prefixPaddingMs: int = Field(300, ge=0)
+    silenceDurationMs: int = Field(500, gt=0)
+    prewarm: bool = True  # open the session while the call rings
+    inputChunkMs: int = Field(40, ge=20, le=200, multiple_of=20)  # caller audio per message to the model
+    maxReconnects: int = Field(4, ge=0)
+    apology: str = "I'm sorry, I'm having technical trouble and have to end the call. Please try again later."
+    # the seed system's keys: accepted; `providers.<provider>` values fill the keys above
+    streamPath: str | None = None
+    providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    def effective(self, key: str) -> Any:
+        value = getattr(self, key)
+        if value is None:
+            value = (self.providers.get(self.provider) or {}).get(key)
+        return REALTIME_DEFAULTS[self.provider].get(key) if value is None else value
 
 
 class StreamingSettings(Section):
     enabled: bool = False
     # STT engine for streamed calls; "none" relies on the carrier's own transcripts (mock, Telnyx, Plivo)
-    provider: Literal["openai", "pocketsphinx", "none"] | None = None
+    provider: Literal["openai", "deepgram", "pocketsphinx", "none"] | None = None
     streamPath: str = Field("/voice/stream", pattern=r"^/")
     providers: SttProviders = Field(default_factory=SttProviders)
     preStartTimeoutMs: int = Field(5000, gt=0)
@@ -205,6 +261,21 @@ class RpcSettings(Section):
 
 class RecordingSettings(Section):
     enabled: bool = False
+
+
+class LoggingSettings(Section):
+    format: Literal["text", "json"] = "text"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+
+
+class TelemetrySettings(Section):
+    otlpEndpoint: str | None = None  # OTLP/HTTP collector, e.g. http://127.0.0.1:4318 (extra `telemetry`)
+    serviceName: str = "voicecall"
+
+
+class ConsoleSettings(Section):
+    enabled: bool = True
+    sessionHours: float = Field(12, gt=0)
 
 
 class MessagesSettings(Section):
@@ -290,6 +361,7 @@ class CoreSettings(Section):
     webhookSecurity: WebhookSecuritySettings = Field(default_factory=WebhookSecuritySettings)
     skipSignatureVerification: bool = False
     streaming: StreamingSettings = Field(default_factory=StreamingSettings)
+    realtime: RealtimeSettings = Field(default_factory=RealtimeSettings)
     tts: dict[str, Any] = Field(default_factory=dict)
     messages: MessagesSettings = Field(default_factory=MessagesSettings)
     responseModel: str = "openai/gpt-4o-mini"
@@ -301,6 +373,9 @@ class CoreSettings(Section):
     pipelineSampleRate: Literal[8000, 16000, 24000, 48000] = 16000
     recording: RecordingSettings = Field(default_factory=RecordingSettings)
     rpc: RpcSettings = Field(default_factory=RpcSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> CoreSettings:
@@ -320,6 +395,20 @@ class CoreSettings(Section):
                                       skip_signature_verification=self.skipSignatureVerification,
                                       from_number=self.fromNumber)
             problems += section.problems(self.provider, context)
+        if self.realtime.enabled:
+            rt = self.realtime
+            api_key = rt.apiKey or (rt.providers.get(rt.provider) or {}).get("apiKey")
+            if not api_key:
+                env = REALTIME_DEFAULTS[rt.provider]["env"]
+                problems.append(f"realtime.apiKey: required when realtime.enabled with provider {rt.provider} (or set {env})")
+            base = str(rt.effective("baseUrl"))
+            if not base.startswith(("ws://", "wss://", "http://", "https://")):
+                problems.append(f"realtime.baseUrl: must start with wss:// or https:// (got {base!r})")
+            # the model hears the call through the bridge's media path: streams are implied
+            self.streaming.enabled = True
+        if self.streaming.provider == "deepgram" and not self.streaming.providers.deepgram.apiKey:
+            problems.append("streaming.providers.deepgram.apiKey: required when streaming.provider is deepgram "
+                            "(or set DEEPGRAM_API_KEY)")
         problems += agent_problems(self.agent)
         problems += self._url_and_engine_problems()
         if problems:
@@ -471,13 +560,21 @@ def _mask(data: Any, key: str = "") -> Any:
 ENV_FALLBACKS: list[tuple[tuple[str, ...], str]] = [
     *(((name, key), env) for name, cls in CARRIER_SECTIONS.items() for key, env in cls.ENV.items()),
     (("streaming", "providers", "openai", "apiKey"), "OPENAI_API_KEY"),
+    (("streaming", "providers", "deepgram", "apiKey"), "DEEPGRAM_API_KEY"),
     (("responseApiKey",), "OPENAI_API_KEY"),
     (("tunnel", "ngrokAuthToken"), "NGROK_AUTHTOKEN"),
     (("rpc", "token"), "VOICECALL_RPC_TOKEN"),
+    (("telemetry", "otlpEndpoint"), "OTEL_EXPORTER_OTLP_ENDPOINT"),
 ]
 
 
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    realtime = raw.get("realtime")
+    if isinstance(realtime, dict) and realtime.get("enabled") and not realtime.get("apiKey"):
+        provider = str(realtime.get("provider") or "openai")
+        name = REALTIME_DEFAULTS.get(provider, {}).get("env")
+        if name and env.get(name) and not (realtime.get("providers") or {}).get(provider, {}).get("apiKey"):
+            realtime["apiKey"] = env[name]
     for path, name in ENV_FALLBACKS:
         value = env.get(name)
         if not value:
@@ -515,8 +612,6 @@ def _migrate_legacy(raw: dict[str, Any]) -> None:
         if openai and isinstance(providers, dict):  # else pydantic names streaming.providers as the problem
             current = providers.get("openai") or {}
             providers["openai"] = deep_merge(openai, current) if isinstance(current, dict) else current
-    # seed-only keys that have no meaning here are accepted and dropped
-    raw.pop("realtime", None)
 
 
 def _unwrap_seed_document(raw: Any) -> Any:

@@ -30,6 +30,7 @@ from bridge.calls import (
 from bridge.config import MachineDetectionMode, Settings, is_destination
 from bridge.conversation.engine import ConversationEngine
 from bridge.hooks import ReportSender
+from bridge.logs import call_id_var
 from bridge.machine import MachineDetection
 from bridge.report import build_report
 from bridge.responder import Responder, ResponderError
@@ -72,6 +73,9 @@ class _Turn:
     future: asyncio.Future[str]
     started: float
 
+
+# Sees every call event (kind, call, extra fields) as it is published: metrics, traces, turn timing.
+CallObserver = Callable[[str, CallRecord, dict[str, Any]], None]
 
 # Builds a call's voice (a CallVoice: MediaBridge + STT + TTS) from its media leg; the manager starts it.
 VoiceFactory = Callable[[CallRecord, MediaTransport, Callable[[CallEvent], None]], "CallVoice"]
@@ -118,6 +122,7 @@ class CallManager:
         self._rejected_provider_ids: set[str] = set()
         self._tasks = BackgroundTasks(log, level=logging.ERROR)
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self.observers: list[CallObserver] = []
         self._reaper: TimerHandle | None = None
         self.public_base: str | None = None  # public origin, e.g. https://host.example (set by server)
         self.started = False
@@ -212,6 +217,7 @@ class CallManager:
         call = self.calls.get(call_id)
         if call is None or call.terminal or self._voice_factory is None:
             return None
+        call_id_var.set(call_id)  # this stream's task (and the voice's tasks) log with the call id
         old = self._voices.pop(call_id, None)
         if old is not None:
             self._spawn(old.close(), f"close-voice-{call_id}")
@@ -316,8 +322,10 @@ class CallManager:
             call.metadata["voicemailMessage"] = voicemail_message
         self._stamp_node(call)
         self.calls[call.callId] = call
+        call_id_var.set(call.callId)
         self._save(call)
         self._publish("call.created", call)
+        self._prewarm(call)
         request = OutboundRequest(to=to, from_number=call.from_, message=message, mode=str(mode),
                                   stream=self.settings.streaming.enabled, machine_detection=detection)
         try:
@@ -342,6 +350,7 @@ class CallManager:
             raise CallError(f"Call not found: {call_id}")
         if call.terminal:
             raise CallError(f"Call {call.callId} has ended ({call.state})")
+        call_id_var.set(call.callId)
         return call
 
     def answered_call(self, call_id: str) -> CallRecord:
@@ -414,6 +423,7 @@ class CallManager:
             raise CallError(f"Call not found: {call_id}")
         if call.terminal:
             return call
+        call_id_var.set(call.callId)
         if not await self._hangup(call, CallState.HANGUP_BOT):
             raise CallError(f"Call {call.callId} is still up: the carrier did not confirm the hang-up "
                             f"({call.metadata.get('hangupError')}); retrying in the background")
@@ -460,8 +470,17 @@ class CallManager:
                 await self.carrier.speak_native(call, text)
         except CarrierError as exc:  # (a TtsError goes up: the reply path apologizes or hangs up)
             raise CallError(f"Could not speak on call {call.callId}: {exc}") from None
+        except (TtsError, TimeoutError) as exc:  # the speech engine failed or stalled
+            self._publish("call.error", call, error=f"tts: {exc}", engine="tts")
+            raise CallError(f"Could not speak on call {call.callId}: {exc}") from None
         if call.terminal:
             raise CallError(f"Call {call.callId} ended while speaking ({call.state})")
+
+    def _prewarm(self, call: CallRecord) -> None:
+        """Let the voice factory open the call's model/STT session while the call still rings."""
+        prewarm = getattr(self._voice_factory, "prewarm", None)
+        if prewarm is not None:
+            prewarm(call)
 
     def _expects_media(self, call: CallRecord) -> bool:
         return self.carrier.streams_media and (self.settings.streaming.enabled or self.carrier.media_always)
@@ -542,6 +561,7 @@ class CallManager:
         try:
             reply = await self.responder.reply(call.transcript)
         except ResponderError as exc:
+            self._publish("call.error", call, error=f"responder: {exc}", engine="responder")
             if self.conversation is not None:
                 await self.conversation.failed(call, self, str(exc))
             else:
@@ -726,6 +746,13 @@ class CallManager:
         if event.key in self._processed:
             return self.find_call(event.call_id, event.provider_call_id)
         self._remember(event.key)
+        token = call_id_var.set(event.call_id)
+        try:
+            return self._process(event)
+        finally:
+            call_id_var.reset(token)
+
+    def _process(self, event: CallEvent) -> CallRecord | None:
         call = self.find_call(event.call_id, event.provider_call_id)
         if call is None and event.previous_provider_call_id:
             call = self.find_call(None, event.previous_provider_call_id)
@@ -739,6 +766,7 @@ class CallManager:
             self._link_provider_id(call, event.provider_call_id)
         if call.terminal:
             return call
+        call_id_var.set(call.callId)  # tasks spawned while applying the event inherit it
         call.processedEventIds.append(event.key)
         del call.processedEventIds[:-500]
         self._apply(call, event)
@@ -777,12 +805,14 @@ class CallManager:
         if event.direction == Direction.INBOUND:
             call.metadata["initialMessage"] = self.settings.inboundGreeting
         self._stamp_node(call)
+        call_id_var.set(call.callId)
         self.calls[call.callId] = call
         if provider_id:
             self._by_provider_id[provider_id] = call.callId
         self._save(call)
         self._publish("call.created", call)
         if event.direction == Direction.INBOUND:
+            self._prewarm(call)
             self._spawn(self._answer(call), f"answer-{call.callId}")
         return call
 
@@ -850,7 +880,11 @@ class CallManager:
                 self._publish("call.answered", call)
                 self._spawn(self._after_answer(call), f"initial-{call.callId}")
         elif kind == EventType.SPEAKING:
-            self._transition(call, CallState.SPEAKING)
+            if event.text:  # a realtime model's own words, as the caller heard them
+                call.transcript.append(TranscriptEntry(event.timestamp, "bot", event.text))
+                self._publish("call.speaking", call, text=event.text)
+            else:
+                self._transition(call, CallState.SPEAKING)
         elif kind == EventType.SPEECH:
             self._on_speech(call, event)
         elif kind == EventType.DTMF:
@@ -886,6 +920,8 @@ class CallManager:
             if not turn.future.done():
                 turn.future.set_result(text)
             return
+        if self.settings.realtime.enabled:
+            return  # speech-to-speech: the realtime model answers the caller by itself
         if call.direction == Direction.INBOUND or call.metadata.get("mode") == CallMode.CONVERSATION:
             self._spawn(self._respond(call, heard_at), f"respond-{call.callId}")
 
@@ -998,6 +1034,9 @@ class CallManager:
         voice = self._voices.pop(call.callId, None)
         if voice is not None:
             self._spawn(voice.close(), f"close-voice-{call.callId}")
+        discard = getattr(self._voice_factory, "discard", None)
+        if discard is not None:
+            discard(call.callId)  # a pre-warmed session the call never used
         for owner, answer in list(self._consults.values()):
             if owner == call.callId and not answer.done():
                 answer.set_result("The call has ended.")
@@ -1139,8 +1178,15 @@ class CallManager:
             call.metadata["node"] = self.shared.node_id
 
     def _publish(self, kind: str, call: CallRecord, **extra: Any) -> None:
+        for observer in self.observers:
+            try:
+                observer(kind, call, extra)
+            except Exception:  # noqa: BLE001 - monitoring must never break a call
+                log.exception("call observer failed on %s", kind)
         if self.shared is not None:  # every node's subscribers get it from the bus, this node's too
             self.shared.publish({"type": kind, "callId": call.callId, "state": str(call.state), **extra})
+            return
+        if not self._subscribers:
             return
         self._fan_out({"type": kind, "callId": call.callId, "state": str(call.state), **extra})
 

@@ -15,9 +15,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from bridge.cluster.errors import RouteError
+from bridge.console.levels import LevelSubscriptions
 from bridge.continues import ContinueJobs
 from bridge.manager import CallError, CallManager
 from bridge.tasks import BackgroundTasks
@@ -344,9 +345,19 @@ class RpcEndpoint:
         self._token = token
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
+        # The console's browser login (a session cookie from a same-origin page), set by bridge/console.
+        self.browser_auth: Callable[[web.Request], bool] | None = None
+        self._sockets: set[web.WebSocketResponse] = set()
+
+    async def close_all(self) -> None:
+        """On shutdown: close subscribers' sockets (a console left open must not hold the server up)."""
+        await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=b"Server shutdown")
+                               for ws in list(self._sockets)), return_exceptions=True)
 
     def _authorized(self, request: web.Request) -> bool:
         if not self._token:
+            return True
+        if self.browser_auth is not None and self.browser_auth(request):
             return True
         header = request.headers.get("Authorization", "")
         scheme, _, presented = header.partition(" ")
@@ -380,10 +391,12 @@ class RpcEndpoint:
             return web.json_response(_error(None, INVALID_REQUEST, "unauthorized"), status=401)
         ws = web.WebSocketResponse(heartbeat=30, max_msg_size=self.max_body_bytes)
         await ws.prepare(request)
+        self._sockets.add(ws)
         send_lock = asyncio.Lock()
         tasks: set[asyncio.Task[None]] = set()
         queue: asyncio.Queue[dict[str, Any]] | None = None
         forwarder: asyncio.Task[None] | None = None
+        levels = LevelSubscriptions(self.dispatcher.manager, lambda obj: send(obj))
 
         async def send(obj: Any) -> None:
             async with send_lock:
@@ -416,10 +429,21 @@ class RpcEndpoint:
                     if isinstance(item.get("id"), (str, int)):
                         await send({"jsonrpc": "2.0", "id": item["id"], "result": {"subscribed": True}})
                     continue
+                if isinstance(item, dict) and item.get("method") == "voicecall.levels":
+                    try:
+                        result = levels.handle(item.get("params"))
+                        reply = {"jsonrpc": "2.0", "id": item.get("id"), "result": result}
+                    except ValueError as exc:
+                        reply = _error(item.get("id"), INVALID_PARAMS, str(exc))
+                    if "id" in item:
+                        await send(reply)
+                    continue
                 task = asyncio.create_task(serve(item))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         finally:
+            self._sockets.discard(ws)
+            levels.close()
             if queue is not None:
                 self.dispatcher.manager.unsubscribe(queue)
             for task in [*tasks, *([forwarder] if forwarder else [])]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 from collections.abc import Callable
@@ -14,14 +15,17 @@ from bridge.config import Settings, reveal
 from bridge.conversation.factory import create_conversation
 from bridge.manager import CallManager, VoiceFactory
 from bridge.metrics import Metrics
+from bridge.monitor import Monitor
+from bridge.prewarm import PrewarmingFactory, SttPrewarm, expected_wire
 from bridge.responder import create_responder
 from bridge.rpc import RpcDispatcher, RpcEndpoint, describe_error
 from bridge.server import create_app
 from bridge.store import child_path
+from bridge.tracing import Tracing
 from bridge.voice import CallVoice
-from carriers.base import Carrier, CarrierError
+from carriers.base import Carrier, CarrierError, request_observers
 from carriers.registry import create_carrier
-from media.clock import Clock
+from media.clock import Clock, RealClock
 from media.transport import MediaTransport
 
 if TYPE_CHECKING:
@@ -46,66 +50,98 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def voice_factory(settings: Settings, carrier: Carrier) -> VoiceFactory:
-    """One TTS engine and STT engine per deployment; one CallVoice (MediaBridge + sessions) per call."""
+def voice_factory(settings: Settings, carrier: Carrier, monitor: Monitor | None = None) -> VoiceFactory:
+    """One TTS engine and STT engine per deployment; one CallVoice (MediaBridge + sessions) per call,
+    or a RealtimeVoice when speech-to-speech mode (`realtime.enabled`) is on."""
     from media.recorder import CallRecorder
     from media.tts.factory import create_tts
 
     tts = create_tts(settings.effective_tts)
+    inband_dtmf = {"on": True, "off": False}.get(settings.streaming.inbandDtmf, not carrier.reports_dtmf)
+
+    def recorder_for(call: CallRecord) -> CallRecorder | None:
+        if not settings.recording.enabled:
+            return None
+        try:  # the file name comes from the call id: it must stay inside the recordings folder
+            path = child_path(settings.store_dir / "recordings", call.callId, ".wav")
+        except ValueError as exc:
+            log.warning("call %s: not recorded: %s", call.callId[:40], exc)
+            return None
+        return CallRecorder(path, settings.pipelineSampleRate)
+
+    if settings.realtime.enabled:
+        from bridge.realtime.factory import RealtimeVoices
+
+        # a RealtimeVoice has the surface the manager uses of a CallVoice (start, close, say, interrupt,
+        # bridge, the MediaListener callbacks); tests/test_realtime_protocols.py checks it stays so
+        return cast("VoiceFactory", RealtimeVoices(settings, tts, inband_dtmf=inband_dtmf, recorder=recorder_for))
     stt = None
     if settings.streaming.provider != "none":
         from media.stt.factory import create_stt
 
         stt = create_stt(reveal(settings.streaming.model_dump(mode="python")))
-
-    inband_dtmf = {"on": True, "off": False}.get(settings.streaming.inbandDtmf, not carrier.reports_dtmf)
+    # network engines connect while the call rings (offline ones have nothing to set up)
+    prewarm = SttPrewarm(stt, settings.pipelineSampleRate, expected_wire(settings)) \
+        if stt is not None and stt.name in ("openai", "deepgram") else None
 
     def build(call: CallRecord, transport: MediaTransport, emit: Callable[[CallEvent], None]) -> CallVoice:
-        recorder = None
-        if settings.recording.enabled:
-            try:
-                path = child_path(settings.store_dir / "recordings", call.callId, ".wav")
-            except ValueError as exc:
-                log.warning("call %s: not recorded: %s", call.callId[:40], exc)
-            else:
-                recorder = CallRecorder(path, settings.pipelineSampleRate)
-        return CallVoice(
+        recorder = recorder_for(call)
+        voice = CallVoice(
             call_id=call.callId,
             transport=transport,
             tts=tts,
-            stt_engine=stt,
+            stt_engine=prewarm.engine_for(call.callId) if prewarm is not None else stt,
             emit=emit,
             pipeline_rate=settings.pipelineSampleRate,
             recorder=recorder,
             barge_in=settings.streaming.bargeIn,
             inband_dtmf=inband_dtmf,
             echo=settings.streaming.echo,
+            on_milestone=monitor.milestone_hook(call.callId) if monitor is not None else None,
         )
+        if monitor is not None:
+            monitor.metrics.track_media(voice.bridge)
+        return voice
 
-    build.close = tts.close  # type: ignore[attr-defined]  # the runtime releases the shared engine at stop
-    return build
+    # the runtime releases the shared engines (TTS, pre-warmed STT sessions) at stop
+    return PrewarmingFactory(build, prewarm, tts.close)
 
 
 class Runtime:
-    def __init__(self, settings: Settings, *, clock: Clock | None = None, carrier: Carrier | None = None) -> None:
+    def __init__(self, settings: Settings, *, clock: Clock | None = None, carrier: Carrier | None = None,
+                 tracer_provider: Any = None) -> None:
+        """`tracer_provider`: an OpenTelemetry TracerProvider to use instead of `telemetry.otlpEndpoint`."""
         self.settings = settings
         self.carrier = carrier or create_carrier(settings)
         secret = settings.responseApiKey.get_secret_value() if settings.responseApiKey else None
-        # `none`: no auto-replies at all (the agent drives every turn); `offline`: the rule-based one
-        responder = None if settings.responseModel == "none" else create_responder(
+        # `none`: no auto-replies at all (the agent drives every turn); `offline`: the rule-based one;
+        # speech-to-speech: the realtime model answers the caller itself, no cascade responder
+        responder = None if settings.responseModel == "none" or settings.realtime.enabled else create_responder(
             settings.responseModel, base_url=settings.responseBaseUrl, api_key=secret,
             system_prompt=settings.responseSystemPrompt, timeout_ms=settings.responseTimeoutMs)
+        self.metrics = Metrics()
+        self.clock: Clock = clock or RealClock()
+        try:
+            self.tracing = (Tracing(tracer_provider, monotonic=self.clock.monotonic) if tracer_provider is not None
+                            else Tracing.from_settings(settings.telemetry.otlpEndpoint,
+                                                       settings.telemetry.serviceName, monotonic=self.clock.monotonic))
+        except RuntimeError as exc:
+            raise StartupError(str(exc)) from None
+        self.monitor = Monitor(self.metrics, self.tracing)
         self.shared: SharedCallLog | None = None
         if settings.cluster is not None:
             from bridge.cluster.factory import shared_log
 
-            self.shared = shared_log(settings.cluster, clock)
-        voices = voice_factory(settings, self.carrier)
+            self.shared = shared_log(settings.cluster, self.clock)
+        voices = voice_factory(settings, self.carrier, self.monitor)
         self._close_engines = getattr(voices, "close", None)
-        self.manager = CallManager(settings, self.carrier, clock=clock, responder=responder, store=self.shared,
+        self.manager = CallManager(settings, self.carrier, clock=self.clock, responder=responder, store=self.shared,
                                    voice_factory=voices,
                                    conversation=None if settings.responseModel == "none" else create_conversation(settings))
-        self.metrics = Metrics()
+        bind = getattr(voices, "bind", None)
+        if bind is not None:  # speech-to-speech: hang-ups, and the conversation's tools for the model
+            bind(self.manager)
+        self.monitor.attach(self.manager)
         self.dispatcher = RpcDispatcher(self.manager)
         if self.shared is not None:
             from bridge.cluster.router import ClusterRouter
@@ -121,9 +157,13 @@ class Runtime:
                                      self.manager.clock, self.manager.hangup_orphan, self.manager.announce_ended)
         token = settings.rpc.token.get_secret_value() if settings.rpc.token else None
         limits = settings.webhookSecurity
-        endpoint = RpcEndpoint(self.dispatcher, token, max_body_bytes=limits.maxBodyBytes,
+        self.rpc = RpcEndpoint(self.dispatcher, token, max_body_bytes=limits.maxBodyBytes,
                                body_timeout_s=limits.bodyTimeoutMs / 1000)
-        self.app = create_app(self.manager, endpoint, self.metrics)
+        self.app = create_app(self.manager, self.rpc, self.metrics, self.tracing)
+        if settings.console.enabled:
+            from bridge.console.routes import add_console
+
+            add_console(self.app, self.manager, self.rpc, token)
         self._runner: web.AppRunner | None = None
         self.crashed = False  # tests: stop like a killed process (the lease is left to expire)
         self._tunnel: Any = None
@@ -138,6 +178,7 @@ class Runtime:
         if not _is_loopback(bind) and not settings.rpc.token:
             raise StartupError(f"serve.bind is {bind}, not loopback: set rpc.token (or VOICECALL_RPC_TOKEN) "
                                "so the RPC endpoint is not open to the network")
+        request_observers.append(self.monitor.on_carrier_request)
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, lingering_time=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, bind, settings.serve.port if port is None else port, reuse_address=True,
@@ -210,6 +251,8 @@ class Runtime:
         return f"{self.manager.public_base or self.settings.rpc_url.rsplit('/rpc', 1)[0]}/rpc"
 
     async def stop(self) -> None:
+        if self.monitor.on_carrier_request in request_observers:
+            request_observers.remove(self.monitor.on_carrier_request)
         if self._tunnel is not None:
             await self._tunnel.stop()
             self._tunnel = None
@@ -227,3 +270,4 @@ class Runtime:
         if self._close_engines is not None:
             close, self._close_engines = self._close_engines, None
             await close()
+        await asyncio.to_thread(self.tracing.shutdown)  # flushes queued spans to the collector (blocking I/O)

@@ -49,7 +49,9 @@ class MediaListener(Protocol):
 class WireAudioListener(Protocol):
     """Optional extra for a MediaListener: the caller's audio as it came off the wire (in order,
     before decoding), so an STT engine that takes the wire codec (OpenAI Realtime with g711_ulaw)
-    gets it without a decode/resample/encode round trip. MediaBridge calls it when present."""
+    gets it without a decode/resample/encode round trip. MediaBridge calls it when present.
+    A listener that sets `wants_pipeline_audio = False` gets no `on_pipeline_audio` calls (the
+    bridge then skips resampling the caller's audio, unless it records the call)."""
 
     def on_wire_audio(self, payload: bytes, format: AudioFormat) -> None: ...
 

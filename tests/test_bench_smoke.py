@@ -72,6 +72,13 @@ def test_sip_calls_eight_calls(tmp_path: Path) -> None:
         assert row[key] is not None and row[key] >= 0, key
 
 
+def test_s2s_latency_one_call(tmp_path: Path) -> None:
+    data = run_bench("s2s_latency.py", "--calls", "1", "--rounds", "1", "--cpu", "-1", out=tmp_path / "s2s.json")
+    (point,) = data["points"]
+    assert point["calls"] == 1 and point["replies"] == 1 and point["missed"] == 0
+    assert 0 < point["added_p50_ms"] < 1000
+
+
 def test_voice_to_voice_two_calls_both_modes(tmp_path: Path) -> None:
     data = run_bench("voice_to_voice.py", "--calls", "2", "--rounds", "1", "--cpu", "-1", "--ttft-ms", "100",
                      "--stt-ms", "100", "--tts-ms", "50", "--tokens-per-s", "200", "--reply-tokens", "8",

@@ -179,6 +179,8 @@ async def test_answering_machine_ends_as_voicemail(fake: FakeTwilio, tmp_path: P
         assert call.state == CallState.VOICEMAIL
         twilio_call = only_call(fake)
         assert fake.rest("POST", "/Calls.json")[0]["MachineDetection"] == ["Enable"]
+        # the fake records the voice-URL fetch once our reply is read, which may be after the call ended
+        await wait_for(lambda: bool(twilio_call.fetches("")))
         assert ET.fromstring(twilio_call.fetches("")[0].body).find("Hangup") is not None
         await wait_for(lambda: twilio_call.ended.is_set())
 

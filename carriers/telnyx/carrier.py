@@ -105,9 +105,10 @@ class TelnyxCarrier(Carrier):
 
     @property
     def _carrier_transcribes(self) -> bool:
-        """Streamed calls without a local STT engine get their transcripts from Telnyx, all call long."""
+        """Streamed calls without a local STT engine get their transcripts from Telnyx, all call long
+        (not in speech-to-speech mode: the realtime model hears the caller and transcribes)."""
         streaming = self.settings.streaming
-        return streaming.enabled and streaming.provider in (None, "none")
+        return streaming.enabled and streaming.provider in (None, "none") and not self.settings.realtime.enabled
 
     def _stream_params(self, call: CallRecord, codec: str) -> dict[str, Any]:
         return {

@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 
 def create_stt(streaming: Mapping[str, Any] | None) -> SttEngine | None:
-    """`streaming.provider`: "openai" | "pocketsphinx" | "none"; unset picks OpenAI when a key is
+    """`streaming.provider`: "openai" | "deepgram" | "pocketsphinx" | "none"; unset picks OpenAI when a key is
     configured (or OPENAI_API_KEY is set), else none. Options come from `streaming.providers.<name>`."""
     streaming = streaming or {}
     providers = streaming.get("providers") or {}
@@ -26,10 +26,14 @@ def create_stt(streaming: Mapping[str, Any] | None) -> SttEngine | None:
         from media.stt.openai_realtime import OpenAiRealtimeStt
 
         return OpenAiRealtimeStt.from_config(dict(providers.get("openai") or {}))
+    if provider == "deepgram":
+        from media.stt.deepgram import DeepgramStt
+
+        return DeepgramStt.from_config(dict(providers.get("deepgram") or {}))
     if provider == "pocketsphinx":
         from media.stt.pocketsphinx import PocketsphinxStt
 
         return PocketsphinxStt.from_config(dict(providers.get("pocketsphinx") or {}))
     if provider == "none":
         return None
-    raise SttError(f"streaming.provider must be openai, pocketsphinx or none (got {provider!r})")
+    raise SttError(f"streaming.provider must be openai, deepgram, pocketsphinx or none (got {provider!r})")
