@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -107,11 +108,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+WORKER_ENV = "VOICECALL_WORKER"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from bridge.runtime import Runtime
 
     settings = _checked_settings(args)
     setup_logging(settings.logging.format, os.environ.get("VOICECALL_LOG") or settings.logging.level)
+    if settings.serve.worker_count > 1 and WORKER_ENV not in os.environ:
+        return _supervise_workers(args, settings)
+    worker = os.environ.get(WORKER_ENV)
+    if worker is not None and settings.cluster is not None and settings.cluster.nodeId:
+        settings.cluster.nodeId = f"{settings.cluster.nodeId}-w{worker}"
 
     async def main() -> None:
         runtime = Runtime(settings)
@@ -130,6 +139,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with asyncio.Runner(loop_factory=_loop_factory(settings.serve.eventLoop)) as runner:
         runner.run(main())
     return 0
+
+
+def _supervise_workers(args: argparse.Namespace, settings: Settings) -> int:
+    """`serve.workers: N`: N `serve` processes on one port (SO_REUSEPORT), sharing Redis; signals go to all."""
+    if settings.serve.port == 0:
+        raise CliError("serve.workers > 1 needs a fixed serve.port (the workers share it)")
+    count = settings.serve.worker_count
+    command = [sys.executable, "-m", "bridge.cli", "serve", *([f"--config={args.config}"] if args.config else [])]
+    children = [subprocess.Popen(command, env={**os.environ, WORKER_ENV: str(i)}) for i in range(count)]
+    print(f"voicecall: {count} workers on port {settings.serve.port} (pids {' '.join(str(c.pid) for c in children)})",
+          flush=True)
+
+    def forward(signum: int, _frame: Any) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    codes = [child.wait() for child in children]
+    return max(codes, default=0)
 
 
 def _loop_factory(choice: str) -> Any:
@@ -289,6 +319,34 @@ def cmd_latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store(args: argparse.Namespace) -> int:
+    """`store import`: copy the JSONL call log into the cluster's Redis (cluster.redisUrl)."""
+    settings = _settings(args)
+    if settings.cluster is None:
+        raise CliError("store import copies the call log into Redis: set cluster.redisUrl in the config")
+    path = _log_path(args)
+    if not path.exists():
+        raise CliError(f"no call log at {path}")
+    from bridge.cluster.factory import ClusterUnavailable, check_reachable, shared_log
+
+    async def run() -> tuple[int, int]:
+        assert settings.cluster is not None
+        target = shared_log(settings.cluster)
+        await check_reachable(target, settings.cluster.redisUrl)
+        try:
+            return await target.store.import_log(path)
+        finally:
+            await target.store.close()
+
+    try:
+        imported, skipped = asyncio.run(run())
+    except ClusterUnavailable as exc:
+        raise CliError(str(exc)) from None
+    _emit(args, {"imported": imported, "skipped": skipped, "file": str(path)},
+          f"imported {imported} call(s) from {path} into Redis" + (f" ({skipped} unreadable line(s) skipped)" if skipped else ""))
+    return 0
+
+
 def cmd_expose(args: argparse.Namespace) -> int:
     from bridge.expose import ExposeError, tailscale_expose
 
@@ -387,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("latency", cmd_latency, "voice-to-voice turn latency and its parts (p50/p95/p99) from the call log")
     p.add_argument("--file")
     p.add_argument("--last", type=int, default=200)
+    p = add("store", cmd_store, "call store maintenance: `store import` copies the JSONL log into Redis")
+    p.add_argument("action", choices=["import"])
+    p.add_argument("--file", help="the JSONL call log (default: <store>/calls.jsonl)")
     p = add("expose", cmd_expose, "expose the webhook with Tailscale serve/funnel")
     p.add_argument("--mode", choices=["funnel", "serve", "off"], required=True)
     p.add_argument("--path")

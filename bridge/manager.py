@@ -12,7 +12,7 @@ import hmac
 import logging
 import secrets
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -34,7 +34,7 @@ from bridge.logs import call_id_var
 from bridge.machine import MachineDetection
 from bridge.report import build_report
 from bridge.responder import Responder, ResponderError
-from bridge.store import CallStore, is_safe_id
+from bridge.store import CallStore, SharedStore, Store, is_safe_id
 from bridge.tasks import BackgroundTasks
 from carriers.base import Carrier, CarrierError, OutboundRequest
 from media.amd import AmdVerdict
@@ -88,7 +88,7 @@ class CallManager:
         carrier: Carrier,
         *,
         clock: Clock | None = None,
-        store: CallStore | None = None,
+        store: Store | None = None,
         responder: Responder | None = None,
         voice_factory: VoiceFactory | None = None,
         conversation: ConversationEngine | None = None,
@@ -96,7 +96,12 @@ class CallManager:
         self.settings = settings
         self.carrier = carrier
         self.clock: Clock = clock or RealClock()
-        self.store = store or CallStore(settings.store_dir)
+        self.store: Store = store or CallStore(settings.store_dir)
+        # Several nodes on one Redis: capacity and events are shared through it (bridge/cluster/)
+        self.shared: SharedStore | None = self.store if isinstance(self.store, SharedStore) else None
+        self._bus: asyncio.Task[None] | None = None
+        # On a cluster: sends an event for a call this node does not carry to the node that does (True: sent)
+        self.event_forwarder: Callable[[CallEvent], Awaitable[bool]] | None = None
         self.responder = responder
         # Streaming replies with tools (the default); None or agent.responseMode batch: the Responder path.
         self.conversation = conversation
@@ -127,6 +132,9 @@ class CallManager:
 
     async def start(self) -> None:
         self.store.open()
+        if self.shared is not None:
+            stream = await self.shared.subscribe()
+            self._bus = asyncio.get_running_loop().create_task(self._relay_bus(self.shared, stream), name="event-bus")
         if self.reports is not None:
             await self.reports.start()
         await self._recover()
@@ -154,7 +162,14 @@ class CallManager:
             await self.responder.close()
         if self.conversation is not None:
             await self.conversation.close()
-        self.store.close()
+        if self._bus is not None:
+            self._bus.cancel()
+            await asyncio.gather(self._bus, return_exceptions=True)
+            self._bus = None
+        if self.shared is not None:
+            await self.shared.aclose()
+        else:
+            self.store.close()
         self.started = False
 
     # ================================================================== CarrierHost
@@ -285,9 +300,12 @@ class CallManager:
             raise CallError(f"`dtmfSequence` must be 1-{MAX_DTMF_SEQUENCE} of 0-9 * # A-D, "
                             "w (0.5 s pause) or W (1 s pause)")
         self._check_capacity()
+        call_id = str(uuid.uuid4())
+        if self.shared is not None and not await self.shared.reserve(call_id, self.settings.maxConcurrentCalls):
+            raise CallError(f"Maximum concurrent calls ({self.settings.maxConcurrentCalls}) reached on the cluster")
         now = self.clock.time()
         call = CallRecord(
-            callId=str(uuid.uuid4()),
+            callId=call_id,
             provider=self.carrier.name,
             direction=Direction.OUTBOUND,
             state=CallState.INITIATED,
@@ -302,6 +320,7 @@ class CallManager:
             call.metadata["dtmfSequence"] = dtmf_sequence
         if voicemail_message:
             call.metadata["voicemailMessage"] = voicemail_message
+        self._stamp_node(call)
         self.calls[call.callId] = call
         call_id_var.set(call.callId)
         self._save(call)
@@ -716,6 +735,12 @@ class CallManager:
         """Whether an event with this key was applied already (a carrier's redelivery)."""
         return event.key in self._processed
 
+    async def forward_event(self, event: CallEvent) -> bool:
+        """On a cluster, an event for another node's call goes to that node; True when it went there."""
+        if self.event_forwarder is None or self.find_call(event.call_id, event.provider_call_id) is not None:
+            return False
+        return await self.event_forwarder(event)
+
     def process_event(self, event: CallEvent) -> CallRecord | None:
         """Apply one normalized event. Sync: side effects that need I/O are spawned as tasks."""
         if event.key in self._processed:
@@ -779,6 +804,7 @@ class CallManager:
         )
         if event.direction == Direction.INBOUND:
             call.metadata["initialMessage"] = self.settings.inboundGreeting
+        self._stamp_node(call)
         call_id_var.set(call.callId)
         self.calls[call.callId] = call
         if provider_id:
@@ -828,6 +854,11 @@ class CallManager:
         self._spawn(self.carrier.reject_call(ghost), f"reject-{provider_id}")
 
     async def _answer(self, call: CallRecord) -> None:
+        if self.shared is not None and not await self.shared.reserve(call.callId, self.settings.maxConcurrentCalls):
+            log.info("inbound call %s refused: maximum concurrent calls reached on the cluster", call.callId)
+            self._spawn(self.carrier.reject_call(call), f"reject-{call.callId}")
+            self._finalize(call, CallState.HANGUP_BOT, error="maximum concurrent calls reached on the cluster")
+            return
         try:
             await self.carrier.answer_call(call)
         except CarrierError as exc:
@@ -1017,7 +1048,7 @@ class CallManager:
 
     def _report(self, call: CallRecord) -> None:
         """The after-call report: to subscribers as `call.report`, to hooks.callEnded via the outbox."""
-        if self.reports is None and not self._subscribers:
+        if self.reports is None and not self._subscribers and self.shared is None:
             return
         recording = None
         if self.settings.recording.enabled and "mediaAttached" in call.metadata:  # a leg was attached once
@@ -1074,7 +1105,7 @@ class CallManager:
     # ================================================================== restart recovery
 
     async def _recover(self) -> None:
-        replay = self.store.replay()
+        replay = await self.store.load()
         if replay.skipped_lines:
             log.warning("call log: %d unreadable line(s) skipped", replay.skipped_lines)
         now = self.clock.time()
@@ -1131,21 +1162,57 @@ class CallManager:
 
         self.clock.call_later(STORE_RETRY_S, retry)
 
+    def announce_ended(self, call: CallRecord) -> None:
+        """Another node's call that this node ended (failover): its subscribers learn of it too."""
+        self._publish("call.ended", call, reason=call.endReason or "")
+
+    async def hangup_orphan(self, call: CallRecord) -> None:
+        """End at the carrier a call whose node is gone (failover); a failed request is logged, not raised."""
+        try:
+            await self.carrier.hangup_call(call, CallState.HANGUP_BOT)
+        except CarrierError as exc:
+            log.warning("call %s: failover hang-up failed: %s", call.callId, exc)
+
+    def _stamp_node(self, call: CallRecord) -> None:
+        if self.shared is not None:
+            call.metadata["node"] = self.shared.node_id
+
     def _publish(self, kind: str, call: CallRecord, **extra: Any) -> None:
         for observer in self.observers:
             try:
                 observer(kind, call, extra)
             except Exception:  # noqa: BLE001 - monitoring must never break a call
                 log.exception("call observer failed on %s", kind)
+        if self.shared is not None:  # every node's subscribers get it from the bus, this node's too
+            self.shared.publish({"type": kind, "callId": call.callId, "state": str(call.state), **extra})
+            return
         if not self._subscribers:
             return
-        message = {"type": kind, "callId": call.callId, "state": str(call.state), **extra}
+        self._fan_out({"type": kind, "callId": call.callId, "state": str(call.state), **extra})
+
+    def _fan_out(self, message: dict[str, Any]) -> None:
         for queue in list(self._subscribers):
             try:
                 queue.put_nowait(message)
             except asyncio.QueueFull:
                 log.warning("event subscriber too slow; dropping it")
                 self._subscribers.discard(queue)
+
+    async def _relay_bus(self, shared: SharedStore, stream: AsyncIterator[dict[str, Any]]) -> None:
+        while True:
+            try:
+                async for message in stream:
+                    self._fan_out(message)
+                stream = await shared.subscribe()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Redis away: resubscribe when it is back
+                log.warning("event bus lost (%s); resubscribing", type(exc).__name__)
+                await self.clock.sleep(0.5)
+                try:
+                    stream = await shared.subscribe()
+                except Exception:  # noqa: BLE001, S112 - still away: the next round tries again
+                    continue
 
     def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
         return self._tasks.spawn(coro, name)

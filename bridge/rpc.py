@@ -13,15 +13,19 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from bridge.cluster.errors import RouteError
 from bridge.console.levels import LevelSubscriptions
 from bridge.continues import ContinueJobs
 from bridge.manager import CallError, CallManager
 from bridge.tasks import BackgroundTasks
 from media.untrusted import UntrustedJsonError, loads
+
+if TYPE_CHECKING:
+    from bridge.cluster.router import ClusterRouter
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,9 @@ INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 CALL_FAILED = -32000
+# Commands about one call: on a cluster, run by the node that carries the call (bridge/cluster/router.py)
+ROUTED = frozenset({"voicecall.continue", "voicecall.continue.start", "voicecall.speak", "voicecall.end",
+                    "voicecall.status", "voicecall.dtmf"})
 
 MAX_DTMF_DIGITS = 32  # a carrier plays ~10 keys/s; longer strings tie up the call and the RPC
 MAX_LIST_LIMIT = 1000
@@ -73,6 +80,7 @@ class RpcDispatcher:
     def __init__(self, manager: CallManager) -> None:
         self.manager = manager
         self.continues = ContinueJobs(manager.clock, BackgroundTasks(log))
+        self.router: ClusterRouter | None = None  # set by the runtime on a cluster
         self._methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "voicecall.initiate": self._initiate,
             "voicecall.start": self._start_legacy,
@@ -93,7 +101,8 @@ class RpcDispatcher:
     def methods(self) -> list[str]:
         return sorted(self._methods)
 
-    async def call(self, method: str, params: Any) -> Any:
+    async def call(self, method: str, params: Any, *, route: bool = True) -> Any:
+        """`route=False`: run here even if another node carries the call (a request routed to us)."""
         handler = self._methods.get(method)
         if handler is None:
             raise RpcError(METHOD_NOT_FOUND, f"unknown method {method!r}")
@@ -101,10 +110,34 @@ class RpcDispatcher:
             params = {}
         if not isinstance(params, dict):
             raise RpcError(INVALID_PARAMS, "params must be an object")
+        if route and self.router is not None and method in ROUTED:
+            owner = await self._remote_owner(params)
+            if owner is not None:
+                try:
+                    return await self.router.forward(owner, method, params, self._route_timeout(method))
+                except RouteError as exc:
+                    raise RpcError(exc.code, exc.message) from None
         try:
             return await handler(params)
         except CallError as exc:
             raise RpcError(CALL_FAILED, str(exc)) from None
+
+    async def _remote_owner(self, params: dict[str, Any]) -> str | None:
+        """The node carrying this call when it is not this one (None: handle it here)."""
+        assert self.router is not None
+        call_id = params.get("callId") or params.get("sid")
+        if not isinstance(call_id, str) or not call_id or self.manager.find_call(call_id, call_id) is not None:
+            return None
+        owner = await self.router.owner(call_id)
+        return owner if owner and owner != self.router.node_id else None
+
+    def _route_timeout(self, method: str) -> float:
+        if method == "voicecall.continue":  # waits for the callee's answer on the owner
+            return self.manager.settings.transcriptTimeoutMs / 1000 + 30
+        return 30.0
+
+    async def call_here(self, method: str, params: dict[str, Any]) -> Any:
+        return await self.call(method, params, route=False)
 
     # ---------------------------------------------------------------- voicecall.*
     async def _initiate(self, p: dict[str, Any]) -> dict[str, Any]:
@@ -289,6 +322,14 @@ def _call_options(p: dict[str, Any]) -> dict[str, str | None]:
     return {"machine_detection": _str(p, "machineDetection", required=False),
             "dtmf_sequence": _str(p, "dtmfSequence", required=False),
             "voicemail_message": _str(p, "voicemailMessage", required=False)}
+
+
+def describe_error(exc: BaseException) -> tuple[int, str]:
+    """(code, message) of a failure, as `_handle_one` would answer it (for a routed request)."""
+    if isinstance(exc, RpcError):
+        return exc.code, exc.message
+    log.error("routed rpc failed: %s", exc, exc_info=exc)
+    return CALL_FAILED, "internal error"
 
 
 def _error(request_id: Any, code: int, message: str) -> dict[str, Any]:

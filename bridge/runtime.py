@@ -18,7 +18,7 @@ from bridge.metrics import Metrics
 from bridge.monitor import Monitor
 from bridge.prewarm import PrewarmingFactory, SttPrewarm, expected_wire
 from bridge.responder import create_responder
-from bridge.rpc import RpcDispatcher, RpcEndpoint
+from bridge.rpc import RpcDispatcher, RpcEndpoint, describe_error
 from bridge.server import create_app
 from bridge.store import child_path
 from bridge.tracing import Tracing
@@ -30,6 +30,9 @@ from media.transport import MediaTransport
 
 if TYPE_CHECKING:
     import asyncio
+
+    from bridge.cluster.failover import Failover
+    from bridge.cluster.shared_log import SharedCallLog
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +128,14 @@ class Runtime:
         except RuntimeError as exc:
             raise StartupError(str(exc)) from None
         self.monitor = Monitor(self.metrics, self.tracing)
+        self.shared: SharedCallLog | None = None
+        if settings.cluster is not None:
+            from bridge.cluster.factory import shared_log
+
+            self.shared = shared_log(settings.cluster, self.clock)
         voices = voice_factory(settings, self.carrier, self.monitor)
         self._close_engines = getattr(voices, "close", None)
-        self.manager = CallManager(settings, self.carrier, clock=self.clock, responder=responder,
+        self.manager = CallManager(settings, self.carrier, clock=self.clock, responder=responder, store=self.shared,
                                    voice_factory=voices,
                                    conversation=None if settings.responseModel == "none" else create_conversation(settings))
         bind = getattr(voices, "bind", None)
@@ -135,6 +143,18 @@ class Runtime:
             bind(self.manager)
         self.monitor.attach(self.manager)
         self.dispatcher = RpcDispatcher(self.manager)
+        if self.shared is not None:
+            from bridge.cluster.router import ClusterRouter
+
+            self.dispatcher.router = ClusterRouter(self.shared.store, self.shared.node_id, self.manager.clock,
+                                                   self.dispatcher.call_here, describe_error, self._apply_routed)
+            self.manager.event_forwarder = self.dispatcher.router.forward_event
+        self.failover: Failover | None = None
+        if self.shared is not None and settings.cluster is not None:
+            from bridge.cluster.failover import Failover
+
+            self.failover = Failover(self.shared.store, self.shared.node_id, settings.cluster.leaseSeconds,
+                                     self.manager.clock, self.manager.hangup_orphan, self.manager.announce_ended)
         token = settings.rpc.token.get_secret_value() if settings.rpc.token else None
         limits = settings.webhookSecurity
         self.rpc = RpcEndpoint(self.dispatcher, token, max_body_bytes=limits.maxBodyBytes,
@@ -145,8 +165,12 @@ class Runtime:
 
             add_console(self.app, self.manager, self.rpc, token)
         self._runner: web.AppRunner | None = None
+        self.crashed = False  # tests: stop like a killed process (the lease is left to expire)
         self._tunnel: Any = None
         self.port: int | None = None
+
+    def _apply_routed(self, event: CallEvent) -> None:
+        self.manager.process_event(event)
 
     async def start(self, *, port: int | None = None) -> int:
         settings = self.settings
@@ -157,7 +181,8 @@ class Runtime:
         request_observers.append(self.monitor.on_carrier_request)
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, lingering_time=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, bind, settings.serve.port if port is None else port, reuse_address=True)
+        site = web.TCPSite(self._runner, bind, settings.serve.port if port is None else port, reuse_address=True,
+                           reuse_port=settings.serve.worker_count > 1 or None)
         try:
             await site.start()
         except OSError as exc:
@@ -179,6 +204,14 @@ class Runtime:
                 log.warning("no publicUrl (or tunnel, or webhookSecurity.allowedHosts): %s signs the public URL "
                             "it calls, so its webhooks will fail verification unless they reach %s directly",
                             settings.provider, self.manager.public_base)
+        if self.shared is not None and settings.cluster is not None:
+            from bridge.cluster.factory import ClusterUnavailable, check_reachable
+
+            try:
+                await check_reachable(self.shared, settings.cluster.redisUrl)
+            except ClusterUnavailable as exc:
+                await self.stop()
+                raise StartupError(str(exc)) from None
         try:
             await self.manager.start()
         except OSError as exc:  # the call log: a folder in its place, a read-only or missing disk
@@ -189,6 +222,10 @@ class Runtime:
             self.manager.store.close()
             await self.stop()
             raise StartupError(f"carrier {settings.provider} did not start: {exc}") from None
+        if self.dispatcher.router is not None:
+            await self.dispatcher.router.start()
+        if self.failover is not None:
+            await self.failover.start()
         return self.port
 
     async def _open_tunnel(self, provider: str | None = None) -> None:
@@ -224,6 +261,10 @@ class Runtime:
             await self._runner.cleanup()  # closes media streams and RPC sockets first
             self._runner = None
         await self.dispatcher.continues.close()
+        if self.dispatcher.router is not None:
+            await self.dispatcher.router.close()
+        if self.failover is not None:
+            await self.failover.close(release=not self.crashed)
         if self.manager.started:
             await self.manager.stop()
         if self._close_engines is not None:

@@ -101,7 +101,23 @@ class WebhookHandler:
                     del self._uploading[ip]
         if isinstance(checked, web.StreamResponse):
             return checked
-        return self._process(*checked)
+        foreign = await self._forward_foreign(*checked) if self.manager.event_forwarder is not None else frozenset()
+        return self._process(*checked, foreign)
+
+    async def _forward_foreign(self, hook: WebhookRequest, verdict: WebhookVerdict | None) -> frozenset[int]:
+        """On a cluster: the events of this delivery that another node's call owns, sent to that node.
+        Returns their indexes, which `_apply` then skips."""
+        try:
+            events = self.manager.carrier.parse_webhook(hook, self.manager).events
+        except Exception:  # noqa: BLE001 - `_process` answers what cannot be parsed
+            return frozenset()
+        sent: set[int] = set()
+        for index, event in enumerate(events):
+            if verdict is not None and verdict.replay_key and event.dedupe_key is None:
+                event.dedupe_key = f"{verdict.replay_key}:{index}"
+            if await self.manager.forward_event(event):
+                sent.add(index)
+        return frozenset(sent)
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.manager.settings.webhookSecurity.maxBodyBytes
@@ -176,18 +192,20 @@ class WebhookHandler:
         checked = self.verify(hook, not self.manager.settings.skipSignatureVerification)
         return checked if isinstance(checked, web.StreamResponse) else self._process(*checked)
 
-    def _process(self, hook: WebhookRequest, verdict: WebhookVerdict | None) -> web.StreamResponse:
+    def _process(self, hook: WebhookRequest, verdict: WebhookVerdict | None,
+                 foreign: frozenset[int] = frozenset()) -> web.StreamResponse:
         carrier = self.manager.carrier
         if hook.body.lstrip()[:1] in (b"{", b"[") and nesting_depth(hook.body) > MAX_DEPTH:
             log.warning("webhook refused: JSON nested deeper than %d levels", MAX_DEPTH)
             return self._reply(400, "Bad Request")
         try:
-            return self._apply(hook, verdict)
+            return self._apply(hook, verdict, foreign)
         except Exception as exc:  # noqa: BLE001 - odd input that slipped past validation is a 400, not a 500
             log.warning("webhook refused: %s could not use it (%s)", carrier.name, type(exc).__name__)
             return self._reply(400, "Bad Request")
 
-    def _apply(self, hook: WebhookRequest, verdict: WebhookVerdict | None) -> web.StreamResponse:
+    def _apply(self, hook: WebhookRequest, verdict: WebhookVerdict | None,
+               foreign: frozenset[int] = frozenset()) -> web.StreamResponse:
         carrier = self.manager.carrier
         replay = bool(verdict and verdict.replay_key and self.replays.check_and_remember(verdict.replay_key))
         result = carrier.parse_webhook(hook, self.manager)
@@ -201,6 +219,9 @@ class WebhookHandler:
             for index, event in enumerate(result.events):
                 if verdict is not None and verdict.replay_key and event.dedupe_key is None:
                     event.dedupe_key = f"{verdict.replay_key}:{index}"
+                if index in foreign:  # applied by the node that carries the call
+                    fresh = True
+                    continue
                 fresh = fresh or not self.manager.has_processed(event)
                 processed = self.manager.process_event(event)
                 call = call or processed
@@ -269,6 +290,8 @@ def create_app(manager: CallManager, rpc: RpcEndpoint, metrics: Metrics,
             # still serving calls, but a restart now would bring them back in an older state
             body["status"] = "degraded"
             body["problems"] = [f"call log not writable ({store.last_error}); {store.pending} record(s) kept in memory"]
+        if manager.shared is not None:
+            body["node"] = manager.shared.node_id  # which node (process) answered, behind a balancer
         return web.json_response(body)
 
     async def metrics_view(_: web.Request) -> web.Response:

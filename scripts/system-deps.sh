@@ -5,7 +5,8 @@ profile="${1:-demo}"
 packages=(espeak-ng)
 if [ "$profile" = test ]; then
   # chromium + chromium-driver: the console's browser test (selenium drives /usr/bin/chromedriver)
-  packages+=(sox baresip-core sip-tester docker-compose chromium chromium-driver)
+  # redis-server + nginx-light: the cluster tests (a real Redis; nginx in front of several nodes)
+  packages+=(sox baresip-core sip-tester docker-compose chromium chromium-driver redis-server nginx-light)
 fi
 missing=()
 for pkg in "${packages[@]}"; do
