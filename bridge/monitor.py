@@ -68,8 +68,11 @@ class Monitor:
             self._completed(turn)
 
     def milestone_hook(self, call_id: str) -> Any:
-        """A one-argument callable for a call's voice (CallVoice `on_milestone`)."""
-        return lambda milestone: self.turn_mark(call_id, milestone)
+        """`(milestone, ago=0.0)` for a call's voice (CallVoice `on_milestone`): reached `ago` seconds ago."""
+        def hook(milestone: str, ago: float = 0.0) -> None:
+            at = self.manager.clock.monotonic() - ago if self.manager is not None and ago else None
+            self.turn_mark(call_id, milestone, at)
+        return hook
 
     def _completed(self, turn: Turn) -> None:
         parts = turn.parts

@@ -57,12 +57,21 @@ class TurnTracker:
     def __init__(self) -> None:
         self._open: dict[str, Turn] = {}
         self._count: dict[str, int] = {}
+        self._closed_at: dict[str, float] = {}  # firstAudioOut of the call's last completed turn
 
     def mark(self, call_id: str, milestone: str, at: float) -> Turn | None:
         """Record a milestone; returns the turn it completed, if any."""
         if milestone not in MILESTONES:
             raise ValueError(f"unknown turn milestone {milestone!r}")
         turn = self._open.get(call_id)
+        if milestone == "speechEnd" and at <= self._closed_at.get(call_id, float("-inf")):
+            return None  # heard after its turn was already answered: nothing to time
+        if (milestone == "speechEnd" and turn is not None and "sttFinal" in turn.marks
+                and at <= turn.marks["sttFinal"]):
+            # A VAD reports the silence only after its hangover, often after a fast recognizer's
+            # final: dated back, it still ends this turn's speech (the last pause before the final).
+            turn.marks["speechEnd"] = max(at, turn.marks.get("speechEnd", at))
+            return None
         if milestone in ("speechEnd", "sttFinal") and (
                 turn is None or milestone in turn.marks or "modelFirstToken" in turn.marks):
             # The caller spoke (again): a fresh turn; one abandoned before the model started keeps its number.
@@ -75,9 +84,11 @@ class TurnTracker:
         turn.marks.setdefault(milestone, at)
         if milestone == "firstAudioOut":
             del self._open[call_id]
+            self._closed_at[call_id] = at
             return turn
         return None
 
     def forget(self, call_id: str) -> None:
         self._open.pop(call_id, None)
         self._count.pop(call_id, None)
+        self._closed_at.pop(call_id, None)

@@ -46,7 +46,7 @@ class CallVoice:
         barge_in: bool = True,
         inband_dtmf: bool | None = None,
         echo: bool = False,
-        on_milestone: Callable[[str], None] | None = None,
+        on_milestone: Callable[..., None] | None = None,
     ) -> None:
         self.call_id = call_id
         self.tts = tts
@@ -95,10 +95,15 @@ class CallVoice:
     def on_dtmf(self, digit: str) -> None:
         self._emit(CallEvent(EventType.DTMF, call_id=self.call_id, digits=digit))
 
-    def mark(self, milestone: str) -> None:
-        """A turn milestone (bridge/turnmarks.py) reached now, for the turn timing (e.g. modelFirstToken)."""
+    def mark(self, milestone: str, ago: float = 0.0) -> None:
+        """A turn milestone (bridge/turnmarks.py) reached now (or `ago` seconds ago), for turn timing."""
         if self._milestone is not None:
-            self._milestone(milestone)
+            self._milestone(milestone, ago)
+
+    def on_speech_ended(self, ago: float) -> None:
+        # The local VAD heard the caller fall silent; an engine that reports it itself is preferred.
+        if self.stt is None or not self.stt.reports_speech_end:
+            self.mark("speechEnd", ago)
 
     def on_first_audio(self, label: str | None) -> None:
         if self._milestone is not None and label != "dtmf":
@@ -110,6 +115,8 @@ class CallVoice:
     def _on_stt(self, event: SttEvent) -> None:
         if event.kind == "speech_started":
             self.bridge.on_speech_started()
+        elif event.kind == "speech_ended":
+            self.mark("speechEnd")
         elif event.kind == "error":
             log.warning("call %s: speech recognition error: %s", self.call_id, event.text)
             self._emit(CallEvent(EventType.ERROR, call_id=self.call_id, error=f"stt: {event.text}", retryable=True))

@@ -153,6 +153,8 @@ class MediaBridge:
         self._bg: set[asyncio.Task[None]] = set()
         self._level_taps: list[LevelTap] = []  # only while someone watches the call's levels
         self._first_audio_cb = getattr(listener, "on_first_audio", None)
+        # told when the caller fell silent (seconds ago), for turn timing
+        self._speech_end_cb = getattr(listener, "on_speech_ended", None)
 
     @property
     def closed(self) -> bool:
@@ -206,6 +208,8 @@ class MediaBridge:
                 if self._vad.process(frame) and self._barge_in_allowed():
                     self.listener.on_speech_started()
                     self.interrupt("vad")
+                if self._vad.ended and self._speech_end_cb is not None:
+                    self._speech_end_cb(self._vad.hangover_s)
         if not self._pipeline_in:
             return
         pcm = self._in_resampler.process(wire_pcm)

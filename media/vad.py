@@ -38,6 +38,8 @@ class EnergyVad:
         self._above = 0
         self._below = 0
         self.speaking = False
+        self.ended = False  # True for the one frame on which speech turned to silence
+        self.frame_ms = frame_ms
 
     @property
     def floor_dbfs(self) -> float:
@@ -52,7 +54,8 @@ class EnergyVad:
         return 10 * math.log10(ms / (32768.0 * 32768.0) + 1e-12)
 
     def process(self, pcm: bytes) -> bool:
-        """Feed one frame; True exactly when speech starts."""
+        """Feed one frame; True exactly when speech starts (`ended` tells when it stopped)."""
+        self.ended = False
         if len(pcm) < 2:
             return False
         level = self.level_dbfs(pcm)
@@ -69,4 +72,10 @@ class EnergyVad:
             return True
         if self.speaking and self._below >= self.hangover_frames:
             self.speaking = False
+            self.ended = True
         return False
+
+    @property
+    def hangover_s(self) -> float:
+        """How long before `ended` is seen the caller actually fell silent."""
+        return self.hangover_frames * self.frame_ms / 1000

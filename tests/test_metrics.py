@@ -67,10 +67,13 @@ async def test_metrics_during_and_after_a_mock_conversation(tmp_path: Path) -> N
     turns = len(call.metadata["turns"])
     assert turns == 1
     assert value(done, "voicecall_turn_latency_seconds_count", part="total") == turns
-    for part in ("model", "piece", "tts", "bridge"):
+    # the caller's speech end comes from the bridge's VAD (the mock's recognizer reports none)
+    for part in ("stt", "model", "piece", "tts", "bridge"):
         assert value(done, "voicecall_turn_latency_seconds_count", part=part) == turns, part
     total = value(done, "voicecall_turn_latency_seconds_sum", part="total")
-    parts = sum(value(done, "voicecall_turn_latency_seconds_sum", part=p) for p in ("model", "piece", "tts", "bridge"))
+    parts = sum(value(done, "voicecall_turn_latency_seconds_sum", part=p)
+                for p in ("stt", "model", "piece", "tts", "bridge"))
+    assert value(done, "voicecall_turn_latency_seconds_sum", part="stt") > 0
     assert 0 < total < 5 and abs(total - parts) < 0.01  # parts add up to the voice-to-voice total
 
 

@@ -69,6 +69,7 @@ async def test_ulaw_passthrough_interims_final_and_close(dg: FakeDeepgram, utter
     partials = [e.text for e in events if e.kind == "partial"]
     assert len(partials) >= 2 and partials[0] == "book", "interim results grow word by word"
     assert [e.text for e in events if e.kind == "final"] == ["book a table for two"]
+    assert kinds.index("speech_ended") == kinds.index("final") - 1 and session.reports_speech_end
     await session.close()
     assert listen.controls[-1] == "CloseStream" and session._metadata.is_set()
 
@@ -117,7 +118,8 @@ def test_turn_builder_concatenates_finals_and_ignores_empty_results() -> None:
     assert turns.handle(results("to", False)) == [SttEvent("partial", "put me through to")]
     assert turns.handle(results("", True, speech_final=False)) == []
     assert turns.handle(results("to sales", True, speech_final=True)) == [
-        SttEvent("partial", "put me through to sales"), SttEvent("final", "put me through to sales")]
+        SttEvent("partial", "put me through to sales"), SttEvent("speech_ended"),
+        SttEvent("final", "put me through to sales")]
     assert turns.handle({"type": "UtteranceEnd", "last_word_end": 4.6}) == [], "nothing pending: no empty final"
 
 

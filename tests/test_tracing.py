@@ -71,8 +71,9 @@ async def test_span_tree_of_a_turn_on_the_mock_carrier(exporter: InMemorySpanExp
         assert turn.parent.span_id == call.context.span_id and turn.context.trace_id == call.context.trace_id
         children = sorted((s for s in spans if s.parent is not None and s.parent.span_id == turn.context.span_id),
                           key=lambda s: s.start_time)
-        # caller speech end (= the carrier's final transcript here) -> model -> first piece -> TTS -> audio out
-        assert [c.name for c in children] == ["model", "piece", "tts", "bridge"]
+        # caller speech end (the bridge's VAD) -> final transcript -> model -> first piece -> TTS -> audio out
+        assert [c.name for c in children] == ["stt", "model", "piece", "tts", "bridge"]
+        assert 0 < (children[0].end_time - children[0].start_time) / 1e6 < 2000
         assert children[0].start_time == turn.start_time and children[-1].end_time == turn.end_time
         for before, after in itertools.pairwise(children):
             assert before.end_time == after.start_time  # back to back: the parts add up to the turn

@@ -10,7 +10,7 @@ from typing import Literal
 
 from media.formats import AudioFormat
 
-SttEventKind = Literal["speech_started", "partial", "final", "error"]
+SttEventKind = Literal["speech_started", "speech_ended", "partial", "final", "error"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +27,9 @@ class SttSession(ABC):
     # True when the session wants the carrier's raw payloads (`feed_wire`) instead of pipeline PCM
     # (`feed`): e.g. OpenAI Realtime takes G.711 u-law as is. Feed one or the other, not both.
     wants_wire: bool = False
+    # True when the engine emits `speech_ended` (the caller fell silent) ahead of its finals; else
+    # the call's local VAD stands in for it in turn timing.
+    reports_speech_end: bool = False
 
     @abstractmethod
     async def start(self) -> None: ...

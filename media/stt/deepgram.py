@@ -141,10 +141,12 @@ class TurnBuilder:
         if not self.finals:
             return []
         text, self.finals = " ".join(self.finals), []
-        return [SttEvent("final", text)]
+        return [SttEvent("speech_ended"), SttEvent("final", text)]
 
 
 class DeepgramSession(SttSession):
+    reports_speech_end = True
+
     def __init__(self, engine: DeepgramStt, *, sample_rate: int, on_event: Callable[[SttEvent], None],
                  wire_format: AudioFormat | None) -> None:
         self.engine = engine

@@ -126,6 +126,8 @@ _G711_FORMATS = {AudioEncoding.PCMU: "g711_ulaw", AudioEncoding.PCMA: "g711_alaw
 
 
 class RealtimeSession(SttSession):
+    reports_speech_end = True
+
     def __init__(
         self,
         engine: OpenAiRealtimeStt,
@@ -279,6 +281,8 @@ class RealtimeSession(SttSession):
         kind = ev.get("type", "")
         if kind == "input_audio_buffer.speech_started":
             self._emit(SttEvent("speech_started"))
+        elif kind == "input_audio_buffer.speech_stopped":
+            self._emit(SttEvent("speech_ended"))
         elif kind == "conversation.item.input_audio_transcription.delta":
             item = str(ev.get("item_id", ""))
             text = self._partials.get(item, "") + str(ev.get("delta", ""))
