@@ -73,7 +73,8 @@ class TurnTracker:
             turn.marks["speechEnd"] = max(at, turn.marks.get("speechEnd", at))
             return None
         if milestone in ("speechEnd", "sttFinal") and (
-                turn is None or milestone in turn.marks or "modelFirstToken" in turn.marks):
+                turn is None or milestone in turn.marks or "modelFirstToken" in turn.marks
+                or (milestone == "speechEnd" and "sttFinal" in turn.marks)):
             # The caller spoke (again): a fresh turn; one abandoned before the model started keeps its number.
             reuse = turn is not None and "modelFirstToken" not in turn.marks
             number = turn.number if reuse and turn is not None else self._count.get(call_id, 0) + 1

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -15,6 +18,8 @@ from tests.fakes.elevenlabs_server import FakeElevenLabs
 from tests.harness import rpc_client, run_bridge, wait_for
 from tests.test_media_bridge import make
 from tests.test_mock_e2e import BASE, FAST_MOCK
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -74,6 +79,13 @@ async def test_metrics_during_and_after_a_mock_conversation(tmp_path: Path) -> N
     parts = sum(value(done, "voicecall_turn_latency_seconds_sum", part=p)
                 for p in ("stt", "model", "piece", "tts", "bridge"))
     assert value(done, "voicecall_turn_latency_seconds_sum", part="stt") > 0
+    # ... and `voicecall latency` reads the same parts back from the call log
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "bridge", "latency", "--file", str(tmp_path / "calls.jsonl")],
+                          check=False, capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.strip()}
+    assert rows["stt"][1] == "1" and float(rows["stt"][2]) > 0 and "not measured" not in proc.stdout
     assert 0 < total < 5 and abs(total - parts) < 0.01  # parts add up to the voice-to-voice total
 
 

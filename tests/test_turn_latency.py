@@ -57,6 +57,24 @@ def test_tracker_times_only_caller_turns() -> None:
         tracker.mark("c", "whenever", 1.0)
 
 
+def test_a_vad_speech_end_dated_back_joins_the_turn_its_final_opened() -> None:
+    tracker = TurnTracker()
+    # a fast recognizer's final first, then the VAD's silence (after its hangover), dated back
+    tracker.mark("c", "sttFinal", 5.0)
+    tracker.mark("c", "speechEnd", 4.6)
+    tracker.mark("c", "modelFirstToken", 5.4)
+    tracker.mark("c", "speechEnd", 4.8)  # a later pause, still before the final: the last one counts
+    turn = tracker.mark("c", "firstAudioOut", 6.0)
+    assert turn is not None and turn.number == 1 and turn.parts["stt"] == 200.0 and turn.parts["total"] == 1200.0
+    # a silence dated before the answer went out belongs to no new turn
+    assert tracker.mark("c", "speechEnd", 5.9) is None and tracker.mark("c", "firstAudioOut", 7.0) is None
+    # a silence after the final is the caller speaking again: a fresh turn
+    tracker.mark("c", "sttFinal", 10.0)
+    tracker.mark("c", "speechEnd", 10.5)
+    tracker.mark("c", "sttFinal", 10.9)
+    assert tracker.mark("c", "firstAudioOut", 11.0).parts["stt"] == 400.0  # type: ignore[union-attr]
+
+
 def test_percentiles_are_nearest_rank() -> None:
     values = [float(v) for v in range(1, 101)]
     assert [percentile(values, q) for q in (50, 95, 99)] == [50.0, 95.0, 99.0]
