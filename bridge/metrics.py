@@ -21,6 +21,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Voice-to-voice parts are tens of ms to a few seconds.
 TURN_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 WEBHOOK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+REDIS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 MEDIA_COUNTERS = ("frames_in", "frames_out", "late_frames", "lost_frames", "underruns")
 
 
@@ -50,6 +51,12 @@ class Metrics:
         self.streams_started = Counter("voicecall_streams_started", "Media-stream sockets started", registry=r)
         self.stream_frames_in = Counter("voicecall_stream_frames_in", "Media frames received on stream sockets",
                                         registry=r)
+        # Cluster only: Redis commands by operation (command name, or the Lua script's name)
+        self.redis_operations = Counter("voicecall_redis_operations", "Redis commands run", ["op"], registry=r)
+        self.redis_errors = Counter("voicecall_redis_errors", "Redis commands that failed (after retries)",
+                                    ["op"], registry=r)
+        self.redis_latency = Histogram("voicecall_redis_operation_duration_seconds", "Redis command time",
+                                       ["op"], buckets=REDIS_BUCKETS, registry=r)
         self._media = _MediaCollector()
         r.register(self._media)
         self._gauges: dict[str, tuple[str, Callable[[], Any]]] = {}
@@ -76,6 +83,12 @@ class Metrics:
     def observe_webhook(self, carrier: str, status: int, seconds: float) -> None:
         self.webhooks.labels(carrier=carrier, status=str(status)).inc()
         self.webhook_latency.labels(carrier=carrier).observe(seconds)
+
+    def observe_redis(self, op: str, seconds: float, ok: bool) -> None:
+        self.redis_operations.labels(op=op).inc()
+        self.redis_latency.labels(op=op).observe(seconds)
+        if not ok:
+            self.redis_errors.labels(op=op).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -133,6 +133,7 @@ class Runtime:
             from bridge.cluster.factory import shared_log
 
             self.shared = shared_log(settings.cluster, self.clock)
+            self.shared.store.observe(self.metrics.observe_redis)
         voices = voice_factory(settings, self.carrier, self.monitor)
         self._close_engines = getattr(voices, "close", None)
         self.manager = CallManager(settings, self.carrier, clock=self.clock, responder=responder, store=self.shared,

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -22,6 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bridge.calls import CallRecord
 from bridge.cluster.keys import Keys
+from bridge.cluster.observed import ObservedRedis, RedisObserver
 from bridge.store import Replay, read_log
 
 SEEN_TTL_S = 86_400  # a carrier's redelivery window is minutes; a day is ample
@@ -67,12 +67,18 @@ class RedisStore:
     def __init__(self, url: str, *, prefix: str = "voicecall") -> None:
         # Retries ride over a Redis restart: a command waits for the server to come back (bounded).
         retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=40)
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(
+        self.redis: ObservedRedis = ObservedRedis.from_url(
             url, decode_responses=True, retry=retry, retry_on_error=[RedisConnectionError, RedisTimeoutError],
             health_check_interval=5)
         self.keys = Keys(prefix)
         self._save = self.redis.register_script(_SAVE)
         self._reserve = self.redis.register_script(_RESERVE)
+        self.redis.name_script(self._save.sha, "save_call")
+        self.redis.name_script(self._reserve.sha, "reserve_slot")
+
+    def observe(self, observer: RedisObserver) -> None:
+        """Report every Redis command (operation, seconds, ok) to `observer` (the runtime's metrics)."""
+        self.redis.observer = observer
 
     async def ping(self) -> None:
         await self.redis.ping()
