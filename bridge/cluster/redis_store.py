@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
@@ -67,9 +67,10 @@ class RedisStore:
     def __init__(self, url: str, *, prefix: str = "voicecall") -> None:
         # Retries ride over a Redis restart: a command waits for the server to come back (bounded).
         retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=40)
-        self.redis: ObservedRedis = ObservedRedis.from_url(
+        # from_url builds `cls`; redis-py's annotation says the base class
+        self.redis: ObservedRedis = cast(ObservedRedis, ObservedRedis.from_url(
             url, decode_responses=True, retry=retry, retry_on_error=[RedisConnectionError, RedisTimeoutError],
-            health_check_interval=5)
+            health_check_interval=5))
         self.keys = Keys(prefix)
         self._save = self.redis.register_script(_SAVE)
         self._reserve = self.redis.register_script(_RESERVE)
