@@ -113,6 +113,7 @@ class Listener:
         self.audio = bytearray()
         self.digits: list[str] = []
         self.speech_started: list[float] = []
+        self.speech_ended: list[float] = []
 
     def on_pipeline_audio(self, pcm: bytes) -> None:
         self.audio += pcm
@@ -122,6 +123,9 @@ class Listener:
 
     def on_speech_started(self) -> None:
         self.speech_started.append(time.monotonic())
+
+    def on_speech_ended(self, ago: float) -> None:
+        self.speech_ended.append(ago)
 
 
 def make(fmt: AudioFormat = ULAW_8K, send_ms: int = 20, **kw: object) -> tuple[MediaBridge, LoopbackCarrier, Listener]:
@@ -294,6 +298,19 @@ async def test_barge_in_by_vad_clears_within_one_frame(send_ms: int) -> None:
     # heard_s counts the message playing at the clear in full; what the bridge reports is cut inside it
     assert -msg - 0.005 <= result.heard_ms / 1000 - heard_s <= 0.005
     assert bridge.stats.interrupts == 1
+    await bridge.close()
+
+
+async def test_the_vad_reports_when_the_caller_fell_silent() -> None:
+    bridge, _, listener = make()
+    speech = espeak_pcm("Book a table.", 8000)
+    silence = np.zeros(8000)
+    pcm = np.clip(np.concatenate([silence, speech, silence]), -32768, 32767).astype("<i2").tobytes()
+    frame = 8000 * 20 // 1000 * 2
+    for seq, offset in enumerate(range(0, len(pcm) - frame + 1, frame), start=1):
+        bridge.receive(g711.encode(pcm[offset:offset + frame], ULAW_8K.encoding), seq)
+    # once, after the speech, dated back by the VAD's hangover (turn timing's caller speech end)
+    assert listener.speech_ended == [0.3]
     await bridge.close()
 
 

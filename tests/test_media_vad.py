@@ -50,3 +50,17 @@ def test_silence_and_low_level_ignored() -> None:
     v = EnergyVad()
     assert run(v, np.zeros(RATE * 2)) == []
     assert run(v, np.random.default_rng(2).normal(0, 80, RATE * 2)) == []  # below -45 dBFS
+
+
+def test_speech_end_is_reported_once_after_the_hangover() -> None:
+    rng = np.random.default_rng(4)
+    noise = rng.normal(0, 300, RATE)
+    speech = burst(0.6, 6000, rng) + rng.normal(0, 300, int(RATE * 0.6))
+    v = EnergyVad()
+    ended = []
+    for i, f in enumerate(frames(np.concatenate([noise, speech, noise]))):
+        v.process(f)
+        if v.ended:
+            ended.append(i)
+    # speech frames 50..79; silence from frame 80, reported after 15 quiet frames
+    assert ended == [80 + v.hangover_frames - 1] and v.hangover_s == 0.3 and not v.speaking

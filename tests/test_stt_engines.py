@@ -104,6 +104,8 @@ async def test_pcm16_session_events_and_audio_intact(fake: FakeOpenAI) -> None:
     kinds = [e.kind for e in events]
     assert kinds[0] == "speech_started" and "partial" in kinds
     assert [e.text for e in events if e.kind == "partial"][-1] == "hello there"
+    # the server VAD's speech_stopped is the caller's speech end, ahead of the transcript (turn timing)
+    assert session.reports_speech_end and kinds.index("speech_ended") < kinds.index("partial")
     assert [e.text for e in events if e.kind == "final"] == ["hello there"]
 
 
