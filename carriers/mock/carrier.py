@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 ENDED_CALLEES_KEPT = 8  # the last few ended callees stay inspectable (tests, `mock.callee`); older ones go
 HISTORY = 256  # hangups / rejections remembered for inspection
 MAX_EVENTS_PER_WEBHOOK = 100
+ENDPOINT_SILENCE_MS = 200
 
 
 class MockCallee:
@@ -149,7 +150,9 @@ class MockCallee:
 
     async def _say(self, text: str) -> None:
         pcm, rate = await self.carrier.synthesize(text)
-        await self.play(pcm, rate)
+        # A recognizer reports after some silence (endpointing), and that silence reaches the bridge
+        # too, so its VAD hears the speech end as on a real line (TTS tails alone are ~0.3 s).
+        await self.play(pcm + bytes(rate * 2 * ENDPOINT_SILENCE_MS // 1000), rate)
         if self.alive:
             self.said.append(text)
             self.carrier.host.emit(CallEvent(EventType.SPEECH, call_id=self.call_id,
