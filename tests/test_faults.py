@@ -1,5 +1,5 @@
 """Faults over real processes and sockets, against the carrier fakes: kill -9 with live calls and a
-restart (Twilio and Plivo fakes), carrier API failures on initiate / speak / hang-up, a media stream dropped and reconnected."""
+restart (Twilio, Plivo and Telnyx fakes), carrier API failures on initiate / speak / hang-up, a media stream dropped and reconnected."""
 
 from __future__ import annotations
 
@@ -26,10 +26,12 @@ from bridge.runtime import Runtime
 from media.clock import FakeClock
 from tests.fakes.carrier import SignedJsonCarrier
 from tests.fakes.plivo_server import FakePlivo
+from tests.fakes.telnyx_server import FakeTelnyx
 from tests.fakes.twilio_server import CallerScript, FakeTwilio
 from tests.harness import free_port, run_bridge, wait_for
 from tests.test_plivo_e2e import config as plivo_config
 from tests.test_stream_limits import inbound_call, stream_url
+from tests.test_telnyx_e2e import config as telnyx_config
 from tests.test_twilio_e2e import config as twilio_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +82,10 @@ async def carrier_fake(name: str, port: int, store: Path) -> AsyncIterator[tuple
             twilio.default_script = CallerScript(gather_timeout_s=60)
             yield ({**twilio_config(twilio, stream=False), **common},
                    lambda: [c.status == "in-progress" and not c.ended.is_set() for c in twilio.calls.values()])
+    elif name == "telnyx":
+        async with FakeTelnyx() as telnyx:
+            yield ({**telnyx_config(telnyx, responseModel="none", streaming={"enabled": False, "provider": "none"}),
+                    **common}, lambda: [c.alive for c in telnyx.calls.values()])
     else:
         plivo = await FakePlivo().start()
         try:
@@ -89,7 +95,7 @@ async def carrier_fake(name: str, port: int, store: Path) -> AsyncIterator[tuple
             await plivo.stop()
 
 
-@pytest.mark.parametrize("name", ["twilio", "plivo"])
+@pytest.mark.parametrize("name", ["twilio", "plivo", "telnyx"])
 async def test_kill_9_with_live_calls_then_restart_recovers_every_call(tmp_path: Path, name: str) -> None:
     port = free_port()
     async with carrier_fake(name, port, tmp_path) as (cfg, up):
