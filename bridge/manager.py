@@ -53,6 +53,7 @@ MEDIA_WAIT_S = 10.0
 MAX_PROCESSED_IDS = 200_000
 # Ended calls kept in memory for status/list; older ones are dropped (calls.jsonl keeps them all).
 ENDED_CALLS_KEPT = 1000
+STT_LOST_MESSAGE = "Sorry, I can no longer hear you. Please call again later. Goodbye."
 STORE_RETRY_S = 5.0
 RING_TIMEOUT_SLACK_S = 10.0  # the carrier's own ring timeout should normally win
 HANGUP_ATTEMPT_S = 8.0  # one hang-up attempt (the carrier client's own retries included) before we back off
@@ -849,6 +850,29 @@ class CallManager:
             self._publish("call.error", call, error=event.error)
             if not event.retryable:
                 self._finalize(call, CallState.ERROR, error=event.error)
+            elif (event.error or "").startswith("stt:"):
+                self._stt_lost(call, event.error or "stt")
+
+    def _stt_lost(self, call: CallRecord, error: str) -> None:
+        """The STT session gave up (its engine already retried): the bot can no longer hear the caller.
+        A conversation would go silent, so it says so and hangs up; recorded as `sttLost`."""
+        if call.terminal or call.metadata.get("sttLost"):
+            return
+        call.metadata["sttLost"] = error
+        self._save(call)
+        if call.mode == CallMode.CONVERSATION:
+            self._spawn(self._goodbye_deaf(call), f"stt-lost-{call.callId}")
+
+    async def _goodbye_deaf(self, call: CallRecord) -> None:
+        reply = self._replies.get(call.callId)
+        if reply is not None:
+            reply.cancel()
+        try:
+            await self._say(call, STT_LOST_MESSAGE)
+        except (CallError, TimeoutError, OSError, TtsError) as exc:
+            log.warning("call %s: could not say goodbye after losing speech recognition: %s", call.callId, exc)
+        if not call.terminal:
+            await self._hangup(call, CallState.HANGUP_BOT)
 
     def _on_speech(self, call: CallRecord, event: CallEvent) -> None:
         text = (event.transcript or "").strip()

@@ -215,3 +215,36 @@ async def test_tts_engine_failing_mid_call_is_a_clear_error(tmp_path: Path,
     finally:
         await openai.stop()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+async def test_stt_engine_lost_mid_call_says_so_and_hangs_up(tmp_path: Path) -> None:
+    from bridge.manager import STT_LOST_MESSAGE
+    from tests.fakes.deepgram_server import FakeDeepgram
+
+    dg = await FakeDeepgram().start()
+    try:
+        cfg = {"provider": "mock", "fromNumber": "+15550001234", "responseModel": "none",
+               "mock": {"ringDelayMs": 10, "answerDelayMs": 10, "calleeScript": [], "calleeHangupAfterMs": 0},
+               "streaming": {"enabled": True, "provider": "deepgram",
+                             "providers": {"deepgram": {"apiKey": dg.api_key, "baseUrl": dg.base_url}}}}
+        async with run_bridge(cfg, tmp_path) as runtime:
+            client = RpcClient(f"http://127.0.0.1:{runtime.port}/rpc")
+            call_id = (await client.call("voicecall.initiate", {"to": "+15550007777", "message": "Hello.",
+                                                                "mode": "conversation"}))["callId"]
+            call = runtime.manager.calls[call_id]
+            await wait_for(lambda: call.state == CallState.LISTENING and bool(dg.sessions))
+            callee = runtime.carrier.callee(call_id)  # type: ignore[attr-defined]
+            heard_before = callee.frames_received
+            dg.api_key = "revoked"  # the outage: the stream drops and the reconnect is refused
+            await dg.drop()
+            await wait_for(lambda: call.terminal, timeout=15)
+            assert call.state == CallState.HANGUP_BOT
+            assert "authentication failed" in call.metadata["sttLost"]
+            assert call.transcript[-1].speaker == "bot" and call.transcript[-1].text == STT_LOST_MESSAGE
+            assert callee.frames_received > heard_before  # the caller heard why, not silence
+            assert len(dg.sessions) == 1
+    finally:
+        await dg.stop()
+    lines = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    last = [r for r in lines if r["callId"] == call_id][-1]
+    assert last["state"] == "hangup-bot" and "authentication failed" in last["metadata"]["sttLost"]
