@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from bridge import manager as manager_module
 from bridge.client import RpcClient
 from bridge.runtime import Runtime
 from tests.harness import rpc_client, run_bridge, wait_for
@@ -94,3 +95,19 @@ async def test_soak_per_call_state_stays_bounded(tmp_path: Path, caplog: pytest.
         assert len(listed["calls"]) == KEPT
     log = (tmp_path / "calls.jsonl").read_text()
     assert first_ids[0] in log
+
+
+async def test_restart_loads_only_the_newest_ended_calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with run_bridge(CFG, tmp_path) as runtime:
+        client = rpc_client(runtime)
+        ids = [i for n in range(6) for i in await one_round(client, n)]
+        await wait_for(lambda: not runtime.manager.active_calls(), timeout=20)
+        ended_at = {i: runtime.manager.calls[i].endedAt for i in ids}
+    monkeypatch.setattr(manager_module, "ENDED_CALLS_KEPT", 5)
+    async with run_bridge(CFG, tmp_path) as runtime:
+        client = rpc_client(runtime)
+        newest = sorted(ids, key=lambda i: ended_at[i] or 0)[-5:]
+        assert sorted(runtime.manager.calls) == sorted(newest)
+        assert (await client.call("voicecall.status", {"callId": newest[0]}))["found"] is True
+        oldest = min(ids, key=lambda i: ended_at[i] or 0)
+        assert await client.call("voicecall.status", {"callId": oldest}) == {"found": False}
