@@ -86,7 +86,8 @@ async def test_soak_per_call_state_stays_bounded(tmp_path: Path, caplog: pytest.
         assert warm.pop("manager._by_provider_id") <= 2 * KEPT >= after.pop("manager._by_provider_id")
         assert after == warm, {k: (warm[k], after[k]) for k in warm if warm[k] != after[k]}
         assert after["manager.calls"] == KEPT and after["mock._personas"] == 0
-        assert per_call < 4096
+        # A leaked media bridge alone is ~17 kB; what remains is the dedupe-id set (capped) and allocator noise.
+        assert per_call < 8192
 
         # Evicted: a clear "not found"; the store still has every call.
         old = await client.call("voicecall.status", {"callId": first_ids[0]})
