@@ -1,9 +1,12 @@
 # Two commands for a fresh machine:
 #   make demo   - install, then run a complete offline call (mock carrier, espeak-ng voice)
 #   make test   - install everything the tests need (Python + Debian packages), then run all tests
+# Installs are remembered in stamp files inside the venv: they rerun only when pyproject.toml or
+# scripts/system-deps.sh change (the install is editable, so code changes need no reinstall).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+STORE ?= ~/.voicecall
 
 .PHONY: demo test install install-test bench clean
 
@@ -11,13 +14,19 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-install: $(BIN)/python
+$(VENV)/.installed-demo: pyproject.toml scripts/system-deps.sh | $(BIN)/python
 	./scripts/system-deps.sh demo
 	$(BIN)/python -m pip install -q -e .
+	touch $@
 
-install-test: $(BIN)/python
+$(VENV)/.installed-test: pyproject.toml scripts/system-deps.sh | $(BIN)/python
 	./scripts/system-deps.sh test
-	$(BIN)/python -m pip install -q -e '.[dev,offline,sip]'
+	$(BIN)/python -m pip install -q -e '.[dev,offline,sip,telemetry]'
+	touch $@ $(VENV)/.installed-demo
+
+install: $(VENV)/.installed-demo
+
+install-test: $(VENV)/.installed-test
 
 demo: install
 	$(BIN)/voicecall demo
@@ -26,4 +35,6 @@ test: install-test
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info tmp/artifacts
+	@echo "removed: $(VENV), caches, build output and test artifacts"
+	@echo "kept: the call store $(STORE) (calls.jsonl and recordings/); delete it yourself to forget past calls"

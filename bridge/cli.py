@@ -8,14 +8,17 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from bridge import __version__
 from bridge.client import RpcClient, RpcClientError
 from bridge.config import ConfigError, Settings, load_settings
+from bridge.logs import setup_logging
 
 log = logging.getLogger("voicecall")
 
@@ -105,16 +108,26 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+WORKER_ENV = "VOICECALL_WORKER"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from bridge.runtime import Runtime
 
     settings = _checked_settings(args)
+    setup_logging(settings.logging.format, os.environ.get("VOICECALL_LOG") or settings.logging.level)
+    if settings.serve.worker_count > 1 and WORKER_ENV not in os.environ:
+        return _supervise_workers(args, settings)
+    worker = os.environ.get(WORKER_ENV)
+    if worker is not None and settings.cluster is not None and settings.cluster.nodeId:
+        settings.cluster.nodeId = f"{settings.cluster.nodeId}-w{worker}"
 
     async def main() -> None:
         runtime = Runtime(settings)
         port = await runtime.start()
         print(f"voicecall serving {settings.provider} on http://{settings.serve.bind}:{port} "
-              f"(webhook {settings.serve.path}, streams {settings.streaming.streamPath}, rpc /rpc; "
+              f"(webhook {settings.serve.path}, streams {settings.streaming.streamPath}, rpc /rpc, "
+              f"{'console /console, ' if settings.console.enabled else ''}metrics /metrics; "
               f"{type(asyncio.get_running_loop()).__module__.split('.')[0]} loop)", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -126,6 +139,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with asyncio.Runner(loop_factory=_loop_factory(settings.serve.eventLoop)) as runner:
         runner.run(main())
     return 0
+
+
+def _supervise_workers(args: argparse.Namespace, settings: Settings) -> int:
+    """`serve.workers: N`: N `serve` processes on one port (SO_REUSEPORT), sharing Redis; signals go to all."""
+    if settings.serve.port == 0:
+        raise CliError("serve.workers > 1 needs a fixed serve.port (the workers share it)")
+    count = settings.serve.worker_count
+    command = [sys.executable, "-m", "bridge.cli", "serve", *([f"--config={args.config}"] if args.config else [])]
+    children = [subprocess.Popen(command, env={**os.environ, WORKER_ENV: str(i)}) for i in range(count)]
+    print(f"voicecall: {count} workers on port {settings.serve.port} (pids {' '.join(str(c.pid) for c in children)})",
+          flush=True)
+
+    def forward(signum: int, _frame: Any) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    codes = [child.wait() for child in children]
+    return max(codes, default=0)
 
 
 def _loop_factory(choice: str) -> Any:
@@ -270,18 +304,46 @@ def _print_log_line(line: str, raw: bool) -> None:
 
 
 def cmd_latency(args: argparse.Namespace) -> int:
-    from bridge.latency import latency_stats
+    from bridge.latency import format_stats, latency_stats
 
     path = _log_path(args)
     if not path.exists():
         raise CliError(f"no call log at {path}")
     stats = latency_stats(path, last=args.last)
     if stats is None:
-        _emit(args, {"count": 0}, "no completed turns in the call log")
+        _emit(args, {"turns": 0, "parts": {}},
+              f"no timed turns in {path} yet: a turn is timed when the caller speaks and the bot answers "
+              "(e.g. `voicecall demo`)")
         return 0
-    human = ("turn latency (ms): count={count} min={min:.0f} avg={avg:.0f} p50={p50:.0f} "
-             "p95={p95:.0f} max={max:.0f}").format(**stats)
-    _emit(args, stats, human)
+    _emit(args, stats, format_stats(stats))
+    return 0
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    """`store import`: copy the JSONL call log into the cluster's Redis (cluster.redisUrl)."""
+    settings = _settings(args)
+    if settings.cluster is None:
+        raise CliError("store import copies the call log into Redis: set cluster.redisUrl in the config")
+    path = _log_path(args)
+    if not path.exists():
+        raise CliError(f"no call log at {path}")
+    from bridge.cluster.factory import ClusterUnavailable, check_reachable, shared_log
+
+    async def run() -> tuple[int, int]:
+        assert settings.cluster is not None
+        target = shared_log(settings.cluster)
+        await check_reachable(target, settings.cluster.redisUrl)
+        try:
+            return await target.store.import_log(path)
+        finally:
+            await target.store.close()
+
+    try:
+        imported, skipped = asyncio.run(run())
+    except ClusterUnavailable as exc:
+        raise CliError(str(exc)) from None
+    _emit(args, {"imported": imported, "skipped": skipped, "file": str(path)},
+          f"imported {imported} call(s) from {path} into Redis" + (f" ({skipped} unreadable line(s) skipped)" if skipped else ""))
     return 0
 
 
@@ -327,6 +389,7 @@ def _non_negative(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voicecall", description="Phone calls for an AI agent.")
+    parser.add_argument("--version", action="version", version=f"voicecall {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="YAML config file (else $VOICECALL_CONFIG, else the built-in mock default)")
     common.add_argument("--url", help="RPC URL of the running server (else $VOICECALL_URL, else from config)")
@@ -379,9 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", type=_non_negative, default=25, help="print the last N lines first (0: only new ones)")
     p.add_argument("--poll", type=int, default=250)
     p.add_argument("--no-follow", action="store_true")
-    p = add("latency", cmd_latency, "turn latency statistics from the call log")
+    p = add("latency", cmd_latency, "voice-to-voice turn latency and its parts (p50/p95/p99) from the call log")
     p.add_argument("--file")
     p.add_argument("--last", type=int, default=200)
+    p = add("store", cmd_store, "call store maintenance: `store import` copies the JSONL log into Redis")
+    p.add_argument("action", choices=["import"])
+    p.add_argument("--file", help="the JSONL call log (default: <store>/calls.jsonl)")
     p = add("expose", cmd_expose, "expose the webhook with Tailscale serve/funnel")
     p.add_argument("--mode", choices=["funnel", "serve", "off"], required=True)
     p.add_argument("--path")
@@ -392,8 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("VOICECALL_LOG", "WARNING").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(os.environ.get("VOICECALL_LOG_FORMAT", "text"), os.environ.get("VOICECALL_LOG", "WARNING"))
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -10,6 +10,7 @@ import copy
 import difflib
 import os
 import re
+import socket
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -52,6 +53,32 @@ class ServeSettings(Section):
     bind: str = "127.0.0.1"
     path: str = Field("/voice/webhook", pattern=r"^/")
     eventLoop: Literal["auto", "asyncio", "uvloop"] = "auto"  # auto: uvloop when installed (extra `fast`)
+    # processes sharing the port (SO_REUSEPORT); more than one needs the shared store (`cluster.redisUrl`)
+    workers: int | Literal["auto"] = 1
+
+    @field_validator("workers")
+    @classmethod
+    def _positive_workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be a positive number or 'auto'")
+        return value
+
+    @property
+    def worker_count(self) -> int:
+        return (os.cpu_count() or 1) if self.workers == "auto" else int(self.workers)
+
+
+class ClusterSettings(Section):
+    """Several bridge processes or machines sharing one Redis (bridge/cluster/). Absent: the JSONL store."""
+
+    redisUrl: str = Field(pattern=r"^(redis|rediss|unix)://")
+    nodeId: str | None = None  # default: <hostname>-<pid>
+    leaseSeconds: float = Field(10.0, gt=0)
+    keyPrefix: str = Field("voicecall", pattern=r"^[A-Za-z0-9_.:-]+$")
+
+    @property
+    def node_id(self) -> str:
+        return self.nodeId or f"{socket.gethostname()}-{os.getpid()}"
 
 
 MachineDetectionMode = Literal["off", "detect", "hangup", "leave-message"]
@@ -236,6 +263,21 @@ class RecordingSettings(Section):
     enabled: bool = False
 
 
+class LoggingSettings(Section):
+    format: Literal["text", "json"] = "text"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+
+
+class TelemetrySettings(Section):
+    otlpEndpoint: str | None = None  # OTLP/HTTP collector, e.g. http://127.0.0.1:4318 (extra `telemetry`)
+    serviceName: str = "voicecall"
+
+
+class ConsoleSettings(Section):
+    enabled: bool = True
+    sessionHours: float = Field(12, gt=0)
+
+
 class MessagesSettings(Section):
     tts: dict[str, Any] = Field(default_factory=dict)
 
@@ -312,6 +354,7 @@ class CoreSettings(Section):
     staleCallReaperSeconds: int = Field(0, ge=0)
     store: str = "~/.voicecall"
     serve: ServeSettings = Field(default_factory=ServeSettings)
+    cluster: ClusterSettings | None = None
     publicUrl: str | None = None
     tunnel: TunnelSettings = Field(default_factory=TunnelSettings)
     tailscale: TailscaleSettings = Field(default_factory=TailscaleSettings)
@@ -330,6 +373,9 @@ class CoreSettings(Section):
     pipelineSampleRate: Literal[8000, 16000, 24000, 48000] = 16000
     recording: RecordingSettings = Field(default_factory=RecordingSettings)
     rpc: RpcSettings = Field(default_factory=RpcSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> CoreSettings:
@@ -341,6 +387,8 @@ class CoreSettings(Section):
         for i, entry in enumerate(self.allowFrom):
             if not (E164.match(entry) or entry.startswith(("sip:", "sips:"))):
                 problems.append(f"allowFrom[{i}]: must be an E.164 number or a sip: URI (got {entry!r})")
+        if self.serve.worker_count > 1 and self.cluster is None:
+            problems.append(f"serve.workers: {self.serve.workers} processes need a shared store: set cluster.redisUrl")
         section = self.carrier_sections().get(self.provider)
         if section is not None:
             context = ProviderContext(max_concurrent_calls=self.maxConcurrentCalls,
@@ -516,6 +564,7 @@ ENV_FALLBACKS: list[tuple[tuple[str, ...], str]] = [
     (("responseApiKey",), "OPENAI_API_KEY"),
     (("tunnel", "ngrokAuthToken"), "NGROK_AUTHTOKEN"),
     (("rpc", "token"), "VOICECALL_RPC_TOKEN"),
+    (("telemetry", "otlpEndpoint"), "OTEL_EXPORTER_OTLP_ENDPOINT"),
 ]
 
 

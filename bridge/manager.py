@@ -13,7 +13,7 @@ import logging
 import secrets
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -31,10 +31,11 @@ from bridge.calls import (
 from bridge.config import MachineDetectionMode, Settings, is_destination
 from bridge.conversation.engine import ConversationEngine
 from bridge.hooks import ReportSender
+from bridge.logs import call_id_var
 from bridge.machine import MachineDetection
 from bridge.report import build_report
 from bridge.responder import Responder, ResponderError
-from bridge.store import CallStore, is_safe_id
+from bridge.store import CallStore, SharedStore, Store, is_safe_id
 from bridge.tasks import BackgroundTasks
 from carriers.base import Carrier, CarrierError, OutboundRequest
 from media.amd import AmdVerdict
@@ -77,6 +78,9 @@ class _Turn:
     started: float
 
 
+# Sees every call event (kind, call, extra fields) as it is published: metrics, traces, turn timing.
+CallObserver = Callable[[str, CallRecord, dict[str, Any]], None]
+
 # Builds a call's voice (a CallVoice: MediaBridge + STT + TTS) from its media leg; the manager starts it.
 VoiceFactory = Callable[[CallRecord, MediaTransport, Callable[[CallEvent], None]], "CallVoice"]
 
@@ -88,7 +92,7 @@ class CallManager:
         carrier: Carrier,
         *,
         clock: Clock | None = None,
-        store: CallStore | None = None,
+        store: Store | None = None,
         responder: Responder | None = None,
         voice_factory: VoiceFactory | None = None,
         conversation: ConversationEngine | None = None,
@@ -96,7 +100,12 @@ class CallManager:
         self.settings = settings
         self.carrier = carrier
         self.clock: Clock = clock or RealClock()
-        self.store = store or CallStore(settings.store_dir)
+        self.store: Store = store or CallStore(settings.store_dir)
+        # Several nodes on one Redis: capacity and events are shared through it (bridge/cluster/)
+        self.shared: SharedStore | None = self.store if isinstance(self.store, SharedStore) else None
+        self._bus: asyncio.Task[None] | None = None
+        # On a cluster: sends an event for a call this node does not carry to the node that does (True: sent)
+        self.event_forwarder: Callable[[CallEvent], Awaitable[bool]] | None = None
         self.responder = responder
         # Streaming replies with tools (the default); None or agent.responseMode batch: the Responder path.
         self.conversation = conversation
@@ -119,6 +128,7 @@ class CallManager:
         self._rejected_provider_ids: set[str] = set()
         self._tasks = BackgroundTasks(log, level=logging.ERROR)
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self.observers: list[CallObserver] = []
         self._reaper: TimerHandle | None = None
         self.public_base: str | None = None  # public origin, e.g. https://host.example (set by server)
         self.started = False
@@ -128,6 +138,9 @@ class CallManager:
 
     async def start(self) -> None:
         self.store.open()
+        if self.shared is not None:
+            stream = await self.shared.subscribe()
+            self._bus = asyncio.get_running_loop().create_task(self._relay_bus(self.shared, stream), name="event-bus")
         if self.reports is not None:
             await self.reports.start()
         await self._recover()
@@ -155,7 +168,14 @@ class CallManager:
             await self.responder.close()
         if self.conversation is not None:
             await self.conversation.close()
-        self.store.close()
+        if self._bus is not None:
+            self._bus.cancel()
+            await asyncio.gather(self._bus, return_exceptions=True)
+            self._bus = None
+        if self.shared is not None:
+            await self.shared.aclose()
+        else:
+            self.store.close()
         self.started = False
 
     # ================================================================== CarrierHost
@@ -203,6 +223,7 @@ class CallManager:
         call = self.calls.get(call_id)
         if call is None or call.terminal or self._voice_factory is None:
             return None
+        call_id_var.set(call_id)  # this stream's task (and the voice's tasks) log with the call id
         old = self._voices.pop(call_id, None)
         if old is not None:
             self._spawn(old.close(), f"close-voice-{call_id}")
@@ -285,9 +306,12 @@ class CallManager:
             raise CallError(f"`dtmfSequence` must be 1-{MAX_DTMF_SEQUENCE} of 0-9 * # A-D, "
                             "w (0.5 s pause) or W (1 s pause)")
         self._check_capacity()
+        call_id = str(uuid.uuid4())
+        if self.shared is not None and not await self.shared.reserve(call_id, self.settings.maxConcurrentCalls):
+            raise CallError(f"Maximum concurrent calls ({self.settings.maxConcurrentCalls}) reached on the cluster")
         now = self.clock.time()
         call = CallRecord(
-            callId=str(uuid.uuid4()),
+            callId=call_id,
             provider=self.carrier.name,
             direction=Direction.OUTBOUND,
             state=CallState.INITIATED,
@@ -302,7 +326,9 @@ class CallManager:
             call.metadata["dtmfSequence"] = dtmf_sequence
         if voicemail_message:
             call.metadata["voicemailMessage"] = voicemail_message
+        self._stamp_node(call)
         self.calls[call.callId] = call
+        call_id_var.set(call.callId)
         self._save(call)
         self._publish("call.created", call)
         self._prewarm(call)
@@ -330,6 +356,7 @@ class CallManager:
             raise CallError(f"Call not found: {call_id}")
         if call.terminal:
             raise CallError(f"Call {call.callId} has ended ({call.state})")
+        call_id_var.set(call.callId)
         return call
 
     def answered_call(self, call_id: str) -> CallRecord:
@@ -402,6 +429,7 @@ class CallManager:
             raise CallError(f"Call not found: {call_id}")
         if call.terminal:
             return call
+        call_id_var.set(call.callId)
         if not await self._hangup(call, CallState.HANGUP_BOT):
             raise CallError(f"Call {call.callId} is still up: the carrier did not confirm the hang-up "
                             f"({call.metadata.get('hangupError')}); retrying in the background")
@@ -447,6 +475,9 @@ class CallManager:
             else:
                 await self.carrier.speak_native(call, text)
         except CarrierError as exc:  # (a TtsError goes up: the reply path apologizes or hangs up)
+            raise CallError(f"Could not speak on call {call.callId}: {exc}") from None
+        except (TtsError, TimeoutError) as exc:  # the speech engine failed or stalled
+            self._publish("call.error", call, error=f"tts: {exc}", engine="tts")
             raise CallError(f"Could not speak on call {call.callId}: {exc}") from None
         if call.terminal:
             raise CallError(f"Call {call.callId} ended while speaking ({call.state})")
@@ -536,6 +567,7 @@ class CallManager:
         try:
             reply = await self.responder.reply(call.transcript)
         except ResponderError as exc:
+            self._publish("call.error", call, error=f"responder: {exc}", engine="responder")
             if self.conversation is not None:
                 await self.conversation.failed(call, self, str(exc))
             else:
@@ -709,11 +741,24 @@ class CallManager:
         """Whether an event with this key was applied already (a carrier's redelivery)."""
         return event.key in self._processed
 
+    async def forward_event(self, event: CallEvent) -> bool:
+        """On a cluster, an event for another node's call goes to that node; True when it went there."""
+        if self.event_forwarder is None or self.find_call(event.call_id, event.provider_call_id) is not None:
+            return False
+        return await self.event_forwarder(event)
+
     def process_event(self, event: CallEvent) -> CallRecord | None:
         """Apply one normalized event. Sync: side effects that need I/O are spawned as tasks."""
         if event.key in self._processed:
             return self.find_call(event.call_id, event.provider_call_id)
         self._remember(event.key)
+        token = call_id_var.set(event.call_id)
+        try:
+            return self._process(event)
+        finally:
+            call_id_var.reset(token)
+
+    def _process(self, event: CallEvent) -> CallRecord | None:
         call = self.find_call(event.call_id, event.provider_call_id)
         if call is None and event.previous_provider_call_id:
             call = self.find_call(None, event.previous_provider_call_id)
@@ -727,6 +772,7 @@ class CallManager:
             self._link_provider_id(call, event.provider_call_id)
         if call.terminal:
             return call
+        call_id_var.set(call.callId)  # tasks spawned while applying the event inherit it
         call.processedEventIds.append(event.key)
         del call.processedEventIds[:-500]
         self._apply(call, event)
@@ -764,6 +810,8 @@ class CallManager:
         )
         if event.direction == Direction.INBOUND:
             call.metadata["initialMessage"] = self.settings.inboundGreeting
+        self._stamp_node(call)
+        call_id_var.set(call.callId)
         self.calls[call.callId] = call
         if provider_id:
             self._by_provider_id[provider_id] = call.callId
@@ -812,6 +860,11 @@ class CallManager:
         self._spawn(self.carrier.reject_call(ghost), f"reject-{provider_id}")
 
     async def _answer(self, call: CallRecord) -> None:
+        if self.shared is not None and not await self.shared.reserve(call.callId, self.settings.maxConcurrentCalls):
+            log.info("inbound call %s refused: maximum concurrent calls reached on the cluster", call.callId)
+            self._spawn(self.carrier.reject_call(call), f"reject-{call.callId}")
+            self._finalize(call, CallState.HANGUP_BOT, error="maximum concurrent calls reached on the cluster")
+            return
         try:
             await self.carrier.answer_call(call)
         except CarrierError as exc:
@@ -1037,7 +1090,7 @@ class CallManager:
 
     def _report(self, call: CallRecord) -> None:
         """The after-call report: to subscribers as `call.report`, to hooks.callEnded via the outbox."""
-        if self.reports is None and not self._subscribers:
+        if self.reports is None and not self._subscribers and self.shared is None:
             return
         recording = None
         if self.settings.recording.enabled and "mediaAttached" in call.metadata:  # a leg was attached once
@@ -1094,7 +1147,7 @@ class CallManager:
     # ================================================================== restart recovery
 
     async def _recover(self) -> None:
-        replay = self.store.replay()
+        replay = await self.store.load()
         if replay.skipped_lines:
             log.warning("call log: %d unreadable line(s) skipped", replay.skipped_lines)
         now = self.clock.time()
@@ -1153,16 +1206,57 @@ class CallManager:
 
         self.clock.call_later(STORE_RETRY_S, retry)
 
+    def announce_ended(self, call: CallRecord) -> None:
+        """Another node's call that this node ended (failover): its subscribers learn of it too."""
+        self._publish("call.ended", call, reason=call.endReason or "")
+
+    async def hangup_orphan(self, call: CallRecord) -> None:
+        """End at the carrier a call whose node is gone (failover); a failed request is logged, not raised."""
+        try:
+            await self.carrier.hangup_call(call, CallState.HANGUP_BOT)
+        except CarrierError as exc:
+            log.warning("call %s: failover hang-up failed: %s", call.callId, exc)
+
+    def _stamp_node(self, call: CallRecord) -> None:
+        if self.shared is not None:
+            call.metadata["node"] = self.shared.node_id
+
     def _publish(self, kind: str, call: CallRecord, **extra: Any) -> None:
+        for observer in self.observers:
+            try:
+                observer(kind, call, extra)
+            except Exception:  # noqa: BLE001 - monitoring must never break a call
+                log.exception("call observer failed on %s", kind)
+        if self.shared is not None:  # every node's subscribers get it from the bus, this node's too
+            self.shared.publish({"type": kind, "callId": call.callId, "state": str(call.state), **extra})
+            return
         if not self._subscribers:
             return
-        message = {"type": kind, "callId": call.callId, "state": str(call.state), **extra}
+        self._fan_out({"type": kind, "callId": call.callId, "state": str(call.state), **extra})
+
+    def _fan_out(self, message: dict[str, Any]) -> None:
         for queue in list(self._subscribers):
             try:
                 queue.put_nowait(message)
             except asyncio.QueueFull:
                 log.warning("event subscriber too slow; dropping it")
                 self._subscribers.discard(queue)
+
+    async def _relay_bus(self, shared: SharedStore, stream: AsyncIterator[dict[str, Any]]) -> None:
+        while True:
+            try:
+                async for message in stream:
+                    self._fan_out(message)
+                stream = await shared.subscribe()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Redis away: resubscribe when it is back
+                log.warning("event bus lost (%s); resubscribing", type(exc).__name__)
+                await self.clock.sleep(0.5)
+                try:
+                    stream = await shared.subscribe()
+                except Exception:  # noqa: BLE001, S112 - still away: the next round tries again
+                    continue
 
     def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
         return self._tasks.spawn(coro, name)

@@ -13,14 +13,19 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
+from bridge.cluster.errors import RouteError
+from bridge.console.levels import LevelSubscriptions
 from bridge.continues import ContinueJobs
 from bridge.manager import CallError, CallManager
 from bridge.tasks import BackgroundTasks
 from media.untrusted import UntrustedJsonError, loads
+
+if TYPE_CHECKING:
+    from bridge.cluster.router import ClusterRouter
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +34,9 @@ INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 CALL_FAILED = -32000
+# Commands about one call: on a cluster, run by the node that carries the call (bridge/cluster/router.py)
+ROUTED = frozenset({"voicecall.continue", "voicecall.continue.start", "voicecall.speak", "voicecall.end",
+                    "voicecall.status", "voicecall.dtmf"})
 
 MAX_DTMF_DIGITS = 32  # a carrier plays ~10 keys/s; longer strings tie up the call and the RPC
 MAX_LIST_LIMIT = 1000
@@ -72,6 +80,7 @@ class RpcDispatcher:
     def __init__(self, manager: CallManager) -> None:
         self.manager = manager
         self.continues = ContinueJobs(manager.clock, BackgroundTasks(log))
+        self.router: ClusterRouter | None = None  # set by the runtime on a cluster
         self._methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "voicecall.initiate": self._initiate,
             "voicecall.start": self._start_legacy,
@@ -92,7 +101,8 @@ class RpcDispatcher:
     def methods(self) -> list[str]:
         return sorted(self._methods)
 
-    async def call(self, method: str, params: Any) -> Any:
+    async def call(self, method: str, params: Any, *, route: bool = True) -> Any:
+        """`route=False`: run here even if another node carries the call (a request routed to us)."""
         handler = self._methods.get(method)
         if handler is None:
             raise RpcError(METHOD_NOT_FOUND, f"unknown method {method!r}")
@@ -100,10 +110,34 @@ class RpcDispatcher:
             params = {}
         if not isinstance(params, dict):
             raise RpcError(INVALID_PARAMS, "params must be an object")
+        if route and self.router is not None and method in ROUTED:
+            owner = await self._remote_owner(params)
+            if owner is not None:
+                try:
+                    return await self.router.forward(owner, method, params, self._route_timeout(method))
+                except RouteError as exc:
+                    raise RpcError(exc.code, exc.message) from None
         try:
             return await handler(params)
         except CallError as exc:
             raise RpcError(CALL_FAILED, str(exc)) from None
+
+    async def _remote_owner(self, params: dict[str, Any]) -> str | None:
+        """The node carrying this call when it is not this one (None: handle it here)."""
+        assert self.router is not None
+        call_id = params.get("callId") or params.get("sid")
+        if not isinstance(call_id, str) or not call_id or self.manager.find_call(call_id, call_id) is not None:
+            return None
+        owner = await self.router.owner(call_id)
+        return owner if owner and owner != self.router.node_id else None
+
+    def _route_timeout(self, method: str) -> float:
+        if method == "voicecall.continue":  # waits for the callee's answer on the owner
+            return self.manager.settings.transcriptTimeoutMs / 1000 + 30
+        return 30.0
+
+    async def call_here(self, method: str, params: dict[str, Any]) -> Any:
+        return await self.call(method, params, route=False)
 
     # ---------------------------------------------------------------- voicecall.*
     async def _initiate(self, p: dict[str, Any]) -> dict[str, Any]:
@@ -290,6 +324,14 @@ def _call_options(p: dict[str, Any]) -> dict[str, str | None]:
             "voicemail_message": _str(p, "voicemailMessage", required=False)}
 
 
+def describe_error(exc: BaseException) -> tuple[int, str]:
+    """(code, message) of a failure, as `_handle_one` would answer it (for a routed request)."""
+    if isinstance(exc, RpcError):
+        return exc.code, exc.message
+    log.error("routed rpc failed: %s", exc, exc_info=exc)
+    return CALL_FAILED, "internal error"
+
+
 def _error(request_id: Any, code: int, message: str) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
 
@@ -303,9 +345,19 @@ class RpcEndpoint:
         self._token = token
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
+        # The console's browser login (a session cookie from a same-origin page), set by bridge/console.
+        self.browser_auth: Callable[[web.Request], bool] | None = None
+        self._sockets: set[web.WebSocketResponse] = set()
+
+    async def close_all(self) -> None:
+        """On shutdown: close subscribers' sockets (a console left open must not hold the server up)."""
+        await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=b"Server shutdown")
+                               for ws in list(self._sockets)), return_exceptions=True)
 
     def _authorized(self, request: web.Request) -> bool:
         if not self._token:
+            return True
+        if self.browser_auth is not None and self.browser_auth(request):
             return True
         header = request.headers.get("Authorization", "")
         scheme, _, presented = header.partition(" ")
@@ -339,10 +391,12 @@ class RpcEndpoint:
             return web.json_response(_error(None, INVALID_REQUEST, "unauthorized"), status=401)
         ws = web.WebSocketResponse(heartbeat=30, max_msg_size=self.max_body_bytes)
         await ws.prepare(request)
+        self._sockets.add(ws)
         send_lock = asyncio.Lock()
         tasks: set[asyncio.Task[None]] = set()
         queue: asyncio.Queue[dict[str, Any]] | None = None
         forwarder: asyncio.Task[None] | None = None
+        levels = LevelSubscriptions(self.dispatcher.manager, lambda obj: send(obj))
 
         async def send(obj: Any) -> None:
             async with send_lock:
@@ -375,10 +429,21 @@ class RpcEndpoint:
                     if isinstance(item.get("id"), (str, int)):
                         await send({"jsonrpc": "2.0", "id": item["id"], "result": {"subscribed": True}})
                     continue
+                if isinstance(item, dict) and item.get("method") == "voicecall.levels":
+                    try:
+                        result = levels.handle(item.get("params"))
+                        reply = {"jsonrpc": "2.0", "id": item.get("id"), "result": result}
+                    except ValueError as exc:
+                        reply = _error(item.get("id"), INVALID_PARAMS, str(exc))
+                    if "id" in item:
+                        await send(reply)
+                    continue
                 task = asyncio.create_task(serve(item))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         finally:
+            self._sockets.discard(ws)
+            levels.close()
             if queue is not None:
                 self.dispatcher.manager.unsubscribe(queue)
             for task in [*tasks, *([forwarder] if forwarder else [])]:

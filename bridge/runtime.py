@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 from collections.abc import Callable
@@ -14,19 +15,24 @@ from bridge.config import Settings, reveal
 from bridge.conversation.factory import create_conversation
 from bridge.manager import CallManager, VoiceFactory
 from bridge.metrics import Metrics
+from bridge.monitor import Monitor
 from bridge.prewarm import PrewarmingFactory, SttPrewarm, expected_wire
 from bridge.responder import create_responder
-from bridge.rpc import RpcDispatcher, RpcEndpoint
+from bridge.rpc import RpcDispatcher, RpcEndpoint, describe_error
 from bridge.server import create_app
 from bridge.store import child_path
+from bridge.tracing import Tracing
 from bridge.voice import CallVoice
-from carriers.base import Carrier, CarrierError
+from carriers.base import Carrier, CarrierError, request_observers
 from carriers.registry import create_carrier
-from media.clock import Clock
+from media.clock import Clock, RealClock
 from media.transport import MediaTransport
 
 if TYPE_CHECKING:
     import asyncio
+
+    from bridge.cluster.failover import Failover
+    from bridge.cluster.shared_log import SharedCallLog
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +50,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def voice_factory(settings: Settings, carrier: Carrier) -> VoiceFactory:
+def voice_factory(settings: Settings, carrier: Carrier, monitor: Monitor | None = None) -> VoiceFactory:
     """One TTS engine and STT engine per deployment; one CallVoice (MediaBridge + sessions) per call,
     or a RealtimeVoice when speech-to-speech mode (`realtime.enabled`) is on."""
     from media.recorder import CallRecorder
@@ -56,7 +62,12 @@ def voice_factory(settings: Settings, carrier: Carrier) -> VoiceFactory:
     def recorder_for(call: CallRecord) -> CallRecorder | None:
         if not settings.recording.enabled:
             return None
-        return CallRecorder(settings.store_dir / "recordings" / f"{call.callId}.wav", settings.pipelineSampleRate)
+        try:  # the file name comes from the call id: it must stay inside the recordings folder
+            path = child_path(settings.store_dir / "recordings", call.callId, ".wav")
+        except ValueError as exc:
+            log.warning("call %s: not recorded: %s", call.callId[:40], exc)
+            return None
+        return CallRecorder(path, settings.pipelineSampleRate)
 
     if settings.realtime.enabled:
         from bridge.realtime.factory import RealtimeVoices
@@ -74,15 +85,8 @@ def voice_factory(settings: Settings, carrier: Carrier) -> VoiceFactory:
         if stt is not None and stt.name in ("openai", "deepgram") else None
 
     def build(call: CallRecord, transport: MediaTransport, emit: Callable[[CallEvent], None]) -> CallVoice:
-        recorder = None
-        if settings.recording.enabled:
-            try:
-                path = child_path(settings.store_dir / "recordings", call.callId, ".wav")
-            except ValueError as exc:
-                log.warning("call %s: not recorded: %s", call.callId[:40], exc)
-            else:
-                recorder = CallRecorder(path, settings.pipelineSampleRate)
-        return CallVoice(
+        recorder = recorder_for(call)
+        voice = CallVoice(
             call_id=call.callId,
             transport=transport,
             tts=tts,
@@ -93,14 +97,20 @@ def voice_factory(settings: Settings, carrier: Carrier) -> VoiceFactory:
             barge_in=settings.streaming.bargeIn,
             inband_dtmf=inband_dtmf,
             echo=settings.streaming.echo,
+            on_milestone=monitor.milestone_hook(call.callId) if monitor is not None else None,
         )
+        if monitor is not None:
+            monitor.metrics.track_media(voice.bridge)
+        return voice
 
     # the runtime releases the shared engines (TTS, pre-warmed STT sessions) at stop
     return PrewarmingFactory(build, prewarm, tts.close)
 
 
 class Runtime:
-    def __init__(self, settings: Settings, *, clock: Clock | None = None, carrier: Carrier | None = None) -> None:
+    def __init__(self, settings: Settings, *, clock: Clock | None = None, carrier: Carrier | None = None,
+                 tracer_provider: Any = None) -> None:
+        """`tracer_provider`: an OpenTelemetry TracerProvider to use instead of `telemetry.otlpEndpoint`."""
         self.settings = settings
         self.carrier = carrier or create_carrier(settings)
         secret = settings.responseApiKey.get_secret_value() if settings.responseApiKey else None
@@ -109,24 +119,58 @@ class Runtime:
         responder = None if settings.responseModel == "none" or settings.realtime.enabled else create_responder(
             settings.responseModel, base_url=settings.responseBaseUrl, api_key=secret,
             system_prompt=settings.responseSystemPrompt, timeout_ms=settings.responseTimeoutMs)
-        voices = voice_factory(settings, self.carrier)
+        self.metrics = Metrics()
+        self.clock: Clock = clock or RealClock()
+        try:
+            self.tracing = (Tracing(tracer_provider, monotonic=self.clock.monotonic) if tracer_provider is not None
+                            else Tracing.from_settings(settings.telemetry.otlpEndpoint,
+                                                       settings.telemetry.serviceName, monotonic=self.clock.monotonic))
+        except RuntimeError as exc:
+            raise StartupError(str(exc)) from None
+        self.monitor = Monitor(self.metrics, self.tracing)
+        self.shared: SharedCallLog | None = None
+        if settings.cluster is not None:
+            from bridge.cluster.factory import shared_log
+
+            self.shared = shared_log(settings.cluster, self.clock)
+        voices = voice_factory(settings, self.carrier, self.monitor)
         self._close_engines = getattr(voices, "close", None)
-        self.manager = CallManager(settings, self.carrier, clock=clock, responder=responder,
+        self.manager = CallManager(settings, self.carrier, clock=self.clock, responder=responder, store=self.shared,
                                    voice_factory=voices,
                                    conversation=None if settings.responseModel == "none" else create_conversation(settings))
         bind = getattr(voices, "bind", None)
         if bind is not None:  # speech-to-speech: hang-ups, and the conversation's tools for the model
             bind(self.manager)
-        self.metrics = Metrics()
+        self.monitor.attach(self.manager)
         self.dispatcher = RpcDispatcher(self.manager)
+        if self.shared is not None:
+            from bridge.cluster.router import ClusterRouter
+
+            self.dispatcher.router = ClusterRouter(self.shared.store, self.shared.node_id, self.manager.clock,
+                                                   self.dispatcher.call_here, describe_error, self._apply_routed)
+            self.manager.event_forwarder = self.dispatcher.router.forward_event
+        self.failover: Failover | None = None
+        if self.shared is not None and settings.cluster is not None:
+            from bridge.cluster.failover import Failover
+
+            self.failover = Failover(self.shared.store, self.shared.node_id, settings.cluster.leaseSeconds,
+                                     self.manager.clock, self.manager.hangup_orphan, self.manager.announce_ended)
         token = settings.rpc.token.get_secret_value() if settings.rpc.token else None
         limits = settings.webhookSecurity
-        endpoint = RpcEndpoint(self.dispatcher, token, max_body_bytes=limits.maxBodyBytes,
+        self.rpc = RpcEndpoint(self.dispatcher, token, max_body_bytes=limits.maxBodyBytes,
                                body_timeout_s=limits.bodyTimeoutMs / 1000)
-        self.app = create_app(self.manager, endpoint, self.metrics)
+        self.app = create_app(self.manager, self.rpc, self.metrics, self.tracing)
+        if settings.console.enabled:
+            from bridge.console.routes import add_console
+
+            add_console(self.app, self.manager, self.rpc, token)
         self._runner: web.AppRunner | None = None
+        self.crashed = False  # tests: stop like a killed process (the lease is left to expire)
         self._tunnel: Any = None
         self.port: int | None = None
+
+    def _apply_routed(self, event: CallEvent) -> None:
+        self.manager.process_event(event)
 
     async def start(self, *, port: int | None = None) -> int:
         settings = self.settings
@@ -134,9 +178,11 @@ class Runtime:
         if not _is_loopback(bind) and not settings.rpc.token:
             raise StartupError(f"serve.bind is {bind}, not loopback: set rpc.token (or VOICECALL_RPC_TOKEN) "
                                "so the RPC endpoint is not open to the network")
+        request_observers.append(self.monitor.on_carrier_request)
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, lingering_time=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, bind, settings.serve.port if port is None else port, reuse_address=True)
+        site = web.TCPSite(self._runner, bind, settings.serve.port if port is None else port, reuse_address=True,
+                           reuse_port=settings.serve.worker_count > 1 or None)
         try:
             await site.start()
         except OSError as exc:
@@ -158,6 +204,14 @@ class Runtime:
                 log.warning("no publicUrl (or tunnel, or webhookSecurity.allowedHosts): %s signs the public URL "
                             "it calls, so its webhooks will fail verification unless they reach %s directly",
                             settings.provider, self.manager.public_base)
+        if self.shared is not None and settings.cluster is not None:
+            from bridge.cluster.factory import ClusterUnavailable, check_reachable
+
+            try:
+                await check_reachable(self.shared, settings.cluster.redisUrl)
+            except ClusterUnavailable as exc:
+                await self.stop()
+                raise StartupError(str(exc)) from None
         try:
             await self.manager.start()
         except OSError as exc:  # the call log: a folder in its place, a read-only or missing disk
@@ -168,6 +222,10 @@ class Runtime:
             self.manager.store.close()
             await self.stop()
             raise StartupError(f"carrier {settings.provider} did not start: {exc}") from None
+        if self.dispatcher.router is not None:
+            await self.dispatcher.router.start()
+        if self.failover is not None:
+            await self.failover.start()
         return self.port
 
     async def _open_tunnel(self, provider: str | None = None) -> None:
@@ -193,6 +251,8 @@ class Runtime:
         return f"{self.manager.public_base or self.settings.rpc_url.rsplit('/rpc', 1)[0]}/rpc"
 
     async def stop(self) -> None:
+        if self.monitor.on_carrier_request in request_observers:
+            request_observers.remove(self.monitor.on_carrier_request)
         if self._tunnel is not None:
             await self._tunnel.stop()
             self._tunnel = None
@@ -201,8 +261,13 @@ class Runtime:
             await self._runner.cleanup()  # closes media streams and RPC sockets first
             self._runner = None
         await self.dispatcher.continues.close()
+        if self.dispatcher.router is not None:
+            await self.dispatcher.router.close()
+        if self.failover is not None:
+            await self.failover.close(release=not self.crashed)
         if self.manager.started:
             await self.manager.stop()
         if self._close_engines is not None:
             close, self._close_engines = self._close_engines, None
             await close()
+        await asyncio.to_thread(self.tracing.shutdown)  # flushes queued spans to the collector (blocking I/O)

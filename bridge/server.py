@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 from aiohttp import web
 
+from bridge.metrics import CONTENT_TYPE
 from bridge.security import ReplayCache, UntrustedHost, resolve_public_url
 from bridge.streams import StreamGate, StreamHandler
 from carriers.base import WebhookReply, WebhookRequest, WebhookVerdict
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from bridge.manager import CallManager
     from bridge.metrics import Metrics
     from bridge.rpc import RpcEndpoint
+    from bridge.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +45,10 @@ class BodyTooLarge(Exception):
 
 
 class WebhookHandler:
-    def __init__(self, manager: CallManager, metrics: Metrics) -> None:
+    def __init__(self, manager: CallManager, metrics: Metrics, tracing: Tracing | None = None) -> None:
         self.manager = manager
         self.metrics = metrics
+        self.tracing = tracing
         security = manager.settings.webhookSecurity
         self.replays = ReplayCache(max_entries=security.replayCacheSize, ttl_seconds=security.replayWindowSeconds,
                                    clock=manager.clock)
@@ -58,12 +62,23 @@ class WebhookHandler:
     def _reply(self, status: int, text: str) -> web.Response:
         """An early refusal. The body may be unread, so the connection is closed instead of kept alive
         (aiohttp would otherwise linger up to 10 s reading a body nobody wants)."""
-        self.metrics.inc("voicecall_webhooks_total", status=str(status))
         response = web.Response(status=status, text=text)
         response.force_close()
         return response
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        carrier = self.manager.carrier.name
+        started = time.perf_counter()
+        if self.tracing is None or not self.tracing.enabled:
+            response = await self._guarded(request)
+        else:
+            with self.tracing.span("webhook", {"voicecall.carrier": carrier}) as span:
+                response = await self._guarded(request)
+                span.set_attribute("http.response.status_code", response.status)
+        self.metrics.observe_webhook(carrier, response.status, time.perf_counter() - started)
+        return response
+
+    async def _guarded(self, request: web.Request) -> web.StreamResponse:
         settings = self.manager.settings
         carrier = self.manager.carrier
         if request.method != "POST":
@@ -86,7 +101,23 @@ class WebhookHandler:
                     del self._uploading[ip]
         if isinstance(checked, web.StreamResponse):
             return checked
-        return self._process(*checked)
+        foreign = await self._forward_foreign(*checked) if self.manager.event_forwarder is not None else frozenset()
+        return self._process(*checked, foreign)
+
+    async def _forward_foreign(self, hook: WebhookRequest, verdict: WebhookVerdict | None) -> frozenset[int]:
+        """On a cluster: the events of this delivery that another node's call owns, sent to that node.
+        Returns their indexes, which `_apply` then skips."""
+        try:
+            events = self.manager.carrier.parse_webhook(hook, self.manager).events
+        except Exception:  # noqa: BLE001 - `_process` answers what cannot be parsed
+            return frozenset()
+        sent: set[int] = set()
+        for index, event in enumerate(events):
+            if verdict is not None and verdict.replay_key and event.dedupe_key is None:
+                event.dedupe_key = f"{verdict.replay_key}:{index}"
+            if await self.manager.forward_event(event):
+                sent.add(index)
+        return frozenset(sent)
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.manager.settings.webhookSecurity.maxBodyBytes
@@ -161,31 +192,36 @@ class WebhookHandler:
         checked = self.verify(hook, not self.manager.settings.skipSignatureVerification)
         return checked if isinstance(checked, web.StreamResponse) else self._process(*checked)
 
-    def _process(self, hook: WebhookRequest, verdict: WebhookVerdict | None) -> web.StreamResponse:
+    def _process(self, hook: WebhookRequest, verdict: WebhookVerdict | None,
+                 foreign: frozenset[int] = frozenset()) -> web.StreamResponse:
         carrier = self.manager.carrier
         if hook.body.lstrip()[:1] in (b"{", b"[") and nesting_depth(hook.body) > MAX_DEPTH:
             log.warning("webhook refused: JSON nested deeper than %d levels", MAX_DEPTH)
             return self._reply(400, "Bad Request")
         try:
-            return self._apply(hook, verdict)
+            return self._apply(hook, verdict, foreign)
         except Exception as exc:  # noqa: BLE001 - odd input that slipped past validation is a 400, not a 500
             log.warning("webhook refused: %s could not use it (%s)", carrier.name, type(exc).__name__)
             return self._reply(400, "Bad Request")
 
-    def _apply(self, hook: WebhookRequest, verdict: WebhookVerdict | None) -> web.StreamResponse:
+    def _apply(self, hook: WebhookRequest, verdict: WebhookVerdict | None,
+               foreign: frozenset[int] = frozenset()) -> web.StreamResponse:
         carrier = self.manager.carrier
         replay = bool(verdict and verdict.replay_key and self.replays.check_and_remember(verdict.replay_key))
         result = carrier.parse_webhook(hook, self.manager)
         call = None
         fresh = not result.events  # a delivery with events is new if any of them is
         if replay:
-            self.metrics.inc("voicecall_webhook_replays_total")
+            self.metrics.webhook_replays.labels(carrier=carrier.name).inc()
             first = result.events[0] if result.events else None
             call = self.manager.find_call(first.call_id, first.provider_call_id) if first else None
         else:
             for index, event in enumerate(result.events):
                 if verdict is not None and verdict.replay_key and event.dedupe_key is None:
                     event.dedupe_key = f"{verdict.replay_key}:{index}"
+                if index in foreign:  # applied by the node that carries the call
+                    fresh = True
+                    continue
                 fresh = fresh or not self.manager.has_processed(event)
                 processed = self.manager.process_event(event)
                 call = call or processed
@@ -194,7 +230,6 @@ class WebhookHandler:
         reply: WebhookReply = result.respond(call) if result.respond is not None else result.reply
         if result.effects and fresh and not replay:
             carrier.apply_effects(result.effects)
-        self.metrics.inc("voicecall_webhooks_total", status=str(reply.status))
         return web.Response(status=reply.status, text=reply.body, content_type=reply.content_type)
 
     def _public_url_origin(self) -> str | None:
@@ -230,11 +265,12 @@ WEBHOOK_KEY = web.AppKey("webhook", WebhookHandler)
 STREAM_GATE_KEY = web.AppKey("stream_gate", StreamGate)
 
 
-def create_app(manager: CallManager, rpc: RpcEndpoint, metrics: Metrics) -> web.Application:
+def create_app(manager: CallManager, rpc: RpcEndpoint, metrics: Metrics,
+               tracing: Tracing | None = None) -> web.Application:
     settings = manager.settings
     one_line_http_errors()
     app = web.Application(client_max_size=settings.webhookSecurity.maxBodyBytes)
-    webhook = WebhookHandler(manager, metrics)
+    webhook = WebhookHandler(manager, metrics, tracing)
     gate = StreamGate(settings.streaming)
     streams = StreamHandler(manager, gate, metrics)
     app[WEBHOOK_KEY] = webhook
@@ -242,6 +278,7 @@ def create_app(manager: CallManager, rpc: RpcEndpoint, metrics: Metrics) -> web.
 
     async def close_streams(_: web.Application) -> None:
         await streams.close_all()
+        await rpc.close_all()
 
     app.on_shutdown.append(close_streams)
 
@@ -253,16 +290,25 @@ def create_app(manager: CallManager, rpc: RpcEndpoint, metrics: Metrics) -> web.
             # still serving calls, but a restart now would bring them back in an older state
             body["status"] = "degraded"
             body["problems"] = [f"call log not writable ({store.last_error}); {store.pending} record(s) kept in memory"]
+        if manager.shared is not None:
+            body["node"] = manager.shared.node_id  # which node (process) answered, behind a balancer
         return web.json_response(body)
 
     async def metrics_view(_: web.Request) -> web.Response:
-        return web.Response(text=metrics.render(), content_type="text/plain", charset="utf-8")
+        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
-    metrics.gauge("voicecall_calls_active", lambda: len(manager.active_calls()))
-    metrics.gauge("voicecall_streams_open", lambda: gate.open)
-    metrics.gauge("voicecall_streams_pending", lambda: gate.pending)
-    metrics.counter("voicecall_store_write_failures_total", lambda: manager.store.write_failures)
-    metrics.gauge("voicecall_store_pending_records", lambda: manager.store.pending)
+    def calls_by_state() -> tuple[tuple[str, ...], dict[tuple[str, ...], int]]:
+        counts: Counter[tuple[str, ...]] = Counter((c.provider, str(c.state)) for c in manager.active_calls())
+        return ("carrier", "state"), dict(counts)
+
+    metrics.gauge("voicecall_calls_active", "Live calls by carrier and state", calls_by_state)
+    metrics.gauge("voicecall_streams_open", "Open media-stream sockets", lambda: gate.open)
+    metrics.gauge("voicecall_streams_pending", "Media-stream sockets before their start message",
+                  lambda: gate.pending)
+    metrics.counter("voicecall_store_write_failures", "Call-log writes that failed",
+                    lambda: manager.store.write_failures)
+    metrics.gauge("voicecall_store_pending_records", "Call records kept in memory until the log is writable",
+                  lambda: manager.store.pending)
 
     app.router.add_route("*", settings.serve.path, webhook.handle)
     app.router.add_get(settings.streaming.streamPath, streams.handle)

@@ -7,8 +7,10 @@ import logging
 import os
 import re
 import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 from bridge.calls import CallRecord
 
@@ -39,6 +41,63 @@ def child_path(folder: Path, name: str, suffix: str = "") -> Path:
 class Replay:
     calls: dict[str, CallRecord] = field(default_factory=dict)
     skipped_lines: int = 0
+
+
+class Store(Protocol):
+    """Where call records live. `append` is sync and never blocks the loop; `load` returns every record."""
+
+    @property
+    def degraded(self) -> bool:
+        """Records are kept in memory because the store cannot take them right now."""
+        ...
+
+    @property
+    def pending(self) -> int: ...
+
+    @property
+    def write_failures(self) -> int: ...
+
+    @property
+    def last_error(self) -> str | None: ...
+
+    def open(self) -> None: ...
+
+    def append(self, record: CallRecord) -> bool:
+        """False: not written now (kept for a later `flush`)."""
+        ...
+
+    def flush(self) -> bool:
+        """Try again to write what was kept; True when nothing is left."""
+        ...
+
+    async def load(self) -> Replay: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class SharedStore(Store, Protocol):
+    """A store several nodes share (bridge/cluster/): live-call slots and events across all of them."""
+
+    node_id: str
+
+    async def reserve(self, call_id: str, limit: int) -> bool:
+        """Take one of `limit` live-call slots across all nodes (a terminal record releases it)."""
+        ...
+
+    def publish(self, message: dict[str, Any]) -> None:
+        """Send an event to every node's subscribers, ordered after the writes queued before it."""
+        ...
+
+    async def subscribe(self) -> AsyncIterator[dict[str, Any]]:
+        """Every node's events, from the moment this returns."""
+        ...
+
+    async def drain(self) -> None:
+        """Wait until queued writes and events reached the store."""
+        ...
+
+    async def aclose(self) -> None: ...
 
 
 class CallStore:
@@ -132,6 +191,9 @@ class CallStore:
 
     def replay(self) -> Replay:
         return read_log(self.path)
+
+    async def load(self) -> Replay:
+        return self.replay()
 
 
 def read_log(path: Path) -> Replay:

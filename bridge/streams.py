@@ -141,7 +141,7 @@ class StreamHandler:
         if codec is None:
             raise web.HTTPNotFound(text="this carrier has no media streams")
         if self.gate.full():
-            self.metrics.inc("voicecall_stream_refused_total", reason="max_connections")
+            self.metrics.stream_refused.labels(reason="max_connections").inc()
             return web.Response(status=503, text="Too many media streams")
         ws = web.WebSocketResponse(max_msg_size=64 * 1024, autoping=True)
         await ws.prepare(request)
@@ -155,7 +155,7 @@ class StreamHandler:
         limits = self.gate.limits
         refusal = self.gate.pending_refusal(ip)
         if refusal is not None:
-            self.metrics.inc("voicecall_stream_refused_total", reason="pending")
+            self.metrics.stream_refused.labels(reason="pending").inc()
             await ws.close(code=CLOSE_TRY_AGAIN, message=refusal.encode())
             return ws
         self.gate.enter(ip)
@@ -179,7 +179,7 @@ class StreamHandler:
             if bridge is None:
                 await ws.close(code=CLOSE_POLICY, message=b"Call cannot take media")
                 return ws
-            self.metrics.inc("voicecall_streams_started_total")
+            self.metrics.streams_started.inc()
             await self._pump(ws, codec, bridge)
         finally:
             self.gate.leave(ip, was_pending=pending)
@@ -236,7 +236,7 @@ class StreamHandler:
                     await ws.close()
                     return
         finally:
-            self.metrics.inc("voicecall_stream_frames_in_total", amount=frames)
+            self.metrics.stream_frames_in.inc(frames)
 
 
 def _parse(codec: MediaStreamCodec, text: str) -> StreamMessage:

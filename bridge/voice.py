@@ -46,6 +46,7 @@ class CallVoice:
         barge_in: bool = True,
         inband_dtmf: bool = True,
         echo: bool = False,
+        on_milestone: Callable[[str], None] | None = None,
     ) -> None:
         self.call_id = call_id
         self.tts = tts
@@ -62,6 +63,8 @@ class CallVoice:
             if stt_engine else None
         )
         self._closed = False
+        # Turn timing (bridge/turnmarks.py): told when TTS audio first arrives and first leaves.
+        self._milestone = on_milestone
 
     async def start(self) -> None:
         if self._echo is not None:
@@ -92,6 +95,15 @@ class CallVoice:
     def on_dtmf(self, digit: str) -> None:
         self._emit(CallEvent(EventType.DTMF, call_id=self.call_id, digits=digit))
 
+    def mark(self, milestone: str) -> None:
+        """A turn milestone (bridge/turnmarks.py) reached now, for the turn timing (e.g. modelFirstToken)."""
+        if self._milestone is not None:
+            self._milestone(milestone)
+
+    def on_first_audio(self, label: str | None) -> None:
+        if self._milestone is not None and label != "dtmf":
+            self._milestone("firstAudioOut")
+
     def on_speech_started(self) -> None:
         return None  # the bridge already barged in; nothing else to do here
 
@@ -107,7 +119,7 @@ class CallVoice:
 
     # ---- speaking
     async def say(self, text: str) -> Spoken:
-        counter = _ByteCounter(self.tts.synthesize(text))
+        counter = _ByteCounter(self.tts.synthesize(text), self._milestone)
         result = await self.bridge.play(counter, self.tts.sample_rate, label=None)
         synthesized_ms = counter.bytes / 2 / self.tts.sample_rate * 1000
         heard = heard_text(text, result, total_ms=synthesized_ms or None)
@@ -132,15 +144,18 @@ class CallVoice:
 class _ByteCounter:
     """Counts the PCM bytes a TTS stream produced (to tell how much of an utterance was heard)."""
 
-    def __init__(self, source: AsyncIterator[bytes]) -> None:
+    def __init__(self, source: AsyncIterator[bytes], on_milestone: Callable[[str], None] | None = None) -> None:
         self._source = source
         self.bytes = 0
+        self._on_milestone = on_milestone
 
     def __aiter__(self) -> _ByteCounter:
         return self
 
     async def __anext__(self) -> bytes:
         chunk = await self._source.__anext__()
+        if not self.bytes and chunk and self._on_milestone is not None:
+            self._on_milestone("ttsFirstByte")
         self.bytes += len(chunk)
         return chunk
 

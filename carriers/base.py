@@ -32,6 +32,12 @@ class CarrierError(Exception):
         self.retryable = retryable
 
 
+# Told of every finished carrier REST request (monitoring: metrics, trace spans), by carriers/http.py:
+# (carrier, method, path, last HTTP status or None, start as time.time_ns(), end as time.time_ns()).
+RequestObserver = Callable[[str, str, str, "int | None", int, int], None]
+request_observers: list[RequestObserver] = []
+
+
 # ---------------------------------------------------------------- webhooks (sans-I/O)
 
 

@@ -10,12 +10,13 @@ import asyncio
 import base64
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
-from carriers.base import CarrierError
+from carriers.base import CarrierError, request_observers
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,27 @@ class CarrierHttp:
         ok_statuses: tuple[int, ...] = (),
     ) -> HttpResult:
         """Send; return the result for 2xx or an `ok_statuses` code; raise CarrierError otherwise."""
+        if not request_observers:
+            return await self._request(method, path, json_body, form, idempotent, ok_statuses)
+        started = time.time_ns()
+        status: int | None = None
+        try:
+            result = await self._request(method, path, json_body, form, idempotent, ok_statuses)
+            status = result.status
+            return result
+        except CarrierError as exc:
+            status = exc.status
+            raise
+        finally:
+            ended = time.time_ns()
+            for observe in list(request_observers):
+                try:
+                    observe(self.carrier, method, path, status, started, ended)
+                except Exception:  # noqa: BLE001 - monitoring must never break a carrier request
+                    log.exception("request observer failed")
+
+    async def _request(self, method: str, path: str, json_body: Any, form: Any, idempotent: bool | None,
+                       ok_statuses: tuple[int, ...]) -> HttpResult:
         url = path if path.startswith(("http://", "https://")) else f"{self.base_url}{path}"
         retry = method.upper() in IDEMPOTENT_METHODS if idempotent is None else idempotent
         attempts = self._retries + 1 if retry else 1

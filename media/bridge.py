@@ -33,6 +33,7 @@ from media.dtmf import DtmfDetector, dtmf_tones
 from media.formats import FRAME_MS
 from media.frames import Framer, Pacer
 from media.jitter import ReorderBuffer
+from media.levels import LevelTap
 from media.recorder import CallRecorder
 from media.resample import StreamResampler
 from media.transport import CallerAudioTap, MediaListener, MediaTransport, outbound_ms
@@ -147,6 +148,19 @@ class MediaBridge:
         self._mark_ids = itertools.count(1)
         self._closed = False
         self._bg: set[asyncio.Task[None]] = set()
+        self._level_taps: list[LevelTap] = []  # only while someone watches the call's levels
+        self._first_audio_cb = getattr(listener, "on_first_audio", None)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def add_level_tap(self, tap: LevelTap) -> None:
+        self._level_taps.append(tap)
+
+    def remove_level_tap(self, tap: LevelTap) -> None:
+        if tap in self._level_taps:
+            self._level_taps.remove(tap)
 
     # ------------------------------------------------------------------ inbound
 
@@ -175,6 +189,8 @@ class MediaBridge:
             return
         for tap in self._taps:
             tap(wire_pcm, self.wire.rate)
+        for level in self._level_taps:
+            level.caller(wire_pcm)
         if self._dtmf is not None:
             for digit in self._dtmf.process(wire_pcm):
                 self._dtmf_event(digit, "inband")
@@ -330,8 +346,14 @@ class MediaBridge:
         if play.stopped:
             return False
         await self.transport.send_media(frame)
+        if pacer.sent == 0 and self._first_audio_cb is not None:
+            self._first_audio_cb(play.label)
         pacer.sent_one(self.wire.ms_of(frame))
         self.stats.frames_out += 1
+        if self._level_taps:
+            pcm = g711.decode(frame, self.wire.encoding)
+            for tap in self._level_taps:
+                tap.bot(pcm)
         if self.recorder is not None and rec is not None:
             before = rec.samples_out
             out = rec.process(g711.decode(frame, self.wire.encoding))

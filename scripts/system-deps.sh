@@ -4,7 +4,9 @@ set -euo pipefail
 profile="${1:-demo}"
 packages=(espeak-ng)
 if [ "$profile" = test ]; then
-  packages+=(sox baresip-core sip-tester docker-compose)
+  # chromium + chromium-driver: the console's browser test (selenium drives /usr/bin/chromedriver)
+  # redis-server + nginx-light: the cluster tests (a real Redis; nginx in front of several nodes)
+  packages+=(sox baresip-core sip-tester docker-compose chromium chromium-driver redis-server nginx-light)
 fi
 missing=()
 for pkg in "${packages[@]}"; do

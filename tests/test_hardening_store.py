@@ -69,8 +69,9 @@ async def test_health_and_metrics_report_an_unwritable_log(tmp_path: Path) -> No
         assert "No space left on device" in health["problems"][0]
         failures = runtime.manager.store.write_failures
         assert failures >= 1  # one per record written while the disk is full
-        assert f"# TYPE voicecall_store_write_failures_total counter\nvoicecall_store_write_failures_total {failures}\n" in metrics
-        assert "voicecall_store_pending_records 1" in metrics
+        assert "# TYPE voicecall_store_write_failures_total counter\n" in metrics
+        assert f"\nvoicecall_store_write_failures_total {float(failures)}\n" in metrics
+        assert "\nvoicecall_store_pending_records 1.0\n" in metrics
         disk_back(tmp_path)
 
 

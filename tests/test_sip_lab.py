@@ -39,10 +39,11 @@ def test_compose_file_validates() -> None:
         [DOCKER_COMPOSE, "-f", str(COMPOSE), "--profile", "asterisk", "config", "--services"],
         capture_output=True, text=True, timeout=30, check=True,
     ).stdout.split()
-    assert set(services) == {"bridge", "softphone", "asterisk"}
+    assert set(services) == {"bridge", "softphone", "asterisk", "redis", "node1", "node2", "balancer"}
     # docker-compose 1.29 lists profiled services too; the profile itself is checked on the YAML.
     compose = yaml.safe_load(COMPOSE.read_text())["services"]
     assert compose["asterisk"]["profiles"] == ["asterisk"]
+    assert all(compose[name]["profiles"] == ["cluster"] for name in ("redis", "node1", "node2", "balancer"))
     assert "profiles" not in compose["bridge"] and "profiles" not in compose["softphone"]
 
 

@@ -157,7 +157,7 @@ async def test_replayed_webhook_is_acknowledged_without_side_effect(tmp_path: Pa
         status, text = await send(runtime, dtmf)  # the same delivery again
         assert status == 200 and json.loads(text)["callId"] == call.callId
         assert call.metadata["dtmf"] == "7"
-        assert runtime.metrics.value("voicecall_webhook_replays_total") == 1
+        assert runtime.metrics.value("voicecall_webhook_replays_total", carrier="fake") == 1
 
 
 async def test_effects_run_once_per_new_event_never_for_a_replay_or_a_redelivery(tmp_path: Path) -> None:
@@ -202,5 +202,6 @@ async def test_health_and_metrics(tmp_path: Path) -> None:
                 assert resp.status == 200 and await resp.json() == {"ok": True, "provider": "fake", "activeCalls": 0}
             async with session.get(f"http://127.0.0.1:{runtime.port}/metrics") as resp:
                 text = await resp.text()
-        assert 'voicecall_webhooks_total{status="405"} 1' in text
-        assert "# TYPE voicecall_calls_active gauge\nvoicecall_calls_active 0" in text
+        assert 'voicecall_webhooks_total{carrier="fake",status="405"} 1.0' in text
+        assert 'voicecall_webhook_duration_seconds_count{carrier="fake"} 1.0' in text
+        assert "# TYPE voicecall_calls_active gauge\n" in text and "voicecall_calls_active{" not in text

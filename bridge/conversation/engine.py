@@ -128,6 +128,10 @@ class ConversationEngine:
         def ms() -> float:
             return round((clock.monotonic() - heard_at) * 1000, 1)
 
+        def mark(milestone: str) -> None:  # the monitor's turn timing (metrics, trace spans)
+            if voice is not None:
+                voice.mark(milestone)
+
         def on_piece(text: str) -> None:
             nonlocal entry
             if entry is None:
@@ -135,6 +139,7 @@ class ConversationEngine:
                 call.transcript.append(entry)
                 if timing.firstPieceMs is None:
                     timing.firstPieceMs = ms()
+                    mark("firstPiece")
             else:
                 entry.text += " " + text
             host.publish("call.speaking", call, text=text)
@@ -142,6 +147,7 @@ class ConversationEngine:
         def first_byte() -> None:
             if timing.ttsFirstByteMs is None:
                 timing.ttsFirstByteMs = ms()
+                mark("ttsFirstByte")
 
         def first_audio() -> None:
             if timing.firstAudioMs is None:
@@ -150,6 +156,7 @@ class ConversationEngine:
         def first_token() -> None:
             if timing.modelFirstTokenMs is None:
                 timing.modelFirstTokenMs = ms()
+                mark("modelFirstToken")
 
         pieces = self._pieces(stream, done, first_token)
         host.transition(call, CallState.SPEAKING)

@@ -1,0 +1,12 @@
+"""Errors of the cluster layer that the RPC surface maps (importable without the redis package)."""
+
+from __future__ import annotations
+
+
+class RouteError(Exception):
+    """A command for another node's call could not be carried out there (or the answer did not come)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
