@@ -903,8 +903,8 @@ class CallManager:
             self._publish("call.error", call, error=event.error)
             if not event.retryable:
                 self._finalize(call, CallState.ERROR, error=event.error)
-            elif (event.error or "").startswith("stt:"):
-                self._stt_lost(call, event.error or "stt")
+            elif (event.error or "").startswith("stt lost:"):
+                self._stt_lost(call, event.error or "stt lost")
 
     def _stt_lost(self, call: CallRecord, error: str) -> None:
         """The STT session gave up (its engine already retried): the bot can no longer hear the caller.
