@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -52,7 +53,15 @@ def loadavg() -> list[float]:
         return [float(x) for x in f.read().split()[:3]]
 
 
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def machine() -> dict[str, Any]:
+    """What a figure depends on: CPU model and cores, memory, kernel, Python, load average (before)."""
     model = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -61,8 +70,37 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
-            "kernel": platform.release(), "loadavg": loadavg()}
+    mem_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gib = round(int(line.split()[1]) / 2**20, 1)
+                break
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu": model, "mem_gib": mem_gib, "python": platform.python_version(),
+            "python_impl": platform.python_implementation(), "kernel": platform.release(),
+            "loadavg": loadavg()}
+
+
+# Libraries whose version moves the media-path figures (absent ones are reported as None).
+MEDIA_LIBS = ("aiohttp", "numpy", "soxr", "uvloop", "orjson", "pybase64", "yarl", "multidict")
+PEER_LIBS = ("pipecat-ai", "fastapi", "uvicorn", "starlette", "websockets", "uvloop", "httptools", "numpy", "soxr")
+
+
+def versions(names: Sequence[str], python: str | None = None) -> dict[str, str | None]:
+    """Installed versions of `names` in this interpreter, or in another one (a peer's venv)."""
+    if python is None or python == sys.executable:
+        return {n: _version(n) for n in names}
+    code = ("import json, sys, platform, importlib.metadata as m\n"
+            "def v(n):\n    try:\n        return m.version(n)\n    except m.PackageNotFoundError:\n        return None\n"
+            "print(json.dumps({'python': platform.python_version(), **{n: v(n) for n in sys.argv[1:]}}))")
+    try:
+        out = subprocess.run([python, "-c", code, *names], capture_output=True, text=True, timeout=60, check=True)
+        result: dict[str, str | None] = json.loads(out.stdout)
+        return result
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return {n: None for n in names}
 
 
 class Server:

@@ -43,6 +43,12 @@ class NullLeg:
     async def send_clear(self) -> None: ...
 
 
+class NullStreamLeg(NullLeg):
+    """A carrier media stream (Twilio/Telnyx/Plivo): it reports key presses itself."""
+
+    reports_dtmf = True
+
+
 class VirtualClock:
     """Time that jumps forward instead of sleeping (CPU cost only)."""
 
@@ -72,13 +78,70 @@ def speechlike(rate: int, secs: float) -> np.ndarray:
     return np.clip(x, -32768, 32767).astype("<i2")
 
 
-def inbound(secs: float, **kw: bool) -> float:
+def inbound(secs: float, leg: type[NullLeg] = NullLeg, **kw: bool) -> float:
     frames = [g711.encode(f.tobytes(), ULAW_8K.encoding) for f in np.split(speechlike(8000, secs)[: int(secs * 50) * 160], int(secs * 50))]
-    bridge = MediaBridge(NullLeg(), NullListener(), **kw)  # type: ignore[arg-type]
+    bridge = MediaBridge(leg(), NullListener(), **kw)  # type: ignore[arg-type]
     t = time.perf_counter()
     for seq, f in enumerate(frames):
         bridge.receive(f, seq)
     return (time.perf_counter() - t) / len(frames) * 1e6
+
+
+def twilio_messages(secs: float) -> tuple[float, float]:
+    """One inbound `media` message parsed (JSON, checks, base64) / one outbound 40 ms message built."""
+    import base64
+    import json
+
+    from carriers.twilio.protocol import TwilioStreamCodec
+
+    sid = "MZ" + "0" * 32
+    codec = TwilioStreamCodec()
+    codec.parse(json.dumps({"event": "start", "streamSid": sid,
+                            "start": {"callSid": "CA1", "streamSid": sid, "customParameters": {"token": "t"}}}))
+    frames = [json.dumps({"event": "media", "sequenceNumber": str(k + 2), "streamSid": sid,
+                          "media": {"track": "inbound", "chunk": str(k + 1), "timestamp": str(k * 20),
+                                    "payload": base64.b64encode(f).decode()}})
+              for k, f in enumerate(g711.encode(speechlike(8000, 1).tobytes(), ULAW_8K.encoding)[i : i + 160]
+                                    for i in range(0, 8000, 160))]
+    global _FRAMES
+    _FRAMES = (codec, frames)
+    n = int(secs * 10)  # best of 5 runs of secs/5 each: these are ~us, a shared machine's noise is not
+    parse = build = float("inf")
+    out = bytes(320)
+    for _ in range(5):
+        t = time.perf_counter()
+        for k in range(n):
+            codec.parse(frames[k % 50])
+        parse = min(parse, (time.perf_counter() - t) / n * 1e6)
+        t = time.perf_counter()
+        for _ in range(n):
+            codec.encode_media(out)
+        build = min(build, (time.perf_counter() - t) / n * 1e6)
+    return parse, build
+
+
+_FRAMES: tuple[object, list[str]] | None = None
+
+
+def stream_inbound(secs: float) -> float:
+    """What the stream handler does per inbound Twilio message outside aiohttp: depth gate, parse,
+    MediaBridge.receive on a carrier stream leg (best of 5)."""
+    from bridge.streams import _parse
+    from carriers.base import StreamMedia
+
+    assert _FRAMES is not None
+    codec, frames = _FRAMES
+    bridge = MediaBridge(NullStreamLeg(), NullListener(), inband_dtmf=False)  # type: ignore[arg-type]
+    n = int(secs * 10)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for k in range(n):
+            msg = _parse(codec, frames[k % 50])  # type: ignore[arg-type]
+            assert isinstance(msg, StreamMedia)
+            bridge.receive(msg.payload)
+        best = min(best, (time.perf_counter() - t) / n * 1e6)
+    return best
 
 
 def outbound_codec_only(secs: float) -> float:
@@ -110,10 +173,15 @@ def main() -> None:
     rows = [
         ("inbound  receive: decode+resample only", inbound(secs, inband_dtmf=False, vad_barge_in=False)),
         ("inbound  receive: + VAD", inbound(secs, inband_dtmf=False, vad_barge_in=True)),
-        ("inbound  receive: + VAD + in-band DTMF (default)", inbound(secs)),
+        ("inbound  receive: + VAD + in-band DTMF (SIP default)", inbound(secs)),
+        ("inbound  receive, carrier stream leg (default: no DTMF)", inbound(secs, NullStreamLeg)),
         ("outbound resample 24k->8k + u-law + framing", outbound_codec_only(secs)),
         ("outbound MediaBridge.play, whole coroutine", asyncio.run(outbound_play(secs))),
     ]
+    parse, build = twilio_messages(secs)
+    rows += [("inbound  Twilio media message: parse (JSON+base64)", parse),
+             ("outbound Twilio media message (40 ms): build", build),
+             ("inbound  stream handler: depth gate + parse + receive", stream_inbound(secs))]
     print(f"{secs:.0f} s of audio, 20 ms frames, Python {sys.version.split()[0]}")
     for name, us in rows:
         print(f"  {name:<52} {us:7.1f} µs/frame  ({us / 200:.3f}% of a core per call)")

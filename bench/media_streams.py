@@ -41,6 +41,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
+    MEDIA_LIBS,
+    PEER_LIBS,
     ROOT,
     Server,
     cpu_seconds,
@@ -50,6 +52,7 @@ from bench.common import (  # noqa: E402
     pinned,
     rss_bytes,
     table,
+    versions,
     write_results,
 )
 
@@ -220,6 +223,7 @@ def run_point(kind: str, n: int, seconds: float, args: argparse.Namespace, basel
               *, calibrate: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"bench-{kind}-") as tmpdir:
         tmp = Path(tmpdir)
+        load_before = loadavg()
         server, target = start_server(kind, tmp, uvloop=args.uvloop, pipecat_python=args.pipecat_python,
                                       experiment=args.experiment if kind == "bridge" else None,
                                       outbound_ms=args.outbound_ms)
@@ -235,6 +239,7 @@ def run_point(kind: str, n: int, seconds: float, args: argparse.Namespace, basel
                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                    env={**os.environ, "PYTHONPATH": str(ROOT)})
             marks: dict[str, tuple[float, float, int]] = {}
+            load_start: list[float] | None = None
             result: dict[str, Any] | None = None
             profiler: subprocess.Popen[bytes] | None = None
             deadline = time.monotonic() + n / args.ramp + seconds + 90
@@ -244,6 +249,8 @@ def run_point(kind: str, n: int, seconds: float, args: argparse.Namespace, basel
                     msg = json.loads(line)
                     if "window" in msg:
                         marks[msg["window"]] = (time.monotonic(), cpu_seconds(server.pid), rss_bytes(server.pid))
+                        if msg["window"] == "start":
+                            load_start = loadavg()
                         if msg["window"] == "start" and args.profile and not calibrate:
                             profiler = start_profiler(server.pid, Path(args.profile) / f"{kind}-{n}", seconds)
                     else:
@@ -276,7 +283,9 @@ def run_point(kind: str, n: int, seconds: float, args: argparse.Namespace, basel
                 result["server_cpu_pct"] = (c1 - c0) / (t1 - t0) * 100
                 result["rss_mb"] = rss / 2**20
                 result["rss_per_stream_kb"] = (rss - idle_rss) / max(1, n) / 1024
-            result["loadavg"] = loadavg()
+            result["loadavg_before"] = load_before
+            result["loadavg_window_start"] = load_start
+            result["loadavg"] = loadavg()  # at the window's end
             result["server_alive"] = server.proc.poll() is None
         finally:
             server.stop()
@@ -313,7 +322,8 @@ def sweep(kind: str, args: argparse.Namespace) -> dict[str, Any]:
               file=sys.stderr, flush=True)
         points.append(point)
     idle = [b for b in base if b != float("inf")]
-    return {"server": kind, "uvloop": args.uvloop, "experiment": args.experiment if kind == "bridge" else None,
+    return {"server": kind, "uvloop": args.uvloop, "loop": "uvloop" if args.uvloop else "asyncio",
+            "experiment": args.experiment if kind == "bridge" else None,
             "outbound_ms": args.outbound_ms if kind == "bridge" else None,
             "calibration": {
         "streams": 2, "frames": len(idle), "idle_rtt_p50_ms": sorted(idle)[len(idle) // 2] if idle else None,
@@ -340,6 +350,43 @@ def print_sweep(s: dict[str, Any]) -> None:
     print(f"headline: {s['headline_streams']} streams with p99 <= {LATE_MS:.0f} ms and zero lost frames")
 
 
+def _three(values: list[float]) -> list[float] | None:
+    """min / median / max (None when no repeat produced the figure)."""
+    xs = sorted(v for v in values if v == v)  # NaN: a point whose generator failed
+    return [xs[0], xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2, xs[-1]] if xs else None
+
+
+def spread(sweeps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per server and N over the repeats: min/median/max of p99 and server CPU, lost frames, headlines."""
+    out: dict[str, Any] = {}
+    for kind in dict.fromkeys(s["server"] for s in sweeps):
+        mine = [s for s in sweeps if s["server"] == kind]
+        points: dict[int, list[dict[str, Any]]] = {}
+        for s in mine:
+            for p in s["points"]:
+                points.setdefault(p["n"], []).append(p)
+        out[kind] = {
+            "headlines": [s["headline_streams"] for s in mine],
+            "points": [{"n": n, "runs": len(ps),
+                        "p99_ms": _three([p.get("window_p99_ms", float("nan")) for p in ps]),
+                        "server_cpu_pct": _three([p.get("server_cpu_pct", float("nan")) for p in ps]),
+                        "rss_per_stream_kb": _three([p.get("rss_per_stream_kb", float("nan")) for p in ps]),
+                        "lost": [p["lost"] for p in ps]}
+                       for n, ps in sorted(points.items())]}
+    return out
+
+
+def print_spread(data: dict[str, Any]) -> None:
+    def mmm(v: list[float] | None) -> str:
+        return " / ".join(f"{x:.1f}" for x in v) if v else "-"
+
+    for kind, d in data.items():
+        print(f"\n{kind} over {len(d['headlines'])} repeats (min / median / max); headlines {d['headlines']}")
+        print(table(["N", "p99 ms", "server CPU%", "RSS/stream KB", "lost"],
+                    [[p["n"], mmm(p["p99_ms"]), mmm(p["server_cpu_pct"]), mmm(p["rss_per_stream_kb"]),
+                      ",".join(map(str, p["lost"]))] for p in d["points"]]))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", default="50,100,200,400,800")
@@ -353,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", help="patch the bridge server with bench/experiments.py changes (comma list)")
     parser.add_argument("--outbound-ms", type=int, choices=[20, 40],
                         help="bridge streaming.outboundFrameMs (default: the server's default, 40)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the whole sweep (each server in turn) N times and report the spread per point")
     parser.add_argument("--json", action="store_true", help="also print the JSON on stdout")
     parser.add_argument("--profile", metavar="DIR", help="py-spy the server during each window into DIR")
     parser.add_argument("--out", help="results file (default bench/results/media_streams.json)")
@@ -366,19 +415,34 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     data: dict[str, Any] = {"benchmark": "media_streams", "machine": machine(), "seconds": args.seconds,
-                            "ramp_per_s": args.ramp, "late_ms": LATE_MS, "sweeps": []}
+                            "ramp_per_s": args.ramp, "late_ms": LATE_MS, "repeat": args.repeat,
+                            "argv": sys.argv[1:], "sweeps": []}
     kinds = ([] if args.only_peer else ["bridge"]) + ([args.peer] if args.peer else [])
-    for kind in kinds:
-        data["sweeps"].append(sweep(kind, args))
+    data["versions"] = {"bridge": versions(MEDIA_LIBS)}
+    if args.peer == "pipecat":
+        data["versions"]["pipecat"] = versions(PEER_LIBS, args.pipecat_python)
+    # Repeats alternate the servers, so each repeat's bridge/peer ratio comes from the same conditions.
+    for rep in range(args.repeat):
+        for kind in kinds:
+            result = sweep(kind, args)
+            result["repeat"] = rep
+            data["sweeps"].append(result)
     data["machine"]["loadavg_end"] = loadavg()
     for s in data["sweeps"]:
         print_sweep(s)
-    heads = {s["server"]: s["headline_streams"] for s in data["sweeps"]}
-    if "bridge" in heads and args.peer in heads:
-        peer = heads[args.peer]
-        data["ratio_bridge_to_peer"] = heads["bridge"] / peer if peer else None
-        print(f"\nratio bridge/{args.peer}: {heads['bridge']} / {peer} = "
-              f"{data['ratio_bridge_to_peer'] if peer else 'n/a (peer headline is 0)'}")
+    ratios = []
+    for rep in range(args.repeat):
+        heads = {s["server"]: s["headline_streams"] for s in data["sweeps"] if s["repeat"] == rep}
+        if "bridge" in heads and args.peer in heads:
+            peer = heads[args.peer]
+            ratios.append(heads["bridge"] / peer if peer else None)
+            print(f"\nratio bridge/{args.peer}{f' (repeat {rep + 1})' if args.repeat > 1 else ''}: "
+                  f"{heads['bridge']} / {peer} = {ratios[-1] if peer else 'n/a (peer headline is 0)'}")
+    if ratios:
+        data["ratio_bridge_to_peer"] = ratios[0] if args.repeat == 1 else ratios
+    if args.repeat > 1:
+        data["spread"] = spread(data["sweeps"])
+        print_spread(data["spread"])
     path = write_results("media_streams", data, args.out)
     print(f"results: {path}")
     if args.json:

@@ -88,6 +88,7 @@ class TimedTransport:
         self.inner = inner
         self.format = inner.format
         self.supports_marks = inner.supports_marks
+        self.reports_dtmf = inner.reports_dtmf
         self.clock = clock
         self.sent: list[float] = []
 

@@ -79,7 +79,7 @@ class RealtimeVoice:
         pipeline_rate: int,
         recorder: CallRecorder | None = None,
         barge_in: bool = True,
-        inband_dtmf: bool = True,
+        inband_dtmf: bool | None = None,  # None: off where the leg reports DTMF (media.bridge)
         on_tool_call: ToolRunner | None = None,
         hang_up: Callable[[], Awaitable[Any]] | None = None,
         ready_timeout_s: float = 10.0,

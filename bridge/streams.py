@@ -30,7 +30,7 @@ from carriers.base import (
     StreamStop,
 )
 from media.formats import AudioFormat
-from media.untrusted import MAX_DEPTH, nesting_depth
+from media.untrusted import MAX_DEPTH, too_deep
 
 if TYPE_CHECKING:
     from bridge.config import StreamingSettings
@@ -94,6 +94,7 @@ class WebSocketTransport:
     max_buffer: int
     send_ms: int = 20  # audio per outbound media message (streaming.outboundFrameMs)
     supports_marks: bool = True
+    reports_dtmf: bool = False  # the carrier sends `dtmf` events on this stream
     overflowed: bool = False
 
     def _buffered(self) -> int:
@@ -174,7 +175,8 @@ class StreamHandler:
             self.gate.started(ip)
             pending = False
             call_id = call.callId
-            transport = WebSocketTransport(ws, codec, start.format, limits.maxSendBufferBytes, limits.outboundFrameMs)
+            transport = WebSocketTransport(ws, codec, start.format, limits.maxSendBufferBytes, limits.outboundFrameMs,
+                                           reports_dtmf=self.manager.carrier.reports_dtmf)
             bridge = self.manager.attach_media(call_id, transport)
             if bridge is None:
                 await ws.close(code=CLOSE_POLICY, message=b"Call cannot take media")
@@ -241,7 +243,7 @@ class StreamHandler:
 
 def _parse(codec: MediaStreamCodec, text: str) -> StreamMessage:
     """The codec's parse, with every failure as a StreamProtocolError (one line, no traceback)."""
-    if nesting_depth(text) > MAX_DEPTH:
+    if too_deep(text, MAX_DEPTH):
         raise StreamProtocolError(f"frame nested deeper than {MAX_DEPTH} levels")
     try:
         return codec.parse(text)

@@ -44,7 +44,7 @@ class CallVoice:
         pipeline_rate: int,
         recorder: CallRecorder | None = None,
         barge_in: bool = True,
-        inband_dtmf: bool = True,
+        inband_dtmf: bool | None = None,
         echo: bool = False,
         on_milestone: Callable[[str], None] | None = None,
     ) -> None:

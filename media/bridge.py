@@ -36,7 +36,7 @@ from media.jitter import ReorderBuffer
 from media.levels import LevelTap
 from media.recorder import CallRecorder
 from media.resample import StreamResampler
-from media.transport import CallerAudioTap, MediaListener, MediaTransport, outbound_ms
+from media.transport import CallerAudioTap, MediaListener, MediaTransport, outbound_ms, reports_dtmf
 from media.vad import EnergyVad
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class MediaBridge:
         *,
         pipeline_rate: int = 16000,
         recorder: CallRecorder | None = None,
-        inband_dtmf: bool = True,
+        inband_dtmf: bool | None = None,
         vad_barge_in: bool = True,
         clock: Clock | None = None,
         lead_ms: int = 60,
@@ -132,6 +132,9 @@ class MediaBridge:
         self._rec_in = StreamResampler(pipeline_rate, recorder.rate) if recorder else None
         # DTMF and VAD listen to the decoded wire audio, ahead of the resampler: soxr releases
         # its output in blocks (20-130 ms late at HQ), which would delay barge-in by as much.
+        # None: on unless the leg reports key presses itself (the detector is ~18% of the media CPU)
+        if inband_dtmf is None:
+            inband_dtmf = not reports_dtmf(transport)
         self._dtmf = DtmfDetector(self.wire.rate) if inband_dtmf else None
         self._vad = EnergyVad() if vad_barge_in else None
         self._vad_buf = bytearray()

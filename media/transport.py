@@ -15,7 +15,9 @@ class MediaTransport(Protocol):
     of audio, an optional attribute (20 when absent; a multiple of 20): `send_media` takes exactly
     that much encoded audio, except the last message of a play, which may be shorter by whole 20 ms
     frames. Transports that cannot echo marks set `supports_marks = False`; the bridge then derives
-    "heard" from its own pacing clock.
+    "heard" from its own pacing clock. A transport whose leg reports key presses out of band
+    (Twilio/Telnyx/Plivo `dtmf` events) sets `reports_dtmf = True`; the bridge then leaves its in-band
+    detector off unless told otherwise.
     """
 
     format: AudioFormat
@@ -34,6 +36,11 @@ def outbound_ms(transport: object) -> int:
     if not isinstance(ms, int) or ms <= 0 or ms % FRAME_MS:
         raise ValueError(f"send_ms must be a positive multiple of {FRAME_MS} ms (got {ms!r})")
     return ms
+
+
+def reports_dtmf(transport: object) -> bool:
+    """Whether the transport's leg reports key presses itself (`reports_dtmf`, default False)."""
+    return getattr(transport, "reports_dtmf", False) is True
 
 
 class MediaListener(Protocol):

@@ -34,6 +34,17 @@ def nesting_depth(data: bytes | str) -> int:
     return deepest
 
 
+def too_deep(data: bytes | str, max_depth: int = MAX_DEPTH) -> bool:
+    """nesting_depth(data) > max_depth, cheaply for the usual frame: the depth cannot exceed the
+    number of opening brackets, and counting them costs ~0.5 us where the scan costs ~20 us on a
+    media frame (a 300-byte Twilio frame has 2; the scan runs only past max_depth of them)."""
+    if isinstance(data, str):
+        opening = data.count("{") + data.count("[")
+    else:
+        opening = data.count(b"{") + data.count(b"[")
+    return opening > max_depth and nesting_depth(data) > max_depth
+
+
 def loads(data: bytes | str, *, max_depth: int = MAX_DEPTH) -> Any:
     """json.loads with a depth limit; NaN/Infinity are refused (they are not JSON)."""
     if nesting_depth(data) > max_depth:

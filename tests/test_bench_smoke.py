@@ -24,10 +24,19 @@ def run_bench(script: str, *args: str, out: Path, timeout: float = 60) -> dict[s
 
 
 def test_media_streams_two_streams(tmp_path: Path) -> None:
-    data = run_bench("media_streams.py", "--streams", "2", "--seconds", "2", "--ramp", "20",
-                     out=tmp_path / "media.json")
+    data = run_bench("media_streams.py", "--streams", "2", "--seconds", "2", "--ramp", "20", "--repeat", "2",
+                     out=tmp_path / "media.json", timeout=120)
     assert data["benchmark"] == "media_streams" and data["machine"]["nproc"] >= 1
-    (sweep,) = data["sweeps"]
+    # what the figures depend on travels with them
+    assert data["machine"]["cpu"] is not None and len(data["machine"]["loadavg_end"]) == 3
+    assert data["versions"]["bridge"]["aiohttp"] and data["versions"]["bridge"]["soxr"]
+    assert [s["repeat"] for s in data["sweeps"]] == [0, 1]
+    (spread,) = data["spread"]["bridge"]["points"]
+    assert spread["n"] == 2 and spread["runs"] == 2 and spread["lost"] == [0, 0]
+    low, mid, high = spread["server_cpu_pct"]
+    assert low <= mid <= high
+    sweep = data["sweeps"][0]
+    assert sweep["loop"] in ("asyncio", "uvloop")
     assert sweep["server"] == "bridge" and "headline_streams" in sweep
     assert sweep["calibration"]["alignment"] is None or sweep["calibration"]["alignment"]["lag_samples"] == 0
     (point,) = sweep["points"]
@@ -35,6 +44,7 @@ def test_media_streams_two_streams(tmp_path: Path) -> None:
                 "server_cpu_pct", "rss_per_stream_kb", "generator_cpu_pct"):
         assert key in point, key
     assert point["n"] == 2 and point["opened"] == 2 and point["failed"] == 0
+    assert len(point["loadavg_before"]) == len(point["loadavg_window_start"]) == len(point["loadavg"]) == 3
     assert point["frames"] > 0 and point["lost"] == 0 and point["bad_frames"] == 0
 
 

@@ -553,3 +553,23 @@ async def test_40ms_without_marks_trusts_the_pacing_clock() -> None:
 def test_transport_send_ms_must_be_whole_20ms_frames() -> None:
     with pytest.raises(ValueError, match="multiple of 20"):
         MediaBridge(LoopbackCarrier(send_ms=30), Listener())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("leg_reports", "inband", "expected"), [
+    (False, None, ["7"]),  # SIP/RTP, mock: only the tones tell
+    (True, None, []),  # Twilio/Telnyx/Plivo streams: the carrier's `dtmf` event tells, no detector
+    (True, True, ["7"]),  # streaming.inbandDtmf: on
+    (False, False, []),  # streaming.inbandDtmf: off
+])
+async def test_inband_detector_follows_the_leg_unless_told(leg_reports: bool, inband: bool | None,
+                                                         expected: list[str]) -> None:
+    carrier = LoopbackCarrier()
+    carrier.reports_dtmf = leg_reports  # type: ignore[attr-defined]
+    listener = Listener()
+    bridge = MediaBridge(carrier, listener, inband_dtmf=inband)  # type: ignore[arg-type]
+    tones = dtmf_tones("7", 8000, 100, 60)
+    for i in range(0, len(tones), 320):
+        bridge.receive(g711.encode(tones[i : i + 320], ULAW_8K.encoding))
+    await bridge.close()
+    assert listener.digits == expected
+    assert bridge.stats.dtmf_inband == len(expected)

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from carriers import wire
 from carriers.base import (
     MediaStreamCodec,
     StreamDtmf,
@@ -213,3 +214,40 @@ def test_bad_start_is_refused(dialect: Dialect, damage: str) -> None:
     else:
         start[fmt_key][rate_key] = 16000
     assert verdict(dialect.codec(), frame) == "refused"
+
+
+# ------------------------------------------------------------------ the JSON reader does not change a verdict
+
+READERS = ["orjson", "stdlib"] if wire._fast_loads is not None else ["stdlib"]
+
+
+def _extra(frame: dict[str, Any], literal: str) -> str:
+    """The frame with an unused field holding a literal json.dumps would not write (NaN, Infinity)."""
+    return '{"extra": ' + literal + ", " + json.dumps(frame)[1:]
+
+
+EDGE_FRAMES: dict[str, tuple[Callable[[Dialect], str], str]] = {
+    # name: (frame, what the stdlib reader says: "media" / "mark" / "dtmf" / "refused")
+    "nan": (lambda d: _extra(d.media(B64, 7), "NaN"), "media"),  # not RFC JSON; json takes it, orjson not
+    "infinity": (lambda d: _extra(d.dtmf("5"), "Infinity"), "dtmf"),
+    "surrogate": (lambda d: json.dumps(d.mark("\ud800")), "mark"),  # a lone surrogate: orjson refuses it
+    "int64-max": (lambda d: json.dumps(d.media(B64, 2**63 - 1)), "media"),
+    "int64-over": (lambda d: json.dumps(d.media(B64, 2**63)), "refused"),
+    "huge-int": (lambda d: json.dumps(d.media(B64, 10**30)), "refused"),  # orjson: a float
+    "huge-int-string": (lambda d: json.dumps(d.media(B64, str(10**30))), "refused"),
+    "trailing": (lambda d: json.dumps(d.media(B64, 7)) + " x", "refused"),
+}
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("dialect", DIALECTS, ids=ids)
+@pytest.mark.parametrize("case", list(EDGE_FRAMES))
+def test_json_reader_gives_the_same_verdicts(dialect: Dialect, reader: str, case: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    build, kind = EDGE_FRAMES[case]
+    frame = build(dialect)
+    if reader == "stdlib":
+        monkeypatch.setattr(wire, "_fast_loads", None)
+    got = verdict(started(dialect), frame)
+    expected = {"media": StreamMedia, "mark": StreamMark, "dtmf": StreamDtmf}.get(kind)
+    assert (got == "refused") if expected is None else isinstance(got, expected), (case, got)

@@ -273,6 +273,11 @@ async def test_dtmf_from_the_stream_is_an_event(fake: FakeTwilio, tmp_path: Path
     async with run_bridge(config(fake, stream=True, responseModel="none"), tmp_path) as runtime:
         call = await runtime.manager.initiate(None, "Press a key.", "conversation")
         await wait_for(lambda: call.metadata.get("dtmf") == "42#", timeout=10)
+        voice = runtime.manager.voice(call.callId)
+        assert voice is not None
+        # the stream reports key presses itself, so no in-band detector runs on its audio
+        assert voice.bridge.transport.reports_dtmf is True  # type: ignore[attr-defined]
+        assert (voice.bridge.stats.dtmf_outofband, voice.bridge.stats.dtmf_inband) == (3, 0)
         await rpc_client(runtime).call("voicecall.end", {"callId": call.callId})
 
 
