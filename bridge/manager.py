@@ -12,6 +12,7 @@ import hmac
 import logging
 import secrets
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,9 @@ log = logging.getLogger(__name__)
 REAPER_INTERVAL_S = 30.0
 MEDIA_WAIT_S = 10.0
 MAX_PROCESSED_IDS = 200_000
+# Ended calls kept in memory for status/list; older ones are dropped (calls.jsonl keeps them all).
+ENDED_CALLS_KEPT = 1000
+STT_LOST_MESSAGE = "Sorry, I can no longer hear you. Please call again later. Goodbye."
 STORE_RETRY_S = 5.0
 RING_TIMEOUT_SLACK_S = 10.0  # the carrier's own ring timeout should normally win
 HANGUP_ATTEMPT_S = 8.0  # one hang-up attempt (the carrier client's own retries included) before we back off
@@ -109,6 +113,8 @@ class CallManager:
         self._consults: dict[str, tuple[str, asyncio.Future[str]]] = {}  # consult id -> (call id, answer)
         self._voice_factory = voice_factory
         self.calls: dict[str, CallRecord] = {}
+        self.ended_calls_kept = ENDED_CALLS_KEPT
+        self._ended: OrderedDict[str, None] = OrderedDict()  # ended call ids, oldest first
         self._by_provider_id: dict[str, str] = {}
         self._processed: set[str] = set()
         self._turns: dict[str, _Turn] = {}
@@ -897,6 +903,29 @@ class CallManager:
             self._publish("call.error", call, error=event.error)
             if not event.retryable:
                 self._finalize(call, CallState.ERROR, error=event.error)
+            elif (event.error or "").startswith("stt lost:"):
+                self._stt_lost(call, event.error or "stt lost")
+
+    def _stt_lost(self, call: CallRecord, error: str) -> None:
+        """The STT session gave up (its engine already retried): the bot can no longer hear the caller.
+        A conversation would go silent, so it says so and hangs up; recorded as `sttLost`."""
+        if call.terminal or call.metadata.get("sttLost"):
+            return
+        call.metadata["sttLost"] = error
+        self._save(call)
+        if call.mode == CallMode.CONVERSATION:
+            self._spawn(self._goodbye_deaf(call), f"stt-lost-{call.callId}")
+
+    async def _goodbye_deaf(self, call: CallRecord) -> None:
+        reply = self._replies.get(call.callId)
+        if reply is not None:
+            reply.cancel()
+        try:
+            await self._say(call, STT_LOST_MESSAGE)
+        except (CallError, TimeoutError, OSError, TtsError) as exc:
+            log.warning("call %s: could not say goodbye after losing speech recognition: %s", call.callId, exc)
+        if not call.terminal:
+            await self._hangup(call, CallState.HANGUP_BOT)
 
     def _on_speech(self, call: CallRecord, event: CallEvent) -> None:
         text = (event.transcript or "").strip()
@@ -1045,6 +1074,19 @@ class CallManager:
         self._save(call)
         self._publish("call.ended", call, reason=reason.value)
         self._report(call)
+        self._remember_ended(call)
+
+    def _remember_ended(self, call: CallRecord) -> None:
+        """Keep only the last `ended_calls_kept` ended calls in memory."""
+        self._ended[call.callId] = None
+        while len(self._ended) > self.ended_calls_kept:
+            old_id, _ = self._ended.popitem(last=False)
+            old = self.calls.pop(old_id, None)
+            if old is None:
+                continue
+            for provider_id in [old.providerCallId, *old.metadata.get("previousProviderCallIds", [])]:
+                if provider_id and self._by_provider_id.get(provider_id) == old_id:
+                    del self._by_provider_id[provider_id]
 
     def _report(self, call: CallRecord) -> None:
         """The after-call report: to subscribers as `call.report`, to hooks.callEnded via the outbox."""
@@ -1114,6 +1156,8 @@ class CallManager:
             if call.providerCallId:
                 self._by_provider_id[call.providerCallId] = call.callId
             self._processed.update(call.processedEventIds)
+        for call in sorted((c for c in replay.calls.values() if c.terminal), key=lambda c: c.endedAt or 0):
+            self._remember_ended(call)
         for call in [c for c in replay.calls.values() if not c.terminal]:
             if not call.providerCallId:
                 self._finalize(call, CallState.ERROR, error="lost on restart (never reached the carrier)")

@@ -119,7 +119,9 @@ class CallVoice:
             self.mark("speechEnd")
         elif event.kind == "error":
             log.warning("call %s: speech recognition error: %s", self.call_id, event.text)
-            self._emit(CallEvent(EventType.ERROR, call_id=self.call_id, error=f"stt: {event.text}", retryable=True))
+            # engines report "error" only once their session gave up (after their own reconnects)
+            self._emit(CallEvent(EventType.ERROR, call_id=self.call_id, error=f"stt lost: {event.text}",
+                                 retryable=True))
         elif event.kind in ("partial", "final") and event.text.strip():
             self._emit(CallEvent(EventType.SPEECH, call_id=self.call_id, transcript=event.text.strip(),
                                  is_final=event.kind == "final"))

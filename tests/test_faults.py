@@ -1,5 +1,5 @@
 """Faults over real processes and sockets, against the carrier fakes: kill -9 with live calls and a
-restart (Twilio and Plivo fakes), carrier API failures on initiate / speak / hang-up, a media stream dropped and reconnected."""
+restart (Twilio, Plivo and Telnyx fakes), carrier API failures on initiate / speak / hang-up, a media stream dropped and reconnected."""
 
 from __future__ import annotations
 
@@ -26,10 +26,12 @@ from bridge.runtime import Runtime
 from media.clock import FakeClock
 from tests.fakes.carrier import SignedJsonCarrier
 from tests.fakes.plivo_server import FakePlivo
+from tests.fakes.telnyx_server import FakeTelnyx
 from tests.fakes.twilio_server import CallerScript, FakeTwilio
 from tests.harness import free_port, run_bridge, wait_for
 from tests.test_plivo_e2e import config as plivo_config
 from tests.test_stream_limits import inbound_call, stream_url
+from tests.test_telnyx_e2e import config as telnyx_config
 from tests.test_twilio_e2e import config as twilio_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +82,10 @@ async def carrier_fake(name: str, port: int, store: Path) -> AsyncIterator[tuple
             twilio.default_script = CallerScript(gather_timeout_s=60)
             yield ({**twilio_config(twilio, stream=False), **common},
                    lambda: [c.status == "in-progress" and not c.ended.is_set() for c in twilio.calls.values()])
+    elif name == "telnyx":
+        async with FakeTelnyx() as telnyx:
+            yield ({**telnyx_config(telnyx, responseModel="none", streaming={"enabled": False, "provider": "none"}),
+                    **common}, lambda: [c.alive for c in telnyx.calls.values()])
     else:
         plivo = await FakePlivo().start()
         try:
@@ -89,7 +95,7 @@ async def carrier_fake(name: str, port: int, store: Path) -> AsyncIterator[tuple
             await plivo.stop()
 
 
-@pytest.mark.parametrize("name", ["twilio", "plivo"])
+@pytest.mark.parametrize("name", ["twilio", "plivo", "telnyx"])
 async def test_kill_9_with_live_calls_then_restart_recovers_every_call(tmp_path: Path, name: str) -> None:
     port = free_port()
     async with carrier_fake(name, port, tmp_path) as (cfg, up):
@@ -209,3 +215,36 @@ async def test_tts_engine_failing_mid_call_is_a_clear_error(tmp_path: Path,
     finally:
         await openai.stop()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+async def test_stt_engine_lost_mid_call_says_so_and_hangs_up(tmp_path: Path) -> None:
+    from bridge.manager import STT_LOST_MESSAGE
+    from tests.fakes.deepgram_server import FakeDeepgram
+
+    dg = await FakeDeepgram().start()
+    try:
+        cfg = {"provider": "mock", "fromNumber": "+15550001234", "responseModel": "none",
+               "mock": {"ringDelayMs": 10, "answerDelayMs": 10, "calleeScript": [], "calleeHangupAfterMs": 0},
+               "streaming": {"enabled": True, "provider": "deepgram",
+                             "providers": {"deepgram": {"apiKey": dg.api_key, "baseUrl": dg.base_url}}}}
+        async with run_bridge(cfg, tmp_path) as runtime:
+            client = RpcClient(f"http://127.0.0.1:{runtime.port}/rpc")
+            call_id = (await client.call("voicecall.initiate", {"to": "+15550007777", "message": "Hello.",
+                                                                "mode": "conversation"}))["callId"]
+            call = runtime.manager.calls[call_id]
+            await wait_for(lambda: call.state == CallState.LISTENING and bool(dg.sessions))
+            callee = runtime.carrier.callee(call_id)  # type: ignore[attr-defined]
+            heard_before = callee.frames_received
+            dg.api_key = "revoked"  # the outage: the stream drops and the reconnect is refused
+            await dg.drop()
+            await wait_for(lambda: call.terminal, timeout=15)
+            assert call.state == CallState.HANGUP_BOT
+            assert "authentication failed" in call.metadata["sttLost"]
+            assert call.transcript[-1].speaker == "bot" and call.transcript[-1].text == STT_LOST_MESSAGE
+            assert callee.frames_received > heard_before  # the caller heard why, not silence
+            assert len(dg.sessions) == 1
+    finally:
+        await dg.stop()
+    lines = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    last = [r for r in lines if r["callId"] == call_id][-1]
+    assert last["state"] == "hangup-bot" and "authentication failed" in last["metadata"]["sttLost"]

@@ -233,7 +233,7 @@ class MockCarrier(Carrier):
         self.hangups: list[tuple[str, str]] = []
         self._scripts: OrderedDict[str, list[str]] = OrderedDict()
         self._personas: dict[str, str] = {}  # call id -> "machine" | "transfer" | "human" | "human-opener"
-        self._timers: set[asyncio.TimerHandle] = set()
+        self._timers: dict[str, set[asyncio.TimerHandle]] = {}  # call id -> its pending carrier timers
 
     @staticmethod
     def provider_id(call_id: str) -> str:
@@ -245,13 +245,24 @@ class MockCarrier(Carrier):
         chunks = [chunk async for chunk in self._voice.synthesize(text)]
         return b"".join(chunks), self._voice.sample_rate
 
-    def _later(self, delay_ms: int, callback: Callable[..., object], *args: Any) -> None:
+    def _later(self, delay_ms: int, callback: Callable[..., object], call_id: str, *args: Any) -> None:
         def fire() -> None:
-            self._timers.discard(handle)
-            callback(*args)
+            self._forget_timer(call_id, handle)
+            callback(call_id, *args)
 
         handle = asyncio.get_running_loop().call_later(delay_ms / 1000, fire)
-        self._timers.add(handle)
+        self._timers.setdefault(call_id, set()).add(handle)
+
+    def _forget_timer(self, call_id: str, handle: asyncio.TimerHandle) -> None:
+        pending = self._timers.get(call_id)
+        if pending is not None:
+            pending.discard(handle)
+            if not pending:
+                del self._timers[call_id]
+
+    def _cancel_timers(self, call_id: str) -> None:
+        for timer in self._timers.pop(call_id, ()):
+            timer.cancel()
 
     def release(self, call_id: str) -> None:
         """The call ended: its callee (and the audio it heard) leaves the live table."""
@@ -292,6 +303,7 @@ class MockCarrier(Carrier):
     def _connect(self, call_id: str) -> None:
         call = self.host.get_call(call_id)
         if call is None or call.terminal or call_id in self.callees:
+            self._personas.pop(call_id, None)
             return
         script = self._scripts.pop(call.providerCallId or "", None)
         persona = self._personas.pop(call_id, "human")
@@ -331,6 +343,8 @@ class MockCarrier(Carrier):
     async def hangup_call(self, call: CallRecord, reason: CallState) -> None:
         self.hangups.append((call.callId, reason.value))
         del self.hangups[:-HISTORY]
+        self._personas.pop(call.callId, None)  # hung up before it connected
+        self._cancel_timers(call.callId)  # its ring/answer steps will not happen now
         callee = self.callees.get(call.callId)
         if callee is not None:
             callee.stop()
@@ -361,9 +375,8 @@ class MockCarrier(Carrier):
         return WebhookResult(events=events)
 
     async def close(self) -> None:
-        for timer in self._timers:
-            timer.cancel()
-        self._timers.clear()
+        for call_id in list(self._timers):
+            self._cancel_timers(call_id)
         for callee in list(self.callees.values()):
             callee.stop()
 

@@ -34,6 +34,7 @@ class ListenSession:
     controls: list[str] = field(default_factory=list)  # control message types in order
     speech_started: int = 0
     closed_at: float | None = None
+    ws: web.WebSocketResponse | None = None
 
 
 @dataclass
@@ -60,6 +61,12 @@ class FakeDeepgram:
         if self._runner is not None:
             await self._runner.cleanup()
 
+    async def drop(self) -> None:
+        """Close every open stream from the server side (1011), as on a Deepgram outage."""
+        for sess in self.sessions:
+            if sess.ws is not None and not sess.ws.closed:
+                await sess.ws.close(code=1011, message=b"internal error")
+
     async def _listen(self, request: web.Request) -> web.StreamResponse:
         if request.headers.get("Authorization") != f"Token {self.api_key}":
             return web.json_response({"err_code": "INVALID_AUTH", "err_msg": "Invalid credentials."}, status=401)
@@ -69,7 +76,7 @@ class FakeDeepgram:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         loop = asyncio.get_running_loop()
-        sess = ListenSession(query=dict(request.query), opened_at=loop.time())
+        sess = ListenSession(query=dict(request.query), opened_at=loop.time(), ws=ws)
         self.sessions.append(sess)
         rate = int(request.query["sample_rate"])
         vad = _ServerVad()
