@@ -1,7 +1,7 @@
 """Proposed hot-path changes, applied to a benchmark server process as patches so each can be
 measured before anyone commits it (`bench/media_streams.py --experiment NAME`).
 
-- `no-inband-dtmf` (now the default for Twilio/Telnyx/Plivo: `streaming.inbandDtmf: auto`): MediaBridge without the in-band DTMF detector. Twilio, Telnyx and Plivo media
+- `no-inband-dtmf` (now the default for Twilio/Telnyx/Plivo: `streaming.inbandDtmf: auto`): MediaPipeline without the in-band DTMF detector. Twilio, Telnyx and Plivo media
   streams report key presses out of band (`dtmf` events), so on those carriers the detector only
   duplicates what the carrier says (the bridge already de-duplicates the two).
 - `fast-dtmf`: the same detector and the same decisions, but the per-block tail (argmax, delete, max,
@@ -22,15 +22,15 @@ EXPERIMENTS = ("no-inband-dtmf", "fast-dtmf", "gc-freeze", "frames-40ms")
 
 
 def _no_inband_dtmf() -> None:
-    import media.bridge as mb
+    import media.pipeline as mb
 
-    original = mb.MediaBridge.__init__
+    original = mb.MediaPipeline.__init__
 
     def init(self: Any, *args: Any, **kwargs: Any) -> None:
         kwargs["inband_dtmf"] = False
         original(self, *args, **kwargs)
 
-    mb.MediaBridge.__init__ = init  # type: ignore[method-assign]
+    mb.MediaPipeline.__init__ = init  # type: ignore[method-assign]
 
 
 def fast_classify(self: Any, x: Any) -> str | None:

@@ -2,9 +2,9 @@
 
     python bench/media_frame_cost.py [seconds-of-audio]
 
-Inbound:  MediaBridge.receive (reorder, u-law decode, 8k->16k stream resample, listener call,
+Inbound:  MediaPipeline.receive (reorder, u-law decode, 8k->16k stream resample, listener call,
           in-band DTMF detector, VAD) with a no-op listener, in its configurations.
-Outbound: MediaBridge.play of 24 kHz PCM (OpenAI TTS rate) -> 8 kHz u-law frames through the whole
+Outbound: MediaPipeline.play of 24 kHz PCM (OpenAI TTS rate) -> 8 kHz u-law frames through the whole
           coroutine (resample, encode, frame, pacer, send_media) on a virtual clock, so sleeping
           costs nothing and only CPU is counted.
 """
@@ -22,9 +22,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from media import g711  # noqa: E402
-from media.bridge import MediaBridge  # noqa: E402
 from media.formats import ULAW_8K  # noqa: E402
 from media.frames import Framer  # noqa: E402
+from media.pipeline import MediaPipeline  # noqa: E402
 from media.resample import StreamResampler  # noqa: E402
 
 
@@ -80,7 +80,7 @@ def speechlike(rate: int, secs: float) -> np.ndarray:
 
 def inbound(secs: float, leg: type[NullLeg] = NullLeg, **kw: bool) -> float:
     frames = [g711.encode(f.tobytes(), ULAW_8K.encoding) for f in np.split(speechlike(8000, secs)[: int(secs * 50) * 160], int(secs * 50))]
-    bridge = MediaBridge(leg(), NullListener(), **kw)  # type: ignore[arg-type]
+    bridge = MediaPipeline(leg(), NullListener(), **kw)  # type: ignore[arg-type]
     t = time.perf_counter()
     for seq, f in enumerate(frames):
         bridge.receive(f, seq)
@@ -125,13 +125,13 @@ _FRAMES: tuple[object, list[str]] | None = None
 
 def stream_inbound(secs: float) -> float:
     """What the stream handler does per inbound Twilio message outside aiohttp: depth gate, parse,
-    MediaBridge.receive on a carrier stream leg (best of 5)."""
+    MediaPipeline.receive on a carrier stream leg (best of 5)."""
     from bridge.streams import _parse
     from carriers.base import StreamMedia
 
     assert _FRAMES is not None
     codec, frames = _FRAMES
-    bridge = MediaBridge(NullStreamLeg(), NullListener(), inband_dtmf=False)  # type: ignore[arg-type]
+    bridge = MediaPipeline(NullStreamLeg(), NullListener(), inband_dtmf=False)  # type: ignore[arg-type]
     n = int(secs * 10)
     best = float("inf")
     for _ in range(5):
@@ -157,7 +157,7 @@ def outbound_codec_only(secs: float) -> float:
 
 async def outbound_play(secs: float) -> float:
     pcm = speechlike(24000, secs).tobytes()
-    bridge = MediaBridge(NullLeg(), NullListener(), clock=VirtualClock())  # type: ignore[arg-type]
+    bridge = MediaPipeline(NullLeg(), NullListener(), clock=VirtualClock())  # type: ignore[arg-type]
 
     async def chunks() -> AsyncIterator[bytes]:
         for i in range(0, len(pcm), 4800):  # 100 ms TTS chunks
@@ -176,7 +176,7 @@ def main() -> None:
         ("inbound  receive: + VAD + in-band DTMF (SIP default)", inbound(secs)),
         ("inbound  receive, carrier stream leg (default: no DTMF)", inbound(secs, NullStreamLeg)),
         ("outbound resample 24k->8k + u-law + framing", outbound_codec_only(secs)),
-        ("outbound MediaBridge.play, whole coroutine", asyncio.run(outbound_play(secs))),
+        ("outbound MediaPipeline.play, whole coroutine", asyncio.run(outbound_play(secs))),
     ]
     parse, build = twilio_messages(secs)
     rows += [("inbound  Twilio media message: parse (JSON+base64)", parse),

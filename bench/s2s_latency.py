@@ -5,7 +5,7 @@
 The "model" is the OpenAI Realtime fake (tests/fakes/openai_realtime_server.py) in its own process
 on the other CPU (a remote service: its CPU is not the bridge's). In one process pinned to one CPU:
 a real bridge in speech-to-speech mode (tests.harness.run_bridge: Twilio carrier, realtime.enabled,
-the real RealtimeVoice, RealtimeConnection and MediaBridge) and N Twilio media streams
+the real RealtimeVoice, RealtimeConnection and MediaPipeline) and N Twilio media streams
 (tests/fakes/stream_load.py, each opened through a signed inbound webhook, sending 20 ms frames of
 silence at real-time cadence from one metronome). Each call's session is pre-warmed on the webhook.
 

@@ -5,10 +5,10 @@
 In one process pinned to one CPU: a real bridge (tests.harness.run_bridge: Twilio carrier, the one
 aiohttp server) and N Twilio media streams (tests/fakes/stream_load.py, each obtained through a
 signed inbound webhook and sending 20 ms frames of silence at real-time cadence). Each call's voice
-is the real CallVoice/MediaBridge with two instant engines: an STT whose `final(text)` reports a final
+is the real CallVoice/MediaPipeline with two instant engines: an STT whose `final(text)` reports a final
 transcript at once, and a TTS that yields 1 s of 24 kHz audio in one chunk at once. So the path timed is
 the real one: STT event -> CallManager (speech event, auto-response) -> offline responder -> CallVoice.say
--> TTS -> MediaBridge.play (resample 24k->8k, encode, frame, pace) -> WebSocket transport.
+-> TTS -> MediaPipeline.play (resample 24k->8k, encode, frame, pace) -> WebSocket transport.
 
 Each round, every call gets one final transcript (spread over 200 ms), then the round waits until all
 replies have played. Two times per turn: until the first reply frame is handed to the WebSocket

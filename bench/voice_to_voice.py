@@ -6,7 +6,7 @@ N concurrent calls over Twilio media streams (tests/fakes/stream_load.py: signed
 TwiML <Stream>, 20 ms u-law frames at real-time cadence from one metronome; the callers run in their
 own process, as a carrier would be) into a real bridge
 (tests.harness.run_bridge: Twilio carrier, the one aiohttp server, the real CallManager, CallVoice,
-MediaBridge and conversation engine). Each round every caller speaks a line (1 s of tone speech,
+MediaPipeline and conversation engine). Each round every caller speaks a line (1 s of tone speech,
 then silence); the time runs from the caller sending its last speech frame to the caller receiving
 the first frame of the reply.
 

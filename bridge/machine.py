@@ -1,6 +1,6 @@
 """One call's local machine detection: the detectors of media/amd.py on the callee's audio.
 
-It taps the call's MediaBridge (the decoded wire audio) from answer until it has what it needs:
+It taps the call's MediaPipeline (the decoded wire audio) from answer until it has what it needs:
 the verdict, and with leave-message on a machine, the end of the greeting (beep or long silence).
 Once audio flows, stretches without it (silence suppression, a leg that sends nothing while quiet)
 count as silence, measured on the injectable clock; a leg that never sends a frame ends as unknown
@@ -29,7 +29,7 @@ GAP_GRACE_MS = 300
 
 
 class TapSource(Protocol):
-    """What a call's MediaBridge offers: the caller's decoded audio, frame by frame."""
+    """What a call's MediaPipeline offers: the caller's decoded audio, frame by frame."""
 
     def add_tap(self, tap: CallerAudioTap) -> None: ...
 

@@ -45,7 +45,7 @@ from media.tts.base import TtsError
 
 if TYPE_CHECKING:
     from bridge.voice import CallVoice
-    from media.bridge import MediaBridge
+    from media.pipeline import MediaPipeline
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class _Turn:
 # Sees every call event (kind, call, extra fields) as it is published: metrics, traces, turn timing.
 CallObserver = Callable[[str, CallRecord, dict[str, Any]], None]
 
-# Builds a call's voice (a CallVoice: MediaBridge + STT + TTS) from its media leg; the manager starts it.
+# Builds a call's voice (a CallVoice: MediaPipeline + STT + TTS) from its media leg; the manager starts it.
 VoiceFactory = Callable[[CallRecord, MediaTransport, Callable[[CallEvent], None]], "CallVoice"]
 
 
@@ -218,8 +218,8 @@ class CallManager:
             return self.calls.get(self._by_provider_id[provider_call_id])
         return None
 
-    def attach_media(self, call_id: str, transport: MediaTransport) -> MediaBridge | None:
-        """Create the call's voice (MediaBridge + STT + TTS) and return its MediaBridge."""
+    def attach_media(self, call_id: str, transport: MediaTransport) -> MediaPipeline | None:
+        """Create the call's voice (MediaPipeline + STT + TTS) and return its MediaPipeline."""
         call = self.calls.get(call_id)
         if call is None or call.terminal or self._voice_factory is None:
             return None
@@ -247,7 +247,7 @@ class CallManager:
         if call is not None:
             call.media_attached = False
 
-    def media_disconnected(self, call_id: str, bridge: MediaBridge | None = None) -> None:
+    def media_disconnected(self, call_id: str, bridge: MediaPipeline | None = None) -> None:
         """A media stream went away: end the call after a grace period unless a new stream attaches."""
         current = self._voices.get(call_id)
         if current is not None and bridge is not None and current.bridge is not bridge:

@@ -65,7 +65,7 @@ class Metrics:
 
     # ------------------------------------------------------------ updates from the application
     def track_media(self, bridge: Any) -> None:
-        """A call's MediaBridge: its stats count into the media counters, live and after it closes."""
+        """A call's MediaPipeline: its stats count into the media counters, live and after it closes."""
         self._media.track(bridge)
 
     def gauge(self, name: str, help_text: str, read: Callable[[], Any]) -> None:
@@ -99,7 +99,7 @@ class Metrics:
 
 
 class _MediaCollector(Collector):
-    """Frame counters summed over live MediaBridges plus those already closed."""
+    """Frame counters summed over live MediaPipelines plus those already closed."""
 
     def __init__(self) -> None:
         self._live: list[Any] = []
@@ -125,7 +125,7 @@ class _MediaCollector(Collector):
         for bridge in self._live:
             for key in MEDIA_COUNTERS:
                 totals[key] += getattr(bridge.stats, key)
-        yield GaugeMetricFamily("voicecall_media_streams_active", "Calls with live audio (MediaBridges)",
+        yield GaugeMetricFamily("voicecall_media_streams_active", "Calls with live audio (MediaPipelines)",
                                 value=len(self._live))
         frames = CounterMetricFamily("voicecall_media_frames", "Media frames through the bridge",
                                      labels=["direction"])

@@ -3,7 +3,7 @@
 Turn timing hook for the turn pipeline: `Monitor.turn_mark(call_id, milestone, at=None)` with a
 milestone of bridge/turnmarks.py (`speechEnd`, `sttFinal`, `modelFirstToken`, `firstPiece`,
 `ttsFirstByte`, `firstAudioOut`; `at` a clock.monotonic() reading, default now). `speechEnd` comes
-from the call's voice: the STT engine's own end of speech, else the MediaBridge's VAD. Without a
+from the call's voice: the STT engine's own end of speech, else the MediaPipeline's VAD. Without a
 streaming pipeline the events stand in: a final transcript is `sttFinal`, the bot starting to
 speak a reply is `modelFirstToken` and `firstPiece`, and the call's voice reports TTS first byte
 and first audio out. The earliest report of a milestone wins, so a finer pipeline can mark first.

@@ -2,7 +2,7 @@
 
 The caller's audio goes to the realtime model (raw wire payloads when the session takes the
 carrier's G.711, else pipeline PCM resampled to the model's rate); each assistant audio item the
-model streams back plays through the call's MediaBridge as one play (pacing, marks, recording,
+model streams back plays through the call's MediaPipeline as one play (pacing, marks, recording,
 heard-ms accounting as for TTS). When the caller talks over it (the provider's speech-started or
 `interrupted`, or the bridge's own VAD), the bridge clears the carrier's buffer and the model is
 told how much was actually heard (`conversation.item.truncate` with `audio_end_ms` on OpenAI;
@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 from bridge.calls import CallEvent, CallRecord, EventType
 from bridge.realtime import events as ev
 from bridge.voice import Spoken
-from media.bridge import MediaBridge, PlaybackResult, heard_text
 from media.clock import Clock, RealClock, TimerHandle
+from media.pipeline import MediaPipeline, PlaybackResult, heard_text
 from media.resample import StreamResampler
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ class RealtimeVoice:
         pipeline_rate: int,
         recorder: CallRecorder | None = None,
         barge_in: bool = True,
-        inband_dtmf: bool | None = None,  # None: off where the leg reports DTMF (media.bridge)
+        inband_dtmf: bool | None = None,  # None: off where the leg reports DTMF (media.pipeline)
         on_tool_call: ToolRunner | None = None,
         hang_up: Callable[[], Awaitable[Any]] | None = None,
         ready_timeout_s: float = 10.0,
@@ -100,8 +100,8 @@ class RealtimeVoice:
         self.pipeline_rate = pipeline_rate
         self.connection.send(self.protocol.set_wire(transport.format))
         self._passthrough = self.protocol.wire_passthrough
-        self.wants_pipeline_audio = not self._passthrough  # read by the MediaBridge
-        self.bridge = MediaBridge(transport, self, pipeline_rate=pipeline_rate, recorder=recorder,
+        self.wants_pipeline_audio = not self._passthrough  # read by the MediaPipeline
+        self.bridge = MediaPipeline(transport, self, pipeline_rate=pipeline_rate, recorder=recorder,
                                   inband_dtmf=inband_dtmf, vad_barge_in=barge_in)
         self._resampler = None if self._passthrough else StreamResampler(pipeline_rate, self.protocol.input_rate)
         self._clock: Clock = clock or RealClock()

@@ -51,7 +51,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def voice_factory(settings: Settings, carrier: Carrier, monitor: Monitor | None = None) -> VoiceFactory:
-    """One TTS engine and STT engine per deployment; one CallVoice (MediaBridge + sessions) per call,
+    """One TTS engine and STT engine per deployment; one CallVoice (MediaPipeline + sessions) per call,
     or a RealtimeVoice when speech-to-speech mode (`realtime.enabled`) is on."""
     from media.recorder import CallRecorder
     from media.tts.factory import create_tts

@@ -1,4 +1,4 @@
-"""Media-stream WebSockets: connection limits, the start handshake, and frames into the MediaBridge.
+"""Media-stream WebSockets: connection limits, the start handshake, and frames into the MediaPipeline.
 
 The carrier's `MediaStreamCodec` knows the dialect (Twilio, Telnyx, Plivo); this module knows
 the rules every stream obeys: `maxConnections` (503 before the upgrade), pending-connection caps
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from bridge.config import StreamingSettings
     from bridge.manager import CallManager
     from bridge.metrics import Metrics
-    from media.bridge import MediaBridge
+    from media.pipeline import MediaPipeline
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class StreamHandler:
         self.gate.enter(ip)
         pending = True
         call_id: str | None = None
-        bridge: MediaBridge | None = None
+        bridge: MediaPipeline | None = None
         try:
             start = await self._await_start(ws, codec, limits.preStartTimeoutMs / 1000)
             if start is None:
@@ -212,7 +212,7 @@ class StreamHandler:
             await ws.close(code=CLOSE_POLICY, message=b"Start timeout")
         return None
 
-    async def _pump(self, ws: web.WebSocketResponse, codec: MediaStreamCodec, bridge: MediaBridge) -> None:
+    async def _pump(self, ws: web.WebSocketResponse, codec: MediaStreamCodec, bridge: MediaPipeline) -> None:
         frames = 0
         reorders = codec.reorders
         try:

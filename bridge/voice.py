@@ -1,4 +1,4 @@
-"""One call's voice: its MediaBridge, STT session and TTS engine, wired to the manager's events."""
+"""One call's voice: its MediaPipeline, STT session and TTS engine, wired to the manager's events."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from bridge.calls import CallEvent, EventType
-from media.bridge import MediaBridge, heard_text
+from media.pipeline import MediaPipeline, heard_text
 
 if TYPE_CHECKING:
     from media.formats import AudioFormat
@@ -51,7 +51,7 @@ class CallVoice:
         self.call_id = call_id
         self.tts = tts
         self._emit = emit
-        self.bridge = MediaBridge(transport, self, pipeline_rate=pipeline_rate, recorder=recorder,
+        self.bridge = MediaPipeline(transport, self, pipeline_rate=pipeline_rate, recorder=recorder,
                                   inband_dtmf=inband_dtmf, vad_barge_in=barge_in and not echo,
                                   stall_timeout_s=None if echo else 8.0)
         self.pipeline_rate = pipeline_rate

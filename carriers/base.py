@@ -18,8 +18,8 @@ from media.formats import AudioFormat
 
 if TYPE_CHECKING:
     from bridge.config import Settings
-    from media.bridge import MediaBridge
     from media.clock import Clock
+    from media.pipeline import MediaPipeline
     from media.transport import MediaTransport
 
 
@@ -274,7 +274,7 @@ class CarrierHost(Protocol):
         """Deliver an event from a carrier-side source (SIP stack, mock, ARI)."""
         ...
 
-    def attach_media(self, call_id: str, transport: MediaTransport) -> MediaBridge | None:
+    def attach_media(self, call_id: str, transport: MediaTransport) -> MediaPipeline | None:
         """Connect a non-WebSocket media leg (pjsua2 port, mock caller) to the call's pipeline."""
         ...
 

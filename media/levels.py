@@ -1,6 +1,6 @@
 """Audio level tap: RMS per side (caller in, bot out), read a few times a second by whoever watches.
 
-Opt-in: a MediaBridge feeds its taps only while one is attached, so an unwatched call pays nothing.
+Opt-in: a MediaPipeline feeds its taps only while one is attached, so an unwatched call pays nothing.
 """
 
 from __future__ import annotations

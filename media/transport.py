@@ -1,4 +1,4 @@
-"""What a MediaBridge needs from a carrier's media leg (a WebSocket, a pjsua2 port, the mock caller)."""
+"""What a MediaPipeline needs from a carrier's media leg (a WebSocket, a pjsua2 port, the mock caller)."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ class MediaListener(Protocol):
 class WireAudioListener(Protocol):
     """Optional extra for a MediaListener: the caller's audio as it came off the wire (in order,
     before decoding), so an STT engine that takes the wire codec (OpenAI Realtime with g711_ulaw)
-    gets it without a decode/resample/encode round trip. MediaBridge calls it when present.
+    gets it without a decode/resample/encode round trip. MediaPipeline calls it when present.
     A listener that sets `wants_pipeline_audio = False` gets no `on_pipeline_audio` calls (the
     bridge then skips resampling the caller's audio, unless it records the call)."""
 

@@ -1,5 +1,5 @@
 """Streaming conversation end to end on the mock carrier: the real server, the fake chat model and
-fake OpenAI TTS over real sockets, audio through the MediaBridge to the simulated callee."""
+fake OpenAI TTS over real sockets, audio through the MediaPipeline to the simulated callee."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
-"""speak_stream on a real MediaBridge: pieces in, one play out; engine and leg failures come back
+"""speak_stream on a real MediaPipeline: pieces in, one play out; engine and leg failures come back
 as a result with the error (the turn then apologizes or hangs up), never as a hang or a traceback."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from test_media_bridge import make  # pytest puts tests/ on the path (as test_tts_engines relies on)
+from test_media_pipeline import make  # pytest puts tests/ on the path (as test_tts_engines relies on)
 
 from bridge.conversation.speech import speak_stream
 from media.tts.base import TtsEngine, TtsError

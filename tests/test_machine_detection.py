@@ -1,5 +1,5 @@
 """Machine detection in the manager, on the fake clock: the callee's audio goes in as u-law frames
-through a real MediaBridge (its caller-audio tap feeds the detector), 20 ms of audio per 20 ms of
+through a real MediaPipeline (its caller-audio tap feeds the detector), 20 ms of audio per 20 ms of
 clock. Then end to end on the mock carrier through the real server: a 0005 answering machine gets
 the message after its beep and the call ends `voicemail`; a person gets the normal call."""
 
@@ -20,9 +20,9 @@ from bridge.responder import OfflineResponder
 from bridge.store import CallStore
 from bridge.voice import Spoken
 from media import g711
-from media.bridge import MediaBridge
 from media.clock import FakeClock
 from media.formats import ULAW_8K, AudioEncoding, AudioFormat
+from media.pipeline import MediaPipeline
 from tests.fakes.amd_set import MACHINE_TEXTS, human, machine, silence, tone
 from tests.fakes.carrier import RecordingCarrier
 from tests.fakes.report_receiver import SECRET, Receiver
@@ -62,7 +62,7 @@ class FakeVoice:
 
     def __init__(self, clock: FakeClock, transport: SilentLeg) -> None:
         self.clock = clock
-        self.bridge = MediaBridge(transport, self, clock=clock, inband_dtmf=False, vad_barge_in=False)
+        self.bridge = MediaPipeline(transport, self, clock=clock, inband_dtmf=False, vad_barge_in=False)
         self.said: list[tuple[float, str]] = []
 
     def on_pipeline_audio(self, pcm: bytes) -> None:
@@ -112,7 +112,7 @@ async def answer(manager: CallManager, message: str = "This is the pharmacy: you
     return call, (bridge, events)
 
 
-async def play(clock: FakeClock, bridge: MediaBridge, pcm: bytes, until: Any = None) -> None:
+async def play(clock: FakeClock, bridge: MediaPipeline, pcm: bytes, until: Any = None) -> None:
     """Send the callee's audio in real-time frames on the fake clock (stop early once `until()`)."""
     wire = bridge.wire
     if wire.rate != 8000:

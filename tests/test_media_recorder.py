@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
-from test_media_bridge import Listener, LoopbackCarrier, aligned_correlation, caller_frames
+from test_media_pipeline import Listener, LoopbackCarrier, aligned_correlation, caller_frames
 
 from media import g711
-from media.bridge import MediaBridge
 from media.formats import ULAW_8K
+from media.pipeline import MediaPipeline
 from media.recorder import CallRecorder
 
 
@@ -30,7 +30,7 @@ async def test_two_channels_aligned_on_one_timeline(tmp_path: Path) -> None:
     path = tmp_path / "call-1.wav"
     rec = CallRecorder(path, 16000)
     carrier = LoopbackCarrier()
-    bridge = MediaBridge(carrier, Listener(), recorder=rec, vad_barge_in=False)
+    bridge = MediaPipeline(carrier, Listener(), recorder=rec, vad_barge_in=False)
     carrier.bridge = bridge
     rng = np.random.default_rng(3)
     caller = np.clip(rng.normal(0, 2000, 8000 * 2), -32768, 32767)  # 2 s of caller noise

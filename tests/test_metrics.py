@@ -16,7 +16,7 @@ from bridge.metrics import Metrics
 from media.formats import ULAW_8K
 from tests.fakes.elevenlabs_server import FakeElevenLabs
 from tests.harness import rpc_client, run_bridge, wait_for
-from tests.test_media_bridge import make
+from tests.test_media_pipeline import make
 from tests.test_mock_e2e import BASE, FAST_MOCK
 
 ROOT = Path(__file__).resolve().parent.parent

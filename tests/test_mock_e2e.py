@@ -1,4 +1,4 @@
-"""End to end on the mock carrier through the real server: RPC over HTTP, audio through the MediaBridge."""
+"""End to end on the mock carrier through the real server: RPC over HTTP, audio through the MediaPipeline."""
 
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ import soundfile as sf
 import soxr
 
 from media import g711
-from media.bridge import MediaBridge
 from media.formats import ALAW_8K, ULAW_8K, AudioFormat
+from media.pipeline import MediaPipeline
 from media.stt.base import SttError, SttEvent
 from media.stt.factory import create_stt
 from media.stt.openai_realtime import OpenAiRealtimeStt, realtime_url
@@ -182,7 +182,7 @@ async def test_auth_failure_reports_error_without_leaking_key(fake: FakeOpenAI, 
 @pytest.mark.skipif(not HAVE_ESPEAK, reason="espeak-ng not installed")
 @pytest.mark.parametrize("passthrough", [True, False], ids=["ulaw-passthrough", "pcm16"])
 async def test_caller_audio_through_bridge_reaches_stt_intact(fake: FakeOpenAI, passthrough: bool) -> None:
-    """Carrier u-law frames -> MediaBridge -> listener -> STT session -> (fake) OpenAI."""
+    """Carrier u-law frames -> MediaPipeline -> listener -> STT session -> (fake) OpenAI."""
     events: list[SttEvent] = []
     session = engine(fake, passthroughG711=passthrough).open(sample_rate=16000, on_event=events.append, wire_format=ULAW_8K)
 
@@ -206,7 +206,7 @@ async def test_caller_audio_through_bridge_reaches_stt_intact(fake: FakeOpenAI, 
         async def send_mark(self, name: str) -> None: ...
         async def send_clear(self) -> None: ...
 
-    bridge = MediaBridge(Leg(), Voice())  # type: ignore[arg-type]
+    bridge = MediaPipeline(Leg(), Voice())  # type: ignore[arg-type]
     await session.start()
     caller = speech("Please cancel my subscription.", 8000)
     wire = g711.encode(caller.tobytes(), ULAW_8K.encoding)

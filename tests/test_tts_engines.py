@@ -135,7 +135,7 @@ async def test_openai_tts_key_from_env_and_bad_key_error_is_clean(
 async def test_openai_tts_through_bridge_to_caller(openai_fake: FakeOpenAI) -> None:
     """OpenAI 24 kHz PCM -> bridge -> u-law 8 kHz: the caller hears the same signal."""
     import soxr
-    from test_media_bridge import aligned_correlation, make
+    from test_media_pipeline import aligned_correlation, make
 
     openai_fake.chunk_delay_s = 0.002
     tts = create_tts({"provider": "openai", "openai": {"apiKey": openai_fake.api_key, "baseUrl": openai_fake.base_url}})
@@ -233,7 +233,7 @@ async def test_engines_can_run_concurrently(openai_fake: FakeOpenAI) -> None:
 
 async def test_elevenlabs_ulaw_reaches_a_ulaw_carrier_byte_identical(eleven_fake: FakeElevenLabs) -> None:
     """ulaw_8000 -> decode -> (8k->8k passthrough) -> encode: G.711 codes survive untouched."""
-    from test_media_bridge import make
+    from test_media_pipeline import make
 
     tts = ElevenLabsTts(api_key=eleven_fake.api_key, base_url=eleven_fake.base_url, output_format="ulaw_8000")
     bridge, carrier, _ = make()

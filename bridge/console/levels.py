@@ -1,6 +1,6 @@
 """`voicecall.levels` on the RPC WebSocket: a call's audio levels (RMS per side) about 10 times a second.
 
-A tap on the call's MediaBridge exists only while a subscriber watches; it follows the call's
+A tap on the call's MediaPipeline exists only while a subscriber watches; it follows the call's
 current bridge (a reconnected media stream gets a new one) and goes away with the subscription.
 """
 

@@ -1,5 +1,5 @@
 """Speak text pieces as they arrive: each piece goes to TTS at once (the next one synthesizes while
-the current one plays), and all their audio plays gap-free, in order, through ONE MediaBridge.play.
+the current one plays), and all their audio plays gap-free, in order, through ONE MediaPipeline.play.
 Engines that take text incrementally (ElevenLabs stream-input) get every piece into one session.
 
 A barge-in stops the play; the bridge then closes our audio stream, which cancels the syntheses
@@ -15,7 +15,7 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from media.bridge import MediaBridge, PlaybackResult, heard_text
+from media.pipeline import MediaPipeline, PlaybackResult, heard_text
 from media.tts.base import TextStream, TtsEngine, TtsError
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class SpeechMarks:
     on_first_audio: Callable[[], None] = lambda: None
 
 
-async def speak_stream(bridge: MediaBridge, tts: TtsEngine, pieces: AsyncIterator[str],
+async def speak_stream(bridge: MediaPipeline, tts: TtsEngine, pieces: AsyncIterator[str],
                        marks: SpeechMarks | None = None, *, synth_ahead: int = 2) -> StreamedSpeech:
     marks = marks or SpeechMarks()
     text_stream = tts.open_text_stream()
@@ -139,7 +139,7 @@ def _failed(text: str, pieces: int, exc: BaseException) -> StreamedSpeech:
     return StreamedSpeech(text, "", True, 0.0, pieces, exc)
 
 
-async def _speak_incremental(bridge: MediaBridge, tts: TtsEngine, text_stream: TextStream,
+async def _speak_incremental(bridge: MediaPipeline, tts: TtsEngine, text_stream: TextStream,
                              pieces: AsyncIterator[str], marks: SpeechMarks) -> StreamedSpeech:
     """Engines that take text incrementally: every piece goes into ONE synthesis session, whose
     audio is the play. What was heard is estimated over the whole text by time (no per-piece sizes)."""

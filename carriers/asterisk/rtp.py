@@ -2,10 +2,10 @@
 
 Core (no I/O): `build_packet` / `parse_packet`, `RtpSender` (sequence, timestamp, marker of our
 stream), `SequenceExtender` (16-bit sequence numbers -> a counter that does not wrap, as the
-MediaBridge's reorder buffer wants) and `WireCodec` (payload type and byte order per format).
+MediaPipeline's reorder buffer wants) and `WireCodec` (payload type and byte order per format).
 
 Edge: `RtpTransport`, one UDP socket per call. It is the call's `MediaTransport`: frames the
-MediaBridge sends are queued and sent on a 20 ms clock (the bridge runs a few frames ahead, RTP
+MediaPipeline sends are queued and sent on a 20 ms clock (the bridge runs a few frames ahead, RTP
 wants one packet per packet time); packets received are parsed and handed to the bridge with
 their sequence number. Malformed packets are counted and dropped, never raised.
 """
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, cast
 from media.formats import ALAW_8K, FRAME_MS, ULAW_8K, AudioEncoding, AudioFormat
 
 if TYPE_CHECKING:
-    from media.bridge import MediaBridge
+    from media.pipeline import MediaPipeline
 
 log = logging.getLogger("voicecall.asterisk.rtp")
 
@@ -199,7 +199,7 @@ class RtpCounters:
 
 
 class RtpTransport(asyncio.DatagramProtocol):
-    """One call's ExternalMedia leg over UDP, as a MediaBridge sees it (`media.transport.MediaTransport`).
+    """One call's ExternalMedia leg over UDP, as a MediaPipeline sees it (`media.transport.MediaTransport`).
 
     The peer is set from the externalMedia channel's UNICASTRTP_LOCAL_ADDRESS/PORT and re-latched
     once to the source of the first packet received (symmetric RTP: the address Asterisk really
@@ -210,7 +210,7 @@ class RtpTransport(asyncio.DatagramProtocol):
         self.codec = codec
         self.format = codec.format
         self.supports_marks = False  # RTP cannot echo marks: the bridge trusts its pacing clock
-        self.bridge: MediaBridge | None = None
+        self.bridge: MediaPipeline | None = None
         self.counters = RtpCounters()
         self.peer: tuple[str, int] | None = None
         self.local: tuple[str, int] | None = None

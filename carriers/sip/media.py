@@ -1,4 +1,4 @@
-"""The SIP carrier's media leg: frames between pjsua2's conference bridge and a MediaBridge.
+"""The SIP carrier's media leg: frames between pjsua2's conference bridge and a MediaPipeline.
 
 pjsua2's media clock thread calls `_AudioPort.onFrameReceived/onFrameRequested` every 20 ms; those only
 touch the call's `SipMediaTransport` (a deque out, `call_soon_threadsafe` in).
@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - exercised only without the extra
     pj = None
 
 if TYPE_CHECKING:
-    from media.bridge import MediaBridge
+    from media.pipeline import MediaPipeline
 
 log = logging.getLogger("voicecall.sip")
 
@@ -86,7 +86,7 @@ class LegCounters:
 
 
 class SipMediaTransport(LegCounters):
-    """One call's audio leg toward pjsua2, as a MediaBridge sees it (`media.transport.MediaTransport`).
+    """One call's audio leg toward pjsua2, as a MediaPipeline sees it (`media.transport.MediaTransport`).
 
     Outbound: `send_media` appends to a bounded deque the media clock thread drains every 20 ms.
     Inbound: the media clock thread posts each received frame to the loop, which hands it to
@@ -97,7 +97,7 @@ class SipMediaTransport(LegCounters):
         super().__init__(fmt.frame_bytes)
         self.format = fmt
         self.supports_marks = False  # pjsua2 cannot echo marks: the bridge trusts its pacing clock
-        self.bridge: MediaBridge | None = None
+        self.bridge: MediaPipeline | None = None
         self._loop = loop
         self._out: collections.deque[bytes] = collections.deque(maxlen=JITTER_MAX_FRAMES)
         self._playing = False

@@ -38,7 +38,7 @@ from carriers.sip.worker import (
 from media.formats import AudioEncoding, AudioFormat
 
 if TYPE_CHECKING:
-    from media.bridge import MediaBridge
+    from media.pipeline import MediaPipeline
 
 log = logging.getLogger("voicecall.sip")
 
@@ -69,7 +69,7 @@ class UserAgent(Protocol):
 
 
 class RemoteMediaTransport(LegCounters):
-    """A call's audio leg in a worker process, as the MediaBridge here sees it (a MediaTransport).
+    """A call's audio leg in a worker process, as the MediaPipeline here sees it (a MediaTransport).
     frames_out, underruns and frames_dropped are the worker's, filled in when the call ends."""
 
     supports_marks = False  # like the in-process leg: the bridge trusts its own pacing clock
@@ -77,7 +77,7 @@ class RemoteMediaTransport(LegCounters):
     def __init__(self, worker: WorkerUa, leg: int, fmt: AudioFormat) -> None:
         super().__init__(fmt.frame_bytes)
         self.format = fmt
-        self.bridge: MediaBridge | None = None
+        self.bridge: MediaPipeline | None = None
         self._worker = worker
         self._leg = leg
 

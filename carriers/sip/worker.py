@@ -79,7 +79,7 @@ def settings_for_wire(settings: SipSettings) -> dict[str, Any]:
 
 
 class _Uplink:
-    """Stands in for the call's MediaBridge in the worker: received audio goes to the parent."""
+    """Stands in for the call's MediaPipeline in the worker: received audio goes to the parent."""
 
     def __init__(self, worker: _Worker, leg: int) -> None:
         self._worker = worker

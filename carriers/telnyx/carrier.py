@@ -9,7 +9,7 @@ duplicate and the HTTP client may retry it on 5xx/timeouts.
 Webhooks may arrive out of order and more than once: each event's dedupe key is Telnyx's `data.id`,
 so a redelivery (new timestamp and signature, same id) has no second effect. The stream codec is
 PCMU or PCMA as the call negotiates (the caller's `offered_codecs` on inbound calls, or
-`telnyx.streamCodec`); frames may arrive out of order, so they carry a sequence for the MediaBridge
+`telnyx.streamCodec`); frames may arrive out of order, so they carry a sequence for the MediaPipeline
 to reorder.
 """
 

@@ -7,7 +7,7 @@ How a call runs here:
   or `<Reject/>`.
 - With `streaming.enabled` the answer is `<Connect><Stream>` to our `/voice/stream`, the per-call
   token in a `<Parameter>` (Twilio drops the stream URL's query string); speech then flows
-  through the MediaBridge and TwiML is never replaced while the stream is up.
+  through the MediaPipeline and TwiML is never replaced while the stream is up.
 - Without streaming, the call speaks with `<Say>` and listens with `<Gather input="speech">`. Each
   `<Say>` is followed by a `<Redirect>` to our webhook (`type=said`), so we know exactly when Twilio
   finished saying it: `speak_native` returns then, as a streamed play returns when its mark comes

@@ -1,4 +1,4 @@
-"""A small CarrierHost and MediaBridge test double: records events and frames, plays PCM paced."""
+"""A small CarrierHost and MediaPipeline test double: records events and frames, plays PCM paced."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ FRAME_S = 0.02
 
 @dataclass
 class RecordingBridge:
-    """Stands in for media.bridge.MediaBridge: collects received frames, plays PCM in 20 ms frames."""
+    """Stands in for media.pipeline.MediaPipeline: collects received frames, plays PCM in 20 ms frames."""
 
     transport: Any
     frames: list[bytes] = field(default_factory=list)

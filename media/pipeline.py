@@ -1,4 +1,4 @@
-"""MediaBridge: one call's audio between the carrier leg and the local pipeline.
+"""MediaPipeline: one call's audio between the carrier leg and the local pipeline.
 
 Inbound (sync, per frame, on the event loop):
     wire frame -> [reorder by sequence] -> G.711 decode -+-> in-band DTMF -> listener.on_dtmf
@@ -100,7 +100,7 @@ class _Play:
     marks: dict[str, asyncio.Future[None]] = field(default_factory=dict)
 
 
-class MediaBridge:
+class MediaPipeline:
     def __init__(
         self,
         transport: MediaTransport,

@@ -1,4 +1,4 @@
-"""MediaBridge over a loopback carrier that plays frames in real time, like Twilio/Telnyx do.
+"""MediaPipeline over a loopback carrier that plays frames in real time, like Twilio/Telnyx do.
 
 The loopback keeps the carrier's playout buffer: each frame starts playing when the previous one
 ends (or on arrival if the buffer ran dry), `clear` drops what has not started, and a mark is
@@ -18,9 +18,9 @@ import pytest
 import soxr
 
 from media import g711
-from media.bridge import MediaBridge, PlaybackResult, heard_text
 from media.dtmf import dtmf_tones
 from media.formats import ALAW_8K, ULAW_8K, AudioEncoding, AudioFormat
+from media.pipeline import MediaPipeline, PlaybackResult, heard_text
 from media.tts.espeak import EspeakTts
 
 pytestmark = pytest.mark.skipif(not EspeakTts.available(), reason="espeak-ng not installed")
@@ -40,7 +40,7 @@ class Played:
 class LoopbackCarrier:
     format: AudioFormat = ULAW_8K
     supports_marks: bool = True
-    bridge: MediaBridge | None = None
+    bridge: MediaPipeline | None = None
     frames: list[Played] = field(default_factory=list)
     cleared: list[tuple[float, int]] = field(default_factory=list)  # (time, frames dropped)
     marks_sent: list[tuple[float, str]] = field(default_factory=list)
@@ -128,10 +128,10 @@ class Listener:
         self.speech_ended.append(ago)
 
 
-def make(fmt: AudioFormat = ULAW_8K, send_ms: int = 20, **kw: object) -> tuple[MediaBridge, LoopbackCarrier, Listener]:
+def make(fmt: AudioFormat = ULAW_8K, send_ms: int = 20, **kw: object) -> tuple[MediaPipeline, LoopbackCarrier, Listener]:
     carrier = LoopbackCarrier(format=fmt, send_ms=send_ms)
     listener = Listener()
-    bridge = MediaBridge(carrier, listener, **kw)  # type: ignore[arg-type]
+    bridge = MediaPipeline(carrier, listener, **kw)  # type: ignore[arg-type]
     carrier.bridge = bridge
     return bridge, carrier, listener
 
@@ -156,7 +156,7 @@ def aligned_correlation(heard: np.ndarray, ref: np.ndarray) -> tuple[float, int]
     return float(np.corrcoef(a[:m], b[:m])[0, 1]), lag
 
 
-async def speak(bridge: MediaBridge, text: str, **kw: object) -> tuple[PlaybackResult, np.ndarray, float]:
+async def speak(bridge: MediaPipeline, text: str, **kw: object) -> tuple[PlaybackResult, np.ndarray, float]:
     tts = EspeakTts()
     src = bytearray()
     t = time.monotonic()
@@ -246,7 +246,7 @@ class Clip:
             yield pcm[i : i + 3200]
 
 
-async def caller_frames(bridge: MediaBridge, pcm8k: np.ndarray, fmt: AudioFormat = ULAW_8K) -> None:
+async def caller_frames(bridge: MediaPipeline, pcm8k: np.ndarray, fmt: AudioFormat = ULAW_8K) -> None:
     """Feed caller audio through `receive`, one 20 ms frame every 20 ms, like a carrier does."""
     t0 = time.monotonic()
     data = pcm8k.astype("<i2").tobytes()
@@ -366,7 +366,7 @@ async def test_no_marks_transport_uses_pacing_clock() -> None:
 
 
 async def test_lost_mark_falls_back_to_clock(monkeypatch: pytest.MonkeyPatch) -> None:
-    import media.bridge as mb
+    import media.pipeline as mb
 
     monkeypatch.setattr(mb, "MARK_GRACE_S", 0.1)
     bridge, carrier, _ = make()
@@ -427,7 +427,7 @@ async def test_wire_passthrough_listener_gets_raw_payloads_in_order() -> None:
 
     carrier = LoopbackCarrier()
     listener = WireListener()
-    bridge = MediaBridge(carrier, listener)
+    bridge = MediaPipeline(carrier, listener)
     payloads = [bytes([i]) * 160 for i in range(10)]
     for seq in [1, 0, 3, 2, 5, 4, 6, 7, 9, 8]:
         bridge.receive(payloads[seq], sequence=seq)
@@ -480,7 +480,7 @@ async def test_espeak_subprocess_stopped_on_barge_in() -> None:
 
 async def test_stalled_engine_times_out() -> None:
     carrier = LoopbackCarrier()
-    bridge = MediaBridge(carrier, Listener(), stall_timeout_s=0.2)  # type: ignore[arg-type]
+    bridge = MediaPipeline(carrier, Listener(), stall_timeout_s=0.2)  # type: ignore[arg-type]
     carrier.bridge = bridge
     closed = asyncio.Event()
 
@@ -569,7 +569,7 @@ async def test_40ms_without_marks_trusts_the_pacing_clock() -> None:
 
 def test_transport_send_ms_must_be_whole_20ms_frames() -> None:
     with pytest.raises(ValueError, match="multiple of 20"):
-        MediaBridge(LoopbackCarrier(send_ms=30), Listener())  # type: ignore[arg-type]
+        MediaPipeline(LoopbackCarrier(send_ms=30), Listener())  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("leg_reports", "inband", "expected"), [
@@ -583,7 +583,7 @@ async def test_inband_detector_follows_the_leg_unless_told(leg_reports: bool, in
     carrier = LoopbackCarrier()
     carrier.reports_dtmf = leg_reports  # type: ignore[attr-defined]
     listener = Listener()
-    bridge = MediaBridge(carrier, listener, inband_dtmf=inband)  # type: ignore[arg-type]
+    bridge = MediaPipeline(carrier, listener, inband_dtmf=inband)  # type: ignore[arg-type]
     tones = dtmf_tones("7", 8000, 100, 60)
     for i in range(0, len(tones), 320):
         bridge.receive(g711.encode(tones[i : i + 320], ULAW_8K.encoding))
