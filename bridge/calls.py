@@ -20,6 +20,7 @@ class CallState(StrEnum):
     ACTIVE = "active"
     SPEAKING = "speaking"
     LISTENING = "listening"
+    TRANSFERRING = "transferring"  # handing the caller to a person; back to the conversation if that fails
     # terminal
     COMPLETED = "completed"
     HANGUP_USER = "hangup-user"
@@ -30,6 +31,7 @@ class CallState(StrEnum):
     NO_ANSWER = "no-answer"
     BUSY = "busy"
     VOICEMAIL = "voicemail"
+    TRANSFERRED = "transferred"  # the caller now talks to the person (`CallRecord.transfer.to`)
 
     @property
     def terminal(self) -> bool:
@@ -47,6 +49,7 @@ TERMINAL_STATES = frozenset(
         CallState.NO_ANSWER,
         CallState.BUSY,
         CallState.VOICEMAIL,
+        CallState.TRANSFERRED,
     }
 )
 
@@ -58,18 +61,22 @@ _RANK = {
     CallState.ACTIVE: 3,
     CallState.SPEAKING: 4,
     CallState.LISTENING: 4,
+    CallState.TRANSFERRING: 4,
 }
+
+# States of a live conversation that may follow each other in any order.
+_CONVERSING = frozenset({CallState.SPEAKING, CallState.LISTENING, CallState.TRANSFERRING})
 
 
 def can_transition(current: CallState, target: CallState) -> bool:
     """The seed system's rule: terminal is final; any terminal is reachable from a non-terminal;
-    speaking <-> listening may cycle; otherwise only strictly forward moves."""
+    speaking, listening and transferring may cycle; otherwise only strictly forward moves."""
     if current.terminal:
         return False
     if target.terminal:
         return True
-    if {current, target} == {CallState.SPEAKING, CallState.LISTENING}:
-        return True
+    if current in _CONVERSING and target in _CONVERSING:
+        return current != target
     return _RANK[target] > _RANK[current]
 
 
@@ -94,6 +101,32 @@ class EventType(StrEnum):
     DTMF = "call.dtmf"
     ENDED = "call.ended"
     ERROR = "call.error"
+    TRANSFER = "call.transfer"  # a transfer's outcome (`outcome`), from the carrier or the bridge
+
+
+class TransferMode(StrEnum):
+    COLD = "cold"  # the carrier hands the caller to the person; the bridge leaves at once
+    WARM = "warm"  # the bridge calls the person, tells them a summary, then joins the two and leaves
+
+
+class TransferOutcome(StrEnum):
+    COMPLETED = "completed"  # the person took the call
+    BUSY = "busy"
+    NO_ANSWER = "no-answer"
+    REFUSED = "refused"  # declined by the person or the far end (SIP 4xx/6xx to the REFER or the INVITE)
+    FAILED = "failed"  # anything else: carrier error, network, timeout
+
+
+@dataclass(slots=True)
+class TransferRecord:
+    """A call's latest transfer attempt (`CallRecord.transfer`)."""
+
+    mode: str  # TransferMode
+    to: str
+    startedAt: float
+    outcome: str | None = None  # TransferOutcome; None while it runs
+    endedAt: float | None = None
+    summary: str | None = None  # what the person was told (warm)
 
 
 # End reasons are the terminal states' names.
@@ -124,6 +157,7 @@ class CallEvent:
     retryable: bool = False
     # carrier-specific linkage, e.g. Plivo request_uuid -> CallUUID upgrade
     previous_provider_call_id: str | None = None
+    outcome: str | None = None  # transfer: a TransferOutcome value
 
     @property
     def key(self) -> str:
@@ -182,6 +216,7 @@ class CallRecord:
     toolCalls: list[ToolCallEntry] = field(default_factory=list)
     turnTimings: list[TurnTiming] = field(default_factory=list)
     processedEventIds: list[str] = field(default_factory=list)
+    transfer: TransferRecord | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -255,6 +290,7 @@ class CallRecord:
             toolCalls=[ToolCallEntry(**t) for t in data.get("toolCalls") or []],
             turnTimings=[TurnTiming(**t) for t in data.get("turnTimings") or []],
             processedEventIds=list(data.get("processedEventIds") or []),
+            transfer=TransferRecord(**data["transfer"]) if isinstance(data.get("transfer"), dict) else None,
             metadata=dict(data.get("metadata") or {}),
         )
 

@@ -337,6 +337,20 @@ class Carrier(ABC):
     async def send_dtmf(self, call: CallRecord, digits: str) -> None:
         raise CarrierError(f"{self.name}: sending DTMF is not supported")
 
+    async def transfer_cold(self, call: CallRecord, to: str) -> None:
+        """Start a cold (blind) transfer of the caller to `to` (E.164 or a sip: URI) and return once the
+        carrier accepted the request. The outcome arrives later as a `CallEvent` of type
+        `EventType.TRANSFER` with `outcome` set to a `TransferOutcome` value (from `parse_webhook` or
+        `host.emit`); the manager then ends the call `transferred` or brings the caller back."""
+        raise CarrierError(f"{self.name}: transfer is not supported")
+
+    async def join_legs(self, call: CallRecord, person: CallRecord) -> bool:
+        """Warm transfer, last step: join the caller's call and the person's call (which the bridge
+        placed with `initiate_call` and briefed) at the carrier, so the bridge can leave. Return False
+        when the carrier cannot join them itself: the manager then relays audio between the two legs'
+        media pipelines (the local bridge used on SIP, Asterisk and the mock)."""
+        return False
+
     async def get_call_status(self, call: CallRecord) -> ProviderStatus | None:
         """Terminal or not, per the carrier; None when unknown."""
         return None

@@ -28,6 +28,28 @@ def test_speaking_and_listening_cycle() -> None:
     assert can_transition(CallState.LISTENING, CallState.SPEAKING)
 
 
+def test_transferring_returns_to_the_conversation_or_ends_transferred() -> None:
+    for talk in (CallState.SPEAKING, CallState.LISTENING):
+        assert can_transition(talk, CallState.TRANSFERRING)
+        assert can_transition(CallState.TRANSFERRING, talk)
+    assert can_transition(CallState.ACTIVE, CallState.TRANSFERRING)
+    assert not can_transition(CallState.TRANSFERRING, CallState.TRANSFERRING)
+    assert not can_transition(CallState.TRANSFERRING, CallState.ACTIVE)
+    assert can_transition(CallState.TRANSFERRING, CallState.TRANSFERRED)
+    assert CallState.TRANSFERRED.terminal
+
+
+def test_record_with_a_transfer_round_trips() -> None:
+    from bridge.calls import TransferRecord
+
+    record = CallRecord(callId="c1", provider="mock", direction=Direction.OUTBOUND, state=CallState.TRANSFERRED,
+                        from_="+15550001111", to="+15550002222", startedAt=1.0,
+                        transfer=TransferRecord(mode="warm", to="+15550000006", startedAt=2.0, outcome="completed",
+                                                endedAt=3.0, summary="Wants a refund."))
+    assert CallRecord.from_json(record.to_json()) == record
+    assert record.to_json()["transfer"]["to"] == "+15550000006"
+
+
 def test_forward_only_otherwise() -> None:
     for i, current in enumerate(ORDER):
         for j, target in enumerate(ORDER):
@@ -43,7 +65,8 @@ def test_forward_only_otherwise() -> None:
 def test_any_walk_keeps_invariants(targets: list[CallState]) -> None:
     """Apply arbitrary requested transitions: refused ones change nothing, and once terminal, forever terminal."""
     state = CallState.INITIATED
-    rank = {s: i for i, s in enumerate(ORDER)} | {CallState.SPEAKING: 4, CallState.LISTENING: 4}
+    rank = {s: i for i, s in enumerate(ORDER)} | {CallState.SPEAKING: 4, CallState.LISTENING: 4,
+                                                  CallState.TRANSFERRING: 4}
     for target in targets:
         before = state
         if can_transition(state, target):

@@ -2,7 +2,7 @@
 "use strict";
 
 const TERMINAL = new Set(["completed", "hangup-user", "hangup-bot", "timeout", "error", "failed",
-  "no-answer", "busy", "voicemail"]);
+  "no-answer", "busy", "voicemail", "transferred"]);
 const $ = (sel) => document.querySelector(sel);
 
 const state = {
