@@ -127,6 +127,9 @@ class TransferRecord:
     outcome: str | None = None  # TransferOutcome; None while it runs
     endedAt: float | None = None
     summary: str | None = None  # what the person was told (warm)
+    personCallId: str | None = None  # warm: the bridge's call to the person (a linked CallRecord)
+    joined: str | None = None  # warm, completed: "carrier" (the carrier joined the legs) or "relay" (the bridge)
+    error: str | None = None  # why it failed, when the carrier said
 
 
 # End reasons are the terminal states' names.
