@@ -104,6 +104,10 @@ class EventType(StrEnum):
     TRANSFER = "call.transfer"  # a transfer's outcome (`outcome`), from the carrier or the bridge
 
 
+# A warm transfer's call to the person is a linked record: metadata[TRANSFER_PARENT] = the caller's call id.
+TRANSFER_PARENT = "transferOf"
+
+
 class TransferMode(StrEnum):
     COLD = "cold"  # the carrier hands the caller to the person; the bridge leaves at once
     WARM = "warm"  # the bridge calls the person, tells them a summary, then joins the two and leaves

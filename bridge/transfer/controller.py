@@ -23,7 +23,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from bridge.calls import CallRecord, CallState, TransferMode, TransferOutcome, TransferRecord
+from bridge.calls import TRANSFER_PARENT, CallRecord, CallState, TransferMode, TransferOutcome, TransferRecord
 from bridge.transfer.rules import (
     TransferRequest,
     briefing_text,
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LINK_KEY = "transferOf"  # a person's call (warm transfer): metadata[LINK_KEY] = the caller's call id
+LINK_KEY = TRANSFER_PARENT  # a person's call (warm transfer): metadata[LINK_KEY] = the caller's call id
 
 
 class TransferError(Exception):
