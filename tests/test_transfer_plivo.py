@@ -37,7 +37,7 @@ def config(plivo: FakePlivo) -> dict[str, Any]:
             "plivo": {"authId": plivo.auth_id, "authToken": plivo.auth_token, "apiBaseUrl": plivo.base_url},
             "outbound": {"notifyHangupDelaySec": 0}, "responseModel": "offline", "tts": {"provider": "espeak"},
             "streaming": {"enabled": True, "provider": "none", "disconnectGraceMs": 200},
-            "transfer": {"ringTimeoutMs": 20_000, "outcomeTimeoutMs": 20_000}}
+            "transfer": {"ringTimeoutMs": 20_000, "outcomeTimeoutMs": 20_000, "holdMessage": "One moment.", "briefing": "{summary}", "failureMessage": "Sorry, {reason}."}}
 
 
 def rms(ulaw_pcm: bytes) -> float:
@@ -46,7 +46,7 @@ def rms(ulaw_pcm: bytes) -> float:
 
 
 async def live_call(runtime: Any, plivo: FakePlivo) -> tuple[Any, Any]:
-    result = await rpc_client(runtime).call("voicecall.initiate", {"message": "Hi, the clinic here.",
+    result = await rpc_client(runtime).call("voicecall.initiate", {"message": "Hi.",
                                                                     "mode": "conversation"})
     call = runtime.manager.calls[result["callId"]]
     await wait_for(lambda: call.state == CallState.LISTENING, timeout=20)
@@ -86,13 +86,13 @@ async def test_cold_transfer_to_a_busy_person_restores_the_stream(plivo: FakePli
         assert done.params["DialStatus"] == "busy" and ET.fromstring(done.body).find("Stream") is not None
         await wait_for(lambda: call.state == CallState.LISTENING and len(plivo_call.streams) == 2, timeout=20)
         assert "busy" in call.transcript[-1].text
-        await wait_for(lambda: len(plivo_call.streams[-1].heard_pcm()) / 16000 > 1.0, timeout=10)
+        await wait_for(lambda: len(plivo_call.streams[-1].heard_pcm()) / 16000 > 0.5, timeout=10)
         assert rms(plivo_call.streams[-1].heard_pcm()) > 300, "the caller heard why on the new stream"
         assert plivo_call.live and not call.terminal
 
 
 async def test_warm_transfer_briefs_the_person_then_joins_a_conference(plivo: FakePlivo, tmp_path: Path) -> None:
-    summary = "Sam wants to move his Thursday appointment."
+    summary = "Sam, about Thursday."
     async with run_bridge(config(plivo), tmp_path) as runtime:
         call, plivo_call = await live_call(runtime, plivo)
         result = await rpc_client(runtime).call("voicecall.transfer", {
@@ -104,7 +104,7 @@ async def test_warm_transfer_briefs_the_person_then_joins_a_conference(plivo: Fa
         briefing = runtime.settings.transfer.briefing.replace("{summary}", summary)
         assert [t.text for t in person_call.transcript if t.speaker == "bot"] == [briefing]
         heard = person.streams[0].heard_pcm()
-        assert len(heard) / 16000 > 3.0 and rms(heard) > 300, "the person heard the briefing on their stream"
+        assert len(heard) / 16000 > 0.8 and rms(heard) > 300, "the person heard the briefing on their stream"
         room = f"voicecall-{call.callId}"
         for leg, record in ((person, person_call), (plivo_call, call)):
             [move] = plivo.rest("POST", f"/Call/{leg.uuid}/")
