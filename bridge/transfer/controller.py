@@ -280,6 +280,8 @@ class TransferController:
             await host.end_call_as(leg, CallState.HANGUP_BOT)
             await self._back_to_caller(run, TransferOutcome.FAILED, "no media on one of the legs to relay")
             return
+        for voice in (caller_voice, person_voice):
+            voice.muted = True  # a speech-to-speech model stays out of the two people's conversation
         run.relay = AudioRelay(caller_voice.bridge, person_voice.bridge, host.clock)
         run.relay.start()
         host.transition(call, CallState.TRANSFERRING)
