@@ -127,3 +127,20 @@ async def test_the_caller_hanging_up_mid_transfer_settles_it(tmp_path: Path) -> 
     assert record.outcome == "failed" and record.error == "the caller's call ended"
     assert manager.calls[call_id].state == CallState.HANGUP_USER
     await manager.stop()
+
+
+async def test_a_restart_mid_transfer_applies_the_carriers_outcome(tmp_path: Path) -> None:
+    manager, carrier, clock, call_id = await answered(tmp_path)
+    pending = asyncio.ensure_future(manager.transfer(call_id, "+15550009999"))
+    await settle()
+    assert manager.calls[call_id].state == CallState.TRANSFERRING
+    pending.cancel()
+    await manager.stop()
+    # the bridge comes back: the call is restored `transferring`, then the carrier's word arrives
+    restarted = CallManager(manager.settings, carrier, clock=clock, store=CallStore(tmp_path))
+    await restarted.start()
+    call = restarted.calls[call_id]
+    assert call.state == CallState.TRANSFERRING and call.transfer is not None and call.transfer.outcome is None
+    restarted.process_event(CallEvent(EventType.TRANSFER, call_id=call_id, outcome="completed"))
+    assert call.state == CallState.TRANSFERRED and call.transfer.outcome == "completed"
+    await restarted.stop()
