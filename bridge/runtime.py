@@ -129,6 +129,12 @@ class PersonLegVoices:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
+    def __setattr__(self, name: str, value: Any) -> None:  # e.g. `toolbox_for`: set on the realtime factory
+        if name in ("_inner", "_briefing"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._inner, name, value)
+
 
 class Runtime:
     def __init__(self, settings: Settings, *, clock: Clock | None = None, carrier: Carrier | None = None,
