@@ -110,6 +110,7 @@ class AsteriskCarrier(Carrier):
     name: ClassVar[str] = "asterisk"
     streams_media: ClassVar[bool] = True
     media_always: ClassVar[bool] = True
+    sends_dtmf: ClassVar[bool] = True  # POST /channels/{id}/dtmf: Asterisk sends RFC 4733 itself
     reports_dtmf: ClassVar[bool] = True  # ChannelDtmfReceived
 
     def __init__(self, settings: AsteriskSettings) -> None:

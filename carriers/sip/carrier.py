@@ -104,6 +104,7 @@ class SipCarrier(Carrier):
     name: ClassVar[str] = "sip"
     streams_media: ClassVar[bool] = True
     media_always: ClassVar[bool] = True
+    sends_dtmf: ClassVar[bool] = True  # RFC 4733 telephone-events, also while the media leg runs
 
     def __init__(self, settings: SipSettings | None = None) -> None:
         """`settings` is the config's `sip` section; None = take `host.settings.sip` at start."""
