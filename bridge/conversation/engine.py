@@ -22,6 +22,7 @@ from bridge.conversation.messages import chat_messages
 from bridge.conversation.segmenter import Segmenter, speakable
 from bridge.conversation.speech import SpeechMarks, StreamedSpeech, speak_stream
 from bridge.conversation.tools import CallToolbox, ToolCall, ToolOutcome, ToolSettings
+from bridge.transfer.tool import register_transfer_tool
 from media.clock import Clock
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,9 @@ class ConversationEngine:
         box = self._toolboxes.get(call_id)
         if box is None:
             box = self._toolboxes[call_id] = CallToolbox(call_id, host, self.tool_settings, clock=host.clock)
+            transfers = getattr(host, "transfers", None)  # the manager's TransferController
+            if transfers is not None:
+                register_transfer_tool(box, transfers)
         return box
 
     def forget(self, call_id: str) -> None:
