@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bridge.calls import CallState, EventType
 from carriers.base import OutboundRequest
 from carriers.sip.settings import SipSettings
-from tests.harness import wait_for
+from tests.harness import run_bridge, wait_for
 from tests.peers.harness import running_carrier, skip_reason
 from tests.peers.ports import bridge_rtp, bridge_sip, rtp_listener, sipp_media, sipp_uas
 from tests.peers.rtp import KeyPress, RtpSink
@@ -69,3 +70,35 @@ async def test_send_dtmf_goes_out_as_rfc4733_events(tmp_path: Path, workers: int
 def sink_port(sink: RtpSink) -> int:
     assert sink.transport is not None
     return int(sink.transport.get_extra_info("sockname")[1])
+def _config() -> dict[str, Any]:
+    return {
+        "provider": "sip",
+        "sip": {"bindAddress": "127.0.0.1", "port": bridge_sip(), "rtpPortStart": bridge_rtp(), "rtpPortRange": 100},
+        "streaming": {"enabled": True, "provider": "none"},
+        "tts": {"provider": "espeak"},
+        "outbound": {"defaultMode": "notify", "notifyHangupDelaySec": 1},
+    }
+
+
+async def test_dtmf_sequence_after_answer_with_a_pause(tmp_path: Path) -> None:
+    sink = await RtpSink.open(rtp_listener())
+    try:
+        async with run_bridge(_config(), tmp_path / "store") as runtime:
+            sipp, uri = await _callee(tmp_path, sink_port(sink))
+            call = await runtime.manager.initiate(uri, "Extension dialled.", "notify", dtmf_sequence="12w3")
+            presses = await _presses(sink, 3)
+            await wait_for(lambda: call.terminal, 20)
+            assert call.state is CallState.HANGUP_BOT, call
+            assert call.metadata.get("dtmfSequenceSent") is True
+            result = await sipp
+            assert result.ok, result.errors[-2000:] or result.output[-2000:]
+    finally:
+        sink.close()
+    assert [p.digit for p in presses] == ["1", "2", "3"] and all(p.ended for p in presses), presses
+    one_after_two = presses[1].started_at - presses[0].started_at
+    pause = presses[2].started_at - (presses[1].started_at + 0.2)  # from the end of "2" (200 ms) to "3"
+    # "12" is one dialDtmf: 2 follows right after 1; `w` is 0.5 s of quiet once "12" is out.
+    assert one_after_two < 0.3, one_after_two
+    assert 0.5 <= pause < 1.0, pause
+    print(f"\n[sip keys out] 1->2 {one_after_two * 1000:.0f} ms apart; quiet between 2 and 3 across `w`: "
+          f"{pause * 1000:.0f} ms")

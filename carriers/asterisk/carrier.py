@@ -234,6 +234,9 @@ class AsteriskCarrier(Carrier):
             json_body={"dtmf": digits, "duration": s.dtmfDurationMs, "between": s.dtmfGapMs}, ok_statuses=(404,))
         if result.status == 404:
             raise CarrierError("asterisk: the call is gone")
+        # ARI answers at once and Asterisk plays the digits on the channel's own thread: return when they
+        # are out, so a `w` pause of a dtmfSequence starts after the keys, not during them.
+        await self.host.clock.sleep((len(digits) * s.dtmfDurationMs + (len(digits) - 1) * s.dtmfGapMs) / 1000)
 
     async def transfer_cold(self, call: CallRecord, to: str) -> None:
         """Originate the person into our app; the outcome follows from that channel's events."""

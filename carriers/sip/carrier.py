@@ -59,6 +59,11 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 
 log = logging.getLogger("voicecall.sip")
 
+# Call.dialDtmf queues the digits and returns; each then takes pjmedia's PJMEDIA_DTMF_DURATION (200 ms)
+# plus its end-bit packets (3 frames). send_dtmf returns once they are out, so a `w` pause of a
+# dtmfSequence starts after the keys, not during them.
+DIGIT_PLAYOUT_S = 0.26
+
 
 # ----------------------------------------------------------------------------- the carrier
 
@@ -287,6 +292,7 @@ class SipCarrier(Carrier):
         if agent is None:
             raise CarrierError("sip: call is gone")
         await agent.dial_dtmf(leg.pid, digits)
+        await self.host.clock.sleep(len(digits) * DIGIT_PLAYOUT_S)
 
     async def transfer_cold(self, call: CallRecord, to: str) -> None:
         """REFER the far end to `to`; the outcome comes from the NOTIFYs (`_on_transfer`). On success
