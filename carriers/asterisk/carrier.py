@@ -268,7 +268,7 @@ class AsteriskCarrier(Carrier):
 
     async def join_legs(self, call: CallRecord, person: CallRecord) -> bool:
         """Warm transfer's last step, natively: the person's channel moves into the caller's bridge;
-        the bot's ExternalMedia channels and the person's bridge go. Both calls end `transferred`."""
+        the bot's ExternalMedia channels and the person's bridge go. The manager ends both calls."""
         caller, callee = self._legs.live_for(call), self._legs.live_for(person)
         if caller is None or callee is None or caller.bridge_id is None or not (caller.attached and callee.attached):
             raise CarrierError("asterisk: both calls must be up to join them")
@@ -415,7 +415,9 @@ class AsteriskCarrier(Carrier):
 
     def _hand_off(self, leg: _Leg, joined: _Joined) -> None:
         """The bridge leaves this call: its phone channel stays up in `joined`'s bridge; our media
-        channel (and the leg's own bridge, if that is another one) go; the call ends `transferred`."""
+        channel (and the leg's own bridge, if that is another one) go. No call.ended: the manager
+        ends the call `transferred` on the transfer's outcome (an end event before that outcome was
+        handled would read as the caller hanging up)."""
         for cid in joined.channels:
             self._joined[cid] = joined
         media_id = leg.media_id
@@ -424,7 +426,7 @@ class AsteriskCarrier(Carrier):
             self._media_channels.pop(media_id, None)  # its end is ours, not a lost leg
         leg.media_id = leg.bridge_id = None  # so _end tears nothing of the joined call down
         leg.local_reason = CallState.TRANSFERRED
-        self._end(leg, CallState.TRANSFERRED)
+        self._end(leg, CallState.TRANSFERRED, announce=False)
         self._tasks.spawn(self._discard(media_id, own_bridge))
 
     def _joined_gone(self, cid: str) -> None:
@@ -562,7 +564,7 @@ class AsteriskCarrier(Carrier):
         leg.local_reason = CallState.NO_ANSWER if leg.direction is Direction.OUTBOUND else None
         self._tasks.spawn(self._delete_channel(leg.id, CAUSE_NO_ANSWER))
 
-    def _end(self, leg: _Leg, reason: CallState) -> None:
+    def _end(self, leg: _Leg, reason: CallState, *, announce: bool = True) -> None:
         if leg.ended:
             return
         leg.ended = True
@@ -579,7 +581,8 @@ class AsteriskCarrier(Carrier):
         self._forget(leg)
         if leg.media_id is not None or leg.bridge_id is not None:
             self._tasks.spawn(self._teardown(leg))
-        self._emit(leg, EventType.ENDED, reason=reason)
+        if announce:
+            self._emit(leg, EventType.ENDED, reason=reason)
 
     def _release_transport(self, leg: _Leg) -> None:
         if leg.transport is not None:
