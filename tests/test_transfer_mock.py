@@ -27,12 +27,12 @@ BASE: dict[str, Any] = {
     "provider": "mock", "fromNumber": "+15550001234", "toNumber": "+15550005678", "maxConcurrentCalls": 2,
     "streaming": {"enabled": True, "provider": "none"}, "tts": {"provider": "espeak"},
     "responseModel": "offline", "mock": FAST_MOCK, "outbound": {"notifyHangupDelaySec": 1},
-    "transfer": {"ringTimeoutMs": 5000, "outcomeTimeoutMs": 5000}}
+    "transfer": {"ringTimeoutMs": 5000, "outcomeTimeoutMs": 5000, "holdMessage": "One moment.", "briefing": "{summary}", "failureMessage": "Sorry, {reason}."}}
 
 
 async def live_call(runtime: Any) -> Any:
     result = await rpc_client(runtime).call("voicecall.initiate", {
-        "to": "+15550007777", "message": "Hi, this is the clinic.", "mode": "conversation"})
+        "to": "+15550007777", "message": "Hi.", "mode": "conversation"})
     call = runtime.manager.calls[result["callId"]]
     await wait_for(lambda: call.state == CallState.LISTENING, timeout=20)
     return call
@@ -118,7 +118,7 @@ def best_correlation(heard: np.ndarray, ref: np.ndarray) -> float:
 
 
 async def test_warm_transfer_briefs_the_person_then_relays_the_caller(tmp_path: Path) -> None:
-    summary = "Sam wants to move his Thursday appointment."
+    summary = "Sam, about Thursday."
     async with run_bridge(BASE, tmp_path) as runtime:
         call = await live_call(runtime)
         result = await rpc_client(runtime).call("voicecall.transfer", {

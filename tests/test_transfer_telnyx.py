@@ -33,7 +33,7 @@ def config(fake: FakeTelnyx) -> dict[str, Any]:
             "outbound": {"notifyHangupDelaySec": 1},
             "streaming": {"enabled": True, "provider": "none", "disconnectGraceMs": 500},
             "tts": {"provider": "espeak"}, "responseModel": "offline", "telnyx": fake.config(),
-            "transfer": {"ringTimeoutMs": 20_000, "outcomeTimeoutMs": 20_000}}
+            "transfer": {"ringTimeoutMs": 20_000, "outcomeTimeoutMs": 20_000, "holdMessage": "One moment.", "briefing": "{summary}", "failureMessage": "Sorry, {reason}."}}
 
 
 def rms(pcm: bytes) -> float:
@@ -42,7 +42,7 @@ def rms(pcm: bytes) -> float:
 
 
 async def live_call(runtime: Any, fake: FakeTelnyx) -> tuple[Any, Any]:
-    result = await rpc_client(runtime).call("voicecall.initiate", {"message": "Hi, the clinic here.",
+    result = await rpc_client(runtime).call("voicecall.initiate", {"message": "Hi.",
                                                                     "mode": "conversation"})
     call = runtime.manager.calls[result["callId"]]
     await wait_for(lambda: call.state == CallState.LISTENING, timeout=20)
@@ -81,12 +81,12 @@ async def test_cold_transfer_to_a_busy_person_keeps_the_call(fake: FakeTelnyx, t
         await wait_for(lambda: call.state == CallState.LISTENING, timeout=20)
         assert "busy" in call.transcript[-1].text
         heard = stream.heard_now()[before:]
-        assert len(heard) / 16000 > 1.0 and rms(heard) > 300, "the caller heard why, on the same stream"
+        assert len(heard) / 16000 > 0.5 and rms(heard) > 300, "the caller heard why, on the same stream"
         assert telnyx_call.alive and not call.terminal
 
 
 async def test_warm_transfer_dials_with_link_to_briefs_then_bridges(fake: FakeTelnyx, tmp_path: Path) -> None:
-    summary = "Sam wants to move his Thursday appointment."
+    summary = "Sam, about Thursday."
     async with run_bridge(config(fake), tmp_path) as runtime:
         call, telnyx_call = await live_call(runtime, fake)
         result = await rpc_client(runtime).call("voicecall.transfer", {
@@ -99,7 +99,7 @@ async def test_warm_transfer_dials_with_link_to_briefs_then_bridges(fake: FakeTe
         assert [t.text for t in person_call.transcript if t.speaker == "bot"] == [briefing]
         assert person.stream is not None
         heard = person.stream.heard_now()
-        assert len(heard) / 16000 > 3.0 and rms(heard) > 300, "the person heard the briefing on their call's stream"
+        assert len(heard) / 16000 > 0.8 and rms(heard) > 300, "the person heard the briefing on their call's stream"
         [bridge] = actions(fake, telnyx_call.ccid, "bridge")
         assert bridge["call_control_id"] == person.ccid
         assert fake.bridges == [(telnyx_call.ccid, person.ccid)]

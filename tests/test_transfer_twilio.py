@@ -34,7 +34,7 @@ def config(fake: FakeTwilio) -> dict[str, Any]:
         "outbound": {"notifyHangupDelaySec": 1},
         "twilio": {"accountSid": fake.account_sid, "authToken": fake.auth_token, "apiBaseUrl": fake.api_base_url},
         "streaming": {"enabled": True, "provider": "none"}, "tts": {"provider": "espeak"}, "responseModel": "offline",
-        "transfer": {"ringTimeoutMs": 20_000, "outcomeTimeoutMs": 20_000},
+        "transfer": {"ringTimeoutMs": 20_000, "outcomeTimeoutMs": 20_000, "holdMessage": "One moment.", "briefing": "{summary}", "failureMessage": "Sorry, {reason}."},
     }
 
 
@@ -45,7 +45,7 @@ async def fake() -> AsyncIterator[FakeTwilio]:
 
 
 async def live_call(runtime: Any, fake: FakeTwilio) -> tuple[Any, Any]:
-    result = await rpc_client(runtime).call("voicecall.initiate", {"message": "Hi, the clinic here.",
+    result = await rpc_client(runtime).call("voicecall.initiate", {"message": "Hi.",
                                                                     "mode": "conversation"})
     call = runtime.manager.calls[result["callId"]]
     await wait_for(lambda: call.state == CallState.LISTENING, timeout=20)
@@ -96,7 +96,7 @@ async def test_cold_transfer_to_a_busy_person_restores_the_stream(fake: FakeTwil
         assert "busy" in call.transcript[-1].text
         await twilio_call.streams[-1].wait_quiet(0.3)
         heard = twilio_call.streams[-1].heard_pcm()
-        assert len(heard) / 16000 > 1.0 and rms(heard) > 300, "the caller heard the failure message on the new stream"
+        assert len(heard) / 16000 > 0.5 and rms(heard) > 300, "the caller heard the failure message on the new stream"
         assert not call.terminal and call.transfer.outcome == "busy"
         await rpc_client(runtime).call("voicecall.end", {"callId": call.callId})
         assert call.state == CallState.HANGUP_BOT
@@ -104,7 +104,7 @@ async def test_cold_transfer_to_a_busy_person_restores_the_stream(fake: FakeTwil
 
 async def test_warm_transfer_briefs_the_person_then_joins_a_conference(fake: FakeTwilio, tmp_path: Path) -> None:
     fake.scripts[PERSON] = CallerScript()
-    summary = "Sam wants to move his Thursday appointment."
+    summary = "Sam, about Thursday."
     async with run_bridge(config(fake), tmp_path) as runtime:
         call, twilio_call = await live_call(runtime, fake)
         result = await rpc_client(runtime).call("voicecall.transfer", {
@@ -119,7 +119,7 @@ async def test_warm_transfer_briefs_the_person_then_joins_a_conference(fake: Fak
         briefing = runtime.settings.transfer.briefing.replace("{summary}", summary)
         assert [t.text for t in person_call.transcript if t.speaker == "bot"] == [briefing]
         heard = person_twilio.streams[0].heard_pcm()
-        assert len(heard) / 16000 > 3.0 and rms(heard) > 300
+        assert len(heard) / 16000 > 0.8 and rms(heard) > 300
         # then both calls into one conference: the person's first, then the caller's
         name = f"voicecall-{call.callId}"
         expected = {"startConferenceOnEnter": "true", "endConferenceOnExit": "true", "beep": "false", "waitUrl": ""}

@@ -172,16 +172,24 @@ class ConversationEngine:
                                                         SpeechMarks(on_piece, first_byte, first_audio)))
         tools: list[tuple[ToolCall, asyncio.Task[ToolOutcome]]] = []
 
-        def start_tools() -> None:
-            if tools or not done.done() or done.cancelled():
+        started: set[int] = set()
+
+        def start_tools(speech_over: bool = False) -> None:
+            """Tools start as soon as the model's reply is complete; those that change the line
+            (transfer_call) wait until the caller heard the words before them."""
+            if not done.done() or done.cancelled():
                 return
-            tools.extend((c, asyncio.ensure_future(box.run(c))) for c in done.result())
+            for index, c in enumerate(done.result()):
+                if index in started or (box.after_speech(c.name) and not speech_over):
+                    continue
+                started.add(index)
+                tools.append((c, asyncio.ensure_future(box.run(c))))
 
         try:
             await asyncio.wait([speech, done], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
             start_tools()
             spoken = await speech
-            start_tools()
+            start_tools(speech_over=not spoken.interrupted and spoken.error is None)
         except asyncio.CancelledError:
             for _, task in tools:
                 task.cancel()

@@ -79,6 +79,8 @@ class TransferHost(Protocol):
 
     def summary_model(self) -> ChatModel | None: ...
 
+    async def wait_new_media(self, call: CallRecord, old: Any) -> None: ...
+
 
 @dataclass(eq=False)
 class _Run:
@@ -91,6 +93,7 @@ class _Run:
     leg_ended: asyncio.Future[None] | None = None
     relay: AudioRelay | None = None
     task: asyncio.Task[Any] | None = None
+    old_voice: Any = None  # cold: the caller's voice before the carrier's <Dial> ended its stream
     finished: asyncio.Future[TransferRecord] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -203,6 +206,7 @@ class TransferController:
 
     async def _cold(self, run: _Run) -> None:
         host, call = self._host, run.call
+        run.old_voice = host.voice(call.callId)
         try:
             await host.carrier.transfer_cold(call, run.request.to)
         except CarrierError as exc:
@@ -334,6 +338,8 @@ class TransferController:
         self._settle(run, outcome, error)
         if call.terminal:
             return
+        if run.old_voice is not None and host.carrier.transfer_ends_stream:
+            await host.wait_new_media(call, run.old_voice)  # the stream the carrier opens again
         await self._say(call, failure_text(host.settings.transfer.failureMessage, outcome))
         if not call.terminal:
             host.transition(call, CallState.LISTENING)

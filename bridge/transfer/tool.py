@@ -34,4 +34,4 @@ def register_transfer_tool(box: CallToolbox, transfers: Transfers) -> None:
         return ToolOutcome(f"The transfer did not go through ({record.outcome}); the caller has been told. "
                            "Carry on helping them.")
 
-    box.register(TRANSFER_CALL, handler)
+    box.register(TRANSFER_CALL, handler, after_speech=True)

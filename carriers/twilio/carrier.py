@@ -115,6 +115,7 @@ class TwilioCarrier(Carrier):
     name = "twilio"
     signature_headers = (SIGNATURE_HEADER,)
     streams_media = True
+    transfer_ends_stream = True
     reports_dtmf = True
 
     def __init__(self, settings: Settings) -> None:
