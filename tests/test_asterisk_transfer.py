@@ -5,6 +5,7 @@ bridge left behind being cleaned up when either side hangs up, and DTMF with dur
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -180,3 +181,28 @@ async def test_keys_out_with_duration_and_gap(fake: FakeAsterisk) -> None:
         pid = await _caller(fake, host)
         await carrier.send_dtmf(host.by_pid[pid], "12#")
         assert fake.channels[pid].dtmf_sent == [{"dtmf": "12#", "duration": 160, "between": 80}]
+
+
+async def test_hang_ups_missed_while_the_events_socket_was_down_are_caught_up(fake: FakeAsterisk) -> None:
+    """A joined pair whose person hung up, and a transfer whose person's phone vanished, while no
+    events came: the check after reconnecting ends the other side / reports the transfer failed."""
+    async with running(fake) as (host, carrier):
+        joined_caller = await _caller(fake, host)
+        await carrier.transfer_cold(host.by_pid[joined_caller], PERSON)
+        joined_person = fake.originated()[0]
+        fake.answer(joined_person.id)
+        await host.wait_for(EventType.TRANSFER, joined_caller)
+        waiting_caller = await _caller(fake, host)
+        await carrier.transfer_cold(host.by_pid[waiting_caller], "+15550000007")
+        ringing = fake.originated()[-1]
+        fake.ring(ringing.id)
+        fake.events_down = True
+        await fake.drop_events()
+        await asyncio.sleep(0.3)
+        fake.hangup(joined_person.id)  # both lost: nobody listens
+        fake.busy(ringing.id)
+        fake.events_down = False
+        outcome = (await host.wait_for(EventType.TRANSFER, waiting_caller, timeout=15))[0]
+        assert outcome.outcome == TransferOutcome.FAILED and "events socket was down" in (outcome.error or "")
+        await wait_for(lambda: joined_caller not in fake.channels, timeout=5)  # not left alone in the bridge
+        assert waiting_caller in fake.channels and not host.of_type(EventType.ENDED, waiting_caller)

@@ -446,7 +446,23 @@ class AsteriskCarrier(Carrier):
 
     async def _resync(self) -> None:
         """After a reconnect: a channel that vanished while we were not listening has ended; an
-        originated one that was answered meanwhile gets its media now."""
+        originated one that was answered meanwhile gets its media now. The same for the people of
+        transfers (gone: failed; answered: joined) and for joined pairs (one gone: end the other)."""
+        for cid in [*self._transfers, *self._joined]:
+            try:
+                result = await self._http.request("GET", f"/channels/{_q(cid)}", ok_statuses=(404,))
+            except CarrierError as exc:
+                log.warning("asterisk: cannot check channel %s after reconnect: %s", cid, exc)
+                continue
+            xfer = self._transfers.get(cid)
+            if xfer is not None:
+                if result.status == 404:
+                    self._transfer_event(xfer, {"type": "ChannelDestroyed", "cause": None,
+                                                "cause_txt": "ended while the events socket was down"})
+                elif isinstance(result.body, dict) and result.body.get("state") == "Up":
+                    self._transfer_event(xfer, {"type": "StasisStart", "channel": result.body})
+            elif cid in self._joined and result.status == 404:
+                self._joined_gone(cid)
         for leg in [leg for leg in self._legs.live.values() if not leg.ended]:
             try:
                 result = await self._http.request("GET", f"/channels/{_q(leg.id)}", ok_statuses=(404,))
