@@ -206,3 +206,13 @@ async def test_hang_ups_missed_while_the_events_socket_was_down_are_caught_up(fa
         assert outcome.outcome == TransferOutcome.FAILED and "events socket was down" in (outcome.error or "")
         await wait_for(lambda: joined_caller not in fake.channels, timeout=5)  # not left alone in the bridge
         assert waiting_caller in fake.channels and not host.of_type(EventType.ENDED, waiting_caller)
+
+
+def test_keys_out_timing_is_checked_in_the_config() -> None:
+    from bridge.config import ConfigError, build_settings
+
+    base = {"provider": "asterisk", "asterisk": {"username": "u", "password": "p"}}
+    assert build_settings(base, {}).asterisk.dtmfGapMs == 100
+    for key, value in (("dtmfDurationMs", 10), ("dtmfGapMs", -1)):
+        with pytest.raises(ConfigError, match=f"asterisk.{key}: Input should be greater than or equal to"):
+            build_settings({**base, "asterisk": {**base["asterisk"], key: value}}, {})
