@@ -129,3 +129,21 @@ async def test_warm_transfer_briefs_the_person_then_asterisk_joins_them(tmp_path
         assert not fake.calls_to("DELETE", f"/ari/channels/{person.id}")
         fake.hangup(person.id)
         await wait_for(lambda: not fake.channels and not fake.bridges)
+
+
+async def test_warm_transfer_to_a_busy_person_comes_back_to_the_caller(tmp_path: Path, fake: FakeAsterisk,
+                                                                       openai: FakeOpenAI) -> None:
+    async with run_bridge(config(fake, openai), tmp_path) as runtime:
+        call, phone = await _live_call(runtime, fake)
+        task = asyncio.ensure_future(rpc_client(runtime).call(
+            "voicecall.transfer", {"callId": call.callId, "to": PERSON, "mode": "warm", "summary": "A question."}))
+        person = await _person(fake)
+        fake.busy(person.id)
+        result = await task
+        assert not result["success"] and result["outcome"] == "busy", result
+        await wait_for(lambda: call.state == CallState.LISTENING, timeout=10)
+        assert runtime.manager.calls[call.transfer.personCallId].state is CallState.BUSY
+        bridge = fake.bridge_of(phone.id)
+        assert bridge is not None and len(bridge.channels) == 2  # still the caller and the bot's media
+        await rpc_client(runtime).call("voicecall.end", {"callId": call.callId})
+        await wait_for(lambda: not fake.channels and not fake.bridges)
