@@ -170,3 +170,36 @@ async def test_warm_transfer_nobody_answers_back_to_the_caller(tmp_path: Path) -
         person_call = runtime.manager.calls[call.transfer.personCallId]
         assert person_call.state == CallState.NO_ANSWER
         assert not call.terminal
+
+
+async def test_warm_transfer_in_speech_to_speech_mode_mutes_the_model(tmp_path: Path) -> None:
+    """The person's call gets a plain TTS voice for the briefing (no realtime session of its own), and
+    once the two are relayed the caller's model hears nothing more."""
+    from bridge.voice import CallVoice
+    from tests.fakes.openai_realtime_server import FakeOpenAIRealtime
+
+    rt = await FakeOpenAIRealtime(transcripts=[], replies=[]).start()
+    try:
+        config = {**BASE, "realtime": {"enabled": True, "provider": "openai", "apiKey": rt.api_key,
+                                       "baseUrl": rt.base_url, "model": "gpt-realtime", "instructions": "Be brief."}}
+        async with run_bridge(config, tmp_path) as runtime:
+            result = await rpc_client(runtime).call("voicecall.initiate", {"message": "Hi.", "mode": "conversation"})
+            call = runtime.manager.calls[result["callId"]]
+            await wait_for(lambda: call.state == CallState.LISTENING, timeout=20)
+            result = await rpc_client(runtime).call("voicecall.transfer", {
+                "callId": call.callId, "to": "+15550000006", "mode": "warm", "summary": "Sam, about Thursday."})
+            assert result["transfer"]["joined"] == "relay"
+            person_call = runtime.manager.calls[call.transfer.personCallId]
+            assert isinstance(runtime.manager.voice(person_call.callId), CallVoice)
+            assert len(rt.sessions) == 1, "only the caller's call has a model session"
+            caller_voice = runtime.manager.voice(call.callId)
+            assert caller_voice.muted
+            appended = rt.sessions[0].appends
+            caller = runtime.carrier.callee(call.callId)
+            person = runtime.carrier.callee(person_call.callId)
+            briefed = len(person.heard)
+            await caller.play(tone(700, 0.6), 8000)
+            await wait_for(lambda: len(person.heard) - briefed >= 8000 * 2 * 0.5, timeout=10)
+            assert rt.sessions[0].appends == appended, "the muted model got none of the caller's words"
+    finally:
+        await rt.stop()

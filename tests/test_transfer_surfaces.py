@@ -84,3 +84,29 @@ async def test_cli_and_agent_tool_transfer(tmp_path: Path) -> None:
         assert call.state == CallState.TRANSFERRED
         proc = await asyncio.to_thread(cli, "status", "--call-id", call.callId, "--json", url=url)
         assert json.loads(proc.stdout)["call"]["transfer"]["outcome"] == "completed"
+
+
+async def test_the_model_asks_for_a_warm_transfer_and_writes_the_briefing(tmp_path: Path, fake: FakeOpenAI) -> None:
+    fake.chat_script = [ChatReply("Let me get a nurse.", tool_calls=[("transfer_call",
+                                                                     '{"to": "+15550000006", "mode": "warm"}')]),
+                        ChatReply("Sam needs a nurse about a prescription.")]
+    config = {
+        "provider": "mock", "fromNumber": "+15550001234", "toNumber": "+15550005678",
+        "streaming": {"enabled": True, "provider": "none"},
+        "tts": {"provider": "openai", "openai": {"apiKey": fake.api_key, "baseUrl": fake.base_url}},
+        "responseModel": "openai/gpt-4o-mini", "responseBaseUrl": fake.base_url, "responseApiKey": fake.api_key,
+        "mock": {**FAST_MOCK, "calleeScript": ["I need a nurse about my prescription."]}, "transfer": TRANSFER,
+    }
+    async with run_bridge(config, tmp_path) as runtime:
+        result = await rpc_client(runtime).call("voicecall.initiate", {"message": "Hi.", "mode": "conversation"})
+        call = runtime.manager.calls[result["callId"]]
+        await wait_for(lambda: call.transfer is not None and call.transfer.outcome == "completed", timeout=30)
+        assert call.transfer.summary == "Sam needs a nurse about a prescription."
+        summary_request = fake.chat_requests[1]["messages"]
+        assert summary_request[0]["content"].startswith("You hand a phone caller over to a colleague")
+        assert "Caller: I need a nurse about my prescription." in summary_request[1]["content"]
+        person_call = runtime.manager.calls[call.transfer.personCallId]
+        assert [t.text for t in person_call.transcript if t.speaker == "bot"] == [
+            "Sam needs a nurse about a prescription."]
+        assert call.state == CallState.TRANSFERRING and call.transfer.joined == "relay"
+        assert len(fake.chat_requests) == 2, "the model stays quiet once the caller is with the person"

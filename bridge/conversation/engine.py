@@ -110,6 +110,8 @@ class ConversationEngine:
             outcome = await self._one_reply(call, host, stream, box, timing, heard_at)
             if outcome is None:
                 return
+            if call.state == CallState.TRANSFERRING:
+                return  # handed to a person (relayed) or being handed over: the model stays quiet
             if any(o.end_call for o in outcome):
                 if not call.terminal:
                     await host.hangup(call)

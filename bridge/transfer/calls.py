@@ -70,7 +70,11 @@ class TransferCalls(Turns):
         return self._spawn(coro, name)
 
     def summary_model(self) -> ChatModel | None:
-        return self.conversation.model if self.conversation is not None else None
+        """The conversation's model writes the briefing; the offline one cannot (it only echoes)."""
+        from bridge.conversation.chat import OfflineChatModel
+
+        model = self.conversation.model if self.conversation is not None else None
+        return None if isinstance(model, OfflineChatModel) else model
 
     async def wait_new_media(self, call: CallRecord, old: CallVoice) -> None:
         """Until a media leg other than `old` is attached (the carrier re-opened the stream)."""

@@ -154,10 +154,34 @@ class TransferController:
     def on_outcome(self, call: CallRecord, outcome: str | None, error: str | None = None) -> None:
         """The carrier's word on a cold transfer (`EventType.TRANSFER`)."""
         run = self._runs.get(call.callId)
+        if run is None and call.state == CallState.TRANSFERRING and call.transfer is not None \
+                and call.transfer.outcome is None:
+            self._restored_outcome(call, call.transfer, parse_outcome(outcome), error)
+            return
         if run is None or run.outcome.done():
             log.info("call %s: transfer outcome %s with no transfer waiting", call.callId, outcome)
             return
         run.outcome.set_result((parse_outcome(outcome), error))
+
+    def _restored_outcome(self, call: CallRecord, record: TransferRecord, outcome: TransferOutcome,
+                          error: str | None) -> None:
+        """A cold transfer that was under way when the bridge restarted: apply the carrier's word."""
+        host = self._host
+        record.outcome, record.error, record.endedAt = outcome.value, error, host.clock.time()
+        host.publish("call.transfer", call, phase="outcome", outcome=outcome.value, to=record.to, error=error)
+        if outcome == TransferOutcome.COMPLETED:
+            call.metadata["transferredTo"] = record.to
+            host.finish(call, CallState.TRANSFERRED)
+            return
+        host.save(call)
+
+        async def resume() -> None:
+            await self._say(call, failure_text(host.settings.transfer.failureMessage, outcome))
+            if not call.terminal:
+                host.transition(call, CallState.LISTENING)
+                host.save(call)
+
+        host.spawn(resume(), f"transfer-resume-{call.callId}")
 
     def on_leg_answered(self, leg: CallRecord) -> None:
         run = self._by_leg.get(leg.callId)
@@ -280,6 +304,8 @@ class TransferController:
             await host.end_call_as(leg, CallState.HANGUP_BOT)
             await self._back_to_caller(run, TransferOutcome.FAILED, "no media on one of the legs to relay")
             return
+        for voice in (caller_voice, person_voice):
+            voice.muted = True  # a speech-to-speech model stays out of the two people's conversation
         run.relay = AudioRelay(caller_voice.bridge, person_voice.bridge, host.clock)
         run.relay.start()
         host.transition(call, CallState.TRANSFERRING)
