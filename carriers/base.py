@@ -337,6 +337,10 @@ class Carrier(ABC):
     async def stop_listening(self, call: CallRecord) -> None:
         return None
 
+    # Keys out: True where `send_dtmf` is the carrier's own (REST/RFC 4733) and used even while a media
+    # leg is up; False: the manager plays the digits as in-band tones on the call's media pipeline.
+    sends_dtmf: ClassVar[bool] = False
+
     async def send_dtmf(self, call: CallRecord, digits: str) -> None:
         raise CarrierError(f"{self.name}: sending DTMF is not supported")
 
