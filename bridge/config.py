@@ -672,7 +672,9 @@ def parse_text(text: str, source: str) -> dict[str, Any]:
 
             data = json5.loads(text)
         else:
-            data = yaml.safe_load(text)
+            # libyaml when PyYAML has it: the pure-Python scanner is quadratic on deeply nested flow
+            # collections (`[[[[...`), seconds for one bad file
+            data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # either is a safe loader
     except Exception as exc:  # noqa: BLE001 - parser errors vary by library; report them as config errors
         raise ConfigError([f"{source}: not valid {'JSON5' if source.endswith(('.json', '.json5')) else 'YAML'}"
                            f"{_where(exc)}"]) from None
