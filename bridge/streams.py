@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from bridge.ws_inline import InlineWebSocketResponse
 from carriers.base import (
     MediaStreamCodec,
     StreamDtmf,
@@ -32,7 +33,6 @@ from carriers.base import (
     StreamStop,
 )
 from media.formats import AudioFormat
-from bridge.ws_inline import InlineWebSocketResponse
 from media.untrusted import MAX_DEPTH, too_deep
 
 if TYPE_CHECKING:

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 OnText = Callable[[str], bool]
 
 
-class _InlineQueue(WebSocketDataQueue):  # type: ignore[misc]
+class _InlineQueue(WebSocketDataQueue):
     """aiohttp's message queue, which first offers a text message to `on_text` when nothing is
     queued ahead of it (order is kept); `on_text` returns False to have it queued as usual."""
 
@@ -50,9 +50,11 @@ class InlineWebSocketResponse(web.WebSocketResponse):
         super()._post_start(request, protocol, writer)
         if not fresh:
             return
+        old, loop = self._reader, self._loop
+        if old is None or loop is None:
+            return
         try:
-            old = self._reader
-            queue = _InlineQueue(handler, old._limit // 2, loop=self._loop)  # noqa: SLF001 - _limit is 2 x limit
+            queue = _InlineQueue(handler, old._limit // 2, loop=loop)  # noqa: SLF001 - _limit is 2 x limit
             parser = WebSocketReader(queue, self._max_msg_size, compress=bool(self._compress),
                                      decode_text=self._decode_text)
             if handler is None or handler._payload_parser is not self._parser:  # noqa: SLF001
