@@ -123,6 +123,25 @@ def twilio_messages(secs: float) -> tuple[float, float]:
 _FRAMES: tuple[object, list[str]] | None = None
 
 
+def outbound_builds(secs: float) -> list[tuple[str, float]]:
+    """One outbound 40 ms media message built by the Telnyx and Plivo codecs (best of 5)."""
+    from carriers.plivo.protocol import PlivoStreamCodec
+    from carriers.telnyx.protocol import TelnyxStreamCodec
+
+    out = bytes(320)
+    n = int(secs * 10)
+    rows = []
+    for name, codec in (("Telnyx", TelnyxStreamCodec()), ("Plivo", PlivoStreamCodec())):
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(n):
+                codec.encode_media(out)
+            best = min(best, (time.perf_counter() - t) / n * 1e6)
+        rows.append((f"outbound {name} media message (40 ms): build", best))
+    return rows
+
+
 def stream_inbound(secs: float) -> float:
     """What the stream handler does per inbound Twilio message outside aiohttp: depth gate, parse,
     MediaPipeline.receive on a carrier stream leg (best of 5)."""
@@ -181,6 +200,7 @@ def main() -> None:
     parse, build = twilio_messages(secs)
     rows += [("inbound  Twilio media message: parse (JSON+base64)", parse),
              ("outbound Twilio media message (40 ms): build", build),
+             *outbound_builds(secs),
              ("inbound  stream handler: depth gate + parse + receive", stream_inbound(secs))]
     print(f"{secs:.0f} s of audio, 20 ms frames, Python {sys.version.split()[0]}")
     for name, us in rows:
