@@ -132,8 +132,8 @@ class MediaPipeline:
         # A listener that takes only the wire payloads (a realtime model fed u-law as is) needs no
         # pipeline-rate copy: skip the resampler unless the recorder wants the caller's side.
         self._pipeline_in = bool(getattr(listener, "wants_pipeline_audio", True)) or recorder is not None
-        self._in_resampler = StreamResampler(self.wire.rate, pipeline_rate, quality=_upsampling_quality(
-            self.wire.rate, pipeline_rate)) if self._pipeline_in else None
+        # created only when used: a soxr stream holds ~50 KB from the start, ~90 KB once it has run
+        self._in_resampler = StreamResampler(self.wire.rate, pipeline_rate) if self._pipeline_in else None
         self._rec_in = StreamResampler(pipeline_rate, recorder.rate) if recorder else None
         # DTMF and VAD listen to the decoded wire audio, ahead of the resampler: soxr releases
         # its output in blocks (20-130 ms late at HQ), which would delay barge-in by as much.
@@ -436,14 +436,6 @@ class MediaPipeline:
             await asyncio.gather(*self._bg, return_exceptions=True)
         if self.recorder is not None:
             await self.recorder.close()
-
-
-def _upsampling_quality(wire_rate: int, pipeline_rate: int) -> str:
-    """soxr quality for the caller's audio. Off an 8 kHz wire it carries nothing above the telephone
-    band and the output is int16: MQ (16-bit precision) gives the same samples as HQ within 2 LSB
-    for tones up to 3.6 kHz (70 dB apart on broadband noise), with ~5 KB of filter state per call
-    instead of HQ's ~70 KB (a third of a stream's memory at 8k -> 16k)."""
-    return "MQ" if wire_rate <= 8000 < pipeline_rate else "HQ"
 
 
 async def _with_stall_timeout(audio: AsyncIterable[bytes], timeout: float | None) -> AsyncIterator[bytes]:

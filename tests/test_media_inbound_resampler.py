@@ -1,6 +1,5 @@
-"""The caller's audio off an 8 kHz wire is upsampled with soxr MQ (a fraction of HQ's memory per call):
-the same samples as HQ (70 dB apart, a few LSB) through the whole inbound path; no resampler at all for a listener
-that takes only wire audio."""
+"""No inbound resampler (a soxr stream holds 50-90 KB) for a listener that takes only wire audio; the
+direct call into soxr's C process gives what its public method gives."""
 
 from __future__ import annotations
 
@@ -41,24 +40,6 @@ def speech_frames(seconds: float = 2.0) -> list[bytes]:
     x = x + rng.normal(0, 200, len(t))
     ulaw = g711.encode(np.clip(x, -32768, 32767).astype("<i2").tobytes(), ULAW_8K.encoding)
     return [ulaw[i:i + 160] for i in range(0, len(ulaw), 160)]
-
-
-async def test_caller_audio_matches_hq_at_int16_precision() -> None:
-    listener = Listener()
-    pipeline = MediaPipeline(Leg(), listener, pipeline_rate=16000)  # type: ignore[arg-type]
-    frames = speech_frames()
-    hq = StreamResampler(8000, 16000, quality="HQ")
-    expected = b"".join(hq.process(g711.decode(f, ULAW_8K.encoding)) for f in frames) + hq.flush()
-    for f in frames:
-        pipeline.receive(f)
-    await pipeline.close()
-    got = np.frombuffer(bytes(listener.pcm), "<i2").astype(int)
-    want = np.frombuffer(expected, "<i2").astype(int)
-    assert len(got) == len(want) == 2 * 8000 * 2
-    diff = got - want
-    # u-law itself is ~38 dB SNR; MQ's difference from HQ is at int16 rounding level
-    snr_db = 10 * np.log10((want.astype(float) ** 2).mean() / (diff.astype(float) ** 2).mean())
-    assert snr_db >= 60 and np.abs(diff).max() <= 8
 
 
 async def test_wire_only_listener_gets_no_resampler() -> None:
