@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aiohttp import WSMsgType, web  # noqa: E402
 
-from bench.common import free_port, loadavg, pinned  # noqa: E402
+from bench.common import free_port, loadavg, machine, pinned, write_results  # noqa: E402
 from bridge.streams import _parse  # noqa: E402
 from bridge.ws_inline import InlineWebSocketResponse  # noqa: E402
 from carriers.twilio.protocol import TwilioStreamCodec  # noqa: E402
@@ -144,6 +144,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=150)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--uvloop", action="store_true")
+    parser.add_argument("--out", help="results file (default bench/results/media_edge_cost.json)")
     parser.add_argument("--role", default="server")
     parser.add_argument("--url")
     args = parser.parse_args()
@@ -156,11 +157,14 @@ def main() -> int:
         uvloop.install()
     load = loadavg()
     out = asyncio.run(serve(args))
-    print(f"{out['sockets']} sockets, {out['frames_per_run']} frames per run, loop "
-          f"{'uvloop' if args.uvloop else 'asyncio'}, load {load[0]:.1f} -> {loadavg()[0]:.1f}")
+    out.update({"benchmark": "media_edge_cost", "machine": machine(), "loop": "uvloop" if args.uvloop else "asyncio",
+                "loadavg_before": load, "loadavg_after": loadavg(), "argv": sys.argv[1:]})
+    print(f"{out['sockets']} sockets, {out['frames_per_run']} frames per run, loop {out['loop']}, "
+          f"load {load[0]:.1f} -> {out['loadavg_after'][0]:.1f}")
     for mode, us in out["us_per_frame"].items():
         print(f"  {mode:<7} server CPU per inbound message: best {min(us):6.1f} µs  (runs: "
               + ", ".join(f"{u:.1f}" for u in us) + ")")
+    print(f"results: {write_results('media_edge_cost', out, args.out)}")
     return 0
 
 
