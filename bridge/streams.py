@@ -148,7 +148,11 @@ class StreamHandler:
             self.metrics.stream_refused.labels(reason="max_connections").inc()
             return web.Response(status=503, text="Too many media streams")
         ws = InlineWebSocketResponse(max_msg_size=64 * 1024, autoping=True)
-        await ws.prepare(request)
+        try:
+            await ws.prepare(request)
+        except ConnectionError:  # the client left during the upgrade (seen under load): one line, no traceback
+            log.info("media stream client gone before the upgrade completed")
+            return ws
         self.sockets.add(ws)
         try:
             return await self._serve(ws, codec, request.remote or "")
