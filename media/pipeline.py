@@ -133,7 +133,9 @@ class MediaPipeline:
         # pipeline-rate copy: skip the resampler unless the recorder wants the caller's side.
         self._pipeline_in = bool(getattr(listener, "wants_pipeline_audio", True)) or recorder is not None
         # created only when used: a soxr stream holds ~50 KB from the start, ~90 KB once it has run
-        self._in_resampler = StreamResampler(self.wire.rate, pipeline_rate) if self._pipeline_in else None
+        # fed one 20 ms frame at a time: skip the soxr calls that cannot release anything (4 of 5)
+        self._in_resampler = (StreamResampler(self.wire.rate, pipeline_rate, skip_idle_calls=True)
+                              if self._pipeline_in else None)
         self._rec_in = StreamResampler(pipeline_rate, recorder.rate) if recorder else None
         # DTMF and VAD listen to the decoded wire audio, ahead of the resampler: soxr releases
         # its output in blocks (20-130 ms late at HQ), which would delay barge-in by as much.

@@ -8,7 +8,7 @@ import numpy as np
 from media import g711
 from media.formats import ULAW_8K
 from media.pipeline import MediaPipeline
-from media.resample import StreamResampler
+from media.resample import SKIP_IDLE_PAIRS, StreamResampler
 
 
 class Leg:
@@ -73,3 +73,54 @@ def test_direct_soxr_call_gives_the_public_methods_output() -> None:
         # soxr dithers its int16 output per instance: two public instances differ by up to 2 LSB too
         diff = np.frombuffer(b"".join(got), "<i2").astype(int) - np.frombuffer(b"".join(want), "<i2").astype(int)
         assert np.abs(diff).max() <= 2
+
+
+def _chunked(pcm: bytes, sizes: list[int]) -> list[bytes]:
+    chunks, i, k = [], 0, 0
+    while i < len(pcm):
+        chunks.append(pcm[i:i + sizes[k % len(sizes)]])
+        i += sizes[k % len(sizes)]
+        k += 1
+    return chunks
+
+
+def test_skipping_idle_soxr_calls_releases_on_the_same_chunks() -> None:
+    rng = np.random.default_rng(7)
+    for in_rate, out_rate in sorted(SKIP_IDLE_PAIRS):
+        pcm = rng.normal(0, 4000, in_rate * 6).astype("<i2").tobytes()
+        frame = in_rate // 50 * 2
+        for sizes in ([frame], [frame // 2], [frame, 1, frame - 1, 0, 3 * frame, 77], [2 * frame + 2, 6]):
+            chunks = _chunked(pcm, sizes)
+            plain = StreamResampler(in_rate, out_rate)
+            skipping = StreamResampler(in_rate, out_rate, skip_idle_calls=True)
+            want = [plain.process(c) for c in chunks]
+            got = [skipping.process(c) for c in chunks]
+            assert [len(g) for g in got] == [len(w) for w in want], (in_rate, out_rate, sizes)
+            assert skipping.pending_s == plain.pending_s
+            want.append(plain.flush())
+            got.append(skipping.flush())
+            diff = (np.frombuffer(b"".join(got), "<i2").astype(int)
+                    - np.frombuffer(b"".join(want), "<i2").astype(int))
+            assert len(diff) and np.abs(diff).max() <= 2
+
+
+def test_skipping_only_where_checked() -> None:
+    assert not StreamResampler(8000, 48000, skip_idle_calls=True)._skip  # noqa: SLF001 - two blocks at once there
+    assert not StreamResampler(8000, 16000, quality="VHQ", skip_idle_calls=True)._skip  # noqa: SLF001
+
+
+def test_skipping_idle_soxr_calls_makes_fewer_calls() -> None:
+    calls = 0
+    r = StreamResampler(8000, 16000, skip_idle_calls=True)
+    process = r._process  # noqa: SLF001
+    assert process is not None
+
+    def counting(x: np.ndarray, last: bool) -> np.ndarray:
+        nonlocal calls
+        calls += 1
+        return process(x, last)
+
+    r._process = counting  # noqa: SLF001
+    for _ in range(500):  # 10 s of 20 ms frames: ~100 blocks
+        r.process(bytes(320))
+    assert calls < 250  # 500 without skipping
