@@ -2,8 +2,8 @@
 
 Each role has its own block of ports, all on 127.0.0.1 and below Linux's ephemeral range
 (32768+), so nothing the OS hands out to other sockets lands in them: the bridge's SIP port
-5100-5139, softphones' 5200-5239, sipp's 5300-5339 (UAC) and 5400-5439 (UAS), baresip's control
-socket 4400-4439, and RTP ranges from 20000 up.
+5100-5139, softphones' 5200-5239, sipp's 5300-5339 (UAC) and 5400-5439 (UAS), Kamailio's
+5500-5539, baresip's control socket 4400-4439, and RTP ranges from 20000 up.
 """
 
 from __future__ import annotations
@@ -64,6 +64,11 @@ def sipp_uac() -> int:
 
 def sipp_uas() -> int:
     return free_port(5400)
+
+
+def proxy_sip() -> int:
+    """A SIP proxy (Kamailio) in front of bridge nodes."""
+    return free_port(5500)
 
 
 def sipp_media() -> int:

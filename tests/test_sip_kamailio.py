@@ -1,0 +1,189 @@
+"""SIP on several bridge nodes behind a real Kamailio (docker/kamailio/kamailio.cfg, dispatcher module):
+sipp places calls through Kamailio; they spread over two real `voicecall serve` processes; ACK and
+BYE follow the record-route to the node that answered; kill -9 one node: Kamailio's OPTIONS probes
+take it out of rotation and new calls all go to the survivor; restarted, it is back in rotation.
+
+The nodes share no call records: a SIP call lives wholly on the node that answered its INVITE (the
+dialog in its pjsua2 user agent, RTP straight to it, in-dialog requests routed there by Kamailio), so
+no other node ever handles one of its events. Each node keeps its own JSONL call log here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from bridge.client import RpcClient
+from tests.harness import free_port
+from tests.peers.harness import skip_reason
+from tests.peers.kamailio import KAMAILIO, KAMCMD, Kamailio
+from tests.peers.ports import bridge_rtp, bridge_sip, proxy_sip, sipp_media, sipp_uac
+from tests.peers.sipp import run_sipp
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_reason = skip_reason("sipp", "espeak-ng")
+if _reason is None and (KAMAILIO is None or KAMCMD is None):
+    _reason = "kamailio is not installed (apt-get install -y kamailio; scripts/system-deps.sh test)"
+pytestmark = [pytest.mark.realpeer, pytest.mark.skipif(_reason is not None, reason=_reason or "")]
+
+
+class Node:
+    """One bridge node: `voicecall serve` as its own process, provider sip, its own call log."""
+
+    def __init__(self, name: str, directory: Path) -> None:
+        self.name = name
+        self.directory = directory
+        self.sip_port = bridge_sip()
+        self.http_port = free_port()
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config = directory / "node.yaml"
+        self.config.write_text(yaml.safe_dump({
+            "provider": "sip", "inboundPolicy": "open", "inboundGreeting": "Hello.",
+            "maxConcurrentCalls": 4, "store": str(directory / "store"),
+            "serve": {"port": self.http_port, "bind": "127.0.0.1"},
+            "streaming": {"enabled": True, "provider": "none"}, "tts": {"provider": "espeak"},
+            "responseModel": "offline",
+            "sip": {"bindAddress": "127.0.0.1", "port": self.sip_port, "workers": 1,
+                    "rtpPortStart": bridge_rtp(), "rtpPortRange": 100},
+        }))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"sip:127.0.0.1:{self.sip_port}"
+
+    async def start(self) -> None:
+        log = open(self.directory / "node.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bridge.cli", "serve", "--config", str(self.config)],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ},
+        )
+        self._log = log
+        async with asyncio.timeout(30):
+            while True:
+                assert self.process.poll() is None, self.tail()
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with aiohttp.ClientSession() as session, session.get(
+                        f"http://127.0.0.1:{self.http_port}/healthz"
+                    ) as response:
+                        if response.status == 200:
+                            return
+                await asyncio.sleep(0.1)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+    def tail(self) -> str:
+        return (self.directory / "node.log").read_text(errors="replace")[-3000:]
+
+    async def calls(self) -> list[dict[str, Any]]:
+        client = RpcClient(f"http://127.0.0.1:{self.http_port}/rpc")
+        return list((await client.call("voicecall.list", {"limit": 100}))["calls"])
+
+
+@contextlib.asynccontextmanager
+async def cluster(tmp_path: Path, ping_interval_s: int = 1) -> AsyncIterator[tuple[Kamailio, list[Node]]]:
+    nodes = [Node(name, tmp_path / name) for name in ("node-a", "node-b")]
+    kam_dir = tmp_path / "kamailio"
+    kam_dir.mkdir()
+    kamailio = Kamailio(kam_dir, proxy_sip(), [("127.0.0.1", n.sip_port) for n in nodes],
+                        ping_interval_s=ping_interval_s)
+    try:
+        await asyncio.gather(*(n.start() for n in nodes))
+        await kamailio.start()
+        yield kamailio, nodes
+    finally:
+        await kamailio.stop()
+        for node in nodes:
+            node.stop()
+
+
+async def _place(kamailio: Kamailio, workdir: Path, calls: int) -> None:
+    result = await run_sipp(
+        "uac_via_proxy.xml", f"127.0.0.1:{kamailio.port}", workdir=workdir, local_port=sipp_uac(),
+        media_port=sipp_media(), calls=calls, limit=calls, rate=20, hold_ms=800, timeout_s=30,
+    )
+    assert result.ok, result.errors[-2000:] or result.output[-2000:] or kamailio.log.read_text()[-2000:]
+
+
+async def _ended_by_caller(node: Node, count: int) -> list[dict[str, Any]]:
+    """The node's calls, once `count` of them ended on the caller's BYE (waits: BYE is async to sipp)."""
+    async with asyncio.timeout(10):
+        while True:
+            calls = await node.calls()
+            if sum(c["state"] == "hangup-user" for c in calls) >= count:
+                return calls
+            await asyncio.sleep(0.1)
+
+
+def _routes(kamailio: Kamailio, what: str) -> dict[str, str]:
+    """Call-ID -> the node address Kamailio sent `what` ("new INVITE", "in-dialog BYE") of that call to."""
+    routes = {}
+    for line in kamailio.lines(f"{what} "):
+        call_id, target = line.split(f"{what} ", 1)[1].split(" -> ")
+        routes[call_id] = target.rsplit("@", 1)[1]
+    return routes
+
+
+async def test_calls_spread_over_nodes_and_a_dead_node_leaves_rotation(tmp_path: Path) -> None:
+    async with cluster(tmp_path) as (kamailio, (a, b)):
+        await kamailio.wait_for_flags({a.uri: "AP", b.uri: "AP"})
+
+        # Round-robin over both nodes; each call's ACK and BYE reach the node that answered it
+        # (a BYE at the other node would get 481 and leave the call up: sipp would fail, the call
+        # would not end `hangup-user`).
+        await _place(kamailio, tmp_path / "spread", 4)
+        on_a, on_b = await _ended_by_caller(a, 2), await _ended_by_caller(b, 2)
+        assert (len(on_a), len(on_b)) == (2, 2)
+        assert all(c["state"] == "hangup-user" and c["direction"] == "inbound" for c in on_a + on_b)
+        invites, byes = _routes(kamailio, "new INVITE"), _routes(kamailio, "in-dialog BYE")
+        assert len(invites) == 4 and byes == invites  # each BYE went through Kamailio to its INVITE's node
+
+        # kill -9 node A: its probes time out, Kamailio marks it down; every new call goes to B.
+        a.kill()
+        await kamailio.wait_for_flags({a.uri: "IP", b.uri: "AP"})
+        assert any(a.uri in line for line in kamailio.lines("bridge node down"))
+        await _place(kamailio, tmp_path / "one-left", 4)
+        assert len(await _ended_by_caller(b, 6)) == 6
+
+        # A comes back (same ports): the probes see it answer and it rejoins the rotation.
+        await a.start()
+        await kamailio.wait_for_flags({a.uri: "AP", b.uri: "AP"})
+        await _place(kamailio, tmp_path / "back", 2)
+        assert len(await _ended_by_caller(a, 3)) == 3  # 2 from before its crash (call log) + 1 now
+        assert len(await _ended_by_caller(b, 7)) == 7
+        assert _routes(kamailio, "in-dialog BYE") == _routes(kamailio, "new INVITE")
+
+
+async def test_a_node_that_dies_between_probes_costs_no_call(tmp_path: Path) -> None:
+    """Probes every 30 s, so Kamailio has not noticed the kill yet: the INVITE sent to the dead node
+    times out (fr_timer) and the failure route sends it to the next node, marking the dead one down."""
+    async with cluster(tmp_path, ping_interval_s=30) as (kamailio, (a, b)):
+        a.kill()
+        await _place(kamailio, tmp_path / "failover", 2)
+        assert len(await _ended_by_caller(b, 2)) == 2
+        assert len(kamailio.lines("failover ")) == 1  # the first call; the second found A marked down
+        assert (await kamailio.node_flags())[a.uri].startswith("I")
