@@ -11,26 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
-import yaml
 
-from bridge.client import RpcClient
-from tests.harness import free_port
 from tests.peers.harness import skip_reason
 from tests.peers.kamailio import KAMAILIO, KAMCMD, Kamailio
 from tests.peers.ports import bridge_rtp, bridge_sip, proxy_sip, sipp_media, sipp_uac
 from tests.peers.sipp import run_sipp
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.serve_node import ServeNode
 
 _reason = skip_reason("sipp", "espeak-ng")
 if _reason is None and (KAMAILIO is None or KAMCMD is None):
@@ -38,75 +29,24 @@ if _reason is None and (KAMAILIO is None or KAMCMD is None):
 pytestmark = [pytest.mark.realpeer, pytest.mark.skipif(_reason is not None, reason=_reason or "")]
 
 
-class Node:
-    """One bridge node: `voicecall serve` as its own process, provider sip, its own call log."""
+class SipNode(ServeNode):
+    """A bridge node with the SIP carrier (the user agent in the process: kill -9 takes it down too)."""
 
     def __init__(self, name: str, directory: Path) -> None:
-        self.name = name
-        self.directory = directory
         self.sip_port = bridge_sip()
-        self.http_port = free_port()
-        directory.mkdir(parents=True, exist_ok=True)
-        self.config = directory / "node.yaml"
-        self.config.write_text(yaml.safe_dump({
-            "provider": "sip", "inboundPolicy": "open", "inboundGreeting": "Hello.",
-            "maxConcurrentCalls": 4, "store": str(directory / "store"),
-            "serve": {"port": self.http_port, "bind": "127.0.0.1"},
+        self.uri = f"sip:127.0.0.1:{self.sip_port}"
+        super().__init__(name, directory, {
+            "provider": "sip", "inboundPolicy": "open", "inboundGreeting": "Hello.", "maxConcurrentCalls": 4,
             "streaming": {"enabled": True, "provider": "none"}, "tts": {"provider": "espeak"},
             "responseModel": "offline",
-            "sip": {"bindAddress": "127.0.0.1", "port": self.sip_port, "workers": 1,
-                    "rtpPortStart": bridge_rtp(), "rtpPortRange": 100},
-        }))
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"sip:127.0.0.1:{self.sip_port}"
-
-    async def start(self) -> None:
-        log = open(self.directory / "node.log", "ab")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bridge.cli", "serve", "--config", str(self.config)],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ},
-        )
-        self._log = log
-        async with asyncio.timeout(30):
-            while True:
-                assert self.process.poll() is None, self.tail()
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with aiohttp.ClientSession() as session, session.get(
-                        f"http://127.0.0.1:{self.http_port}/healthz"
-                    ) as response:
-                        if response.status == 200:
-                            return
-                await asyncio.sleep(0.1)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-
-    def tail(self) -> str:
-        return (self.directory / "node.log").read_text(errors="replace")[-3000:]
-
-    async def calls(self) -> list[dict[str, Any]]:
-        client = RpcClient(f"http://127.0.0.1:{self.http_port}/rpc")
-        return list((await client.call("voicecall.list", {"limit": 100}))["calls"])
+            "sip": {"bindAddress": "127.0.0.1", "port": self.sip_port, "workers": 1, "rtpPortStart": bridge_rtp(),
+                    "rtpPortRange": 100},
+        })
 
 
 @contextlib.asynccontextmanager
-async def cluster(tmp_path: Path, ping_interval_s: int = 1) -> AsyncIterator[tuple[Kamailio, list[Node]]]:
-    nodes = [Node(name, tmp_path / name) for name in ("node-a", "node-b")]
+async def cluster(tmp_path: Path, ping_interval_s: int = 1) -> AsyncIterator[tuple[Kamailio, list[SipNode]]]:
+    nodes = [SipNode(name, tmp_path / name) for name in ("node-a", "node-b")]
     kam_dir = tmp_path / "kamailio"
     kam_dir.mkdir()
     kamailio = Kamailio(kam_dir, proxy_sip(), [("127.0.0.1", n.sip_port) for n in nodes],
@@ -129,7 +69,7 @@ async def _place(kamailio: Kamailio, workdir: Path, calls: int) -> None:
     assert result.ok, result.errors[-2000:] or result.output[-2000:] or kamailio.log.read_text()[-2000:]
 
 
-async def _ended_by_caller(node: Node, count: int) -> list[dict[str, Any]]:
+async def _ended_by_caller(node: ServeNode, count: int) -> list[dict[str, Any]]:
     """The node's calls, once `count` of them ended on the caller's BYE (waits: BYE is async to sipp)."""
     async with asyncio.timeout(10):
         while True:

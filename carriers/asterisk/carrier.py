@@ -192,6 +192,11 @@ class AsteriskCarrier(Carrier):
         await self._delete_channel(leg.id, CAUSE_REJECTED)
 
     async def hangup_call(self, call: CallRecord, reason: CallState) -> None:
+        pid = call.providerCallId
+        if self._legs.for_call(call) is None and pid and pid not in self._legs.ended:
+            # Not a channel of this process: another node's call, ended here on failover.
+            await self._delete_channel(pid)
+            return
         leg = self._legs.ending(call, reason)
         if leg is None:
             return
@@ -222,7 +227,8 @@ class AsteriskCarrier(Carrier):
         s = self.settings
         return {"name": self.name, "url": s.url, "app": s.app, "format": s.format,
                 "asteriskVersion": self.asterisk_version, "activeCalls": len(self._legs),
-                "eventsConnected": bool(self._events and self._events.connected)}
+                "eventsConnected": bool(self._events and self._events.connected),
+                "applicationTaken": bool(self._events and self._events.given_up)}
 
     def leg_stats(self, provider_call_id: str) -> dict[str, Any] | None:
         """RTP figures of a live or recently ended call."""
@@ -232,6 +238,9 @@ class AsteriskCarrier(Carrier):
     # ------------------------------------------------------------------ ARI events
 
     def _on_event(self, event: dict[str, Any]) -> None:
+        if event["type"] == "ApplicationReplaced":
+            self._replaced()
+            return
         handler = getattr(self, f"_ev_{event['type']}", None)
         if handler is None:
             return
@@ -243,6 +252,15 @@ class AsteriskCarrier(Carrier):
                 self._media_lost(cid)
             return
         handler(cid, event)
+
+    def _replaced(self) -> None:
+        """Another connection registered our Stasis application: from now on Asterisk sends it, not us,
+        the events of every call in the application, ours included. Two nodes must never share one."""
+        if self._events is None or self._events.given_up:
+            return
+        self._events.give_up()
+        log.error("asterisk: another connection took over Stasis application %r: this process gets no more "
+                  "call events. Each bridge node needs its own asterisk.app (README: Scaling)", self.settings.app)
 
     def _ev_StasisStart(self, cid: str, event: dict[str, Any]) -> None:
         leg = self._legs.get(cid)
