@@ -9,18 +9,23 @@ the dialplan spreads calls over them, moving on to the next application while St
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
 from bridge.calls import CallState, Direction
 from bridge.runtime import Runtime
 from tests.fakes.ari_server import FakeAsterisk
 from tests.harness import run_bridge, wait_for
 from tests.peers.ports import bridge_rtp
+from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401 - the fixture
+from tests.serve_node import ServeNode
 
 APPS = ["voicecall-a", "voicecall-b"]
 
@@ -112,3 +117,63 @@ async def test_two_nodes_with_one_application_do_not_fight_over_it(
             assert events is not None and events._task is not None
             await wait_for(lambda: events._task.done())
             assert fake.ws_connects == 3
+
+
+async def test_a_killed_node_s_calls_are_ended_by_a_survivor(
+    fake: FakeAsterisk, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Two `voicecall serve` processes sharing Redis, one application each. kill -9 node A with two
+    live calls: its application is gone (new calls go to B), and once A's lease expired B ends A's
+    calls at Asterisk, once each (a DELETE per phone channel, and A's media channels and bridges),
+    frees their capacity slots, and leaves its own calls alone."""
+    lease_s = 1.5
+
+    def cluster_node(name: str, app: str) -> ServeNode:
+        return ServeNode(name, tmp_path / name, {
+            **node_config(fake, app), "maxConcurrentCalls": 6,
+            "cluster": {"redisUrl": redis_server.url, "nodeId": name, "leaseSeconds": lease_s}})
+
+    a, b = cluster_node("ast-a", APPS[0]), cluster_node("ast-b", APPS[1])
+    redis = Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        await asyncio.gather(a.start(), b.start())
+        channels = [fake.stasis(APPS) for _ in range(4)]
+        assert [c.app for c in channels if c] == APPS * 2
+        await wait_for(lambda: all(c is not None and c.bridged_media is not None for c in channels), timeout=15)
+        await wait_for_async(lambda: _live_count(redis, 4))
+        of_a = [c.id for c in channels if c and c.app == APPS[0]]
+        of_b = [c.id for c in channels if c and c.app == APPS[1]]
+        media_of_a = {cid for cid, ch in fake.channels.items() if ch.kind == "media" and ch.app == APPS[0]}
+        assert len(media_of_a) == 2
+
+        killed_at = time.monotonic()
+        a.kill()
+        await wait_for(lambda: not fake.registered(APPS[0]))
+        late = fake.stasis(APPS)
+        assert late is not None and late.app == APPS[1]  # the dialplan skips A's application
+
+        await wait_for(lambda: not any(cid in fake.channels for cid in of_a), timeout=lease_s + 5)
+        ended_after = time.monotonic() - killed_at
+        await wait_for(lambda: not media_of_a & set(fake.channels))
+        assert [len(fake.calls_to("DELETE", f"/ari/channels/{cid}")) for cid in of_a] == [1, 1]
+        # A's ExternalMedia channels and bridges went too, and nothing of B's
+        await wait_for(lambda: not any(br.name.endswith(tuple(of_a)) for br in fake.bridges.values()))
+        assert sum(br.name.endswith(tuple(of_b)) for br in fake.bridges.values()) == 2
+        assert all(cid in fake.channels for cid in of_b)  # B's own calls carry on
+        await wait_for_async(lambda: _live_count(redis, 3))  # A's two slots are free: B's 2 + the late one
+    finally:
+        a.stop()
+        b.stop()
+        await redis.aclose()
+    print(f"\n[asterisk] node killed: its 2 calls ended at Asterisk by the survivor after {ended_after:.1f} s "
+          f"(lease {lease_s} s)")
+
+
+async def _live_count(redis: Redis, count: int) -> bool:
+    return int(await redis.scard("voicecall:live")) == count
+
+
+async def wait_for_async(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not await predicate():
+            await asyncio.sleep(0.05)

@@ -194,14 +194,28 @@ class AsteriskCarrier(Carrier):
     async def hangup_call(self, call: CallRecord, reason: CallState) -> None:
         pid = call.providerCallId
         if self._legs.for_call(call) is None and pid and pid not in self._legs.ended:
-            # Not a channel of this process: another node's call, ended here on failover.
-            await self._delete_channel(pid)
+            await self._end_foreign(pid)
             return
         leg = self._legs.ending(call, reason)
         if leg is None:
             return
         if not await self._delete_channel(leg.id):
             self._end(leg, reason)  # already gone: no ChannelDestroyed will tell us
+
+    async def _end_foreign(self, pid: str) -> None:
+        """A call this process never held: another node's, ended here on failover. Hang the phone
+        channel up, then take down what that node built for its audio (found by the bridge's name):
+        Asterisk keeps a dead application's channels until someone deletes them."""
+        await self._delete_channel(pid)
+        listed = await self._http.request("GET", "/bridges")
+        bridges = listed.body if isinstance(listed.body, list) else []
+        for bridge in bridges:
+            if not isinstance(bridge, dict) or bridge.get("name") != f"voicecall-{pid}":
+                continue
+            for cid in bridge.get("channels") or []:
+                if isinstance(cid, str) and cid.startswith("vc-media-"):
+                    await self._delete_channel(cid)
+            await self._http.request("DELETE", f"/bridges/{_q(str(bridge.get('id', '')))}", ok_statuses=(404,))
 
     async def send_dtmf(self, call: CallRecord, digits: str) -> None:
         leg = self._legs.live_for(call)

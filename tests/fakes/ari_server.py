@@ -222,6 +222,7 @@ class FakeAsterisk:
         r.add_delete("/ari/channels/{id}", self._delete_channel)
         r.add_post("/ari/channels/{id}/answer", self._answer)
         r.add_post("/ari/channels/{id}/dtmf", self._dtmf)
+        r.add_get("/ari/bridges", self._list_bridges)
         r.add_post("/ari/bridges", self._create_bridge)
         r.add_post("/ari/bridges/{id}/addChannel", self._add_channel)
         r.add_delete("/ari/bridges/{id}", self._delete_bridge)
@@ -337,7 +338,12 @@ class FakeAsterisk:
     def _send_to(self, ws: web.WebSocketResponse, event: dict[str, Any]) -> None:
         if not ws.closed:
             self._sends.add(task := asyncio.ensure_future(ws.send_str(json.dumps(event))))
-            task.add_done_callback(self._sends.discard)
+            task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Future[None]) -> None:
+        self._sends.discard(task)
+        if not task.cancelled():
+            task.exception()  # a peer that vanished (kill -9) mid-send: Asterisk drops the event too
 
     def _set_state(self, channel: FakeChannel, state: str) -> None:
         channel.state = state
@@ -499,6 +505,10 @@ class FakeAsterisk:
             return web.json_response({"message": "DTMF is required"}, status=400)
         found.dtmf_heard += str(p["dtmf"])
         return web.Response(status=204)
+
+    async def _list_bridges(self, request: web.Request) -> web.Response:
+        await self._params(request)
+        return web.json_response([b.json() for b in self.bridges.values() if b.alive])
 
     async def _create_bridge(self, request: web.Request) -> web.Response:
         p = await self._params(request)
