@@ -3,9 +3,11 @@ sipp places calls through Kamailio; they spread over two real `voicecall serve` 
 BYE follow the record-route to the node that answered; kill -9 one node: Kamailio's OPTIONS probes
 take it out of rotation and new calls all go to the survivor; restarted, it is back in rotation.
 
-The nodes share no call records: a SIP call lives wholly on the node that answered its INVITE (the
+Routing needs no shared state: a SIP call lives wholly on the node that answered its INVITE (the
 dialog in its pjsua2 user agent, RTP straight to it, in-dialog requests routed there by Kamailio), so
-no other node ever handles one of its events. Each node keeps its own JSONL call log here."""
+no other node ever handles one of its events. Redis (the first test, as in the lab's cluster profile)
+adds what spans nodes: `maxConcurrentCalls` over all of them, every node's events to subscribers, RPC
+on any node; the second test runs the nodes on their own JSONL logs."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from tests.peers.harness import skip_reason
 from tests.peers.kamailio import KAMAILIO, KAMCMD, Kamailio
 from tests.peers.ports import bridge_rtp, bridge_sip, proxy_sip, sipp_media, sipp_uac
 from tests.peers.sipp import run_sipp
+from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401 - the fixture
 from tests.serve_node import ServeNode
 
 _reason = skip_reason("sipp", "espeak-ng")
@@ -32,21 +35,24 @@ pytestmark = [pytest.mark.realpeer, pytest.mark.skipif(_reason is not None, reas
 class SipNode(ServeNode):
     """A bridge node with the SIP carrier (the user agent in the process: kill -9 takes it down too)."""
 
-    def __init__(self, name: str, directory: Path) -> None:
+    def __init__(self, name: str, directory: Path, redis_url: str | None) -> None:
         self.sip_port = bridge_sip()
         self.uri = f"sip:127.0.0.1:{self.sip_port}"
+        cluster = {"cluster": {"redisUrl": redis_url, "nodeId": name, "leaseSeconds": 5}} if redis_url else {}
         super().__init__(name, directory, {
             "provider": "sip", "inboundPolicy": "open", "inboundGreeting": "Hello.", "maxConcurrentCalls": 4,
             "streaming": {"enabled": True, "provider": "none"}, "tts": {"provider": "espeak"},
             "responseModel": "offline",
             "sip": {"bindAddress": "127.0.0.1", "port": self.sip_port, "workers": 1, "rtpPortStart": bridge_rtp(),
                     "rtpPortRange": 100},
+            **cluster,
         })
 
 
 @contextlib.asynccontextmanager
-async def cluster(tmp_path: Path, ping_interval_s: int = 1) -> AsyncIterator[tuple[Kamailio, list[SipNode]]]:
-    nodes = [SipNode(name, tmp_path / name) for name in ("node-a", "node-b")]
+async def cluster(tmp_path: Path, *, ping_interval_s: int = 1,
+                  redis_url: str | None = None) -> AsyncIterator[tuple[Kamailio, list[SipNode]]]:
+    nodes = [SipNode(name, tmp_path / name, redis_url) for name in ("node-a", "node-b")]
     kam_dir = tmp_path / "kamailio"
     kam_dir.mkdir()
     kamailio = Kamailio(kam_dir, proxy_sip(), [("127.0.0.1", n.sip_port) for n in nodes],
@@ -88,8 +94,11 @@ def _routes(kamailio: Kamailio, what: str) -> dict[str, str]:
     return routes
 
 
-async def test_calls_spread_over_nodes_and_a_dead_node_leaves_rotation(tmp_path: Path) -> None:
-    async with cluster(tmp_path) as (kamailio, (a, b)):
+async def test_calls_spread_over_nodes_and_a_dead_node_leaves_rotation(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """The nodes as in the lab's cluster profile: with Redis, so capacity and events span them."""
+    async with cluster(tmp_path, redis_url=redis_server.url) as (kamailio, (a, b)):
         await kamailio.wait_for_flags({a.uri: "AP", b.uri: "AP"})
 
         # Round-robin over both nodes; each call's ACK and BYE reach the node that answered it
@@ -99,6 +108,9 @@ async def test_calls_spread_over_nodes_and_a_dead_node_leaves_rotation(tmp_path:
         on_a, on_b = await _ended_by_caller(a, 2), await _ended_by_caller(b, 2)
         assert (len(on_a), len(on_b)) == (2, 2)
         assert all(c["state"] == "hangup-user" and c["direction"] == "inbound" for c in on_a + on_b)
+        # Redis shares the records: node B answers for a call A carried.
+        status = await b.rpc().call("voicecall.status", {"callId": on_a[0]["callId"]})
+        assert status["found"] and status["call"]["state"] == "hangup-user"
         invites, byes = _routes(kamailio, "new INVITE"), _routes(kamailio, "in-dialog BYE")
         assert len(invites) == 4 and byes == invites  # each BYE went through Kamailio to its INVITE's node
 
@@ -121,7 +133,7 @@ async def test_calls_spread_over_nodes_and_a_dead_node_leaves_rotation(tmp_path:
 async def test_a_node_that_dies_between_probes_costs_no_call(tmp_path: Path) -> None:
     """Probes every 30 s, so Kamailio has not noticed the kill yet: the INVITE sent to the dead node
     times out (fr_timer) and the failure route sends it to the next node, marking the dead one down."""
-    async with cluster(tmp_path, ping_interval_s=30) as (kamailio, (a, b)):
+    async with cluster(tmp_path, ping_interval_s=30) as (kamailio, (a, b)):  # nodes without Redis: JSONL
         a.kill()
         await _place(kamailio, tmp_path / "failover", 2)
         assert len(await _ended_by_caller(b, 2)) == 2
