@@ -33,9 +33,9 @@ pytestmark = [pytest.mark.realpeer, pytest.mark.skipif(_reason is not None, reas
 
 
 class SipNode(ServeNode):
-    """A bridge node with the SIP carrier (the user agent in the process: kill -9 takes it down too)."""
+    """A bridge node with the SIP carrier (`sip_workers` 1: the user agent in the node's process)."""
 
-    def __init__(self, name: str, directory: Path, redis_url: str | None) -> None:
+    def __init__(self, name: str, directory: Path, redis_url: str | None, sip_workers: int = 1) -> None:
         self.sip_port = bridge_sip()
         self.uri = f"sip:127.0.0.1:{self.sip_port}"
         cluster = {"cluster": {"redisUrl": redis_url, "nodeId": name, "leaseSeconds": 5}} if redis_url else {}
@@ -43,8 +43,8 @@ class SipNode(ServeNode):
             "provider": "sip", "inboundPolicy": "open", "inboundGreeting": "Hello.", "maxConcurrentCalls": 4,
             "streaming": {"enabled": True, "provider": "none"}, "tts": {"provider": "espeak"},
             "responseModel": "offline",
-            "sip": {"bindAddress": "127.0.0.1", "port": self.sip_port, "workers": 1, "rtpPortStart": bridge_rtp(),
-                    "rtpPortRange": 100},
+            "sip": {"bindAddress": "127.0.0.1", "port": self.sip_port, "workers": sip_workers,
+                    "rtpPortStart": bridge_rtp(), "rtpPortRange": 100},
             **cluster,
         })
 
@@ -52,7 +52,9 @@ class SipNode(ServeNode):
 @contextlib.asynccontextmanager
 async def cluster(tmp_path: Path, *, ping_interval_s: int = 1,
                   redis_url: str | None = None) -> AsyncIterator[tuple[Kamailio, list[SipNode]]]:
-    nodes = [SipNode(name, tmp_path / name, redis_url) for name in ("node-a", "node-b")]
+    # Node A: the user agent in the node's process. Node B: its SIP front and 2 user-agent processes
+    # (as config/cluster.yaml), so Kamailio's record-route meets the front's.
+    nodes = [SipNode("node-a", tmp_path / "node-a", redis_url), SipNode("node-b", tmp_path / "node-b", redis_url, 2)]
     kam_dir = tmp_path / "kamailio"
     kam_dir.mkdir()
     kamailio = Kamailio(kam_dir, proxy_sip(), [("127.0.0.1", n.sip_port) for n in nodes],
@@ -86,11 +88,13 @@ async def _ended_by_caller(node: ServeNode, count: int) -> list[dict[str, Any]]:
 
 
 def _routes(kamailio: Kamailio, what: str) -> dict[str, str]:
-    """Call-ID -> the node address Kamailio sent `what` ("new INVITE", "in-dialog BYE") of that call to."""
+    """Call-ID -> the node address Kamailio sent `what` ("new INVITE", "in-dialog BYE") of that call to:
+    the next Route hop when there is one (a node's SIP front), else the Request-URI."""
     routes = {}
     for line in kamailio.lines(f"{what} "):
         call_id, target = line.split(f"{what} ", 1)[1].split(" -> ")
-        routes[call_id] = target.rsplit("@", 1)[1]
+        uri, _, hop = target.partition(" via ")
+        routes[call_id] = (hop if hop and hop != "<null>" else uri).split("@")[-1].removeprefix("sip:").split(";")[0]
     return routes
 
 
