@@ -9,8 +9,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-KAMAILIO = shutil.which("kamailio")
-KAMCMD = shutil.which("kamcmd")
+KAMAILIO = shutil.which("kamailio") or shutil.which("kamailio", path="/usr/sbin:/sbin")
+KAMCMD = shutil.which("kamcmd") or shutil.which("kamcmd", path="/usr/sbin:/sbin")
 CONFIG = Path(__file__).resolve().parents[2] / "docker" / "kamailio" / "kamailio.cfg"
 
 _DEST = re.compile(r"URI:\s*(\S+)\s+FLAGS:\s*(\S+)")
