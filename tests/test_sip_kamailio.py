@@ -21,7 +21,7 @@ import pytest
 
 from tests.peers.harness import skip_reason
 from tests.peers.kamailio import KAMAILIO, KAMCMD, Kamailio
-from tests.peers.ports import bridge_rtp, bridge_sip, proxy_sip, sipp_media, sipp_uac
+from tests.peers.ports import bridge_rtp, node_sip, proxy_sip, sipp_media, sipp_uac
 from tests.peers.sipp import run_sipp
 from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401 - the fixture
 from tests.serve_node import ServeNode
@@ -36,7 +36,7 @@ class SipNode(ServeNode):
     """A bridge node with the SIP carrier (`sip_workers` 1: the user agent in the node's process)."""
 
     def __init__(self, name: str, directory: Path, redis_url: str | None, sip_workers: int = 1) -> None:
-        self.sip_port = bridge_sip()
+        self.sip_port = node_sip()
         self.uri = f"sip:127.0.0.1:{self.sip_port}"
         cluster = {"cluster": {"redisUrl": redis_url, "nodeId": name, "leaseSeconds": 5}} if redis_url else {}
         super().__init__(name, directory, {
