@@ -80,6 +80,7 @@ async def test_calls_spread_over_nodes_each_handled_by_its_own(fake: FakeAsteris
         assert apps_of_first == {APPS[0]}
 
     # Both nodes stopped: their applications are gone, the dialplan finds no node.
+    await wait_for(lambda: not any(fake.registered(app) for app in APPS))
     assert fake.stasis(APPS) is None
 
 
