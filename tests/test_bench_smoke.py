@@ -7,10 +7,13 @@ expected fields and no errors. The pipecat side-by-side needs a separate venv an
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,6 +24,20 @@ def run_bench(script: str, *args: str, out: Path, timeout: float = 60) -> dict[s
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     assert "results:" in proc.stdout
     return json.loads(out.read_text())
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed (scripts/system-deps.sh test)")
+def test_media_streams_on_two_workers(tmp_path: Path) -> None:
+    """`--workers 2`: two `serve` processes on one port with Redis; every stream opens and is echoed
+    (a stream that reached the worker that did not take its webhook would be refused: lost frames)."""
+    data = run_bench("media_streams.py", "--workers", "2", "--streams", "8", "--seconds", "2", "--ramp", "40",
+                     out=tmp_path / "workers.json", timeout=120)
+    (sweep,) = data["sweeps"]
+    assert sweep["workers"] == 2
+    (point,) = sweep["points"]
+    assert (point["n"], point["opened"], point["failed"], point["lost"]) == (8, 8, 0, 0), point["errors"]
+    assert point["workers"] == 2 and len(point["worker_cpu_pct"]) == 2
+    assert data["scaling"][0]["workers"] == 2
 
 
 def test_media_streams_two_streams(tmp_path: Path) -> None:
