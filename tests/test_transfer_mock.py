@@ -18,6 +18,7 @@ import soxr
 from bridge.calls import CallState
 from media.tts.espeak import EspeakTts
 from tests.harness import rpc_client, run_bridge, wait_for
+from tests.test_media_pipeline import aligned_correlation
 
 pytestmark = pytest.mark.skipif(not EspeakTts.available(), reason="espeak-ng not installed")
 
@@ -106,15 +107,7 @@ def band_share(pcm: np.ndarray, hz: float, rate: int = 8000) -> float:
 
 
 def best_correlation(heard: np.ndarray, ref: np.ndarray) -> float:
-    n = len(heard) + len(ref)
-    size = 1 << (n - 1).bit_length()
-    xc = np.fft.irfft(np.fft.rfft(heard, size) * np.conj(np.fft.rfft(ref, size)), size)
-    lag = int(np.argmax(xc))
-    if lag > size // 2:
-        lag -= size
-    a, b = heard[max(0, lag):], ref[max(0, -lag):]
-    m = min(len(a), len(b))
-    return float(np.corrcoef(a[:m], b[:m])[0, 1])
+    return aligned_correlation(heard, ref)[0]
 
 
 async def test_warm_transfer_briefs_the_person_then_relays_the_caller(tmp_path: Path) -> None:
