@@ -672,14 +672,36 @@ def parse_text(text: str, source: str) -> dict[str, Any]:
 
             data = json5.loads(text)
         else:
-            data = yaml.safe_load(text)
+            # libyaml when PyYAML has it: the pure-Python scanner is quadratic on deeply nested flow
+            # collections (`[[[[...`), seconds for one bad file
+            data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # either is a safe loader
     except Exception as exc:  # noqa: BLE001 - parser errors vary by library; report them as config errors
         raise ConfigError([f"{source}: not valid {'JSON5' if source.endswith(('.json', '.json5')) else 'YAML'}"
                            f"{_where(exc)}"]) from None
+    if _deeper_than(data, MAX_CONFIG_DEPTH):
+        raise ConfigError([f"{source}: nested deeper than {MAX_CONFIG_DEPTH} levels"])
     data = _unwrap_seed_document(data if data is not None else {})
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the top level must be a mapping of keys"])
     return data
+
+
+MAX_CONFIG_DEPTH = 32  # a real config nests a handful of levels; a deeper one would only exhaust recursion later
+
+
+def _deeper_than(data: Any, limit: int) -> bool:
+    """Whether lists/mappings nest deeper than `limit`; iterative, and each shared (aliased) node once."""
+    seen: set[int] = set()
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, dict | list) or id(node) in seen:
+            continue
+        if depth > limit:
+            return True
+        seen.add(id(node))
+        stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return False
 
 
 def _describe_error(err: Mapping[str, Any], model: type[BaseModel]) -> str:
