@@ -133,3 +133,23 @@ def test_relay_cost_quick(tmp_path: Path) -> None:
     data = run_bench("relay_cost.py", "--seconds", "1", out=tmp_path / "relay.json")
     assert data["benchmark"] == "relay_cost" and data["relay_us"] > 0 and data["inbound_us"] > 0
     assert 0 <= data["delay_ms_p50"] <= data["delay_ms_p95"] <= data["delay_ms_max"]
+
+
+def test_media_edge_cost_quick(tmp_path: Path) -> None:
+    data = run_bench("media_edge_cost.py", "--sockets", "3", "--rounds", "5", "--repeat", "1", out=tmp_path / "edge.json")
+    assert data["benchmark"] == "media_edge_cost" and data["frames_per_run"] == 18
+    assert all(len(v) == 1 and v[0] > 0 for v in data["us_per_frame"].values())
+
+
+def test_profile_parts_split_every_sample(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from profile_summary import parts
+
+    folded = tmp_path / "p.folded"
+    folded.write_text("a (x.py:1);MediaPipeline._inbound (p.py:2);StreamResampler.process (r.py:3) 3\n"
+                      "a (x.py:1);RequestHandler.data_received (w.py:4);_parse (s.py:5) 1\n"
+                      "a (x.py:1) 4\n")
+    text = parts(str(folded), 80.0)
+    assert "37.5      30.0  soxr resampling, caller -> pipeline" in text
+    assert "12.5      10.0  frame checks + JSON + base64 in" in text
+    assert "50.0      40.0  event loop and the rest" in text

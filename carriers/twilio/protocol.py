@@ -4,7 +4,7 @@ stream's id)."""
 
 from __future__ import annotations
 
-import base64
+import binascii
 import json
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
@@ -160,7 +160,7 @@ class TwilioStreamCodec(MediaStreamCodec):
                            token=custom.get("token"), call_id=custom.get("callId"), custom=custom)
 
     def encode_media(self, payload: bytes) -> str:
-        return self._media_prefix + base64.b64encode(payload).decode("ascii") + '"}}'
+        return self._media_prefix + binascii.b2a_base64(payload, newline=False).decode("ascii") + '"}}'
 
     def encode_mark(self, name: str) -> str:
         return '{"event":"mark","streamSid":' + self._sid_json + ',"mark":{"name":' + json.dumps(name) + "}}"
