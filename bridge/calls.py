@@ -102,6 +102,7 @@ class EventType(StrEnum):
     ENDED = "call.ended"
     ERROR = "call.error"
     TRANSFER = "call.transfer"  # a transfer's outcome (`outcome`), from the carrier or the bridge
+    MACHINE = "call.machine"  # the carrier's own answering-machine detection said something (`machine`)
 
 
 class TransferMode(StrEnum):
@@ -127,6 +128,21 @@ class TransferRecord:
     outcome: str | None = None  # TransferOutcome; None while it runs
     endedAt: float | None = None
     summary: str | None = None  # what the person was told (warm)
+
+
+@dataclass(frozen=True, slots=True)
+class MachineResult:
+    """What a carrier's own answering-machine detection reported, carrier-neutral.
+
+    `answered_by` is the verdict (human | machine | unknown), None when this report only says the
+    greeting ended; `greeting_end` (beep | silence | other) says the machine's greeting is over, so
+    a voicemail message may start; `cause` keeps the carrier's own value (e.g. `twilio:machine_end_beep`).
+    """
+
+    answered_by: str | None
+    cause: str
+    greeting_end: str | None = None
+    decision_ms: int | None = None  # as the carrier measured it; else the bridge measures from the answer
 
 
 # End reasons are the terminal states' names.
@@ -158,6 +174,7 @@ class CallEvent:
     # carrier-specific linkage, e.g. Plivo request_uuid -> CallUUID upgrade
     previous_provider_call_id: str | None = None
     outcome: str | None = None  # transfer: a TransferOutcome value
+    machine: MachineResult | None = None  # call.machine: the carrier's answering-machine detection
 
     @property
     def key(self) -> str:

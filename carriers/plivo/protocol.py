@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 from xml.etree import ElementTree as ET
 
-from bridge.calls import CallEvent, CallState, Direction, EventType
+from bridge.calls import CallEvent, CallState, Direction, EventType, MachineResult
 from carriers import wire
 from carriers.base import (
     MediaStreamCodec,
@@ -280,9 +280,13 @@ def callback_events(cb: PlivoCallback) -> list[CallEvent]:
     if cb.flow == FLOW_HANGUP:
         return [event(EventType.ENDED, "ended", reason=end_reason(cb))]
     if cb.flow == FLOW_MACHINE:
-        if cb.machine:
-            return [event(EventType.ENDED, "ended", reason=CallState.VOICEMAIL)]
-        return []
+        if cb.machine is None:
+            return []
+        # Plivo calls back when it found a machine (a person gets no callback: the manager's wait
+        # for a verdict ends as human); `Machine=false` is taken as a person should it come.
+        verdict = "machine" if cb.machine else "human"
+        result = MachineResult(verdict, f"plivo:Machine={str(cb.machine).lower()}")
+        return [event(EventType.MACHINE, "machine", machine=result)]
     events: list[CallEvent] = []
     # One GetInput answers once: its turn token (or speech id) plus what was heard is stable across
     # Plivo's redeliveries, which come with a fresh nonce and so a fresh replay key.
