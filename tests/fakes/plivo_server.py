@@ -258,6 +258,7 @@ class FakeCall:
         self.ended = asyncio.Event()
         self._xml_task: asyncio.Task[None] | None = None
         self._flow_task: asyncio.Task[None] | None = None
+        self._flow_machine: asyncio.Task[None] | None = None
 
     @property
     def stream(self) -> FakeStream | None:
@@ -300,12 +301,33 @@ class FakeCall:
             return
         self.status = "in-progress"
         self.answered = True
-        if outcome == "machine" and self.machine_detection and self.machine_url:
-            await fake.callback(self.machine_url, self.params(Machine="true", Event="MachineDetection"))
-            if self.machine_detection == "hangup":
-                await self.end("completed", "MACHINE_DETECTED", "Plivo")
-                return
+        if outcome == "machine":
+            self._flow_machine = fake.spawn(self._machine())
         await self.fetch_and_run(self.answer_url, Event="StartApp")
+
+    async def _machine(self) -> None:
+        """An answering machine: its greeting (`fake.machine_audio`) into the stream as soon as there is
+        one; with machine_detection, the asynchronous callback `fake.machine_s` after the answer."""
+        fake = self.fake
+        if fake.machine_audio:
+            fake.spawn(self._machine_greeting(fake.machine_audio))
+        if not (self.machine_detection and self.machine_url):
+            return
+        await asyncio.sleep(fake.machine_s)
+        if not self.live:
+            return
+        await fake.callback(self.machine_url, self.params(Machine="true", Event="MachineDetection",
+                                                          IfMachine="hangup" if self.machine_detection == "hangup"
+                                                          else "continue", CallStatus="in-progress"))
+        if self.machine_detection == "hangup":
+            await self.end("completed", "MACHINE_DETECTED", "Plivo")
+
+    async def _machine_greeting(self, ulaw: bytes) -> None:
+        for _ in range(200):
+            if self.stream is not None and self.stream.ws is not None:
+                self.stream.say_ulaw(ulaw)
+                return
+            await asyncio.sleep(0.01)
 
     async def run_inbound(self) -> None:
         self.status = "ringing"
@@ -430,6 +452,8 @@ class FakePlivo:
     no_answer_numbers: set[str] = field(default_factory=set)
     failed_numbers: set[str] = field(default_factory=set)
     machine_numbers: set[str] = field(default_factory=set)
+    machine_audio: bytes = b""  # u-law a machine plays into the stream (greeting, beep, silence)
+    machine_s: float = 0.3  # after the answer, the machine-detection callback comes this late
     default_replies: list[str] = field(default_factory=list)
     requests: list[RestRequest] = field(default_factory=list)
     callbacks: list[Callback] = field(default_factory=list)
