@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from media.amd import AnsweredBy
+
 
 class CallState(StrEnum):
     INITIATED = "initiated"
@@ -139,7 +141,7 @@ class MachineResult:
     a voicemail message may start; `cause` keeps the carrier's own value (e.g. `twilio:machine_end_beep`).
     """
 
-    answered_by: str | None
+    answered_by: AnsweredBy | None
     cause: str
     greeting_end: str | None = None
     decision_ms: int | None = None  # as the carrier measured it; else the bridge measures from the answer

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from bridge.calls import CallEvent, CallRecord, CallState
+from media.amd import AnsweredBy
 from media.dtmf import DtmfDigit
 from media.formats import AudioFormat
 
@@ -261,7 +262,7 @@ class NativeAmd:
     how long to wait and what silence means."""
 
     wait_s: float  # after the answer, a verdict arrives within this; otherwise `silent_means`
-    silent_means: str = "unknown"  # "human" where the carrier calls back only for machines (Plivo)
+    silent_means: AnsweredBy = "unknown"  # "human" where the carrier calls back only for machines (Plivo)
     # leave-message: the carrier also reports the end of the greeting (a beep or silence). If not,
     # the bridge's local end-of-greeting detector listens to the media stream after the verdict.
     reports_greeting_end: bool = True

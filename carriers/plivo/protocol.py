@@ -31,6 +31,7 @@ from carriers.base import (
     WebhookVerdict,
 )
 from carriers.signatures import plivo_replay_key, verify_plivo_v2, verify_plivo_v3
+from media.amd import AnsweredBy
 from media.formats import ULAW_8K
 
 SIG_V3 = "X-Plivo-Signature-V3"
@@ -284,7 +285,7 @@ def callback_events(cb: PlivoCallback) -> list[CallEvent]:
             return []
         # Plivo calls back when it found a machine (a person gets no callback: the manager's wait
         # for a verdict ends as human); `Machine=false` is taken as a person should it come.
-        verdict = "machine" if cb.machine else "human"
+        verdict: AnsweredBy = "machine" if cb.machine else "human"
         result = MachineResult(verdict, f"plivo:Machine={str(cb.machine).lower()}")
         return [event(EventType.MACHINE, "machine", machine=result)]
     events: list[CallEvent] = []

@@ -34,6 +34,7 @@ from carriers.base import (
 )
 from carriers.signatures import telnyx_replay_key, verify_telnyx
 from media import g711
+from media.amd import AnsweredBy
 from media.formats import ALAW_8K, ULAW_8K, AudioFormat
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ DEFAULT_LANGUAGE = "en-US"
 SPEAK_MAX_CHARS = 3000  # Telnyx `speak` payload limit
 CODECS: dict[str, AudioFormat] = {"PCMU": ULAW_8K, "PCMA": ALAW_8K}
 # Answering-machine webhooks -> verdict (`…detection.ended`) or end of greeting (`…greeting.ended`).
-AMD_VERDICTS = {
+AMD_VERDICTS: dict[str, dict[str, AnsweredBy]] = {
     "call.machine.detection.ended": {"human": "human", "machine": "machine", "not_sure": "unknown"},
     "call.machine.premium.detection.ended": {"human_residence": "human", "human_business": "human",
                                              "machine": "machine", "fax_detected": "machine",

@@ -295,7 +295,7 @@ class TwilioCarrier(Carrier):
         listening."""
         if not digits or any(d not in DTMF_CHARS for d in digits):
             raise CarrierError("twilio: DTMF digits must be 0-9, *, #, w or W (pauses)")
-        if call.media_attached:
+        if self.settings.streaming.enabled:
             parameters = {"token": self.host.stream_token(call.callId), "callId": call.callId}
             after = stream_verb(self.host.stream_url(), parameters)
         else:

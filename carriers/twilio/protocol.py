@@ -25,6 +25,7 @@ from carriers.base import (
     WebhookVerdict,
 )
 from carriers.signatures import twilio_replay_key, verify_twilio
+from media.amd import AnsweredBy
 from media.formats import ULAW_8K
 
 SIGNATURE_HEADER = "X-Twilio-Signature"
@@ -168,7 +169,7 @@ def status_events(request: WebhookRequest, call_id: str | None, sid: str | None,
 
 
 # AnsweredBy -> (verdict, end of greeting). machine_end_* come only with MachineDetection=DetectMessageEnd.
-ANSWERED_BY: dict[str, tuple[str, str | None]] = {
+ANSWERED_BY: dict[str, tuple[AnsweredBy, str | None]] = {
     "human": ("human", None),
     "machine_start": ("machine", None),
     "machine_end_beep": ("machine", "beep"),
