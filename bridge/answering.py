@@ -114,7 +114,7 @@ class Answering(Turns):
         if native is not None:
             self._start_machine_detection(call, mode, wait_s=native.wait_s - elapsed_s)
         else:
-            self._machine_verdict(call, mode, AmdVerdict("unknown", "RESTART", int(elapsed_s * 1000)))
+            self._machine_verdict(call, mode, AmdVerdict("unknown", "RESTART", round(elapsed_s * 1000)))
 
     def _machine_verdict(self, call: CallRecord, mode: MachineDetectionMode, verdict: AmdVerdict) -> None:
         if call.terminal:
