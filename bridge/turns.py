@@ -101,8 +101,8 @@ class Turns(Lifecycle):
         except CallError as exc:
             log.warning("call %s: initial message failed: %s", call.callId, exc)
 
-    def _streaming_replies(self) -> bool:
-        agent = self.settings.agent
+    def _streaming_replies(self, call: CallRecord) -> bool:
+        agent = self._agent(call).agent  # the call's number may have its own (`numbers`)
         return self.conversation is not None and agent.responseMode == "streaming" and agent.responseContract == "tools"
 
     async def _respond(self, call: CallRecord, heard_at: float) -> None:
@@ -127,7 +127,7 @@ class Turns(Lifecycle):
         if me is not None:
             self._replies[call.callId] = me
         try:
-            if self._streaming_replies() and self.conversation is not None:
+            if self._streaming_replies(call) and self.conversation is not None:
                 await self.conversation.respond(call, self, heard_at)
             else:
                 await self._auto_respond(call)
