@@ -67,20 +67,23 @@ class Answering(Turns):
         return self.carrier.native_amd(mode) if call.metadata.get("amdNative") else None
 
     def _start_machine_detection(self, call: CallRecord, mode: MachineDetectionMode, *,
-                                 wait_s: float | None = None) -> None:
+                                 since_answer_s: float = 0.0) -> None:
         native = self._native_amd(call, mode)
         if native is None and not self._expects_media(call):
             # no audio reaches us, and this call has no carrier detector
             self._machine_verdict(call, mode, AmdVerdict("unknown", "NOMEDIA", 0))
             return
+        def on_verdict(verdict: AmdVerdict) -> None:
+            self._machine_verdict(call, mode, verdict)
+
+        def on_message_point(reason: str) -> None:
+            self._spawn(self._leave_message(call, reason), f"voicemail-{call.callId}")
+
         detection: MachineDetection | NativeMachineDetection
-        on_verdict = lambda verdict: self._machine_verdict(call, mode, verdict)  # noqa: E731
-        on_message_point = lambda reason: self._spawn(self._leave_message(call, reason),  # noqa: E731
-                                                      f"voicemail-{call.callId}")
         if native is not None:
             detection = NativeMachineDetection(self.settings.amd, self.clock, native,
                                                wants_message_point=mode == "leave-message", on_verdict=on_verdict,
-                                               on_message_point=on_message_point, wait_s=wait_s)
+                                               on_message_point=on_message_point, since_answer_s=since_answer_s)
         else:
             detection = MachineDetection(self.settings.amd, self.clock, wants_message_point=mode == "leave-message",
                                          on_verdict=on_verdict, on_message_point=on_message_point)
@@ -112,7 +115,7 @@ class Answering(Turns):
             return
         native = self._native_amd(call, mode)
         if native is not None:
-            self._start_machine_detection(call, mode, wait_s=native.wait_s - elapsed_s)
+            self._start_machine_detection(call, mode, since_answer_s=elapsed_s)
         else:
             self._machine_verdict(call, mode, AmdVerdict("unknown", "RESTART", round(elapsed_s * 1000)))
 

@@ -471,6 +471,9 @@ class CoreSettings(Section):
                 merged[name] = deep_merge(base[name], value) if isinstance(value, dict) else value
             try:
                 agents[key] = type(self).model_validate(merged)
+                if agents[key].realtime.enabled and not self.streaming.enabled:
+                    # carriers open media streams per the top level's setting, not per number
+                    problems.append(f"numbers.{key}.realtime.enabled: needs streaming.enabled at the top level")
             except ValidationError as exc:
                 for err in exc.errors():
                     for line in _describe_error(err, type(self)).splitlines():

@@ -179,19 +179,20 @@ class NativeMachineDetection:
         wants_message_point: bool,
         on_verdict: Callable[[AmdVerdict], None],
         on_message_point: Callable[[str], object],
-        wait_s: float | None = None,
+        since_answer_s: float = 0.0,
     ) -> None:
+        """`since_answer_s`: the call was answered that long ago (restart recovery: the rest of the wait)."""
         self._settings = settings
         self._clock = clock
         self._native = native
         self._wants_message_point = wants_message_point
         self._on_verdict = on_verdict
         self._on_message_point = on_message_point
-        self._started = clock.monotonic()
+        self._started = clock.monotonic() - since_answer_s  # the answer, on the clock
         self._bridge: TapSource | None = None
         self._local: MachineDetection | None = None
         self._early_end: str | None = None  # an end of greeting reported before the verdict
-        self._timer: TimerHandle | None = clock.call_later(native.wait_s if wait_s is None else max(0.0, wait_s),
+        self._timer: TimerHandle | None = clock.call_later(max(0.0, native.wait_s - since_answer_s),
                                                            self._no_verdict)
         self.verdict: AmdVerdict | None = None
         self.message_point: str | None = None

@@ -220,5 +220,7 @@ async def test_plivo_leave_message_finds_the_beep_in_the_stream(plivo: FakePlivo
         stream = plivo.call().stream
         assert stream is not None and stream.play_audio_frames > 0
         assert [e.text for e in call.transcript] == [MESSAGE]
-        # the message began after the beep ended (the first audio the bridge sent)
-        assert greeting.beep_end_ms is not None
+        # the message began right after the beep ended (the greeting started with the stream)
+        assert greeting.beep_end_ms is not None and stream.opened_at is not None and stream.first_play_at is not None
+        after_beep_ms = (stream.first_play_at - stream.opened_at) * 1000 - greeting.beep_end_ms
+        assert -50 <= after_beep_ms <= 1500, after_beep_ms

@@ -123,6 +123,9 @@ def test_a_bad_numbers_entry_is_one_config_line_naming_the_key(tmp_path: Path) -
     assert str(info.value).splitlines() == [
         "numbers.sales: the key must be an E.164 number like +15550001234, a sip: URI (got 'sales')",
         f"numbers.{SUPPORT}.tts.provider: must be one of espeak, openai, elevenlabs, edge (got 'robot')"]
+    with pytest.raises(ConfigError) as info:  # carriers open streams per the top level's setting
+        build_settings({"numbers": {SALES: {"realtime": {"enabled": True, "apiKey": "sk-x"}}}}, {})
+    assert str(info.value) == f"numbers.{SALES}.realtime.enabled: needs streaming.enabled at the top level"
     # SIP users and Asterisk extensions are keys where the carrier has them
     sip = build_settings({"provider": "sip", "numbers": {"sales": {"inboundGreeting": "Sales."},
                                                          "1001": {"inboundGreeting": "Desk 1001."}}}, {})

@@ -87,6 +87,8 @@ class FakeStream:
         self.events: list[dict[str, Any]] = []  # every frame the bridge sent
         self.heard = bytearray()  # u-law the caller actually heard (played, not cleared)
         self.play_audio_frames = 0
+        self.opened_at: float | None = None  # loop time the stream started (the caller's audio starts then)
+        self.first_play_at: float | None = None  # loop time of the bridge's first playAudio
         self.checkpoints: list[str] = []
         self.played: list[str] = []  # checkpoints echoed as playedStream
         self.clears = 0
@@ -102,6 +104,7 @@ class FakeStream:
     async def open(self) -> None:
         self._session = aiohttp.ClientSession()
         self.ws = await self._session.ws_connect(self.url)
+        self.opened_at = asyncio.get_running_loop().time()
         await self.send({"event": "start", "sequenceNumber": next(self._seq),
                          "start": {"callId": self.call.uuid, "streamId": self.stream_id,
                                    "accountId": self.call.fake.auth_id, "tracks": ["inbound"],
@@ -166,6 +169,8 @@ class FakeStream:
                     assert media["contentType"] == "audio/x-mulaw" and media["sampleRate"] == 8000, media
                     data = base64.b64decode(media["payload"])
                     self.play_audio_frames += 1
+                    if self.first_play_at is None:
+                        self.first_play_at = asyncio.get_running_loop().time()
                     for i in range(0, len(data), FRAME_BYTES):
                         self._queue.append(data[i:i + FRAME_BYTES])
                 elif kind == "checkpoint":
