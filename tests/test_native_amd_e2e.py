@@ -209,7 +209,7 @@ async def test_plivo_hangup_a_machine(plivo: FakePlivo, tmp_path: Path) -> None:
 
 async def test_plivo_leave_message_finds_the_beep_in_the_stream(plivo: FakePlivo, tmp_path: Path) -> None:
     """Plivo says machine but not when the greeting ends: the local end-of-greeting detector hears the beep."""
-    greeting = machine(MACHINE_TEXTS[1], "en-us", 165, beep_hz=1000.0, snr_db=None, seed=2, lead_ms=200)
+    greeting = machine(MACHINE_TEXTS[0], "en-us", 165, beep_hz=1000.0, snr_db=None, seed=2, lead_ms=200, tail_ms=1500)
     plivo.machine_numbers.add(MACHINE)
     plivo.machine_audio = g711.encode(greeting.pcm, AudioEncoding.PCMU)
     async with run_bridge(plivo_config(plivo, "leave-message"), tmp_path) as runtime:
