@@ -16,6 +16,7 @@ from bridge.calls import CallEvent, CallRecord, Direction
 from bridge.config import Settings, match_number
 
 if TYPE_CHECKING:
+    from bridge.conversation.chat import ChatModel
     from bridge.conversation.engine import ConversationEngine, TurnHost
     from media.transport import MediaTransport
 
@@ -27,6 +28,9 @@ def agent_number(call: CallRecord) -> str:
 
 class Conversation(Protocol):
     """What the manager uses of a conversation engine (one, or one per number)."""
+
+    @property
+    def model(self) -> ChatModel: ...
 
     async def respond(self, call: CallRecord, host: TurnHost, heard_at: float) -> None: ...
 
@@ -84,6 +88,12 @@ class AgentVoices(_ByNumber):
 
 class AgentConversations(_ByNumber):
     """The conversation engine of each call's agent (model, system prompt, tools)."""
+
+    @property
+    def model(self) -> ChatModel:
+        """The top level's model (a transfer's briefing is written with it)."""
+        engine: ConversationEngine = self.default
+        return engine.model
 
     async def respond(self, call: CallRecord, host: TurnHost, heard_at: float) -> None:
         engine: ConversationEngine = self.for_call(call)

@@ -70,6 +70,8 @@ class CarrierHost(Answering):
             self._spawn(old.close(), f"close-voice-{call_id}")
         voice = self._voice_factory(call, transport, self.emit)
         self._voices[call_id] = voice
+        if self.transfers.is_leg(call):  # the person's "Hello?" must not cut the briefing short
+            voice.bridge.barge_in_enabled = False
         self._spawn(voice.start(), f"voice-start-{call_id}")
         detection = self._machine.get(call_id)
         if detection is not None:
@@ -104,6 +106,8 @@ class CarrierHost(Answering):
             grace = max(grace, restart_until - self.clock.monotonic())
 
         def expire() -> None:
+            if call.state == CallState.TRANSFERRING and not self.transfers.is_leg(call):
+                return  # a cold transfer replaced the stream (Twilio <Dial>); its outcome decides
             if not call.terminal and call.callId not in self._voices:
                 call.metadata["streamLost"] = True
                 self._spawn(self._hangup(call, CallState.COMPLETED), f"stream-lost-{call_id}")
@@ -181,7 +185,7 @@ class CarrierHost(Answering):
         agent = self.settings.for_number(event.to_number)  # the dialled number's agent (`numbers`)
         if event.direction == Direction.INBOUND:
             reason = inbound_policy.refusal(agent.inboundPolicy, agent.allowFrom, event.from_number,
-                                            active=len(self.active_calls()), limit=self.settings.maxConcurrentCalls)
+                                            active=self._conversations(), limit=self.settings.maxConcurrentCalls)
             if reason is not None:
                 self._refuse(event, reason)
                 return None
@@ -259,7 +263,10 @@ class CarrierHost(Answering):
                 call.answeredAt = self.clock.time()
                 self._start_max_duration(call, self.settings.maxDurationSeconds)
                 self._publish("call.answered", call)
-                self._spawn(self._after_answer(call), f"initial-{call.callId}")
+                if self.transfers.is_leg(call):
+                    self.transfers.on_leg_answered(call)
+                else:
+                    self._spawn(self._after_answer(call), f"initial-{call.callId}")
         elif kind == EventType.SPEAKING:
             if event.text:  # a realtime model's own words, as the caller heard them
                 call.transcript.append(TranscriptEntry(event.timestamp, "bot", event.text))
@@ -277,6 +284,8 @@ class CarrierHost(Answering):
             self._publish("call.dtmf", call, digits=event.digits)
         elif kind == EventType.ENDED:
             self._finalize(call, event.reason or CallState.COMPLETED)
+        elif kind == EventType.TRANSFER:
+            self.transfers.on_outcome(call, event.outcome, event.error)
         elif kind == EventType.ERROR:
             self._publish("call.error", call, error=event.error)
             if not event.retryable:
@@ -323,6 +332,8 @@ class CarrierHost(Answering):
         self._publish("call.speech", call, transcript=text)
         if self._machine_pending(call):
             return  # "Hello?" while detection listens, or a machine's greeting: no reply to those
+        if self.transfers.holds(call):
+            return  # being transferred, talking to the person through the relay, or the person's own call
         if turn is not None:
             if not turn.future.done():
                 turn.future.set_result(text)

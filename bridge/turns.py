@@ -194,7 +194,7 @@ class Turns(Lifecycle):
         call's media leg. Where that replaces the media stream (Twilio), the call waits for the new one."""
         call = self._answered_call(call_id)
         voice = self._voices.get(call.callId)
-        if voice is not None and not self.carrier.sends_dtmf:
+        if voice is not None and not self.carrier.sends_dtmf:  # no keys of its own: tones on the media leg
             await voice.bridge.send_dtmf(digits)
             return
         if self.carrier.dtmf_restarts_stream and self._expects_media(call):

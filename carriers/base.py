@@ -314,6 +314,9 @@ class Carrier(ABC):
     # Whether the media leg exists whatever `streaming.enabled` says (SIP's RTP, the mock's loopback),
     # rather than being a stream the carrier opens only when asked (Twilio, Telnyx, Plivo).
     media_always: ClassVar[bool] = False
+    # A cold transfer replaces what the call runs, so its media stream ends; when the transfer fails
+    # the carrier opens a new one (Twilio <Dial>, Plivo Transfer API), and the bridge waits for it.
+    transfer_ends_stream: ClassVar[bool] = False
 
     host: CarrierHost
 
