@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 
+from bridge.agents import AgentConversations, AgentVoices, Conversation
 from bridge.calls import TRANSFER_PARENT, CallEvent, CallRecord
 from bridge.config import Settings, reveal
 from bridge.conversation.factory import create_conversation
@@ -163,11 +164,16 @@ class Runtime:
 
             self.shared = shared_log(settings.cluster, self.clock)
             self.shared.store.observe(self.metrics.observe_redis)
-        voices = voice_factory(settings, self.carrier, self.monitor)
+        carrier = self.carrier
+        voices: VoiceFactory = voice_factory(settings, carrier, self.monitor) if not settings.numbers else \
+            AgentVoices(settings, lambda agent: voice_factory(agent, carrier, self.monitor))
         self._close_engines = getattr(voices, "close", None)
+        conversation: Conversation | None = None
+        if settings.responseModel != "none":
+            conversation = create_conversation(settings) if not settings.numbers else \
+                AgentConversations(settings, create_conversation)
         self.manager = CallManager(settings, self.carrier, clock=self.clock, responder=responder, store=self.shared,
-                                   voice_factory=voices,
-                                   conversation=None if settings.responseModel == "none" else create_conversation(settings))
+                                   voice_factory=voices, conversation=conversation)
         bind = getattr(voices, "bind", None)
         if bind is not None:  # speech-to-speech: hang-ups, and the conversation's tools for the model
             bind(self.manager)

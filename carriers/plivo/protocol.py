@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 from xml.etree import ElementTree as ET
 
-from bridge.calls import CallEvent, CallState, Direction, EventType, TransferOutcome
+from bridge.calls import CallEvent, CallState, Direction, EventType, MachineResult, TransferOutcome
 from carriers import wire
 from carriers.base import (
     MediaStreamCodec,
@@ -31,6 +31,7 @@ from carriers.base import (
     WebhookVerdict,
 )
 from carriers.signatures import plivo_replay_key, verify_plivo_v2, verify_plivo_v3
+from media.amd import AnsweredBy
 from media.formats import ULAW_8K
 
 _PLAY_AUDIO_PREFIX = '{"event": "playAudio", "media": {"contentType": "audio/x-mulaw", "sampleRate": 8000, "payload": "'
@@ -331,9 +332,13 @@ def callback_events(cb: PlivoCallback) -> list[CallEvent]:
     if cb.flow == FLOW_HANGUP:
         return [event(EventType.ENDED, "ended", reason=end_reason(cb))]
     if cb.flow == FLOW_MACHINE:
-        if cb.machine:
-            return [event(EventType.ENDED, "ended", reason=CallState.VOICEMAIL)]
-        return []
+        if cb.machine is None:
+            return []
+        # Plivo calls back when it found a machine (a person gets no callback: the manager's wait
+        # for a verdict ends as human); `Machine=false` is taken as a person should it come.
+        verdict: AnsweredBy = "machine" if cb.machine else "human"
+        result = MachineResult(verdict, f"plivo:Machine={str(cb.machine).lower()}")
+        return [event(EventType.MACHINE, "machine", machine=result)]
     events: list[CallEvent] = []
     # One GetInput answers once: its turn token (or speech id) plus what was heard is stable across
     # Plivo's redeliveries, which come with a fresh nonce and so a fresh replay key.
