@@ -56,6 +56,7 @@ from bench.common import (
     table,
     write_results,
 )
+from bench.turn_timeline import SEGMENTS, CallSteps, Steps, TimedTts, chat_tag, summary, time_model, turn_segments
 from bridge.calls import CallEvent
 from bridge.conversation.segmenter import Segmenter
 from bridge.voice import CallVoice
@@ -122,19 +123,21 @@ class WireStt(SttEngine):
 
     name = "bench-wire"
 
-    def __init__(self, delay_s: float) -> None:
+    def __init__(self, delay_s: float, steps: Steps) -> None:
         self.delay_s = delay_s
+        self.steps = steps
 
     def open(self, *, sample_rate: int, on_event: Callable[[SttEvent], None], wire_format: Any = None) -> SttSession:
-        return _WireSession(on_event, self.delay_s)
+        return _WireSession(on_event, self.delay_s, self.steps.new_call())
 
 
 class _WireSession(SttSession):
     wants_wire = True
 
-    def __init__(self, on_event: Callable[[SttEvent], None], delay_s: float) -> None:
+    def __init__(self, on_event: Callable[[SttEvent], None], delay_s: float, steps: CallSteps) -> None:
         self.on_event = on_event
         self.delay_s = delay_s
+        self.steps = steps  # its number goes in the caller's words: the bench can tell whose a chat request is
         self.loop = asyncio.get_running_loop()
         self.speaking = False
         self.last_loud = 0.0
@@ -154,11 +157,26 @@ class _WireSession(SttSession):
         elif self.speaking:
             self.speaking = False
             self.finals += 1
-            text = f"I would like a table please, line {self.finals}."
-            self.loop.call_at(self.last_loud + self.delay_s, self.on_event, SttEvent("final", text))
+            text = f"I would like a table please, {chat_tag(self.steps.number, self.finals)}."
+            self.loop.call_at(self.last_loud + self.delay_s, self._final, text)
+
+    def _final(self, text: str) -> None:
+        self.steps.final.append(self.loop.time())
+        self.on_event(SttEvent("final", text))
 
     async def close(self) -> None:
         return None
+
+
+class StampedVoice(CallVoice):
+    """Stamps the reply's first frame written to the caller's socket (bench/turn_timeline.py)."""
+
+    steps: CallSteps | None = None
+
+    def on_first_audio(self, label: str | None) -> None:
+        super().on_first_audio(label)
+        if self.steps is not None:
+            self.steps.frame_out.append(asyncio.get_running_loop().time())
 
 
 class Caller(LoadStreamClient):
@@ -199,6 +217,7 @@ async def generate(args: argparse.Namespace) -> dict[str, Any]:
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     clients: list[Caller] = []
     latencies: list[float] = []
+    spans: list[list[list[float] | None]] = []  # [client][round]: (last speech frame sent, first reply frame read)
     missed = 0
     stop = asyncio.Event()
 
@@ -241,19 +260,23 @@ async def generate(args: argparse.Namespace) -> dict[str, Any]:
                 async with asyncio.timeout(60):
                     while not all(replied(c) for c in clients):
                         await asyncio.sleep(0.05)
-            for client in clients:
+            for i, client in enumerate(clients):
                 end = client.speech_end
                 first = next((t for t in client.recv_times if end is not None and t >= end), None)
+                if i == len(spans):
+                    spans.append([])
                 if end is None or first is None:
                     missed += 1
+                    spans[i].append(None)
                 else:
                     latencies.append((first - end) * 1000)
+                    spans[i].append([end, first])
     finally:
         stop.set()
         ticker.cancel()
         await asyncio.gather(*(c.stop() for c in clients), return_exceptions=True)
         await session.close()
-    return {"latencies": latencies, "missed": missed}
+    return {"latencies": latencies, "spans": spans, "missed": missed}
 
 
 async def measure(calls: int, mode: str, args: argparse.Namespace, fakes_url: str,
@@ -264,7 +287,8 @@ async def measure(calls: int, mode: str, args: argparse.Namespace, fakes_url: st
         raise SystemExit("--mode s2s: not built yet (the speech-to-speech work fills in this hook)")
     loop = asyncio.get_running_loop()
     account_sid, auth_token = "AC" + secrets.token_hex(16), secrets.token_hex(16)
-    stt = WireStt(args.stt_ms / 1000)
+    steps = Steps()
+    stt = WireStt(args.stt_ms / 1000, steps)
     timings: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-v2v-") as tmp:
         cfg = config(account_sid, auth_token, calls, fakes_url, mode)
@@ -273,10 +297,16 @@ async def measure(calls: int, mode: str, args: argparse.Namespace, fakes_url: st
             tts = create_tts(settings.effective_tts)
 
             def factory(call: Any, transport: Any, emit: Callable[[CallEvent], None]) -> CallVoice:
-                return CallVoice(call_id=call.callId, transport=transport, tts=tts, stt_engine=stt, emit=emit,
-                                 pipeline_rate=settings.pipelineSampleRate, barge_in=False)
+                voice = StampedVoice(call_id=call.callId, transport=transport, tts=tts, stt_engine=stt, emit=emit,
+                                     pipeline_rate=settings.pipelineSampleRate, barge_in=False)
+                assert isinstance(voice.stt, _WireSession)
+                voice.steps = voice.stt.steps
+                voice.tts = TimedTts(tts, voice.steps)
+                return voice
 
             runtime.manager._voice_factory = factory
+            if runtime.manager.conversation is not None:
+                time_model(runtime.manager.conversation.model, steps)
             lags: list[float] = []
             stop = asyncio.Event()
 
@@ -329,6 +359,7 @@ async def measure(calls: int, mode: str, args: argparse.Namespace, fakes_url: st
             "fake_first_token_p99_ms": percentile(fakes["chat_first_token_s"], 99) * 1000,
             "fake_tts_first_byte_p50_ms": percentile(fakes["speech_first_byte_s"], 50) * 1000,
             "fake_tts_first_byte_p99_ms": percentile(fakes["speech_first_byte_s"], 99) * 1000,
+            "segments_ms": summary(turn_segments(steps, result["spans"], fakes)),
             "loop_lag_p99_ms": percentile(lags, 99), "loop_lag_max_ms": max(lags) if lags else float("nan"),
             "bridge_cpu_pct": 100 * cpu / wall if wall else float("nan"), "loadavg": loadavg()}
 
@@ -450,6 +481,12 @@ def main(argv: list[str] | None = None) -> int:
                 [[p["mode"], p["calls"], p["turns"], p["missed"], p["floor_ms"], p["p50_ms"], p["p99_ms"],
                   p["above_p50_ms"], p["above_p99_ms"], p["max_ms"], p["loadavg"][0]] for p in points]))
     print("(ms from the caller's last speech frame to the first reply frame it receives; floor: the engines alone)")
+    timed = [p for p in points if p.get("segments_ms") and p["segments_ms"]["play"]["n"]]
+    if timed:
+        print("\nwhere a turn's time goes (ms p50/p99 per segment; bench/turn_timeline.py):")
+        print(table(["mode", "calls", *SEGMENTS],
+                    [[p["mode"], p["calls"], *(f"{p['segments_ms'][k]['p50']:.0f}/{p['segments_ms'][k]['p99']:.0f}"
+                                              for k in SEGMENTS)] for p in timed]))
     path = write_results("voice_to_voice", data, args.out)
     print(f"results: {path}")
     if args.json:
