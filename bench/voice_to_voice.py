@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import json
 import os
 import random
@@ -288,6 +287,16 @@ async def generate(args: argparse.Namespace) -> dict[str, Any]:
     return {"latencies": latencies, "spans": spans, "missed": missed, "call_ids": call_ids}
 
 
+def by_round(spans: list[list[list[float] | None]]) -> list[tuple[float, float]]:
+    """p50/p99 of each round (the first round also opens every connection to the engines)."""
+    rounds = max((len(r) for r in spans), default=0)
+    out = []
+    for i in range(rounds):
+        lat = [(r[i][1] - r[i][0]) * 1000 for r in spans if i < len(r) and r[i] is not None]
+        out.append((percentile(lat, 50), percentile(lat, 99)))
+    return out
+
+
 async def run_callers(args: argparse.Namespace, calls: int, cpu: int | None, extra: list[str]) -> dict[str, Any]:
     """The callers' process (`generate`), pinned to `cpu`; its result."""
     root = Path(__file__).resolve().parent.parent
@@ -352,7 +361,7 @@ async def measure(calls: int, mode: str, args: argparse.Namespace, fakes_url: st
             cpu, wall = time.process_time() - cpu0, loop.time() - wall0
             fakes = await fake_stats(fakes_url)
             for call in runtime.manager.calls.values():
-                timings += [dataclasses.asdict(t) for t in call.turnTimings]
+                timings += [t.parts() for t in call.turns]  # the bridge's own turn record (bridge/turnmarks.py)
     latencies = result["latencies"]
     text = reply_text(args.reply_tokens)
     floor = floor_ms(mode, args, text)
@@ -365,15 +374,14 @@ async def measure(calls: int, mode: str, args: argparse.Namespace, fakes_url: st
             "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
             "above_p50_ms": percentile(above, 50), "above_p99_ms": percentile(above, 99),
             "max_ms": max(latencies) if latencies else float("nan"),
-            "bridge_first_token_p50_ms": pct("modelFirstTokenMs", 50),
-            "bridge_first_piece_p50_ms": pct("firstPieceMs", 50),
-            "bridge_tts_first_byte_p50_ms": pct("ttsFirstByteMs", 50),
-            "bridge_first_audio_p50_ms": pct("firstAudioMs", 50), "bridge_first_audio_p99_ms": pct("firstAudioMs", 99),
+            "turn_parts_ms": {part: {"p50": pct(part, 50), "p99": pct(part, 99)}
+                              for part in ("stt", "model", "piece", "tts", "bridge", "total")},
             "fake_first_token_p50_ms": percentile(fakes["chat_first_token_s"], 50) * 1000,
             "fake_first_token_p99_ms": percentile(fakes["chat_first_token_s"], 99) * 1000,
             "fake_tts_first_byte_p50_ms": percentile(fakes["speech_first_byte_s"], 50) * 1000,
             "fake_tts_first_byte_p99_ms": percentile(fakes["speech_first_byte_s"], 99) * 1000,
             "segments_ms": summary(turn_segments(steps, result["spans"], fakes)),
+            "round_p50_p99_ms": by_round(result["spans"]),
             "loop_lag_p99_ms": percentile(lags, 99), "loop_lag_max_ms": max(lags) if lags else float("nan"),
             "bridge_cpu_pct": 100 * cpu / wall if wall else float("nan"), "loadavg": loadavg()}
 

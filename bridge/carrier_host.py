@@ -310,7 +310,6 @@ class CarrierHost(Answering):
             log.info("call %s: stale transcript (old turn token) dropped", call.callId)
             call.metadata["staleTranscripts"] = int(call.metadata.get("staleTranscripts", 0)) + 1
             return
-        heard_at = self.clock.monotonic()
         call.transcript.append(TranscriptEntry(event.timestamp, "user", text))
         self._publish("call.speech", call, transcript=text)
         if self._machine_pending(call):
@@ -322,5 +321,5 @@ class CarrierHost(Answering):
         if self.settings.realtime.enabled:
             return  # speech-to-speech: the realtime model answers the caller by itself
         if call.direction == Direction.INBOUND or call.metadata.get("mode") == CallMode.CONVERSATION:
-            self._spawn(self._respond(call, heard_at), f"respond-{call.callId}")
+            self._spawn(self._respond(call), f"respond-{call.callId}")
 

@@ -74,7 +74,8 @@ def voice_factory(settings: Settings, carrier: Carrier, monitor: Monitor | None 
 
         # a RealtimeVoice has the surface the manager uses of a CallVoice (start, close, say, interrupt,
         # bridge, the MediaListener callbacks); tests/test_realtime_protocols.py checks it stays so
-        return cast("VoiceFactory", RealtimeVoices(settings, tts, inband_dtmf=inband_dtmf, recorder=recorder_for))
+        return cast("VoiceFactory", RealtimeVoices(settings, tts, inband_dtmf=inband_dtmf, recorder=recorder_for,
+                                                   monitor=monitor))
     stt = None
     if settings.streaming.provider != "none":
         from media.stt.factory import create_stt
@@ -98,6 +99,7 @@ def voice_factory(settings: Settings, carrier: Carrier, monitor: Monitor | None 
             inband_dtmf=inband_dtmf,
             echo=settings.streaming.echo,
             on_milestone=monitor.milestone_hook(call.callId) if monitor is not None else None,
+            on_turn_note=monitor.turn_note_hook(call.callId) if monitor is not None else None,
         )
         if monitor is not None:
             monitor.metrics.track_media(voice.bridge)

@@ -47,6 +47,7 @@ class CallVoice:
         inband_dtmf: bool | None = None,
         echo: bool = False,
         on_milestone: Callable[..., None] | None = None,
+        on_turn_note: Callable[..., None] | None = None,
     ) -> None:
         self.call_id = call_id
         self.tts = tts
@@ -68,6 +69,7 @@ class CallVoice:
         self._closed = False
         # Turn timing (bridge/turnmarks.py): told when TTS audio first arrives and first leaves.
         self._milestone = on_milestone
+        self._turn_note = on_turn_note
 
     async def start(self) -> None:
         if self._echo is not None:
@@ -102,6 +104,11 @@ class CallVoice:
         """A turn milestone (bridge/turnmarks.py) reached now (or `ago` seconds ago), for turn timing."""
         if self._milestone is not None:
             self._milestone(milestone, ago)
+
+    def note_turn(self, *, mode: str | None = None, interrupted: bool = False) -> None:
+        """Tell the turn record what drove the turn, or that the caller cut the answer off."""
+        if self._turn_note is not None:
+            self._turn_note(mode=mode, interrupted=interrupted)
 
     def on_speech_ended(self, ago: float) -> None:
         # The local VAD heard the caller fall silent; an engine that reports it itself is preferred.

@@ -255,8 +255,10 @@ class _Conn:
                 if self.interrupt:
                     await self.cancel("turn_detected")
             else:
+                # where the speech ended, as the service reports it: before the silence that ended the turn
                 await self.send({"type": "input_audio_buffer.speech_stopped", "item_id": user_item,
-                                 "audio_end_ms": len(self.sess.audio) * 500 // self.sess.rate})
+                                 "audio_end_ms": len(self.sess.audio) * 500 // self.sess.rate
+                                 - self.vad.silence_frames * 20})
                 await self.send({"type": "input_audio_buffer.committed", "item_id": user_item})
                 await self.send({"type": "conversation.item.added",
                                  "item": {"id": user_item, "type": "message", "role": "user", "content": []}})
