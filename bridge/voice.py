@@ -126,7 +126,7 @@ class CallVoice:
         if event.kind == "speech_started":
             self.bridge.on_speech_started()
         elif event.kind == "speech_ended":
-            self.mark("speechEnd")
+            self.mark("speechEnd", event.ago_s)
         elif event.kind == "error":
             log.warning("call %s: speech recognition error: %s", self.call_id, event.text)
             # engines report "error" only once their session gave up (after their own reconnects)

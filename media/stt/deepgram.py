@@ -115,12 +115,17 @@ class TurnBuilder:
 
     def __init__(self) -> None:
         self.finals: list[str] = []
+        self.last_word_end: float | None = None  # seconds into the stream where the last final word ended
+        self.speech_end_s: float | None = None  # of the utterance `speech_ended` closed
 
     def handle(self, msg: dict[str, Any]) -> list[SttEvent]:
         kind = msg.get("type")
         if kind == "SpeechStarted":
             return [SttEvent("speech_started")]
         if kind == "UtteranceEnd":
+            end = msg.get("last_word_end")
+            if isinstance(end, (int, float)) and not isinstance(end, bool):
+                self.last_word_end = float(end)
             return self._end()
         if kind != "Results":
             return []
@@ -128,6 +133,10 @@ class TurnBuilder:
         text = str(alternatives[0].get("transcript") or "").strip()
         out: list[SttEvent] = []
         if msg.get("is_final"):
+            ends = [w.get("end") for w in alternatives[0].get("words") or [] if isinstance(w, dict)]
+            ends = [float(e) for e in ends if isinstance(e, (int, float)) and not isinstance(e, bool)]
+            if ends:
+                self.last_word_end = max(ends)
             if text:
                 self.finals.append(text)
                 out.append(SttEvent("partial", " ".join(self.finals)))
@@ -141,6 +150,7 @@ class TurnBuilder:
         if not self.finals:
             return []
         text, self.finals = " ".join(self.finals), []
+        self.speech_end_s, self.last_word_end = self.last_word_end, None
         return [SttEvent("speech_ended"), SttEvent("final", text)]
 
 
@@ -171,6 +181,8 @@ class DeepgramSession(SttSession):
         self.keepalives_sent = 0
         self.connects = 0
         self.sent_bytes = 0
+        self._link_bytes = 0  # sent_bytes when this connection opened: Deepgram's times restart with it
+        self._bytes_per_s = (1 if self.wants_wire else 2) * self.sample_rate
 
     def rebind(self, on_event: Callable[[SttEvent], None]) -> None:
         """Deliver events to a new listener (a session opened ahead of the call, then adopted)."""
@@ -243,6 +255,7 @@ class DeepgramSession(SttSession):
                                               open_timeout=self.engine.connect_timeout_s, compression=None,
                                               logger=quiet_logger("media.stt.deepgram.ws")) as ws:
                     self.connects += 1
+                    self._link_bytes = self.sent_bytes
                     failures = 0
                     self._connected.set()
                     await self._pump(ws)
@@ -279,7 +292,7 @@ class DeepgramSession(SttSession):
                     if msg.get("type") == "Metadata":
                         self._metadata.set()
                     for event in self._turns.handle(msg):
-                        self._emit(event)
+                        self._emit(self._dated(event))
         finally:
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -298,6 +311,15 @@ class DeepgramSession(SttSession):
                 raise
             if isinstance(item, bytes):
                 self.sent_bytes += len(item)
+
+    def _dated(self, event: SttEvent) -> SttEvent:
+        """speech_ended, dated back to the last word's end: the audio sent since then took that long
+        (it flows in real time), so the caller fell silent that long ago."""
+        end = self._turns.speech_end_s
+        if event.kind != "speech_ended" or end is None:
+            return event
+        streamed_s = (self.sent_bytes - self._link_bytes) / self._bytes_per_s
+        return SttEvent("speech_ended", ago_s=max(0.0, streamed_s - end))
 
     def _emit(self, event: SttEvent) -> None:
         try:
