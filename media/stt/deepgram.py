@@ -133,8 +133,9 @@ class TurnBuilder:
         text = str(alternatives[0].get("transcript") or "").strip()
         out: list[SttEvent] = []
         if msg.get("is_final"):
-            ends = [w.get("end") for w in alternatives[0].get("words") or [] if isinstance(w, dict)]
-            ends = [float(e) for e in ends if isinstance(e, (int, float)) and not isinstance(e, bool)]
+            words = [w for w in alternatives[0].get("words") or [] if isinstance(w, dict)]
+            ends = [float(w["end"]) for w in words if isinstance(w.get("end"), (int, float))
+                    and not isinstance(w.get("end"), bool)]
             if ends:
                 self.last_word_end = max(ends)
             if text:
