@@ -91,7 +91,7 @@ class RedisStore:
 
     async def save(self, record: CallRecord, *, expected_version: int = -1) -> int:
         """Write the full record; with `expected_version` only if nobody wrote it since. The new version."""
-        payload = json.dumps(record.to_json(), separators=(",", ":"), ensure_ascii=False)
+        payload = record.json_text()
         k = self.keys
         result = int(await self._save(keys=[k.call(record.callId), k.calls, k.live],
                                       args=[expected_version, payload, record.callId, "1" if record.terminal else "0",
