@@ -214,7 +214,7 @@ class TurnRecord:
         return {p: v for p in TURN_PARTS if (v := getattr(self, f"{p}Ms")) is not None}
 
     def to_json(self) -> dict[str, Any]:
-        values = ((k, getattr(self, k)) for k in self.__slots__)  # type: ignore[attr-defined]
+        values = ((k, getattr(self, k)) for k in self.__slots__)
         return {k: v for k, v in values if v is not None and v is not False}
 
     @classmethod
