@@ -203,7 +203,8 @@ def config(account_sid: str, auth_token: str, calls: int, fakes_url: str, mode: 
     return {
         "provider": "twilio", "fromNumber": "+15550001234", "inboundPolicy": "open", "inboundGreeting": "",
         "maxConcurrentCalls": calls + 10, "maxDurationSeconds": 3600,
-        "twilio": {"accountSid": account_sid, "authToken": auth_token, "apiBaseUrl": "http://127.0.0.1:9"},
+        # hang-ups at the end go to the fakes' server: an instant 404 (= the call is gone), no retries
+        "twilio": {"accountSid": account_sid, "authToken": auth_token, "apiBaseUrl": fakes_url.rsplit("/v1", 1)[0]},
         "streaming": {"enabled": True, "provider": "none", "maxConnections": calls + 10, "bargeIn": False,
                       "maxPendingConnectionsPerIp": 64, "maxPendingConnections": 256},
         "webhookSecurity": {"maxInFlightPerIp": 64},
@@ -390,7 +391,7 @@ def s2s_config(account_sid: str, auth_token: str, calls: int, realtime_url: str,
     return {
         "provider": "twilio", "fromNumber": "+15550001234", "inboundPolicy": "open", "inboundGreeting": "",
         "maxConcurrentCalls": calls + 10, "maxDurationSeconds": 3600,
-        "twilio": {"accountSid": account_sid, "authToken": auth_token, "apiBaseUrl": "http://127.0.0.1:9"},
+        "twilio": {"accountSid": account_sid, "authToken": auth_token, "apiBaseUrl": realtime_url.rsplit("/v1", 1)[0]},
         "streaming": {"enabled": True, "provider": "none", "maxConnections": calls + 10,
                       "maxPendingConnectionsPerIp": 64, "maxPendingConnections": 256},
         "webhookSecurity": {"maxInFlightPerIp": 64},
