@@ -78,6 +78,7 @@ with warnings.catch_warnings():
 DEFAULT_PIPECAT_PY = "/work/venvs/pipecat/bin/python"
 REPLY_WORDS = ["Sure,", "I", "can", "help", "with", "that.", "Your", "table", "for", "two", "is", "booked", "for", "Thursday", "at", "seven,", "and", "we", "will", "send", "you", "a", "short", "confirmation", "text", "in", "a", "minute", "or", "two", "today."]
 SPEECH_S = 1.0
+ROUND_TIMEOUT_S = 20.0  # a reply not heard this long after the speech counts as missed
 LOUD_RMS = 500.0
 
 REALTIME_KEY = "sk-rt-test"  # the realtime fake's key
@@ -266,7 +267,7 @@ async def generate(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.gather(*(speak(c) for c in clients))
             await asyncio.sleep(SPEECH_S + 0.5)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(60):
+                async with asyncio.timeout(ROUND_TIMEOUT_S):
                     while not all(replied(c) for c in clients):
                         await asyncio.sleep(0.05)
             for i, client in enumerate(clients):
