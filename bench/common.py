@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import json
 import os
@@ -183,3 +184,24 @@ def write_results(name: str, data: dict[str, Any], out: str | None = None) -> Pa
 
 def python() -> str:
     return sys.executable
+
+
+def finish(name: str, data: dict[str, Any], args: Any) -> int:
+    """Write the results file (`--out`), say where, print them as JSON with `--json`; the exit status."""
+    path = write_results(name, data, args.out)
+    print(f"results: {path}")
+    if args.json:
+        print(json.dumps(data, indent=2))
+    return 0
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """--json (print the results) and --out (where the results file goes), as `finish` reads them."""
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--out")
+
+
+def pin_cpu(cpu: int) -> None:
+    """Pin this process to CPU `cpu` (-1, or a CPU this machine does not have: leave it)."""
+    if cpu >= 0 and hasattr(os, "sched_setaffinity") and cpu < (os.cpu_count() or 1):
+        os.sched_setaffinity(0, {cpu})

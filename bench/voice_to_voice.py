@@ -48,12 +48,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (
     Server,
     cpu_seconds,
+    finish,
     free_port,
     loadavg,
     machine,
     pinned,
     table,
-    write_results,
 )
 from bench.turn_timeline import SEGMENTS, CallSteps, Steps, TimedTts, chat_tag, summary, time_model, turn_segments
 from bridge.calls import CallEvent
@@ -659,11 +659,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(["mode", "calls", *SEGMENTS],
                     [[p["mode"], p["calls"], *(f"{p['segments_ms'][k]['p50']:.0f}/{p['segments_ms'][k]['p99']:.0f}"
                                               for k in SEGMENTS)] for p in timed]))
-    path = write_results("voice_to_voice", data, args.out)
-    print(f"results: {path}")
-    if args.json:
-        print(json.dumps(data, indent=2))
-    return 0
+    return finish("voice_to_voice", data, args)
 
 
 if __name__ == "__main__":

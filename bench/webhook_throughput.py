@@ -34,13 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (  # noqa: E402
     ROOT,
     Server,
+    add_output_args,
     cpu_seconds,
+    finish,
     free_port,
     loadavg,
     machine,
     pinned,
     table,
-    write_results,
 )
 
 
@@ -173,8 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--calls", type=int, default=2000, help="calls the callbacks are spread over")
     parser.add_argument("--uvloop", action="store_true", help="run the server on uvloop")
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--out")
+    add_output_args(parser)
     parser.add_argument("--role", default="main", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -189,11 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 [[result["per_s"], sum(result["non_200"].values()), result["p50_ms"], result["p99_ms"],
                   result["max_ms"], result["server_cpu_pct"], result["client_cpu_pct"], result["concurrency"],
                   result["loadavg"][0]]]))
-    path = write_results("webhook_throughput", data, args.out)
-    print(f"results: {path}")
-    if args.json:
-        print(json.dumps(data, indent=2))
-    return 0
+    return finish("webhook_throughput", data, args)
 
 
 if __name__ == "__main__":

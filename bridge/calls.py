@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from media.amd import AnsweredBy
+
 
 class CallState(StrEnum):
     INITIATED = "initiated"
@@ -103,6 +105,11 @@ class EventType(StrEnum):
     ENDED = "call.ended"
     ERROR = "call.error"
     TRANSFER = "call.transfer"  # a transfer's outcome (`outcome`), from the carrier or the bridge
+    MACHINE = "call.machine"  # the carrier's own answering-machine detection said something (`machine`)
+
+
+# A warm transfer's call to the person is a linked record: metadata[TRANSFER_PARENT] = the caller's call id.
+TRANSFER_PARENT = "transferOf"
 
 
 class TransferMode(StrEnum):
@@ -128,6 +135,24 @@ class TransferRecord:
     outcome: str | None = None  # TransferOutcome; None while it runs
     endedAt: float | None = None
     summary: str | None = None  # what the person was told (warm)
+    personCallId: str | None = None  # warm: the bridge's call to the person (a linked CallRecord)
+    joined: str | None = None  # warm, completed: "carrier" (the carrier joined the legs) or "relay" (the bridge)
+    error: str | None = None  # why it failed, when the carrier said
+
+
+@dataclass(frozen=True, slots=True)
+class MachineResult:
+    """What a carrier's own answering-machine detection reported, carrier-neutral.
+
+    `answered_by` is the verdict (human | machine | unknown), None when this report only says the
+    greeting ended; `greeting_end` (beep | silence | other) says the machine's greeting is over, so
+    a voicemail message may start; `cause` keeps the carrier's own value (e.g. `twilio:machine_end_beep`).
+    """
+
+    answered_by: AnsweredBy | None
+    cause: str
+    greeting_end: str | None = None
+    decision_ms: int | None = None  # as the carrier measured it; else the bridge measures from the answer
 
 
 # End reasons are the terminal states' names.
@@ -159,6 +184,7 @@ class CallEvent:
     # carrier-specific linkage, e.g. Plivo request_uuid -> CallUUID upgrade
     previous_provider_call_id: str | None = None
     outcome: str | None = None  # transfer: a TransferOutcome value
+    machine: MachineResult | None = None  # call.machine: the carrier's answering-machine detection
 
     @property
     def key(self) -> str:

@@ -70,11 +70,14 @@ class CarrierHost(Answering):
             self._spawn(old.close(), f"close-voice-{call_id}")
         voice = self._voice_factory(call, transport, self.emit)
         self._voices[call_id] = voice
+        if self.transfers.is_leg(call):  # the person's "Hello?" must not cut the briefing short
+            voice.bridge.barge_in_enabled = False
         self._spawn(voice.start(), f"voice-start-{call_id}")
         detection = self._machine.get(call_id)
         if detection is not None:
             detection.attach(voice.bridge)
         call.media_attached = True
+        self._stream_restarts.pop(call_id, None)  # a replaced stream is back: the same call goes on
         for waiter in self._media_waiters.pop(call_id, []):
             if not waiter.done():
                 waiter.set_result(voice)
@@ -98,8 +101,13 @@ class CarrierHost(Answering):
         if call is None or call.terminal or self.stopping:
             return
         grace = self.settings.streaming.disconnectGraceMs / 1000
+        restart_until = self._stream_restarts.get(call_id)
+        if restart_until is not None:  # the carrier replaces the stream on purpose (keys out on Twilio)
+            grace = max(grace, restart_until - self.clock.monotonic())
 
         def expire() -> None:
+            if call.state == CallState.TRANSFERRING and not self.transfers.is_leg(call):
+                return  # a cold transfer replaced the stream (Twilio <Dial>); its outcome decides
             if not call.terminal and call.callId not in self._voices:
                 call.metadata["streamLost"] = True
                 self._spawn(self._hangup(call, CallState.COMPLETED), f"stream-lost-{call_id}")
@@ -174,9 +182,10 @@ class CarrierHost(Answering):
             log.info("late %s for call %s that already ended ignored", event.type, event.provider_call_id)
             return None
         provider_id = event.provider_call_id or ""
+        agent = self.settings.for_number(event.to_number)  # the dialled number's agent (`numbers`)
         if event.direction == Direction.INBOUND:
-            reason = inbound_policy.refusal(self.settings.inboundPolicy, self.settings.allowFrom, event.from_number,
-                                            active=len(self.active_calls()), limit=self.settings.maxConcurrentCalls)
+            reason = inbound_policy.refusal(agent.inboundPolicy, agent.allowFrom, event.from_number,
+                                            active=self._conversations(), limit=self.settings.maxConcurrentCalls)
             if reason is not None:
                 self._refuse(event, reason)
                 return None
@@ -192,7 +201,7 @@ class CarrierHost(Answering):
             metadata={"mode": CallMode.CONVERSATION.value, "turnCount": 0},
         )
         if event.direction == Direction.INBOUND:
-            call.metadata["initialMessage"] = self.settings.inboundGreeting
+            call.metadata["initialMessage"] = agent.inboundGreeting
         self._stamp_node(call)
         call_id_var.set(call.callId)
         self.calls[call.callId] = call
@@ -254,7 +263,10 @@ class CarrierHost(Answering):
                 call.answeredAt = self.clock.time()
                 self._start_max_duration(call, self.settings.maxDurationSeconds)
                 self._publish("call.answered", call)
-                self._spawn(self._after_answer(call), f"initial-{call.callId}")
+                if self.transfers.is_leg(call):
+                    self.transfers.on_leg_answered(call)
+                else:
+                    self._spawn(self._after_answer(call), f"initial-{call.callId}")
         elif kind == EventType.SPEAKING:
             if event.text:  # a realtime model's own words, as the caller heard them
                 call.transcript.append(TranscriptEntry(event.timestamp, "bot", event.text))
@@ -263,12 +275,17 @@ class CarrierHost(Answering):
                 self._transition(call, CallState.SPEAKING)
         elif kind == EventType.SPEECH:
             self._on_speech(call, event)
+        elif kind == EventType.MACHINE:
+            if event.machine is not None:
+                self._machine_report(call, event.machine)
         elif kind == EventType.DTMF:
             call.metadata.setdefault("dtmf", "")
             call.metadata["dtmf"] += event.digits or ""
             self._publish("call.dtmf", call, digits=event.digits)
         elif kind == EventType.ENDED:
             self._finalize(call, event.reason or CallState.COMPLETED)
+        elif kind == EventType.TRANSFER:
+            self.transfers.on_outcome(call, event.outcome, event.error)
         elif kind == EventType.ERROR:
             self._publish("call.error", call, error=event.error)
             if not event.retryable:
@@ -314,11 +331,13 @@ class CarrierHost(Answering):
         self._publish("call.speech", call, transcript=text)
         if self._machine_pending(call):
             return  # "Hello?" while detection listens, or a machine's greeting: no reply to those
+        if self.transfers.holds(call):
+            return  # being transferred, talking to the person through the relay, or the person's own call
         if turn is not None:
             if not turn.future.done():
                 turn.future.set_result(text)
             return
-        if self.settings.realtime.enabled:
+        if self._agent(call).realtime.enabled:
             return  # speech-to-speech: the realtime model answers the caller by itself
         if call.direction == Direction.INBOUND or call.metadata.get("mode") == CallMode.CONVERSATION:
             self._spawn(self._respond(call), f"respond-{call.callId}")

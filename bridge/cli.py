@@ -186,6 +186,8 @@ def cmd_call(args: argparse.Namespace) -> int:
         params["machineDetection"] = args.machine_detection
     if args.dtmf:
         params["dtmfSequence"] = args.dtmf
+    if args.from_number:
+        params["from"] = args.from_number
     result = _rpc(args, "voicecall.initiate", params)
     _emit(args, result, f"call {result['callId']} initiated")
     return 0
@@ -201,6 +203,15 @@ def cmd_speak(args: argparse.Namespace) -> int:
     result = _rpc(args, "voicecall.speak", {"callId": args.call_id, "message": args.message})
     _emit(args, result, "spoken")
     return 0
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"callId": args.call_id, "to": args.to, "mode": args.mode}
+    if args.summary:
+        params["summary"] = args.summary
+    result = _rpc(args, "voicecall.transfer", params)
+    _emit(args, result, f"transfer {result['outcome']} (call {result['state']})")
+    return 0 if result["success"] else 1
 
 
 def cmd_end(args: argparse.Namespace) -> int:
@@ -415,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--mode", choices=["notify", "conversation"], default="conversation")
         p.add_argument("--machine-detection", choices=["off", "detect", "hangup", "leave-message"])
         p.add_argument("--dtmf", help="keys to send after answer, e.g. 1234w# (w = 0.5 s pause)")
+        p.add_argument("--from", dest="from_number", help="which of our numbers calls (its `numbers` agent speaks)")
     for name, func in (("continue", cmd_continue), ("speak", cmd_speak)):
         p = add(name, func, f"{name} on a live call")
         p.add_argument("--call-id", required=True)
@@ -427,6 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("dtmf", cmd_dtmf, "send DTMF digits on a live call")
     p.add_argument("--call-id", required=True)
     p.add_argument("--digits", required=True)
+    p = add("transfer", cmd_transfer, "hand a live call to a person (cold: the carrier connects them; "
+                                      "warm: the bridge briefs the person first)")
+    p.add_argument("--call-id", required=True)
+    p.add_argument("-t", "--to", required=True, help="E.164 number or sip: URI of the person")
+    p.add_argument("--mode", choices=["cold", "warm"], default="cold")
+    p.add_argument("--summary", help="warm: what to tell the person (default: written from the transcript)")
     p = add("inject", cmd_inject, "mock carrier: simulate an inbound call")
     p.add_argument("--from", dest="from_number", required=True)
     p.add_argument("--to")

@@ -9,6 +9,7 @@
 - bridge/lifecycle.py      hang-up with retries, finalize, report, timers, reaper
 - bridge/recovery.py       restart recovery
 - bridge/fanout.py         observers and RPC subscribers (and the cluster's event bus)
+- bridge/transfer/calls.py transfer to a person: the API and what the TransferController needs
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from bridge.carrier_host import STT_LOST_MESSAGE, CarrierHost
 from bridge.fanout import CallObserver
 from bridge.manager_core import ENDED_CALLS_KEPT, CallError, VoiceFactory
 from bridge.recovery import Recovery
+from bridge.transfer.calls import TransferCalls
 
 __all__ = ["ENDED_CALLS_KEPT", "STT_LOST_MESSAGE", "CallError", "CallManager", "CallObserver", "VoiceFactory"]
 
 
-class CallManager(CarrierHost, CallApi, Recovery):
+class CallManager(CarrierHost, CallApi, TransferCalls, Recovery):
     """The façade the runtime, the RPC, the CLI and the tests hold; it starts and stops the call machinery."""
 
     async def start(self) -> None:

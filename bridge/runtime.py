@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 
-from bridge.calls import CallEvent, CallRecord
+from bridge.agents import AgentConversations, AgentVoices, Conversation
+from bridge.calls import TRANSFER_PARENT, CallEvent, CallRecord
 from bridge.config import Settings, reveal
 from bridge.conversation.factory import create_conversation
 from bridge.manager import CallManager, VoiceFactory
@@ -74,8 +75,13 @@ def voice_factory(settings: Settings, carrier: Carrier, monitor: Monitor | None 
 
         # a RealtimeVoice has the surface the manager uses of a CallVoice (start, close, say, interrupt,
         # bridge, the MediaListener callbacks); tests/test_realtime_protocols.py checks it stays so
-        return cast("VoiceFactory", RealtimeVoices(settings, tts, inband_dtmf=inband_dtmf, recorder=recorder_for,
-                                                   monitor=monitor))
+        realtime = RealtimeVoices(settings, tts, inband_dtmf=inband_dtmf, recorder=recorder_for, monitor=monitor)
+
+        def briefing_voice(call: CallRecord, transport: MediaTransport, emit: Callable[[CallEvent], None]) -> CallVoice:
+            return CallVoice(call_id=call.callId, transport=transport, tts=tts, stt_engine=None, emit=emit,
+                             pipeline_rate=settings.pipelineSampleRate, barge_in=False, inband_dtmf=inband_dtmf)
+
+        return cast("VoiceFactory", PersonLegVoices(realtime, briefing_voice))
     stt = None
     if settings.streaming.provider != "none":
         from media.stt.factory import create_stt
@@ -109,6 +115,29 @@ def voice_factory(settings: Settings, carrier: Carrier, monitor: Monitor | None 
     return PrewarmingFactory(build, prewarm, tts.close)
 
 
+class PersonLegVoices:
+    """Speech-to-speech: the person's call of a warm transfer gets a plain TTS voice for the briefing,
+    not a realtime model of its own; every other call, and the pre-warm/bind/close hooks, go to `inner`."""
+
+    def __init__(self, inner: Any, briefing: Callable[..., CallVoice]) -> None:
+        self._inner = inner
+        self._briefing = briefing
+
+    def __call__(self, call: CallRecord, transport: MediaTransport, emit: Callable[[CallEvent], None]) -> Any:
+        if TRANSFER_PARENT in call.metadata:
+            return self._briefing(call, transport, emit)
+        return self._inner(call, transport, emit)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:  # e.g. `toolbox_for`: set on the realtime factory
+        if name in ("_inner", "_briefing"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._inner, name, value)
+
+
 class Runtime:
     def __init__(self, settings: Settings, *, clock: Clock | None = None, carrier: Carrier | None = None,
                  tracer_provider: Any = None) -> None:
@@ -136,11 +165,16 @@ class Runtime:
 
             self.shared = shared_log(settings.cluster, self.clock)
             self.shared.store.observe(self.metrics.observe_redis)
-        voices = voice_factory(settings, self.carrier, self.monitor)
+        carrier = self.carrier
+        voices: VoiceFactory = voice_factory(settings, carrier, self.monitor) if not settings.numbers else \
+            AgentVoices(settings, lambda agent: voice_factory(agent, carrier, self.monitor))
         self._close_engines = getattr(voices, "close", None)
+        conversation: Conversation | None = None
+        if settings.responseModel != "none":
+            conversation = create_conversation(settings) if not settings.numbers else \
+                AgentConversations(settings, create_conversation)
         self.manager = CallManager(settings, self.carrier, clock=self.clock, responder=responder, store=self.shared,
-                                   voice_factory=voices,
-                                   conversation=None if settings.responseModel == "none" else create_conversation(settings))
+                                   voice_factory=voices, conversation=conversation)
         bind = getattr(voices, "bind", None)
         if bind is not None:  # speech-to-speech: hang-ups, and the conversation's tools for the model
             bind(self.manager)

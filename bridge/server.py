@@ -263,6 +263,7 @@ def one_line_http_errors() -> None:
 
 WEBHOOK_KEY = web.AppKey("webhook", WebhookHandler)
 STREAM_GATE_KEY = web.AppKey("stream_gate", StreamGate)
+STREAM_HANDLER_KEY = web.AppKey("stream_handler", StreamHandler)
 
 
 def create_app(manager: CallManager, rpc: RpcEndpoint, metrics: Metrics,
@@ -275,6 +276,7 @@ def create_app(manager: CallManager, rpc: RpcEndpoint, metrics: Metrics,
     streams = StreamHandler(manager, gate, metrics)
     app[WEBHOOK_KEY] = webhook
     app[STREAM_GATE_KEY] = gate
+    app[STREAM_HANDLER_KEY] = streams
 
     async def close_streams(_: web.Application) -> None:
         await streams.close_all()

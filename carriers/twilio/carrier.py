@@ -29,7 +29,6 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from xml.sax.saxutils import quoteattr
 
 from bridge.calls import CallEvent, CallMode, CallRecord, CallState, Direction, EventType
 from carriers.base import (
@@ -38,6 +37,7 @@ from carriers.base import (
     Carrier,
     CarrierError,
     MediaStreamCodec,
+    NativeAmd,
     OutboundRequest,
     ProviderStatus,
     SpeechHeard,
@@ -57,15 +57,21 @@ from carriers.twilio.protocol import (
     TERMINAL_STATUS,
     XML,
     TwilioStreamCodec,
+    amd_events,
+    conference_verb,
+    dial_outcome,
+    dial_verb,
     direction,
     float_param,
     gather_verb,
     inbound_events,
+    play_digits_verb,
     redirect_verb,
     say_verb,
     say_voice,
     status_events,
     stream_verb,
+    transfer_event,
     twiml,
     verify_request,
 )
@@ -80,6 +86,9 @@ API_VERSION = "2010-04-01"
 STATUS_EVENTS = ("initiated", "ringing", "answered", "completed")
 PURGE_AT = 1024  # per-call bookkeeping entries before ended calls are swept
 TWIML_PARAM_MAX = 4000  # Calls API: longer TwiML must come from a URL
+AMD_TIMEOUT_S = 30  # MachineDetectionTimeout (Twilio's default): then AnsweredBy=unknown
+AMD_CALLBACK_SLACK_S = 10  # the async callback may lag the timeout; after both the manager says unknown
+DTMF_CHARS = frozenset("0123456789*#wW")
 
 
 # ====================================================================== the carrier
@@ -111,7 +120,11 @@ class TwilioCarrier(Carrier):
     name = "twilio"
     signature_headers = (SIGNATURE_HEADER,)
     streams_media = True
+    transfer_ends_stream = True
     reports_dtmf = True
+    sends_dtmf = True
+    dtmf_pauses = True
+    dtmf_restarts_stream = True  # <Play digits> replaces the TwiML, so <Connect><Stream> ends (and is restarted)
 
     def __init__(self, settings: Settings) -> None:
         twilio = self.twilio = settings.section(TwilioSettings)
@@ -215,8 +228,13 @@ class TwilioCarrier(Carrier):
             *(("StatusCallbackEvent", event) for event in STATUS_EVENTS),
             ("Timeout", str(min(600, max(1, math.ceil(self.settings.ringTimeoutMs / 1000))))),
         ]
-        if self.twilio.machineDetection:
-            form.append(("MachineDetection", self.twilio.machineDetection))
+        if request.native_amd:
+            # Asynchronous: the call's TwiML (the stream) runs at once; the verdict comes to type=amd.
+            form += [("MachineDetection", self._amd_flavor(request.machine_detection)),
+                     ("MachineDetectionTimeout", str(AMD_TIMEOUT_S)),
+                     ("AsyncAmd", "true"),
+                     ("AsyncAmdStatusCallback", self.host.webhook_url(callId=call.callId, type="amd")),
+                     ("AsyncAmdStatusCallbackMethod", "POST")]
         if not request.stream and request.message:
             # Said by the answer TwiML (fetched once the callee picks up), not by a second request.
             self._state(call.callId).initial = _Say.new(call.callId, request.message)
@@ -230,6 +248,15 @@ class TwilioCarrier(Carrier):
             self._calls.pop(call.callId, None)
             raise CarrierError("twilio: create-call answer has no sid")
         return str(sid)
+
+    def _amd_flavor(self, mode: str) -> str:
+        """DetectMessageEnd (machine_end_* when the greeting is over) where a message follows, else Enable
+        (the verdict as soon as Twilio knows); `twilio.machineDetection` overrides."""
+        return self.twilio.machineDetection or ("DetectMessageEnd" if mode == "leave-message" else "Enable")
+
+    def native_amd(self, mode: str) -> NativeAmd:
+        return NativeAmd(wait_s=AMD_TIMEOUT_S + AMD_CALLBACK_SLACK_S,
+                         reports_greeting_end=self._amd_flavor(mode) == "DetectMessageEnd")
 
     async def hangup_call(self, call: CallRecord, reason: CallState) -> None:
         self._finish_says(call.callId)
@@ -268,12 +295,35 @@ class TwilioCarrier(Carrier):
         await self._set_twiml(call, self.listen_twiml(call.callId, turn_token))
 
     async def send_dtmf(self, call: CallRecord, digits: str) -> None:
-        if call.media_attached:
-            raise CarrierError("twilio: a media stream is active; send DTMF as in-band tones on it")
-        if not digits or any(d not in "0123456789*#wW" for d in digits):
-            raise CarrierError("twilio: DTMF digits must be 0-9, *, # or w (pause)")
-        again = redirect_verb(self.host.webhook_url(callId=call.callId, type="listen"))
-        await self._set_twiml(call, twiml(f"<Play digits={quoteattr(digits)}/>", again))
+        """`<Play digits>`. It replaces the call's TwiML, so what ran goes on after it: the media stream
+        (a new `<Connect><Stream>` with the call's token; Twilio stops the old stream first), or
+        listening."""
+        if not digits or any(d not in DTMF_CHARS for d in digits):
+            raise CarrierError("twilio: DTMF digits must be 0-9, *, #, w or W (pauses)")
+        if self.settings.streaming.enabled:
+            parameters = {"token": self.host.stream_token(call.callId), "callId": call.callId}
+            after = stream_verb(self.host.stream_url(), parameters)
+        else:
+            after = redirect_verb(self.host.webhook_url(callId=call.callId, type="listen"))
+        await self._set_twiml(call, twiml(play_digits_verb(digits), after))
+
+    async def transfer_cold(self, call: CallRecord, to: str) -> None:
+        """Replace the call's TwiML with `<Dial>` (its `<Connect><Stream>` ends). The person's answer
+        (`type=xfer-leg`) completes the transfer; a `<Dial action>` (`type=dial`) without one fails it
+        and gets the stream back as its TwiML."""
+        ring_s = min(600, max(5, math.ceil(self.settings.transfer.ringTimeoutMs / 1000)))
+        ours = call.to if call.direction == Direction.INBOUND else call.from_
+        document = twiml(dial_verb(to, action=self.host.webhook_url(callId=call.callId, type="dial"),
+                                   leg_callback=self.host.webhook_url(callId=call.callId, type="xfer-leg"),
+                                   timeout_s=ring_s, caller_id=ours or None))
+        await self._set_twiml(call, document)
+
+    async def join_legs(self, call: CallRecord, person: CallRecord) -> bool:
+        """Warm transfer: the person's call, then the caller's, into one conference; both streams end."""
+        name = f"voicecall-{call.callId}"
+        await self._set_twiml(person, twiml(conference_verb(name)))
+        await self._set_twiml(call, twiml(conference_verb(name)))
+        return True
 
     async def get_call_status(self, call: CallRecord) -> ProviderStatus | None:
         if not call.providerCallId:
@@ -303,9 +353,23 @@ class TwilioCarrier(Carrier):
         status = (request.param("CallStatus") or "").lower()
         if kind == "said":
             return WebhookResult(respond=self._after_said, effects=[SpeechHeard(request.query_value("say"), call_id=call_id)])
+        if kind == "amd":
+            return WebhookResult(events=amd_events(request, call_id, sid), reply=WebhookReply(200, EMPTY_TWIML, XML))
         if kind == "twiml":
             doc_id = request.query_value("doc") or ""
             return WebhookResult(respond=lambda _: self._document(call_id or "", doc_id))
+        if kind == "xfer-leg":  # the dialed person's progress (a cold transfer)
+            if status != "in-progress":
+                return WebhookResult(reply=WebhookReply(200, EMPTY_TWIML, XML))
+            event = transfer_event(call_id, dial_outcome("answered"), f"twilio:{sid}:xfer-answered")
+            return WebhookResult(events=[event], reply=WebhookReply(200, EMPTY_TWIML, XML))
+        if kind == "dial":  # <Dial action>: the dialed leg ended, or never connected
+            dial_status = request.param("DialCallStatus")
+            outcome = dial_outcome(dial_status)
+            key = f"twilio:{sid}:dial:{request.param('DialCallSid') or dial_status}"
+            event = transfer_event(call_id, outcome, key, error=None if outcome.value == "completed"
+                                   else f"DialCallStatus {dial_status}")
+            return WebhookResult(events=[event], respond=lambda call: self._after_dial(call, outcome.value))
         if kind == "listen":
             token = request.query_value("turnToken")
             return WebhookResult(respond=lambda call: self._listen_reply(call, token))
@@ -352,6 +416,13 @@ class TwilioCarrier(Carrier):
             return WebhookReply(200, HANGUP_TWIML, XML)
         return WebhookReply(200, self._after_say_twiml(call, call.callId), XML)
 
+    def _after_dial(self, call: CallRecord | None, outcome: str) -> WebhookReply:
+        """After a cold transfer's `<Dial>`: the person took the call (hang up our side), or the caller
+        comes back to the bridge (its media stream again, or listening)."""
+        if call is None or call.terminal or outcome == "completed":
+            return WebhookReply(200, HANGUP_TWIML, XML)
+        return self._answer_reply(call, inbound=False, resume=True)
+
     def _document(self, call_id: str, doc_id: str) -> WebhookReply:
         """TwiML too long for the REST parameter, served once by URL."""
         state = self._calls.get(call_id)
@@ -382,7 +453,7 @@ class TwilioCarrier(Carrier):
 
         return WebhookResult(events=events, respond=respond)
 
-    def _answer_reply(self, call: CallRecord | None, inbound: bool) -> WebhookReply:
+    def _answer_reply(self, call: CallRecord | None, inbound: bool, resume: bool = False) -> WebhookReply:
         if call is None:
             return WebhookReply(200, REJECT_TWIML if inbound else HANGUP_TWIML, XML)
         if call.terminal:  # voicemail, rejected, already hung up
@@ -390,6 +461,8 @@ class TwilioCarrier(Carrier):
         if self.settings.streaming.enabled:
             parameters = {"token": self.host.stream_token(call.callId), "callId": call.callId}
             return WebhookReply(200, twiml(stream_verb(self.host.stream_url(), parameters)), XML)
+        if resume:
+            return WebhookReply(200, self.listen_twiml(call.callId), XML)
         state = self._state(call.callId)
         message = call.initial_message
         if state.initial is None and message and not call.initial_message_spoken:

@@ -4,12 +4,12 @@ stream's id)."""
 
 from __future__ import annotations
 
-import base64
+import binascii
 import json
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
-from bridge.calls import CallEvent, CallState, Direction, EventType
+from bridge.calls import CallEvent, CallState, Direction, EventType, MachineResult, TransferOutcome
 from carriers import wire
 from carriers.base import (
     MediaStreamCodec,
@@ -25,6 +25,7 @@ from carriers.base import (
     WebhookVerdict,
 )
 from carriers.signatures import twilio_replay_key, verify_twilio
+from media.amd import AnsweredBy
 from media.formats import ULAW_8K
 
 SIGNATURE_HEADER = "X-Twilio-Signature"
@@ -67,6 +68,40 @@ def gather_verb(action: str, language: str = "en-US") -> str:
 def stream_verb(url: str, parameters: dict[str, str]) -> str:
     params = "".join(f"<Parameter name={quoteattr(k)} value={quoteattr(v)}/>" for k, v in parameters.items())
     return f"<Connect><Stream url={quoteattr(url)}>{params}</Stream></Connect>"
+
+
+def dial_verb(to: str, *, action: str, leg_callback: str, timeout_s: int, caller_id: str | None) -> str:
+    """Cold transfer: dial `to` (a number or a sip: URI). `leg_callback` hears when the person
+    answers; `action` gets the `DialCallStatus` when the dialed leg ends (or never connected)."""
+    noun = "Sip" if to.lower().startswith(("sip:", "sips:")) else "Number"
+    caller = f" callerId={quoteattr(caller_id)}" if caller_id and noun == "Number" else ""
+    return (f'<Dial action={quoteattr(action)} method="POST" timeout="{timeout_s}" answerOnBridge="true"{caller}>'
+            f'<{noun} statusCallback={quoteattr(leg_callback)} statusCallbackEvent="answered" '
+            f'statusCallbackMethod="POST">{escape(to)}</{noun}></Dial>')
+
+
+def conference_verb(name: str) -> str:
+    """Warm transfer, the join: both legs into one conference that ends when either leaves."""
+    return (f'<Dial><Conference startConferenceOnEnter="true" endConferenceOnExit="true" beep="false" '
+            f'waitUrl="">{escape(name)}</Conference></Dial>')
+
+
+# <Dial action> DialCallStatus -> the transfer's outcome (`completed`/`answered`: the person took it).
+DIAL_OUTCOMES = {"completed": TransferOutcome.COMPLETED, "answered": TransferOutcome.COMPLETED,
+                 "busy": TransferOutcome.BUSY, "no-answer": TransferOutcome.NO_ANSWER,
+                 "failed": TransferOutcome.FAILED, "canceled": TransferOutcome.FAILED}
+
+
+def dial_outcome(status: str | None) -> TransferOutcome:
+    return DIAL_OUTCOMES.get((status or "").lower(), TransferOutcome.FAILED)
+
+
+def transfer_event(call_id: str | None, outcome: TransferOutcome, key: str, error: str | None = None) -> CallEvent:
+    """The outcome of a transfer of our call `call_id`. No provider id: the dialed leg's CallSid must
+    not become the caller's call's id."""
+    event = CallEvent(EventType.TRANSFER, call_id=call_id, outcome=outcome.value, error=error)
+    event.dedupe_key = key
+    return event
 
 
 EMPTY_TWIML = twiml()
@@ -126,7 +161,7 @@ class TwilioStreamCodec(MediaStreamCodec):
                            token=custom.get("token"), call_id=custom.get("callId"), custom=custom)
 
     def encode_media(self, payload: bytes) -> str:
-        return self._media_prefix + base64.b64encode(payload).decode("ascii") + '"}}'
+        return self._media_prefix + binascii.b2a_base64(payload, newline=False).decode("ascii") + '"}}'
 
     def encode_mark(self, name: str) -> str:
         return '{"event":"mark","streamSid":' + self._sid_json + ',"mark":{"name":' + json.dumps(name) + "}}"
@@ -150,14 +185,12 @@ def verify_request(auth_token: str, request: WebhookRequest) -> WebhookVerdict:
 
 
 def status_events(request: WebhookRequest, call_id: str | None, sid: str | None, status: str) -> list[CallEvent]:
-    """The events of a status callback (or of the voice URL's request), from CallStatus and AnsweredBy."""
+    """The events of a status callback (or of the voice URL's request), from CallStatus. (`AnsweredBy`
+    is read from the asynchronous AMD callback only, `amd_events`.)"""
 
     def event(kind: EventType, **extra: Any) -> CallEvent:
         return lifecycle_event(kind, sid, call_id=call_id, **extra)
 
-    answered_by = (request.param("AnsweredBy") or "").lower()
-    if answered_by.startswith("machine") or answered_by == "fax":
-        return [event(EventType.ENDED, reason=CallState.VOICEMAIL)]
     if status in ("queued", "initiated"):
         return [event(EventType.INITIATED)]
     if status == "ringing":
@@ -167,6 +200,46 @@ def status_events(request: WebhookRequest, call_id: str | None, sid: str | None,
     if status in TERMINAL_STATUS:
         return [event(EventType.ENDED, reason=TERMINAL_STATUS[status])]
     return []
+
+
+# AnsweredBy -> (verdict, end of greeting). machine_end_* come only with MachineDetection=DetectMessageEnd.
+ANSWERED_BY: dict[str, tuple[AnsweredBy, str | None]] = {
+    "human": ("human", None),
+    "machine_start": ("machine", None),
+    "machine_end_beep": ("machine", "beep"),
+    "machine_end_silence": ("machine", "silence"),
+    "machine_end_other": ("machine", "other"),
+    "fax": ("machine", None),
+    "unknown": ("unknown", None),
+}
+
+
+def amd_result(answered_by: str | None, duration_ms: str | None) -> MachineResult | None:
+    """`AnsweredBy` (+ `MachineDetectionDuration`) of an asynchronous AMD callback, carrier-neutral;
+    None for a value Twilio does not document."""
+    value = (answered_by or "").strip().lower()
+    if value not in ANSWERED_BY:
+        return None
+    verdict, greeting_end = ANSWERED_BY[value]
+    try:
+        decision_ms: int | None = max(0, int(float(duration_ms))) if duration_ms else None
+    except ValueError:
+        decision_ms = None
+    return MachineResult(verdict, f"twilio:{value}", greeting_end, decision_ms)
+
+
+def amd_events(request: WebhookRequest, call_id: str | None, sid: str | None) -> list[CallEvent]:
+    """The asynchronous AMD callback (`AsyncAmdStatusCallback`): one `call.machine` event, applied
+    once however often Twilio delivers it."""
+    result = amd_result(request.param("AnsweredBy"), request.param("MachineDetectionDuration"))
+    if result is None:
+        return []
+    return [lifecycle_event(EventType.MACHINE, sid, call_id=call_id, machine=result)]
+
+
+def play_digits_verb(digits: str) -> str:
+    """`<Play digits>`: DTMF tones on the call (`w` 0.5 s, `W` 1 s pauses)."""
+    return f"<Play digits={quoteattr(digits)}/>"
 
 
 def lifecycle_event(kind: EventType, sid: str | None, **fields: Any) -> CallEvent:

@@ -87,6 +87,8 @@ class FakeStream:
         self.events: list[dict[str, Any]] = []  # every frame the bridge sent
         self.heard = bytearray()  # u-law the caller actually heard (played, not cleared)
         self.play_audio_frames = 0
+        self.opened_at: float | None = None  # loop time the stream started (the caller's audio starts then)
+        self.first_play_at: float | None = None  # loop time of the bridge's first playAudio
         self.checkpoints: list[str] = []
         self.played: list[str] = []  # checkpoints echoed as playedStream
         self.clears = 0
@@ -102,6 +104,7 @@ class FakeStream:
     async def open(self) -> None:
         self._session = aiohttp.ClientSession()
         self.ws = await self._session.ws_connect(self.url)
+        self.opened_at = asyncio.get_running_loop().time()
         await self.send({"event": "start", "sequenceNumber": next(self._seq),
                          "start": {"callId": self.call.uuid, "streamId": self.stream_id,
                                    "accountId": self.call.fake.auth_id, "tracks": ["inbound"],
@@ -166,6 +169,8 @@ class FakeStream:
                     assert media["contentType"] == "audio/x-mulaw" and media["sampleRate"] == 8000, media
                     data = base64.b64decode(media["payload"])
                     self.play_audio_frames += 1
+                    if self.first_play_at is None:
+                        self.first_play_at = asyncio.get_running_loop().time()
                     for i in range(0, len(data), FRAME_BYTES):
                         self._queue.append(data[i:i + FRAME_BYTES])
                 elif kind == "checkpoint":
@@ -255,9 +260,12 @@ class FakeCall:
         self.xml: list[str] = []  # every XML document the bridge returned
         self.streams: list[FakeStream] = []
         self.hangup_params: dict[str, str] | None = None
+        self.dials: list[dict[str, str]] = []  # each <Dial> run: target and attributes
+        self.conference: str | None = None  # the <Conference> this call joined
         self.ended = asyncio.Event()
         self._xml_task: asyncio.Task[None] | None = None
         self._flow_task: asyncio.Task[None] | None = None
+        self._flow_machine: asyncio.Task[None] | None = None
 
     @property
     def stream(self) -> FakeStream | None:
@@ -300,12 +308,33 @@ class FakeCall:
             return
         self.status = "in-progress"
         self.answered = True
-        if outcome == "machine" and self.machine_detection and self.machine_url:
-            await fake.callback(self.machine_url, self.params(Machine="true", Event="MachineDetection"))
-            if self.machine_detection == "hangup":
-                await self.end("completed", "MACHINE_DETECTED", "Plivo")
-                return
+        if outcome == "machine":
+            self._flow_machine = fake.spawn(self._machine())
         await self.fetch_and_run(self.answer_url, Event="StartApp")
+
+    async def _machine(self) -> None:
+        """An answering machine: its greeting (`fake.machine_audio`) into the stream as soon as there is
+        one; with machine_detection, the asynchronous callback `fake.machine_s` after the answer."""
+        fake = self.fake
+        if fake.machine_audio:
+            fake.spawn(self._machine_greeting(fake.machine_audio))
+        if not (self.machine_detection and self.machine_url):
+            return
+        await asyncio.sleep(fake.machine_s)
+        if not self.live:
+            return
+        await fake.callback(self.machine_url, self.params(Machine="true", Event="MachineDetection",
+                                                          IfMachine="hangup" if self.machine_detection == "hangup"
+                                                          else "continue", CallStatus="in-progress"))
+        if self.machine_detection == "hangup":
+            await self.end("completed", "MACHINE_DETECTED", "Plivo")
+
+    async def _machine_greeting(self, ulaw: bytes) -> None:
+        for _ in range(200):
+            if self.stream is not None and self.stream.ws is not None:
+                self.stream.say_ulaw(ulaw)
+                return
+            await asyncio.sleep(0.01)
 
     async def run_inbound(self) -> None:
         self.status = "ringing"
@@ -358,6 +387,15 @@ class FakeCall:
             elif tag == "GetInput":
                 if await self._get_input(element):
                     return
+            elif tag == "Dial":
+                await self._dial(element)
+                return
+            elif tag == "Conference":
+                name = (element.text or "").strip()
+                self.conference = name
+                self.fake.conferences.setdefault(name, []).append(self)
+                await self.ended.wait()
+                return
             elif tag == "Stream":
                 stream = FakeStream(self, (element.text or "").strip(), element.get("extraHeaders"))
                 self.streams.append(stream)
@@ -368,6 +406,33 @@ class FakeCall:
                 raise AssertionError(f"fake Plivo: unexpected XML element {tag}")
         if self.live:
             await self.end("completed", "NORMAL_CLEARING", "Answer XML")  # the XML ran out
+
+    async def _dial(self, element: ET.Element) -> None:
+        """<Dial> one <Number> (digits) or <User> (SIP URI): the person follows the fake's number sets;
+        callbackUrl hears DialAction=answer; the action gets DialStatus when the dialed leg is done."""
+        noun = element.find("Number")
+        if noun is None:
+            noun = element.find("User")
+        assert noun is not None, "fake Plivo: <Dial> needs a <Number> or <User>"
+        target = (noun.text or "").strip()
+        b_leg = str(uuid.uuid4())
+        self.dials.append({"to": target, "noun": noun.tag, **element.attrib})
+        fake = self.fake
+        numbers = {target, "+" + target}
+        outcome = ("busy" if numbers & fake.busy_numbers else "no-answer" if numbers & fake.no_answer_numbers
+                   else "failed" if numbers & fake.failed_numbers else "completed")
+        await asyncio.sleep(fake.ring_delay_s + fake.answer_delay_s)
+        dial = {"DialALegUUID": self.uuid, "DialBLegUUID": "", "DialRingStatus": "true"}
+        if outcome == "completed":
+            dial["DialBLegUUID"] = b_leg
+            if element.get("callbackUrl"):
+                await fake.callback(element.get("callbackUrl", ""), self.params(DialAction="answer", **dial))
+            with contextlib.suppress(TimeoutError):  # they talk until the person (or the caller) hangs up
+                await asyncio.wait_for(self.ended.wait(), fake.dial_talk_s)
+        if not self.live or not element.get("action"):
+            return
+        await self.fetch_and_run(element.get("action", ""), DialStatus=outcome, DialHangupCause="NORMAL_CLEARING"
+                                 if outcome == "completed" else "USER_BUSY", **dial)
 
     async def _speak(self, text: str) -> None:
         await asyncio.sleep(self.fake.speak_s_per_word * len(text.split()))
@@ -406,6 +471,9 @@ class FakeCall:
                                          Duration="1" if self.answered else "0",
                                          BillDuration="60" if self.answered else "0")
         self.ended.set()
+        for other in self.fake.conferences.get(self.conference or "", []):  # endConferenceOnExit
+            if other is not self:
+                self.fake.spawn(other.end("completed", "NORMAL_CLEARING", "Conference"))
         current = asyncio.current_task()
         if self._xml_task is not None and self._xml_task is not current and not self._xml_task.done():
             self._xml_task.cancel()
@@ -430,11 +498,15 @@ class FakePlivo:
     no_answer_numbers: set[str] = field(default_factory=set)
     failed_numbers: set[str] = field(default_factory=set)
     machine_numbers: set[str] = field(default_factory=set)
+    machine_audio: bytes = b""  # u-law a machine plays into the stream (greeting, beep, silence)
+    machine_s: float = 0.3  # after the answer, the machine-detection callback comes this late
     default_replies: list[str] = field(default_factory=list)
     requests: list[RestRequest] = field(default_factory=list)
     callbacks: list[Callback] = field(default_factory=list)
     calls: dict[str, FakeCall] = field(default_factory=dict)
     dtmf_sent: list[tuple[str, str]] = field(default_factory=list)
+    conferences: dict[str, list[FakeCall]] = field(default_factory=dict)  # name -> calls in it
+    dial_talk_s: float = 0.3  # a <Dial>ed person who answered hangs up after this long
     on_call: Callable[[FakeCall], None] | None = None
     port: int = 0
     _runner: web.AppRunner | None = None
