@@ -332,7 +332,9 @@ async def measure(calls: int, mode: str, args: argparse.Namespace, fakes_url: st
 
             def factory(call: Any, transport: Any, emit: Callable[[CallEvent], None]) -> CallVoice:
                 voice = StampedVoice(call_id=call.callId, transport=transport, tts=tts, stt_engine=stt, emit=emit,
-                                     pipeline_rate=settings.pipelineSampleRate, barge_in=False)
+                                     pipeline_rate=settings.pipelineSampleRate, barge_in=False,
+                                     on_milestone=runtime.monitor.milestone_hook(call.callId),
+                                     on_turn_note=runtime.monitor.turn_note_hook(call.callId))
                 assert isinstance(voice.stt, _WireSession)
                 voice.steps = voice.stt.steps
                 voice.tts = TimedTts(tts, voice.steps)

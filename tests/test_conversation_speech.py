@@ -82,7 +82,7 @@ async def test_elevenlabs_incremental_heard_text_comes_from_its_character_alignm
     try:
         tts = ElevenLabsTts(api_key=fake.api_key, base_url=fake.base_url, transport="websocket",
                             output_format="pcm_8000")
-        bridge, carrier, _ = make(send_ms=20)
+        bridge, carrier, _ = make(send_ms=20, clock=RealClock())
         text = "Pneumonoultramicroscopicsilicovolcanoconiosis is a big word to say."
         speaking = asyncio.ensure_future(speak_stream(bridge, tts, pieces(text)))
         while len(carrier.frames) < 58 and not speaking.done():  # ~1.1 s: into "is a big word"
