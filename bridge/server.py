@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -292,6 +293,7 @@ def create_app(manager: CallManager, rpc: RpcEndpoint, metrics: Metrics,
             body["problems"] = [f"call log not writable ({store.last_error}); {store.pending} record(s) kept in memory"]
         if manager.shared is not None:
             body["node"] = manager.shared.node_id  # which node (process) answered, behind a balancer
+            body["pid"] = os.getpid()  # which worker process, for a supervisor's restart to be seen
         return web.json_response(body)
 
     async def metrics_view(_: web.Request) -> web.Response:
