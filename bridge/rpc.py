@@ -36,7 +36,9 @@ INVALID_PARAMS = -32602
 CALL_FAILED = -32000
 # Commands about one call: on a cluster, run by the node that carries the call (bridge/cluster/router.py)
 ROUTED = frozenset({"voicecall.continue", "voicecall.continue.start", "voicecall.speak", "voicecall.end",
-                    "voicecall.status", "voicecall.dtmf"})
+                    "voicecall.status", "voicecall.dtmf", "voicecall.consult.reply"})
+# On a cluster a continueId ends in `@<node id>`: the node whose job it is answers `continue.result`
+CONTINUE_NODE_SEP = "@"
 
 MAX_DTMF_DIGITS = 32  # a carrier plays ~10 keys/s; longer strings tie up the call and the RPC
 MAX_LIST_LIMIT = 1000
@@ -110,8 +112,8 @@ class RpcDispatcher:
             params = {}
         if not isinstance(params, dict):
             raise RpcError(INVALID_PARAMS, "params must be an object")
-        if route and self.router is not None and method in ROUTED:
-            owner = await self._remote_owner(params)
+        if route and self.router is not None and method in ROUTED | {"voicecall.continue.result"}:
+            owner = self._job_node(params) if method == "voicecall.continue.result" else await self._remote_owner(params)
             if owner is not None:
                 try:
                     return await self.router.forward(owner, method, params, self._route_timeout(method))
@@ -130,6 +132,13 @@ class RpcDispatcher:
             return None
         owner = await self.router.owner(call_id)
         return owner if owner and owner != self.router.node_id else None
+
+    def _job_node(self, params: dict[str, Any]) -> str | None:
+        """The node that runs a `continue.start` job, from its id (None: this one)."""
+        assert self.router is not None
+        job = params.get("continueId")
+        node = job.rpartition(CONTINUE_NODE_SEP)[2] if isinstance(job, str) and CONTINUE_NODE_SEP in job else None
+        return node if node and node != self.router.node_id else None
 
     def _route_timeout(self, method: str) -> float:
         if method == "voicecall.continue":  # waits for the callee's answer on the owner
@@ -161,13 +170,16 @@ class RpcDispatcher:
         call_id, message = _str(p, "callId") or "", _str(p, "message") or ""
         call = self.manager.answered_call(call_id)  # refuse at once, not at the first poll
         continue_id = self.continues.start(call.callId, self.manager.continue_call(call.callId, message))
+        if self.router is not None:
+            continue_id = f"{continue_id}{CONTINUE_NODE_SEP}{self.router.node_id}"
         return {"continueId": continue_id, "callId": call.callId, "started": True}
 
     async def _continue_result(self, p: dict[str, Any]) -> dict[str, Any]:
-        result = self.continues.result(_str(p, "continueId") or "")
+        continue_id = _str(p, "continueId") or ""
+        result = self.continues.result(continue_id.partition(CONTINUE_NODE_SEP)[0])
         if result is None:
             raise RpcError(INVALID_PARAMS, "unknown or expired `continueId`")
-        return result
+        return {**result, "continueId": continue_id}
 
     async def _speak(self, p: dict[str, Any]) -> dict[str, Any]:
         await self.manager.speak(_str(p, "callId") or "", _str(p, "message") or "")
@@ -190,6 +202,9 @@ class RpcDispatcher:
 
     async def _list(self, p: dict[str, Any]) -> dict[str, Any]:
         limit = _int(p, "limit", 50, 1, MAX_LIST_LIMIT)
+        if self.router is not None:  # a cluster: every node's calls, from Redis
+            calls = await self.router.store.recent_calls(limit, active=_bool(p, "active"))
+            return {"calls": [c.public_view() for c in calls]}
         calls = self.manager.active_calls() if _bool(p, "active") else list(self.manager.calls.values())
         calls = sorted(calls, key=lambda c: c.startedAt)[-limit:]
         return {"calls": [c.public_view() for c in calls]}

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from bridge.calls import CallRecord, CallState
+from bridge.cluster.handover import claim
 from bridge.cluster.redis_store import TRANSIENT, RedisStore, VersionConflict
 from bridge.tasks import BackgroundTasks
 from media.clock import Clock, TimerHandle
@@ -37,9 +38,6 @@ class Failover:
 
     def lease_key(self, node_id: str) -> str:
         return f"{self.store.keys.prefix}:lease:{node_id}"
-
-    def claim_key(self, call_id: str) -> str:
-        return f"{self.store.keys.prefix}:claim:{call_id}"
 
     async def start(self) -> None:
         await self._renew()
@@ -87,8 +85,8 @@ class Failover:
                 continue
             if await self.store.redis.exists(self.lease_key(str(owner))):
                 continue
-            if not await self.store.redis.set(self.claim_key(call_id), self.node_id, nx=True, ex=86_400):
-                continue  # another survivor has it
+            if not await claim(self.store, call_id, str(owner), self.node_id):
+                continue  # another survivor has it (or took it over when its media came back)
             await self._take_over(record, version, str(owner))
             ended.append(call_id)
         return ended

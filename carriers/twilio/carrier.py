@@ -306,6 +306,8 @@ class TwilioCarrier(Carrier):
         if kind == "twiml":
             doc_id = request.query_value("doc") or ""
             return WebhookResult(respond=lambda _: self._document(call_id or "", doc_id))
+        if kind == "reattach":  # the stream dropped (its node died or shut down): open a new one
+            return WebhookResult(respond=lambda call: self._answer_reply(call, inbound=False))
         if kind == "listen":
             token = request.query_value("turnToken")
             return WebhookResult(respond=lambda call: self._listen_reply(call, token))
@@ -389,7 +391,12 @@ class TwilioCarrier(Carrier):
             return WebhookReply(200, HANGUP_TWIML, XML)
         if self.settings.streaming.enabled:
             parameters = {"token": self.host.stream_token(call.callId), "callId": call.callId}
-            return WebhookReply(200, twiml(stream_verb(self.host.stream_url(), parameters)), XML)
+            verbs = [stream_verb(self.host.stream_url(), parameters)]
+            if self.settings.cluster is not None:
+                # Twilio runs the next verb when a stream's socket closes: on a cluster that asks
+                # (through the balancer) for a new stream, so a surviving node re-attaches the call
+                verbs.append(redirect_verb(self.host.webhook_url(callId=call.callId, type="reattach")))
+            return WebhookReply(200, twiml(*verbs), XML)
         state = self._state(call.callId)
         message = call.initial_message
         if state.initial is None and message and not call.initial_message_spoken:
