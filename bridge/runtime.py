@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+HANDOVER_WAIT_S = 5.0  # at shutdown, how long calls with media may take to re-attach elsewhere
+
+
 class StartupError(RuntimeError):
     pass
 
@@ -279,12 +282,17 @@ class Runtime:
         self.manager.stopping = True
         if self.dispatcher.router is not None:  # others take this node's calls over from now on
             self.dispatcher.router.draining = True
+        # calls with media here: their carrier asks for a new stream when ours closes (a re-attach)
+        moving = [c.callId for c in self.manager.active_calls() if self.manager.voice(c.callId) is not None]
         if self._runner is not None:
             await self._runner.cleanup()  # closes media streams and RPC sockets first
             self._runner = None
         await self.dispatcher.continues.close()
         if self.dispatcher.router is not None:
             await self.dispatcher.router.close()
+        if self.handover is not None and moving and not self.crashed:
+            # the lease goes last: survivors' sweeps would otherwise end calls that are being re-attached
+            await self.handover.wait_moved(moving, HANDOVER_WAIT_S)
         if self.failover is not None:
             await self.failover.close(release=not self.crashed)
         if self.manager.started:

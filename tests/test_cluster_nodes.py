@@ -199,3 +199,23 @@ async def test_the_event_bus_resubscribes_after_a_redis_restart(redis_server: Re
         async with asyncio.timeout(10):
             while (await queue.get())["callId"] != call_id:
                 pass
+
+
+async def test_consult_reply_on_another_node_reaches_the_owner(redis_server: RedisServer, tmp_path: Path) -> None:
+    async with run_bridge(node(redis_server, "n1"), tmp_path / "a") as a, \
+            run_bridge(node(redis_server, "n2"), tmp_path / "b") as b:
+        call_id = await _initiate(a)
+        assert call_id is not None
+        await wait_for(lambda: a.manager.calls[call_id].answeredAt is not None, timeout=20)
+        events = a.manager.subscribe()  # the agent listening on the owner (the model asks through it)
+        asking = asyncio.ensure_future(a.manager.consult(call_id, "Which table?"))
+        async with asyncio.timeout(10):
+            while (event := await events.get())["type"] != "call.consult":
+                pass
+        with pytest.raises(RpcClientError, match="No open consult"):
+            await rpc_client(b).call("voicecall.consult.reply",
+                                     {"callId": call_id, "consultId": "not-asked", "answer": "x"})
+        await rpc_client(b).call("voicecall.consult.reply",
+                                 {"callId": call_id, "consultId": event["consultId"], "answer": "By the window."})
+        assert await asyncio.wait_for(asking, 5) == "By the window."
+        await rpc_client(b).call("voicecall.end", {"callId": call_id})

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from bridge.calls import CallRecord
 from bridge.cluster.errors import NodeUnreachable, RouteError
-from bridge.cluster.redis_store import RedisStore, VersionConflict
+from bridge.cluster.redis_store import TRANSIENT, RedisStore, VersionConflict
 from bridge.cluster.router import ClusterRouter
 from media.clock import Clock
 
@@ -29,6 +29,7 @@ RELEASE_METHOD = "cluster.release"
 RELEASE_TIMEOUT_S = 5.0
 CLAIM_TTL_S = 86_400
 ATTEMPTS = 5
+MOVE_POLL_S = 0.1
 CLAIM_WAIT_S = 0.2  # another node holds the claim: its owner write follows within a round trip or two
 
 
@@ -70,6 +71,23 @@ class Handover:
         released = self.host.release(str(params.get("callId") or ""))
         await self._flush()
         return {"released": released}
+
+    async def wait_moved(self, call_ids: list[str], timeout_s: float) -> list[str]:
+        """At shutdown: wait until these calls name another node (or ended); the ones still here."""
+        deadline = self.clock.monotonic() + timeout_s
+        left = list(call_ids)
+        while left:
+            try:
+                records = await self.store.load_many(left)
+            except TRANSIENT:
+                return left
+            left = [r.callId for r in records if not r.terminal and r.metadata.get("node") == self.node_id]
+            if not left or self.clock.monotonic() >= deadline:
+                break
+            await self.clock.sleep(MOVE_POLL_S)
+        if left:
+            log.warning("%d call(s) not re-attached elsewhere before shutdown; survivors end them", len(left))
+        return left
 
     async def take_for_stream(self, provider: str, provider_call_id: str | None, call_id: str | None,
                               token: str | None) -> bool:

@@ -1,0 +1,80 @@
+"""A media stream moves its call to the node that accepts it: two in-process nodes, a real redis-server,
+the Twilio fake and real Media Streams WebSockets (the three-process version is tests/test_cluster_lab.py)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from bridge.runtime import Runtime
+from media.clock import FakeClock
+from tests.fakes.twilio_server import CallerScript, FakeTwilio, TwilioMediaStreamClient
+from tests.harness import rpc_client, run_bridge, wait_for
+from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401 - the fixture
+
+GRACE_MS = 300
+
+
+def config(fake: FakeTwilio, redis: RedisServer, node_id: str) -> dict[str, Any]:
+    return {"provider": "twilio", "fromNumber": "+15550001234", "toNumber": "+15550005678", "maxConcurrentCalls": 2,
+            "twilio": {"accountSid": fake.account_sid, "authToken": fake.auth_token, "apiBaseUrl": fake.api_base_url},
+            "streaming": {"enabled": True, "provider": "none", "disconnectGraceMs": GRACE_MS},
+            "tts": {"provider": "espeak"}, "responseModel": "offline",
+            "cluster": {"redisUrl": redis.url, "nodeId": node_id, "leaseSeconds": 30}}
+
+
+def stream_to(node: Runtime, fake: FakeTwilio, call_id: str, sid: str, token: str) -> TwilioMediaStreamClient:
+    return TwilioMediaStreamClient(f"ws://127.0.0.1:{node.port}/voice/stream", call_sid=sid,
+                                   account_sid=fake.account_sid, parameters={"token": token, "callId": call_id})
+
+
+async def owner(node: Runtime, call_id: str) -> str:
+    assert node.shared is not None
+    loaded = await node.shared.store.load(call_id)
+    assert loaded is not None
+    return str(loaded[0].metadata["node"])
+
+
+async def test_a_stream_moves_its_call_only_with_its_token_and_only_when_no_node_has_its_media(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    async with FakeTwilio(say_chars_per_second=40) as fake:
+        fake.default_script = CallerScript(utterances=[])
+        clock = FakeClock(time.time())  # n1's timers (the stream-lost grace) run when the test says; its
+        # wall time agrees with n2's (n2 counts the call's max duration from n1's answeredAt)
+        async with run_bridge(config(fake, redis_server, "n1"), tmp_path / "a", clock=clock) as a, \
+                run_bridge(config(fake, redis_server, "n2"), tmp_path / "b") as b:
+            call_id = (await rpc_client(a).call("voicecall.initiate", {"message": "Hi.", "mode": "conversation"}))[
+                "callId"]
+            call = a.manager.calls[call_id]
+            await wait_for(lambda: a.manager.voice(call_id) is not None, timeout=20)  # the fake's stream, on n1
+            assert a.shared is not None and b.handover is not None
+            await a.shared.drain()
+            token, sid = str(call.metadata["streamToken"]), str(call.providerCallId)
+
+            wrong = stream_to(b, fake, call_id, sid, "x" * len(token))
+            await wrong.connect()
+            assert await wrong.wait_closed(10) == 1008  # a wrong token moves nothing
+            busy = stream_to(b, fake, call_id, sid, token)
+            await busy.connect()
+            assert await busy.wait_closed(10) == 1008  # n1 holds the call's media: it stays there
+            assert await owner(b, call_id) == "n1" and call_id not in b.manager.calls
+
+            # n1's stream drops (the carrier re-attaches to whichever node the balancer picks: here n2)
+            a.manager.media_disconnected(call_id)
+            moved = stream_to(b, fake, call_id, sid, token)
+            await moved.connect()
+            await wait_for(lambda: b.manager.voice(call_id) is not None, timeout=10)
+            assert await owner(b, call_id) == "n2" and call_id not in a.manager.calls
+            assert b.handover.taken == [(call_id, "n1")]
+            await rpc_client(a).call("voicecall.speak", {"callId": call_id, "message": "Now from node two."})
+            assert len(moved.heard_ulaw()) > 4000  # n1 routed the command to the new owner, which spoke
+            # n1's stream-lost timer fires on the object it let go: no hang-up, no record written by n1
+            await clock.advance(GRACE_MS / 1000 + 0.1)
+            await a.manager.drain()
+            await a.shared.drain()
+            assert fake.rest("POST", f"/Calls/{sid}.json") == []
+            assert not b.manager.calls[call_id].terminal and await owner(b, call_id) == "n2"
+            await rpc_client(a).call("voicecall.end", {"callId": call_id})
+            assert b.manager.calls[call_id].state == "hangup-bot"
+            await moved.aclose()
