@@ -95,3 +95,26 @@ def test_the_check_sees_a_violation(tmp_path: Path) -> None:
     assert ("bridge.config", True) in found and ("bridge.calls", False) in found
     runtime, _ = RULES["carriers"]["bridge"]
     assert not _allowed("bridge.manager", runtime) and _allowed("bridge.calls.x", runtime)
+
+
+# Modules kept pure (sans-I/O): only these imports, at run time or under TYPE_CHECKING.
+PURE: dict[str, set[str]] = {
+    "bridge/inbound_policy.py": {"__future__", "collections.abc"},
+}
+
+
+def test_pure_modules_import_nothing_with_io() -> None:
+    found = []
+    for rel, allowed in PURE.items():
+        tree = ast.parse((ROOT / rel).read_text(encoding="utf-8"), rel)
+        found += [f"{rel}:{line}: imports {module}" for module, line, _ in _imports(tree)
+                  if not _allowed(module, allowed)]
+    assert found == []
+
+
+def test_the_manager_parts_stay_small() -> None:
+    """The manager is a façade over parts with one job each (bridge/manager.py lists them)."""
+    parts = ["manager", "manager_core", "carrier_host", "call_api", "turns", "answering", "lifecycle", "recovery",
+             "fanout", "inbound_policy"]
+    sizes = {p: len((ROOT / "bridge" / f"{p}.py").read_text(encoding="utf-8").splitlines()) for p in parts}
+    assert max(sizes.values()) <= 400, sizes

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from bridge import manager as manager_module
+from bridge import manager_core
 from bridge.client import RpcClient
 from bridge.runtime import Runtime
 from tests.harness import rpc_client, run_bridge, wait_for
@@ -104,7 +104,7 @@ async def test_restart_loads_only_the_newest_ended_calls(tmp_path: Path, monkeyp
         ids = [i for n in range(6) for i in await one_round(client, n)]
         await wait_for(lambda: not runtime.manager.active_calls(), timeout=20)
         ended_at = {i: runtime.manager.calls[i].endedAt for i in ids}
-    monkeypatch.setattr(manager_module, "ENDED_CALLS_KEPT", 5)
+    monkeypatch.setattr(manager_core, "ENDED_CALLS_KEPT", 5)
     async with run_bridge(CFG, tmp_path) as runtime:
         client = rpc_client(runtime)
         newest = sorted(ids, key=lambda i: ended_at[i] or 0)[-5:]

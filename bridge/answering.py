@@ -1,0 +1,106 @@
+"""Once an outbound call is answered: the keys sent out (dtmfSequence), answering-machine detection and
+its verdicts (hang up, leave a message after the beep, or speak the first message)."""
+
+from __future__ import annotations
+
+import logging
+
+from bridge.calls import CallRecord, CallState, Direction
+from bridge.config import MachineDetectionMode
+from bridge.machine import MachineDetection
+from bridge.manager_core import CallError
+from bridge.turns import Turns
+from media.amd import AmdVerdict
+
+log = logging.getLogger(__name__)
+
+
+class Answering(Turns):
+    async def _after_answer(self, call: CallRecord) -> None:
+        """dtmfSequence first (an extension, an IVR menu), then machine detection or the first message."""
+        sequence = call.metadata.get("dtmfSequence")
+        if sequence and not call.metadata.get("dtmfSequenceSent"):
+            try:
+                await self._send_sequence(call, str(sequence))
+            except CallError as exc:
+                log.warning("call %s: dtmfSequence not sent: %s", call.callId, exc)
+            call.metadata["dtmfSequenceSent"] = True
+            self._save(call)
+        if call.terminal:
+            return
+        mode = call.metadata.get("machineDetection")
+        if mode and call.direction == Direction.OUTBOUND and "answeredBy" not in call.metadata:
+            self._start_machine_detection(call, mode)
+            return
+        await self._speak_initial(call)
+
+    async def _send_sequence(self, call: CallRecord, sequence: str) -> None:
+        """Digits through send_dtmf; `w` pauses 0.5 s and `W` 1 s, on the manager's clock."""
+        digits = ""
+        for ch in sequence:
+            if ch in "wW":
+                if digits:
+                    await self.send_dtmf(call.callId, digits)
+                    digits = ""
+                await self.clock.sleep(0.5 if ch == "w" else 1.0)
+            else:
+                digits += ch
+        if digits:
+            await self.send_dtmf(call.callId, digits)
+
+    def _machine_pending(self, call: CallRecord) -> bool:
+        """Detection still listening, a machine's greeting still playing, or a voicemail being left."""
+        return call.callId in self._machine or "voicemailAfter" in call.metadata
+
+    def _start_machine_detection(self, call: CallRecord, mode: MachineDetectionMode) -> None:
+        if not self._expects_media(call):
+            # no audio reaches us, and this carrier has no detector of its own
+            self._machine_verdict(call, mode, AmdVerdict("unknown", "NOMEDIA", 0))
+            return
+        detection = MachineDetection(
+            self.settings.amd, self.clock, wants_message_point=mode == "leave-message",
+            on_verdict=lambda verdict: self._machine_verdict(call, mode, verdict),
+            on_message_point=lambda reason: self._spawn(self._leave_message(call, reason),
+                                                        f"voicemail-{call.callId}"))
+        self._machine[call.callId] = detection
+        voice = self._voices.get(call.callId)
+        if voice is not None:
+            detection.attach(voice.bridge)
+
+    def _machine_verdict(self, call: CallRecord, mode: MachineDetectionMode, verdict: AmdVerdict) -> None:
+        if call.terminal:
+            return
+        meta = call.metadata
+        meta["answeredBy"] = verdict.answered_by
+        meta["amdCause"] = verdict.cause
+        meta["amdDecisionMs"] = verdict.at_ms
+        self._save(call)
+        log.info("call %s answered by %s (%s)", call.callId, verdict.answered_by, verdict.cause)
+        self._publish("call.answered_by", call, answeredBy=verdict.answered_by, cause=verdict.cause,
+                      decisionMs=verdict.at_ms)
+        if verdict.answered_by == "machine" and mode == "hangup":
+            self._spawn(self._hangup(call, CallState.HANGUP_BOT), f"amd-hangup-{call.callId}")
+            return
+        if verdict.answered_by == "machine" and mode == "leave-message":
+            return  # the detector goes on listening for the end of the greeting
+        self._machine.pop(call.callId, None)
+        self._spawn(self._speak_initial(call), f"initial-{call.callId}")
+
+    async def _leave_message(self, call: CallRecord, after: str) -> None:
+        """The greeting is over (its beep ended, or a long silence): speak the message, hang up."""
+        self._machine.pop(call.callId, None)
+        if call.terminal:
+            return
+        call.metadata["voicemailAfter"] = after
+        call.initial_message_spoken = True
+        text = call.metadata.get("voicemailMessage") or self.settings.amd.voicemailMessage or call.initial_message
+        voice = self._voices.get(call.callId)
+        if voice is not None:
+            voice.bridge.barge_in_enabled = False  # the machine's own sounds must not cut the message
+        try:
+            await self._say(call, text)
+        except CallError as exc:
+            log.warning("call %s: voicemail message failed: %s", call.callId, exc)
+            return
+        if not call.terminal:
+            await self._hangup(call, CallState.VOICEMAIL)
