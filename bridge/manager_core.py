@@ -69,8 +69,6 @@ class ManagerCore:
         self.store: Store = store or CallStore(settings.store_dir)
         # Several nodes on one Redis: capacity and events are shared through it (bridge/cluster/)
         self.shared: SharedStore | None = self.store if isinstance(self.store, SharedStore) else None
-        # On a cluster: sends an event for a call this node does not carry to the node that does (True: sent)
-        self.event_forwarder: Callable[[CallEvent], Awaitable[bool]] | None = None
         self.responder = responder
         # Streaming replies with tools (the default); None or agent.responseMode batch: the Responder path.
         self.conversation = conversation

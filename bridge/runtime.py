@@ -180,11 +180,9 @@ class Runtime:
     def _join_cluster(self, shared: SharedCallLog, router: ClusterRouter) -> None:
         """Webhooks for other nodes' calls go there; a media stream moves its call here."""
         from bridge.cluster.handover import Handover
-        from bridge.cluster.ownership import ManagerOwnership
         from bridge.cluster.webhooks import WEBHOOK_METHOD, WebhookRouting
 
-        self.handover = Handover(shared.store, router, ManagerOwnership(self.manager), self.manager.clock,
-                                 shared.drain)
+        self.handover = Handover(shared.store, router, self.manager, self.manager.clock, shared.drain)
         webhook = self.app[WEBHOOK_KEY]
         webhook.routing = WebhookRouting(shared.store, router, self.handover, webhook.call_of)
         router.internal[WEBHOOK_METHOD] = webhook.process_forwarded
