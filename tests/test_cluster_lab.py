@@ -331,11 +331,14 @@ def _no_live_calls(lab: Lab) -> Callable[[], Awaitable[bool]]:
 
 
 async def _live_on(lab: Lab, count: int) -> list[str]:
-    ids = [await place(lab, NODES[i % 3], SILENT) for i in range(count)]
-    for call_id in ids:
-        await until(lambda c=call_id: said_greeting(lab, c), timeout=40)
-        assert await lab.owner(call_id) == "n1"
-    return ids
+    ids = await asyncio.gather(*[place(lab, NODES[i % 3], SILENT) for i in range(count)])
+
+    async def greeted() -> bool:
+        return all(await asyncio.gather(*[said_greeting(lab, c) for c in ids]))
+
+    await until(greeted, timeout=40)
+    assert [await lab.owner(c) for c in ids] == ["n1"] * count
+    return list(ids)
 
 
 async def _reattached(lab: Lab, ids: list[str], gone: str, timeout: float) -> None:
@@ -353,8 +356,8 @@ async def _reattached(lab: Lab, ids: list[str], gone: str, timeout: float) -> No
 
 
 async def _carry_on_then_end(lab: Lab, ids: list[str]) -> None:
-    for i, call_id in enumerate(ids):
-        record = (await lab.record(call_id))
+    async def carry_on(i: int, call_id: str) -> None:
+        record = await lab.record(call_id)
         assert record is not None
         bot = [t.text for t in record[0].transcript if t.speaker == "bot"]
         assert bot == [GREETING], bot  # the transcript so far came along, and the greeting is not said again
@@ -363,6 +366,8 @@ async def _carry_on_then_end(lab: Lab, ids: list[str]) -> None:
         heard = len(stream.heard_ulaw())
         await lab.nodes[NODES[1 + i % 2]].rpc.call("voicecall.speak", {"callId": call_id, "message": "Still here."})
         assert len(stream.heard_ulaw()) > heard + 2000
+
+    await asyncio.gather(*[carry_on(i, c) for i, c in enumerate(ids)])
     await asyncio.gather(*[lab.nodes["n2"].rpc.call("voicecall.end", {"callId": c}) for c in ids])
     for call_id in ids:
         assert hangups(lab, twilio_call(lab, call_id)) == 1
@@ -387,5 +392,6 @@ async def test_kill_9_of_the_media_node_with_10_live_calls(lab: Lab) -> None:
     assert await asyncio.to_thread(lab.nodes["n1"].stop, signal.SIGKILL) == -signal.SIGKILL
     await _reattached(lab, ids, "n1", timeout=LEASE_S + 8)
     elapsed = time.monotonic() - killed
+    print(f"kill -9: {len(ids)} calls re-attached on n2/n3 in {elapsed:.2f} s")  # noqa: T201 - the README figure
     assert elapsed < LEASE_S + 5, elapsed
     await _carry_on_then_end(lab, ids)
