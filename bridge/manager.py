@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 from bridge.call_api import CallApi
-from bridge.carrier_host import STT_LOST_MESSAGE, CarrierHost
+from bridge.carrier_host import STT_LOST_MESSAGE
 from bridge.fanout import CallObserver
 from bridge.manager_core import ENDED_CALLS_KEPT, CallError, VoiceFactory
 from bridge.ownership import Ownership
@@ -24,7 +24,7 @@ from bridge.recovery import Recovery
 __all__ = ["ENDED_CALLS_KEPT", "STT_LOST_MESSAGE", "CallError", "CallManager", "CallObserver", "VoiceFactory"]
 
 
-class CallManager(CarrierHost, CallApi, Recovery, Ownership):
+class CallManager(Ownership, CallApi, Recovery):
     """The façade the runtime, the RPC, the CLI and the tests hold; it starts and stops the call machinery."""
 
     async def start(self) -> None:

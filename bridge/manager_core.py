@@ -20,7 +20,7 @@ from bridge.machine import MachineDetection
 from bridge.responder import Responder
 from bridge.store import CallStore, SharedStore, Store
 from bridge.tasks import BackgroundTasks
-from carriers.base import Carrier, CarrierError
+from carriers.base import Carrier
 from media.clock import Clock, RealClock, TimerHandle
 from media.transport import MediaTransport
 
@@ -176,17 +176,6 @@ class ManagerCore:
                 self._schedule_store_retry()
 
         self.clock.call_later(STORE_RETRY_S, retry)
-
-    def announce_ended(self, call: CallRecord) -> None:
-        """Another node's call that this node ended (failover): its subscribers learn of it too."""
-        self._publish("call.ended", call, reason=call.endReason or "")
-
-    async def hangup_orphan(self, call: CallRecord) -> None:
-        """End at the carrier a call whose node is gone (failover); a failed request is logged, not raised."""
-        try:
-            await self.carrier.hangup_call(call, CallState.HANGUP_BOT)
-        except CarrierError as exc:
-            log.warning("call %s: failover hang-up failed: %s", call.callId, exc)
 
     def _stamp_node(self, call: CallRecord) -> None:
         if self.shared is not None:

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import logging
 
-from bridge.answering import Answering
 from bridge.calls import CallRecord, CallState, Direction
+from bridge.carrier_host import CarrierHost
 from bridge.manager_core import CallError
+from carriers.base import CarrierError
 
 log = logging.getLogger(__name__)
 
 RELEASED = "-released-"  # the node of a record object this node let go: its store writes nothing more for it
 
 
-class Ownership(Answering):
+class Ownership(CarrierHost):
     """On a cluster, a call moves to the node that accepts its media (bridge/cluster/handover.py)."""
 
     def release(self, call_id: str) -> bool:
@@ -89,3 +90,15 @@ class Ownership(Answering):
         record.media_attached = False
         return record
 
+    async def resume_orphan(self, call: CallRecord) -> bool:
+        """A dead node's call, now this node's: a new stream from the carrier (True), or the end (False)."""
+        if call.answeredAt is not None:
+            try:
+                if await self.carrier.reattach_media(call):
+                    # ended after the grace period unless the new stream attaches (here or on another node)
+                    self.media_disconnected(call.callId)
+                    return True
+            except CarrierError as exc:
+                log.warning("call %s: media not re-attached (%s); ending the call", call.callId, exc)
+        await self._hangup(call, CallState.HANGUP_BOT)
+        return False

@@ -160,7 +160,7 @@ class Runtime:
             from bridge.cluster.failover import Failover
 
             self.failover = Failover(self.shared.store, self.shared.node_id, settings.cluster.leaseSeconds,
-                                     self.manager.clock, self.manager.hangup_orphan, self.manager.announce_ended)
+                                     self.manager.clock, self.manager)
         token = settings.rpc.token.get_secret_value() if settings.rpc.token else None
         limits = settings.webhookSecurity
         self.rpc = RpcEndpoint(self.dispatcher, token, max_body_bytes=limits.maxBodyBytes,

@@ -7,8 +7,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bridge.calls import CallState
 from bridge.runtime import Runtime
 from media.clock import FakeClock
+from tests.fakes.telnyx_server import FakeTelnyx
 from tests.fakes.twilio_server import CallerScript, FakeTwilio, TwilioMediaStreamClient
 from tests.harness import rpc_client, run_bridge, wait_for
 from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401 - the fixture
@@ -78,3 +80,38 @@ async def test_a_stream_moves_its_call_only_with_its_token_and_only_when_no_node
             await rpc_client(a).call("voicecall.end", {"callId": call_id})
             assert b.manager.calls[call_id].state == "hangup-bot"
             await moved.aclose()
+
+
+def telnyx_config(fake: FakeTelnyx, redis: RedisServer, node_id: str) -> dict[str, Any]:
+    return {"provider": "telnyx", "fromNumber": "+15550001234", "toNumber": "+15550005678", "maxConcurrentCalls": 2,
+            "telnyx": fake.config(), "streaming": {"enabled": True, "provider": "none", "disconnectGraceMs": 5000},
+            "tts": {"provider": "espeak"}, "responseModel": "offline",
+            "cluster": {"redisUrl": redis.url, "nodeId": node_id, "leaseSeconds": 1}}
+
+
+async def test_a_dead_nodes_telnyx_call_gets_a_new_stream_from_a_survivor(redis_server: RedisServer,
+                                                                        tmp_path: Path) -> None:
+    async with FakeTelnyx() as fake, run_bridge(telnyx_config(fake, redis_server, "n2"), tmp_path / "b") as b:
+        async with run_bridge(telnyx_config(fake, redis_server, "n1"), tmp_path / "a") as a:
+            call_id = (await rpc_client(a).call("voicecall.initiate", {"message": "Hi.", "mode": "conversation"}))[
+                "callId"]
+            call = a.manager.calls[call_id]
+            await wait_for(lambda: call.state == CallState.LISTENING, timeout=20)  # greeted through n1's stream
+            assert a.shared is not None
+            await a.shared.drain()
+            a.crashed = True  # its lease is left to expire, as after kill -9
+        [twin] = fake.calls.values()
+        first = twin.stream
+        assert first is not None and twin.alive  # Telnyx keeps the call up when a stream drops
+        assert b.failover is not None
+        await wait_for(lambda: b.failover.reattached == [call_id], timeout=1 + 5)  # type: ignore[union-attr]
+        await wait_for(lambda: b.manager.voice(call_id) is not None, timeout=10)
+        assert twin.command_names().count("streaming_start") == 1 and twin.stream is not first
+        await rpc_client(b).call("voicecall.speak", {"callId": call_id, "message": "Still here."})
+        assert twin.stream is not None and len(twin.stream.heard_now()) > 4000
+        assert [t.text for t in b.manager.calls[call_id].transcript if t.speaker == "bot"] == ["Hi.", "Still here."]
+        await rpc_client(b).call("voicecall.end", {"callId": call_id})
+        assert twin.command_names().count("hangup") == 1
+        assert b.shared is not None
+        await b.shared.drain()
+        assert await b.shared.store.live_count() == 0

@@ -128,6 +128,9 @@ async def test_a_dead_nodes_calls_are_ended_once_by_a_survivor(redis_server: Red
         assert asyncio.get_running_loop().time() - died < lease_s + 3
         hangups = [call_id for call_id, _ in b.carrier.hangups + c.carrier.hangups]  # type: ignore[attr-defined]
         assert sorted(hangups) == sorted(ids)  # exactly one hang-up per call, by one survivor
+        assert c.shared is not None
+        await b.shared.drain()
+        await c.shared.drain()  # the survivors' writers sent the ended records
         assert await store.live_count() == 0  # the slots are free again
         for call_id in ids:
             loaded = await store.load(call_id)

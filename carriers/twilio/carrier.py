@@ -246,6 +246,13 @@ class TwilioCarrier(Carrier):
     async def reject_call(self, call: CallRecord) -> None:
         return None  # the voice-URL reply is <Reject/>: Twilio never answers the call
 
+    async def reattach_media(self, call: CallRecord) -> bool:
+        """A call update whose TwiML opens a new stream (the answer's own document, token included)."""
+        if not self.settings.streaming.enabled or not call.providerCallId:
+            return False
+        await self._update(call, {"Twiml": self._answer_reply(call, inbound=False).body})
+        return True
+
     async def speak_native(self, call: CallRecord, text: str) -> None:
         if call.media_attached:
             raise CarrierError("twilio: a media stream is active; replacing its TwiML would cut the stream")
