@@ -34,6 +34,9 @@ INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 CALL_FAILED = -32000
+CALL_MOVED = -32011  # a routed command reached a node that no longer carries the call (it is moving)
+MOVE_RETRIES = 5
+MOVE_RETRY_S = 0.1
 # Commands about one call: on a cluster, run by the node that carries the call (bridge/cluster/router.py)
 ROUTED = frozenset({"voicecall.continue", "voicecall.continue.start", "voicecall.speak", "voicecall.end",
                     "voicecall.status", "voicecall.dtmf", "voicecall.consult.reply"})
@@ -113,12 +116,19 @@ class RpcDispatcher:
         if not isinstance(params, dict):
             raise RpcError(INVALID_PARAMS, "params must be an object")
         if route and self.router is not None and method in ROUTED | {"voicecall.continue.result"}:
-            owner = self._job_node(params) if method == "voicecall.continue.result" else await self._remote_owner(params)
-            if owner is not None:
+            for attempt in range(MOVE_RETRIES):
+                owner = self._job_node(params) if method == "voicecall.continue.result" \
+                    else await self._remote_owner(params)
+                if owner is None:
+                    break
                 try:
                     return await self.router.forward(owner, method, params, self._route_timeout(method))
                 except RouteError as exc:
-                    raise RpcError(exc.code, exc.message) from None
+                    if exc.code == CALL_MOVED and method == "voicecall.status" and attempt == MOVE_RETRIES - 1:
+                        return await self._status_from_store(params)  # e.g. ended long ago, no longer in memory
+                    if exc.code != CALL_MOVED or attempt == MOVE_RETRIES - 1:
+                        raise RpcError(exc.code, exc.message) from None
+                await self.manager.clock.sleep(MOVE_RETRY_S)  # the new owner's write follows the release
         try:
             return await handler(params)
         except CallError as exc:
@@ -133,6 +143,11 @@ class RpcDispatcher:
         owner = await self.router.owner(call_id)
         return owner if owner and owner != self.router.node_id else None
 
+    async def _status_from_store(self, params: dict[str, Any]) -> dict[str, Any]:
+        assert self.router is not None
+        loaded = await self.router.store.load(str(params.get("callId") or params.get("sid")))
+        return {"found": True, "call": loaded[0].public_view()} if loaded else {"found": False}
+
     def _job_node(self, params: dict[str, Any]) -> str | None:
         """The node that runs a `continue.start` job, from its id (None: this one)."""
         assert self.router is not None
@@ -146,6 +161,10 @@ class RpcDispatcher:
         return 30.0
 
     async def call_here(self, method: str, params: dict[str, Any]) -> Any:
+        """A command another node routed here because Redis names this node as the call's owner."""
+        call_id = params.get("callId") or params.get("sid")
+        if method in ROUTED and isinstance(call_id, str) and self.manager.find_call(call_id, call_id) is None:
+            raise RpcError(CALL_MOVED, f"call {call_id} is moving between nodes; try again")
         return await self.call(method, params, route=False)
 
     # ---------------------------------------------------------------- voicecall.*

@@ -118,6 +118,6 @@ class Failover:
         else:
             return
         call = self._host.adopt(record)
-        self.taken_over.append(call.callId)
         if await self._host.resume_orphan(call):
             self.reattached.append(call.callId)
+        self.taken_over.append(call.callId)
