@@ -3,13 +3,14 @@ the Twilio fake and real Media Streams WebSockets (the three-process version is 
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bridge.calls import CallState
+from bridge.ownership import RELEASED
 from bridge.runtime import Runtime
-from media.clock import FakeClock
+from media.clock import RealClock, TimerHandle
 from tests.fakes.telnyx_server import FakeTelnyx
 from tests.fakes.twilio_server import CallerScript, FakeTwilio, TwilioMediaStreamClient
 from tests.harness import rpc_client, run_bridge, wait_for
@@ -24,6 +25,22 @@ def config(fake: FakeTwilio, redis: RedisServer, node_id: str) -> dict[str, Any]
             "streaming": {"enabled": True, "provider": "none", "disconnectGraceMs": GRACE_MS},
             "tts": {"provider": "espeak"}, "responseModel": "offline",
             "cluster": {"redisUrl": redis.url, "nodeId": node_id, "leaseSeconds": 30}}
+
+
+class GraceSpy(RealClock):
+    """The real clock, counting the stream-lost grace timers that fired."""
+
+    grace_fired = 0
+
+    def call_later(self, delay: float, callback: Callable[[], object]) -> TimerHandle:
+        if abs(delay - GRACE_MS / 1000) > 1e-9:
+            return super().call_later(delay, callback)
+
+        def fire() -> None:
+            callback()
+            self.grace_fired += 1
+
+        return super().call_later(delay, fire)
 
 
 def stream_to(node: Runtime, fake: FakeTwilio, call_id: str, sid: str, token: str) -> TwilioMediaStreamClient:
@@ -42,14 +59,13 @@ async def test_a_stream_moves_its_call_only_with_its_token_and_only_when_no_node
         redis_server: RedisServer, tmp_path: Path) -> None:
     async with FakeTwilio(say_chars_per_second=40) as fake:
         fake.default_script = CallerScript(utterances=[])
-        clock = FakeClock(time.time())  # n1's timers (the stream-lost grace) run when the test says; its
-        # wall time agrees with n2's (n2 counts the call's max duration from n1's answeredAt)
+        clock = GraceSpy()  # tells when n1's stream-lost grace timer has fired
         async with run_bridge(config(fake, redis_server, "n1"), tmp_path / "a", clock=clock) as a, \
                 run_bridge(config(fake, redis_server, "n2"), tmp_path / "b") as b:
             call_id = (await rpc_client(a).call("voicecall.initiate", {"message": "Hi.", "mode": "conversation"}))[
                 "callId"]
             call = a.manager.calls[call_id]
-            await wait_for(lambda: a.manager.voice(call_id) is not None, timeout=20)  # the fake's stream, on n1
+            await wait_for(lambda: call.state == CallState.LISTENING, timeout=20)  # greeted on n1's stream
             assert a.shared is not None and b.handover is not None
             await a.shared.drain()
             token, sid = str(call.metadata["streamToken"]), str(call.providerCallId)
@@ -69,12 +85,14 @@ async def test_a_stream_moves_its_call_only_with_its_token_and_only_when_no_node
             await wait_for(lambda: b.manager.voice(call_id) is not None, timeout=10)
             assert await owner(b, call_id) == "n2" and call_id not in a.manager.calls
             assert b.handover.taken == [(call_id, "n1")]
+            heard = len(moved.heard_ulaw())
             await rpc_client(a).call("voicecall.speak", {"callId": call_id, "message": "Now from node two."})
-            assert len(moved.heard_ulaw()) > 4000  # n1 routed the command to the new owner, which spoke
-            # n1's stream-lost timer fires on the object it let go: no hang-up, no record written by n1
-            await clock.advance(GRACE_MS / 1000 + 0.1)
-            await a.manager.drain()
-            await a.shared.drain()
+            await wait_for(lambda: len(moved.heard_ulaw()) > heard + 4000, timeout=10)  # n1 routed it to n2
+            bot = [t.text for t in b.manager.calls[call_id].transcript if t.speaker == "bot"]
+            assert bot == ["Hi.", "Now from node two."], bot
+            # n1's stream-lost timer fires on the object it let go: it sees an ended call and does nothing
+            await wait_for(lambda: clock.grace_fired == 1, timeout=5)
+            assert "streamLost" not in call.metadata and call.metadata["node"] == RELEASED
             assert fake.rest("POST", f"/Calls/{sid}.json") == []
             assert not b.manager.calls[call_id].terminal and await owner(b, call_id) == "n2"
             await rpc_client(a).call("voicecall.end", {"callId": call_id})
