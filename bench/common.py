@@ -183,3 +183,12 @@ def write_results(name: str, data: dict[str, Any], out: str | None = None) -> Pa
 
 def python() -> str:
     return sys.executable
+
+
+def finish(name: str, data: dict[str, Any], args: Any) -> int:
+    """Write the results file (`--out`), say where, print them as JSON with `--json`; the exit status."""
+    path = write_results(name, data, args.out)
+    print(f"results: {path}")
+    if args.json:
+        print(json.dumps(data, indent=2))
+    return 0

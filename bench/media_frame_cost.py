@@ -5,7 +5,7 @@
 Inbound:  MediaPipeline.receive (reorder, u-law decode, 8k->16k stream resample, listener call,
           in-band DTMF detector, VAD) with a no-op listener, in its configurations.
 Outbound: MediaPipeline.play of 24 kHz PCM (OpenAI TTS rate) -> 8 kHz u-law frames through the whole
-          coroutine (resample, encode, frame, pacer, send_media) on a virtual clock, so sleeping
+          coroutine (resample, encode, frame, pacer, send_media) on a jumping FakeClock, so sleeping
           costs nothing and only CPU is counted.
 """
 
@@ -22,6 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from media import g711  # noqa: E402
+from media.clock import FakeClock  # noqa: E402
 from media.formats import ULAW_8K  # noqa: E402
 from media.frames import Framer  # noqa: E402
 from media.pipeline import MediaPipeline  # noqa: E402
@@ -47,28 +48,6 @@ class NullStreamLeg(NullLeg):
     """A carrier media stream (Twilio/Telnyx/Plivo): it reports key presses itself."""
 
     reports_dtmf = True
-
-
-class VirtualClock:
-    """Time that jumps forward instead of sleeping (CPU cost only)."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def time(self) -> float:
-        return self.now
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def call_later(self, delay, callback):  # type: ignore[no-untyped-def]
-        return asyncio.get_running_loop().call_soon(callback)
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += seconds
-
-    async def wait_for(self, awaitable, timeout):  # type: ignore[no-untyped-def]
-        return await awaitable
 
 
 def speechlike(rate: int, secs: float) -> np.ndarray:
@@ -157,7 +136,7 @@ def outbound_codec_only(secs: float) -> float:
 
 async def outbound_play(secs: float) -> float:
     pcm = speechlike(24000, secs).tobytes()
-    bridge = MediaPipeline(NullLeg(), NullListener(), clock=VirtualClock())  # type: ignore[arg-type]
+    bridge = MediaPipeline(NullLeg(), NullListener(), clock=FakeClock(jump=True))  # type: ignore[arg-type]
 
     async def chunks() -> AsyncIterator[bytes]:
         for i in range(0, len(pcm), 4800):  # 100 ms TTS chunks

@@ -46,6 +46,7 @@ from bench.common import (  # noqa: E402
     ROOT,
     Server,
     cpu_seconds,
+    finish,
     free_port,
     loadavg,
     machine,
@@ -53,7 +54,6 @@ from bench.common import (  # noqa: E402
     rss_bytes,
     table,
     versions,
-    write_results,
 )
 
 LATE_MS = 20.0
@@ -443,11 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat > 1:
         data["spread"] = spread(data["sweeps"])
         print_spread(data["spread"])
-    path = write_results("media_streams", data, args.out)
-    print(f"results: {path}")
-    if args.json:
-        print(json.dumps(data, indent=2))
-    return 0
+    return finish("media_streams", data, args)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import sys
@@ -32,9 +31,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import cpu_seconds, loadavg, machine, pinned, table, write_results  # noqa: E402  # noqa: E402
+from bench.callers import stream_callers  # noqa: E402
+from bench.common import cpu_seconds, finish, loadavg, machine, pinned, table  # noqa: E402
 from tests.fakes.openai_realtime_server import FakeOpenAIRealtime  # noqa: E402
-from tests.fakes.stream_load import LoadStreamClient, inbound_stream, percentile  # noqa: E402
+from tests.fakes.stream_load import percentile  # noqa: E402
 from tests.harness import run_bridge  # noqa: E402
 
 REPLY = "Fifty characters of reply tone, one second of audio"  # 20 ms per character
@@ -95,7 +95,6 @@ def config(account_sid: str, auth_token: str, calls: int, fake: RemoteFake) -> d
 async def measure(calls: int, rounds: int, fake_cpu: int | None, speed: float) -> dict[str, Any]:
     import secrets
 
-    import aiohttp
 
     loop = asyncio.get_running_loop()
     account_sid, auth_token = "AC" + secrets.token_hex(16), secrets.token_hex(16)
@@ -108,27 +107,8 @@ async def measure(calls: int, rounds: int, fake_cpu: int | None, speed: float) -
         with tempfile.TemporaryDirectory(prefix="bench-s2s-") as tmp:
             async with run_bridge(config(account_sid, auth_token, calls, fake), Path(tmp)) as runtime:
                 voice_url = runtime.settings.publicUrl or ""
-                session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-                clients: dict[str, LoadStreamClient] = {}
-                stop = asyncio.Event()
-
-                async def metronome() -> None:
-                    start, k = loop.time(), 0
-                    while not stop.is_set():
-                        for client in list(clients.values()):
-                            await client.tick()
-                        k += 1
-                        await asyncio.sleep(max(0.0, start + k * 0.02 - loop.time()))
-
-                ticker = asyncio.ensure_future(metronome())
-                try:
-                    for _ in range(calls):
-                        target = await inbound_stream(session, voice_url, auth_token=auth_token, account_sid=account_sid)
-                        client = LoadStreamClient(target.url, parameters=target.parameters, call_sid=target.call_sid,
-                                                  account_sid=account_sid, session=session)
-                        await client.connect()
-                        clients[target.parameters["callId"]] = client
-                        await asyncio.sleep(0.01)
+                async with stream_callers(voice_url, calls, account_sid=account_sid,
+                                          auth_token=auth_token) as (clients, session):
                     manager = runtime.manager
                     async with asyncio.timeout(30):
                         while sum(1 for cid in clients if manager.voice(cid) is not None
@@ -158,11 +138,6 @@ async def measure(calls: int, rounds: int, fake_cpu: int | None, speed: float) -
                             added_ms.append((heard - t0) * 1000)
                     cpu_pct = 100 * (time.process_time() - cpu0) / (loop.time() - wall0)
                     model_cpu_pct = 100 * (fake.cpu_seconds() - fake_cpu0) / (loop.time() - wall0)
-                finally:
-                    stop.set()
-                    ticker.cancel()
-                    await asyncio.gather(*(c.stop() for c in clients.values()), return_exceptions=True)
-                    await session.close()
     finally:
         await fake.stop()
     return {"calls": calls, "replies": len(added_ms), "missed": missed,
@@ -198,11 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                   p["process_cpu_pct"], p["model_fake_cpu_pct"], p["loadavg"][0]] for p in points]))
     print("(ms from the model's first audio delta leaving the fake to the caller receiving that reply's first frame;"
           " cpu % = this process, bridge + callers, over the measured rounds)")
-    path = write_results("s2s_latency", data, args.out)
-    print(f"results: {path}")
-    if args.json:
-        print(json.dumps(data, indent=2))
-    return 0
+    return finish("s2s_latency", data, args)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import sys
@@ -31,13 +30,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import loadavg, machine, table, write_results  # noqa: E402
+from bench.callers import stream_callers  # noqa: E402
+from bench.common import finish, loadavg, machine, table  # noqa: E402
 from bridge.calls import CallEvent  # noqa: E402
 from bridge.voice import CallVoice  # noqa: E402
 from media.stt.base import SttEngine, SttEvent, SttSession  # noqa: E402
 from media.tts.base import TtsEngine  # noqa: E402
 from tests.fakes.audio import fake_speech  # noqa: E402
-from tests.fakes.stream_load import LoadStreamClient, inbound_stream, percentile  # noqa: E402
+from tests.fakes.stream_load import LoadStreamClient, percentile  # noqa: E402
 from tests.harness import run_bridge  # noqa: E402
 
 TTS_RATE = 24000
@@ -118,7 +118,6 @@ def config(account_sid: str, auth_token: str, calls: int) -> dict[str, Any]:
 async def measure(calls: int, rounds: int) -> dict[str, Any]:
     import secrets
 
-    import aiohttp
 
     loop = asyncio.get_running_loop()
     account_sid, auth_token = "AC" + secrets.token_hex(16), secrets.token_hex(16)
@@ -140,27 +139,9 @@ async def measure(calls: int, rounds: int) -> dict[str, Any]:
 
             runtime.manager._voice_factory = factory  # noqa: SLF001 - the benchmark's engines, the real voice
             voice_url = settings.publicUrl or ""
-            session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-            clients: list[tuple[str, LoadStreamClient]] = []
-            stop = asyncio.Event()
-
-            async def metronome() -> None:
-                start, k = loop.time(), 0
-                while not stop.is_set():
-                    for _, client in clients:
-                        await client.tick()
-                    k += 1
-                    await asyncio.sleep(max(0.0, start + k * 0.02 - loop.time()))
-
-            ticker = asyncio.ensure_future(metronome())
-            try:
-                for _ in range(calls):
-                    target = await inbound_stream(session, voice_url, auth_token=auth_token, account_sid=account_sid)
-                    client = LoadStreamClient(target.url, parameters=target.parameters, call_sid=target.call_sid,
-                                              account_sid=account_sid, session=session)
-                    await client.connect()
-                    clients.append((target.parameters["callId"], client))
-                    await asyncio.sleep(0.01)
+            async with stream_callers(voice_url, calls, account_sid=account_sid,
+                                      auth_token=auth_token) as (callers, _):
+                clients = list(callers.items())
                 async with asyncio.timeout(20):
                     while len(voices) < calls:
                         await asyncio.sleep(0.05)
@@ -187,11 +168,6 @@ async def measure(calls: int, rounds: int) -> dict[str, Any]:
                             continue
                         server_ms.append((first_sent - t0) * 1000)
                         caller_ms.append((first_heard - t0) * 1000)
-            finally:
-                stop.set()
-                ticker.cancel()
-                await asyncio.gather(*(c.stop() for _, c in clients), return_exceptions=True)
-                await session.close()
     return {"calls": calls, "turns": len(server_ms), "missed": missed,
             "server_p50_ms": percentile(server_ms, 50), "server_p99_ms": percentile(server_ms, 99),
             "server_max_ms": max(server_ms) if server_ms else float("nan"),
@@ -221,11 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                 [[p["calls"], p["turns"], p["missed"], p["server_p50_ms"], p["server_p99_ms"], p["server_max_ms"],
                   p["caller_p50_ms"], p["caller_p99_ms"], p["caller_max_ms"], p["loadavg"][0]] for p in points]))
     print("(ms from the final transcript to the first reply frame handed to the WebSocket / heard by the caller)")
-    path = write_results("turn_overhead", data, args.out)
-    print(f"results: {path}")
-    if args.json:
-        print(json.dumps(data, indent=2))
-    return 0
+    return finish("turn_overhead", data, args)
 
 
 if __name__ == "__main__":

@@ -49,12 +49,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (
     Server,
     cpu_seconds,
+    finish,
     free_port,
     loadavg,
     machine,
     pinned,
     table,
-    write_results,
 )
 from bridge.calls import CallEvent
 from bridge.conversation.segmenter import Segmenter
@@ -450,11 +450,7 @@ def main(argv: list[str] | None = None) -> int:
                 [[p["mode"], p["calls"], p["turns"], p["missed"], p["floor_ms"], p["p50_ms"], p["p99_ms"],
                   p["above_p50_ms"], p["above_p99_ms"], p["max_ms"], p["loadavg"][0]] for p in points]))
     print("(ms from the caller's last speech frame to the first reply frame it receives; floor: the engines alone)")
-    path = write_results("voice_to_voice", data, args.out)
-    print(f"results: {path}")
-    if args.json:
-        print(json.dumps(data, indent=2))
-    return 0
+    return finish("voice_to_voice", data, args)
 
 
 if __name__ == "__main__":

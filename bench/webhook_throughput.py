@@ -35,12 +35,12 @@ from bench.common import (  # noqa: E402
     ROOT,
     Server,
     cpu_seconds,
+    finish,
     free_port,
     loadavg,
     machine,
     pinned,
     table,
-    write_results,
 )
 
 
@@ -189,11 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 [[result["per_s"], sum(result["non_200"].values()), result["p50_ms"], result["p99_ms"],
                   result["max_ms"], result["server_cpu_pct"], result["client_cpu_pct"], result["concurrency"],
                   result["loadavg"][0]]]))
-    path = write_results("webhook_throughput", data, args.out)
-    print(f"results: {path}")
-    if args.json:
-        print(json.dumps(data, indent=2))
-    return 0
+    return finish("webhook_throughput", data, args)
 
 
 if __name__ == "__main__":

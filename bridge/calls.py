@@ -104,6 +104,10 @@ class EventType(StrEnum):
     TRANSFER = "call.transfer"  # a transfer's outcome (`outcome`), from the carrier or the bridge
 
 
+# A warm transfer's call to the person is a linked record: metadata[TRANSFER_PARENT] = the caller's call id.
+TRANSFER_PARENT = "transferOf"
+
+
 class TransferMode(StrEnum):
     COLD = "cold"  # the carrier hands the caller to the person; the bridge leaves at once
     WARM = "warm"  # the bridge calls the person, tells them a summary, then joins the two and leaves
@@ -127,6 +131,9 @@ class TransferRecord:
     outcome: str | None = None  # TransferOutcome; None while it runs
     endedAt: float | None = None
     summary: str | None = None  # what the person was told (warm)
+    personCallId: str | None = None  # warm: the bridge's call to the person (a linked CallRecord)
+    joined: str | None = None  # warm, completed: "carrier" (the carrier joined the legs) or "relay" (the bridge)
+    error: str | None = None  # why it failed, when the carrier said
 
 
 # End reasons are the terminal states' names.

@@ -70,6 +70,8 @@ class CarrierHost(Answering):
             self._spawn(old.close(), f"close-voice-{call_id}")
         voice = self._voice_factory(call, transport, self.emit)
         self._voices[call_id] = voice
+        if self.transfers.is_leg(call):  # the person's "Hello?" must not cut the briefing short
+            voice.bridge.barge_in_enabled = False
         self._spawn(voice.start(), f"voice-start-{call_id}")
         detection = self._machine.get(call_id)
         if detection is not None:
@@ -100,6 +102,8 @@ class CarrierHost(Answering):
         grace = self.settings.streaming.disconnectGraceMs / 1000
 
         def expire() -> None:
+            if call.state == CallState.TRANSFERRING and not self.transfers.is_leg(call):
+                return  # a cold transfer replaced the stream (Twilio <Dial>); its outcome decides
             if not call.terminal and call.callId not in self._voices:
                 call.metadata["streamLost"] = True
                 self._spawn(self._hangup(call, CallState.COMPLETED), f"stream-lost-{call_id}")
@@ -170,7 +174,7 @@ class CarrierHost(Answering):
         provider_id = event.provider_call_id or ""
         if event.direction == Direction.INBOUND:
             reason = inbound_policy.refusal(self.settings.inboundPolicy, self.settings.allowFrom, event.from_number,
-                                            active=len(self.active_calls()), limit=self.settings.maxConcurrentCalls)
+                                            active=self._conversations(), limit=self.settings.maxConcurrentCalls)
             if reason is not None:
                 self._refuse(event, reason)
                 return None
@@ -248,7 +252,10 @@ class CarrierHost(Answering):
                 call.answeredAt = self.clock.time()
                 self._start_max_duration(call, self.settings.maxDurationSeconds)
                 self._publish("call.answered", call)
-                self._spawn(self._after_answer(call), f"initial-{call.callId}")
+                if self.transfers.is_leg(call):
+                    self.transfers.on_leg_answered(call)
+                else:
+                    self._spawn(self._after_answer(call), f"initial-{call.callId}")
         elif kind == EventType.SPEAKING:
             if event.text:  # a realtime model's own words, as the caller heard them
                 call.transcript.append(TranscriptEntry(event.timestamp, "bot", event.text))
@@ -263,6 +270,8 @@ class CarrierHost(Answering):
             self._publish("call.dtmf", call, digits=event.digits)
         elif kind == EventType.ENDED:
             self._finalize(call, event.reason or CallState.COMPLETED)
+        elif kind == EventType.TRANSFER:
+            self.transfers.on_outcome(call, event.outcome, event.error)
         elif kind == EventType.ERROR:
             self._publish("call.error", call, error=event.error)
             if not event.retryable:
@@ -309,6 +318,8 @@ class CarrierHost(Answering):
         self._publish("call.speech", call, transcript=text)
         if self._machine_pending(call):
             return  # "Hello?" while detection listens, or a machine's greeting: no reply to those
+        if self.transfers.holds(call):
+            return  # being transferred, talking to the person through the relay, or the person's own call
         if turn is not None:
             if not turn.future.done():
                 turn.future.set_result(text)

@@ -226,6 +226,15 @@ def cmd_speak(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_transfer(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"callId": args.call_id, "to": args.to, "mode": args.mode}
+    if args.summary:
+        params["summary"] = args.summary
+    result = _rpc(args, "voicecall.transfer", params)
+    _emit(args, result, f"transfer {result['outcome']} (call {result['state']})")
+    return 0 if result["success"] else 1
+
+
 def cmd_end(args: argparse.Namespace) -> int:
     result = _rpc(args, "voicecall.end", {"callId": args.call_id})
     _emit(args, result, "call ended")
@@ -450,6 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("dtmf", cmd_dtmf, "send DTMF digits on a live call")
     p.add_argument("--call-id", required=True)
     p.add_argument("--digits", required=True)
+    p = add("transfer", cmd_transfer, "hand a live call to a person (cold: the carrier connects them; "
+                                      "warm: the bridge briefs the person first)")
+    p.add_argument("--call-id", required=True)
+    p.add_argument("-t", "--to", required=True, help="E.164 number or sip: URI of the person")
+    p.add_argument("--mode", choices=["cold", "warm"], default="cold")
+    p.add_argument("--summary", help="warm: what to tell the person (default: written from the transcript)")
     p = add("inject", cmd_inject, "mock carrier: simulate an inbound call")
     p.add_argument("--from", dest="from_number", required=True)
     p.add_argument("--to")

@@ -117,6 +117,18 @@ class AmdSettings(Section):
     voicemailMessage: str | None = None  # default: the call's own message
 
 
+class TransferSettings(Section):
+    """Transfer to a person (bridge/transfer/): what the caller and the person hear, and the limits."""
+
+    holdMessage: str = "Please hold while I connect you."
+    # {reason}: "the line was busy", "nobody answered", "the call was declined", ...
+    failureMessage: str = "I couldn't reach them: {reason}. Let's continue, how else can I help?"
+    # What the person hears before being joined (warm); {summary}: the summary
+    briefing: str = "Hello, I have a caller for you. {summary} I'm connecting you now."
+    outcomeTimeoutMs: int = Field(60_000, gt=0)  # cold: no outcome from the carrier by then -> failed
+    ringTimeoutMs: int = Field(30_000, gt=0)  # warm: the person's phone rings at most this long
+
+
 class CallEndedHook(Section):
     url: str = Field(pattern=r"^https?://")
     secret: SecretStr
@@ -345,6 +357,7 @@ class CoreSettings(Section):
     inboundGreeting: str = "Hello! How can I help you today?"
     outbound: OutboundSettings = Field(default_factory=OutboundSettings)
     amd: AmdSettings = Field(default_factory=AmdSettings)
+    transfer: TransferSettings = Field(default_factory=TransferSettings)
     hooks: HooksSettings = Field(default_factory=HooksSettings)
     maxDurationSeconds: int = Field(300, gt=0)
     maxConcurrentCalls: int = Field(1, gt=0)

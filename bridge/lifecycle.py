@@ -94,6 +94,7 @@ class Lifecycle(ManagerCore):
     def _finalize(self, call: CallRecord, reason: CallState, *, error: str | None = None) -> None:
         if call.terminal:
             return
+        reason = self.transfers.final_state(call, reason)
         call.state = reason
         call.endedAt = self.clock.time()
         call.endReason = reason.value
@@ -128,7 +129,9 @@ class Lifecycle(ManagerCore):
             self.conversation.forget(call.callId)
         self._save(call)
         self._publish("call.ended", call, reason=reason.value)
-        self._report(call)
+        self.transfers.on_ended(call)
+        if not self.transfers.is_leg(call):  # the person's call is part of the caller's, not a report of its own
+            self._report(call)
         self._remember_ended(call)
 
     def _remember_ended(self, call: CallRecord) -> None:

@@ -8,7 +8,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from bridge.calls import CallEvent, CallRecord, CallState, can_transition
 from bridge.config import Settings
@@ -20,6 +20,7 @@ from bridge.machine import MachineDetection
 from bridge.responder import Responder
 from bridge.store import CallStore, SharedStore, Store
 from bridge.tasks import BackgroundTasks
+from bridge.transfer.controller import TransferController, TransferHost
 from carriers.base import Carrier
 from media.clock import Clock, RealClock, TimerHandle
 from media.transport import MediaTransport
@@ -96,6 +97,8 @@ class ManagerCore:
         self.public_base: str | None = None  # public origin, e.g. https://host.example (set by server)
         self.started = False
         self.stopping = False  # shutting down: a dropped media stream no longer ends its call
+        # Transfers to a person (bridge/transfer/); the host surface is the TransferCalls part
+        self.transfers = TransferController(cast(TransferHost, self))
 
     def get_call(self, call_id: str) -> CallRecord | None:
         return self.calls.get(call_id)
@@ -113,8 +116,12 @@ class ManagerCore:
     def active_calls(self) -> list[CallRecord]:
         return [c for c in self.calls.values() if not c.terminal]
 
+    def _conversations(self) -> int:
+        """Live calls that count against maxConcurrentCalls (a transfer's call to the person does not)."""
+        return sum(1 for c in self.calls.values() if not c.terminal and not self.transfers.is_leg(c))
+
     def _check_capacity(self) -> None:
-        active = len(self.active_calls())
+        active = self._conversations()
         if active >= self.settings.maxConcurrentCalls:
             raise CallError(f"Maximum concurrent calls ({self.settings.maxConcurrentCalls}) reached")
 

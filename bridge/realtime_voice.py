@@ -89,6 +89,9 @@ class RealtimeVoice:
     ) -> None:
         self.call = call
         self.call_id = call.callId
+        # The caller talks to a person through the bridge's relay (a warm transfer): the model neither
+        # hears the line nor speaks on it any more.
+        self.muted = False
         self.tts = tts
         self.connection = connection
         self.protocol = connection.protocol
@@ -159,6 +162,8 @@ class RealtimeVoice:
             self._send_in(payload)
 
     def _send_in(self, audio: bytes) -> None:
+        if self.muted:
+            return
         self._in_buf += audio
         if len(self._in_buf) >= self._in_chunk:
             self.connection.send_audio(bytes(self._in_buf))
@@ -225,7 +230,7 @@ class RealtimeVoice:
             log.warning("call %s: realtime provider error: %s", self.call_id, event.message)
 
     def _audio(self, event: ev.AudioOut) -> None:
-        if event.item_id in self._cut or self._closed:
+        if event.item_id in self._cut or self._closed or self.muted:
             return
         item = self._items.get(event.item_id)
         if item is None:

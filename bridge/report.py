@@ -44,7 +44,7 @@ def build_report(call: CallRecord, *, delivery_id: str, recording: str | None = 
         "durationSec": duration,
         "endReason": call.endReason,
         "answeredBy": meta.get("answeredBy"),
-        "transfer": meta.get("transfer"),  # filled by call transfer (not built yet): null today
+        "transfer": view.get("transfer"),  # CallRecord.transfer: mode, to, outcome, joined, ... (null: none)
         "recording": recording,
         "transcript": view["transcript"],
         "latencies": latencies,

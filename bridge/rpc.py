@@ -12,6 +12,7 @@ import json
 import logging
 import math
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +40,7 @@ MOVE_RETRIES = 5
 MOVE_RETRY_S = 0.1
 # Commands about one call: on a cluster, run by the node that carries the call (bridge/cluster/router.py)
 ROUTED = frozenset({"voicecall.continue", "voicecall.continue.start", "voicecall.speak", "voicecall.end",
-                    "voicecall.status", "voicecall.dtmf", "voicecall.consult.reply"})
+                    "voicecall.status", "voicecall.dtmf", "voicecall.consult.reply", "voicecall.transfer"})
 # On a cluster a continueId ends in `@<node id>`: the node whose job it is answers `continue.result`
 CONTINUE_NODE_SEP = "@"
 
@@ -97,6 +98,7 @@ class RpcDispatcher:
             "voicecall.status": self._status,
             "voicecall.list": self._list,
             "voicecall.dtmf": self._dtmf,
+            "voicecall.transfer": self._transfer,
             "voicecall.consult.reply": self._consult_reply,
             "mock.inject": self._mock_inject,
             "mock.callee": self._mock_callee,
@@ -158,6 +160,9 @@ class RpcDispatcher:
     def _route_timeout(self, method: str) -> float:
         if method == "voicecall.continue":  # waits for the callee's answer on the owner
             return self.manager.settings.transcriptTimeoutMs / 1000 + 30
+        if method == "voicecall.transfer":  # waits for the outcome (warm: the person's ringing too)
+            transfer = self.manager.settings.transfer
+            return max(transfer.outcomeTimeoutMs, transfer.ringTimeoutMs) / 1000 + 60
         return 30.0
 
     async def call_here(self, method: str, params: dict[str, Any]) -> Any:
@@ -236,6 +241,15 @@ class RpcDispatcher:
             raise RpcError(INVALID_PARAMS, f"`digits` may be at most {MAX_DTMF_DIGITS} keys")
         await self.manager.send_dtmf(_str(p, "callId") or "", digits)
         return {"success": True}
+
+    async def _transfer(self, p: dict[str, Any]) -> dict[str, Any]:
+        """Hand the caller to a person; answers with the outcome (`completed`, or why not)."""
+        record = await self.manager.transfer(_str(p, "callId") or "", _str(p, "to") or "",
+                                             _str(p, "mode", required=False) or "cold",
+                                             _str(p, "summary", required=False))
+        call = self.manager.status(_str(p, "callId") or "")
+        return {"success": record.outcome == "completed", "outcome": record.outcome,
+                "state": str(call.state) if call else None, "transfer": asdict(record)}
 
     async def _consult_reply(self, p: dict[str, Any]) -> dict[str, Any]:
         """The agent's answer to a `call.consult` event (the model's consult_agent tool call)."""

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 
-from bridge.calls import CallEvent, CallRecord
+from bridge.calls import TRANSFER_PARENT, CallEvent, CallRecord
 from bridge.config import Settings, reveal
 from bridge.conversation.factory import create_conversation
 from bridge.manager import CallManager, VoiceFactory
@@ -79,7 +79,13 @@ def voice_factory(settings: Settings, carrier: Carrier, monitor: Monitor | None 
 
         # a RealtimeVoice has the surface the manager uses of a CallVoice (start, close, say, interrupt,
         # bridge, the MediaListener callbacks); tests/test_realtime_protocols.py checks it stays so
-        return cast("VoiceFactory", RealtimeVoices(settings, tts, inband_dtmf=inband_dtmf, recorder=recorder_for))
+        realtime = RealtimeVoices(settings, tts, inband_dtmf=inband_dtmf, recorder=recorder_for)
+
+        def briefing_voice(call: CallRecord, transport: MediaTransport, emit: Callable[[CallEvent], None]) -> CallVoice:
+            return CallVoice(call_id=call.callId, transport=transport, tts=tts, stt_engine=None, emit=emit,
+                             pipeline_rate=settings.pipelineSampleRate, barge_in=False, inband_dtmf=inband_dtmf)
+
+        return cast("VoiceFactory", PersonLegVoices(realtime, briefing_voice))
     stt = None
     if settings.streaming.provider != "none":
         from media.stt.factory import create_stt
@@ -110,6 +116,29 @@ def voice_factory(settings: Settings, carrier: Carrier, monitor: Monitor | None 
 
     # the runtime releases the shared engines (TTS, pre-warmed STT sessions) at stop
     return PrewarmingFactory(build, prewarm, tts.close)
+
+
+class PersonLegVoices:
+    """Speech-to-speech: the person's call of a warm transfer gets a plain TTS voice for the briefing,
+    not a realtime model of its own; every other call, and the pre-warm/bind/close hooks, go to `inner`."""
+
+    def __init__(self, inner: Any, briefing: Callable[..., CallVoice]) -> None:
+        self._inner = inner
+        self._briefing = briefing
+
+    def __call__(self, call: CallRecord, transport: MediaTransport, emit: Callable[[CallEvent], None]) -> Any:
+        if TRANSFER_PARENT in call.metadata:
+            return self._briefing(call, transport, emit)
+        return self._inner(call, transport, emit)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:  # e.g. `toolbox_for`: set on the realtime factory
+        if name in ("_inner", "_briefing"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._inner, name, value)
 
 
 class Runtime:

@@ -223,6 +223,8 @@ class ResolvedUrl:
 
 
 def _header_values(headers: Mapping[str, str], name: str) -> list[str]:
+    # Every value of a repeated header (two Host headers are refused): WebhookRequest keeps only the
+    # first of each name, so this reads the raw multi-dict, before a WebhookRequest exists.
     wanted = name.lower()
     return [value for key, value in headers.items() if key.lower() == wanted]
 

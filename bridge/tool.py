@@ -19,14 +19,17 @@ TOOL_SCHEMA: dict[str, Any] = {
             "Place and manage phone calls. initiate_call dials a number and speaks a message "
             "(mode notify hangs up after it, conversation keeps the line open); continue_call speaks "
             "and returns what the person answered; speak_to_user speaks without waiting; end_call hangs "
-            "up; get_status returns the call record with its transcript."
+            "up; get_status returns the call record with its transcript; transfer_call hands the person on "
+            "the line to someone else (transferMode cold connects them at once, warm briefs them first "
+            "with summary), and returns the outcome."
         ),
         "parameters": {
             "type": "object",
             "properties": {
                 "action": {
                     "type": "string",
-                    "enum": ["initiate_call", "continue_call", "speak_to_user", "end_call", "get_status"],
+                    "enum": ["initiate_call", "continue_call", "speak_to_user", "end_call", "get_status",
+                             "transfer_call"],
                 },
                 "message": {"type": "string", "description": "What to say (initiate, continue, speak)."},
                 "to": {"type": "string", "description": "E.164 number to call; defaults to the configured toNumber."},
@@ -37,6 +40,10 @@ TOOL_SCHEMA: dict[str, Any] = {
                 "dtmfSequence": {"type": "string", "description": "initiate_call: keys to press after answer "
                                                                   "(extension, IVR), w = 0.5 s pause."},
                 "callId": {"type": "string", "description": "The call id returned by initiate_call."},
+                "transferMode": {"type": "string", "enum": ["cold", "warm"],
+                                 "description": "transfer_call: cold (default) or warm."},
+                "summary": {"type": "string", "description": "transfer_call, warm: what to tell the person "
+                                                             "before connecting (default: from the transcript)."},
             },
             "required": ["action"],
             "additionalProperties": False,
@@ -53,7 +60,10 @@ _ACTIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "speak_to_user": ("voicecall.speak", ("callId", "message"), ()),
     "end_call": ("voicecall.end", ("callId",), ()),
     "get_status": ("voicecall.status", ("callId",), ()),
+    "transfer_call": ("voicecall.transfer", ("callId", "to"), ("transferMode", "summary")),
 }
+# Tool argument -> RPC parameter, where the names differ (the tool's `mode` is notify|conversation).
+_RENAMED = {"transferMode": "mode"}
 
 
 def _from_legacy(args: dict[str, Any]) -> dict[str, Any]:
@@ -79,7 +89,7 @@ async def dispatch(call: Caller, args: dict[str, Any]) -> dict[str, Any]:
     missing = [key for key in required if not args.get(key)]
     if missing:
         return {"error": f"{action} needs {', '.join(missing)}"}
-    params = {key: args[key] for key in (*required, *optional) if args.get(key) is not None}
+    params = {_RENAMED.get(key, key): args[key] for key in (*required, *optional) if args.get(key) is not None}
     try:
         result = await call(method, params)
     except Exception as exc:  # noqa: BLE001 - the model gets the reason, the agent keeps running

@@ -191,7 +191,7 @@ class Turns(Lifecycle):
     async def send_dtmf(self, call_id: str, digits: str) -> None:
         call = self._answered_call(call_id)
         voice = self._voices.get(call.callId)
-        if voice is not None:
+        if voice is not None and not self.carrier.sends_dtmf:  # no keys of its own: tones on the media leg
             await voice.bridge.send_dtmf(digits)
         else:
             await self.carrier.send_dtmf(call, digits)

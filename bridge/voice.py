@@ -63,6 +63,9 @@ class CallVoice:
             if stt_engine else None
         )
         self._closed = False
+        # Set while the call is relayed to a person (warm transfer). The cascade has no model of its own
+        # on the line (the manager holds replies), so its STT goes on: the transcript keeps both sides.
+        self.muted = False
         # Turn timing (bridge/turnmarks.py): told when TTS audio first arrives and first leaves.
         self._milestone = on_milestone
 

@@ -298,6 +298,9 @@ class Carrier(ABC):
     # Whether the media leg exists whatever `streaming.enabled` says (SIP's RTP, the mock's loopback),
     # rather than being a stream the carrier opens only when asked (Twilio, Telnyx, Plivo).
     media_always: ClassVar[bool] = False
+    # A cold transfer replaces what the call runs, so its media stream ends; when the transfer fails
+    # the carrier opens a new one (Twilio <Dial>, Plivo Transfer API), and the bridge waits for it.
+    transfer_ends_stream: ClassVar[bool] = False
 
     host: CarrierHost
 
@@ -333,6 +336,10 @@ class Carrier(ABC):
 
     async def stop_listening(self, call: CallRecord) -> None:
         return None
+
+    # Keys out: True where `send_dtmf` is the carrier's own (REST/RFC 4733) and used even while a media
+    # leg is up; False: the manager plays the digits as in-band tones on the call's media pipeline.
+    sends_dtmf: ClassVar[bool] = False
 
     async def send_dtmf(self, call: CallRecord, digits: str) -> None:
         raise CarrierError(f"{self.name}: sending DTMF is not supported")

@@ -9,7 +9,7 @@ import asyncio
 import heapq
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
@@ -30,7 +30,7 @@ class Clock(Protocol):
 
     async def sleep(self, seconds: float) -> None: ...
 
-    async def wait_for(self, awaitable: asyncio.Future[T], timeout: float) -> T:
+    async def wait_for(self, awaitable: Awaitable[T], timeout: float) -> T:
         """Like asyncio.wait_for, on this clock; raises TimeoutError."""
         ...
 
@@ -48,7 +48,7 @@ class RealClock:
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
 
-    async def wait_for(self, awaitable: asyncio.Future[T], timeout: float) -> T:
+    async def wait_for(self, awaitable: Awaitable[T], timeout: float) -> T:
         return await asyncio.wait_for(awaitable, timeout)
 
 
@@ -75,13 +75,17 @@ class _FakeTimer:
 
 
 class FakeClock:
-    """Time moves only when a test calls `advance`. Timers fire in order, on the running loop's turn."""
+    """Time moves only when a test calls `advance`. Timers fire in order, on the running loop's turn.
 
-    def __init__(self, start: float = 1_700_000_000.0) -> None:
+    `jump=True`: `sleep` moves time forward itself, at once (firing the timers it passes): for
+    measuring CPU cost with the pacing's waits taken out, not for tests of timing."""
+
+    def __init__(self, start: float = 1_700_000_000.0, *, jump: bool = False) -> None:
         self._now = start
         self._mono = 0.0
         self._queue: list[tuple[float, int, _FakeTimer]] = []
         self._seq = itertools.count()
+        self.jump = jump
 
     def time(self) -> float:
         return self._now
@@ -95,17 +99,64 @@ class FakeClock:
         return timer
 
     async def sleep(self, seconds: float) -> None:
+        if self.jump:
+            self._fire_until(self._mono + max(0.0, seconds))
+            return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.call_later(seconds, lambda: _settle(fut, None))
         await fut
 
-    async def wait_for(self, awaitable: asyncio.Future[T], timeout: float) -> T:
+    def _fire_until(self, target: float) -> None:
+        """Move time to `target`, firing the timers due by then in order (no loop turn between them)."""
+        while self._fire_next(target):
+            pass
+        self._move_to(target)
+
+    def _fire_next(self, target: float) -> bool:
+        """Fire the next timer due by `target` (time moves to it); False when none is."""
+        while self._queue and self._queue[0][0] <= target:
+            when, _, timer = heapq.heappop(self._queue)
+            if timer.cancelled:
+                continue
+            self._move_to(when)
+            timer.callback()
+            return True
+        return False
+
+    def _move_to(self, when: float) -> None:
+        self._now += when - self._mono
+        self._mono = when
+
+    async def wait_for(self, awaitable: Awaitable[T], timeout: float) -> T:
         fut = asyncio.ensure_future(awaitable)
-        timer = self.call_later(timeout, lambda: _settle(fut, TimeoutError()))
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            if fut.done():
+                return
+            expired = True
+            if isinstance(fut, asyncio.Task):
+                fut.cancel()  # a coroutine's task is stopped, as asyncio.wait_for does
+            else:
+                fut.set_exception(TimeoutError())
+
+        timer = self.call_later(timeout, expire)
         try:
             return await fut
+        except asyncio.CancelledError:
+            if expired and fut.cancelled():
+                raise TimeoutError from None
+            raise
         finally:
             timer.cancel()
+
+    @property
+    def next_at(self) -> float | None:
+        """The monotonic time the earliest pending timer fires, or None when none is pending."""
+        while self._queue and self._queue[0][2].cancelled:
+            heapq.heappop(self._queue)
+        return self._queue[0][0] if self._queue else None
 
     @property
     def pending(self) -> int:
@@ -114,16 +165,9 @@ class FakeClock:
     async def advance(self, seconds: float) -> None:
         """Move time forward, firing due timers in order and letting the loop run after each."""
         target = self._mono + seconds
-        while self._queue and self._queue[0][0] <= target:
-            when, _, timer = heapq.heappop(self._queue)
-            if timer.cancelled:
-                continue
-            self._now += when - self._mono
-            self._mono = when
-            timer.callback()
+        while self._fire_next(target):
             for _ in range(5):
                 await asyncio.sleep(0)
-        self._now += target - self._mono
-        self._mono = target
+        self._move_to(target)
         for _ in range(5):
             await asyncio.sleep(0)

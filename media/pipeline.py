@@ -323,7 +323,7 @@ class MediaPipeline:
                                    frame_ms=self._send_ms)
         rec = StreamResampler(wire.rate, self.recorder.rate) if self.recorder else None
         try:
-            async for chunk in _with_stall_timeout(audio, self._stall_timeout):
+            async for chunk in _with_stall_timeout(audio, self._stall_timeout, self._clock):
                 if play.stopped:
                     break
                 if chunk:
@@ -437,12 +437,12 @@ class MediaPipeline:
             await self.recorder.close()
 
 
-async def _with_stall_timeout(audio: AsyncIterable[bytes], timeout: float | None) -> AsyncIterator[bytes]:
-    """The engine's chunks; TimeoutError if it produces nothing for `timeout` seconds."""
+async def _with_stall_timeout(audio: AsyncIterable[bytes], timeout: float | None, clock: Clock) -> AsyncIterator[bytes]:
+    """The engine's chunks; TimeoutError if it produces nothing for `timeout` seconds (on `clock`)."""
     it = aiter(audio)
     while True:
         try:
-            chunk = await (anext(it) if timeout is None else asyncio.wait_for(anext(it), timeout))
+            chunk = await (anext(it) if timeout is None else clock.wait_for(anext(it), timeout))
         except StopAsyncIteration:
             return
         except TimeoutError:

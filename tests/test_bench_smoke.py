@@ -110,3 +110,9 @@ def test_amd_accuracy_quick(tmp_path: Path) -> None:
         for label in ("machine", "human"):
             assert row[label]["n"] == 6 and 0 <= row[label]["accuracy"] <= 1
             assert row[label]["decision_p95_ms"] >= row[label]["decision_p50_ms"] > 0
+
+
+def test_relay_cost_quick(tmp_path: Path) -> None:
+    data = run_bench("relay_cost.py", "--seconds", "1", out=tmp_path / "relay.json")
+    assert data["benchmark"] == "relay_cost" and data["relay_us"] > 0 and data["inbound_us"] > 0
+    assert 0 <= data["delay_ms_p50"] <= data["delay_ms_p95"] <= data["delay_ms_max"]

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from bridge.calls import CallState
 from media.dtmf import DtmfDetector
 from tests.harness import run_bridge, wait_for
 from tests.test_mock_e2e import BASE, FAST_MOCK
@@ -138,6 +139,16 @@ async def test_console_in_headless_chromium(browser: Any, tmp_path: Path) -> Non
         await run(send_key)
         callee = runtime.carrier.callee(call_id)
         await wait_for(lambda: "5" in heard_digits(callee.heard), timeout=20)
+
+        def transfer_to_a_busy_line() -> None:  # the server lists voicecall.transfer, so the form shows
+            assert find("#transfer-form").is_displayed()
+            find("#transfer-to").send_keys("+15550000002")
+            find("#transfer").click()
+            until(lambda _: "transfer to +15550000002 (cold)" in text("#timeline"), 20)
+            until(lambda _: "transfer busy" in text("#timeline"), 20)
+
+        await run(transfer_to_a_busy_line)
+        await wait_for(lambda: call.state == CallState.LISTENING and call.transfer.outcome == "busy", timeout=20)
 
         def end_and_find_in_history() -> None:
             find("#end-call").click()

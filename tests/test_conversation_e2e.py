@@ -69,7 +69,7 @@ async def test_first_piece_is_heard_before_the_model_finishes(tmp_path: Path, fa
         assert [m["role"] for m in messages] == ["system", "assistant", "user"]
         assert messages[1:] == [{"role": "assistant", "content": "Hi."}, {"role": "user", "content": "I need a table."}]
         assert {t["function"]["name"] for t in fake.chat_requests[0]["tools"]} == {"end_call", "send_dtmf",
-                                                                                   "consult_agent"}
+                                                                                   "consult_agent", "transfer_call"}
         (timing,) = call.turnTimings
         assert timing.mode == "streaming" and not timing.interrupted
         assert 0 <= timing.modelFirstTokenMs <= timing.firstPieceMs <= timing.ttsFirstByteMs <= timing.firstAudioMs

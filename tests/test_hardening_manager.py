@@ -15,7 +15,7 @@ from bridge.calls import CallState, EventType
 from bridge.manager import CallError, CallManager
 from bridge.store import CallStore
 from carriers.base import CarrierError
-from tests.test_manager import ev, make, settle
+from tests.test_manager import answered, ev, settle, started
 
 
 def logged_states(store: Path, call_id: str) -> list[str]:
@@ -24,8 +24,7 @@ def logged_states(store: Path, call_id: str) -> list[str]:
 
 
 async def test_move_to_listening_is_written_and_survives_a_restart(tmp_path: Path) -> None:
-    manager, carrier, clock = make(tmp_path)
-    await manager.start()
+    manager, carrier, clock = await started(tmp_path)
     call = await manager.initiate(None, "Hello there", "conversation")
     manager.process_event(ev(EventType.ANSWERED, call.callId))
     await settle()
@@ -40,31 +39,11 @@ async def test_move_to_listening_is_written_and_survives_a_restart(tmp_path: Pat
     await again.stop()
 
 
-async def test_stale_answer_stays_out_of_the_transcript(tmp_path: Path) -> None:
-    manager, carrier, clock = make(tmp_path)
-    await manager.start()
-    call = await manager.initiate(None, "Hi", "conversation")
-    manager.process_event(ev(EventType.ANSWERED, call.callId))
-    turn = asyncio.ensure_future(manager.continue_call(call.callId, "Question?"))
-    await settle()
-    manager.process_event(ev(EventType.SPEECH, call.callId, transcript="answer to an old question",
-                             turn_token="stale-token"))
-    manager.process_event(ev(EventType.SPEECH, call.callId, transcript="new answer",
-                             turn_token=carrier.listening[-1][1]))
-    assert await turn == "new answer"
-    assert [t.text for t in call.transcript if t.speaker == "user"] == ["new answer"]
-    assert call.metadata["staleTranscripts"] == 1
-    await manager.stop()
-
-
 async def test_call_ending_mid_turn_leaves_no_unretrieved_future_exception(tmp_path: Path) -> None:
     loop = asyncio.get_running_loop()
     errors: list[dict[str, Any]] = []
     loop.set_exception_handler(lambda _, context: errors.append(context))
-    manager, carrier, clock = make(tmp_path)
-    await manager.start()
-    call = await manager.initiate(None, "Hi", "conversation")
-    manager.process_event(ev(EventType.ANSWERED, call.callId))
+    manager, carrier, clock, call = await answered(tmp_path)
     await settle()
 
     async def hang_up_while_speaking(rec: Any, text: str) -> None:
@@ -102,10 +81,7 @@ class FlakyHangup:
                                      CarrierError("HTTP 400", status=400), CarrierError("dropped", retryable=True),
                                      "hang"])
 async def test_end_is_truthful_and_retries_the_hang_up_in_the_background(tmp_path: Path, failure: Any) -> None:
-    manager, carrier, clock = make(tmp_path)
-    await manager.start()
-    call = await manager.initiate(None, "Hi", "conversation")
-    manager.process_event(ev(EventType.ANSWERED, call.callId))
+    manager, carrier, clock, call = await answered(tmp_path)
     await settle()
     flaky = FlakyHangup(carrier, [failure, failure])
     carrier.hangup_call = flaky  # type: ignore[method-assign]
@@ -131,8 +107,7 @@ async def test_end_is_truthful_and_retries_the_hang_up_in_the_background(tmp_pat
 
 
 async def test_hang_up_of_a_call_the_carrier_no_longer_has_is_final(tmp_path: Path) -> None:
-    manager, carrier, clock = make(tmp_path)
-    await manager.start()
+    manager, carrier, clock = await started(tmp_path)
     call = await manager.initiate(None, "Hi", "conversation")
     carrier.hangup_call = FlakyHangup(carrier, [CarrierError("not found", status=404)])  # type: ignore[method-assign]
     assert (await manager.end(call.callId)).state == CallState.HANGUP_BOT
@@ -140,8 +115,7 @@ async def test_hang_up_of_a_call_the_carrier_no_longer_has_is_final(tmp_path: Pa
 
 
 async def test_carrier_reporting_the_end_stops_the_retries(tmp_path: Path) -> None:
-    manager, carrier, clock = make(tmp_path)
-    await manager.start()
+    manager, carrier, clock = await started(tmp_path)
     call = await manager.initiate(None, "Hi", "conversation")
     flaky = FlakyHangup(carrier, [CarrierError("HTTP 500", status=500)] * 10)
     carrier.hangup_call = flaky  # type: ignore[method-assign]

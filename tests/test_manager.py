@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.calls import CallEvent, CallState, Direction, EventType
+from bridge.calls import CallEvent, CallRecord, CallState, Direction, EventType
 from bridge.config import build_settings
 from bridge.manager import CallError, CallManager
 from bridge.store import CallStore
@@ -34,6 +34,21 @@ def ev(kind: EventType, call_id: str | None = None, **kw: object) -> CallEvent:
 async def settle() -> None:
     for _ in range(10):
         await asyncio.sleep(0)
+
+
+async def started(tmp_path: Path, **overrides: object) -> tuple[CallManager, RecordingCarrier, FakeClock]:
+    """`make`, started."""
+    manager, carrier, clock = make(tmp_path, **overrides)
+    await manager.start()
+    return manager, carrier, clock
+
+
+async def answered(tmp_path: Path, **overrides: object) -> tuple[CallManager, RecordingCarrier, FakeClock, CallRecord]:
+    """A started manager with one outbound conversation call ("Hi"), answered."""
+    manager, carrier, clock = await started(tmp_path, **overrides)
+    call = await manager.initiate(None, "Hi", "conversation")
+    manager.process_event(ev(EventType.ANSWERED, call.callId))
+    return manager, carrier, clock, call
 
 
 async def test_notify_hangs_up_delay_after_playback_ends(tmp_path: Path) -> None:
@@ -72,10 +87,7 @@ async def test_conversation_turn_returns_transcript_and_records_latency(tmp_path
 
 
 async def test_stale_turn_token_cannot_complete_a_newer_turn(tmp_path: Path) -> None:
-    manager, carrier, clock = make(tmp_path)
-    await manager.start()
-    call = await manager.initiate(None, "Hi", "conversation")
-    manager.process_event(ev(EventType.ANSWERED, call.callId))
+    manager, carrier, clock, call = await answered(tmp_path)
     turn = asyncio.ensure_future(manager.continue_call(call.callId, "Question?"))
     await settle()
     manager.process_event(ev(EventType.SPEECH, call.callId, transcript="old answer", turn_token="stale-token"))
@@ -83,14 +95,14 @@ async def test_stale_turn_token_cannot_complete_a_newer_turn(tmp_path: Path) -> 
     assert not turn.done()
     manager.process_event(ev(EventType.SPEECH, call.callId, transcript="new answer", turn_token=carrier.listening[-1][1]))
     assert await turn == "new answer"
+    # the answer to an old question stays out of the transcript the model reads, and is counted
+    assert [t.text for t in call.transcript if t.speaker == "user"] == ["new answer"]
+    assert call.metadata["staleTranscripts"] == 1
     await manager.stop()
 
 
 async def test_overlapping_turns_are_refused_and_timeout_is_clear(tmp_path: Path) -> None:
-    manager, carrier, clock = make(tmp_path, transcriptTimeoutMs=5000)
-    await manager.start()
-    call = await manager.initiate(None, "Hi", "conversation")
-    manager.process_event(ev(EventType.ANSWERED, call.callId))
+    manager, carrier, clock, call = await answered(tmp_path, transcriptTimeoutMs=5000)
     first = asyncio.ensure_future(manager.continue_call(call.callId, "One?"))
     await settle()
     with pytest.raises(CallError, match="already in progress"):
@@ -102,10 +114,7 @@ async def test_overlapping_turns_are_refused_and_timeout_is_clear(tmp_path: Path
 
 
 async def test_duplicate_events_are_processed_once(tmp_path: Path) -> None:
-    manager, carrier, clock = make(tmp_path)
-    await manager.start()
-    call = await manager.initiate(None, "Hi", "conversation")
-    manager.process_event(ev(EventType.ANSWERED, call.callId))
+    manager, carrier, clock, call = await answered(tmp_path)
     manager.process_event(ev(EventType.DTMF, call.callId, digits="5", dedupe_key="d1"))
     manager.process_event(ev(EventType.DTMF, call.callId, digits="5", dedupe_key="d1"))
     assert call.metadata["dtmf"] == "5"
@@ -187,10 +196,7 @@ async def test_reaper_ends_calls_without_terminal_event(tmp_path: Path) -> None:
 
 
 async def test_illegal_transition_is_refused_not_fatal(tmp_path: Path) -> None:
-    manager, carrier, clock = make(tmp_path)
-    await manager.start()
-    call = await manager.initiate(None, "Hi", "conversation")
-    manager.process_event(ev(EventType.ANSWERED, call.callId))
+    manager, carrier, clock, call = await answered(tmp_path)
     manager.process_event(ev(EventType.RINGING, call.callId))  # backwards: refused
     assert call.state in (CallState.ANSWERED, CallState.SPEAKING, CallState.LISTENING)
     manager.process_event(ev(EventType.ENDED, call.callId, reason=CallState.COMPLETED))

@@ -171,7 +171,7 @@ async def test_recording_has_caller_and_bridge_on_their_own_channels(tmp_path: P
                                                                           "mode": "notify"}))["callId"]
         call = runtime.manager.calls[call_id]
         await wait_for(lambda: call.terminal, timeout=20)
-        await asyncio.sleep(0.8)  # the recorder's writer thread finishes after the call closes
+        await runtime.manager.drain()  # the voice's close (it waits for the recorder's writer thread)
     path = tmp_path / "recordings" / f"{call_id}.wav"
     data, rate = soundfile.read(path, dtype="int16", always_2d=True)
     assert data.shape[1] == 2 and rate == runtime.settings.pipelineSampleRate

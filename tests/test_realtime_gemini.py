@@ -57,7 +57,7 @@ async def test_gemini_barge_in_then_tool_call_ends_the_call(gemini: FakeGeminiLi
         assert setup["model"].startswith("models/") and setup["generationConfig"]["responseModalities"] == ["AUDIO"]
         assert setup["generationConfig"]["speechConfig"]["voiceConfig"]["prebuiltVoiceConfig"]["voiceName"] == "Puck"
         names = [d["name"] for d in setup["tools"][0]["functionDeclarations"]]
-        assert names == ["lookup_order", "end_call", "send_dtmf", "consult_agent"]
+        assert names == ["lookup_order", "end_call", "send_dtmf", "consult_agent", "transfer_call"]
         assert session.mime_types == {"audio/pcm;rate=16000"}
         greeting = session.turns[0]
         assert greeting["text"] == LONG and greeting["status"] == "interrupted", "the caller cut the greeting"

@@ -80,7 +80,7 @@ async def test_mock_call_prewarmed_greeting_and_a_turn(rt: FakeOpenAIRealtime, t
         update = session.updates[0]
         assert update["audio"]["output"]["format"] == {"type": "audio/pcmu"}
         assert update["audio"]["input"]["turn_detection"]["type"] == "server_vad"
-        assert [t["name"] for t in update["tools"]] == ["end_call", "send_dtmf", "consult_agent"], "the in-call tools"
+        assert [t["name"] for t in update["tools"]] == ["end_call", "send_dtmf", "consult_agent", "transfer_call"], "the in-call tools"
         assert session.responses[0]["tag"] and session.responses[0]["text"] == "Hello from the hardware store."
         callee = runtime.carrier.callee(call_id)
         assert rms(callee.heard) > 500 and len(callee.heard) / 16 > 1000, "the callee heard the model's audio"

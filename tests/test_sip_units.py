@@ -152,13 +152,13 @@ async def test_received_frames_reach_the_bridge_on_the_loop() -> None:
     worker = threading.Thread(target=media_thread)
     worker.start()
     worker.join()
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # the loop runs what the thread queued with call_soon_threadsafe, in order
     assert [p[0][0] for p in got] == [0, 1, 2]
     assert {p[1] for p in got} == {threading.get_ident()}
     assert t.first_rx_at is not None and t.first_audio_at is not None  # frames 1 and 2 are not silence
     t.closed = True
     t._push(b"\x07" * 320)
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # had it queued anything, it would have run now
     assert len(got) == 3
 
 

@@ -253,7 +253,7 @@ async def test_pocketsphinx_keywords_on_clean_speech_off_the_loop(monkeypatch: p
         for i in range(0, len(data), 640):
             session.feed(data[i : i + 640])
         await session.close()
-        await asyncio.sleep(0.02)
+        await wait_until(lambda events=events: any(e.kind == "final" for e in events))
         # feed only queues: every decode ran on the worker thread, none on the event loop's
         assert decoding_threads and threading.get_ident() not in decoding_threads
         assert events[0].kind == "speech_started"
@@ -284,3 +284,12 @@ def test_factory_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     assert stt.silence_duration_ms == 800 and stt.model == "gpt-4o-transcribe"
     with pytest.raises(SttError, match="streaming.provider"):
         create_stt({"provider": "deepgram"})
+
+
+def test_websocket_url_from_any_base() -> None:
+    from media.urls import websocket_url
+
+    assert websocket_url("https://api.example/v1/", "listen", {"a": 1, "b": "x y"}) == "wss://api.example/v1/listen?a=1&b=x+y"
+    assert websocket_url("http://127.0.0.1:9", "/ws/Svc.Method") == "ws://127.0.0.1:9/ws/Svc.Method"
+    assert websocket_url("wss://h.example/v1", "realtime") == "wss://h.example/v1/realtime"
+    assert websocket_url("https://h.example", "p", {}) == "wss://h.example/p"  # no query: no "?"

@@ -14,6 +14,7 @@ from aiohttp import WSMsgType, web
 
 from tests.fakes.http_app import serve_local
 from tests.fakes.twilio_server import SILENCE, TwilioMediaStreamClient, pace_streams
+from tests.harness import wait_for
 
 Script = Callable[[web.WebSocketResponse, str], Any]
 
@@ -109,7 +110,7 @@ async def test_mark_comes_back_after_the_audio_before_it_has_played(loop_time: C
     async with StubBridge(script) as bridge:
         client = TwilioMediaStreamClient(bridge.url)
         await client.connect()
-        await asyncio.sleep(0.8)
+        await wait_for(lambda: any(f["event"] == "mark" for f in bridge.frames[0]), timeout=5)
         echoed = [f for f in bridge.frames[0] if f["event"] == "mark"]
         assert [f["mark"]["name"] for f in echoed] == ["utterance-1"]
         assert echoed[0]["streamSid"] == client.stream_sid
@@ -129,8 +130,7 @@ async def test_clear_drops_unplayed_audio_and_returns_pending_marks(loop_time: C
     async with StubBridge(script) as bridge:
         client = TwilioMediaStreamClient(bridge.url)
         await client.connect()
-        await asyncio.sleep(0.6)
-        assert client.clears == 1
+        await wait_for(lambda: client.clears == 1, timeout=5)
         assert client.marks_echoed == ["long"], "clear returns the pending mark at once"
         heard_s = len(client.heard_ulaw()) / 8000
         assert 0.2 <= heard_s <= 0.45, "only what played before the clear was heard"
@@ -143,7 +143,7 @@ async def test_many_streams_from_one_metronome() -> None:
         clients = [TwilioMediaStreamClient(bridge.url, self_paced=False, keep_audio=False) for _ in range(40)]
         await asyncio.gather(*(c.connect() for c in clients))
         ticks = await pace_streams(clients, 1.0)
-        await asyncio.sleep(0.2)
+        await wait_for(lambda: all(c.frames_received == 50 for c in clients), timeout=5)
         assert ticks == 50
         for client in clients:
             assert client.frames_sent == 50

@@ -22,6 +22,7 @@ from bridge.conversation.messages import chat_messages
 from bridge.conversation.segmenter import Segmenter, speakable
 from bridge.conversation.speech import SpeechMarks, StreamedSpeech, speak_stream
 from bridge.conversation.tools import CallToolbox, ToolCall, ToolOutcome, ToolSettings
+from bridge.transfer.tool import register_transfer_tool
 from media.clock import Clock
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,9 @@ class ConversationEngine:
         box = self._toolboxes.get(call_id)
         if box is None:
             box = self._toolboxes[call_id] = CallToolbox(call_id, host, self.tool_settings, clock=host.clock)
+            transfers = getattr(host, "transfers", None)  # the manager's TransferController
+            if transfers is not None:
+                register_transfer_tool(box, transfers)
         return box
 
     def forget(self, call_id: str) -> None:
@@ -106,6 +110,8 @@ class ConversationEngine:
             outcome = await self._one_reply(call, host, stream, box, timing, heard_at)
             if outcome is None:
                 return
+            if call.state == CallState.TRANSFERRING:
+                return  # handed to a person (relayed) or being handed over: the model stays quiet
             if any(o.end_call for o in outcome):
                 if not call.terminal:
                     await host.hangup(call)
@@ -168,16 +174,24 @@ class ConversationEngine:
                                                         SpeechMarks(on_piece, first_byte, first_audio)))
         tools: list[tuple[ToolCall, asyncio.Task[ToolOutcome]]] = []
 
-        def start_tools() -> None:
-            if tools or not done.done() or done.cancelled():
+        started: set[int] = set()
+
+        def start_tools(speech_over: bool = False) -> None:
+            """Tools start as soon as the model's reply is complete; those that change the line
+            (transfer_call) wait until the caller heard the words before them."""
+            if not done.done() or done.cancelled():
                 return
-            tools.extend((c, asyncio.ensure_future(box.run(c))) for c in done.result())
+            for index, c in enumerate(done.result()):
+                if index in started or (box.after_speech(c.name) and not speech_over):
+                    continue
+                started.add(index)
+                tools.append((c, asyncio.ensure_future(box.run(c))))
 
         try:
             await asyncio.wait([speech, done], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
             start_tools()
             spoken = await speech
-            start_tools()
+            start_tools(speech_over=not spoken.interrupted and spoken.error is None)
         except asyncio.CancelledError:
             for _, task in tools:
                 task.cancel()

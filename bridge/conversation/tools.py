@@ -142,6 +142,7 @@ class CallToolbox:
         self._clock = clock
         self._session_factory = session_factory
         self._handlers: dict[str, tuple[ToolSpec, Handler]] = {}
+        self._after_speech: set[str] = set()
         self.register(END_CALL, self._end_call)
         self.register(SEND_DTMF, self._send_dtmf)
         if settings.consult_enabled:
@@ -149,9 +150,18 @@ class CallToolbox:
         for tool in settings.http_tools:
             self.register(ToolSpec(tool.name, tool.description, tool.parameters), self._http_handler(tool))
 
-    def register(self, spec: ToolSpec, handler: Handler) -> None:
-        """Add (or replace) a tool: the extension point for built-ins owned elsewhere (transfer_call)."""
+    def register(self, spec: ToolSpec, handler: Handler, *, after_speech: bool = False) -> None:
+        """Add (or replace) a tool: the extension point for built-ins owned elsewhere (transfer_call).
+        `after_speech`: run only once the words said with the call were heard in full (never after an
+        interrupted reply)."""
         self._handlers[spec.name] = (spec, handler)
+        if after_speech:
+            self._after_speech.add(spec.name)
+        else:
+            self._after_speech.discard(spec.name)
+
+    def after_speech(self, name: str) -> bool:
+        return name in self._after_speech
 
     def specs(self) -> list[ToolSpec]:
         return [spec for spec, _ in self._handlers.values()]

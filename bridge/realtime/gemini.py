@@ -24,6 +24,7 @@ from typing import Any
 
 from bridge.realtime import events as ev
 from bridge.realtime.openai import flat_tool
+from media.urls import websocket_url
 
 DEFAULT_BASE_URL = "wss://generativelanguage.googleapis.com"
 DEFAULT_MODEL = "gemini-2.5-flash-native-audio-preview-12-2025"
@@ -47,11 +48,7 @@ class GeminiLiveOptions:
 
 
 def live_url(base_url: str) -> str:
-    url = base_url.rstrip("/")
-    for http, ws in (("https://", "wss://"), ("http://", "ws://")):
-        if url.startswith(http):
-            url = ws + url[len(http):]
-    return f"{url}/{_METHOD}"
+    return websocket_url(base_url, _METHOD)
 
 
 def parse_duration(value: Any) -> float:

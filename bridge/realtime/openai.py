@@ -20,11 +20,11 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode
 
 from bridge.realtime import events as ev
 from media import g711
 from media.formats import AudioEncoding, AudioFormat
+from media.urls import websocket_url
 
 DEFAULT_BASE_URL = "wss://api.openai.com/v1"
 DEFAULT_MODEL = "gpt-realtime"
@@ -51,11 +51,7 @@ class OpenAiRealtimeOptions:
 
 
 def realtime_url(base_url: str, model: str) -> str:
-    url = base_url.rstrip("/")
-    for http, ws in (("https://", "wss://"), ("http://", "ws://")):
-        if url.startswith(http):
-            url = ws + url[len(http):]
-    return f"{url}/realtime?{urlencode({'model': model})}"
+    return websocket_url(base_url, "realtime", {"model": model})
 
 
 def flat_tool(spec: dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import quote, urlencode
 
-from bridge.calls import CallRecord, CallState, Direction, EventType
+from bridge.calls import CallRecord, CallState, Direction, EventType, TransferOutcome
 from bridge.tasks import BackgroundTasks
 from carriers.asterisk.events import AriEvents
 from carriers.asterisk.protocol import (
@@ -42,6 +42,7 @@ from carriers.asterisk.protocol import (
     dialed_of,
     end_reason,
     rtp_peer,
+    transfer_outcome,
 )
 from carriers.asterisk.rtp import CODECS, RtpTransport
 from carriers.asterisk.settings import AsteriskSettings
@@ -82,13 +83,34 @@ class _Leg:
     ended: bool = False
     timer: Any = None
     dtmf_seq: int = 0
+    transfers: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Transfer:
+    """A cold transfer: the person's channel we originated, until it is answered (joined) or ends."""
+
+    person_id: str
+    caller: _Leg
+    endpoint: str
+    number: int  # the caller leg's transfer count: the event's dedupe key
+    answered: bool = False
+
+
+@dataclass(slots=True)
+class _Joined:
+    """Channels Asterisk connects in one of our bridges after the bridge left the call."""
+
+    bridge_id: str
+    channels: set[str]
 
 
 class AsteriskCarrier(Carrier):
     name: ClassVar[str] = "asterisk"
     streams_media: ClassVar[bool] = True
     media_always: ClassVar[bool] = True
+    sends_dtmf: ClassVar[bool] = True  # POST /channels/{id}/dtmf: Asterisk sends RFC 4733 itself
     reports_dtmf: ClassVar[bool] = True  # ChannelDtmfReceived
 
     def __init__(self, settings: AsteriskSettings) -> None:
@@ -103,6 +125,8 @@ class AsteriskCarrier(Carrier):
         self._events: AriEvents | None = None
         self._legs: LegTable[_Leg] = LegTable()
         self._media_channels: dict[str, str] = {}  # ExternalMedia channel id -> phone channel id
+        self._transfers: dict[str, _Transfer] = {}  # the person's channel id -> its cold transfer
+        self._joined: dict[str, _Joined] = {}  # channel id -> the joined pair it belongs to
         self._ports: set[int] = set()
         self.asterisk_version: str | None = None
         self._closing = False
@@ -204,10 +228,60 @@ class AsteriskCarrier(Carrier):
             raise CarrierError("asterisk: no such active call")
         if not DTMF_DIGITS.match(digits):
             raise CarrierError("asterisk: DTMF digits must be 0-9, A-D, * or #")
-        result = await self._http.request("POST", f"/channels/{_q(leg.id)}/dtmf", json_body={"dtmf": digits},
-                                          ok_statuses=(404,))
+        s = self.settings
+        result = await self._http.request(
+            "POST", f"/channels/{_q(leg.id)}/dtmf",
+            json_body={"dtmf": digits, "duration": s.dtmfDurationMs, "between": s.dtmfGapMs}, ok_statuses=(404,))
         if result.status == 404:
             raise CarrierError("asterisk: the call is gone")
+        # ARI answers at once and Asterisk plays the digits on the channel's own thread: return when they
+        # are out, so a `w` pause of a dtmfSequence starts after the keys, not during them.
+        await self.host.clock.sleep((len(digits) * s.dtmfDurationMs + (len(digits) - 1) * s.dtmfGapMs) / 1000)
+
+    async def transfer_cold(self, call: CallRecord, to: str) -> None:
+        """Originate the person into our app; the outcome follows from that channel's events."""
+        leg = self._legs.live_for(call)
+        if leg is None or not leg.attached or leg.bridge_id is None:
+            raise CarrierError("asterisk: no answered call to transfer")
+        if any(t.caller is leg for t in self._transfers.values()):
+            raise CarrierError("asterisk: a transfer of this call is already running")
+        s = self.settings
+        try:
+            endpoint = dial_endpoint(to, s.endpoint)
+        except DialError as exc:
+            raise CarrierError(f"asterisk: {exc}") from None
+        leg.transfers += 1
+        xfer = _Transfer(person_id=f"vc-xfer-{uuid.uuid4().hex}", caller=leg, endpoint=endpoint, number=leg.transfers)
+        self._transfers[xfer.person_id] = xfer  # before the POST: its events may come before the reply
+        body: dict[str, Any] = {"endpoint": endpoint, "app": s.app, "appArgs": f"voicecall,transfer,{leg.id}",
+                                "timeout": s.ringTimeoutSec, "channelId": xfer.person_id}
+        if leg.from_:
+            body["callerId"] = leg.from_
+        try:
+            await self._http.request("POST", "/channels", json_body=body)
+        except CarrierError as exc:
+            self._transfers.pop(xfer.person_id, None)
+            if exc.status is None:  # no answer from Asterisk: the channel may exist all the same
+                self._tasks.spawn(self._delete_channel(xfer.person_id))
+            raise CarrierError(f"asterisk: transfer to {endpoint} failed: {exc}", status=exc.status) from None
+        log.info("asterisk: call %s: transfer to %s, dialing %s", leg.id, endpoint, xfer.person_id)
+
+    async def join_legs(self, call: CallRecord, person: CallRecord) -> bool:
+        """Warm transfer's last step, natively: the person's channel moves into the caller's bridge;
+        the bot's ExternalMedia channels and the person's bridge go. The manager ends both calls."""
+        caller, callee = self._legs.live_for(call), self._legs.live_for(person)
+        if caller is None or callee is None or caller.bridge_id is None or not (caller.attached and callee.attached):
+            raise CarrierError("asterisk: both calls must be up to join them")
+        if callee.bridge_id is not None:
+            await self._http.request("POST", f"/bridges/{_q(callee.bridge_id)}/removeChannel",
+                                     json_body={"channel": callee.id})
+        await self._http.request("POST", f"/bridges/{_q(caller.bridge_id)}/addChannel",
+                                 json_body={"channel": callee.id})
+        joined = _Joined(caller.bridge_id, {caller.id, callee.id})
+        for leg in (caller, callee):
+            self._hand_off(leg, joined)
+        log.info("asterisk: calls %s and %s joined in bridge %s", caller.id, callee.id, joined.bridge_id)
+        return True
 
     async def get_call_status(self, call: CallRecord) -> ProviderStatus | None:
         if not call.providerCallId:
@@ -237,6 +311,13 @@ class AsteriskCarrier(Carrier):
             return
         cid = channel_id(event)
         if cid is None:
+            return
+        if cid in self._transfers:
+            self._transfer_event(self._transfers[cid], event)
+            return
+        if cid in self._joined:
+            if event["type"] == "ChannelDestroyed":
+                self._joined_gone(cid)
             return
         if cid in self._media_channels:
             if event["type"] == "ChannelDestroyed":
@@ -292,9 +373,96 @@ class AsteriskCarrier(Carrier):
         leg.stats["cause"] = cause
         self._end(leg, reason)
 
+    # ------------------------------------------------------------------ transfer
+
+    def _transfer_event(self, xfer: _Transfer, event: dict[str, Any]) -> None:
+        if event["type"] == "StasisStart" and not xfer.answered:
+            xfer.answered = True  # the person picked up
+            self._tasks.spawn(self._join_transfer(xfer))
+        elif event["type"] == "ChannelDestroyed":
+            self._transfers.pop(xfer.person_id, None)
+            if xfer.answered:
+                return  # gone while being joined: the join reports it
+            cause = cause_of(event)
+            self._transfer_result(xfer, transfer_outcome(cause), f"cause {cause} {event.get('cause_txt', '')}".strip())
+
+    async def _join_transfer(self, xfer: _Transfer) -> None:
+        leg = xfer.caller
+        if leg.ended or leg.bridge_id is None:  # the caller hung up meanwhile: nobody to hand over
+            self._transfers.pop(xfer.person_id, None)
+            await self._delete_channel(xfer.person_id)
+            return
+        try:
+            await self._http.request("POST", f"/bridges/{_q(leg.bridge_id)}/addChannel",
+                                     json_body={"channel": xfer.person_id})
+        except CarrierError as exc:
+            log.warning("asterisk: call %s: could not join %s: %s", leg.id, xfer.person_id, exc)
+            self._transfers.pop(xfer.person_id, None)
+            await self._delete_channel(xfer.person_id)
+            self._transfer_result(xfer, TransferOutcome.FAILED, str(exc))
+            return
+        self._transfers.pop(xfer.person_id, None)
+        self._transfer_result(xfer, TransferOutcome.COMPLETED, None)
+        self._hand_off(leg, _Joined(leg.bridge_id, {leg.id, xfer.person_id}))
+
+    def _transfer_result(self, xfer: _Transfer, outcome: TransferOutcome, error: str | None) -> None:
+        leg = xfer.caller
+        if leg.ended:
+            return
+        log.info("asterisk: call %s: transfer to %s -> %s%s", leg.id, xfer.endpoint, outcome,
+                 f" ({error})" if error else "")
+        self._emit(leg, EventType.TRANSFER, key=f"transfer:{xfer.number}", outcome=outcome.value, error=error)
+
+    def _hand_off(self, leg: _Leg, joined: _Joined) -> None:
+        """The bridge leaves this call: its phone channel stays up in `joined`'s bridge; our media
+        channel (and the leg's own bridge, if that is another one) go. No call.ended: the manager
+        ends the call `transferred` on the transfer's outcome (an end event before that outcome was
+        handled would read as the caller hanging up)."""
+        for cid in joined.channels:
+            self._joined[cid] = joined
+        media_id = leg.media_id
+        own_bridge = leg.bridge_id if leg.bridge_id != joined.bridge_id else None
+        if media_id is not None:
+            self._media_channels.pop(media_id, None)  # its end is ours, not a lost leg
+        leg.media_id = leg.bridge_id = None  # so _end tears nothing of the joined call down
+        leg.local_reason = CallState.TRANSFERRED
+        self._end(leg, CallState.TRANSFERRED, announce=False)
+        self._tasks.spawn(self._discard(media_id, own_bridge))
+
+    def _joined_gone(self, cid: str) -> None:
+        """One of a joined pair hung up: hang up the other, destroy the bridge."""
+        joined = self._joined.pop(cid)
+        joined.channels.discard(cid)
+        for other in joined.channels:
+            self._joined.pop(other, None)
+        log.info("asterisk: %s left transferred bridge %s; ending %s", cid, joined.bridge_id, sorted(joined.channels))
+
+        async def finish() -> None:
+            for other in joined.channels:
+                await self._delete_channel(other)
+            await self._discard(None, joined.bridge_id)
+
+        self._tasks.spawn(finish())
+
     async def _resync(self) -> None:
         """After a reconnect: a channel that vanished while we were not listening has ended; an
-        originated one that was answered meanwhile gets its media now."""
+        originated one that was answered meanwhile gets its media now. The same for the people of
+        transfers (gone: failed; answered: joined) and for joined pairs (one gone: end the other)."""
+        for cid in [*self._transfers, *self._joined]:
+            try:
+                result = await self._http.request("GET", f"/channels/{_q(cid)}", ok_statuses=(404,))
+            except CarrierError as exc:
+                log.warning("asterisk: cannot check channel %s after reconnect: %s", cid, exc)
+                continue
+            xfer = self._transfers.get(cid)
+            if xfer is not None:
+                if result.status == 404:
+                    self._transfer_event(xfer, {"type": "ChannelDestroyed", "cause": None,
+                                                "cause_txt": "ended while the events socket was down"})
+                elif isinstance(result.body, dict) and result.body.get("state") == "Up":
+                    self._transfer_event(xfer, {"type": "StasisStart", "channel": result.body})
+            elif cid in self._joined and result.status == 404:
+                self._joined_gone(cid)
         for leg in [leg for leg in self._legs.live.values() if not leg.ended]:
             try:
                 result = await self._http.request("GET", f"/channels/{_q(leg.id)}", ok_statuses=(404,))
@@ -389,9 +557,13 @@ class AsteriskCarrier(Carrier):
     async def _teardown(self, leg: _Leg) -> None:
         if leg.media_id is not None:
             self._media_channels.pop(leg.media_id, None)
-            await self._delete_channel(leg.media_id)
-        if leg.bridge_id is not None:
-            await self._http.request("DELETE", f"/bridges/{_q(leg.bridge_id)}", ok_statuses=(404,))
+        await self._discard(leg.media_id, leg.bridge_id)
+
+    async def _discard(self, media_id: str | None, bridge_id: str | None) -> None:
+        if media_id is not None:
+            await self._delete_channel(media_id)
+        if bridge_id is not None:
+            await self._http.request("DELETE", f"/bridges/{_q(bridge_id)}", ok_statuses=(404,))
 
     # ------------------------------------------------------------------ internals
 
@@ -408,11 +580,14 @@ class AsteriskCarrier(Carrier):
         leg.local_reason = CallState.NO_ANSWER if leg.direction is Direction.OUTBOUND else None
         self._tasks.spawn(self._delete_channel(leg.id, CAUSE_NO_ANSWER))
 
-    def _end(self, leg: _Leg, reason: CallState) -> None:
+    def _end(self, leg: _Leg, reason: CallState, *, announce: bool = True) -> None:
         if leg.ended:
             return
         leg.ended = True
         cancel_timer(leg)
+        for xfer in [t for t in self._transfers.values() if t.caller is leg]:  # nobody left to hand over
+            self._transfers.pop(xfer.person_id, None)
+            self._tasks.spawn(self._delete_channel(xfer.person_id))
         self._release_transport(leg)
         if leg.attached and leg.call_id is not None:
             self.host.detach_media(leg.call_id)
@@ -422,7 +597,8 @@ class AsteriskCarrier(Carrier):
         self._forget(leg)
         if leg.media_id is not None or leg.bridge_id is not None:
             self._tasks.spawn(self._teardown(leg))
-        self._emit(leg, EventType.ENDED, reason=reason)
+        if announce:
+            self._emit(leg, EventType.ENDED, reason=reason)
 
     def _release_transport(self, leg: _Leg) -> None:
         if leg.transport is not None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from bridge.calls import CallState
+from bridge.calls import CallState, TransferOutcome
 
 CAUSE_UNALLOCATED = 1
+CAUSE_NO_ROUTE = 3
 CAUSE_NORMAL = 16
 CAUSE_BUSY = 17
 CAUSE_NO_USER_RESPONSE = 18
@@ -50,6 +51,18 @@ def end_reason(cause: int | None, *, answered: bool, local: CallState | None = N
     if cause in (CAUSE_NO_USER_RESPONSE, CAUSE_NO_ANSWER):
         return CallState.NO_ANSWER
     return CallState.FAILED  # 21 rejected, 1 unallocated, 34 no circuit, 0 unknown, ...
+
+
+def transfer_outcome(cause: int | None) -> TransferOutcome:
+    """How a transfer went when the person's originated channel ended before it was answered
+    (ChannelDestroyed.cause): busy, no answer, refused (rejected, no such number), else failed."""
+    if cause == CAUSE_BUSY:
+        return TransferOutcome.BUSY
+    if cause in (CAUSE_NO_USER_RESPONSE, CAUSE_NO_ANSWER):
+        return TransferOutcome.NO_ANSWER
+    if cause in (CAUSE_REJECTED, CAUSE_UNALLOCATED, CAUSE_NO_ROUTE):
+        return TransferOutcome.REFUSED
+    return TransferOutcome.FAILED  # 34 congestion, 38 network out of order, 0 unknown, ...
 
 
 def dial_endpoint(to: str, template: str) -> str:

@@ -33,6 +33,9 @@ class AsteriskSettings(CarrierSettings):
     rtpPortStart: int = Field(41000, ge=1024, le=65000)
     rtpPortRange: int = Field(200, ge=1, le=20000)
     ringTimeoutSec: int = Field(30, gt=0, le=600)
+    # Keys out (POST /channels/{id}/dtmf): how long each digit sounds, and the gap between digits.
+    dtmfDurationMs: int = Field(100, ge=40, le=2000)
+    dtmfGapMs: int = Field(100, ge=0, le=5000)
 
     @field_validator("url")
     @classmethod

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from bridge.calls import CallEvent, CallRecord, CallState, Direction, EventType
+from bridge.calls import CallEvent, CallRecord, CallState, Direction, EventType, TransferOutcome
 from carriers.base import (
     CallLookup,
     Carrier,
@@ -66,6 +66,7 @@ class MockCallee:
         self.clears = 0
         self.said: list[str] = []
         self.alive = True
+        self.transferred = False  # handed to a person by a cold transfer
         self._sequence = 0
         self._loop = asyncio.get_running_loop()
         self._playout_end = 0.0  # loop time when the audio queued so far has played
@@ -231,6 +232,7 @@ class MockCarrier(Carrier):
         self.ended: OrderedDict[str, MockCallee] = OrderedDict()  # the last ENDED_CALLEES_KEPT ended ones
         self.rejected: list[str] = []  # the last HISTORY of each
         self.hangups: list[tuple[str, str]] = []
+        self.transfers: list[tuple[str, str, str]] = []  # (call id, to, outcome) of cold transfers
         self._scripts: OrderedDict[str, list[str]] = OrderedDict()
         self._personas: dict[str, str] = {}  # call id -> "machine" | "transfer" | "human" | "human-opener"
         self._timers: dict[str, set[asyncio.TimerHandle]] = {}  # call id -> its pending carrier timers
@@ -348,6 +350,31 @@ class MockCarrier(Carrier):
         callee = self.callees.get(call.callId)
         if callee is not None:
             callee.stop()
+
+    async def transfer_cold(self, call: CallRecord, to: str) -> None:
+        """The network dials `to` for the callee: 0002 busy, 0003 no answer, 0004 fails, anything else
+        answers, and the callee then talks to that person (the bridge's leg goes quiet)."""
+        settings = self.settings
+        if to.endswith(settings.busySuffix):
+            outcome, delay = TransferOutcome.BUSY, settings.ringDelayMs + 200
+        elif to.endswith(settings.noAnswerSuffix):
+            outcome, delay = TransferOutcome.NO_ANSWER, settings.ringDelayMs + settings.noAnswerAfterMs
+        elif to.endswith(settings.failSuffix):
+            outcome, delay = TransferOutcome.FAILED, settings.ringDelayMs
+        else:
+            outcome, delay = TransferOutcome.COMPLETED, settings.ringDelayMs + settings.answerDelayMs
+        self.transfers.append((call.callId, to, outcome.value))
+        del self.transfers[:-HISTORY]
+        self._later(delay, self._transfer_outcome, call.callId, outcome)
+
+    def _transfer_outcome(self, call_id: str, outcome: TransferOutcome) -> None:
+        if outcome == TransferOutcome.COMPLETED:
+            callee = self.callees.get(call_id)
+            if callee is not None:  # now on the line with the person, no longer with the bridge
+                callee.transferred = True
+                callee.stop()
+        self.host.emit(CallEvent(EventType.TRANSFER, call_id=call_id, provider_call_id=self.provider_id(call_id),
+                                 outcome=outcome.value))
 
     async def get_call_status(self, call: CallRecord) -> ProviderStatus | None:
         callee = self.callees.get(call.callId)

@@ -51,6 +51,7 @@ from carriers.base import (
 from carriers.http import CarrierHttp
 from carriers.plivo.protocol import (
     FLOW_ANSWER,
+    FLOW_CONFERENCE,
     FLOW_GETINPUT,
     FLOW_HANGUP,
     FLOW_LISTEN,
@@ -58,6 +59,9 @@ from carriers.plivo.protocol import (
     FLOW_RING,
     FLOW_SPEAK,
     FLOW_SPOKEN,
+    FLOW_XFER_DIAL,
+    FLOW_XFER_DONE,
+    FLOW_XFER_LEG,
     MAX_WAIT_S,
     SIG_MA_V3,
     SIG_V2,
@@ -68,7 +72,10 @@ from carriers.plivo.protocol import (
     callback_events,
     encode_extra_headers,
     parse_callback,
+    transfer_event,
     verify_request,
+    xml_conference,
+    xml_dial,
     xml_hangup,
     xml_hold,
     xml_listen,
@@ -110,6 +117,7 @@ class PlivoCarrier(Carrier):
     name = "plivo"
     signature_headers = (SIG_V3, SIG_MA_V3, SIG_V2)
     streams_media = True
+    transfer_ends_stream = True
     reports_dtmf = True
 
     def __init__(self, settings: Settings) -> None:
@@ -233,6 +241,19 @@ class PlivoCarrier(Carrier):
                                 json_body={"legs": "aleg", "aleg_url": url, "aleg_method": "POST"},
                                 idempotent=True)
 
+    async def transfer_cold(self, call: CallRecord, to: str) -> None:
+        """Transfer API: the caller's leg goes to our `<Dial>` XML (its <Stream> ends). The Dial's
+        callbackUrl says when the person answers; its action gets DialStatus and, when the person
+        was not reached, answers with the stream again."""
+        await self._transfer(call, self._url(call.callId, FLOW_XFER_DIAL, to=to))
+
+    async def join_legs(self, call: CallRecord, person: CallRecord) -> bool:
+        """Warm transfer: the person's leg, then the caller's, into one conference (Transfer API)."""
+        room = f"voicecall-{call.callId}"
+        await self._transfer(person, self._url(person.callId, FLOW_CONFERENCE, room=room))
+        await self._transfer(call, self._url(call.callId, FLOW_CONFERENCE, room=room))
+        return True
+
     async def speak_native(self, call: CallRecord, text: str) -> None:
         state = self._state(call.callId)
         sid = state.initial_sid
@@ -294,6 +315,9 @@ class PlivoCarrier(Carrier):
     def parse_webhook(self, request: WebhookRequest, calls: CallLookup) -> WebhookResult:
         query = dict(request.query)
         params = dict(request.form) if request.form else ({} if request.method.upper() == "POST" else query)
+        transfer = self._parse_transfer(query, params)
+        if transfer is not None:
+            return transfer
         cb = parse_callback(query, params)
         events = callback_events(cb)
         flow = cb.flow
@@ -326,6 +350,41 @@ class PlivoCarrier(Carrier):
                 uuid_ = effect.provider_call_id
                 self._tasks.spawn(self.http.request("DELETE", f"/Call/{uuid_}/", ok_statuses=(404,)),
                                   f"plivo-machine-hangup-{uuid_}")
+
+    def _parse_transfer(self, query: dict[str, str], params: dict[str, str]) -> WebhookResult | None:
+        flow, call_id = query.get("flow"), query.get("callId") or None
+        if flow == FLOW_XFER_DIAL:
+            to = query.get("to") or ""
+            return WebhookResult(respond=lambda call: self._dial_xml(call, to))
+        if flow == FLOW_CONFERENCE:
+            room = query.get("room") or ""
+            return WebhookResult(respond=lambda call: xml_conference(room) if call is not None and room
+                                 else xml_hangup())
+        if flow in (FLOW_XFER_LEG, FLOW_XFER_DONE):
+            event = transfer_event(flow, call_id, params)
+            events = [event] if event is not None else []
+            if flow == FLOW_XFER_LEG:
+                return WebhookResult(events, reply=WebhookReply())
+            outcome = event.outcome if event is not None else None
+            return WebhookResult(events, respond=lambda call: self._after_dial(call, outcome))
+        return None
+
+    def _dial_xml(self, call: CallRecord | None, to: str) -> WebhookReply:
+        if call is None or call.terminal or not to:
+            return xml_hangup()
+        ours = call.to if call.direction == Direction.INBOUND else call.from_
+        ring_s = max(5, min(600, math.ceil(self.settings.transfer.ringTimeoutMs / 1000)))
+        return xml_dial(to, action=self._url(call.callId, FLOW_XFER_DONE),
+                        callback=self._url(call.callId, FLOW_XFER_LEG), timeout_s=ring_s, caller_id=ours or None)
+
+    def _after_dial(self, call: CallRecord | None, outcome: str | None) -> WebhookReply:
+        """The person took the call (our part is over), or the caller comes back to the bridge."""
+        if call is None or call.terminal or outcome == "completed":
+            return xml_hangup()
+        if self.settings.streaming.enabled:
+            extra = encode_extra_headers({"token": self.host.stream_token(call.callId), "callId": call.callId})
+            return xml_stream(self.host.stream_url(), extra)
+        return self._listen_xml(call.callId, uuid.uuid4().hex, None)
 
     def _after_end(self, call: CallRecord | None) -> WebhookReply:
         if call is not None:

@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 from xml.etree import ElementTree as ET
 
-from bridge.calls import CallEvent, CallState, Direction, EventType
+from bridge.calls import CallEvent, CallState, Direction, EventType, TransferOutcome
 from carriers import wire
 from carriers.base import (
     MediaStreamCodec,
@@ -47,6 +47,10 @@ FLOW_SPEAK = "xml-speak"
 FLOW_LISTEN = "xml-listen"
 FLOW_SPOKEN = "spoken"
 FLOW_GETINPUT = "getinput"
+FLOW_XFER_DIAL = "xfer-dial"  # cold transfer: the Transfer API's aleg_url, answered with <Dial>
+FLOW_XFER_LEG = "xfer-leg"  # the <Dial> callbackUrl: the dialed person's progress
+FLOW_XFER_DONE = "xfer-done"  # the <Dial> action: DialStatus once the dialed leg ended or never connected
+FLOW_CONFERENCE = "conference"  # warm transfer: both legs redirected into one <Conference>
 
 STREAM_CONTENT_TYPE = "audio/x-mulaw;rate=8000"
 TRANSCRIPT_FIELDS = ("Speech", "Transcription", "TranscriptionText", "SpeechResult", "RecognizedSpeech", "Text")
@@ -104,6 +108,51 @@ def xml_wait_then_hangup(seconds: int) -> WebhookReply:
 
 def xml_hangup(reason: str | None = None) -> WebhookReply:
     return _xml(_response(_el("Hangup", reason=reason)))
+
+
+def xml_dial(to: str, *, action: str, callback: str, timeout_s: int, caller_id: str | None) -> WebhookReply:
+    """Cold transfer: `<Dial>` a number (digits, no +) or a SIP URI (`<User>`)."""
+    sip = to.lower().startswith(("sip:", "sips:"))
+    dial = _el("Dial", action=action, method="POST", timeout=str(timeout_s),
+               callerId=caller_id.lstrip("+") if caller_id and not sip else None,
+               callbackUrl=callback, callbackMethod="POST")
+    dial.append(_el("User", to) if sip else _el("Number", to.lstrip("+")))
+    return _xml(_response(dial))
+
+
+def xml_conference(name: str) -> WebhookReply:
+    """Warm transfer: the legs meet in a conference that ends when either leaves."""
+    return _xml(_response(_el("Conference", name, startConferenceOnEnter="true", endConferenceOnExit="true",
+                              stayAlone="false", enterSound="", exitSound="")))
+
+
+# <Dial action> DialStatus -> the transfer's outcome
+DIAL_OUTCOMES = {"completed": TransferOutcome.COMPLETED, "busy": TransferOutcome.BUSY,
+                 "no-answer": TransferOutcome.NO_ANSWER, "timeout": TransferOutcome.NO_ANSWER,
+                 "failed": TransferOutcome.FAILED}
+
+
+def dial_outcome(status: str | None) -> TransferOutcome:
+    return DIAL_OUTCOMES.get((status or "").strip().lower(), TransferOutcome.FAILED)
+
+
+def transfer_event(flow: str, call_id: str | None, params: Mapping[str, str]) -> CallEvent | None:
+    """The outcome of a cold transfer from the <Dial> callbacks (about our call; no provider id, so the
+    dialed leg's uuid never becomes the caller's): answered (callbackUrl, DialAction=answer) or the
+    action's DialStatus."""
+    a_leg = params.get("DialALegUUID") or params.get("CallUUID") or ""
+    if flow == FLOW_XFER_LEG:
+        if (params.get("DialAction") or "").lower() != "answer":
+            return None
+        event = CallEvent(EventType.TRANSFER, call_id=call_id, outcome=TransferOutcome.COMPLETED.value)
+        event.dedupe_key = f"plivo:xfer:{a_leg}:{params.get('DialBLegUUID') or ''}:answer"
+        return event
+    status = params.get("DialStatus")
+    outcome = dial_outcome(status)
+    error = None if outcome == TransferOutcome.COMPLETED else f"DialStatus {status or 'missing'}"
+    event = CallEvent(EventType.TRANSFER, call_id=call_id, outcome=outcome.value, error=error)
+    event.dedupe_key = f"plivo:xfer:{a_leg}:{params.get('DialBLegUUID') or ''}:done:{status}"
+    return event
 
 
 # ============================================================================ sans-I/O: stream headers

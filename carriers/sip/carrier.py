@@ -28,7 +28,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from bridge.calls import CallRecord, CallState, Direction, EventType
+from bridge.calls import CallRecord, CallState, Direction, EventType, TransferOutcome
 from bridge.tasks import BackgroundTasks
 from carriers.base import (
     Carrier,
@@ -46,6 +46,7 @@ from carriers.sip.protocol import (  # noqa: F401
     dial_uri,
     inbound_end_reason,
     outbound_end_reason,
+    transfer_outcome,
 )
 from carriers.sip.proxy import SipFrontCore
 from carriers.sip.settings import SipSettings
@@ -57,6 +58,11 @@ except ImportError:  # pragma: no cover - exercised only without the extra
     pj = None
 
 log = logging.getLogger("voicecall.sip")
+
+# Call.dialDtmf queues the digits and returns; each then takes pjmedia's PJMEDIA_DTMF_DURATION (200 ms)
+# plus its end-bit packets (3 frames). send_dtmf returns once they are out, so a `w` pause of a
+# dtmfSequence starts after the keys, not during them.
+DIGIT_PLAYOUT_S = 0.26
 
 
 # ----------------------------------------------------------------------------- the carrier
@@ -84,6 +90,17 @@ class _Leg:
     ended: bool = False
     timer: Any = None
     dtmf_seq: int = 0
+    transfer: _Refer | None = None  # the latest cold transfer (REFER) of this dialog
+    transfers: int = 0
+
+
+@dataclass(slots=True)
+class _Refer:
+    """One REFER of a dialog and how far it got."""
+
+    to: str
+    accepted: bool = False  # the transferee took the REFER (202); later reports are NOTIFY sipfrags
+    outcome: TransferOutcome | None = None
 
 
 class SipCarrier(Carrier):
@@ -92,6 +109,7 @@ class SipCarrier(Carrier):
     name: ClassVar[str] = "sip"
     streams_media: ClassVar[bool] = True
     media_always: ClassVar[bool] = True
+    sends_dtmf: ClassVar[bool] = True  # RFC 4733 telephone-events, also while the media leg runs
 
     def __init__(self, settings: SipSettings | None = None) -> None:
         """`settings` is the config's `sip` section; None = take `host.settings.sip` at start."""
@@ -274,6 +292,28 @@ class SipCarrier(Carrier):
         if agent is None:
             raise CarrierError("sip: call is gone")
         await agent.dial_dtmf(leg.pid, digits)
+        await self.host.clock.sleep(len(digits) * DIGIT_PLAYOUT_S)
+
+    async def transfer_cold(self, call: CallRecord, to: str) -> None:
+        """REFER the far end to `to`; the outcome comes from the NOTIFYs (`_on_transfer`). On success
+        the bridge hangs up its dialog (as pjsua's own app does), so the call ends `transferred`."""
+        leg = self._legs.live_for(call)
+        if leg is None or not leg.confirmed:
+            raise CarrierError("sip: no answered call to transfer")
+        if leg.transfer is not None and leg.transfer.outcome is None:
+            raise CarrierError("sip: a transfer of this call is already running")
+        uri = dial_uri(to, self.settings)
+        agent = self._pool.agent_of(leg.pid)
+        if agent is None:
+            raise CarrierError("sip: call is gone")
+        leg.transfer = _Refer(to=uri)
+        leg.transfers += 1
+        try:
+            await agent.transfer(leg.pid, uri)
+        except CarrierError:
+            leg.transfer = None
+            raise
+        log.info("sip: call %s: REFER to %s sent", leg.pid, uri)
 
     async def get_call_status(self, call: CallRecord) -> ProviderStatus | None:
         # SIP dialogs live only in this process: a call we do not hold has ended.
@@ -436,6 +476,25 @@ class SipCarrier(Carrier):
         leg.dtmf_seq += 1
         self._emit(leg, EventType.DTMF, key=f"dtmf:{leg.dtmf_seq}", digits=str(data["digit"]))
 
+    def _on_transfer(self, pid: str, data: dict[str, Any]) -> None:
+        leg = self._legs.get(pid)
+        refer = leg.transfer if leg is not None else None
+        if leg is None or leg.ended or refer is None or refer.outcome is not None:
+            return
+        code, reason = int(data["code"]), str(data.get("reason") or "")
+        outcome = transfer_outcome(code, accepted=refer.accepted, final=bool(data.get("final")))
+        if outcome is None:
+            refer.accepted = True
+            log.debug("sip: call %s: transfer progress %d %s", pid, code, reason)
+            return
+        refer.outcome = outcome
+        log.info("sip: call %s: transfer to %s -> %s (%d %s)", pid, refer.to, outcome, code, reason)
+        error = None if outcome is TransferOutcome.COMPLETED else f"SIP {code} {reason}".strip()
+        self._emit(leg, EventType.TRANSFER, key=f"transfer:{leg.transfers}", outcome=outcome.value, error=error)
+        if outcome is TransferOutcome.COMPLETED and leg.local_reason is None:
+            leg.local_reason = CallState.TRANSFERRED
+            self._tasks.spawn(self._call_op(pid, "hangup", 0), f"sip-transferred-{pid}")
+
     def _on_disconnected(self, pid: str, data: dict[str, Any]) -> None:
         leg = self._legs.get(pid)
         if leg is None or leg.ended:
@@ -451,6 +510,8 @@ class SipCarrier(Carrier):
             reason = inbound_end_reason(local=local)
         if leg.local_reason is not None:  # we hung up (or rejected): say why the manager asked to
             reason = leg.local_reason
+        if leg.transfer is not None and leg.transfer.outcome is TransferOutcome.COMPLETED:
+            reason = CallState.TRANSFERRED  # whoever sent the BYE: the caller went to the person
         log.info("sip: call %s ended (%s %s) -> %s", pid, code, data.get("reason", ""), reason)
         self._end(leg, reason, sip_code=code)
 

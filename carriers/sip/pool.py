@@ -67,6 +67,8 @@ class UserAgent(Protocol):
 
     async def dial_dtmf(self, pid: str, digits: str) -> None: ...
 
+    async def transfer(self, pid: str, uri: str) -> None: ...
+
 
 class RemoteMediaTransport(LegCounters):
     """A call's audio leg in a worker process, as the MediaPipeline here sees it (a MediaTransport).
@@ -220,6 +222,9 @@ class WorkerUa:
 
     async def dial_dtmf(self, pid: str, digits: str) -> None:
         await self._request("dtmf", pid=pid, digits=digits)
+
+    async def transfer(self, pid: str, uri: str) -> None:
+        await self._request("xfer", pid=pid, uri=uri)
 
     async def start_registration(self) -> None:
         """The registering worker sends its REGISTER once the front routes for it."""

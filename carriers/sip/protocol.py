@@ -1,10 +1,11 @@
-"""SIP rules without I/O: caller identities from headers, dial URIs, and SIP status -> end reason."""
+"""SIP rules without I/O: caller identities from headers, dial URIs, SIP status -> end reason, and a
+REFER's progress (pjsua2 `onCallTransferStatus`) -> transfer outcome."""
 
 from __future__ import annotations
 
 import re
 
-from bridge.calls import CallState
+from bridge.calls import CallState, TransferOutcome
 from carriers.base import CarrierError
 from carriers.sip.settings import SipSettings
 
@@ -69,3 +70,31 @@ def inbound_end_reason(*, local: bool) -> CallState:
     return CallState.HANGUP_BOT if local else CallState.HANGUP_USER
 
 
+
+
+# pjsua reports a transfer subscription that ended without a message (it timed out) as this code.
+_PJSUA_NO_RESPONSE = 500
+_SERVER_FAILURES = frozenset({_PJSUA_NO_RESPONSE, 503, 504})
+
+
+def transfer_outcome(code: int, *, accepted: bool, final: bool) -> TransferOutcome | None:
+    """What one `onCallTransferStatus` report means for a cold transfer (REFER), or None while it runs.
+
+    `accepted` says whether the REFER was accepted already (an earlier non-final report: pjsua turns
+    the 202 into "100 Accepted"); then `code` is the status line of a NOTIFY's message/sipfrag body,
+    i.e. how the transferee's INVITE to the person went. Before that it is the REFER's own response.
+    Any status >= 200 decides, final or not (pjsua unsubscribes itself after a 2xx sipfrag)."""
+    if code < 200:
+        # A subscription that ends on a provisional status never learnt how the INVITE went.
+        return TransferOutcome.FAILED if final else None
+    if code < 300:
+        return TransferOutcome.COMPLETED  # a 2xx sipfrag, or a REFER answered "Refer-Sub: false"
+    if code in _SERVER_FAILURES or (not accepted and code == 408):
+        return TransferOutcome.FAILED  # no answer to the REFER, or no NOTIFY before the subscription expired
+    if not accepted:
+        return TransferOutcome.REFUSED  # the transferee would not do it (403, 405, 501, 603, ...)
+    if code in (486, 600):
+        return TransferOutcome.BUSY
+    if code in (408, 480, 487):
+        return TransferOutcome.NO_ANSWER
+    return TransferOutcome.REFUSED  # 403, 404, 603 and the rest of 4xx-6xx

@@ -321,7 +321,7 @@ class _UserAgent(threading.Thread):
             prm.statusCode = code
         if op == "answer":
             pjcall.answer(prm)
-        else:
+        elif not pjcall.local_hangup:  # a second hang-up of a call already leaving is a no-op
             pjcall.local_hangup = True
             pjcall.hangup(prm)
 
@@ -333,6 +333,16 @@ class _UserAgent(threading.Thread):
         if pjcall is None:
             raise CarrierError("sip: call is gone")
         pjcall.dialDtmf(digits)
+
+    def transfer(self, pid: str, uri: str) -> None:
+        """Send REFER (Refer-To: uri); its progress comes back as "transfer" notes."""
+        pjcall = self.calls.get(pid)
+        if pjcall is None or pjcall.disconnected:
+            raise CarrierError("sip: call is gone")
+        try:
+            pjcall.xfer(uri, pj.CallOpParam(True))
+        except Exception as exc:  # pjsua refuses (no dialog yet, a REFER already pending, bad URI)
+            raise CarrierError(f"sip: REFER not sent: {_pj_error_text(exc)}") from None
 
     # -- helpers used inside the thread
     def bury(self, obj: Any) -> None:
@@ -475,6 +485,16 @@ if pj is not None:
             except Exception:
                 log.exception("sip: dtmf callback failed")
 
+        def onCallTransferStatus(self, prm: Any) -> None:
+            try:
+                code = int(prm.statusCode)
+                self.ua.notify("transfer", self.pid,
+                               {"code": code, "reason": str(prm.reason), "final": bool(prm.finalNotify)})
+                if code >= 200:
+                    prm.cont = False  # the outcome is known: no more NOTIFYs wanted
+            except Exception:
+                log.exception("sip: transfer status callback failed")
+
         def release_media(self) -> None:
             if self.transport is not None:
                 self.transport.closed = True
@@ -533,6 +553,9 @@ class LocalUa:
 
     async def dial_dtmf(self, pid: str, digits: str) -> None:
         await self._run(lambda: self._thread.dial_dtmf(pid, digits))
+
+    async def transfer(self, pid: str, uri: str) -> None:
+        await self._run(lambda: self._thread.transfer(pid, uri))
 
     async def _run(self, fn: Callable[[], Any]) -> Any:
         return await asyncio.wrap_future(self._thread.submit(fn))

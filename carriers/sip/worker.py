@@ -6,10 +6,11 @@ Unix socket pair: length-prefixed messages, JSON for control and notifications, 
 
 Wire format (both directions): `kind: u8, length: u32 big-endian, body`.
 - kind J: a JSON object.
-  parent -> worker: {"init": {...}} first; then {"id": n, "op": "dial"|"call_op"|"dtmf"|"register", ...}
+  parent -> worker: {"init": {...}} first; then {"id": n, "op": "dial"|"call_op"|"dtmf"|"xfer"|"register", ...}
   and {"op": "clear", "leg": n} (no reply).
   worker -> parent: {"ready": {"sip": [host, port], "cap": n}} or {"error": text} once;
-  {"reply": n, "error": text|null}; {"note": kind, "pid": id, "data": {...}} for every SIP event.
+  {"reply": n, "error": text|null}; {"note": kind, "pid": id, "data": {...}} for every SIP event
+  (e.g. "transfer": {"code", "reason", "final"} for each report on a REFER).
 - kind A: `leg: u16` then one 20 ms PCM16 frame at the conference clock rate (audio of one call).
 """
 
@@ -190,6 +191,8 @@ async def serve(sock: socket.socket) -> int:
                 fn = functools.partial(ua.call_op, pid, str(request["what"]), int(request["code"]))
             elif op == "dtmf":
                 fn = functools.partial(ua.dial_dtmf, pid, str(request["digits"]))
+            elif op == "xfer":
+                fn = functools.partial(ua.transfer, pid, str(request["uri"]))
             else:
                 worker.send(pack_json({"reply": request.get("id"), "error": f"unknown op {op!r}"}))
                 continue

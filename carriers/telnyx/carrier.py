@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from bridge.calls import CallRecord, CallState
+from bridge.calls import TRANSFER_PARENT, CallRecord, CallState, Direction
 from bridge.tasks import BackgroundTasks
 from carriers.base import (
     CallGone,
@@ -50,6 +50,7 @@ from carriers.telnyx.protocol import (
     DEFAULT_VOICE,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
+    XFER_TAG,
     InboundOffered,
     TelnyxEvent,
     TelnyxStreamCodec,
@@ -144,6 +145,9 @@ class TelnyxCarrier(Carrier):
             # a backstop should the bridge die mid-call; the manager enforces maxDurationSeconds itself
             "time_limit_secs": min(14_400, self.settings.maxDurationSeconds + 60),
         }
+        parent = self.host.get_call(str(call.metadata.get(TRANSFER_PARENT) or ""))
+        if parent is not None and parent.providerCallId:  # a warm transfer's call to the person
+            body["link_to"] = parent.providerCallId  # same call session as the caller, for the bridge
         amd = self.telnyx.answeringMachineDetection
         if amd and amd != "disabled":
             body["answering_machine_detection"] = amd
@@ -258,6 +262,30 @@ class TelnyxCarrier(Carrier):
         if not digits or any(d.upper() not in DIGITS for d in digits):
             raise CarrierError("telnyx send_dtmf: digits must be 0-9, *, #, A-D")
         await self._command(call.providerCallId, "send_dtmf", {"digits": digits, "duration_millis": 250})
+
+    async def transfer_cold(self, call: CallRecord, to: str) -> None:
+        """`actions/transfer`: Telnyx dials `to` and bridges the caller on answer. The new leg's webhooks
+        carry our callId tagged `xfer` (target_leg_client_state); they give the outcome (protocol.py)."""
+        ours = call.to if call.direction == Direction.INBOUND else call.from_
+        body: dict[str, Any] = {
+            "to": to,
+            "timeout_secs": min(600, max(5, round(self.settings.transfer.ringTimeoutMs / 1000))),
+            "target_leg_client_state": encode_state(call.callId, XFER_TAG),
+            "webhook_url": self.host.webhook_url(callId=call.callId),
+            "webhook_url_method": "POST",
+        }
+        if ours:
+            body["from"] = ours
+        await self._command(call.providerCallId, "transfer", body)
+
+    async def join_legs(self, call: CallRecord, person: CallRecord) -> bool:
+        """Warm transfer: `actions/bridge` the caller's leg with the person's (dialled with `link_to`),
+        then stop our media streams on both: the bridge leaves."""
+        await self._command(call.providerCallId, "bridge", {"call_control_id": person.providerCallId})
+        if self.settings.streaming.enabled:
+            for leg in (call, person):
+                await self._command(leg.providerCallId, "streaming_stop", ended_ok=True)
+        return True
 
     async def get_call_status(self, call: CallRecord) -> ProviderStatus | None:
         if not call.providerCallId:

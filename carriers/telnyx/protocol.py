@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from bridge.calls import CallEvent, CallState, Direction, EventType
+from bridge.calls import CallEvent, CallState, Direction, EventType, TransferOutcome
 from carriers import wire
 from carriers.base import (
     CallGone,
@@ -48,6 +48,7 @@ DEFAULT_LANGUAGE = "en-US"
 SPEAK_MAX_CHARS = 3000  # Telnyx `speak` payload limit
 CODECS: dict[str, AudioFormat] = {"PCMU": ULAW_8K, "PCMA": ALAW_8K}
 MACHINE_RESULTS = frozenset({"machine", "fax_detected"})
+XFER_TAG = "xfer"  # client_state tag of the person's leg of a cold transfer (target_leg_client_state)
 
 
 def encode_state(call_id: str, tag: str | None = None) -> str:
@@ -306,6 +307,8 @@ def translate(hook: TelnyxEvent, query_call_id: str | None,
             ev.dedupe_key = f"telnyx:{hook.event_id}"
         return ev
 
+    if tag == XFER_TAG:  # the person's leg of a cold transfer of our call `call_id`
+        return _transfer_event(kind, p, call_id, ccid), []
     if kind == "call.initiated":
         if p.get("direction") != "incoming":
             return event(EventType.INITIATED), []
@@ -340,6 +343,27 @@ def translate(hook: TelnyxEvent, query_call_id: str | None,
     if kind == "streaming.failed":
         log.warning("telnyx streaming failed on %s: %s", ccid, _text(p.get("failure_reason")) or "no reason")
     return None, []
+
+
+# `call.hangup` of the person's leg before it connected -> the transfer's outcome
+_TRANSFER_CAUSES = {"user_busy": TransferOutcome.BUSY, "timeout": TransferOutcome.NO_ANSWER,
+                    "no_answer": TransferOutcome.NO_ANSWER, "call_rejected": TransferOutcome.REFUSED}
+
+
+def _transfer_event(kind: str, p: dict[str, Any], call_id: str | None, ccid: str | None) -> CallEvent | None:
+    """Leg B of `actions/transfer`: answered or bridged = completed; hung up first = why. The event is
+    about the caller's call and carries no provider id (leg B's id must not become the caller's)."""
+    if kind in ("call.answered", "call.bridged"):
+        outcome, error = TransferOutcome.COMPLETED, None
+    elif kind == "call.hangup":
+        cause = _text(p.get("hangup_cause"))
+        outcome, error = _TRANSFER_CAUSES.get(cause, TransferOutcome.FAILED), f"hangup_cause {cause or 'unknown'}"
+    else:
+        return None
+    event = CallEvent(EventType.TRANSFER, call_id=call_id, outcome=outcome.value, error=error)
+    # one outcome per leg: the second of answered/bridged, or the hang-up after it, is a duplicate
+    event.dedupe_key = f"telnyx:xfer:{ccid}:{'completed' if outcome == TransferOutcome.COMPLETED else 'ended'}"
+    return event
 
 
 def _speech(p: dict[str, Any], tag: str | None, event: Callable[..., CallEvent]) -> CallEvent | None:

@@ -57,6 +57,9 @@ from carriers.twilio.protocol import (
     TERMINAL_STATUS,
     XML,
     TwilioStreamCodec,
+    conference_verb,
+    dial_outcome,
+    dial_verb,
     direction,
     float_param,
     gather_verb,
@@ -66,6 +69,7 @@ from carriers.twilio.protocol import (
     say_voice,
     status_events,
     stream_verb,
+    transfer_event,
     twiml,
     verify_request,
 )
@@ -111,6 +115,7 @@ class TwilioCarrier(Carrier):
     name = "twilio"
     signature_headers = (SIGNATURE_HEADER,)
     streams_media = True
+    transfer_ends_stream = True
     reports_dtmf = True
 
     def __init__(self, settings: Settings) -> None:
@@ -282,6 +287,24 @@ class TwilioCarrier(Carrier):
         again = redirect_verb(self.host.webhook_url(callId=call.callId, type="listen"))
         await self._set_twiml(call, twiml(f"<Play digits={quoteattr(digits)}/>", again))
 
+    async def transfer_cold(self, call: CallRecord, to: str) -> None:
+        """Replace the call's TwiML with `<Dial>` (its `<Connect><Stream>` ends). The person's answer
+        (`type=xfer-leg`) completes the transfer; a `<Dial action>` (`type=dial`) without one fails it
+        and gets the stream back as its TwiML."""
+        ring_s = min(600, max(5, math.ceil(self.settings.transfer.ringTimeoutMs / 1000)))
+        ours = call.to if call.direction == Direction.INBOUND else call.from_
+        document = twiml(dial_verb(to, action=self.host.webhook_url(callId=call.callId, type="dial"),
+                                   leg_callback=self.host.webhook_url(callId=call.callId, type="xfer-leg"),
+                                   timeout_s=ring_s, caller_id=ours or None))
+        await self._set_twiml(call, document)
+
+    async def join_legs(self, call: CallRecord, person: CallRecord) -> bool:
+        """Warm transfer: the person's call, then the caller's, into one conference; both streams end."""
+        name = f"voicecall-{call.callId}"
+        await self._set_twiml(person, twiml(conference_verb(name)))
+        await self._set_twiml(call, twiml(conference_verb(name)))
+        return True
+
     async def get_call_status(self, call: CallRecord) -> ProviderStatus | None:
         if not call.providerCallId:
             return None
@@ -315,6 +338,18 @@ class TwilioCarrier(Carrier):
             return WebhookResult(respond=lambda _: self._document(call_id or "", doc_id))
         if kind == "reattach":  # the stream dropped (its node died or shut down): open a new one
             return WebhookResult(respond=lambda call: self._answer_reply(call, inbound=False))
+        if kind == "xfer-leg":  # the dialed person's progress (a cold transfer)
+            if status != "in-progress":
+                return WebhookResult(reply=WebhookReply(200, EMPTY_TWIML, XML))
+            event = transfer_event(call_id, dial_outcome("answered"), f"twilio:{sid}:xfer-answered")
+            return WebhookResult(events=[event], reply=WebhookReply(200, EMPTY_TWIML, XML))
+        if kind == "dial":  # <Dial action>: the dialed leg ended, or never connected
+            dial_status = request.param("DialCallStatus")
+            outcome = dial_outcome(dial_status)
+            key = f"twilio:{sid}:dial:{request.param('DialCallSid') or dial_status}"
+            event = transfer_event(call_id, outcome, key, error=None if outcome.value == "completed"
+                                   else f"DialCallStatus {dial_status}")
+            return WebhookResult(events=[event], respond=lambda call: self._after_dial(call, outcome.value))
         if kind == "listen":
             token = request.query_value("turnToken")
             return WebhookResult(respond=lambda call: self._listen_reply(call, token))
@@ -361,6 +396,13 @@ class TwilioCarrier(Carrier):
             return WebhookReply(200, HANGUP_TWIML, XML)
         return WebhookReply(200, self._after_say_twiml(call, call.callId), XML)
 
+    def _after_dial(self, call: CallRecord | None, outcome: str) -> WebhookReply:
+        """After a cold transfer's `<Dial>`: the person took the call (hang up our side), or the caller
+        comes back to the bridge (its media stream again, or listening)."""
+        if call is None or call.terminal or outcome == "completed":
+            return WebhookReply(200, HANGUP_TWIML, XML)
+        return self._answer_reply(call, inbound=False, resume=True)
+
     def _document(self, call_id: str, doc_id: str) -> WebhookReply:
         """TwiML too long for the REST parameter, served once by URL."""
         state = self._calls.get(call_id)
@@ -391,7 +433,7 @@ class TwilioCarrier(Carrier):
 
         return WebhookResult(events=events, respond=respond)
 
-    def _answer_reply(self, call: CallRecord | None, inbound: bool) -> WebhookReply:
+    def _answer_reply(self, call: CallRecord | None, inbound: bool, resume: bool = False) -> WebhookReply:
         if call is None:
             return WebhookReply(200, REJECT_TWIML if inbound else HANGUP_TWIML, XML)
         if call.terminal:  # voicemail, rejected, already hung up
@@ -404,6 +446,8 @@ class TwilioCarrier(Carrier):
                 # (through the balancer) for a new stream, so a surviving node re-attaches the call
                 verbs.append(redirect_verb(self.host.webhook_url(callId=call.callId, type="reattach")))
             return WebhookReply(200, twiml(*verbs), XML)
+        if resume:
+            return WebhookReply(200, self.listen_twiml(call.callId), XML)
         state = self._state(call.callId)
         message = call.initial_message
         if state.initial is None and message and not call.initial_message_spoken:

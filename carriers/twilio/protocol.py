@@ -9,7 +9,7 @@ import json
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
-from bridge.calls import CallEvent, CallState, Direction, EventType
+from bridge.calls import CallEvent, CallState, Direction, EventType, TransferOutcome
 from carriers import wire
 from carriers.base import (
     MediaStreamCodec,
@@ -67,6 +67,40 @@ def gather_verb(action: str, language: str = "en-US") -> str:
 def stream_verb(url: str, parameters: dict[str, str]) -> str:
     params = "".join(f"<Parameter name={quoteattr(k)} value={quoteattr(v)}/>" for k, v in parameters.items())
     return f"<Connect><Stream url={quoteattr(url)}>{params}</Stream></Connect>"
+
+
+def dial_verb(to: str, *, action: str, leg_callback: str, timeout_s: int, caller_id: str | None) -> str:
+    """Cold transfer: dial `to` (a number or a sip: URI). `leg_callback` hears when the person
+    answers; `action` gets the `DialCallStatus` when the dialed leg ends (or never connected)."""
+    noun = "Sip" if to.lower().startswith(("sip:", "sips:")) else "Number"
+    caller = f" callerId={quoteattr(caller_id)}" if caller_id and noun == "Number" else ""
+    return (f'<Dial action={quoteattr(action)} method="POST" timeout="{timeout_s}" answerOnBridge="true"{caller}>'
+            f'<{noun} statusCallback={quoteattr(leg_callback)} statusCallbackEvent="answered" '
+            f'statusCallbackMethod="POST">{escape(to)}</{noun}></Dial>')
+
+
+def conference_verb(name: str) -> str:
+    """Warm transfer, the join: both legs into one conference that ends when either leaves."""
+    return (f'<Dial><Conference startConferenceOnEnter="true" endConferenceOnExit="true" beep="false" '
+            f'waitUrl="">{escape(name)}</Conference></Dial>')
+
+
+# <Dial action> DialCallStatus -> the transfer's outcome (`completed`/`answered`: the person took it).
+DIAL_OUTCOMES = {"completed": TransferOutcome.COMPLETED, "answered": TransferOutcome.COMPLETED,
+                 "busy": TransferOutcome.BUSY, "no-answer": TransferOutcome.NO_ANSWER,
+                 "failed": TransferOutcome.FAILED, "canceled": TransferOutcome.FAILED}
+
+
+def dial_outcome(status: str | None) -> TransferOutcome:
+    return DIAL_OUTCOMES.get((status or "").lower(), TransferOutcome.FAILED)
+
+
+def transfer_event(call_id: str | None, outcome: TransferOutcome, key: str, error: str | None = None) -> CallEvent:
+    """The outcome of a transfer of our call `call_id`. No provider id: the dialed leg's CallSid must
+    not become the caller's call's id."""
+    event = CallEvent(EventType.TRANSFER, call_id=call_id, outcome=outcome.value, error=error)
+    event.dedupe_key = key
+    return event
 
 
 EMPTY_TWIML = twiml()

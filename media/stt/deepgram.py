@@ -25,12 +25,13 @@ import logging
 import os
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlencode
 
 from media.clock import Clock, RealClock, TimerHandle
 from media.formats import AudioEncoding, AudioFormat
 from media.logsafe import quiet_logger
-from media.stt.base import SttEngine, SttError, SttEvent, SttSession
+from media.stt.base import SttEngine, SttError, SttEvent
+from media.stt.socket_session import WebSocketSttSession
+from media.urls import websocket_url
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,7 @@ _G711 = {AudioEncoding.PCMU: "mulaw", AudioEncoding.PCMA: "alaw"}
 
 
 def listen_url(base_url: str, params: dict[str, Any]) -> str:
-    url = base_url.rstrip("/")
-    for http, ws in (("https://", "wss://"), ("http://", "ws://")):
-        if url.startswith(http):
-            url = ws + url[len(http):]
-    return f"{url}/listen?{urlencode(params)}"
+    return websocket_url(base_url, "listen", params)
 
 
 class DeepgramStt(SttEngine):
@@ -144,13 +141,15 @@ class TurnBuilder:
         return [SttEvent("speech_ended"), SttEvent("final", text)]
 
 
-class DeepgramSession(SttSession):
+class DeepgramSession(WebSocketSttSession):
     reports_speech_end = True
+    provider = "Deepgram STT"
 
     def __init__(self, engine: DeepgramStt, *, sample_rate: int, on_event: Callable[[SttEvent], None],
                  wire_format: AudioFormat | None) -> None:
+        super().__init__(on_event, connect_timeout_s=engine.connect_timeout_s, max_retries=engine.max_retries,
+                         backoff_s=engine.backoff_s, task_name="deepgram-stt")
         self.engine = engine
-        self._on_event = on_event
         if engine.passthrough_g711 and wire_format is not None and wire_format.rate == 8000 \
                 and wire_format.encoding in _G711:
             self.wants_wire = True
@@ -161,20 +160,10 @@ class DeepgramSession(SttSession):
         self.url = listen_url(engine.base_url, engine.params(self.encoding, self.sample_rate))
         self._turns = TurnBuilder()
         self._queue: asyncio.Queue[bytes | str | None] = asyncio.Queue()
-        self._ws: Any = None
-        self._task: asyncio.Task[None] | None = None
-        self._connected = asyncio.Event()
-        self._closing = False
         self._metadata = asyncio.Event()
         self._last_audio = engine.clock.monotonic()
         self._keepalive: TimerHandle | None = None
         self.keepalives_sent = 0
-        self.connects = 0
-        self.sent_bytes = 0
-
-    def rebind(self, on_event: Callable[[SttEvent], None]) -> None:
-        """Deliver events to a new listener (a session opened ahead of the call, then adopted)."""
-        self._on_event = on_event
 
     # ---- feeding (sync)
     def feed(self, pcm: bytes) -> None:
@@ -191,20 +180,8 @@ class DeepgramSession(SttSession):
             self._queue.put_nowait(data)
 
     # ---- lifecycle
-    async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="deepgram-stt")
-            self._arm_keepalive()
-        waiter = asyncio.ensure_future(self._connected.wait())
-        try:
-            await asyncio.wait({waiter, self._task}, timeout=self.engine.connect_timeout_s,
-                               return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-
-    @property
-    def connected(self) -> bool:
-        return self._connected.is_set()
+    def _started(self) -> None:
+        self._arm_keepalive()
 
     def _arm_keepalive(self) -> None:
         self._keepalive = self.engine.clock.call_later(self.engine.keepalive_s, self._keepalive_tick)
@@ -229,61 +206,27 @@ class DeepgramSession(SttSession):
             self._queue.put_nowait(json.dumps({"type": "CloseStream"}))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._metadata.wait(), self.engine.close_timeout_s)
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._task
+        await self._stop_task()
 
-    async def _run(self) -> None:
+    def _connect(self) -> Any:
         import websockets
 
-        failures = 0
-        while True:
-            try:
-                async with websockets.connect(self.url, additional_headers={"Authorization": f"Token {self.engine.api_key}"},
-                                              open_timeout=self.engine.connect_timeout_s, compression=None,
-                                              logger=quiet_logger("media.stt.deepgram.ws")) as ws:
-                    self.connects += 1
-                    failures = 0
-                    self._connected.set()
-                    await self._pump(ws)
-                    if self._closing:
-                        return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a transport error leads to a reconnect
-                status = getattr(getattr(exc, "response", None), "status_code", None)
-                if status in (401, 403):
-                    log.error("Deepgram STT: authentication failed (HTTP %s); not retrying", status)
-                    self._emit(SttEvent("error", f"authentication failed (HTTP {status})"))
-                    return
-                log.warning("Deepgram STT connection lost: %s", f"HTTP {status}" if status else type(exc).__name__)
-            if self._closing:
-                return
-            failures += 1
-            if failures > self.engine.max_retries:
-                self._emit(SttEvent("error", "transcription unavailable"))
-                return
-            await asyncio.sleep(self.engine.backoff_s * 2 ** (failures - 1))
+        return websockets.connect(self.url, additional_headers={"Authorization": f"Token {self.engine.api_key}"},
+                                  open_timeout=self.engine.connect_timeout_s, compression=None,
+                                  logger=quiet_logger("media.stt.deepgram.ws"))
 
-    async def _pump(self, ws: Any) -> None:
-        sender = asyncio.create_task(self._send_loop(ws))
+    def _receive(self, raw: str | bytes) -> None:
+        if isinstance(raw, bytes):
+            return
         try:
-            async for raw in ws:
-                if isinstance(raw, bytes):
-                    continue
-                try:
-                    msg = json.loads(raw)
-                except ValueError:
-                    continue
-                if isinstance(msg, dict):
-                    if msg.get("type") == "Metadata":
-                        self._metadata.set()
-                    for event in self._turns.handle(msg):
-                        self._emit(event)
-        finally:
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await sender
+            msg = json.loads(raw)
+        except ValueError:
+            return
+        if isinstance(msg, dict):
+            if msg.get("type") == "Metadata":
+                self._metadata.set()
+            for event in self._turns.handle(msg):
+                self._emit(event)
 
     async def _send_loop(self, ws: Any) -> None:
         while True:
@@ -298,9 +241,3 @@ class DeepgramSession(SttSession):
                 raise
             if isinstance(item, bytes):
                 self.sent_bytes += len(item)
-
-    def _emit(self, event: SttEvent) -> None:
-        try:
-            self._on_event(event)
-        except Exception:  # a listener bug must not kill the transcription session
-            log.exception("STT event handler failed")

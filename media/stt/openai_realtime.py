@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import logging
 import os
@@ -23,7 +22,9 @@ from typing import Any
 from media.formats import AudioEncoding, AudioFormat
 from media.logsafe import quiet_logger
 from media.resample import StreamResampler
-from media.stt.base import SttEngine, SttError, SttEvent, SttSession
+from media.stt.base import SttEngine, SttError, SttEvent
+from media.stt.socket_session import WebSocketSttSession
+from media.urls import websocket_url
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,7 @@ DEFAULT_MODEL = "gpt-4o-transcribe"
 
 
 def realtime_url(base_url: str) -> str:
-    url = base_url.rstrip("/")
-    for http, ws in (("https://", "wss://"), ("http://", "ws://")):
-        if url.startswith(http):
-            url = ws + url[len(http) :]
-    return f"{url}/realtime?intent=transcription"
+    return websocket_url(base_url, "realtime", {"intent": "transcription"})
 
 
 class OpenAiRealtimeStt(SttEngine):
@@ -125,8 +122,9 @@ class OpenAiRealtimeStt(SttEngine):
 _G711_FORMATS = {AudioEncoding.PCMU: "g711_ulaw", AudioEncoding.PCMA: "g711_alaw"}
 
 
-class RealtimeSession(SttSession):
+class RealtimeSession(WebSocketSttSession):
     reports_speech_end = True
+    provider = "OpenAI Realtime STT"
 
     def __init__(
         self,
@@ -136,8 +134,9 @@ class RealtimeSession(SttSession):
         on_event: Callable[[SttEvent], None],
         wire_format: AudioFormat | None,
     ) -> None:
+        super().__init__(on_event, connect_timeout_s=engine.connect_timeout_s, max_retries=engine.max_retries,
+                         backoff_s=engine.backoff_s, task_name="openai-realtime-stt")
         self.engine = engine
-        self._on_event = on_event
         if (
             engine.passthrough_g711
             and wire_format is not None
@@ -156,13 +155,8 @@ class RealtimeSession(SttSession):
         self._queued = 0
         self._max_queued = int(engine.max_backlog_s * bytes_per_s)
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._connected = asyncio.Event()
-        self._closing = False
         self._partials: dict[str, str] = {}
-        self.connects = 0
         self.dropped_bytes = 0
-        self.sent_bytes = 0
 
     # ------------------------------------------------------------------ feeding (sync)
 
@@ -188,72 +182,29 @@ class RealtimeSession(SttSession):
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self) -> None:
-        """Connects in the background; waits for the first connection up to the connect timeout."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="openai-realtime-stt")
-        waiter = asyncio.ensure_future(self._connected.wait())
-        try:
-            await asyncio.wait({waiter, self._task}, timeout=self.engine.connect_timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-
     async def close(self) -> None:
         self._closing = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await self._stop_task()
 
-    async def _run(self) -> None:
+    def _connect(self) -> Any:
         import websockets
 
-        failures = 0
-        while not self._closing:
-            try:
-                async with websockets.connect(
-                    self.engine.url,
-                    additional_headers={
-                        "Authorization": f"Bearer {self.engine.api_key}",
-                        "OpenAI-Beta": "realtime=v1",
-                    },
-                    open_timeout=self.engine.connect_timeout_s,
-                    max_size=2**22,
-                    logger=quiet_logger("media.stt.openai_realtime.ws"),
-                ) as ws:
-                    await ws.send(json.dumps(self.engine.session_update(self.input_format)))
-                    self.connects += 1
-                    failures = 0
-                    self._connected.set()
-                    await self._pump(ws)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any transport error leads to a reconnect
-                status = getattr(getattr(exc, "response", None), "status_code", None)
-                detail = f"HTTP {status}" if status else type(exc).__name__
-                if status in (401, 403):
-                    log.error("OpenAI Realtime STT: authentication failed (%s); not retrying", detail)
-                    self._emit(SttEvent("error", f"authentication failed ({detail})"))
-                    return
-                log.warning("OpenAI Realtime STT connection lost: %s", detail)
-            if self._closing:
-                return
-            failures += 1
-            if failures > self.engine.max_retries:
-                log.error("OpenAI Realtime STT: giving up after %d reconnect attempts", self.engine.max_retries)
-                self._emit(SttEvent("error", "transcription unavailable"))
-                return
-            await asyncio.sleep(self.engine.backoff_s * 2 ** (failures - 1))
+        return websockets.connect(
+            self.engine.url,
+            additional_headers={
+                "Authorization": f"Bearer {self.engine.api_key}",
+                "OpenAI-Beta": "realtime=v1",
+            },
+            open_timeout=self.engine.connect_timeout_s,
+            max_size=2**22,
+            logger=quiet_logger("media.stt.openai_realtime.ws"),
+        )
 
-    async def _pump(self, ws: Any) -> None:
-        sender = asyncio.create_task(self._send_loop(ws))
-        try:
-            async for raw in ws:
-                self._handle(json.loads(raw))
-        finally:
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await sender
+    async def _opened(self, ws: Any) -> None:
+        await ws.send(json.dumps(self.engine.session_update(self.input_format)))
+
+    def _receive(self, raw: str | bytes) -> None:
+        self._handle(json.loads(raw))
 
     async def _send_loop(self, ws: Any) -> None:
         while True:
@@ -294,9 +245,3 @@ class RealtimeSession(SttSession):
         elif kind == "conversation.item.input_audio_transcription.failed" or kind == "error":
             err = ev.get("error") or {}
             log.warning("OpenAI Realtime STT error: %s %s", err.get("type", kind), str(err.get("message", ""))[:200])
-
-    def _emit(self, event: SttEvent) -> None:
-        try:
-            self._on_event(event)
-        except Exception:  # a listener bug must not kill the transcription session
-            log.exception("STT event handler failed")

@@ -10,8 +10,11 @@ channel shares a bridge with a "phone" channel, it streams the phone's audio as 
 (real time) to external_host, from its own port, and records the RTP it receives, decoded, as what
 the phone heard.
 
-Test control (Python): `inbound_call`, `ring` / `answer` / `busy` / `no_answer` for originated
-channels, `press` (DTMF from the phone), `hangup` (the phone hangs up), `drop_events` / `events_down`.
+Test control (Python): `inbound_call`, `ring` / `answer` / `busy` / `no_answer` / `reject` for
+originated channels (with the `Dial` events Asterisk publishes for them), `press` (DTMF from the
+phone), `hangup` (the phone hangs up), `drop_events` / `events_down`. Bridges keep their members
+(`addChannel` / `removeChannel`, ChannelEnteredBridge / ChannelLeftBridge); DTMF sent to a channel
+is recorded with its `duration` / `between`.
 """
 
 from __future__ import annotations
@@ -145,6 +148,7 @@ class FakeChannel:
     channelvars: dict[str, str] | None = None
     audio: bytes = b""  # PCM16 8 kHz: what the phone says
     dtmf_heard: str = ""  # digits sent to the phone through ARI
+    dtmf_sent: list[dict[str, Any]] = field(default_factory=list)  # each POST .../dtmf: dtmf, between, duration
     originate: dict[str, Any] | None = None
     hangup_cause: int | None = None
     rtp: FakeRtp | None = None
@@ -216,6 +220,7 @@ class FakeAsterisk:
         r.add_post("/ari/channels/{id}/dtmf", self._dtmf)
         r.add_post("/ari/bridges", self._create_bridge)
         r.add_post("/ari/bridges/{id}/addChannel", self._add_channel)
+        r.add_post("/ari/bridges/{id}/removeChannel", self._remove_channel)
         r.add_delete("/ari/bridges/{id}", self._delete_bridge)
         self._runner, self.port = await serve_local(app)
         return self
@@ -257,20 +262,32 @@ class FakeAsterisk:
 
     def ring(self, cid: str) -> None:
         self._set_state(self.channels[cid], "Ringing")
+        self._dial(self.channels[cid], "RINGING")
 
     def answer(self, cid: str, audio: bytes = b"") -> None:
         """The called phone picks up: the channel is Up and enters the Stasis app."""
         channel = self.channels[cid]
         channel.audio = audio
         self._set_state(channel, "Up")
+        self._dial(channel, "ANSWER")
         channel.in_stasis = True
         self._send("StasisStart", channel, args=channel.app_args)
 
     def busy(self, cid: str) -> None:
+        self._dial(self.channels[cid], "BUSY")
         self._destroy(self.channels[cid], 17)
 
     def no_answer(self, cid: str) -> None:
+        self._dial(self.channels[cid], "NOANSWER")
         self._destroy(self.channels[cid], 19)
+
+    def reject(self, cid: str) -> None:
+        """The called side declines (SIP 603): cause 21."""
+        self._dial(self.channels[cid], "CHANUNAVAIL")
+        self._destroy(self.channels[cid], 21)
+
+    def bridge_of(self, cid: str) -> FakeBridge | None:
+        return next((b for b in self.bridges.values() if cid in b.channels), None)
 
     def press(self, cid: str, digits: str) -> None:
         for digit in digits:
@@ -306,6 +323,12 @@ class FakeAsterisk:
             if not ws.closed:
                 self._sends.add(task := asyncio.ensure_future(ws.send_str(text)))
                 task.add_done_callback(self._sends.discard)
+
+    def _dial(self, peer: FakeChannel, status: str) -> None:
+        """The Dial event of an originated channel (no caller: ARI originate dials on its own)."""
+        if peer.originate is not None:
+            self._send("Dial", None, peer=peer.json(), dialstring=str(peer.originate.get("endpoint", "")),
+                       dialstatus=status)
 
     def _set_state(self, channel: FakeChannel, state: str) -> None:
         channel.state = state
@@ -458,6 +481,7 @@ class FakeAsterisk:
         if not p.get("dtmf"):
             return web.json_response({"message": "DTMF is required"}, status=400)
         found.dtmf_heard += str(p["dtmf"])
+        found.dtmf_sent.append({k: p[k] for k in ("dtmf", "before", "between", "duration", "after") if k in p})
         return web.Response(status=204)
 
     async def _create_bridge(self, request: web.Request) -> web.Response:
@@ -477,9 +501,28 @@ class FakeAsterisk:
         if not ids or any(i not in self.channels for i in ids):
             return web.json_response({"message": "Channel not found"}, status=400)
         for cid in ids:
+            previous = self.bridge_of(cid)
+            if previous is not None and previous is not bridge:  # Stasis departs the old bridge first
+                previous.channels.remove(cid)
+                self._send("ChannelLeftBridge", self.channels[cid], bridge=previous.json())
             bridge.channels.append(cid)
             self._send("ChannelEnteredBridge", self.channels[cid], bridge=bridge.json())
         self._connect_media(bridge)
+        return web.Response(status=204)
+
+    async def _remove_channel(self, request: web.Request) -> web.Response:
+        p = await self._params(request)
+        bridge = self.bridges.get(request.match_info["id"])
+        if bridge is None or not bridge.alive:
+            return web.json_response({"message": "Bridge not found"}, status=404)
+        ids = [i for i in str(p.get("channel") or "").split(",") if i]
+        if not ids or any(i not in self.channels for i in ids):
+            return web.json_response({"message": "Channel not found"}, status=400)
+        if any(i not in bridge.channels for i in ids):
+            return web.json_response({"message": "Channel not in this bridge"}, status=422)
+        for cid in ids:
+            bridge.channels.remove(cid)
+            self._send("ChannelLeftBridge", self.channels[cid], bridge=bridge.json())
         return web.Response(status=204)
 
     async def _delete_bridge(self, request: web.Request) -> web.Response:

@@ -255,6 +255,8 @@ class FakeCall:
         self.xml: list[str] = []  # every XML document the bridge returned
         self.streams: list[FakeStream] = []
         self.hangup_params: dict[str, str] | None = None
+        self.dials: list[dict[str, str]] = []  # each <Dial> run: target and attributes
+        self.conference: str | None = None  # the <Conference> this call joined
         self.ended = asyncio.Event()
         self._xml_task: asyncio.Task[None] | None = None
         self._flow_task: asyncio.Task[None] | None = None
@@ -358,6 +360,15 @@ class FakeCall:
             elif tag == "GetInput":
                 if await self._get_input(element):
                     return
+            elif tag == "Dial":
+                await self._dial(element)
+                return
+            elif tag == "Conference":
+                name = (element.text or "").strip()
+                self.conference = name
+                self.fake.conferences.setdefault(name, []).append(self)
+                await self.ended.wait()
+                return
             elif tag == "Stream":
                 stream = FakeStream(self, (element.text or "").strip(), element.get("extraHeaders"))
                 self.streams.append(stream)
@@ -368,6 +379,33 @@ class FakeCall:
                 raise AssertionError(f"fake Plivo: unexpected XML element {tag}")
         if self.live:
             await self.end("completed", "NORMAL_CLEARING", "Answer XML")  # the XML ran out
+
+    async def _dial(self, element: ET.Element) -> None:
+        """<Dial> one <Number> (digits) or <User> (SIP URI): the person follows the fake's number sets;
+        callbackUrl hears DialAction=answer; the action gets DialStatus when the dialed leg is done."""
+        noun = element.find("Number")
+        if noun is None:
+            noun = element.find("User")
+        assert noun is not None, "fake Plivo: <Dial> needs a <Number> or <User>"
+        target = (noun.text or "").strip()
+        b_leg = str(uuid.uuid4())
+        self.dials.append({"to": target, "noun": noun.tag, **element.attrib})
+        fake = self.fake
+        numbers = {target, "+" + target}
+        outcome = ("busy" if numbers & fake.busy_numbers else "no-answer" if numbers & fake.no_answer_numbers
+                   else "failed" if numbers & fake.failed_numbers else "completed")
+        await asyncio.sleep(fake.ring_delay_s + fake.answer_delay_s)
+        dial = {"DialALegUUID": self.uuid, "DialBLegUUID": "", "DialRingStatus": "true"}
+        if outcome == "completed":
+            dial["DialBLegUUID"] = b_leg
+            if element.get("callbackUrl"):
+                await fake.callback(element.get("callbackUrl", ""), self.params(DialAction="answer", **dial))
+            with contextlib.suppress(TimeoutError):  # they talk until the person (or the caller) hangs up
+                await asyncio.wait_for(self.ended.wait(), fake.dial_talk_s)
+        if not self.live or not element.get("action"):
+            return
+        await self.fetch_and_run(element.get("action", ""), DialStatus=outcome, DialHangupCause="NORMAL_CLEARING"
+                                 if outcome == "completed" else "USER_BUSY", **dial)
 
     async def _speak(self, text: str) -> None:
         await asyncio.sleep(self.fake.speak_s_per_word * len(text.split()))
@@ -406,6 +444,9 @@ class FakeCall:
                                          Duration="1" if self.answered else "0",
                                          BillDuration="60" if self.answered else "0")
         self.ended.set()
+        for other in self.fake.conferences.get(self.conference or "", []):  # endConferenceOnExit
+            if other is not self:
+                self.fake.spawn(other.end("completed", "NORMAL_CLEARING", "Conference"))
         current = asyncio.current_task()
         if self._xml_task is not None and self._xml_task is not current and not self._xml_task.done():
             self._xml_task.cancel()
@@ -435,6 +476,8 @@ class FakePlivo:
     callbacks: list[Callback] = field(default_factory=list)
     calls: dict[str, FakeCall] = field(default_factory=dict)
     dtmf_sent: list[tuple[str, str]] = field(default_factory=list)
+    conferences: dict[str, list[FakeCall]] = field(default_factory=dict)  # name -> calls in it
+    dial_talk_s: float = 0.3  # a <Dial>ed person who answered hangs up after this long
     on_call: Callable[[FakeCall], None] | None = None
     port: int = 0
     _runner: web.AppRunner | None = None

@@ -337,6 +337,8 @@ class FakeTelnyx:
         self._key = Ed25519PrivateKey.generate()
         self.calls: dict[str, FakeCall] = {}
         self.requests: list[tuple[str, str, Any]] = []
+        self.transfers: list[tuple[str, str, str]] = []  # actions/transfer: (caller ccid, leg B ccid, to)
+        self.bridges: list[tuple[str, str]] = []  # legs bridged (by a transfer or actions/bridge)
         self.port = 0
         self._runner: web.AppRunner | None = None
         self._client: aiohttp.ClientSession | None = None
@@ -503,6 +505,9 @@ class FakeTelnyx:
             return self._error(422, "90053", "Invalid client_state", "client_state must be base64")
         if body.get("stream_url") and body.get("stream_bidirectional_mode") not in (None, "rtp", "mp3"):
             return self._error(422, "10015", "Invalid parameter", "stream_bidirectional_mode")
+        linked = body.get("link_to")
+        if linked is not None and linked not in self.calls:
+            return self._error(422, "10015", "Invalid parameter", "link_to is not a known call")
         existing = next((c for c in self.calls.values() if body.get("command_id") and c.dial.get("command_id")
                          == body["command_id"]), None)
         call = existing or FakeCall(self, "outgoing", body["from"], body["to"], body.get("webhook_url")
@@ -600,6 +605,51 @@ class FakeTelnyx:
 
     async def _cmd_streaming_start(self, call: FakeCall, body: dict[str, Any]) -> web.Response | None:
         self._spawn(self._start_stream(call, body))
+        return None
+
+    async def _cmd_transfer(self, call: FakeCall, body: dict[str, Any]) -> web.Response | None:
+        """Dial `to` as leg B (its webhooks carry `target_leg_client_state`) and bridge it on answer;
+        a leg B that fails hangs up and leaves the caller's call as it was."""
+        if not body.get("to"):
+            return self._error(422, "10015", "Invalid parameter", "to is required")
+        if call.state != "answered":
+            return self._error(422, "90018", "Call is not answered")
+        leg = FakeCall(self, "outgoing", body.get("from") or call.to, body["to"],
+                       body.get("webhook_url") or call.webhook_url, client_state=body.get("target_leg_client_state"),
+                       codec=self.call_codec, dial={"transfer_of": call.ccid, **body})
+        self.calls[leg.ccid] = leg
+        self.transfers.append((call.ccid, leg.ccid, body["to"]))
+        self._spawn(self._progress_transfer(call, leg))
+        return None
+
+    async def _progress_transfer(self, a: FakeCall, b: FakeCall) -> None:
+        b.post("call.initiated", direction="outgoing", state="bridging")
+        await asyncio.sleep(self.ring_s)
+        if b.to.endswith("0002"):
+            await self.end(b, "user_busy", "callee")
+            return
+        if b.to.endswith("0003"):
+            await asyncio.sleep(self.no_answer_s)
+            await self.end(b, "timeout", "unknown")
+            return
+        await asyncio.sleep(self.answer_s)
+        b.state = "answered"
+        b.answered.set()
+        b.post("call.answered", state="answered")
+        self._bridge(a, b)
+
+    def _bridge(self, a: FakeCall, b: FakeCall) -> None:
+        self.bridges.append((a.ccid, b.ccid))
+        a.post("call.bridged", state="bridged")
+        b.post("call.bridged", state="bridged")
+
+    async def _cmd_bridge(self, call: FakeCall, body: dict[str, Any]) -> web.Response | None:
+        other = self.calls.get(str(body.get("call_control_id") or ""))
+        if other is None or not other.alive:
+            return self._error(422, "10015", "Invalid parameter", "call_control_id is not a live call")
+        if call.state != "answered" or other.state != "answered":
+            return self._error(422, "90018", "Both calls must be answered")
+        self._bridge(call, other)
         return None
 
     async def _cmd_streaming_stop(self, call: FakeCall, body: dict[str, Any]) -> web.Response | None:

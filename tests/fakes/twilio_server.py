@@ -414,6 +414,7 @@ class FakeCall:
         self.webhooks: list[Webhook] = []  # everything we sent, with the bridge's answers
         self.said: list[str] = []  # <Say> texts, in order
         self.played_digits: list[str] = []
+        self.dials: list[dict[str, str]] = []  # each <Dial> executed: target or conference, attributes
         self.rest_updates: list[dict[str, str]] = []
         self.streams: list[TwilioMediaStreamClient] = []
         self.sequence = itertools.count(0)
@@ -575,9 +576,54 @@ class FakeCall:
                 stream = verb.find("Stream")
                 if stream is not None:
                     await self._stream(stream)
+            elif tag == "Dial":
+                nxt = await self._dial(verb)
+                if nxt is not None:
+                    return nxt
             else:
                 log.warning("fake twilio: verb <%s> not simulated", tag)
         return None
+
+    async def _dial(self, verb: ET.Element) -> str | None:
+        """`<Dial>` a number or SIP URI (the person follows `fake.scripts[to]`), or join a `<Conference>`."""
+        conference = verb.find("Conference")
+        if conference is not None:
+            name = (conference.text or "").strip()
+            self.dials.append({"conference": name, **verb.attrib, **conference.attrib})
+            self.fake.conferences.setdefault(name, []).append(self)
+            await self.ended.wait()  # until this call, or another member that ends the conference, leaves
+            return None
+        noun = verb.find("Number")
+        if noun is None:
+            noun = verb.find("Sip")
+        if noun is None:
+            log.warning("fake twilio: <Dial> without Number/Sip/Conference not simulated")
+            return None
+        target = (noun.text or "").strip()
+        script = self.fake.scripts.get(target, self.fake.default_script)
+        child = sid("CA")
+        self.dials.append({"to": target, "noun": noun.tag, "child": child, **verb.attrib,
+                           **{f"{noun.tag}.{k}": v for k, v in noun.attrib.items()}})
+        await asyncio.sleep(2 * script.ring_ms / 1000)
+        started = time.time()
+        if script.outcome != "answer":
+            status = script.outcome
+        else:
+            callback = noun.get("statusCallback")
+            if callback and "answered" in (noun.get("statusCallbackEvent") or "").split():
+                await self.fake.post_webhook(self, callback, self._params(
+                    CallSid=child, ParentCallSid=self.sid, CallStatus="in-progress", Direction="outbound-dial",
+                    To=target, CallbackSource="call-progress-events"))
+            try:  # the two talk until the person hangs up (or the caller does)
+                await asyncio.wait_for(self.ended.wait(), (script.hangup_after_ms or 1000) / 1000)
+            except TimeoutError:
+                pass
+            status = "completed"
+        action = verb.get("action")
+        if self.ended.is_set() or not action:
+            return None
+        return await self._document_from(action, {"DialCallStatus": status, "DialCallSid": child,
+                                                  "DialCallDuration": str(int(time.time() - started))})
 
     async def _gather(self, verb: ET.Element) -> str | None:
         action = verb.get("action") or self.url or ""
@@ -647,6 +693,11 @@ class FakeCall:
         return asyncio.ensure_future(self._teardown(status, asyncio.current_task()))
 
     async def _teardown(self, status: str, caller: asyncio.Task[Any] | None) -> None:
+        for members in self.fake.conferences.values():  # endConferenceOnExit: the others leave too
+            if self in members:
+                for other in members:
+                    if other is not self:
+                        other.finish("completed")
         for stream in self.streams:
             if not stream.closed.is_set():
                 await stream.stop()
@@ -704,6 +755,7 @@ class FakeTwilio:
         self.calls: dict[str, FakeCall] = {}
         self.requests: list[tuple[str, str, dict[str, list[str]]]] = []  # REST: method, path, form
         self.scripts: dict[str, CallerScript] = {}  # by destination number
+        self.conferences: dict[str, list[FakeCall]] = {}  # conference name -> calls that joined it
         self.default_script = CallerScript()
         self.fail_next: int | None = None  # answer the next REST request with this HTTP status
         self.session: aiohttp.ClientSession | None = None

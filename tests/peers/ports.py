@@ -3,7 +3,7 @@
 Each role has its own block of ports, all on 127.0.0.1 and below Linux's ephemeral range
 (32768+), so nothing the OS hands out to other sockets lands in them: the bridge's SIP port
 5100-5139, softphones' 5200-5239, sipp's 5300-5339 (UAC) and 5400-5439 (UAS), baresip's control
-socket 4400-4439, and RTP ranges from 20000 up.
+socket 4400-4439, and RTP ranges from 20000 up (a test's own RTP listener: 30000-30079).
 """
 
 from __future__ import annotations
@@ -68,3 +68,8 @@ def sipp_uas() -> int:
 
 def sipp_media() -> int:
     return free_port(26000, 100)
+
+
+def rtp_listener() -> int:
+    """An even port (RTP, with RTCP above it) where a test itself receives a call's media."""
+    return free_port(30000, 2)

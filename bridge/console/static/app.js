@@ -152,6 +152,8 @@ function onEvent(ev) {
       note(id, `answered by ${ev.answeredBy}`); break;
     case "call.error": note(id, `error: ${ev.error}`); break;
     case "call.ended": note(id, `ended: ${ev.reason}`); break;
+    case "call.transfer":
+      note(id, ev.phase === "started" ? `transfer to ${ev.to} (${ev.mode})` : `transfer ${ev.outcome}`); break;
     case "call.state": note(id, `state ${ev.state}`); break;
     default: note(id, ev.type.replace(/^call\./, ""));
   }
