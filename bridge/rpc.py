@@ -178,12 +178,20 @@ class RpcDispatcher:
             raise RpcError(INVALID_PARAMS, "parameter `to` is empty: give a number or leave it out for toNumber")
         call = await self.manager.initiate(_str(p, "to", required=False), _str(p, "message") or "",
                                            _str(p, "mode", required=False), **_call_options(p))
+        await self._visible()
         return {"callId": call.callId, "initiated": True}
+
+    async def _visible(self) -> None:
+        """On a cluster: the new call's record is in Redis before its id is returned, so a command for
+        it on any node finds its owner."""
+        if self.router is not None and self.manager.shared is not None:
+            await self.manager.shared.drain()
 
     async def _start_legacy(self, p: dict[str, Any]) -> dict[str, Any]:
         message = _str(p, "message", required=False) or "Hello"
         call = await self.manager.initiate(_str(p, "to"), message, _str(p, "mode", required=False),
                                            **_call_options(p))
+        await self._visible()
         return {"callId": call.callId, "initiated": True}
 
     async def _continue(self, p: dict[str, Any]) -> dict[str, Any]:
