@@ -3,12 +3,14 @@ one 20 ms metronome (one task, not N timers, so the callers cost little beside t
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
 import aiohttp
 
+from bench.common import add_output_args
 from tests.fakes.stream_load import LoadStreamClient, inbound_stream
 
 
@@ -44,3 +46,13 @@ async def stream_callers(voice_url: str, calls: int, *, account_sid: str,
         ticker.cancel()
         await asyncio.gather(*(c.stop() for c in clients.values()), return_exceptions=True)
         await session.close()
+
+
+def callers_parser(doc: str, *, rounds: int) -> argparse.ArgumentParser:
+    """The stream benchmarks' common options: --calls (a list: one run each), --rounds, --cpu, --json, --out."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--calls", default="1,100")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--cpu", type=int, default=0, help="pin this process to one CPU (-1: don't)")
+    add_output_args(parser)
+    return parser

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import json
 import os
@@ -192,3 +193,15 @@ def finish(name: str, data: dict[str, Any], args: Any) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
     return 0
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """--json (print the results) and --out (where the results file goes), as `finish` reads them."""
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--out")
+
+
+def pin_cpu(cpu: int) -> None:
+    """Pin this process to CPU `cpu` (-1, or a CPU this machine does not have: leave it)."""
+    if cpu >= 0 and hasattr(os, "sched_setaffinity") and cpu < (os.cpu_count() or 1):
+        os.sched_setaffinity(0, {cpu})

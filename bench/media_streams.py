@@ -7,6 +7,11 @@ For each N a fresh server is started, pinned to CPU 0 (`taskset -c 0`):
   encode -> 20 ms frames paced in real time -> send), no engines;
 - pipecat (`--peer pipecat`): bench/peers/pipecat_echo.py (FastAPIWebsocketTransport +
   TwilioFrameSerializer, echo at 16 kHz), run with the Python of a venv that has pipecat-ai.
+`--workers 1,2`: the bridge as `serve.workers: W` processes on one port (SO_REUSEPORT) sharing a
+Redis (a fresh `redis-server` per point; W = 1 runs with the same Redis store, so the ratio is only the
+process count), worker i pinned to CPU i; each call's webhook and stream share one keep-alive
+connection so both reach the same worker. With W >= 2 the generator is not pinned: on a 2-core
+machine it competes with the workers (its CPU% is in the table).
 The load generator is another process pinned to CPU 1 (tests/fakes/stream_load.py, built on the fake
 Twilio's media-stream client): it gets each stream's URL and token the real way (a signed inbound
 webhook answered with <Connect><Stream>; pipecat: its /ws URL), opens N streams at --ramp per
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -35,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +71,7 @@ DEFAULT_PIPECAT_PY = "/work/venvs/pipecat/bin/python"
 
 
 def bridge_config(tmp: Path, port: int, account_sid: str, auth_token: str, *, uvloop: bool = False,
-                  outbound_ms: int | None = None) -> Path:
+                  outbound_ms: int | None = None, workers: int = 1, redis_url: str | None = None) -> Path:
     import yaml
 
     config = {
@@ -87,25 +94,33 @@ def bridge_config(tmp: Path, port: int, account_sid: str, auth_token: str, *, uv
         "tts": {"provider": "espeak"},
         "responseModel": "offline",
     }
+    if redis_url:
+        config["serve"]["workers"] = workers
+        config["cluster"] = {"redisUrl": redis_url, "nodeId": f"bench-{secrets.token_hex(3)}", "leaseSeconds": 30}
     path = tmp / "voicecall.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
 def start_server(kind: str, tmp: Path, *, uvloop: bool, pipecat_python: str,
-                 experiment: str | None = None, outbound_ms: int | None = None) -> tuple[Server, dict[str, Any]]:
+                 experiment: str | None = None, outbound_ms: int | None = None, workers: int = 1,
+                 redis_url: str | None = None) -> tuple[Server, dict[str, Any]]:
     port = free_port()
     if kind == "bridge":
         account_sid, auth_token = "AC" + secrets.token_hex(16), secrets.token_hex(16)
-        config = bridge_config(tmp, port, account_sid, auth_token, uvloop=uvloop, outbound_ms=outbound_ms)
+        config = bridge_config(tmp, port, account_sid, auth_token, uvloop=uvloop, outbound_ms=outbound_ms,
+                               workers=workers, redis_url=redis_url)
         if experiment:
             prelude = f"import bench.experiments as x; x.apply({experiment!r}); "
             code = f"import sys; {prelude}from bridge.cli import main; sys.exit(main(sys.argv[1:]))"
             argv = [sys.executable, "-c", code, "serve", "--config", str(config)]
         else:
             argv = [sys.executable, "-m", "bridge.cli", "serve", "--config", str(config)]
-        server = Server(pinned(0, argv), log=tmp / "server.log", env={"PYTHONPATH": str(ROOT)})
+        server = Server(pinned(0 if workers == 1 else None, argv), log=tmp / "server.log",
+                        env={"PYTHONPATH": str(ROOT)})
         server.wait_http(f"http://127.0.0.1:{port}/healthz")
+        if workers > 1:
+            pin_workers(server, port, workers)
         target = {"mode": "twilio-webhook", "voice_url": f"http://127.0.0.1:{port}/voice/webhook",
                   "auth_token": auth_token, "account_sid": account_sid}
     else:
@@ -115,6 +130,41 @@ def start_server(kind: str, tmp: Path, *, uvloop: bool, pipecat_python: str,
         server.wait_http(f"http://127.0.0.1:{port}/healthz", timeout=60)
         target = {"mode": "direct", "url": f"ws://127.0.0.1:{port}/ws"}
     return server, target
+
+
+def pin_workers(server: Server, port: int, workers: int, timeout: float = 30.0) -> None:
+    """Wait until all `workers` answer on the shared port, then pin worker i to CPU i."""
+    import urllib.request
+
+    nodes: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while len(nodes) < workers or len(process_tree(server.pid)) < workers + 1:
+        if time.monotonic() > deadline or server.proc.poll() is not None:
+            raise RuntimeError(f"{workers} workers not up after {timeout}s ({nodes}):\n{server.tail()}")
+        try:  # a new connection each time: the kernel spreads them over the workers
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as resp:  # noqa: S310
+                nodes.add(str(json.loads(resp.read()).get("node", "")))
+        except OSError:
+            time.sleep(0.05)
+    cpus = os.cpu_count() or 1
+    for i, pid in enumerate(process_tree(server.pid)[1:]):
+        os.sched_setaffinity(pid, {i % cpus})
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (the `serve.workers` supervisor and its workers)."""
+    out = [pid]
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split() if Path(f"/proc/{pid}").exists() else []:
+        out.extend(process_tree(int(child)))
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    return sum(cpu_seconds(p) for p in process_tree(pid))
+
+
+def tree_rss_bytes(pid: int) -> int:
+    return sum(rss_bytes(p) for p in process_tree(pid))
 
 
 # ====================================================================== the generator process
@@ -145,7 +195,8 @@ async def generate(spec: dict[str, Any]) -> dict[str, Any]:
     cpu0 = cpu_seconds(me)
     t0 = time.monotonic()
     run = await sl.run_streams(get_target, spec["n"], seconds=spec["seconds"], ramp_per_s=spec["ramp"],
-                               keep_audio_first=True, on_window=mark)
+                               keep_audio_first=True, on_window=mark,
+                               one_connection_per_call=bool(spec.get("one_connection")))
     gen_cpu = (cpu_seconds(me) - cpu0) / max(1e-9, time.monotonic() - t0) * 100
     rtts: list[float] = []
     added: list[float] = []
@@ -220,25 +271,28 @@ def alignment(client: Any) -> dict[str, Any] | None:
 
 
 def run_point(kind: str, n: int, seconds: float, args: argparse.Namespace, baseline: list[float] | None,
-              *, calibrate: bool = False) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix=f"bench-{kind}-") as tmpdir:
+              *, calibrate: bool = False, workers: int | None = None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix=f"bench-{kind}-") as tmpdir, \
+            redis_for(workers, Path(tmpdir)) as redis_url:
         tmp = Path(tmpdir)
         load_before = loadavg()
         server, target = start_server(kind, tmp, uvloop=args.uvloop, pipecat_python=args.pipecat_python,
                                       experiment=args.experiment if kind == "bridge" else None,
-                                      outbound_ms=args.outbound_ms)
+                                      outbound_ms=args.outbound_ms, workers=workers or 1, redis_url=redis_url)
         try:
             time.sleep(0.5)
-            idle_rss = rss_bytes(server.pid)
+            idle_rss = tree_rss_bytes(server.pid)
             spec = {"target": target, "n": n, "seconds": seconds, "ramp": args.ramp, "baseline": baseline,
-                    "calibrate": calibrate}
+                    "calibrate": calibrate, "one_connection": workers is not None}
             spec_path = tmp / "spec.json"
             spec_path.write_text(json.dumps(spec))
-            gen = subprocess.Popen(pinned(1, [sys.executable, str(Path(__file__).resolve()), "--role", "generator",
-                                               "--spec", str(spec_path)]),
+            gen_cpu = 1 if (workers or 1) == 1 else None  # W >= 2 takes every core: the generator shares them
+            gen = subprocess.Popen(pinned(gen_cpu, [sys.executable, str(Path(__file__).resolve()), "--role", "generator",
+                                                    "--spec", str(spec_path)]),
                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                    env={**os.environ, "PYTHONPATH": str(ROOT)})
             marks: dict[str, tuple[float, float, int]] = {}
+            per_pid: dict[str, dict[int, float]] = {}
             load_start: list[float] | None = None
             result: dict[str, Any] | None = None
             profiler: subprocess.Popen[bytes] | None = None
@@ -248,7 +302,9 @@ def run_point(kind: str, n: int, seconds: float, args: argparse.Namespace, basel
                 for line in gen.stdout:
                     msg = json.loads(line)
                     if "window" in msg:
-                        marks[msg["window"]] = (time.monotonic(), cpu_seconds(server.pid), rss_bytes(server.pid))
+                        marks[msg["window"]] = (time.monotonic(), tree_cpu_seconds(server.pid),
+                                                tree_rss_bytes(server.pid))
+                        per_pid[msg["window"]] = {p: cpu_seconds(p) for p in process_tree(server.pid)}
                         if msg["window"] == "start":
                             load_start = loadavg()
                         if msg["window"] == "start" and args.profile and not calibrate:
@@ -283,13 +339,37 @@ def run_point(kind: str, n: int, seconds: float, args: argparse.Namespace, basel
                 result["server_cpu_pct"] = (c1 - c0) / (t1 - t0) * 100
                 result["rss_mb"] = rss / 2**20
                 result["rss_per_stream_kb"] = (rss - idle_rss) / max(1, n) / 1024
+                if workers and workers > 1:  # how evenly SO_REUSEPORT spread the streams
+                    result["worker_cpu_pct"] = [(per_pid["end"][p] - c) / (t1 - t0) * 100
+                                                for p, c in per_pid["start"].items() if p != server.pid]
             result["loadavg_before"] = load_before
             result["loadavg_window_start"] = load_start
             result["loadavg"] = loadavg()  # at the window's end
             result["server_alive"] = server.proc.poll() is None
+            if workers is not None:
+                result["workers"] = workers
         finally:
-            server.stop()
+            # A clean stop hangs every stream's call up at the (absent) carrier, retrying for ~5 s;
+            # with --workers nothing of the server outlives the point (its Redis neither): cut that short.
+            server.stop(timeout=1.0 if workers else 8.0)
     return result
+
+
+@contextlib.contextmanager
+def redis_for(workers: int | None, tmp: Path) -> Iterator[str | None]:
+    """A fresh redis-server for one point of a `--workers` sweep (None otherwise)."""
+    if workers is None:
+        yield None
+        return
+    from tests.redis_server import RedisServer
+
+    (tmp / "redis").mkdir()
+    redis = RedisServer(tmp / "redis")
+    redis.start()
+    try:
+        yield redis.url
+    finally:
+        redis.stop()
 
 
 def start_profiler(pid: int, stem: Path, seconds: float) -> subprocess.Popen[bytes]:
@@ -306,23 +386,26 @@ def headline(points: list[dict[str, Any]]) -> int:
     return max(ok, default=0)
 
 
-def sweep(kind: str, args: argparse.Namespace) -> dict[str, Any]:
+def sweep(kind: str, args: argparse.Namespace, workers: int | None = None) -> dict[str, Any]:
     counts = [int(x) for x in (args.peer_streams if kind != "bridge" and args.peer_streams else args.streams).split(",")]
+    if workers is not None and args.streams_per_worker:
+        counts = [n * workers for n in counts]
     longest = max(counts) / args.ramp + 1.0 + args.seconds + 2.0
-    print(f"[{kind}] calibrating: 2 idle streams for {longest:.0f} s", file=sys.stderr, flush=True)
-    calib = run_point(kind, 2, longest - 3.0 - 2 / args.ramp, args, None, calibrate=True)
+    label = f"{kind} x{workers}" if workers else kind
+    print(f"[{label}] calibrating: 2 idle streams for {longest:.0f} s", file=sys.stderr, flush=True)
+    calib = run_point(kind, 2, longest - 3.0 - 2 / args.ramp, args, None, calibrate=True, workers=workers)
     base = calib.pop("baseline")
     points = []
     for n in counts:
-        print(f"[{kind}] {n} streams ...", file=sys.stderr, flush=True)
-        point = run_point(kind, n, args.seconds, args, base)
-        print(f"[{kind}] {n}: p99 {point.get('window_p99_ms', float('nan')):.1f} ms "
+        print(f"[{label}] {n} streams ...", file=sys.stderr, flush=True)
+        point = run_point(kind, n, args.seconds, args, base, workers=workers)
+        print(f"[{label}] {n}: p99 {point.get('window_p99_ms', float('nan')):.1f} ms "
               f"(absolute {point.get('added_p99_ms', float('nan')):.1f}), lost {point['lost']}, "
               f"cpu {point.get('server_cpu_pct', float('nan')):.0f}%, load {point['loadavg'][0]:.2f}",
               file=sys.stderr, flush=True)
         points.append(point)
     idle = [b for b in base if b != float("inf")]
-    return {"server": kind, "uvloop": args.uvloop, "loop": "uvloop" if args.uvloop else "asyncio",
+    return {"server": kind, "workers": workers, "uvloop": args.uvloop, "loop": "uvloop" if args.uvloop else "asyncio",
             "experiment": args.experiment if kind == "bridge" else None,
             "outbound_ms": args.outbound_ms if kind == "bridge" else None,
             "calibration": {
@@ -340,7 +423,8 @@ def print_sweep(s: dict[str, Any]) -> None:
                      p.get("late", 0), p["failed"], p.get("server_cpu_pct", float("nan")),
                      p.get("rss_per_stream_kb", float("nan")), p["generator_cpu_pct"], p["loadavg"][0]])
     outbound = f"{s['outbound_ms']} ms outbound" if s.get("outbound_ms") else ""
-    extras = ", ".join(x for x in ("uvloop" if s["uvloop"] else "", s.get("experiment") or "", outbound) if x)
+    workers = f"{s['workers']} worker{'s' if s['workers'] > 1 else ''} + Redis" if s.get("workers") else ""
+    extras = ", ".join(x for x in (workers, "uvloop" if s["uvloop"] else "", s.get("experiment") or "", outbound) if x)
     print(f"\n{s['server']}{f' ({extras})' if extras else ''}: idle round trip p50 "
           f"{s['calibration']['idle_rtt_p50_ms']:.1f} ms, echo alignment {s['calibration']['alignment']}")
     print(table(["N", "p50", "p99", "max", "abs p99", "rtt p50", "rtt p99", "lost", "late", "failed",
@@ -387,6 +471,42 @@ def print_spread(data: dict[str, Any]) -> None:
                       ",".join(map(str, p["lost"]))] for p in d["points"]]))
 
 
+def scaling(sweeps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per repeat: each W's headline, its ratio to W = 1, and streams per server core at the headline."""
+    out = []
+    for rep in sorted({s["repeat"] for s in sweeps}):
+        mine = [s for s in sweeps if s["repeat"] == rep and s.get("workers")]
+        one = next((s["headline_streams"] for s in mine if s["workers"] == 1), None)
+        for s in mine:
+            head = s["headline_streams"]
+            at = next((p for p in s["points"] if p["n"] == head), None)
+            cpu = at.get("server_cpu_pct") if at else None
+            # CPU per stream where nothing was lost: what capacity per core follows from, and far less
+            # sensitive than latency to other work on the machine (it counts CPU used, not waited for)
+            clean = [p for p in s["points"] if p["lost"] == 0 and p["failed"] == 0 and p.get("server_cpu_pct")]
+            per_stream = sorted(p["server_cpu_pct"] / p["n"] for p in clean)
+            out.append({"repeat": rep, "workers": s["workers"], "headline_streams": head,
+                        "ratio_to_one": head / one if one else None,
+                        "server_cpu_pct": cpu, "generator_cpu_pct": at.get("generator_cpu_pct") if at else None,
+                        "streams_per_core": head / (cpu / 100) if cpu else None,
+                        "cpu_pct_per_stream": per_stream[len(per_stream) // 2] if per_stream else None,
+                        "loadavg": at.get("loadavg") if at else s["points"][-1].get("loadavg")})
+    return out
+
+
+def print_scaling(rows: list[dict[str, Any]]) -> None:
+    def f(v: float | None) -> float | str:
+        return "-" if v is None else v
+
+    print("\nscaling (headline = largest N with p99 <= 20 ms and no lost frame)")
+    print(table(["repeat", "workers", "headline", "x W=1", "server CPU%", "gen CPU%", "streams/core",
+                 "CPU% per stream (0 lost)", "load1"],
+                [[r["repeat"] + 1, r["workers"], r["headline_streams"], f(r["ratio_to_one"]), f(r["server_cpu_pct"]),
+                  f(r["generator_cpu_pct"]), f(r["streams_per_core"]),
+                  "-" if r["cpu_pct_per_stream"] is None else f"{r['cpu_pct_per_stream']:.2f}",
+                  (r["loadavg"] or ["-"])[0]] for r in rows]))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", default="50,100,200,400,800")
@@ -402,12 +522,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="bridge streaming.outboundFrameMs (default: the server's default, 40)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the whole sweep (each server in turn) N times and report the spread per point")
+    parser.add_argument("--workers", help="sweep the bridge as serve.workers W with Redis, for each W (comma list)")
+    parser.add_argument("--streams-per-worker", action="store_true",
+                        help="with --workers: --streams counts are per worker (W=2 runs twice as many)")
     parser.add_argument("--json", action="store_true", help="also print the JSON on stdout")
     parser.add_argument("--profile", metavar="DIR", help="py-spy the server during each window into DIR")
     parser.add_argument("--out", help="results file (default bench/results/media_streams.json)")
     parser.add_argument("--role", default="main", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    workers = [int(w) for w in args.workers.split(",")] if args.workers else [None]
+    if args.workers and (args.peer or args.only_peer):
+        parser.error("--workers sweeps the bridge only; leave out --peer")
 
     if args.role == "generator":
         spec = json.loads(Path(args.spec).read_text())
@@ -424,9 +550,10 @@ def main(argv: list[str] | None = None) -> int:
     # Repeats alternate the servers, so each repeat's bridge/peer ratio comes from the same conditions.
     for rep in range(args.repeat):
         for kind in kinds:
-            result = sweep(kind, args)
-            result["repeat"] = rep
-            data["sweeps"].append(result)
+            for w in workers if kind == "bridge" else [None]:
+                result = sweep(kind, args, w)
+                result["repeat"] = rep
+                data["sweeps"].append(result)
     data["machine"]["loadavg_end"] = loadavg()
     for s in data["sweeps"]:
         print_sweep(s)
@@ -440,6 +567,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{heads['bridge']} / {peer} = {ratios[-1] if peer else 'n/a (peer headline is 0)'}")
     if ratios:
         data["ratio_bridge_to_peer"] = ratios[0] if args.repeat == 1 else ratios
+    if args.workers:
+        data["scaling"] = scaling(data["sweeps"])
+        print_scaling(data["scaling"])
     if args.repeat > 1:
         data["spread"] = spread(data["sweeps"])
         print_spread(data["spread"])

@@ -19,7 +19,6 @@ model socket in, JSON + base64 decode, the play queue, frame + pace, Twilio sock
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import random
@@ -31,8 +30,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.callers import stream_callers  # noqa: E402
-from bench.common import cpu_seconds, finish, loadavg, machine, pinned, table  # noqa: E402
+from bench.callers import callers_parser, stream_callers  # noqa: E402
+from bench.common import cpu_seconds, finish, loadavg, machine, pin_cpu, pinned, table  # noqa: E402
 from tests.fakes.openai_realtime_server import FakeOpenAIRealtime  # noqa: E402
 from tests.fakes.stream_load import percentile  # noqa: E402
 from tests.harness import run_bridge  # noqa: E402
@@ -148,17 +147,11 @@ async def measure(calls: int, rounds: int, fake_cpu: int | None, speed: float) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", default="1,100")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--cpu", type=int, default=0, help="pin this process to one CPU (-1: don't)")
+    parser = callers_parser(__doc__, rounds=3)
     parser.add_argument("--model-speed", type=float, default=4.0,
                         help="seconds of reply audio the fake model streams per second (0: all at once)")
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--out")
     args = parser.parse_args(argv)
-    if args.cpu >= 0 and hasattr(os, "sched_setaffinity") and args.cpu < (os.cpu_count() or 1):
-        os.sched_setaffinity(0, {args.cpu})
+    pin_cpu(args.cpu)
     random.seed(1)
     points = []
     for n in (int(x) for x in args.calls.split(",")):

@@ -17,9 +17,7 @@ replies have played. Two times per turn: until the first reply frame is handed t
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
 import random
 import sys
 import tempfile
@@ -30,8 +28,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.callers import stream_callers  # noqa: E402
-from bench.common import finish, loadavg, machine, table  # noqa: E402
+from bench.callers import callers_parser, stream_callers  # noqa: E402
+from bench.common import finish, loadavg, machine, pin_cpu, table  # noqa: E402
 from bridge.calls import CallEvent  # noqa: E402
 from bridge.voice import CallVoice  # noqa: E402
 from media.stt.base import SttEngine, SttEvent, SttSession  # noqa: E402
@@ -176,15 +174,8 @@ async def measure(calls: int, rounds: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", default="1,100")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--cpu", type=int, default=0, help="pin this process to one CPU (-1: don't)")
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--out")
-    args = parser.parse_args(argv)
-    if args.cpu >= 0 and hasattr(os, "sched_setaffinity") and args.cpu < (os.cpu_count() or 1):
-        os.sched_setaffinity(0, {args.cpu})
+    args = callers_parser(__doc__, rounds=5).parse_args(argv)
+    pin_cpu(args.cpu)
     random.seed(1)
     points = []
     for n in (int(x) for x in args.calls.split(",")):

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (  # noqa: E402
     ROOT,
     Server,
+    add_output_args,
     cpu_seconds,
     finish,
     free_port,
@@ -173,8 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--calls", type=int, default=2000, help="calls the callbacks are spread over")
     parser.add_argument("--uvloop", action="store_true", help="run the server on uvloop")
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--out")
+    add_output_args(parser)
     parser.add_argument("--role", default="main", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -8,7 +8,7 @@ import uuid
 from typing import Any
 
 from bridge.calls import CallMode, CallRecord, CallState, Direction
-from bridge.config import is_destination
+from bridge.config import is_destination, match_number
 from bridge.logs import call_id_var
 from bridge.manager_core import CallError, PendingTurn
 from bridge.turns import Turns
@@ -25,7 +25,7 @@ MAX_DTMF_SEQUENCE = 64
 class CallApi(Turns):
     async def initiate(self, to: str | None, message: str, mode: str | None = None, *,
                        machine_detection: str | None = None, dtmf_sequence: str | None = None,
-                       voicemail_message: str | None = None) -> CallRecord:
+                       voicemail_message: str | None = None, from_number: str | None = None) -> CallRecord:
         to = to or self.settings.toNumber
         if not to:
             raise CallError("No destination: pass `to` or set toNumber in the config")
@@ -44,6 +44,7 @@ class CallApi(Turns):
                                           or not set(dtmf_sequence) <= DTMF_SEQUENCE_CHARS):
             raise CallError(f"`dtmfSequence` must be 1-{MAX_DTMF_SEQUENCE} of 0-9 * # A-D, "
                             "w (0.5 s pause) or W (1 s pause)")
+        caller = self._caller_id(from_number)
         self._check_capacity()
         call_id = str(uuid.uuid4())
         if self.shared is not None and not await self.shared.reserve(call_id, self.settings.maxConcurrentCalls):
@@ -54,13 +55,16 @@ class CallApi(Turns):
             provider=self.carrier.name,
             direction=Direction.OUTBOUND,
             state=CallState.INITIATED,
-            from_=self.settings.fromNumber or "",
+            from_=caller,
             to=to,
             startedAt=now,
             metadata={"initialMessage": message, "mode": str(mode), "turnCount": 0},
         )
+        native = detection != "off" and self.settings.amd.detector == "auto" \
+            and self.carrier.native_amd(detection) is not None
         if detection != "off":
             call.metadata["machineDetection"] = detection
+            call.metadata["amdNative"] = native  # the carrier's own detector, asked for on the dial
         if dtmf_sequence:
             call.metadata["dtmfSequence"] = dtmf_sequence
         if voicemail_message:
@@ -72,7 +76,8 @@ class CallApi(Turns):
         self._publish("call.created", call)
         self._prewarm(call)
         request = OutboundRequest(to=to, from_number=call.from_, message=message, mode=str(mode),
-                                  stream=self.settings.streaming.enabled, machine_detection=detection)
+                                  stream=self.settings.streaming.enabled, machine_detection=detection,
+                                  native_amd=native)
         try:
             provider_id = await self.carrier.initiate_call(call, request)
         except CarrierError as exc:
@@ -83,6 +88,18 @@ class CallApi(Turns):
             self._save(call)
             self._start_ring_timeout(call)
         return call
+
+    def _caller_id(self, from_number: str | None) -> str:
+        """The `from` of an outbound call: fromNumber, or one of our `numbers` (whose agent then speaks)."""
+        if not from_number:
+            return self.settings.fromNumber or ""
+        key = match_number(self.settings.number_keys(), from_number)
+        if key is not None:
+            return key
+        if self.settings.fromNumber and match_number([self.settings.fromNumber], from_number):
+            return self.settings.fromNumber
+        raise CallError("`from` must be fromNumber or one of the `numbers` keys "
+                        f"(got {from_number[:40]!r})")
 
     async def speak(self, call_id: str, message: str) -> None:
         call = self._answered_call(call_id)

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from media.amd import AnsweredBy
+
 
 class CallState(StrEnum):
     INITIATED = "initiated"
@@ -102,6 +104,7 @@ class EventType(StrEnum):
     ENDED = "call.ended"
     ERROR = "call.error"
     TRANSFER = "call.transfer"  # a transfer's outcome (`outcome`), from the carrier or the bridge
+    MACHINE = "call.machine"  # the carrier's own answering-machine detection said something (`machine`)
 
 
 # A warm transfer's call to the person is a linked record: metadata[TRANSFER_PARENT] = the caller's call id.
@@ -136,6 +139,21 @@ class TransferRecord:
     error: str | None = None  # why it failed, when the carrier said
 
 
+@dataclass(frozen=True, slots=True)
+class MachineResult:
+    """What a carrier's own answering-machine detection reported, carrier-neutral.
+
+    `answered_by` is the verdict (human | machine | unknown), None when this report only says the
+    greeting ended; `greeting_end` (beep | silence | other) says the machine's greeting is over, so
+    a voicemail message may start; `cause` keeps the carrier's own value (e.g. `twilio:machine_end_beep`).
+    """
+
+    answered_by: AnsweredBy | None
+    cause: str
+    greeting_end: str | None = None
+    decision_ms: int | None = None  # as the carrier measured it; else the bridge measures from the answer
+
+
 # End reasons are the terminal states' names.
 EndReason = CallState
 
@@ -165,6 +183,7 @@ class CallEvent:
     # carrier-specific linkage, e.g. Plivo request_uuid -> CallUUID upgrade
     previous_provider_call_id: str | None = None
     outcome: str | None = None  # transfer: a TransferOutcome value
+    machine: MachineResult | None = None  # call.machine: the carrier's answering-machine detection
 
     @property
     def key(self) -> str:

@@ -77,6 +77,7 @@ class CarrierHost(Answering):
         if detection is not None:
             detection.attach(voice.bridge)
         call.media_attached = True
+        self._stream_restarts.pop(call_id, None)  # a replaced stream is back: the same call goes on
         for waiter in self._media_waiters.pop(call_id, []):
             if not waiter.done():
                 waiter.set_result(voice)
@@ -100,6 +101,9 @@ class CarrierHost(Answering):
         if call is None or call.terminal or self.stopping:
             return
         grace = self.settings.streaming.disconnectGraceMs / 1000
+        restart_until = self._stream_restarts.get(call_id)
+        if restart_until is not None:  # the carrier replaces the stream on purpose (keys out on Twilio)
+            grace = max(grace, restart_until - self.clock.monotonic())
 
         def expire() -> None:
             if call.state == CallState.TRANSFERRING and not self.transfers.is_leg(call):
@@ -172,8 +176,9 @@ class CarrierHost(Answering):
             log.info("late %s for call %s that already ended ignored", event.type, event.provider_call_id)
             return None
         provider_id = event.provider_call_id or ""
+        agent = self.settings.for_number(event.to_number)  # the dialled number's agent (`numbers`)
         if event.direction == Direction.INBOUND:
-            reason = inbound_policy.refusal(self.settings.inboundPolicy, self.settings.allowFrom, event.from_number,
+            reason = inbound_policy.refusal(agent.inboundPolicy, agent.allowFrom, event.from_number,
                                             active=self._conversations(), limit=self.settings.maxConcurrentCalls)
             if reason is not None:
                 self._refuse(event, reason)
@@ -190,7 +195,7 @@ class CarrierHost(Answering):
             metadata={"mode": CallMode.CONVERSATION.value, "turnCount": 0},
         )
         if event.direction == Direction.INBOUND:
-            call.metadata["initialMessage"] = self.settings.inboundGreeting
+            call.metadata["initialMessage"] = agent.inboundGreeting
         self._stamp_node(call)
         call_id_var.set(call.callId)
         self.calls[call.callId] = call
@@ -264,6 +269,9 @@ class CarrierHost(Answering):
                 self._transition(call, CallState.SPEAKING)
         elif kind == EventType.SPEECH:
             self._on_speech(call, event)
+        elif kind == EventType.MACHINE:
+            if event.machine is not None:
+                self._machine_report(call, event.machine)
         elif kind == EventType.DTMF:
             call.metadata.setdefault("dtmf", "")
             call.metadata["dtmf"] += event.digits or ""
@@ -324,7 +332,7 @@ class CarrierHost(Answering):
             if not turn.future.done():
                 turn.future.set_result(text)
             return
-        if self.settings.realtime.enabled:
+        if self._agent(call).realtime.enabled:
             return  # speech-to-speech: the realtime model answers the caller by itself
         if call.direction == Direction.INBOUND or call.metadata.get("mode") == CallMode.CONVERSATION:
             self._spawn(self._respond(call, heard_at), f"respond-{call.callId}")

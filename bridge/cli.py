@@ -209,6 +209,8 @@ def cmd_call(args: argparse.Namespace) -> int:
         params["machineDetection"] = args.machine_detection
     if args.dtmf:
         params["dtmfSequence"] = args.dtmf
+    if args.from_number:
+        params["from"] = args.from_number
     result = _rpc(args, "voicecall.initiate", params)
     _emit(args, result, f"call {result['callId']} initiated")
     return 0
@@ -447,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--mode", choices=["notify", "conversation"], default="conversation")
         p.add_argument("--machine-detection", choices=["off", "detect", "hangup", "leave-message"])
         p.add_argument("--dtmf", help="keys to send after answer, e.g. 1234w# (w = 0.5 s pause)")
+        p.add_argument("--from", dest="from_number", help="which of our numbers calls (its `numbers` agent speaks)")
     for name, func in (("continue", cmd_continue), ("speak", cmd_speak)):
         p = add(name, func, f"{name} on a live call")
         p.add_argument("--call-id", required=True)

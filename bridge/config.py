@@ -21,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     create_model,
@@ -32,6 +33,8 @@ from carriers.registry import settings_sections
 from carriers.settings import CarrierSettings, ProviderContext
 
 E164 = re.compile(r"^\+[1-9]\d{1,14}$")
+# `numbers` keys besides E.164 numbers and sip: URIs: a SIP user or an Asterisk extension
+LOCAL_NUMBER = re.compile(r"^[A-Za-z0-9_.*#-][A-Za-z0-9_.*#+-]{0,63}$")
 TTS_PROVIDERS = ("espeak", "openai", "elevenlabs", "edge")
 CONFIG_ENV = "VOICECALL_CONFIG"
 
@@ -98,7 +101,12 @@ class OutboundSettings(Section):
 
 
 class AmdSettings(Section):
-    """The local answering-machine detector (media/amd.py), Asterisk amd.conf names and defaults."""
+    """Answering-machine detection: which detector, and the local one's parameters (media/amd.py,
+    Asterisk amd.conf names and defaults)."""
+
+    # auto: the carrier's own where it has one (Twilio, Telnyx, Plivo), the local one elsewhere;
+    # local: always the local detector on the call's audio (needs a media stream on those carriers).
+    detector: Literal["auto", "local"] = "auto"
 
     initialSilence: int = Field(2500, gt=0)
     greeting: int = Field(1500, gt=0)
@@ -343,6 +351,31 @@ def agent_problems(agent: AgentSettings) -> list[str]:
 
 
 S = TypeVar("S", bound=CarrierSettings)
+InboundPolicy = Literal["disabled", "allowlist", "pairing", "open"]
+
+
+class NumberAgent(Section):
+    """One of our numbers (or SIP users, Asterisk extensions) answering as its own agent: calls to it,
+    and calls placed `from` it. A key left out is the top level's; `tts`, `realtime` and `agent`
+    merge over the top level's sections key by key."""
+
+    inboundGreeting: str | None = None
+    inboundPolicy: InboundPolicy | None = None
+    allowFrom: list[str] | None = None
+    responseModel: str | None = None
+    responseSystemPrompt: str | None = None
+    tts: dict[str, Any] | None = None
+    realtime: dict[str, Any] | None = None
+    agent: dict[str, Any] | None = None
+
+
+def number_key_problem(key: str, provider: str) -> str | None:
+    if E164.match(key) or (key.lower().startswith(("sip:", "sips:")) and "@" in key):
+        return None
+    if provider in ("sip", "asterisk") and LOCAL_NUMBER.match(key):
+        return None
+    local = " or a SIP user / extension" if provider in ("sip", "asterisk") else ""
+    return f"numbers.{key}: the key must be an E.164 number like +15550001234, a sip: URI{local} (got {key[:40]!r})"
 
 
 class CoreSettings(Section):
@@ -352,9 +385,10 @@ class CoreSettings(Section):
     provider: str = "mock"  # one of the registered carriers (a Literal in the assembled model)
     fromNumber: str | None = None
     toNumber: str | None = None
-    inboundPolicy: Literal["disabled", "allowlist", "pairing", "open"] = "disabled"
+    inboundPolicy: InboundPolicy = "disabled"
     allowFrom: list[str] = Field(default_factory=list)
     inboundGreeting: str = "Hello! How can I help you today?"
+    numbers: dict[str, NumberAgent] = Field(default_factory=dict)  # per-number agents
     outbound: OutboundSettings = Field(default_factory=OutboundSettings)
     amd: AmdSettings = Field(default_factory=AmdSettings)
     transfer: TransferSettings = Field(default_factory=TransferSettings)
@@ -424,9 +458,52 @@ class CoreSettings(Section):
                             "(or set DEEPGRAM_API_KEY)")
         problems += agent_problems(self.agent)
         problems += self._url_and_engine_problems()
+        if not problems:
+            problems += self._build_number_agents()
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    _number_agents: dict[str, CoreSettings] = PrivateAttr(default_factory=dict)
+
+    def _build_number_agents(self) -> list[str]:
+        """Each `numbers` entry merged over the top level, validated as a whole configuration (so a
+        bad model, TTS provider or tool in one number is named with its key), kept for `for_number`."""
+        problems: list[str] = []
+        agents: dict[str, CoreSettings] = {}
+        if not self.numbers:
+            return problems
+        base = self.model_dump(mode="python", exclude={"numbers"})
+        for key, entry in self.numbers.items():
+            problem = number_key_problem(key, self.provider)
+            if problem is not None:
+                problems.append(problem)
+                continue
+            merged = dict(base)
+            for name, value in entry.model_dump(mode="python", exclude_none=True).items():
+                merged[name] = deep_merge(base[name], value) if isinstance(value, dict) else value
+            try:
+                agents[key] = type(self).model_validate(merged)
+                if agents[key].realtime.enabled and not self.streaming.enabled:
+                    # carriers open media streams per the top level's setting, not per number
+                    problems.append(f"numbers.{key}.realtime.enabled: needs streaming.enabled at the top level")
+            except ValidationError as exc:
+                for err in exc.errors():
+                    for line in _describe_error(err, type(self)).splitlines():
+                        line = f"numbers.{key}.{line}"
+                        if line not in problems:
+                            problems.append(line)
+        self._number_agents = agents
+        return problems
+
+    def for_number(self, number: str | None) -> CoreSettings:
+        """The settings of the agent answering on `number` (ours: the dialled one of an inbound call,
+        the `from` of an outbound one); the top level when it has no `numbers` entry."""
+        key = match_number(self._number_agents, number)
+        return self._number_agents[key] if key is not None else self
+
+    def number_keys(self) -> list[str]:
+        return list(self._number_agents)
 
     def _url_and_engine_problems(self) -> list[str]:
         """What `serve` would otherwise refuse later (or trip over on every webhook), found here so
@@ -505,6 +582,41 @@ def _is_http_url(value: str) -> bool:
     except (ValueError, UntrustedHost):
         return False
     return True
+
+
+def _digits(number: str) -> str:
+    return "".join(ch for ch in number if ch.isdigit())
+
+
+def _sip_identity(uri: str) -> str:
+    uri = uri.split(";", 1)[0].strip("<>").lower()
+    for prefix in ("sips:", "sip:"):
+        uri = uri.removeprefix(prefix)
+    return uri.split(":", 1)[0] if "@" in uri else uri
+
+
+def match_number(keys: Mapping[str, Any] | list[str], number: str | None) -> str | None:
+    """The `numbers` key that names `number`: the same E.164 digits, the same SIP identity
+    (user@host), or, for a SIP user or extension key, the user part of a sip: URI."""
+    if not number:
+        return None
+    if number in keys:
+        return number
+    if number.lower().startswith(("sip:", "sips:")):
+        identity = _sip_identity(number)
+        user = identity.split("@", 1)[0]
+        for key in keys:
+            if key.lower().startswith(("sip:", "sips:")):
+                if _sip_identity(key) == identity:
+                    return key
+            elif key == user or (E164.match(key) and _digits(key) == _digits(user) and _digits(user)):
+                return key
+        return None
+    digits = _digits(number)
+    for key in keys:
+        if E164.match(key) and digits and _digits(key) == digits:
+            return key
+    return None
 
 
 def is_destination(value: str) -> bool:
@@ -672,14 +784,36 @@ def parse_text(text: str, source: str) -> dict[str, Any]:
 
             data = json5.loads(text)
         else:
-            data = yaml.safe_load(text)
+            # libyaml when PyYAML has it: the pure-Python scanner is quadratic on deeply nested flow
+            # collections (`[[[[...`), seconds for one bad file
+            data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # either is a safe loader
     except Exception as exc:  # noqa: BLE001 - parser errors vary by library; report them as config errors
         raise ConfigError([f"{source}: not valid {'JSON5' if source.endswith(('.json', '.json5')) else 'YAML'}"
                            f"{_where(exc)}"]) from None
+    if _deeper_than(data, MAX_CONFIG_DEPTH):
+        raise ConfigError([f"{source}: nested deeper than {MAX_CONFIG_DEPTH} levels"])
     data = _unwrap_seed_document(data if data is not None else {})
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the top level must be a mapping of keys"])
     return data
+
+
+MAX_CONFIG_DEPTH = 32  # a real config nests a handful of levels; a deeper one would only exhaust recursion later
+
+
+def _deeper_than(data: Any, limit: int) -> bool:
+    """Whether lists/mappings nest deeper than `limit`; iterative, and each shared (aliased) node once."""
+    seen: set[int] = set()
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, dict | list) or id(node) in seen:
+            continue
+        if depth > limit:
+            return True
+        seen.add(id(node))
+        stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return False
 
 
 def _describe_error(err: Mapping[str, Any], model: type[BaseModel]) -> str:

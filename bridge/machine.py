@@ -1,4 +1,6 @@
-"""One call's local machine detection: the detectors of media/amd.py on the callee's audio.
+"""One call's machine detection: the local detectors of media/amd.py on the callee's audio
+(`MachineDetection`), or the carrier's own (`NativeMachineDetection`), with one outcome either way:
+a verdict, and with leave-message on a machine, the point where the message may start.
 
 It taps the call's MediaPipeline (the decoded wire audio) from answer until it has what it needs:
 the verdict, and with leave-message on a machine, the end of the greeting (beep or long silence).
@@ -14,7 +16,9 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
+from bridge.calls import MachineResult
 from bridge.config import AmdSettings
+from carriers.base import NativeAmd
 from media.amd import AmdParams, AmdVerdict, AnsweringMachineDetector, GreetingEnd, GreetingEndParams
 from media.clock import Clock, TimerHandle
 from media.resample import StreamResampler
@@ -49,7 +53,10 @@ class MachineDetection:
         wants_message_point: bool,
         on_verdict: Callable[[AmdVerdict], None],
         on_message_point: Callable[[str], object],
+        verdict: AmdVerdict | None = None,
     ) -> None:
+        """With `verdict` (a carrier's own detector already found a machine) only the end of the
+        greeting is looked for."""
         self._settings = settings
         self._params = amd_params(settings)
         self._clock = clock
@@ -64,7 +71,7 @@ class MachineDetection:
         self._heard = False  # a frame arrived: the audio timeline starts there
         self._bridge: TapSource | None = None
         self._timer: TimerHandle | None = clock.call_later(TICK_S, self._tick)
-        self.verdict: AmdVerdict | None = None
+        self.verdict: AmdVerdict | None = verdict
         self.message_point: str | None = None
         self.done = False
 
@@ -106,6 +113,14 @@ class MachineDetection:
         if self.done:
             return
         elapsed_ms = (self._clock.monotonic() - self._started) * 1000
+        if not self._heard and self.verdict is not None:  # a known machine, and no audio to listen to
+            if elapsed_ms >= self._settings.maxGreetingWaitMs:
+                self.message_point = "timeout"
+                self.close()
+                self._on_message_point(self.message_point)
+            else:
+                self._timer = self._clock.call_later(TICK_S, self._tick)
+            return
         if not self._heard:
             if elapsed_ms >= self._params.totalAnalysisTime:
                 ms = int(elapsed_ms)
@@ -143,3 +158,109 @@ class MachineDetection:
             self.message_point = self._end.reason
             self.close()
             self._on_message_point(self.message_point)
+
+
+class NativeMachineDetection:
+    """One call's detection by the carrier (Twilio AsyncAmd, Telnyx, Plivo). The manager hands it the
+    carrier's `call.machine` reports; it makes the same verdict and message point as the local
+    detector. No verdict within `NativeAmd.wait_s` of the answer is `silent_means` (unknown; human
+    on Plivo, which calls back only for machines). With leave-message on a machine the message
+    point is the carrier's end of greeting (beep, silence), else the local end-of-greeting detector
+    on the media stream where the carrier reports none, and at most `amd.maxGreetingWaitMs` after
+    the verdict either way. Reports may come out of order (Telnyx): an end of greeting before the
+    verdict is kept until the verdict comes."""
+
+    def __init__(
+        self,
+        settings: AmdSettings,
+        clock: Clock,
+        native: NativeAmd,
+        *,
+        wants_message_point: bool,
+        on_verdict: Callable[[AmdVerdict], None],
+        on_message_point: Callable[[str], object],
+        since_answer_s: float = 0.0,
+    ) -> None:
+        """`since_answer_s`: the call was answered that long ago (restart recovery: the rest of the wait)."""
+        self._settings = settings
+        self._clock = clock
+        self._native = native
+        self._wants_message_point = wants_message_point
+        self._on_verdict = on_verdict
+        self._on_message_point = on_message_point
+        self._started = clock.monotonic() - since_answer_s  # the answer, on the clock
+        self._bridge: TapSource | None = None
+        self._local: MachineDetection | None = None
+        self._early_end: str | None = None  # an end of greeting reported before the verdict
+        self._timer: TimerHandle | None = clock.call_later(max(0.0, native.wait_s - since_answer_s),
+                                                           self._no_verdict)
+        self.verdict: AmdVerdict | None = None
+        self.message_point: str | None = None
+        self.done = False
+
+    def attach(self, bridge: TapSource) -> None:
+        self._bridge = bridge
+        if self._local is not None:
+            self._local.attach(bridge)
+
+    def close(self) -> None:
+        self.done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._local is not None:
+            self._local.close()
+            self._local = None
+        self._bridge = None
+
+    def report(self, result: MachineResult) -> None:
+        if self.done:
+            return
+        if result.answered_by is not None and self.verdict is None:
+            elapsed = int((self._clock.monotonic() - self._started) * 1000)
+            self._decide(AmdVerdict(result.answered_by, result.cause,
+                                    elapsed if result.decision_ms is None else result.decision_ms),
+                         result.greeting_end)
+        elif result.greeting_end is not None:
+            if self.verdict is None:
+                self._early_end = result.greeting_end
+            elif self.verdict.answered_by == "machine":
+                self._message_point(result.greeting_end)
+
+    def _no_verdict(self) -> None:
+        self._timer = None
+        if self.done or self.verdict is not None:
+            return
+        ms = int((self._clock.monotonic() - self._started) * 1000)
+        self._decide(AmdVerdict(self._native.silent_means, f"NOCALLBACK-{ms}", ms), None)
+
+    def _decide(self, verdict: AmdVerdict, greeting_end: str | None) -> None:
+        self.verdict = verdict
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        leave_message = self._wants_message_point and verdict.answered_by == "machine"
+        if not leave_message:
+            self.close()
+            self._on_verdict(verdict)
+            return
+        self._on_verdict(verdict)
+        end = greeting_end or self._early_end
+        if end is not None:
+            self._message_point(end)
+        elif self._native.reports_greeting_end:
+            self._timer = self._clock.call_later(self._settings.maxGreetingWaitMs / 1000,
+                                                 lambda: self._message_point("timeout"))
+        else:
+            self._local = MachineDetection(self._settings, self._clock, wants_message_point=True,
+                                           on_verdict=lambda _: None, on_message_point=self._message_point,
+                                           verdict=verdict)
+            if self._bridge is not None:
+                self._local.attach(self._bridge)
+
+    def _message_point(self, reason: str) -> None:
+        if self.done or self.message_point is not None:
+            return
+        self.message_point = reason
+        self.close()
+        self._on_message_point(reason)

@@ -10,13 +10,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+from bridge.agents import agent_number
 from bridge.calls import CallEvent, CallRecord, CallState, can_transition
 from bridge.config import Settings
-from bridge.conversation.engine import ConversationEngine
 from bridge.fanout import CallObserver, EventFanout
 from bridge.hooks import ReportSender
 from bridge.logs import call_id_var
-from bridge.machine import MachineDetection
+from bridge.machine import MachineDetection, NativeMachineDetection
 from bridge.responder import Responder
 from bridge.store import CallStore, SharedStore, Store
 from bridge.tasks import BackgroundTasks
@@ -26,6 +26,7 @@ from media.clock import Clock, RealClock, TimerHandle
 from media.transport import MediaTransport
 
 if TYPE_CHECKING:
+    from bridge.agents import Conversation
     from bridge.voice import CallVoice
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class ManagerCore:
         store: Store | None = None,
         responder: Responder | None = None,
         voice_factory: VoiceFactory | None = None,
-        conversation: ConversationEngine | None = None,
+        conversation: Conversation | None = None,
     ) -> None:
         self.settings = settings
         self.carrier = carrier
@@ -86,7 +87,10 @@ class ManagerCore:
         self._hangup_retries: dict[str, TimerHandle] = {}
         self._voices: dict[str, CallVoice] = {}
         self._media_waiters: dict[str, list[asyncio.Future[CallVoice | None]]] = {}
-        self._machine: dict[str, MachineDetection] = {}
+        self._machine: dict[str, MachineDetection | NativeMachineDetection] = {}
+        # calls whose media stream is being replaced on purpose (Twilio <Play digits>): call id -> until
+        # when (monotonic) its stream may be away without the call ending
+        self._stream_restarts: dict[str, float] = {}
         hook = settings.hooks.callEnded
         self.reports = ReportSender(hook, settings.store_dir, self.clock) if hook else None
         self._rejected_provider_ids: set[str] = set()
@@ -109,6 +113,10 @@ class ManagerCore:
         if provider_call_id and provider_call_id in self._by_provider_id:
             return self.calls.get(self._by_provider_id[provider_call_id])
         return None
+
+    def _agent(self, call: CallRecord) -> Settings:
+        """The settings of the agent the call belongs to (`numbers`, else the top level)."""
+        return self.settings.for_number(agent_number(call))
 
     def voice(self, call_id: str) -> CallVoice | None:
         return self._voices.get(call_id)

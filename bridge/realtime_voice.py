@@ -173,7 +173,7 @@ class RealtimeVoice:
         if self._closed:
             return
         now = self._clock.monotonic()
-        if now - self._last_in >= GAP_FILL_S and self.connection.ready.is_set():
+        if now - self._last_in >= GAP_FILL_S and self.connection.ready.is_set() and not self.muted:
             if self._in_buf:
                 self.connection.send_audio(bytes(self._in_buf))
                 self._in_buf.clear()

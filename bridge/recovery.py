@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import logging
 
+from bridge.answering import Answering
 from bridge.calls import CallState, Direction
-from bridge.lifecycle import Lifecycle
 from carriers.base import CarrierError
 
 log = logging.getLogger(__name__)
 
 
-class Recovery(Lifecycle):
+class Recovery(Answering):
     async def _recover(self) -> None:
         replay = await self.store.load()
         if replay.skipped_lines:
@@ -45,6 +45,7 @@ class Recovery(Lifecycle):
             if call.answeredAt is not None:
                 elapsed = now - call.answeredAt
                 self._start_max_duration(call, self.settings.maxDurationSeconds - elapsed)
+                self._resume_machine_detection(call, elapsed)
             elif call.direction == Direction.OUTBOUND:
                 self._start_ring_timeout(call, already=now - call.startedAt)
             log.info("call %s restored in state %s", call.callId, call.state)

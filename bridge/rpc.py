@@ -377,7 +377,8 @@ def _call_options(p: dict[str, Any]) -> dict[str, str | None]:
     """voicecall.initiate's optional call-control parameters."""
     return {"machine_detection": _str(p, "machineDetection", required=False),
             "dtmf_sequence": _str(p, "dtmfSequence", required=False),
-            "voicemail_message": _str(p, "voicemailMessage", required=False)}
+            "voicemail_message": _str(p, "voicemailMessage", required=False),
+            "from_number": _str(p, "from", required=False)}
 
 
 def describe_error(exc: BaseException) -> tuple[int, str]:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 
+from bridge.agents import AgentConversations, AgentVoices, Conversation
 from bridge.calls import TRANSFER_PARENT, CallEvent, CallRecord
 from bridge.config import Settings, reveal
 from bridge.conversation.factory import create_conversation
@@ -19,7 +20,7 @@ from bridge.monitor import Monitor
 from bridge.prewarm import PrewarmingFactory, SttPrewarm, expected_wire
 from bridge.responder import create_responder
 from bridge.rpc import RpcDispatcher, RpcEndpoint, describe_error
-from bridge.server import STREAMS_KEY, WEBHOOK_KEY, create_app
+from bridge.server import STREAM_HANDLER_KEY, WEBHOOK_KEY, create_app
 from bridge.store import child_path
 from bridge.tracing import Tracing
 from bridge.voice import CallVoice
@@ -168,11 +169,16 @@ class Runtime:
 
             self.shared = shared_log(settings.cluster, self.clock)
             self.shared.store.observe(self.metrics.observe_redis)
-        voices = voice_factory(settings, self.carrier, self.monitor)
+        carrier = self.carrier
+        voices: VoiceFactory = voice_factory(settings, carrier, self.monitor) if not settings.numbers else \
+            AgentVoices(settings, lambda agent: voice_factory(agent, carrier, self.monitor))
         self._close_engines = getattr(voices, "close", None)
+        conversation: Conversation | None = None
+        if settings.responseModel != "none":
+            conversation = create_conversation(settings) if not settings.numbers else \
+                AgentConversations(settings, create_conversation)
         self.manager = CallManager(settings, self.carrier, clock=self.clock, responder=responder, store=self.shared,
-                                   voice_factory=voices,
-                                   conversation=None if settings.responseModel == "none" else create_conversation(settings))
+                                   voice_factory=voices, conversation=conversation)
         bind = getattr(voices, "bind", None)
         if bind is not None:  # speech-to-speech: hang-ups, and the conversation's tools for the model
             bind(self.manager)
@@ -220,7 +226,7 @@ class Runtime:
         async def take_over(start: StreamStart) -> bool:
             return await handover.take_for_stream(carrier, start.provider_call_id, start.call_id, start.token)
 
-        self.app[STREAMS_KEY].take_over = take_over
+        self.app[STREAM_HANDLER_KEY].take_over = take_over
 
     async def start(self, *, port: int | None = None) -> int:
         settings = self.settings

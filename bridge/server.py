@@ -277,7 +277,7 @@ def one_line_http_errors() -> None:
 
 WEBHOOK_KEY = web.AppKey("webhook", WebhookHandler)
 STREAM_GATE_KEY = web.AppKey("stream_gate", StreamGate)
-STREAMS_KEY = web.AppKey("streams", StreamHandler)
+STREAM_HANDLER_KEY = web.AppKey("stream_handler", StreamHandler)
 
 
 def create_app(manager: CallManager, rpc: RpcEndpoint, metrics: Metrics,
@@ -290,7 +290,7 @@ def create_app(manager: CallManager, rpc: RpcEndpoint, metrics: Metrics,
     streams = StreamHandler(manager, gate, metrics)
     app[WEBHOOK_KEY] = webhook
     app[STREAM_GATE_KEY] = gate
-    app[STREAMS_KEY] = streams
+    app[STREAM_HANDLER_KEY] = streams
 
     async def close_streams(_: web.Application) -> None:
         await streams.close_all()

@@ -12,6 +12,7 @@ anything on odd input closes that stream with 1008 and one log line, before or a
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from bridge.ws_inline import InlineWebSocketResponse
 from carriers.base import (
     MediaStreamCodec,
     StreamDtmf,
@@ -147,8 +149,12 @@ class StreamHandler:
         if self.gate.full():
             self.metrics.stream_refused.labels(reason="max_connections").inc()
             return web.Response(status=503, text="Too many media streams")
-        ws = web.WebSocketResponse(max_msg_size=64 * 1024, autoping=True)
-        await ws.prepare(request)
+        ws = InlineWebSocketResponse(max_msg_size=64 * 1024, autoping=True)
+        try:
+            await ws.prepare(request)
+        except ConnectionError:  # the client left during the upgrade (seen under load): one line, no traceback
+            log.info("media stream client gone before the upgrade completed")
+            return ws
         self.sockets.add(ws)
         try:
             return await self._serve(ws, codec, request.remote or "")
@@ -222,29 +228,62 @@ class StreamHandler:
     async def _pump(self, ws: web.WebSocketResponse, codec: MediaStreamCodec, bridge: MediaPipeline) -> None:
         frames = 0
         reorders = codec.reorders
+        # The verdict the inline path reached on the one message it handed back to this task.
+        held: list[StreamMessage | Exception] = []
+
+        def dispatch(parsed: StreamMessage) -> bool:
+            """Act on a message that needs no await; False for the ones that do (stop)."""
+            nonlocal frames
+            if isinstance(parsed, StreamMedia):
+                frames += 1
+                # ordered transports (TCP streams) skip the reorder buffer and its start-up hold
+                bridge.receive(parsed.payload, parsed.sequence if reorders else None)
+            elif isinstance(parsed, StreamMark):
+                bridge.on_mark(parsed.name)
+            elif isinstance(parsed, StreamDtmf):
+                bridge.on_dtmf(parsed.digit)
+            elif isinstance(parsed, StreamStop):
+                return False
+            return True
+
+        def on_text(text: str) -> bool:
+            # In aiohttp's read callback: no task wake-up per frame. A stop, a bad frame or a
+            # failure goes to this task (with its verdict, so the codec parses it once), and the
+            # inline path ends: what follows is read in order by the task, as before.
+            try:
+                parsed = _parse(codec, text)
+                if dispatch(parsed):
+                    return True
+                held.append(parsed)
+            except Exception as exc:  # noqa: BLE001 - handed to the task, which raises or closes
+                held.append(exc)
+            inline(None)
+            return False
+
+        def inline(handler: Callable[[str], bool] | None) -> None:
+            if isinstance(ws, InlineWebSocketResponse):
+                ws.inline(handler)
+
+        context = contextvars.copy_context()  # the call's log context, as the task has it
+        inline(lambda text: context.run(on_text, text))
         try:
             async for msg in ws:
                 if msg.type != WSMsgType.TEXT:
                     await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"Text frames only")
                     return
                 try:
-                    parsed = _parse(codec, msg.data)
+                    parsed = held.pop() if held else _parse(codec, msg.data)
+                    if isinstance(parsed, Exception):
+                        raise parsed
                 except StreamProtocolError as exc:
                     log.warning("media stream closed: %s", exc)
                     await ws.close(code=CLOSE_POLICY, message=_reason(exc))
                     return
-                if isinstance(parsed, StreamMedia):
-                    frames += 1
-                    # ordered transports (TCP streams) skip the reorder buffer and its start-up hold
-                    bridge.receive(parsed.payload, parsed.sequence if reorders else None)
-                elif isinstance(parsed, StreamMark):
-                    bridge.on_mark(parsed.name)
-                elif isinstance(parsed, StreamDtmf):
-                    bridge.on_dtmf(parsed.digit)
-                elif isinstance(parsed, StreamStop):
+                if not dispatch(parsed):
                     await ws.close()
                     return
         finally:
+            inline(None)
             self.metrics.stream_frames_in.inc(frames)
 
 

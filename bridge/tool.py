@@ -28,17 +28,20 @@ TOOL_SCHEMA: dict[str, Any] = {
             "properties": {
                 "action": {
                     "type": "string",
-                    "enum": ["initiate_call", "continue_call", "speak_to_user", "end_call", "get_status",
+                    "enum": ["initiate_call", "continue_call", "speak_to_user", "send_dtmf", "end_call", "get_status",
                              "transfer_call"],
                 },
                 "message": {"type": "string", "description": "What to say (initiate, continue, speak)."},
                 "to": {"type": "string", "description": "E.164 number to call; defaults to the configured toNumber."},
+                "from": {"type": "string", "description": "initiate_call: which of our numbers calls (its agent "
+                                                          "speaks); defaults to the configured fromNumber."},
                 "mode": {"type": "string", "enum": ["notify", "conversation"]},
                 "machineDetection": {"type": "string", "enum": ["off", "detect", "hangup", "leave-message"],
                                      "description": "initiate_call: what to do if an answering machine picks up "
                                                     "(leave-message speaks the message after the beep)."},
                 "dtmfSequence": {"type": "string", "description": "initiate_call: keys to press after answer "
                                                                   "(extension, IVR), w = 0.5 s pause."},
+                "digits": {"type": "string", "description": "send_dtmf: the keys, 0-9 * # A-D."},
                 "callId": {"type": "string", "description": "The call id returned by initiate_call."},
                 "transferMode": {"type": "string", "enum": ["cold", "warm"],
                                  "description": "transfer_call: cold (default) or warm."},
@@ -55,9 +58,10 @@ Caller = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 _ACTIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     # action: (rpc method, required args, optional args)
-    "initiate_call": ("voicecall.initiate", ("message",), ("to", "mode", "machineDetection", "dtmfSequence")),
+    "initiate_call": ("voicecall.initiate", ("message",), ("to", "from", "mode", "machineDetection", "dtmfSequence")),
     "continue_call": ("voicecall.continue", ("callId", "message"), ()),
     "speak_to_user": ("voicecall.speak", ("callId", "message"), ()),
+    "send_dtmf": ("voicecall.dtmf", ("callId", "digits"), ()),
     "end_call": ("voicecall.end", ("callId",), ()),
     "get_status": ("voicecall.status", ("callId",), ()),
     "transfer_call": ("voicecall.transfer", ("callId", "to"), ("transferMode", "summary")),

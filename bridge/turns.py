@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MEDIA_WAIT_S = 10.0
+STREAM_RESTART_S = 10.0  # a media stream the carrier replaces on purpose may be away this long
 SUPERSEDE_GRACE_S = 0.5  # a superseded reply gets this long to finish its bookkeeping before it is cancelled
 
 
@@ -100,8 +101,8 @@ class Turns(Lifecycle):
         except CallError as exc:
             log.warning("call %s: initial message failed: %s", call.callId, exc)
 
-    def _streaming_replies(self) -> bool:
-        agent = self.settings.agent
+    def _streaming_replies(self, call: CallRecord) -> bool:
+        agent = self._agent(call).agent  # the call's number may have its own (`numbers`)
         return self.conversation is not None and agent.responseMode == "streaming" and agent.responseContract == "tools"
 
     async def _respond(self, call: CallRecord, heard_at: float) -> None:
@@ -126,7 +127,7 @@ class Turns(Lifecycle):
         if me is not None:
             self._replies[call.callId] = me
         try:
-            if self._streaming_replies() and self.conversation is not None:
+            if self._streaming_replies(call) and self.conversation is not None:
                 await self.conversation.respond(call, self, heard_at)
             else:
                 await self._auto_respond(call)
@@ -189,12 +190,30 @@ class Turns(Lifecycle):
         await self._hangup(call, CallState.HANGUP_BOT)
 
     async def send_dtmf(self, call_id: str, digits: str) -> None:
+        """Keys out: the carrier's own way where it has one (REST, RFC 4733), else in-band tones on the
+        call's media leg. Where that replaces the media stream (Twilio), the call waits for the new one."""
         call = self._answered_call(call_id)
         voice = self._voices.get(call.callId)
         if voice is not None and not self.carrier.sends_dtmf:  # no keys of its own: tones on the media leg
             await voice.bridge.send_dtmf(digits)
-        else:
+            return
+        if self.carrier.dtmf_restarts_stream and self._expects_media(call):
+            self._expect_stream_restart(call)
+        try:
             await self.carrier.send_dtmf(call, digits)
+        except CarrierError as exc:
+            self._stream_restarts.pop(call.callId, None)
+            raise CallError(f"Keys not sent on call {call.callId}: {exc}") from None
+
+    def _expect_stream_restart(self, call: CallRecord) -> None:
+        """The carrier is about to end the call's media stream and open a new one: the old voice goes now
+        (so nothing is said into a stream that is ending), what is said next waits for the new stream,
+        and the call is not ended while the stream is away (up to STREAM_RESTART_S)."""
+        self._stream_restarts[call.callId] = self.clock.monotonic() + STREAM_RESTART_S
+        voice = self._voices.pop(call.callId, None)
+        if voice is not None:
+            self._spawn(voice.close(), f"close-voice-{call.callId}")
+        call.media_attached = False
 
     async def say_filler(self, call_id: str, text: str) -> None:
         call = self.calls.get(call_id)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from bridge.calls import CallEvent, CallRecord, CallState
+from media.amd import AnsweredBy
 from media.dtmf import DtmfDigit
 from media.formats import AudioFormat
 
@@ -249,7 +250,22 @@ class OutboundRequest:
     message: str
     mode: str  # "notify" | "conversation"
     stream: bool  # media streaming enabled for this call
-    machine_detection: str = "off"  # off | detect | hangup | leave-message (carriers with native AMD use it)
+    machine_detection: str = "off"  # off | detect | hangup | leave-message
+    # The carrier's own detector does it (`Carrier.native_amd` offered one and `amd.detector` is auto):
+    # ask for it on the dial. False: the bridge's local detector listens to the call's audio instead.
+    native_amd: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NativeAmd:
+    """What a carrier's own answering-machine detection promises for a call, so the manager knows
+    how long to wait and what silence means."""
+
+    wait_s: float  # after the answer, a verdict arrives within this; otherwise `silent_means`
+    silent_means: AnsweredBy = "unknown"  # "human" where the carrier calls back only for machines (Plivo)
+    # leave-message: the carrier also reports the end of the greeting (a beep or silence). If not,
+    # the bridge's local end-of-greeting detector listens to the media stream after the verdict.
+    reports_greeting_end: bool = True
 
 
 class CarrierHost(Protocol):
@@ -340,9 +356,21 @@ class Carrier(ABC):
     # Keys out: True where `send_dtmf` is the carrier's own (REST/RFC 4733) and used even while a media
     # leg is up; False: the manager plays the digits as in-band tones on the call's media pipeline.
     sends_dtmf: ClassVar[bool] = False
+    # `send_dtmf` ends the running media stream and starts a new one (Twilio `<Play digits>` replaces
+    # the TwiML): the manager keeps the call up and its conversation going across the restart.
+    dtmf_restarts_stream: ClassVar[bool] = False
 
     async def send_dtmf(self, call: CallRecord, digits: str) -> None:
+        """Send keys (0-9 * # A-D; `w` 0.5 s and `W` 1 s pauses where `dtmf_pauses`)."""
         raise CarrierError(f"{self.name}: sending DTMF is not supported")
+
+    # `send_dtmf` takes `w`/`W` pauses itself (one request for a whole dtmfSequence).
+    dtmf_pauses: ClassVar[bool] = False
+
+    def native_amd(self, mode: str) -> NativeAmd | None:
+        """The carrier's own answering-machine detection for a call in this mode (detect | hangup |
+        leave-message), or None: the bridge's local detector listens to the call's audio."""
+        return None
 
     async def transfer_cold(self, call: CallRecord, to: str) -> None:
         """Start a cold (blind) transfer of the caller to `to` (E.164 or a sip: URI) and return once the

@@ -128,7 +128,14 @@ class MediaPipeline:
         self._lead = max(1, -(-lead_ms // self._send_ms))
         self._stall_timeout = stall_timeout_s
         self._reorder = ReorderBuffer(jitter_frames)
-        self._in_resampler = StreamResampler(self.wire.rate, pipeline_rate)
+        self._wire_cb = getattr(listener, "on_wire_audio", None)
+        # A listener that takes only the wire payloads (a realtime model fed u-law as is) needs no
+        # pipeline-rate copy: skip the resampler unless the recorder wants the caller's side.
+        self._pipeline_in = bool(getattr(listener, "wants_pipeline_audio", True)) or recorder is not None
+        # created only when used: a soxr stream holds ~50 KB from the start, ~90 KB once it has run
+        # fed one 20 ms frame at a time: skip the soxr calls that cannot release anything (4 of 5)
+        self._in_resampler = (StreamResampler(self.wire.rate, pipeline_rate, skip_idle_calls=True)
+                              if self._pipeline_in else None)
         self._rec_in = StreamResampler(pipeline_rate, recorder.rate) if recorder else None
         # DTMF and VAD listen to the decoded wire audio, ahead of the resampler: soxr releases
         # its output in blocks (20-130 ms late at HQ), which would delay barge-in by as much.
@@ -139,10 +146,6 @@ class MediaPipeline:
         self._vad = EnergyVad() if vad_barge_in else None
         self._vad_buf = bytearray()
         self._vad_frame = self.wire.rate * FRAME_MS // 1000 * 2
-        self._wire_cb = getattr(listener, "on_wire_audio", None)
-        # A listener that takes only the wire payloads (a realtime model fed u-law as is) needs no
-        # pipeline-rate copy: skip the resampler unless the recorder wants the caller's side.
-        self._pipeline_in = bool(getattr(listener, "wants_pipeline_audio", True)) or recorder is not None
         self._taps: list[CallerAudioTap] = []
         self._last_dtmf: tuple[str, str, float] | None = None  # (digit, source, time)
         self._play_lock = asyncio.Lock()
@@ -210,7 +213,7 @@ class MediaPipeline:
                     self.interrupt("vad")
                 if self._vad.ended and self._speech_end_cb is not None:
                     self._speech_end_cb(self._vad.hangover_s)
-        if not self._pipeline_in:
+        if self._in_resampler is None:
             return
         pcm = self._in_resampler.process(wire_pcm)
         if pcm:
@@ -218,7 +221,7 @@ class MediaPipeline:
             self._record_caller(pcm)
 
     def _record_caller(self, pcm: bytes) -> None:
-        if self.recorder is None or self._rec_in is None:
+        if self.recorder is None or self._rec_in is None or self._in_resampler is None:
             return
         out = self._rec_in.process(pcm)
         if out:
@@ -426,7 +429,7 @@ class MediaPipeline:
         self._closed = True
         for p in self._reorder.drain():
             self._inbound(p)
-        tail = self._in_resampler.flush() if self._pipeline_in else b""
+        tail = self._in_resampler.flush() if self._in_resampler is not None else b""
         if tail:
             self.listener.on_pipeline_audio(tail)
             if self.recorder is not None and self._rec_in is not None:

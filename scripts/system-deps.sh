@@ -6,7 +6,8 @@ packages=(espeak-ng)
 if [ "$profile" = test ]; then
   # chromium + chromium-driver: the console's browser test (selenium drives /usr/bin/chromedriver)
   # redis-server + nginx-light: the cluster tests (a real Redis; nginx in front of several nodes)
-  packages+=(sox baresip-core sip-tester docker-compose chromium chromium-driver redis-server nginx-light)
+  # kamailio: SIP in front of several bridge nodes (tests/test_sip_kamailio.py, docker/kamailio/)
+  packages+=(sox baresip-core sip-tester docker-compose chromium chromium-driver redis-server nginx-light kamailio)
 fi
 missing=()
 for pkg in "${packages[@]}"; do

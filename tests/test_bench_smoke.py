@@ -7,10 +7,13 @@ expected fields and no errors. The pipecat side-by-side needs a separate venv an
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,6 +24,20 @@ def run_bench(script: str, *args: str, out: Path, timeout: float = 60) -> dict[s
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     assert "results:" in proc.stdout
     return json.loads(out.read_text())
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed (scripts/system-deps.sh test)")
+def test_media_streams_on_two_workers(tmp_path: Path) -> None:
+    """`--workers 2`: two `serve` processes on one port with Redis; every stream opens and is echoed
+    (a stream that reached the worker that did not take its webhook would be refused: lost frames)."""
+    data = run_bench("media_streams.py", "--workers", "2", "--streams", "8", "--seconds", "2", "--ramp", "40",
+                     out=tmp_path / "workers.json", timeout=120)
+    (sweep,) = data["sweeps"]
+    assert sweep["workers"] == 2
+    (point,) = sweep["points"]
+    assert (point["n"], point["opened"], point["failed"], point["lost"]) == (8, 8, 0, 0), point["errors"]
+    assert point["workers"] == 2 and len(point["worker_cpu_pct"]) == 2
+    assert data["scaling"][0]["workers"] == 2
 
 
 def test_media_streams_two_streams(tmp_path: Path) -> None:
@@ -116,3 +133,23 @@ def test_relay_cost_quick(tmp_path: Path) -> None:
     data = run_bench("relay_cost.py", "--seconds", "1", out=tmp_path / "relay.json")
     assert data["benchmark"] == "relay_cost" and data["relay_us"] > 0 and data["inbound_us"] > 0
     assert 0 <= data["delay_ms_p50"] <= data["delay_ms_p95"] <= data["delay_ms_max"]
+
+
+def test_media_edge_cost_quick(tmp_path: Path) -> None:
+    data = run_bench("media_edge_cost.py", "--sockets", "3", "--rounds", "5", "--repeat", "1", out=tmp_path / "edge.json")
+    assert data["benchmark"] == "media_edge_cost" and data["frames_per_run"] == 18
+    assert all(len(v) == 1 and v[0] > 0 for v in data["us_per_frame"].values())
+
+
+def test_profile_parts_split_every_sample(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from profile_summary import parts
+
+    folded = tmp_path / "p.folded"
+    folded.write_text("a (x.py:1);MediaPipeline._inbound (p.py:2);StreamResampler.process (r.py:3) 3\n"
+                      "a (x.py:1);RequestHandler.data_received (w.py:4);_parse (s.py:5) 1\n"
+                      "a (x.py:1) 4\n")
+    text = parts(str(folded), 80.0)
+    assert "37.5      30.0  soxr resampling, caller -> pipeline" in text
+    assert "12.5      10.0  frame checks + JSON + base64 in" in text
+    assert "50.0      40.0  event loop and the rest" in text

@@ -193,3 +193,20 @@ def test_asterisk_section_rules_name_the_key() -> None:
     assert problem(aap="voicecall") == ["asterisk.aap: unknown key; did you mean 'app'?"]
     assert _problems({**base, "maxConcurrentCalls": 5, "asterisk": {**base["asterisk"], "rtpPortRange": 4}}) == [
         "asterisk.rtpPortRange: must be at least maxConcurrentCalls (5): one RTP port per call"]
+
+
+@pytest.mark.parametrize("source", ["c.yaml", "c.json5"])
+@pytest.mark.parametrize("depth", [33, 900, 5000])
+def test_a_deeply_nested_config_is_one_clear_error(source: str, depth: int) -> None:
+    text = "{allowFrom: " + "[" * depth + "1" + "]" * depth + "}\n"
+    with pytest.raises(ConfigError) as info:
+        build_settings(parse_text(text, source), {})
+    assert len(info.value.problems) == 1 and info.value.problems[0].startswith(source)
+
+
+def test_shared_yaml_nodes_are_walked_once() -> None:
+    """An alias bomb (each level refers to the one before, nine times) is checked in linear time."""
+    lines = ["l0: &l0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+    with pytest.raises(ConfigError, match="unknown key"):
+        build_settings(parse_text("\n".join(lines) + "\n", "c.yaml"), {})

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from test_media_pipeline import make  # pytest puts tests/ on the path (as test_tts_engines relies on)
 
 from bridge.conversation.speech import speak_stream
+from media.clock import RealClock
 from media.tts.base import TtsEngine, TtsError
 from tests.fakes.audio import fake_speech
 
@@ -35,7 +36,7 @@ async def pieces(*texts: str, fail: Exception | None = None) -> AsyncIterator[st
 
 
 async def test_all_pieces_play_in_order_in_one_play() -> None:
-    bridge, carrier, _ = make(send_ms=20)
+    bridge, carrier, _ = make(send_ms=20, clock=RealClock())
     tts = ToneTts()
     spoken = await speak_stream(bridge, tts, pieces("One.", "Two two.", "Three."))
     assert spoken.text == spoken.heard_text == "One. Two two. Three." and not spoken.interrupted
@@ -45,19 +46,19 @@ async def test_all_pieces_play_in_order_in_one_play() -> None:
 
 
 async def test_a_tts_failure_plays_what_was_ready_and_reports_the_error() -> None:
-    bridge, _, _ = make(send_ms=20)
+    bridge, _, _ = make(send_ms=20, clock=RealClock())
     spoken = await speak_stream(bridge, ToneTts(fail_on="Two."), pieces("One.", "Two.", "Three."))
     assert isinstance(spoken.error, TtsError) and spoken.heard_text == "One."
 
 
 async def test_a_model_failure_mid_reply_is_reported_after_what_was_said() -> None:
-    bridge, _, _ = make(send_ms=20)
+    bridge, _, _ = make(send_ms=20, clock=RealClock())
     spoken = await speak_stream(bridge, ToneTts(), pieces("Fine.", fail=RuntimeError("model went away")))
     assert str(spoken.error) == "model went away" and spoken.heard_text == "Fine."
 
 
 async def test_a_broken_leg_is_an_error_result_not_an_exception() -> None:
-    bridge, carrier, _ = make(send_ms=20)
+    bridge, carrier, _ = make(send_ms=20, clock=RealClock())
 
     async def broken(payload: bytes) -> None:
         raise ConnectionResetError("the carrier socket closed")

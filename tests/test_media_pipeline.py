@@ -22,7 +22,7 @@ import pytest
 import soxr
 
 from media import g711
-from media.clock import FakeClock
+from media.clock import Clock, FakeClock
 from media.dtmf import dtmf_tones
 from media.formats import ALAW_8K, ULAW_8K, AudioEncoding, AudioFormat
 from media.pipeline import MediaPipeline, PlaybackResult, heard_text
@@ -85,7 +85,7 @@ class Played:
 
 @dataclass
 class LoopbackCarrier:
-    clock: FakeClock = field(default_factory=FakeClock)
+    clock: Clock = field(default_factory=FakeClock)
     format: AudioFormat = ULAW_8K
     supports_marks: bool = True
     bridge: MediaPipeline | None = None
@@ -156,8 +156,8 @@ class LoopbackCarrier:
 
 
 class Listener:
-    def __init__(self, clock: FakeClock | None = None) -> None:
-        self.clock = clock or FakeClock()
+    def __init__(self, clock: Clock | None = None) -> None:
+        self.clock: Clock = clock or FakeClock()
         self.audio = bytearray()
         self.digits: list[str] = []
         self.speech_started: list[float] = []
@@ -176,9 +176,11 @@ class Listener:
         self.speech_ended.append(ago)
 
 
-def make(fmt: AudioFormat = ULAW_8K, send_ms: int = 20, **kw: object) -> tuple[MediaPipeline, LoopbackCarrier, Listener]:
-    """A pipeline, its loopback carrier and its listener, all on one FakeClock (`carrier.clock`)."""
-    clock = FakeClock()
+def make(fmt: AudioFormat = ULAW_8K, send_ms: int = 20, *, clock: Clock | None = None,
+         **kw: object) -> tuple[MediaPipeline, LoopbackCarrier, Listener]:
+    """A pipeline, its loopback carrier and its listener, all on one clock (`carrier.clock`): a FakeClock
+    that `drive` moves, unless told otherwise (a RealClock where the audio comes from a real-time source)."""
+    clock = clock or FakeClock()
     carrier = LoopbackCarrier(clock=clock, format=fmt, send_ms=send_ms)
     listener = Listener(clock)
     bridge = MediaPipeline(carrier, listener, clock=clock, **kw)  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bridge.calls import CallEvent, CallState, EventType
 from bridge.client import RpcClientError
 from bridge.metrics import Metrics
+from media.clock import RealClock
 from media.formats import ULAW_8K
 from tests.fakes.elevenlabs_server import FakeElevenLabs
 from tests.harness import rpc_client, run_bridge, wait_for
@@ -91,7 +92,7 @@ async def test_metrics_during_and_after_a_mock_conversation(tmp_path: Path) -> N
 
 async def test_late_and_lost_frames_count_live_and_after_the_bridge_closes() -> None:
     metrics = Metrics()
-    bridge, _, _ = make()
+    bridge, _, _ = make(clock=RealClock())
     metrics.track_media(bridge)
     frame = bytes([0xFF]) * ULAW_8K.frame_bytes
     for seq in [1, 2, 3, *range(5, 12)]:  # 4 never comes in time ...

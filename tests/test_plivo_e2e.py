@@ -199,21 +199,6 @@ async def test_outbound_busy_and_no_answer(plivo: FakePlivo, tmp_path: Path) -> 
         assert silent.state == CallState.NO_ANSWER
 
 
-async def test_answering_machine_is_voicemail_and_hung_up(plivo: FakePlivo, tmp_path: Path) -> None:
-    plivo.machine_numbers.add(CALLEE)
-    cfg = config(plivo)
-    cfg["plivo"]["machineDetection"] = "true"
-    async with run_bridge(cfg, tmp_path) as runtime:
-        call = await runtime.manager.initiate(CALLEE, "Hello", "notify")
-        [create] = plivo.rest("POST", "/Call/")
-        assert create.body["machine_detection"] == "true"
-        assert query(create.body["machine_detection_url"])["flow"] == "machine"
-        await wait_for(lambda: call.terminal, 10)
-        assert call.state == CallState.VOICEMAIL
-        await wait_for(lambda: bool(plivo.rest("DELETE", f"/Call/{plivo.call().uuid}/")), 5)
-        await wait_for(lambda: not plivo.call().live)
-
-
 # ------------------------------------------------------------------ inbound
 
 

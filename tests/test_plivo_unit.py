@@ -194,10 +194,16 @@ def test_hangup_without_flow_is_inferred() -> None:
     assert ev.type == EventType.ENDED and ev.reason == CallState.HANGUP_USER
 
 
-def test_machine_detection_is_voicemail_and_a_human_is_nothing() -> None:
+def test_machine_detection_callback_is_a_machine_event() -> None:
+    """Plivo's machine_detection_url callback -> one call.machine event (Machine=false, should it come,
+    a person); the call is not ended here: the manager acts per outbound.machineDetection."""
     [ev] = _events({"callId": "c1", "flow": "machine"}, {**PARAMS, "Event": "MachineDetection", "Machine": "true"})
-    assert ev.type == EventType.ENDED and ev.reason == CallState.VOICEMAIL
-    assert _events({"callId": "c1", "flow": "machine"}, {**PARAMS, "Event": "MachineDetection", "Machine": "false"}) == []
+    assert ev.type == EventType.MACHINE and ev.machine is not None
+    assert (ev.machine.answered_by, ev.machine.greeting_end, ev.machine.cause) == ("machine", None, "plivo:Machine=true")
+    assert ev.key.endswith(":machine")
+    [human] = _events({"callId": "c1", "flow": "machine"}, {**PARAMS, "Event": "MachineDetection", "Machine": "false"})
+    assert human.machine is not None and human.machine.answered_by == "human"
+    assert _events({"callId": "c1", "flow": "machine"}, {**PARAMS, "Event": "MachineDetection"}) == []
 
 
 @pytest.mark.parametrize("field", ["Speech", "Transcription", "TranscriptionText", "SpeechResult",

@@ -214,7 +214,7 @@ def test_tool_schema_is_an_openai_function() -> None:
     fn = TOOL_SCHEMA["function"]
     assert TOOL_SCHEMA["type"] == "function" and fn["name"] == "voice_call"
     assert fn["parameters"]["properties"]["action"]["enum"] == [
-        "initiate_call", "continue_call", "speak_to_user", "end_call", "get_status", "transfer_call"]
+        "initiate_call", "continue_call", "speak_to_user", "send_dtmf", "end_call", "get_status", "transfer_call"]
 
 
 async def test_tool_dispatch_runs_the_rpc_path(tmp_path: Path) -> None:

@@ -39,11 +39,11 @@ def test_compose_file_validates() -> None:
         [DOCKER_COMPOSE, "-f", str(COMPOSE), "--profile", "asterisk", "config", "--services"],
         capture_output=True, text=True, timeout=30, check=True,
     ).stdout.split()
-    assert set(services) == {"bridge", "softphone", "asterisk", "redis", "node1", "node2", "balancer"}
+    assert set(services) == {"bridge", "softphone", "asterisk", "redis", "node1", "node2", "kamailio", "balancer"}
     # docker-compose 1.29 lists profiled services too; the profile itself is checked on the YAML.
     compose = yaml.safe_load(COMPOSE.read_text())["services"]
     assert compose["asterisk"]["profiles"] == ["asterisk"]
-    assert all(compose[name]["profiles"] == ["cluster"] for name in ("redis", "node1", "node2", "balancer"))
+    assert all(compose[name]["profiles"] == ["cluster"] for name in ("redis", "node1", "node2", "kamailio", "balancer"))
     assert "profiles" not in compose["bridge"] and "profiles" not in compose["softphone"]
 
 
@@ -68,6 +68,26 @@ def test_compose_wiring_matches_the_lab_config() -> None:
     accounts = (SOFTPHONE / "accounts").read_text()
     assert "answermode=auto" in accounts
     assert "sip:lab@bridge:5060" in (SOFTPHONE / "contacts").read_text()
+
+
+def test_cluster_profile_puts_kamailio_in_front_of_the_sip_nodes() -> None:
+    """The SIP front of the cluster profile lists exactly the profile's bridge nodes, at their SIP port,
+    and the nodes' config (config/cluster.yaml) is a valid SIP + Redis config."""
+    from bridge.config import build_settings
+
+    compose = yaml.safe_load(COMPOSE.read_text())["services"]
+    nodes = sorted(name for name, svc in compose.items()
+                   if svc.get("profiles") == ["cluster"] and "cluster.yaml" in " ".join(svc.get("command", [])))
+    assert nodes == ["node1", "node2"]
+    assert set(compose["kamailio"]["depends_on"]) == set(nodes)
+    assert compose["kamailio"]["build"]["context"] == "kamailio"
+    settings = build_settings(yaml.safe_load((ROOT / "config" / "cluster.yaml").read_text()), {})
+    assert settings.provider == "sip" and settings.cluster is not None
+    listed = [line.split()[1] for line in (ROOT / "docker" / "kamailio" / "dispatcher.list").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    assert listed == [f"sip:{node}:{settings.sip.port}" for node in nodes]
+    dockerfile = (ROOT / "docker" / "kamailio" / "Dockerfile").read_text()
+    assert "COPY kamailio.cfg dispatcher.list /etc/kamailio/" in dockerfile and "USER kamailio" in dockerfile
 
 
 def test_lab_config_is_valid() -> None:

@@ -307,25 +307,6 @@ async def test_busy_and_no_answer(tmp_path: Path, fake: FakeTelnyx) -> None:
         assert (calls[busy].state, calls[silent].state) == (CallState.BUSY, CallState.NO_ANSWER)
 
 
-async def test_answering_machine_ends_as_voicemail_with_one_hangup_however_often_delivered(
-        tmp_path: Path, fake: FakeTelnyx) -> None:
-    fake.redeliver = 1  # every webhook twice: same data.id, new attempt, new signature
-    cfg = config(fake)
-    cfg["telnyx"] = {**cfg["telnyx"], "answeringMachineDetection": "detect"}
-    async with bridge(fake, cfg, tmp_path) as runtime:
-        call_id = (await rpc_client(runtime).call("voicecall.initiate",
-                                                   {"to": "+15550000005", "message": "Hi"}))["callId"]
-        call = runtime.manager.calls[call_id]
-        tx = only_call(fake)
-        # both deliveries answered (their effects, if any, are spawned before the reply)
-        await wait_for(lambda: sum(1 for e, _ in tx.webhooks if e == "call.machine.detection.ended") == 2,
-                       timeout=10)
-        await runtime.carrier._tasks.drain()
-        assert call.state == CallState.VOICEMAIL and not tx.alive
-        assert tx.dial["answering_machine_detection"] == "detect"
-        assert tx.received.count("hangup") == 1
-
-
 async def test_native_speak_and_listen_without_streaming(tmp_path: Path, fake: FakeTelnyx) -> None:
     cfg = config(fake, streaming={"enabled": False})
     async with bridge(fake, cfg, tmp_path) as runtime:

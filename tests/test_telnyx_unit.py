@@ -20,7 +20,6 @@ from bridge.config import build_settings
 from carriers.base import (
     CallGone,
     CarrierError,
-    HangUp,
     StreamDtmf,
     StreamIgnored,
     StreamMark,
@@ -293,23 +292,52 @@ async def test_transcription_becomes_speech_with_the_turn_token() -> None:
     await c.close()
 
 
-async def test_machine_detection_is_voicemail_and_human_is_nothing(fake: FakeTelnyx) -> None:
-    c, host = await carrier(apiBaseUrl=fake.base_url, apiKey=fake.api_key)
-    tx = FakeCall(fake, "outgoing", "+1555", "+1666", "")
-    tx.state = "answered"
-    fake.calls[tx.ccid] = tx
-    human = event("call.machine.detection.ended", result="human", call_control_id=tx.ccid)
-    assert c.parse_webhook(hook(human), host).events == []
-    machine = event("call.machine.premium.detection.ended", "amd-1", result="machine", call_control_id=tx.ccid)
-    result = c.parse_webhook(hook(machine), host)
-    (ev,) = result.events
-    assert (ev.type, ev.reason, ev.key) == (EventType.ENDED, CallState.VOICEMAIL, "telnyx:amd-1")
-    assert result.effects == [HangUp(tx.ccid)]
-    assert tx.commands == [], "parsing sends nothing"
-    c.apply_effects(result.effects)
-    await wait_for(lambda: not tx.alive, timeout=5)
-    assert tx.command_names() == ["hangup"]
+@pytest.mark.parametrize(("event_type", "result", "verdict", "greeting_end"), [
+    ("call.machine.detection.ended", "human", "human", None),
+    ("call.machine.detection.ended", "machine", "machine", None),
+    ("call.machine.detection.ended", "not_sure", "unknown", None),
+    ("call.machine.premium.detection.ended", "human_residence", "human", None),
+    ("call.machine.premium.detection.ended", "human_business", "human", None),
+    ("call.machine.premium.detection.ended", "machine", "machine", None),
+    ("call.machine.premium.detection.ended", "fax_detected", "machine", None),
+    ("call.machine.premium.detection.ended", "silence", "unknown", None),
+    ("call.machine.greeting.ended", "beep_detected", None, "beep"),
+    ("call.machine.greeting.ended", "ended", None, "silence"),
+    ("call.machine.greeting.ended", "not_sure", None, "other"),
+    ("call.machine.premium.greeting.ended", "beep_detected", None, "beep"),
+    ("call.machine.premium.greeting.ended", "no_beep_detected", None, "other"),
+])
+async def test_machine_webhooks_are_carrier_neutral_machine_events(event_type: str, result: str, verdict: str | None,
+                                                                   greeting_end: str | None) -> None:
+    """Each answering-machine webhook is one call.machine event (verdict or end of greeting) and no
+    effect: what follows (a hang-up, a message) is the manager's, as for the local detector."""
+    c, host = await carrier()
+    parsed = c.parse_webhook(hook(event(event_type, "amd-1", result=result, call_control_id="v3:cc",
+                                        client_state=encode_state("c-1"))), host)
+    (ev,) = parsed.events
+    assert (ev.type, ev.call_id, ev.provider_call_id, ev.key) == (EventType.MACHINE, "c-1", "v3:cc", "telnyx:amd-1")
+    assert ev.machine is not None and (ev.machine.answered_by, ev.machine.greeting_end) == (verdict, greeting_end)
+    assert ev.machine.cause.startswith("telnyx:") and ev.machine.cause.endswith(result)
+    assert parsed.effects == []
+    odd = c.parse_webhook(hook(event(event_type, "amd-2", result="banana", call_control_id="v3:cc")), host)
+    assert odd.events == []
     await c.close()
+
+
+@pytest.mark.parametrize(("mode", "override", "sent", "greeting_end"), [
+    ("detect", None, "detect", False), ("hangup", None, "detect", False),
+    ("leave-message", None, "greeting_end", True), ("leave-message", "premium", "premium", True),
+    ("detect", "detect_beep", "detect_beep", True)])
+async def test_native_amd_mode_by_machine_detection_mode(mode: str, override: str | None, sent: str,
+                                                         greeting_end: bool) -> None:
+    c, _ = await carrier(**({"answeringMachineDetection": override} if override else {}))
+    native = c.native_amd(mode)
+    assert native is not None and native.reports_greeting_end is greeting_end
+    assert c._amd_mode(mode) == sent  # noqa: SLF001
+    disabled, _ = await carrier(answeringMachineDetection="disabled")
+    assert disabled.native_amd(mode) is None, "disabled: the local detector instead"
+    await c.close()
+    await disabled.close()
 
 
 async def test_dtmf_webhook_counts_only_without_a_media_stream() -> None:

@@ -129,6 +129,19 @@ async def test_the_caller_hanging_up_mid_transfer_settles_it(tmp_path: Path) -> 
     await manager.stop()
 
 
+async def test_the_carrier_ending_our_leg_right_after_success_still_ends_it_transferred(tmp_path: Path) -> None:
+    """SIP: a 2xx sipfrag, then the far end's BYE, both before the waiting task resumes."""
+    manager, carrier, clock, call_id = await answered(tmp_path)
+    pending = asyncio.ensure_future(manager.transfer(call_id, "+15550009999"))
+    await settle()
+    manager.process_event(CallEvent(EventType.TRANSFER, call_id=call_id, outcome="completed"))
+    manager.process_event(CallEvent(EventType.ENDED, call_id=call_id, reason=CallState.HANGUP_USER))
+    record = await pending
+    assert record.outcome == "completed" and record.error is None
+    assert manager.calls[call_id].state == CallState.TRANSFERRED and carrier.hangups == []
+    await manager.stop()
+
+
 async def test_a_restart_mid_transfer_applies_the_carriers_outcome(tmp_path: Path) -> None:
     manager, carrier, clock, call_id = await answered(tmp_path)
     pending = asyncio.ensure_future(manager.transfer(call_id, "+15550009999"))

@@ -137,9 +137,11 @@ async def test_openai_tts_through_bridge_to_caller(openai_fake: FakeOpenAI) -> N
     import soxr
     from test_media_pipeline import aligned_correlation, make
 
+    from media.clock import RealClock
+
     openai_fake.chunk_delay_s = 0.002
     tts = create_tts({"provider": "openai", "openai": {"apiKey": openai_fake.api_key, "baseUrl": openai_fake.base_url}})
-    bridge, carrier, _ = make()
+    bridge, carrier, _ = make(clock=RealClock())  # the engine streams in real time
     text = "A short reply."
     result = await bridge.play(tts.synthesize(text), tts.sample_rate)
     await tts.close()
@@ -235,8 +237,10 @@ async def test_elevenlabs_ulaw_reaches_a_ulaw_carrier_byte_identical(eleven_fake
     """ulaw_8000 -> decode -> (8k->8k passthrough) -> encode: G.711 codes survive untouched."""
     from test_media_pipeline import make
 
+    from media.clock import RealClock
+
     tts = ElevenLabsTts(api_key=eleven_fake.api_key, base_url=eleven_fake.base_url, output_format="ulaw_8000")
-    bridge, carrier, _ = make()
+    bridge, carrier, _ = make(clock=RealClock())  # the engine streams in real time
     text = "Byte for byte."
     result = await bridge.play(tts.synthesize(text), tts.sample_rate)
     await tts.close()

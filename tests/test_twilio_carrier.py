@@ -263,15 +263,37 @@ def test_status_callbacks_become_events(status: str, kind: EventType, reason: Ca
     assert [(e.type, e.reason, e.call_id, e.provider_call_id) for e in result.events] == [(kind, reason, "c1", "CA1")]
 
 
-@pytest.mark.parametrize("answered_by", ["machine_start", "machine_end_beep", "machine_end_silence",
-                                         "machine_end_other", "fax"])
-def test_answering_machine_ends_the_call_as_voicemail(answered_by: str) -> None:
+@pytest.mark.parametrize(("answered_by", "verdict", "greeting_end"), [
+    ("human", "human", None), ("machine_start", "machine", None), ("machine_end_beep", "machine", "beep"),
+    ("machine_end_silence", "machine", "silence"), ("machine_end_other", "machine", "other"),
+    ("fax", "machine", None), ("unknown", "unknown", None)])
+def test_async_amd_callback_is_one_machine_event(answered_by: str, verdict: str, greeting_end: str | None) -> None:
+    """AsyncAmdStatusCallback (type=amd) -> one carrier-neutral call.machine event, keyed once per call."""
+    carrier, host = make_carrier()
+    result = carrier.parse_webhook(webhook(f"{PUBLIC}?callId=c1&type=amd", {
+        "CallSid": "CA1", "AccountSid": "AC1", "AnsweredBy": answered_by, "MachineDetectionDuration": "2170"}), host)
+    [event] = result.events
+    assert (event.type, event.call_id, event.provider_call_id) == (EventType.MACHINE, "c1", "CA1")
+    assert event.machine is not None
+    assert (event.machine.answered_by, event.machine.greeting_end, event.machine.decision_ms, event.machine.cause) == \
+        (verdict, greeting_end, 2170, f"twilio:{answered_by}")
+    assert event.dedupe_key == "twilio:CA1:call.machine"
+    assert result.reply.status == 200 and result.effects == []
+
+
+def test_async_amd_callback_with_an_undocumented_value_is_nothing() -> None:
+    carrier, host = make_carrier()
+    result = carrier.parse_webhook(webhook(f"{PUBLIC}?callId=c1&type=amd", {"CallSid": "CA1", "AnsweredBy": "robot"}),
+                                   host)
+    assert result.events == [] and result.reply.status == 200
+
+
+def test_answered_by_on_the_voice_url_no_longer_ends_the_call() -> None:
+    """AnsweredBy belongs to the asynchronous callback; on the voice URL the call is just answered."""
     carrier, host = make_carrier()
     result = carrier.parse_webhook(webhook(f"{PUBLIC}?callId=c1", {"CallSid": "CA1", "CallStatus": "in-progress",
-                                                                   "AnsweredBy": answered_by}), host)
-    assert [(e.type, e.reason) for e in result.events] == [(EventType.ENDED, CallState.VOICEMAIL)]
-    assert result.respond is not None
-    assert ET.fromstring(result.respond(None).body).find("Hangup") is not None
+                                                                   "AnsweredBy": "machine_start"}), host)
+    assert [e.type for e in result.events] == [EventType.ANSWERED]
 
 
 def test_human_answer_is_answered() -> None:
@@ -307,11 +329,15 @@ def test_listen_twiml_puts_the_turn_token_in_the_gather_action() -> None:
     assert doc.find("Redirect") is not None  # no speech: Twilio falls through and listens again
 
 
-async def test_create_call_form() -> None:
+@pytest.mark.parametrize(("mode", "override", "flavor"), [
+    ("detect", None, "Enable"), ("hangup", None, "Enable"), ("leave-message", None, "DetectMessageEnd"),
+    ("detect", "DetectMessageEnd", "DetectMessageEnd")])
+async def test_create_call_form(mode: str, override: str | None, flavor: str) -> None:
     """The create-call request: callId in Url, typed StatusCallback, one StatusCallbackEvent per value,
-    Timeout from ringTimeoutMs, MachineDetection from twilio.machineDetection."""
-    carrier, _ = make_carrier(ringTimeoutMs=45_500, twilio={"accountSid": "AC" + "0" * 32, "authToken": TOKEN,
-                                                            "machineDetection": "DetectMessageEnd"})
+    Timeout from ringTimeoutMs, asynchronous AMD in the flavor the mode needs (twilio.machineDetection
+    overrides) with its callback to type=amd."""
+    twilio = {"accountSid": "AC" + "0" * 32, "authToken": TOKEN, **({"machineDetection": override} if override else {})}
+    carrier, _ = make_carrier(ringTimeoutMs=45_500, twilio=twilio)
     sent: list[Any] = []
 
     class Http:
@@ -324,14 +350,23 @@ async def test_create_call_form() -> None:
     carrier.http = Http()  # type: ignore[assignment]
     from carriers.base import OutboundRequest
 
-    sid = await carrier.initiate_call(record("c1"), OutboundRequest("+15550005678", "+15550001234", "hi", "notify", False))
+    sid = await carrier.initiate_call(record("c1"), OutboundRequest("+15550005678", "+15550001234", "hi", "notify", False,
+                                                                   machine_detection=mode, native_amd=True))
     assert sid == "CA" + "2" * 32
     method, path, form = sent[0]
     assert (method, path) == ("POST", f"/2010-04-01/Accounts/AC{'0' * 32}/Calls.json")
     assert ("Url", f"{PUBLIC}?callId=c1") in form
     assert ("StatusCallback", f"{PUBLIC}?callId=c1&type=status") in form
     assert [v for k, v in form if k == "StatusCallbackEvent"] == ["initiated", "ringing", "answered", "completed"]
-    assert ("Timeout", "46") in form and ("MachineDetection", "DetectMessageEnd") in form
+    assert ("Timeout", "46") in form and ("MachineDetection", flavor) in form
+    assert ("AsyncAmd", "true") in form and ("AsyncAmdStatusCallback", f"{PUBLIC}?callId=c1&type=amd") in form
+    assert ("MachineDetectionTimeout", "30") in form
+    native = carrier.native_amd(mode)
+    assert native.reports_greeting_end is (flavor == "DetectMessageEnd") and native.silent_means == "unknown"
+    sent.clear()
+    await carrier.initiate_call(record("c2"), OutboundRequest("+15550005678", "+15550001234", "hi", "notify", False,
+                                                              machine_detection=mode, native_amd=False))
+    assert not [k for k, _ in sent[0][2] if "MachineDetection" in k or "Amd" in k], "local detector: nothing asked"
 
 
 async def test_parse_changes_nothing_the_said_effect_wakes_the_waiter() -> None:

@@ -161,7 +161,12 @@ class TransferController:
         if run is None or run.outcome.done():
             log.info("call %s: transfer outcome %s with no transfer waiting", call.callId, outcome)
             return
-        run.outcome.set_result((parse_outcome(outcome), error))
+        parsed = parse_outcome(outcome)
+        run.outcome.set_result((parsed, error))
+        if parsed == TransferOutcome.COMPLETED and run.request.mode == TransferMode.COLD and not call.terminal:
+            # Final now: the carrier may end our leg before the waiting task resumes.
+            self._complete(run, joined=None)
+            self._host.finish(call, CallState.TRANSFERRED)
 
     def _restored_outcome(self, call: CallRecord, record: TransferRecord, outcome: TransferOutcome,
                           error: str | None) -> None:
@@ -210,11 +215,16 @@ class TransferController:
             return
         if not run.outcome.done():
             run.outcome.set_result((TransferOutcome.FAILED, "the caller's call ended"))
+        # The carrier may end our leg right after reporting success, before the task has resumed.
+        completed = run.outcome.result()[0] == TransferOutcome.COMPLETED
         if run.task is not None and not run.task.done() and call.state != CallState.TRANSFERRED:
             run.task.cancel()
-        if run.leg is not None and not run.leg.terminal:
+        if run.leg is not None and not run.leg.terminal and not completed:
             self._host.spawn(self._host.end_call_as(run.leg, CallState.HANGUP_BOT), f"transfer-leg-{call.callId}")
-        self._settle(run, TransferOutcome.FAILED, "the caller's call ended")
+        if completed:
+            self._settle(run, TransferOutcome.COMPLETED, None)
+        else:
+            self._settle(run, TransferOutcome.FAILED, "the caller's call ended")
 
     # ------------------------------------------------------------------ the two modes
 

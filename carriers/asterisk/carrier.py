@@ -216,11 +216,30 @@ class AsteriskCarrier(Carrier):
         await self._delete_channel(leg.id, CAUSE_REJECTED)
 
     async def hangup_call(self, call: CallRecord, reason: CallState) -> None:
+        pid = call.providerCallId
+        if self._legs.for_call(call) is None and pid and pid not in self._legs.ended:
+            await self._end_foreign(pid)
+            return
         leg = self._legs.ending(call, reason)
         if leg is None:
             return
         if not await self._delete_channel(leg.id):
             self._end(leg, reason)  # already gone: no ChannelDestroyed will tell us
+
+    async def _end_foreign(self, pid: str) -> None:
+        """A call this process never held: another node's, ended here on failover. Hang the phone
+        channel up, then take down what that node built for its audio (found by the bridge's name):
+        Asterisk keeps a dead application's channels until someone deletes them."""
+        await self._delete_channel(pid)
+        listed = await self._http.request("GET", "/bridges")
+        bridges = listed.body if isinstance(listed.body, list) else []
+        for bridge in bridges:
+            if not isinstance(bridge, dict) or bridge.get("name") != f"voicecall-{pid}":
+                continue
+            for cid in bridge.get("channels") or []:
+                if isinstance(cid, str) and cid.startswith("vc-media-"):
+                    await self._delete_channel(cid)
+            await self._http.request("DELETE", f"/bridges/{_q(str(bridge.get('id', '')))}", ok_statuses=(404,))
 
     async def send_dtmf(self, call: CallRecord, digits: str) -> None:
         leg = self._legs.live_for(call)
@@ -296,7 +315,8 @@ class AsteriskCarrier(Carrier):
         s = self.settings
         return {"name": self.name, "url": s.url, "app": s.app, "format": s.format,
                 "asteriskVersion": self.asterisk_version, "activeCalls": len(self._legs),
-                "eventsConnected": bool(self._events and self._events.connected)}
+                "eventsConnected": bool(self._events and self._events.connected),
+                "applicationTaken": bool(self._events and self._events.given_up)}
 
     def leg_stats(self, provider_call_id: str) -> dict[str, Any] | None:
         """RTP figures of a live or recently ended call."""
@@ -306,6 +326,9 @@ class AsteriskCarrier(Carrier):
     # ------------------------------------------------------------------ ARI events
 
     def _on_event(self, event: dict[str, Any]) -> None:
+        if event["type"] == "ApplicationReplaced":
+            self._replaced()
+            return
         handler = getattr(self, f"_ev_{event['type']}", None)
         if handler is None:
             return
@@ -324,6 +347,15 @@ class AsteriskCarrier(Carrier):
                 self._media_lost(cid)
             return
         handler(cid, event)
+
+    def _replaced(self) -> None:
+        """Another connection registered our Stasis application: from now on Asterisk sends it, not us,
+        the events of every call in the application, ours included. Two nodes must never share one."""
+        if self._events is None or self._events.given_up:
+            return
+        self._events.give_up()
+        log.error("asterisk: another connection took over Stasis application %r: this process gets no more "
+                  "call events. Each bridge node needs its own asterisk.app (README: Scaling)", self.settings.app)
 
     def _ev_StasisStart(self, cid: str, event: dict[str, Any]) -> None:
         leg = self._legs.get(cid)

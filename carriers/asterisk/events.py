@@ -2,7 +2,10 @@
 
 Asterisk registers the Stasis application while this socket is open. A drop is logged and retried
 forever (never raised); after a reconnect `on_reconnect` runs so the carrier can check the calls
-it holds, whose events may have been lost meanwhile.
+it holds, whose events may have been lost meanwhile. The one exception: once another connection
+took the application over (`ApplicationReplaced`: Asterisk gives one application to one WebSocket),
+`give_up()` stops the reconnects, so two processes configured with one application name do not
+take it from each other in turns.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class AriEvents:
         self._resyncs: set[asyncio.Task[None]] = set()
         self.connects = 0
         self.bad_messages = 0
+        self.given_up = False
 
     async def start(self, timeout_s: float = 10.0) -> None:
         """Connect once (raise CarrierError if that fails), then keep the socket open in the background."""
@@ -55,7 +59,11 @@ class AriEvents:
 
     @property
     def connected(self) -> bool:
-        return self._ws is not None and not self._ws.closed
+        return self._ws is not None and not self._ws.closed and not self.given_up
+
+    def give_up(self) -> None:
+        """Never reconnect again (the open socket stays as it is: Asterisk sends it nothing more)."""
+        self.given_up = True
 
     async def close(self) -> None:
         for task in list(self._resyncs):
@@ -101,6 +109,10 @@ class AriEvents:
                 self._ws = None
             if not first.done():
                 first.set_exception(CarrierError(f"asterisk: events WebSocket {self._url}: {problem}"))
+                return
+            if self.given_up:
+                log.warning("asterisk: events WebSocket closed (%s); not reconnecting: the application is taken",
+                            problem)
                 return
             log.warning("asterisk: events WebSocket lost (%s); reconnecting in %.1fs", problem, backoff)
             await asyncio.sleep(backoff)

@@ -36,6 +36,7 @@ from carriers.base import (
 )
 from carriers.mock.settings import MockSettings
 from media import g711
+from media.dtmf import DtmfDetector
 from media.formats import FRAME_MS, ULAW_8K
 from media.resample import StreamResampler
 from media.tts.base import TtsEngine
@@ -65,6 +66,9 @@ class MockCallee:
         self.marks_echoed: list[str] = []
         self.clears = 0
         self.said: list[str] = []
+        # Keys the bridge sent, as a phone's IVR would find them: in-band tones in what it played.
+        self.keys_heard = ""
+        self._keys = DtmfDetector(self.format.rate)
         self.alive = True
         self.transferred = False  # handed to a person by a cold transfer
         self._sequence = 0
@@ -94,7 +98,9 @@ class MockCallee:
         self._play_out(now)
         start = max(now, self._playout_end)
         self._playout_end = start + self.format.ms_of(payload) / 1000
-        self._queued.append((start, g711.decode(payload, self.format.encoding)))
+        pcm = g711.decode(payload, self.format.encoding)
+        self._queued.append((start, pcm))
+        self.keys_heard += "".join(self._keys.process(pcm))
         self.frames_received += 1
         self._cancel_reply()
 

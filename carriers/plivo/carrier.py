@@ -38,8 +38,8 @@ from carriers.base import (
     CallLookup,
     Carrier,
     CarrierError,
-    HangUp,
     MediaStreamCodec,
+    NativeAmd,
     OutboundRequest,
     ProviderStatus,
     SpeechHeard,
@@ -89,6 +89,8 @@ from carriers.speech import wait_spoken
 if TYPE_CHECKING:
     from bridge.config import Settings
 
+AMD_CALLBACK_SLACK_S = 2.0  # after machine_detection_time with no callback, the callee is taken for a person
+DTMF_CHARS = frozenset("0123456789*#ABCD")
 V2_NONCES_KEPT = 100_000  # with allowV2Signatures: nonces remembered (about 4 MB at most)
 
 log = logging.getLogger(__name__)
@@ -119,6 +121,7 @@ class PlivoCarrier(Carrier):
     streams_media = True
     transfer_ends_stream = True
     reports_dtmf = True
+    sends_dtmf = True
 
     def __init__(self, settings: Settings) -> None:
         plivo = self.plivo = settings.section(PlivoSettings)
@@ -198,9 +201,9 @@ class PlivoCarrier(Carrier):
             # A safety net: Plivo ends the call itself if the bridge is gone when it should have.
             "time_limit": self.settings.maxDurationSeconds + 60,
         }
-        detection = self.plivo.machineDetection
-        if detection:
-            body["machine_detection"] = detection
+        if request.native_amd:
+            body["machine_detection"] = self.plivo.machineDetection or "true"
+            body["machine_detection_time"] = self.plivo.machineDetectionTime
             body["machine_detection_url"] = self._url(call.callId, FLOW_MACHINE)
             body["machine_detection_method"] = "POST"
         result = await self.http.request("POST", "/Call/", json_body=body)
@@ -211,6 +214,13 @@ class PlivoCarrier(Carrier):
         if not isinstance(request_uuid, str) or not request_uuid:
             raise CarrierError("plivo: the create-call reply has no request_uuid")
         return request_uuid
+
+    def native_amd(self, mode: str) -> NativeAmd | None:
+        if self.plivo.machineDetection == "disabled":
+            return None
+        # Plivo reports machines only, and never the end of a greeting: the local detector finds it.
+        return NativeAmd(wait_s=self.plivo.machineDetectionTime / 1000 + AMD_CALLBACK_SLACK_S,
+                         silent_means="human", reports_greeting_end=False)
 
     async def hangup_call(self, call: CallRecord, reason: CallState) -> None:
         self._forget(call.callId)
@@ -281,6 +291,8 @@ class PlivoCarrier(Carrier):
     async def send_dtmf(self, call: CallRecord, digits: str) -> None:
         if not call.providerCallId:
             raise CarrierError("plivo: the call has no CallUUID yet")
+        if not digits or any(d.upper() not in DTMF_CHARS for d in digits):
+            raise CarrierError("plivo: DTMF digits must be 0-9, *, # or A-D")
         await self.http.request("POST", f"/Call/{call.providerCallId}/DTMF/",
                                 json_body={"digits": digits, "leg": "aleg"})
 
@@ -335,9 +347,6 @@ class PlivoCarrier(Carrier):
             return WebhookResult(events, reply=xml_hold(self._hold_s))
         if flow == FLOW_HANGUP:
             return WebhookResult(events, respond=self._after_end, effects=[CallGone(call_id=cb.call_id)] if cb.call_id else [])
-        if flow == FLOW_MACHINE and cb.machine and cb.call_uuid and self.plivo.machineDetection != "hangup":
-            # Plivo only reported the machine; the call is still up, so end it.
-            return WebhookResult(events, effects=[HangUp(cb.call_uuid)])
         return WebhookResult(events)
 
     def apply_effects(self, effects: Sequence[object]) -> None:
@@ -346,10 +355,6 @@ class PlivoCarrier(Carrier):
                 self._speech_done(effect.call_id, effect.key)
             elif isinstance(effect, CallGone):
                 self._forget(effect.call_id)
-            elif isinstance(effect, HangUp):
-                uuid_ = effect.provider_call_id
-                self._tasks.spawn(self.http.request("DELETE", f"/Call/{uuid_}/", ok_statuses=(404,)),
-                                  f"plivo-machine-hangup-{uuid_}")
 
     def _parse_transfer(self, query: dict[str, str], params: dict[str, str]) -> WebhookResult | None:
         flow, call_id = query.get("flow"), query.get("callId") or None

@@ -4,7 +4,7 @@ clock, no per-call state."""
 
 from __future__ import annotations
 
-import base64
+import binascii
 import hashlib
 import json
 from collections.abc import Mapping
@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 from xml.etree import ElementTree as ET
 
-from bridge.calls import CallEvent, CallState, Direction, EventType, TransferOutcome
+from bridge.calls import CallEvent, CallState, Direction, EventType, MachineResult, TransferOutcome
 from carriers import wire
 from carriers.base import (
     MediaStreamCodec,
@@ -31,7 +31,10 @@ from carriers.base import (
     WebhookVerdict,
 )
 from carriers.signatures import plivo_replay_key, verify_plivo_v2, verify_plivo_v3
+from media.amd import AnsweredBy
 from media.formats import ULAW_8K
+
+_PLAY_AUDIO_PREFIX = '{"event": "playAudio", "media": {"contentType": "audio/x-mulaw", "sampleRate": 8000, "payload": "'
 
 SIG_V3 = "X-Plivo-Signature-V3"
 SIG_MA_V3 = "X-Plivo-Signature-Ma-V3"
@@ -329,9 +332,13 @@ def callback_events(cb: PlivoCallback) -> list[CallEvent]:
     if cb.flow == FLOW_HANGUP:
         return [event(EventType.ENDED, "ended", reason=end_reason(cb))]
     if cb.flow == FLOW_MACHINE:
-        if cb.machine:
-            return [event(EventType.ENDED, "ended", reason=CallState.VOICEMAIL)]
-        return []
+        if cb.machine is None:
+            return []
+        # Plivo calls back when it found a machine (a person gets no callback: the manager's wait
+        # for a verdict ends as human); `Machine=false` is taken as a person should it come.
+        verdict: AnsweredBy = "machine" if cb.machine else "human"
+        result = MachineResult(verdict, f"plivo:Machine={str(cb.machine).lower()}")
+        return [event(EventType.MACHINE, "machine", machine=result)]
     events: list[CallEvent] = []
     # One GetInput answers once: its turn token (or speech id) plus what was heard is stable across
     # Plivo's redeliveries, which come with a fresh nonce and so a fresh replay key.
@@ -414,8 +421,8 @@ class PlivoStreamCodec(MediaStreamCodec):
                            token=headers.get("token"), call_id=headers.get("callId"), custom=headers)
 
     def encode_media(self, payload: bytes) -> str:
-        return json.dumps({"event": "playAudio", "media": {
-            "contentType": "audio/x-mulaw", "sampleRate": 8000, "payload": base64.b64encode(payload).decode("ascii")}})
+        # the bytes json.dumps gives for this fixed shape, without building and walking a dict per frame
+        return _PLAY_AUDIO_PREFIX + binascii.b2a_base64(payload, newline=False).decode("ascii") + '"}}'
 
     def encode_mark(self, name: str) -> str:
         return json.dumps({"event": "checkpoint", "streamId": self.stream_id, "name": name})

@@ -32,8 +32,8 @@ from carriers.base import (
     CallLookup,
     Carrier,
     CarrierError,
-    HangUp,
     MediaStreamCodec,
+    NativeAmd,
     OutboundRequest,
     ProviderStatus,
     SpeechHeard,
@@ -63,7 +63,6 @@ from carriers.telnyx.protocol import (
     verify_request,
 )
 from carriers.telnyx.settings import TelnyxSettings
-from media.dtmf import DIGITS
 
 if TYPE_CHECKING:
     from bridge.config import Settings
@@ -71,6 +70,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _SEEN_LIMIT = 4096
+AMD_WAIT_S = 40  # Telnyx always reports a verdict (30 s analysis at most, unconfirmed default); then unknown
+DTMF_CHARS = frozenset("0123456789*#ABCDwW")
 
 
 # ------------------------------------------------------------------ the carrier
@@ -81,6 +82,8 @@ class TelnyxCarrier(Carrier):
     signature_headers = (SIGNATURE_HEADER, TIMESTAMP_HEADER)
     streams_media = True
     reports_dtmf = True
+    sends_dtmf = True
+    dtmf_pauses = True
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -148,9 +151,8 @@ class TelnyxCarrier(Carrier):
         parent = self.host.get_call(str(call.metadata.get(TRANSFER_PARENT) or ""))
         if parent is not None and parent.providerCallId:  # a warm transfer's call to the person
             body["link_to"] = parent.providerCallId  # same call session as the caller, for the bridge
-        amd = self.telnyx.answeringMachineDetection
-        if amd and amd != "disabled":
-            body["answering_machine_detection"] = amd
+        if request.native_amd:
+            body["answering_machine_detection"] = self._amd_mode(request.machine_detection)
         codec = choose_codec(self.telnyx.streamCodec)
         if request.stream:
             body.update(self._stream_params(call, codec))
@@ -166,6 +168,19 @@ class TelnyxCarrier(Carrier):
         if request.stream:
             _put(self._codecs, ccid, codec)
         return ccid
+
+    def _amd_mode(self, mode: str) -> str:
+        """`greeting_end` (verdict, then the end of the greeting: beep or silence) where a message follows,
+        else `detect`; `telnyx.answeringMachineDetection` overrides."""
+        return self.telnyx.answeringMachineDetection or ("greeting_end" if mode == "leave-message" else "detect")
+
+    def native_amd(self, mode: str) -> NativeAmd | None:
+        amd = self._amd_mode(mode)
+        if amd == "disabled":
+            return None
+        # plain `detect` and `detect_words`... say nothing of the greeting's end unless asked for it
+        return NativeAmd(wait_s=AMD_WAIT_S, reports_greeting_end=amd in ("greeting_end", "detect_beep",
+                                                                          "detect_words", "premium"))
 
     async def _command(self, ccid: str | None, command: str, body: dict[str, Any] | None = None,
                        *, ended_ok: bool = False) -> bool:
@@ -259,8 +274,8 @@ class TelnyxCarrier(Carrier):
         await self._command(call.providerCallId, "transcription_stop", ended_ok=True)
 
     async def send_dtmf(self, call: CallRecord, digits: str) -> None:
-        if not digits or any(d.upper() not in DIGITS for d in digits):
-            raise CarrierError("telnyx send_dtmf: digits must be 0-9, *, #, A-D")
+        if not digits or any(d.upper() not in DTMF_CHARS for d in digits):
+            raise CarrierError("telnyx send_dtmf: digits must be 0-9, *, #, A-D, w or W (pauses)")
         await self._command(call.providerCallId, "send_dtmf", {"digits": digits, "duration_millis": 250})
 
     async def transfer_cold(self, call: CallRecord, to: str) -> None:
@@ -322,9 +337,6 @@ class TelnyxCarrier(Carrier):
                 self._call_gone(effect.provider_call_id)
             elif isinstance(effect, SpeechHeard):
                 self._speak_ended(effect.provider_call_id, effect.key, effect.status)
-            elif isinstance(effect, HangUp):
-                ccid = effect.provider_call_id
-                self._tasks.spawn(self._command(ccid, "hangup", ended_ok=True), f"telnyx-amd-hangup-{ccid}")
 
     def _speak_ended(self, ccid: str | None, tag: str | None, status: str) -> None:
         waiters = self._speaks.get(ccid or "", {})

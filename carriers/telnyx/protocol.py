@@ -14,12 +14,11 @@ from typing import Any, ClassVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from bridge.calls import CallEvent, CallState, Direction, EventType, TransferOutcome
+from bridge.calls import CallEvent, CallState, Direction, EventType, MachineResult, TransferOutcome
 from carriers import wire
 from carriers.base import (
     CallGone,
     CallLookup,
-    HangUp,
     MediaStreamCodec,
     SpeechHeard,
     StreamDtmf,
@@ -35,6 +34,7 @@ from carriers.base import (
 )
 from carriers.signatures import telnyx_replay_key, verify_telnyx
 from media import g711
+from media.amd import AnsweredBy
 from media.formats import ALAW_8K, ULAW_8K, AudioFormat
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,29 @@ DEFAULT_VOICE = "AWS.Polly.Joanna-Neural"
 DEFAULT_LANGUAGE = "en-US"
 SPEAK_MAX_CHARS = 3000  # Telnyx `speak` payload limit
 CODECS: dict[str, AudioFormat] = {"PCMU": ULAW_8K, "PCMA": ALAW_8K}
-MACHINE_RESULTS = frozenset({"machine", "fax_detected"})
+# Answering-machine webhooks -> verdict (`…detection.ended`) or end of greeting (`…greeting.ended`).
+AMD_VERDICTS: dict[str, dict[str, AnsweredBy]] = {
+    "call.machine.detection.ended": {"human": "human", "machine": "machine", "not_sure": "unknown"},
+    "call.machine.premium.detection.ended": {"human_residence": "human", "human_business": "human",
+                                             "machine": "machine", "fax_detected": "machine",
+                                             "silence": "unknown", "not_sure": "unknown"},
+}
+AMD_GREETING_ENDS = {
+    "call.machine.greeting.ended": {"beep_detected": "beep", "ended": "silence", "not_sure": "other"},
+    "call.machine.premium.greeting.ended": {"beep_detected": "beep", "no_beep_detected": "other"},
+}
+
+
+def amd_result(event_type: str, result: str) -> MachineResult | None:
+    """One answering-machine webhook, carrier-neutral; None for a result Telnyx does not document."""
+    short = event_type.removeprefix("call.machine.").replace(".ended", "")
+    verdicts = AMD_VERDICTS.get(event_type)
+    if verdicts is not None:
+        verdict = verdicts.get(result)
+        return MachineResult(verdict, f"telnyx:{short}:{result}") if verdict else None
+    ends = AMD_GREETING_ENDS.get(event_type, {})
+    greeting_end = ends.get(result)
+    return MachineResult(None, f"telnyx:{short}:{result}", greeting_end) if greeting_end else None
 XFER_TAG = "xfer"  # client_state tag of the person's leg of a cold transfer (target_leg_client_state)
 
 
@@ -244,7 +266,8 @@ class TelnyxStreamCodec(MediaStreamCodec):
     def encode_media(self, payload: bytes) -> str:
         if self._out_format is not None and self.format is not None:
             payload = g711.encode(g711.decode(payload, self.format.encoding), self._out_format.encoding)
-        return json.dumps({"event": "media", "media": {"payload": base64.b64encode(payload).decode("ascii")}})
+        # the bytes json.dumps gives for this fixed shape, without building and walking a dict per frame
+        return '{"event": "media", "media": {"payload": "' + binascii.b2a_base64(payload, newline=False).decode("ascii") + '"}}'
 
     def encode_mark(self, name: str) -> str:
         return json.dumps({"event": "mark", "mark": {"name": name}})
@@ -287,7 +310,7 @@ class InboundOffered:
     offered_codecs: str
 
 
-Effect = InboundOffered | CallGone | SpeechHeard | HangUp
+Effect = InboundOffered | CallGone | SpeechHeard
 
 
 def translate(hook: TelnyxEvent, query_call_id: str | None,
@@ -336,10 +359,9 @@ def translate(hook: TelnyxEvent, query_call_id: str | None,
         return _speech(p, tag, event), []
     if kind == "call.speak.ended":
         return None, [SpeechHeard(tag, provider_call_id=ccid, status=str(p.get("status") or "completed"))]
-    if kind in ("call.machine.detection.ended", "call.machine.premium.detection.ended"):
-        if _text(p.get("result")) not in MACHINE_RESULTS:  # a string, or nothing we act on
-            return None, []
-        return event(EventType.ENDED, reason=CallState.VOICEMAIL), [HangUp(ccid)] if ccid else []
+    if kind in AMD_VERDICTS or kind in AMD_GREETING_ENDS:
+        result = amd_result(kind, _text(p.get("result")))
+        return (event(EventType.MACHINE, machine=result) if result is not None else None), []
     if kind == "streaming.failed":
         log.warning("telnyx streaming failed on %s: %s", ccid, _text(p.get("failure_reason")) or "no reason")
     return None, []

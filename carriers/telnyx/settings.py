@@ -22,7 +22,10 @@ class TelnyxSettings(CarrierSettings):
     streamCodec: Literal["PCMU", "PCMA"] | None = None  # None: as the call negotiates
     voice: str = "AWS.Polly.Joanna-Neural"  # native speak when no media stream is up
     language: str = "en-US"
-    answeringMachineDetection: str | None = None
+    # The mode asked of Telnyx when machine detection runs (default: detect, or greeting_end for
+    # leave-message); disabled: the bridge's local detector on the media stream instead.
+    answeringMachineDetection: Literal["detect", "detect_beep", "detect_words", "greeting_end", "premium",
+                                       "disabled"] | None = None
 
     def required_keys(self, context: ProviderContext) -> tuple[str, ...]:
         # webhooks are Ed25519-signed; without the key none could be verified

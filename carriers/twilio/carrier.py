@@ -29,7 +29,6 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from xml.sax.saxutils import quoteattr
 
 from bridge.calls import CallEvent, CallMode, CallRecord, CallState, Direction, EventType
 from carriers.base import (
@@ -38,6 +37,7 @@ from carriers.base import (
     Carrier,
     CarrierError,
     MediaStreamCodec,
+    NativeAmd,
     OutboundRequest,
     ProviderStatus,
     SpeechHeard,
@@ -57,6 +57,7 @@ from carriers.twilio.protocol import (
     TERMINAL_STATUS,
     XML,
     TwilioStreamCodec,
+    amd_events,
     conference_verb,
     dial_outcome,
     dial_verb,
@@ -64,6 +65,7 @@ from carriers.twilio.protocol import (
     float_param,
     gather_verb,
     inbound_events,
+    play_digits_verb,
     redirect_verb,
     say_verb,
     say_voice,
@@ -84,6 +86,9 @@ API_VERSION = "2010-04-01"
 STATUS_EVENTS = ("initiated", "ringing", "answered", "completed")
 PURGE_AT = 1024  # per-call bookkeeping entries before ended calls are swept
 TWIML_PARAM_MAX = 4000  # Calls API: longer TwiML must come from a URL
+AMD_TIMEOUT_S = 30  # MachineDetectionTimeout (Twilio's default): then AnsweredBy=unknown
+AMD_CALLBACK_SLACK_S = 10  # the async callback may lag the timeout; after both the manager says unknown
+DTMF_CHARS = frozenset("0123456789*#wW")
 
 
 # ====================================================================== the carrier
@@ -117,6 +122,9 @@ class TwilioCarrier(Carrier):
     streams_media = True
     transfer_ends_stream = True
     reports_dtmf = True
+    sends_dtmf = True
+    dtmf_pauses = True
+    dtmf_restarts_stream = True  # <Play digits> replaces the TwiML, so <Connect><Stream> ends (and is restarted)
 
     def __init__(self, settings: Settings) -> None:
         twilio = self.twilio = settings.section(TwilioSettings)
@@ -220,8 +228,13 @@ class TwilioCarrier(Carrier):
             *(("StatusCallbackEvent", event) for event in STATUS_EVENTS),
             ("Timeout", str(min(600, max(1, math.ceil(self.settings.ringTimeoutMs / 1000))))),
         ]
-        if self.twilio.machineDetection:
-            form.append(("MachineDetection", self.twilio.machineDetection))
+        if request.native_amd:
+            # Asynchronous: the call's TwiML (the stream) runs at once; the verdict comes to type=amd.
+            form += [("MachineDetection", self._amd_flavor(request.machine_detection)),
+                     ("MachineDetectionTimeout", str(AMD_TIMEOUT_S)),
+                     ("AsyncAmd", "true"),
+                     ("AsyncAmdStatusCallback", self.host.webhook_url(callId=call.callId, type="amd")),
+                     ("AsyncAmdStatusCallbackMethod", "POST")]
         if not request.stream and request.message:
             # Said by the answer TwiML (fetched once the callee picks up), not by a second request.
             self._state(call.callId).initial = _Say.new(call.callId, request.message)
@@ -235,6 +248,15 @@ class TwilioCarrier(Carrier):
             self._calls.pop(call.callId, None)
             raise CarrierError("twilio: create-call answer has no sid")
         return str(sid)
+
+    def _amd_flavor(self, mode: str) -> str:
+        """DetectMessageEnd (machine_end_* when the greeting is over) where a message follows, else Enable
+        (the verdict as soon as Twilio knows); `twilio.machineDetection` overrides."""
+        return self.twilio.machineDetection or ("DetectMessageEnd" if mode == "leave-message" else "Enable")
+
+    def native_amd(self, mode: str) -> NativeAmd:
+        return NativeAmd(wait_s=AMD_TIMEOUT_S + AMD_CALLBACK_SLACK_S,
+                         reports_greeting_end=self._amd_flavor(mode) == "DetectMessageEnd")
 
     async def hangup_call(self, call: CallRecord, reason: CallState) -> None:
         self._finish_says(call.callId)
@@ -280,12 +302,17 @@ class TwilioCarrier(Carrier):
         await self._set_twiml(call, self.listen_twiml(call.callId, turn_token))
 
     async def send_dtmf(self, call: CallRecord, digits: str) -> None:
-        if call.media_attached:
-            raise CarrierError("twilio: a media stream is active; send DTMF as in-band tones on it")
-        if not digits or any(d not in "0123456789*#wW" for d in digits):
-            raise CarrierError("twilio: DTMF digits must be 0-9, *, # or w (pause)")
-        again = redirect_verb(self.host.webhook_url(callId=call.callId, type="listen"))
-        await self._set_twiml(call, twiml(f"<Play digits={quoteattr(digits)}/>", again))
+        """`<Play digits>`. It replaces the call's TwiML, so what ran goes on after it: the media stream
+        (a new `<Connect><Stream>` with the call's token; Twilio stops the old stream first), or
+        listening."""
+        if not digits or any(d not in DTMF_CHARS for d in digits):
+            raise CarrierError("twilio: DTMF digits must be 0-9, *, #, w or W (pauses)")
+        if self.settings.streaming.enabled:
+            parameters = {"token": self.host.stream_token(call.callId), "callId": call.callId}
+            after = stream_verb(self.host.stream_url(), parameters)
+        else:
+            after = redirect_verb(self.host.webhook_url(callId=call.callId, type="listen"))
+        await self._set_twiml(call, twiml(play_digits_verb(digits), after))
 
     async def transfer_cold(self, call: CallRecord, to: str) -> None:
         """Replace the call's TwiML with `<Dial>` (its `<Connect><Stream>` ends). The person's answer
@@ -333,6 +360,8 @@ class TwilioCarrier(Carrier):
         status = (request.param("CallStatus") or "").lower()
         if kind == "said":
             return WebhookResult(respond=self._after_said, effects=[SpeechHeard(request.query_value("say"), call_id=call_id)])
+        if kind == "amd":
+            return WebhookResult(events=amd_events(request, call_id, sid), reply=WebhookReply(200, EMPTY_TWIML, XML))
         if kind == "twiml":
             doc_id = request.query_value("doc") or ""
             return WebhookResult(respond=lambda _: self._document(call_id or "", doc_id))

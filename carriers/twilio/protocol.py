@@ -4,12 +4,12 @@ stream's id)."""
 
 from __future__ import annotations
 
-import base64
+import binascii
 import json
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
-from bridge.calls import CallEvent, CallState, Direction, EventType, TransferOutcome
+from bridge.calls import CallEvent, CallState, Direction, EventType, MachineResult, TransferOutcome
 from carriers import wire
 from carriers.base import (
     MediaStreamCodec,
@@ -25,6 +25,7 @@ from carriers.base import (
     WebhookVerdict,
 )
 from carriers.signatures import twilio_replay_key, verify_twilio
+from media.amd import AnsweredBy
 from media.formats import ULAW_8K
 
 SIGNATURE_HEADER = "X-Twilio-Signature"
@@ -160,7 +161,7 @@ class TwilioStreamCodec(MediaStreamCodec):
                            token=custom.get("token"), call_id=custom.get("callId"), custom=custom)
 
     def encode_media(self, payload: bytes) -> str:
-        return self._media_prefix + base64.b64encode(payload).decode("ascii") + '"}}'
+        return self._media_prefix + binascii.b2a_base64(payload, newline=False).decode("ascii") + '"}}'
 
     def encode_mark(self, name: str) -> str:
         return '{"event":"mark","streamSid":' + self._sid_json + ',"mark":{"name":' + json.dumps(name) + "}}"
@@ -184,14 +185,12 @@ def verify_request(auth_token: str, request: WebhookRequest) -> WebhookVerdict:
 
 
 def status_events(request: WebhookRequest, call_id: str | None, sid: str | None, status: str) -> list[CallEvent]:
-    """The events of a status callback (or of the voice URL's request), from CallStatus and AnsweredBy."""
+    """The events of a status callback (or of the voice URL's request), from CallStatus. (`AnsweredBy`
+    is read from the asynchronous AMD callback only, `amd_events`.)"""
 
     def event(kind: EventType, **extra: Any) -> CallEvent:
         return lifecycle_event(kind, sid, call_id=call_id, **extra)
 
-    answered_by = (request.param("AnsweredBy") or "").lower()
-    if answered_by.startswith("machine") or answered_by == "fax":
-        return [event(EventType.ENDED, reason=CallState.VOICEMAIL)]
     if status in ("queued", "initiated"):
         return [event(EventType.INITIATED)]
     if status == "ringing":
@@ -201,6 +200,46 @@ def status_events(request: WebhookRequest, call_id: str | None, sid: str | None,
     if status in TERMINAL_STATUS:
         return [event(EventType.ENDED, reason=TERMINAL_STATUS[status])]
     return []
+
+
+# AnsweredBy -> (verdict, end of greeting). machine_end_* come only with MachineDetection=DetectMessageEnd.
+ANSWERED_BY: dict[str, tuple[AnsweredBy, str | None]] = {
+    "human": ("human", None),
+    "machine_start": ("machine", None),
+    "machine_end_beep": ("machine", "beep"),
+    "machine_end_silence": ("machine", "silence"),
+    "machine_end_other": ("machine", "other"),
+    "fax": ("machine", None),
+    "unknown": ("unknown", None),
+}
+
+
+def amd_result(answered_by: str | None, duration_ms: str | None) -> MachineResult | None:
+    """`AnsweredBy` (+ `MachineDetectionDuration`) of an asynchronous AMD callback, carrier-neutral;
+    None for a value Twilio does not document."""
+    value = (answered_by or "").strip().lower()
+    if value not in ANSWERED_BY:
+        return None
+    verdict, greeting_end = ANSWERED_BY[value]
+    try:
+        decision_ms: int | None = max(0, int(float(duration_ms))) if duration_ms else None
+    except ValueError:
+        decision_ms = None
+    return MachineResult(verdict, f"twilio:{value}", greeting_end, decision_ms)
+
+
+def amd_events(request: WebhookRequest, call_id: str | None, sid: str | None) -> list[CallEvent]:
+    """The asynchronous AMD callback (`AsyncAmdStatusCallback`): one `call.machine` event, applied
+    once however often Twilio delivers it."""
+    result = amd_result(request.param("AnsweredBy"), request.param("MachineDetectionDuration"))
+    if result is None:
+        return []
+    return [lifecycle_event(EventType.MACHINE, sid, call_id=call_id, machine=result)]
+
+
+def play_digits_verb(digits: str) -> str:
+    """`<Play digits>`: DTMF tones on the call (`w` 0.5 s, `W` 1 s pauses)."""
+    return f"<Play digits={quoteattr(digits)}/>"
 
 
 def lifecycle_event(kind: EventType, sid: str | None, **fields: Any) -> CallEvent:

@@ -10,7 +10,12 @@ channel shares a bridge with a "phone" channel, it streams the phone's audio as 
 (real time) to external_host, from its own port, and records the RTP it receives, decoded, as what
 the phone heard.
 
-Test control (Python): `inbound_call`, `ring` / `answer` / `busy` / `no_answer` / `reject` for
+Stasis applications as Asterisk has them: any name registers while its events WebSocket is open;
+one WebSocket per application (a newer one takes it over, the older one gets `ApplicationReplaced`
+and no more events); a channel's events go to the application it is in.
+
+Test control (Python): `inbound_call`, `stasis` (the dialplan of README "Scaling": Stasis() on the
+first registered application of a rotation), `ring` / `answer` / `busy` / `no_answer` / `reject` for
 originated channels (with the `Dial` events Asterisk publishes for them), `press` (DTMF from the
 phone), `hangup` (the phone hangs up), `drop_events` / `events_down`. Bridges keep their members
 (`addChannel` / `removeChannel`, ChannelEnteredBridge / ChannelLeftBridge); DTMF sent to a channel
@@ -200,6 +205,8 @@ class FakeAsterisk:
         self.failed: list[tuple[str, str]] = []
         self.ws_connects = 0
         self._sockets: set[web.WebSocketResponse] = set()
+        self._apps: dict[str, web.WebSocketResponse] = {}  # registered application -> its (newest) WebSocket
+        self._rotation = itertools.count()
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -218,6 +225,7 @@ class FakeAsterisk:
         r.add_delete("/ari/channels/{id}", self._delete_channel)
         r.add_post("/ari/channels/{id}/answer", self._answer)
         r.add_post("/ari/channels/{id}/dtmf", self._dtmf)
+        r.add_get("/ari/bridges", self._list_bridges)
         r.add_post("/ari/bridges", self._create_bridge)
         r.add_post("/ari/bridges/{id}/addChannel", self._add_channel)
         r.add_post("/ari/bridges/{id}/removeChannel", self._remove_channel)
@@ -245,13 +253,31 @@ class FakeAsterisk:
 
     # ------------------------------------------------------------------ test control
 
-    def inbound_call(self, caller: str = "+15550009999", exten: str = "100", audio: bytes = b"") -> FakeChannel:
+    def registered(self, app: str) -> bool:
+        ws = self._apps.get(app)
+        return ws is not None and not ws.closed
+
+    def stasis(self, apps: list[str], caller: str = "+15550009999", exten: str = "100",
+               audio: bytes = b"") -> FakeChannel | None:
+        """A phone calls and the dialplan spreads calls over `apps` (one per bridge node): Stasis() on
+        the next application in rotation, and on the following one while STASISSTATUS is FAILED (the
+        application has no WebSocket). None: no node is up, the dialplan answers with congestion."""
+        start = next(self._rotation)
+        for i in range(len(apps)):
+            app = apps[(start + i) % len(apps)]
+            if self.registered(app):
+                return self.inbound_call(caller, exten, audio, app=app)
+        return None
+
+    def inbound_call(self, caller: str = "+15550009999", exten: str = "100", audio: bytes = b"",
+                     app: str | None = None) -> FakeChannel:
         """A phone calls; the dialplan runs Stasis(app): StasisStart with a channel in state Ring."""
         n = next(self._ids)
+        app = app or self.app
         channel = FakeChannel(
             id=f"{int(time.time())}.{n}", name=f"PJSIP/phone-{n:08x}", state="Ring",
-            caller={"name": "Phone", "number": caller}, app=self.app, in_stasis=True, audio=audio,
-            dialplan={"context": "from-phones", "exten": exten, "priority": 2, "app_name": "Stasis", "app_data": self.app},
+            caller={"name": "Phone", "number": caller}, app=app, in_stasis=True, audio=audio,
+            dialplan={"context": "from-phones", "exten": exten, "priority": 2, "app_name": "Stasis", "app_data": app},
         )
         self.channels[channel.id] = channel
         self._send("StasisStart", channel, args=[])
@@ -312,23 +338,35 @@ class FakeAsterisk:
 
     # ------------------------------------------------------------------ events
 
-    def _send(self, etype: str, channel: FakeChannel | None = None, **fields: Any) -> None:
-        event: dict[str, Any] = {"type": etype, "timestamp": _stamp(), "application": self.app,
-                                 "asterisk_id": "02:42:ac:11:00:02", **fields}
-        if channel is not None:
-            event["channel"] = channel.json()
-        self.events_sent.append(event)
-        text = json.dumps(event)
-        for ws in list(self._sockets):
-            if not ws.closed:
-                self._sends.add(task := asyncio.ensure_future(ws.send_str(text)))
-                task.add_done_callback(self._sends.discard)
+    def _send(self, etype: str, channel: FakeChannel | None = None, *, app: str | None = None,
+              **fields: Any) -> None:
+        """A channel's events go to its application (or `app`); others (bridges) to every application."""
+        apps = [channel.app] if channel is not None else [app] if app else list(self._apps)
+        for name in apps:
+            event: dict[str, Any] = {"type": etype, "timestamp": _stamp(), "application": name,
+                                     "asterisk_id": "02:42:ac:11:00:02", **fields}
+            if channel is not None:
+                event["channel"] = channel.json()
+            self.events_sent.append(event)
+            ws = self._apps.get(name)
+            if ws is not None:
+                self._send_to(ws, event)
+
+    def _send_to(self, ws: web.WebSocketResponse, event: dict[str, Any]) -> None:
+        if not ws.closed:
+            self._sends.add(task := asyncio.ensure_future(ws.send_str(json.dumps(event))))
+            task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Future[None]) -> None:
+        self._sends.discard(task)
+        if not task.cancelled():
+            task.exception()  # a peer that vanished (kill -9) mid-send: Asterisk drops the event too
 
     def _dial(self, peer: FakeChannel, status: str) -> None:
         """The Dial event of an originated channel (no caller: ARI originate dials on its own)."""
         if peer.originate is not None:
-            self._send("Dial", None, peer=peer.json(), dialstring=str(peer.originate.get("endpoint", "")),
-                       dialstatus=status)
+            self._send("Dial", None, app=peer.app, peer=peer.json(),
+                       dialstring=str(peer.originate.get("endpoint", "")), dialstatus=status)
 
     def _set_state(self, channel: FakeChannel, state: str) -> None:
         channel.state = state
@@ -387,7 +425,8 @@ class FakeAsterisk:
                                   "build": {"os": "Linux"}, "status": {"startup_time": _stamp()}})
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
-        if request.query.get("app") != self.app:
+        app = request.query.get("app", "")
+        if not app or "," in app:
             return web.json_response({"message": "Invalid application provided in param [app]."}, status=400)
         if self.events_down:
             return web.Response(status=503, text="Service Unavailable")
@@ -395,12 +434,19 @@ class FakeAsterisk:
         await ws.prepare(request)
         self.ws_connects += 1
         self._sockets.add(ws)
+        previous = self._apps.get(app)
+        if previous is not None and not previous.closed:  # Asterisk: "Replacing Stasis app"
+            self._send_to(previous, {"type": "ApplicationReplaced", "timestamp": _stamp(), "application": app,
+                                     "asterisk_id": "02:42:ac:11:00:02"})
+        self._apps[app] = ws
         try:
             async for msg in ws:
                 if msg.type is WSMsgType.ERROR:
                     break
         finally:
             self._sockets.discard(ws)
+            if self._apps.get(app) is ws:
+                del self._apps[app]
         return ws
 
     async def _list_channels(self, request: web.Request) -> web.Response:
@@ -483,6 +529,10 @@ class FakeAsterisk:
         found.dtmf_heard += str(p["dtmf"])
         found.dtmf_sent.append({k: p[k] for k in ("dtmf", "before", "between", "duration", "after") if k in p})
         return web.Response(status=204)
+
+    async def _list_bridges(self, request: web.Request) -> web.Response:
+        await self._params(request)
+        return web.json_response([b.json() for b in self.bridges.values() if b.alive])
 
     async def _create_bridge(self, request: web.Request) -> web.Response:
         p = await self._params(request)

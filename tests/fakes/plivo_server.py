@@ -87,6 +87,8 @@ class FakeStream:
         self.events: list[dict[str, Any]] = []  # every frame the bridge sent
         self.heard = bytearray()  # u-law the caller actually heard (played, not cleared)
         self.play_audio_frames = 0
+        self.opened_at: float | None = None  # loop time the stream started (the caller's audio starts then)
+        self.first_play_at: float | None = None  # loop time of the bridge's first playAudio
         self.checkpoints: list[str] = []
         self.played: list[str] = []  # checkpoints echoed as playedStream
         self.clears = 0
@@ -102,6 +104,7 @@ class FakeStream:
     async def open(self) -> None:
         self._session = aiohttp.ClientSession()
         self.ws = await self._session.ws_connect(self.url)
+        self.opened_at = asyncio.get_running_loop().time()
         await self.send({"event": "start", "sequenceNumber": next(self._seq),
                          "start": {"callId": self.call.uuid, "streamId": self.stream_id,
                                    "accountId": self.call.fake.auth_id, "tracks": ["inbound"],
@@ -166,6 +169,8 @@ class FakeStream:
                     assert media["contentType"] == "audio/x-mulaw" and media["sampleRate"] == 8000, media
                     data = base64.b64decode(media["payload"])
                     self.play_audio_frames += 1
+                    if self.first_play_at is None:
+                        self.first_play_at = asyncio.get_running_loop().time()
                     for i in range(0, len(data), FRAME_BYTES):
                         self._queue.append(data[i:i + FRAME_BYTES])
                 elif kind == "checkpoint":
@@ -260,6 +265,7 @@ class FakeCall:
         self.ended = asyncio.Event()
         self._xml_task: asyncio.Task[None] | None = None
         self._flow_task: asyncio.Task[None] | None = None
+        self._flow_machine: asyncio.Task[None] | None = None
 
     @property
     def stream(self) -> FakeStream | None:
@@ -302,12 +308,33 @@ class FakeCall:
             return
         self.status = "in-progress"
         self.answered = True
-        if outcome == "machine" and self.machine_detection and self.machine_url:
-            await fake.callback(self.machine_url, self.params(Machine="true", Event="MachineDetection"))
-            if self.machine_detection == "hangup":
-                await self.end("completed", "MACHINE_DETECTED", "Plivo")
-                return
+        if outcome == "machine":
+            self._flow_machine = fake.spawn(self._machine())
         await self.fetch_and_run(self.answer_url, Event="StartApp")
+
+    async def _machine(self) -> None:
+        """An answering machine: its greeting (`fake.machine_audio`) into the stream as soon as there is
+        one; with machine_detection, the asynchronous callback `fake.machine_s` after the answer."""
+        fake = self.fake
+        if fake.machine_audio:
+            fake.spawn(self._machine_greeting(fake.machine_audio))
+        if not (self.machine_detection and self.machine_url):
+            return
+        await asyncio.sleep(fake.machine_s)
+        if not self.live:
+            return
+        await fake.callback(self.machine_url, self.params(Machine="true", Event="MachineDetection",
+                                                          IfMachine="hangup" if self.machine_detection == "hangup"
+                                                          else "continue", CallStatus="in-progress"))
+        if self.machine_detection == "hangup":
+            await self.end("completed", "MACHINE_DETECTED", "Plivo")
+
+    async def _machine_greeting(self, ulaw: bytes) -> None:
+        for _ in range(200):
+            if self.stream is not None and self.stream.ws is not None:
+                self.stream.say_ulaw(ulaw)
+                return
+            await asyncio.sleep(0.01)
 
     async def run_inbound(self) -> None:
         self.status = "ringing"
@@ -471,6 +498,8 @@ class FakePlivo:
     no_answer_numbers: set[str] = field(default_factory=set)
     failed_numbers: set[str] = field(default_factory=set)
     machine_numbers: set[str] = field(default_factory=set)
+    machine_audio: bytes = b""  # u-law a machine plays into the stream (greeting, beep, silence)
+    machine_s: float = 0.3  # after the answer, the machine-detection callback comes this late
     default_replies: list[str] = field(default_factory=list)
     requests: list[RestRequest] = field(default_factory=list)
     callbacks: list[Callback] = field(default_factory=list)

@@ -141,11 +141,14 @@ async def run_streams(
     phases: int = 4,
     frames: Sequence[bytes] | None = None,
     on_window: Callable[[str], None] | None = None,
+    one_connection_per_call: bool = False,
 ) -> LoadRun:
     """Open `n` streams at `ramp_per_s`, all sending real-time frames from one metronome; measure for
     `seconds` once the last one is up (after `warmup_s`); keep sending for `tail_s`, then stop, wait `drain_s` for the
     echoes, and close every stream. `on_window("start"|"end")` marks the measurement window.
-    The metronome ticks every 20/`phases` ms, each time for every `phases`-th stream."""
+    The metronome ticks every 20/`phases` ms, each time for every `phases`-th stream.
+    `one_connection_per_call`: each call's webhook and its stream go over one keep-alive connection,
+    so with several server processes on one port (SO_REUSEPORT) both reach the same process."""
     loop = asyncio.get_running_loop()
     frames = list(frames or caller_frames())
     clients: list[LoadStreamClient] = []
@@ -154,6 +157,7 @@ async def run_streams(
     per_stream = int(lifetime * 1000 / FRAME_MS) + 50
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     session = aiohttp.ClientSession(connector=connector)
+    call_sessions: list[aiohttp.ClientSession] = []
     sem = asyncio.Semaphore(connect_concurrency)
     tick_lag: list[float] = []
     tick_ms: list[float] = []
@@ -163,9 +167,13 @@ async def run_streams(
         async with sem:
             try:
                 async with asyncio.timeout(10):
-                    t = await target(session)
+                    own = session
+                    if one_connection_per_call:
+                        own = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+                        call_sessions.append(own)
+                    t = await target(own)
                     client = LoadStreamClient(t.url, parameters=t.parameters, call_sid=t.call_sid,
-                                              account_sid=t.account_sid, session=session,
+                                              account_sid=t.account_sid, session=own,
                                               keep_audio=keep_audio_first and i == 0)
                     client.queue_audio(frames, per_stream)
                     await client.connect()
@@ -221,6 +229,7 @@ async def run_streams(
         stop_ticks.set()
         ticker.cancel()
         await asyncio.gather(*(c.stop() for c in clients), return_exceptions=True)
+        await asyncio.gather(*(s.close() for s in call_sessions), return_exceptions=True)
         await session.close()
     return LoadRun(clients, failed, (w0, w1), tick_lag, tick_ms)
 

@@ -334,6 +334,9 @@ class FakeTelnyx:
         self.call_codec = "PCMU"  # codec negotiated on outbound phone legs
         self.redeliver = 0  # extra deliveries of every webhook (Telnyx retries: same data.id, attempt+1)
         self.connection_webhook_url = ""  # where inbound call.initiated goes (the app's webhook URL)
+        # answering-machine webhooks (event_type, result) per dialled number, instead of the defaults
+        self.amd_script: dict[str, list[tuple[str, str]]] = {}
+        self.amd_s = 0.2  # between the answer and each AMD webhook
         self._key = Ed25519PrivateKey.generate()
         self.calls: dict[str, FakeCall] = {}
         self.requests: list[tuple[str, str, Any]] = []
@@ -439,9 +442,25 @@ class FakeTelnyx:
         await asyncio.sleep(self.answer_s)
         if call.alive:
             await self._answered(call, call.dial)
-            if call.dial.get("answering_machine_detection") not in (None, "disabled"):
-                result = "machine" if call.to.endswith("0005") else "human"
-                call.post("call.machine.detection.ended", result=result)
+            mode = call.dial.get("answering_machine_detection")
+            if mode not in (None, "disabled"):
+                for event_type, result in self.amd_script.get(call.to) or self._amd_default(mode, call.to):
+                    await asyncio.sleep(self.amd_s)
+                    if call.alive:
+                        call.post(event_type, result=result)
+
+    @staticmethod
+    def _amd_default(mode: str, to: str) -> list[tuple[str, str]]:
+        """Numbers ending 0005 are machines (with a beep), others people, reported as `mode` does."""
+        machine = to.endswith("0005")
+        if mode == "premium":
+            return ([("call.machine.premium.detection.ended", "machine"),
+                     ("call.machine.premium.greeting.ended", "beep_detected")] if machine
+                    else [("call.machine.premium.detection.ended", "human_residence")])
+        events = [("call.machine.detection.ended", "machine" if machine else "human")]
+        if machine and mode in ("detect_beep", "detect_words", "greeting_end"):
+            events.append(("call.machine.greeting.ended", "beep_detected"))
+        return events
 
     async def _answered(self, call: FakeCall, params: dict[str, Any]) -> None:
         call.state = "answered"

@@ -373,7 +373,9 @@ class CallerScript:
 
     outcome: Literal["answer", "busy", "no-answer", "failed"] = "answer"
     ring_ms: int = 50
-    machine: bool = False  # an answering machine picks up (AnsweredBy=machine_start when AMD was asked)
+    machine: bool = False  # an answering machine picks up (AnsweredBy machine_start / machine_end_beep)
+    answered_by: str | None = None  # the AnsweredBy AMD reports, if not the one `machine` implies
+    amd_ms: int = 300  # after the answer, the asynchronous AMD callback comes this late
     utterances: list[str] = field(default_factory=list)  # one per bot turn
     reply_delay_ms: int = 150
     barge_in: bool = False  # speak over the bot (after `barge_in_after_ms` of its audio) instead of waiting
@@ -395,7 +397,8 @@ class FakeCall:
     def __init__(self, fake: FakeTwilio, *, direction: str, to: str, from_: str, script: CallerScript,
                  url: str | None = None, twiml: str | None = None, status_callback: str | None = None,
                  status_events: Sequence[str] = (),
-                 timeout: int = 60, machine_detection: str | None = None) -> None:
+                 timeout: int = 60, machine_detection: str | None = None, async_amd: bool = False,
+                 amd_callback: str | None = None) -> None:
         self.fake = fake
         self.sid = sid("CA")
         self.direction = direction
@@ -408,6 +411,8 @@ class FakeCall:
         self.status_events = list(status_events) or ["completed"]
         self.timeout = timeout
         self.machine_detection = machine_detection
+        self.async_amd = async_amd
+        self.amd_callback = amd_callback
         self.status = "queued" if direction == "outbound-api" else "ringing"
         self.answered_by: str | None = None
         self.utterances = deque(script.utterances)
@@ -422,6 +427,7 @@ class FakeCall:
         self.ended = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._life: asyncio.Task[None] | None = None
+        self._amd: asyncio.Task[None] | None = None
         self._hangup_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ views
@@ -458,7 +464,7 @@ class FakeCall:
             "CallStatus": self.status, "Called": self.to, "Caller": self.from_, "Direction": self.direction,
             "From": self.from_, "To": self.to,
         }
-        if self.answered_by:
+        if self.answered_by and not self.async_amd:  # synchronous AMD: on the voice URL's request
             params["AnsweredBy"] = self.answered_by
         params.update(extra)
         return params
@@ -483,13 +489,24 @@ class FakeCall:
             return
         self.status = "in-progress"
         if self.machine_detection:
-            self.answered_by = "machine_start" if script.machine else "human"
+            end = "machine_end_beep" if self.machine_detection == "DetectMessageEnd" else "machine_start"
+            self.answered_by = script.answered_by or (end if script.machine else "human")
         await self._status_event("answered", "in-progress")
         self._arm_hangup()
+        if self.machine_detection and self.async_amd and self.amd_callback:
+            self._amd = asyncio.ensure_future(self._amd_result(self.amd_callback, self.answered_by or "unknown"))
         if self.url:
             self.run(self.url)
         else:
             self.run_twiml(self.twiml or "<Response/>")
+
+    async def _amd_result(self, url: str, answered_by: str) -> None:
+        """AsyncAmd: the verdict goes to AsyncAmdStatusCallback while the call's TwiML runs."""
+        await asyncio.sleep(self.script.amd_ms / 1000)
+        if not self.ended.is_set():
+            await self.fake.post_webhook(self, url, {
+                "AccountSid": self.fake.account_sid, "CallSid": self.sid, "AnsweredBy": answered_by,
+                "MachineDetectionDuration": str(self.script.amd_ms)})
 
     def start_inbound(self, voice_url: str) -> None:
         self._arm_hangup()
@@ -564,8 +581,11 @@ class FakeCall:
                 await self.end("busy" if verb.get("reason") == "busy" else "no-answer")
                 return None
             elif tag == "Play":
-                if verb.get("digits"):
-                    self.played_digits.append(verb.get("digits", ""))
+                digits = verb.get("digits", "")
+                if digits:
+                    self.played_digits.append(digits)
+                    # tones of ~0.1 s each (a 20 ms scale here), w 0.5 s and W 1 s pauses
+                    await asyncio.sleep(sum(0.5 if d == "w" else 1.0 if d == "W" else 0.02 for d in digits))
             elif tag == "Redirect":
                 return await self._document_from((verb.text or "").strip())
             elif tag == "Gather":
@@ -657,7 +677,7 @@ class FakeCall:
 
     async def _stream_person(self, client: TwilioMediaStreamClient) -> None:
         script = self.script
-        if script.dtmf:
+        if script.dtmf and len(self.streams) == 1:
             await asyncio.sleep(0.2)
             await client.send_dtmf(script.dtmf)
         while self.utterances:
@@ -701,7 +721,7 @@ class FakeCall:
         for stream in self.streams:
             if not stream.closed.is_set():
                 await stream.stop()
-        for task in (self._runner, self._life):
+        for task in (self._runner, self._life, self._amd):
             if task is not None and task is not caller and not task.done():
                 task.cancel()
         await self._status_event("completed", status, CallDuration=str(int(time.time() - self.started)))
@@ -780,7 +800,7 @@ class FakeTwilio:
         for call in list(self.calls.values()):
             for stream in call.streams:
                 await stream.aclose()
-            for task in (call._runner, call._life):  # noqa: SLF001
+            for task in (call._runner, call._life, call._amd):  # noqa: SLF001
                 if task is not None:
                     task.cancel()
         if self.session is not None:
@@ -857,7 +877,8 @@ class FakeTwilio:
                         script=self.scripts.get(one["To"], self.default_script), url=one.get("Url"),
                         twiml=None if one.get("Url") else one.get("Twiml"),
                         status_callback=one.get("StatusCallback"), status_events=form.get("StatusCallbackEvent", []),
-                        timeout=timeout, machine_detection=one.get("MachineDetection"))
+                        timeout=timeout, machine_detection=one.get("MachineDetection"),
+                        async_amd=one.get("AsyncAmd") == "true", amd_callback=one.get("AsyncAmdStatusCallback"))
         self.calls[call.sid] = call
         call.start_outbound()
         return web.json_response(call.as_json(), status=201)

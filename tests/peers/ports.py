@@ -2,8 +2,9 @@
 
 Each role has its own block of ports, all on 127.0.0.1 and below Linux's ephemeral range
 (32768+), so nothing the OS hands out to other sockets lands in them: the bridge's SIP port
-5100-5139, softphones' 5200-5239, sipp's 5300-5339 (UAC) and 5400-5439 (UAS), baresip's control
-socket 4400-4439, and RTP ranges from 20000 up (a test's own RTP listener: 30000-30079).
+5100-5139, softphones' 5200-5239, sipp's 5300-5339 (UAC) and 5400-5439 (UAS), Kamailio's
+5500-5539 and the bridge nodes behind it 5600-5639, baresip's control socket 4400-4439, and RTP
+ranges from 20000 up (a test's own RTP listener: 30000-30079).
 """
 
 from __future__ import annotations
@@ -64,6 +65,16 @@ def sipp_uac() -> int:
 
 def sipp_uas() -> int:
     return free_port(5400)
+
+
+def proxy_sip() -> int:
+    """A SIP proxy (Kamailio) in front of bridge nodes."""
+    return free_port(5500)
+
+
+def node_sip() -> int:
+    """A bridge node's SIP port behind a proxy (its own block: the nodes restart on their port)."""
+    return free_port(5600)
 
 
 def sipp_media() -> int:
