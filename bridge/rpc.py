@@ -234,7 +234,7 @@ class RpcDispatcher:
 
     async def _list(self, p: dict[str, Any]) -> dict[str, Any]:
         limit = _int(p, "limit", 50, 1, MAX_LIST_LIMIT)
-        if self.router is not None:  # a cluster: every node's calls, from Redis
+        if self.router is not None and not _bool(p, "here"):  # a cluster: every node's calls, from Redis
             calls = await self.router.store.recent_calls(limit, active=_bool(p, "active"))
             return {"calls": [c.public_view() for c in calls]}
         calls = self.manager.active_calls() if _bool(p, "active") else list(self.manager.calls.values())
