@@ -131,12 +131,6 @@ class CarrierHost(Answering):
         """Whether an event with this key was applied already (a carrier's redelivery)."""
         return event.key in self._processed
 
-    async def forward_event(self, event: CallEvent) -> bool:
-        """On a cluster, an event for another node's call goes to that node; True when it went there."""
-        if self.event_forwarder is None or self.find_call(event.call_id, event.provider_call_id) is not None:
-            return False
-        return await self.event_forwarder(event)
-
     def process_event(self, event: CallEvent) -> CallRecord | None:
         """Apply one normalized event. Sync: side effects that need I/O are spawned as tasks."""
         if event.key in self._processed:
