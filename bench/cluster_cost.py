@@ -39,7 +39,7 @@ def config(redis_url: str | None, node_id: str) -> dict[str, Any]:
 
 
 # Commands that only run inside our Lua scripts (commandstats counts those too): not round trips.
-IN_SCRIPTS = {"hget", "hset", "sadd", "srem", "sismember", "scard"}
+IN_SCRIPTS = {"hget", "hset", "sadd", "srem", "sismember", "scard", "zadd"}
 
 
 async def commands(url: str) -> dict[str, int]:

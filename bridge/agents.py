@@ -32,7 +32,7 @@ class Conversation(Protocol):
     @property
     def model(self) -> ChatModel: ...
 
-    async def respond(self, call: CallRecord, host: TurnHost, heard_at: float) -> None: ...
+    async def respond(self, call: CallRecord, host: TurnHost) -> None: ...
 
     async def failed(self, call: CallRecord, host: TurnHost, error: str) -> None: ...
 
@@ -95,9 +95,9 @@ class AgentConversations(_ByNumber):
         engine: ConversationEngine = self.default
         return engine.model
 
-    async def respond(self, call: CallRecord, host: TurnHost, heard_at: float) -> None:
+    async def respond(self, call: CallRecord, host: TurnHost) -> None:
         engine: ConversationEngine = self.for_call(call)
-        await engine.respond(call, host, heard_at)
+        await engine.respond(call, host)
 
     async def failed(self, call: CallRecord, host: TurnHost, error: str) -> None:
         engine: ConversationEngine = self.for_call(call)

@@ -6,6 +6,7 @@ they all translate into `CallEvent`s, and the manager only ever reasons about th
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -212,17 +213,79 @@ class ToolCallEntry:
     endCall: bool = False
 
 
-@dataclass(slots=True)
-class TurnTiming:
-    """One reply turn's latency, in ms from the caller's final transcript (None: that step never happened)."""
+TURN_PARTS = ("stt", "model", "piece", "tts", "bridge", "total")
 
-    at: float  # unix time of the final transcript
-    mode: str  # streaming | batch
-    modelFirstTokenMs: float | None = None
-    firstPieceMs: float | None = None
-    ttsFirstByteMs: float | None = None
-    firstAudioMs: float | None = None
-    interrupted: bool = False
+
+@dataclass(slots=True)
+class TurnRecord:
+    """One voice-to-voice turn: from the caller's end of speech (or the final transcript when no
+    engine reports the end) to the first audio of the answer leaving for the caller, in ms per part
+    (bridge/turnmarks.py; None: not measured). The monitor writes it when that first audio goes out;
+    the turn's driver notes its mode and a barge-in. `voicecall latency`, the metrics, the console
+    and the after-call report all read this one record."""
+
+    n: int
+    at: float | None = None  # unix time the turn started
+    mode: str | None = None  # streaming | batch | realtime
+    interrupted: bool = False  # the caller cut the answer off
+    sttMs: float | None = None
+    modelMs: float | None = None
+    pieceMs: float | None = None
+    ttsMs: float | None = None
+    bridgeMs: float | None = None
+    totalMs: float | None = None
+
+    def parts(self) -> dict[str, float]:
+        """Measured parts only: {"stt": ms, ..., "total": ms}."""
+        return {p: v for p in TURN_PARTS if (v := getattr(self, f"{p}Ms")) is not None}
+
+    def to_json(self) -> dict[str, Any]:
+        values = ((k, getattr(self, k)) for k in self.__slots__)
+        return {k: v for k, v in values if v is not None and v is not False}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TurnRecord:
+        def ms(key: str) -> float | None:
+            value = data.get(key)
+            return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+        return cls(n=int(data.get("n") or 0), at=ms("at"), mode=data.get("mode") or None,
+                   interrupted=bool(data.get("interrupted")), **{f"{p}Ms": ms(f"{p}Ms") for p in TURN_PARTS})
+
+    @classmethod
+    def from_timing(cls, n: int, data: dict[str, Any]) -> TurnRecord:
+        """An entry of the old `turnTimings` (ms since the final transcript) as parts."""
+        steps = [data.get(k) for k in ("modelFirstTokenMs", "firstPieceMs", "ttsFirstByteMs", "firstAudioMs")]
+        parts: dict[str, float | None] = {}
+        prev: float | None = 0.0
+        for name, step in zip(("model", "piece", "tts", "bridge"), steps, strict=True):
+            ok = isinstance(step, (int, float)) and prev is not None
+            parts[f"{name}Ms"] = round(float(step) - prev, 1) if ok else None  # type: ignore[operator, arg-type]
+            prev = float(step) if isinstance(step, (int, float)) else None
+        total = steps[3]
+        return cls(n=n, at=data.get("at"), mode=data.get("mode"), interrupted=bool(data.get("interrupted")),
+                   totalMs=float(total) if isinstance(total, (int, float)) else None, **parts)
+
+
+def legacy_turns(data: dict[str, Any]) -> list[TurnRecord]:
+    """Turns of a call log line written before TurnRecord: the monitor's `metadata.turns`, else the
+    conversation engine's `turnTimings` (the same turns, recorded twice then)."""
+    meta = data.get("metadata") or {}
+    old = meta.get("turns") if isinstance(meta, dict) else None
+    if isinstance(old, list) and old:
+        return [TurnRecord.from_json(t) for t in old if isinstance(t, dict)]
+    timings = data.get("turnTimings")
+    if isinstance(timings, list):
+        return [TurnRecord.from_timing(i, t) for i, t in enumerate(timings, 1) if isinstance(t, dict)]
+    return []
+
+
+def turns_of(data: dict[str, Any]) -> list[TurnRecord]:
+    """A call log line's turns, whichever way it was written."""
+    turns = data.get("turns")
+    if isinstance(turns, list) and turns:
+        return [TurnRecord.from_json(t) for t in turns if isinstance(t, dict)]
+    return legacy_turns(data)
 
 
 @dataclass(slots=True)
@@ -240,7 +303,7 @@ class CallRecord:
     endReason: str | None = None
     transcript: list[TranscriptEntry] = field(default_factory=list)
     toolCalls: list[ToolCallEntry] = field(default_factory=list)
-    turnTimings: list[TurnTiming] = field(default_factory=list)
+    turns: list[TurnRecord] = field(default_factory=list)
     processedEventIds: list[str] = field(default_factory=list)
     transfer: TransferRecord | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -292,11 +355,28 @@ class CallRecord:
         return [str(v) for v in self.metadata.get("previousProviderCallIds") or []]
 
     def to_json(self) -> dict[str, Any]:
+        """The record as JSON-ready data, independent of the live record (deep copies)."""
         data = asdict(self)
         data["from"] = data.pop("from_")
         data["state"] = str(self.state)
         data["direction"] = str(self.direction)
+        data["turns"] = [t.to_json() for t in self.turns]
         return data
+
+    def json_text(self) -> str:
+        """`to_json()` as JSON text, built without copying: the call log and the cluster store write a
+        record on every change, and `asdict`'s deep copies cost ~0.6 ms per save of a call with 8 turns
+        (5x this), all of it on the event loop in the middle of everyone's turns."""
+        return json.dumps({
+            "callId": self.callId, "provider": self.provider, "direction": str(self.direction),
+            "state": str(self.state), "to": self.to, "startedAt": self.startedAt,
+            "providerCallId": self.providerCallId, "answeredAt": self.answeredAt, "endedAt": self.endedAt,
+            "endReason": self.endReason, "transcript": [_fields(t) for t in self.transcript],
+            "toolCalls": [_fields(t) for t in self.toolCalls], "turns": [t.to_json() for t in self.turns],
+            "processedEventIds": self.processedEventIds,
+            "transfer": _fields(self.transfer) if self.transfer is not None else None,
+            "metadata": self.metadata, "from": self.from_,
+        }, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CallRecord:
@@ -314,10 +394,10 @@ class CallRecord:
             endReason=data.get("endReason"),
             transcript=[TranscriptEntry(**t) for t in data.get("transcript") or []],
             toolCalls=[ToolCallEntry(**t) for t in data.get("toolCalls") or []],
-            turnTimings=[TurnTiming(**t) for t in data.get("turnTimings") or []],
+            turns=turns_of(data),
             processedEventIds=list(data.get("processedEventIds") or []),
             transfer=TransferRecord(**data["transfer"]) if isinstance(data.get("transfer"), dict) else None,
-            metadata=dict(data.get("metadata") or {}),
+            metadata={k: v for k, v in (data.get("metadata") or {}).items() if k != "turns"},
         )
 
     def public_view(self) -> dict[str, Any]:
@@ -326,3 +406,8 @@ class CallRecord:
         data.pop("processedEventIds", None)
         data.get("metadata", {}).pop("streamToken", None)
         return data
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    """A slots dataclass of plain values as a dict (no copying)."""
+    return {name: getattr(obj, name) for name in obj.__slots__}

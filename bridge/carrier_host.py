@@ -131,12 +131,6 @@ class CarrierHost(Answering):
         """Whether an event with this key was applied already (a carrier's redelivery)."""
         return event.key in self._processed
 
-    async def forward_event(self, event: CallEvent) -> bool:
-        """On a cluster, an event for another node's call goes to that node; True when it went there."""
-        if self.event_forwarder is None or self.find_call(event.call_id, event.provider_call_id) is not None:
-            return False
-        return await self.event_forwarder(event)
-
     def process_event(self, event: CallEvent) -> CallRecord | None:
         """Apply one normalized event. Sync: side effects that need I/O are spawned as tasks."""
         if event.key in self._processed:
@@ -327,7 +321,6 @@ class CarrierHost(Answering):
             log.info("call %s: stale transcript (old turn token) dropped", call.callId)
             call.metadata["staleTranscripts"] = int(call.metadata.get("staleTranscripts", 0)) + 1
             return
-        heard_at = self.clock.monotonic()
         call.transcript.append(TranscriptEntry(event.timestamp, "user", text))
         self._publish("call.speech", call, transcript=text)
         if self._machine_pending(call):
@@ -341,5 +334,5 @@ class CarrierHost(Answering):
         if self._agent(call).realtime.enabled:
             return  # speech-to-speech: the realtime model answers the caller by itself
         if call.direction == Direction.INBOUND or call.metadata.get("mode") == CallMode.CONVERSATION:
-            self._spawn(self._respond(call, heard_at), f"respond-{call.callId}")
+            self._spawn(self._respond(call), f"respond-{call.callId}")
 

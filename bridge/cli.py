@@ -109,6 +109,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 WORKER_ENV = "VOICECALL_WORKER"
+WORKER_POLL_S = 0.2  # how often the supervisor looks for a dead worker
+WORKER_RESTART_MIN_S = 1.0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -142,22 +144,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _supervise_workers(args: argparse.Namespace, settings: Settings) -> int:
-    """`serve.workers: N`: N `serve` processes on one port (SO_REUSEPORT), sharing Redis; signals go to all."""
+    """`serve.workers: N`: N `serve` processes on one port (SO_REUSEPORT), sharing Redis; signals go to all.
+    A worker that dies (a crash, kill -9) is started again under the same index, so it keeps its node id."""
     if settings.serve.port == 0:
         raise CliError("serve.workers > 1 needs a fixed serve.port (the workers share it)")
     count = settings.serve.worker_count
     command = [sys.executable, "-m", "bridge.cli", "serve", *([f"--config={args.config}"] if args.config else [])]
-    children = [subprocess.Popen(command, env={**os.environ, WORKER_ENV: str(i)}) for i in range(count)]
+
+    def spawn(index: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(command, env={**os.environ, WORKER_ENV: str(index)})
+
+    children = [spawn(i) for i in range(count)]
+    started = [time.monotonic()] * count
     print(f"voicecall: {count} workers on port {settings.serve.port} (pids {' '.join(str(c.pid) for c in children)})",
           flush=True)
+    stopping: list[int] = []
 
     def forward(signum: int, _frame: Any) -> None:
+        stopping.append(signum)
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, forward)
+    while not stopping:
+        for index, child in enumerate(children):
+            code = child.poll()
+            if code is None or stopping:
+                continue
+            # a worker that keeps dying at start (bad config, port taken) is retried at most once a second
+            if time.monotonic() - started[index] < WORKER_RESTART_MIN_S:
+                continue
+            children[index] = spawn(index)
+            started[index] = time.monotonic()
+            print(f"voicecall: worker {index} exited with code {code}; started again (pid {children[index].pid})",
+                  flush=True)
+        time.sleep(WORKER_POLL_S)
     codes = [child.wait() for child in children]
     return max(codes, default=0)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 
+from bridge.calls import turns_of
 from bridge.client import RpcClient
 from bridge.config import Settings
 from bridge.runtime import Runtime, StartupError
@@ -58,12 +59,13 @@ async def run_demo(settings: Settings, *, to: str | None, message: str, as_json:
     print("\nTranscript")
     for entry in call["transcript"]:
         print(f"  {'bot   ' if entry['speaker'] == 'bot' else 'caller'}: {entry['text']}")
-    turns = (call.get("metadata") or {}).get("turns") or []
+    turns = turns_of(call)
     if turns:
         print("\nVoice-to-voice turn latency (caller done speaking -> first audio of the answer)")
         for turn in turns:
-            parts = ", ".join(f"{k.removesuffix('Ms')} {v:.0f}" for k, v in turn.items() if k.endswith("Ms") and k != "totalMs")
-            print(f"  turn {turn['n']}: {turn.get('totalMs', 0):.0f} ms ({parts})")
+            parts = turn.parts()
+            total = parts.pop("total", 0.0)
+            print(f"  turn {turn.n}: {total:.0f} ms ({', '.join(f'{k} {v:.0f}' for k, v in parts.items())})")
     print(f"\nEnded: {call['state']} after {wall:.1f}s wall time. Call log: {settings.store_dir / 'calls.jsonl'}")
     print("Latency over all calls: voicecall latency; live view: voicecall serve, then open /console")
     return 0 if call["state"] in ("hangup-bot", "hangup-user", "completed") else 1

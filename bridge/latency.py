@@ -3,7 +3,7 @@
 A turn is timed from the caller's end of speech (or the final transcript, when the recognizer is
 the carrier's) to the first audio of the answer leaving for the caller (bridge/turnmarks.py), so
 neither the bot's playback nor the caller's thinking time counts. Each call's newest record holds
-its timed turns in `metadata.turns`.
+its timed turns in `turns` (`CallRecord.turns`; older logs: `metadata.turns` or `turnTimings`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from bridge.calls import TurnRecord, turns_of
 from bridge.turnmarks import PARTS
 
 PART_ORDER = ("total", *PARTS)
@@ -21,18 +22,18 @@ PERCENTILES = (50, 95, 99)
 
 def turn_records(path: Path) -> list[dict[str, Any]]:
     """Timed turns of every call in the log, oldest call first (the last line per call wins)."""
-    newest: dict[str, tuple[float, list[Any]]] = {}
+    newest: dict[str, tuple[float, list[TurnRecord]]] = {}
     with open(path, encoding="utf-8", errors="replace") as fh:
         for line in fh:
             try:
                 rec = json.loads(line)
-                turns = (rec.get("metadata") or {}).get("turns")
-                if isinstance(turns, list):
+                turns = turns_of(rec)  # CallRecord.turns, or the two older shapes
+                if turns:
                     newest[str(rec["callId"])] = (float(rec.get("startedAt") or 0), turns)
             except (ValueError, KeyError, TypeError, AttributeError):
                 continue
     ordered = sorted(newest.items(), key=lambda item: item[1][0])
-    return [{**turn, "callId": call_id} for call_id, (_, turns) in ordered for turn in turns if isinstance(turn, dict)]
+    return [{**turn.to_json(), "callId": call_id} for call_id, (_, turns) in ordered for turn in turns]
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

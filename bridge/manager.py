@@ -8,6 +8,7 @@
 - bridge/answering.py      after an answer: keys out, answering-machine detection
 - bridge/lifecycle.py      hang-up with retries, finalize, report, timers, reaper
 - bridge/recovery.py       restart recovery
+- bridge/ownership.py      a call moving between cluster nodes (release, adopt)
 - bridge/fanout.py         observers and RPC subscribers (and the cluster's event bus)
 - bridge/transfer/calls.py transfer to a person: the API and what the TransferController needs
 """
@@ -15,16 +16,17 @@
 from __future__ import annotations
 
 from bridge.call_api import CallApi
-from bridge.carrier_host import STT_LOST_MESSAGE, CarrierHost
+from bridge.carrier_host import STT_LOST_MESSAGE
 from bridge.fanout import CallObserver
 from bridge.manager_core import ENDED_CALLS_KEPT, CallError, VoiceFactory
+from bridge.ownership import Ownership
 from bridge.recovery import Recovery
 from bridge.transfer.calls import TransferCalls
 
 __all__ = ["ENDED_CALLS_KEPT", "STT_LOST_MESSAGE", "CallError", "CallManager", "CallObserver", "VoiceFactory"]
 
 
-class CallManager(CarrierHost, CallApi, TransferCalls, Recovery):
+class CallManager(Ownership, CallApi, TransferCalls, Recovery):
     """The façade the runtime, the RPC, the CLI and the tests hold; it starts and stops the call machinery."""
 
     async def start(self) -> None:

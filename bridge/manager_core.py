@@ -21,7 +21,7 @@ from bridge.responder import Responder
 from bridge.store import CallStore, SharedStore, Store
 from bridge.tasks import BackgroundTasks
 from bridge.transfer.controller import TransferController, TransferHost
-from carriers.base import Carrier, CarrierError
+from carriers.base import Carrier
 from media.clock import Clock, RealClock, TimerHandle
 from media.transport import MediaTransport
 
@@ -71,8 +71,6 @@ class ManagerCore:
         self.store: Store = store or CallStore(settings.store_dir)
         # Several nodes on one Redis: capacity and events are shared through it (bridge/cluster/)
         self.shared: SharedStore | None = self.store if isinstance(self.store, SharedStore) else None
-        # On a cluster: sends an event for a call this node does not carry to the node that does (True: sent)
-        self.event_forwarder: Callable[[CallEvent], Awaitable[bool]] | None = None
         self.responder = responder
         # Streaming replies with tools (the default); None or agent.responseMode batch: the Responder path.
         self.conversation = conversation
@@ -193,17 +191,6 @@ class ManagerCore:
                 self._schedule_store_retry()
 
         self.clock.call_later(STORE_RETRY_S, retry)
-
-    def announce_ended(self, call: CallRecord) -> None:
-        """Another node's call that this node ended (failover): its subscribers learn of it too."""
-        self._publish("call.ended", call, reason=call.endReason or "")
-
-    async def hangup_orphan(self, call: CallRecord) -> None:
-        """End at the carrier a call whose node is gone (failover); a failed request is logged, not raised."""
-        try:
-            await self.carrier.hangup_call(call, CallState.HANGUP_BOT)
-        except CarrierError as exc:
-            log.warning("call %s: failover hang-up failed: %s", call.callId, exc)
 
     def _stamp_node(self, call: CallRecord) -> None:
         if self.shared is not None:

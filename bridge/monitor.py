@@ -34,6 +34,9 @@ class Monitor:
         self.tracing = tracing
         self.turns = TurnTracker()
         self.manager: CallManager | None = None
+        # calls whose voice marks the turn's end itself (speech-to-speech: the model's VAD); their
+        # transcripts arrive later, whenever the model's transcription is done, and end no turn
+        self._voice_finals: set[str] = set()
 
     def attach(self, manager: CallManager) -> None:
         self.manager = manager
@@ -49,11 +52,12 @@ class Monitor:
             self.metrics.calls_ended.labels(carrier=call.provider, state=str(call.state)).inc()
             self.tracing.call_ended(call.callId, str(call.state))
             self.turns.forget(call.callId)
+            self._voice_finals.discard(call.callId)
         elif kind == "call.error":
             engine = extra.get("engine") or str(extra.get("error") or "").partition(":")[0]
             if engine in ENGINES:
                 self.metrics.engine_errors.labels(engine=engine).inc()
-        elif kind == "call.speech":
+        elif kind == "call.speech" and call.callId not in self._voice_finals:
             self.turn_mark(call.callId, "sttFinal")
         elif kind == "call.speaking":
             self.turn_mark(call.callId, "modelFirstToken")
@@ -71,8 +75,28 @@ class Monitor:
     def milestone_hook(self, call_id: str) -> Any:
         """`(milestone, ago=0.0)` for a call's voice (CallVoice `on_milestone`): reached `ago` seconds ago."""
         def hook(milestone: str, ago: float = 0.0) -> None:
+            if milestone == "sttFinal":
+                self._voice_finals.add(call_id)
             at = self.manager.clock.monotonic() - ago if self.manager is not None and ago else None
             self.turn_mark(call_id, milestone, at)
+        return hook
+
+    def turn_note(self, call_id: str, *, mode: str | None = None, interrupted: bool = False) -> None:
+        """The turn's driver notes its mode (on the turn in progress) or that the caller cut the
+        answer off (on the turn in progress, else on the call's last recorded turn)."""
+        turn = self.turns.current(call_id)
+        if mode is not None and turn is not None and turn.mode is None:
+            turn.mode = mode
+        if not interrupted or self.manager is None:
+            return
+        call = self.manager.get_call(call_id)
+        if call is not None and call.turns:  # a turn is recorded at its first audio: the cut one is the last
+            call.turns[-1].interrupted = True
+
+    def turn_note_hook(self, call_id: str) -> Any:
+        """`(mode=None, interrupted=False)` for a call's voice (CallVoice `on_turn_note`)."""
+        def hook(*, mode: str | None = None, interrupted: bool = False) -> None:
+            self.turn_note(call_id, mode=mode, interrupted=interrupted)
         return hook
 
     def _completed(self, turn: Turn) -> None:
@@ -82,12 +106,13 @@ class Monitor:
         call = self.manager.get_call(turn.call_id) if self.manager is not None else None
         if call is None or self.manager is None:
             return
-        record = turn.record()
-        turns = call.metadata.setdefault("turns", [])
-        turns.append(record)
-        del turns[:-MAX_TURNS_KEPT]
+        start = turn.start
+        clock = self.manager.clock
+        record = turn.record(None if start is None else round(clock.time() - (clock.monotonic() - start), 3))
+        call.turns.append(record)
+        del call.turns[:-MAX_TURNS_KEPT]
         self.manager.save(call)
-        self.manager.publish("call.turn", call, turn=record)
+        self.manager.publish("call.turn", call, turn=record.to_json())
 
     # ------------------------------------------------------------ carrier REST (carriers/http.py observer)
     def on_carrier_request(self, carrier: str, method: str, path: str, status: int | None,

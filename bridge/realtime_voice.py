@@ -86,6 +86,8 @@ class RealtimeVoice:
         apology: str = APOLOGY,
         clock: Clock | None = None,
         input_chunk_ms: int = 40,
+        on_milestone: Callable[..., None] | None = None,
+        on_turn_note: Callable[..., None] | None = None,
     ) -> None:
         self.call = call
         self.call_id = call.callId
@@ -122,6 +124,14 @@ class RealtimeVoice:
         # what 20 ms frames would cost, for 20 ms more before the model hears the caller.
         self._in_buf = bytearray()
         self._in_chunk = max(1, int(input_chunk_ms * bytes_per_ms))
+        self._in_bytes_per_ms = bytes_per_ms
+        # turn timing (bridge/turnmarks.py): how much caller audio this session's model has had, to date
+        # its `audio_end_ms`; counted again from 0 when a reconnect opens a new session
+        self._milestone = on_milestone
+        self._turn_note = on_turn_note
+        self._sent_ms = 0.0
+        self._sent_link = 0
+        self._marked_responses: set[str] = set()
         self._items: dict[str, _Item] = {}
         self._cut: set[str] = set()  # items the caller talked over: their late audio is dropped
         self._responses: dict[str, str | None] = {}  # response id -> say tag
@@ -166,8 +176,43 @@ class RealtimeVoice:
             return
         self._in_buf += audio
         if len(self._in_buf) >= self._in_chunk:
-            self.connection.send_audio(bytes(self._in_buf))
+            self._send_audio(bytes(self._in_buf))
             self._in_buf.clear()
+
+    def _send_audio(self, audio: bytes) -> None:
+        if self.connection.connects != self._sent_link:
+            self._sent_link, self._sent_ms = self.connection.connects, 0.0
+        self._sent_ms += len(audio) / self._in_bytes_per_ms
+        self.connection.send_audio(audio)
+
+    # ---- turn timing
+    def mark(self, milestone: str, ago: float = 0.0) -> None:
+        if self._milestone is not None:
+            self._milestone(milestone, ago)
+
+    def note_turn(self, *, mode: str | None = None, interrupted: bool = False) -> None:
+        if self._turn_note is not None:
+            self._turn_note(mode=mode, interrupted=interrupted)
+
+    def on_first_audio(self, label: str | None) -> None:
+        if label != "dtmf":
+            self.mark("firstAudioOut")
+
+    def on_speech_ended(self, ago: float) -> None:
+        # the bridge's VAD: the caller's end of speech when the provider does not report it (Gemini)
+        if not getattr(self.protocol, "reports_speech_end", False):
+            self.mark("speechEnd", ago)
+            self.note_turn(mode="realtime")
+
+    def _speech_stopped(self, audio_end_ms: int | None) -> None:
+        """The model's VAD ended the caller's turn: the speech ended `audio_end_ms` into the audio it
+        had (dated back from what was sent since), and the bridge learns it now (the `stt` part)."""
+        ago = 0.0
+        if audio_end_ms is not None and self.connection.connects == self._sent_link:
+            ago = max(0.0, (self._sent_ms - audio_end_ms) / 1000)
+        self.mark("speechEnd", ago)
+        self.mark("sttFinal")
+        self.note_turn(mode="realtime")
 
     def _fill_gap(self) -> None:
         if self._closed:
@@ -175,9 +220,9 @@ class RealtimeVoice:
         now = self._clock.monotonic()
         if now - self._last_in >= GAP_FILL_S and self.connection.ready.is_set() and not self.muted:
             if self._in_buf:
-                self.connection.send_audio(bytes(self._in_buf))
+                self._send_audio(bytes(self._in_buf))
                 self._in_buf.clear()
-            self.connection.send_audio(self._gap_silence)
+            self._send_audio(self._gap_silence)
             self._last_in = now
         self._gap_timer = self._clock.call_later(GAP_FILL_S, self._fill_gap)
 
@@ -196,6 +241,8 @@ class RealtimeVoice:
             self._audio(event)
         elif isinstance(event, ev.AudioDone):
             self._end_item(event.item_id)
+        elif isinstance(event, ev.SpeechStopped):
+            self._speech_stopped(event.audio_end_ms)
         elif isinstance(event, ev.SpeechStarted):
             self._provider_barge = True
             if self._barge_in:
@@ -240,6 +287,10 @@ class RealtimeVoice:
             self._with_audio.add(event.response_id)
             self._items[event.item_id] = item
             item.task = self._spawn(self._play(item))
+        if event.response_id not in self._marked_responses:  # the model's first audio of this answer
+            self._marked_responses.add(event.response_id)
+            self.mark("modelFirstToken")
+            self.mark("ttsFirstByte")
         pcm = self.protocol.decode_output(event.audio)
         item.audio_ms += len(pcm) / 2 / self.protocol.output_rate * 1000
         item.queue.put_nowait(pcm)
@@ -263,6 +314,8 @@ class RealtimeVoice:
         item.result = result
         self._items.pop(item.item_id, None)
         if result.interrupted:
+            if item.tag is None:  # an answer, not the agent's words
+                self.note_turn(interrupted=True)
             self._cut.add(item.item_id)
             heard = int(result.heard_ms)
             self.truncations.append((item.item_id, heard))

@@ -27,8 +27,10 @@ TOLERANCE_S = 300
 def build_report(call: CallRecord, *, delivery_id: str, recording: str | None = None) -> dict[str, Any]:
     view = call.public_view()
     meta = view.get("metadata") or {}
-    latencies = {key: meta[key] for key in ("turnLatenciesMs", "lastTurnLatencyMs", "lastTurnListenWaitMs",
-                                            "lastResponseLatencyMs") if key in meta}
+    latencies: dict[str, Any] = {key: meta[key] for key in ("turnLatenciesMs", "lastTurnLatencyMs",
+                                                            "lastTurnListenWaitMs", "lastResponseLatencyMs") if key in meta}
+    if call.turns:  # voice-to-voice turns, per part (bridge/turnmarks.py)
+        latencies["turns"] = [t.to_json() for t in call.turns]
     duration = round(call.endedAt - call.answeredAt, 3) if call.endedAt and call.answeredAt else None
     return {
         "event": EVENT,

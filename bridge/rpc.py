@@ -35,9 +35,14 @@ INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 CALL_FAILED = -32000
+CALL_MOVED = -32011  # a routed command reached a node that no longer carries the call (it is moving)
+MOVE_RETRIES = 5
+MOVE_RETRY_S = 0.1
 # Commands about one call: on a cluster, run by the node that carries the call (bridge/cluster/router.py)
 ROUTED = frozenset({"voicecall.continue", "voicecall.continue.start", "voicecall.speak", "voicecall.end",
-                    "voicecall.status", "voicecall.dtmf", "voicecall.transfer"})
+                    "voicecall.status", "voicecall.dtmf", "voicecall.consult.reply", "voicecall.transfer"})
+# On a cluster a continueId ends in `@<node id>`: the node whose job it is answers `continue.result`
+CONTINUE_NODE_SEP = "@"
 
 MAX_DTMF_DIGITS = 32  # a carrier plays ~10 keys/s; longer strings tie up the call and the RPC
 MAX_LIST_LIMIT = 1000
@@ -112,13 +117,20 @@ class RpcDispatcher:
             params = {}
         if not isinstance(params, dict):
             raise RpcError(INVALID_PARAMS, "params must be an object")
-        if route and self.router is not None and method in ROUTED:
-            owner = await self._remote_owner(params)
-            if owner is not None:
+        if route and self.router is not None and method in ROUTED | {"voicecall.continue.result"}:
+            for attempt in range(MOVE_RETRIES):
+                owner = self._job_node(params) if method == "voicecall.continue.result" \
+                    else await self._remote_owner(params)
+                if owner is None:
+                    break
                 try:
                     return await self.router.forward(owner, method, params, self._route_timeout(method))
                 except RouteError as exc:
-                    raise RpcError(exc.code, exc.message) from None
+                    if exc.code == CALL_MOVED and method == "voicecall.status" and attempt == MOVE_RETRIES - 1:
+                        return await self._status_from_store(params)  # e.g. ended long ago, no longer in memory
+                    if exc.code != CALL_MOVED or attempt == MOVE_RETRIES - 1:
+                        raise RpcError(exc.code, exc.message) from None
+                await self.manager.clock.sleep(MOVE_RETRY_S)  # the new owner's write follows the release
         try:
             return await handler(params)
         except CallError as exc:
@@ -133,6 +145,18 @@ class RpcDispatcher:
         owner = await self.router.owner(call_id)
         return owner if owner and owner != self.router.node_id else None
 
+    async def _status_from_store(self, params: dict[str, Any]) -> dict[str, Any]:
+        assert self.router is not None
+        loaded = await self.router.store.load(str(params.get("callId") or params.get("sid")))
+        return {"found": True, "call": loaded[0].public_view()} if loaded else {"found": False}
+
+    def _job_node(self, params: dict[str, Any]) -> str | None:
+        """The node that runs a `continue.start` job, from its id (None: this one)."""
+        assert self.router is not None
+        job = params.get("continueId")
+        node = job.rpartition(CONTINUE_NODE_SEP)[2] if isinstance(job, str) and CONTINUE_NODE_SEP in job else None
+        return node if node and node != self.router.node_id else None
+
     def _route_timeout(self, method: str) -> float:
         if method == "voicecall.continue":  # waits for the callee's answer on the owner
             return self.manager.settings.transcriptTimeoutMs / 1000 + 30
@@ -142,6 +166,10 @@ class RpcDispatcher:
         return 30.0
 
     async def call_here(self, method: str, params: dict[str, Any]) -> Any:
+        """A command another node routed here because Redis names this node as the call's owner."""
+        call_id = params.get("callId") or params.get("sid")
+        if method in ROUTED and isinstance(call_id, str) and self.manager.find_call(call_id, call_id) is None:
+            raise RpcError(CALL_MOVED, f"call {call_id} is moving between nodes; try again")
         return await self.call(method, params, route=False)
 
     # ---------------------------------------------------------------- voicecall.*
@@ -150,12 +178,20 @@ class RpcDispatcher:
             raise RpcError(INVALID_PARAMS, "parameter `to` is empty: give a number or leave it out for toNumber")
         call = await self.manager.initiate(_str(p, "to", required=False), _str(p, "message") or "",
                                            _str(p, "mode", required=False), **_call_options(p))
+        await self._visible()
         return {"callId": call.callId, "initiated": True}
+
+    async def _visible(self) -> None:
+        """On a cluster: the new call's record is in Redis before its id is returned, so a command for
+        it on any node finds its owner."""
+        if self.router is not None and self.manager.shared is not None:
+            await self.manager.shared.drain()
 
     async def _start_legacy(self, p: dict[str, Any]) -> dict[str, Any]:
         message = _str(p, "message", required=False) or "Hello"
         call = await self.manager.initiate(_str(p, "to"), message, _str(p, "mode", required=False),
                                            **_call_options(p))
+        await self._visible()
         return {"callId": call.callId, "initiated": True}
 
     async def _continue(self, p: dict[str, Any]) -> dict[str, Any]:
@@ -166,13 +202,16 @@ class RpcDispatcher:
         call_id, message = _str(p, "callId") or "", _str(p, "message") or ""
         call = self.manager.answered_call(call_id)  # refuse at once, not at the first poll
         continue_id = self.continues.start(call.callId, self.manager.continue_call(call.callId, message))
+        if self.router is not None:
+            continue_id = f"{continue_id}{CONTINUE_NODE_SEP}{self.router.node_id}"
         return {"continueId": continue_id, "callId": call.callId, "started": True}
 
     async def _continue_result(self, p: dict[str, Any]) -> dict[str, Any]:
-        result = self.continues.result(_str(p, "continueId") or "")
+        continue_id = _str(p, "continueId") or ""
+        result = self.continues.result(continue_id.partition(CONTINUE_NODE_SEP)[0])
         if result is None:
             raise RpcError(INVALID_PARAMS, "unknown or expired `continueId`")
-        return result
+        return {**result, "continueId": continue_id}
 
     async def _speak(self, p: dict[str, Any]) -> dict[str, Any]:
         await self.manager.speak(_str(p, "callId") or "", _str(p, "message") or "")
@@ -195,6 +234,9 @@ class RpcDispatcher:
 
     async def _list(self, p: dict[str, Any]) -> dict[str, Any]:
         limit = _int(p, "limit", 50, 1, MAX_LIST_LIMIT)
+        if self.router is not None and not _bool(p, "here"):  # a cluster: every node's calls, from Redis
+            calls = await self.router.store.recent_calls(limit, active=_bool(p, "active"))
+            return {"calls": [c.public_view() for c in calls]}
         calls = self.manager.active_calls() if _bool(p, "active") else list(self.manager.calls.values())
         calls = sorted(calls, key=lambda c: c.startedAt)[-limit:]
         return {"calls": [c.public_view() for c in calls]}

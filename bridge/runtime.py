@@ -20,11 +20,11 @@ from bridge.monitor import Monitor
 from bridge.prewarm import PrewarmingFactory, SttPrewarm, expected_wire
 from bridge.responder import create_responder
 from bridge.rpc import RpcDispatcher, RpcEndpoint, describe_error
-from bridge.server import create_app
+from bridge.server import STREAM_HANDLER_KEY, WEBHOOK_KEY, create_app
 from bridge.store import child_path
 from bridge.tracing import Tracing
 from bridge.voice import CallVoice
-from carriers.base import Carrier, CarrierError, request_observers
+from carriers.base import Carrier, CarrierError, StreamStart, request_observers
 from carriers.registry import create_carrier
 from media.clock import Clock, RealClock
 from media.transport import MediaTransport
@@ -33,9 +33,14 @@ if TYPE_CHECKING:
     import asyncio
 
     from bridge.cluster.failover import Failover
+    from bridge.cluster.handover import Handover
+    from bridge.cluster.router import ClusterRouter
     from bridge.cluster.shared_log import SharedCallLog
 
 log = logging.getLogger(__name__)
+
+
+HANDOVER_WAIT_S = 5.0  # at shutdown, how long calls with media may take to re-attach elsewhere
 
 
 class StartupError(RuntimeError):
@@ -75,7 +80,7 @@ def voice_factory(settings: Settings, carrier: Carrier, monitor: Monitor | None 
 
         # a RealtimeVoice has the surface the manager uses of a CallVoice (start, close, say, interrupt,
         # bridge, the MediaListener callbacks); tests/test_realtime_protocols.py checks it stays so
-        realtime = RealtimeVoices(settings, tts, inband_dtmf=inband_dtmf, recorder=recorder_for)
+        realtime = RealtimeVoices(settings, tts, inband_dtmf=inband_dtmf, recorder=recorder_for, monitor=monitor)
 
         def briefing_voice(call: CallRecord, transport: MediaTransport, emit: Callable[[CallEvent], None]) -> CallVoice:
             return CallVoice(call_id=call.callId, transport=transport, tts=tts, stt_engine=None, emit=emit,
@@ -105,6 +110,7 @@ def voice_factory(settings: Settings, carrier: Carrier, monitor: Monitor | None 
             inband_dtmf=inband_dtmf,
             echo=settings.streaming.echo,
             on_milestone=monitor.milestone_hook(call.callId) if monitor is not None else None,
+            on_turn_note=monitor.turn_note_hook(call.callId) if monitor is not None else None,
         )
         if monitor is not None:
             monitor.metrics.track_media(voice.bridge)
@@ -183,19 +189,21 @@ class Runtime:
             from bridge.cluster.router import ClusterRouter
 
             self.dispatcher.router = ClusterRouter(self.shared.store, self.shared.node_id, self.manager.clock,
-                                                   self.dispatcher.call_here, describe_error, self._apply_routed)
-            self.manager.event_forwarder = self.dispatcher.router.forward_event
+                                                   self.dispatcher.call_here, describe_error)
         self.failover: Failover | None = None
+        self.handover: Handover | None = None
         if self.shared is not None and settings.cluster is not None:
             from bridge.cluster.failover import Failover
 
             self.failover = Failover(self.shared.store, self.shared.node_id, settings.cluster.leaseSeconds,
-                                     self.manager.clock, self.manager.hangup_orphan, self.manager.announce_ended)
+                                     self.manager.clock, self.manager)
         token = settings.rpc.token.get_secret_value() if settings.rpc.token else None
         limits = settings.webhookSecurity
         self.rpc = RpcEndpoint(self.dispatcher, token, max_body_bytes=limits.maxBodyBytes,
                                body_timeout_s=limits.bodyTimeoutMs / 1000)
         self.app = create_app(self.manager, self.rpc, self.metrics, self.tracing)
+        if self.shared is not None and self.dispatcher.router is not None:
+            self._join_cluster(self.shared, self.dispatcher.router)
         if settings.console.enabled:
             from bridge.console.routes import add_console
 
@@ -205,8 +213,21 @@ class Runtime:
         self._tunnel: Any = None
         self.port: int | None = None
 
-    def _apply_routed(self, event: CallEvent) -> None:
-        self.manager.process_event(event)
+    def _join_cluster(self, shared: SharedCallLog, router: ClusterRouter) -> None:
+        """Webhooks for other nodes' calls go there; a media stream moves its call here."""
+        from bridge.cluster.handover import Handover
+        from bridge.cluster.webhooks import WEBHOOK_METHOD, WebhookRouting
+
+        self.handover = Handover(shared.store, router, self.manager, self.manager.clock, shared.drain)
+        webhook = self.app[WEBHOOK_KEY]
+        webhook.routing = WebhookRouting(shared.store, router, self.handover, webhook.call_of)
+        router.internal[WEBHOOK_METHOD] = webhook.process_forwarded
+        handover, carrier = self.handover, self.carrier.name
+
+        async def take_over(start: StreamStart) -> bool:
+            return await handover.take_for_stream(carrier, start.provider_call_id, start.call_id, start.token)
+
+        self.app[STREAM_HANDLER_KEY].take_over = take_over
 
     async def start(self, *, port: int | None = None) -> int:
         settings = self.settings
@@ -293,12 +314,19 @@ class Runtime:
             await self._tunnel.stop()
             self._tunnel = None
         self.manager.stopping = True
+        if self.dispatcher.router is not None:  # others take this node's calls over from now on
+            self.dispatcher.router.draining = True
+        # calls with media here: their carrier asks for a new stream when ours closes (a re-attach)
+        moving = [c.callId for c in self.manager.active_calls() if self.manager.voice(c.callId) is not None]
         if self._runner is not None:
             await self._runner.cleanup()  # closes media streams and RPC sockets first
             self._runner = None
         await self.dispatcher.continues.close()
         if self.dispatcher.router is not None:
             await self.dispatcher.router.close()
+        if self.handover is not None and moving and not self.crashed:
+            # the lease goes last: survivors' sweeps would otherwise end calls that are being re-attached
+            await self.handover.wait_moved(moving, HANDOVER_WAIT_S)
         if self.failover is not None:
             await self.failover.close(release=not self.crashed)
         if self.manager.started:

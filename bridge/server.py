@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -25,6 +26,7 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
+from bridge.cluster.forwarded import hook_from_json
 from bridge.metrics import CONTENT_TYPE
 from bridge.security import ReplayCache, UntrustedHost, resolve_public_url
 from bridge.streams import StreamGate, StreamHandler
@@ -32,6 +34,7 @@ from carriers.base import WebhookReply, WebhookRequest, WebhookVerdict
 from media.untrusted import MAX_DEPTH, nesting_depth
 
 if TYPE_CHECKING:
+    from bridge.cluster.webhooks import WebhookRouting
     from bridge.manager import CallManager
     from bridge.metrics import Metrics
     from bridge.rpc import RpcEndpoint
@@ -53,6 +56,7 @@ class WebhookHandler:
         self.replays = ReplayCache(max_entries=security.replayCacheSize, ttl_seconds=security.replayWindowSeconds,
                                    clock=manager.clock)
         self._uploading: Counter[str] = Counter()
+        self.routing: WebhookRouting | None = None  # on a cluster: deliveries for other nodes' calls go there
 
     @property
     def uploading(self) -> int:
@@ -101,23 +105,38 @@ class WebhookHandler:
                     del self._uploading[ip]
         if isinstance(checked, web.StreamResponse):
             return checked
-        foreign = await self._forward_foreign(*checked) if self.manager.event_forwarder is not None else frozenset()
-        return self._process(*checked, foreign)
+        if self.routing is not None:
+            reply = await self.routing.route(*checked)
+            if reply is not None:
+                return web.Response(status=reply.status, text=reply.body, content_type=reply.content_type)
+        return self._process(*checked)
 
-    async def _forward_foreign(self, hook: WebhookRequest, verdict: WebhookVerdict | None) -> frozenset[int]:
-        """On a cluster: the events of this delivery that another node's call owns, sent to that node.
-        Returns their indexes, which `_apply` then skips."""
+    def call_of(self, hook: WebhookRequest) -> tuple[str | None, str | None]:
+        """(our call id, the carrier's call id) of a delivery about a call this node does not carry;
+        (None, None) when it carries it or the delivery names no call (a new inbound call)."""
+        manager = self.manager
+        query_id = hook.query_value("callId")
+        if query_id and manager.find_call(query_id) is not None:
+            return None, None
         try:
-            events = self.manager.carrier.parse_webhook(hook, self.manager).events
+            events = manager.carrier.parse_webhook(hook, manager).events
         except Exception:  # noqa: BLE001 - `_process` answers what cannot be parsed
-            return frozenset()
-        sent: set[int] = set()
-        for index, event in enumerate(events):
-            if verdict is not None and verdict.replay_key and event.dedupe_key is None:
-                event.dedupe_key = f"{verdict.replay_key}:{index}"
-            if await self.manager.forward_event(event):
-                sent.add(index)
-        return frozenset(sent)
+            events = []
+        for event in events:
+            if manager.find_call(event.call_id, event.provider_call_id) is not None:
+                return None, None
+            if event.call_id or event.provider_call_id:
+                return event.call_id or query_id, event.provider_call_id
+        return query_id, None
+
+    async def process_forwarded(self, params: dict[str, object]) -> dict[str, object]:
+        """`cluster.webhook`: a delivery another node received for a call this node carries."""
+        hook, verdict = hook_from_json(params)
+        response = self._process(hook, verdict)
+        if self.manager.shared is not None:
+            await self.manager.shared.drain()  # what the reply points at (a stream token) is in Redis first
+        assert isinstance(response, web.Response)
+        return {"status": response.status, "body": response.text or "", "contentType": response.content_type}
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.manager.settings.webhookSecurity.maxBodyBytes
@@ -192,20 +211,18 @@ class WebhookHandler:
         checked = self.verify(hook, not self.manager.settings.skipSignatureVerification)
         return checked if isinstance(checked, web.StreamResponse) else self._process(*checked)
 
-    def _process(self, hook: WebhookRequest, verdict: WebhookVerdict | None,
-                 foreign: frozenset[int] = frozenset()) -> web.StreamResponse:
+    def _process(self, hook: WebhookRequest, verdict: WebhookVerdict | None) -> web.StreamResponse:
         carrier = self.manager.carrier
         if hook.body.lstrip()[:1] in (b"{", b"[") and nesting_depth(hook.body) > MAX_DEPTH:
             log.warning("webhook refused: JSON nested deeper than %d levels", MAX_DEPTH)
             return self._reply(400, "Bad Request")
         try:
-            return self._apply(hook, verdict, foreign)
+            return self._apply(hook, verdict)
         except Exception as exc:  # noqa: BLE001 - odd input that slipped past validation is a 400, not a 500
             log.warning("webhook refused: %s could not use it (%s)", carrier.name, type(exc).__name__)
             return self._reply(400, "Bad Request")
 
-    def _apply(self, hook: WebhookRequest, verdict: WebhookVerdict | None,
-               foreign: frozenset[int] = frozenset()) -> web.StreamResponse:
+    def _apply(self, hook: WebhookRequest, verdict: WebhookVerdict | None) -> web.StreamResponse:
         carrier = self.manager.carrier
         replay = bool(verdict and verdict.replay_key and self.replays.check_and_remember(verdict.replay_key))
         result = carrier.parse_webhook(hook, self.manager)
@@ -219,9 +236,6 @@ class WebhookHandler:
             for index, event in enumerate(result.events):
                 if verdict is not None and verdict.replay_key and event.dedupe_key is None:
                     event.dedupe_key = f"{verdict.replay_key}:{index}"
-                if index in foreign:  # applied by the node that carries the call
-                    fresh = True
-                    continue
                 fresh = fresh or not self.manager.has_processed(event)
                 processed = self.manager.process_event(event)
                 call = call or processed
@@ -294,6 +308,7 @@ def create_app(manager: CallManager, rpc: RpcEndpoint, metrics: Metrics,
             body["problems"] = [f"call log not writable ({store.last_error}); {store.pending} record(s) kept in memory"]
         if manager.shared is not None:
             body["node"] = manager.shared.node_id  # which node (process) answered, behind a balancer
+            body["pid"] = os.getpid()  # which worker process, for a supervisor's restart to be seen
         return web.json_response(body)
 
     async def metrics_view(_: web.Request) -> web.Response:

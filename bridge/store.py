@@ -147,7 +147,7 @@ class CallStore:
 
     def append(self, record: CallRecord) -> bool:
         """Write the record (after any kept from a failed write); False if it is kept in memory instead."""
-        line = (json.dumps(record.to_json(), separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+        line = (record.json_text() + "\n").encode()
         with self._lock:
             self._pending.pop(record.callId, None)
             self._pending[record.callId] = line

@@ -15,7 +15,7 @@ import asyncio
 import contextvars
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -134,6 +134,8 @@ class StreamHandler:
         self.gate = gate
         self.metrics = metrics
         self.sockets: set[web.WebSocketResponse] = set()
+        # On a cluster: makes this node the owner of the call a stream starts for (True: it is now)
+        self.take_over: Callable[[StreamStart], Awaitable[bool]] | None = None
 
     async def close_all(self) -> None:
         """On shutdown: close every media stream so no handler keeps the server waiting."""
@@ -176,6 +178,10 @@ class StreamHandler:
                 return ws
             call = self.manager.accept_stream(self.manager.carrier.name, start.provider_call_id,
                                               start.call_id, start.token)
+            if call is None and self.take_over is not None and await self.take_over(start):
+                # on a cluster: the node that accepts the media carries the call (bridge/cluster/handover.py)
+                call = self.manager.accept_stream(self.manager.carrier.name, start.provider_call_id,
+                                                  start.call_id, start.token)
             if call is None:
                 await ws.close(code=CLOSE_POLICY, message=b"Unknown call")
                 return ws

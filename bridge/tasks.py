@@ -41,6 +41,13 @@ class BackgroundTasks:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
+    def cancel_named(self, suffix: str) -> int:
+        """Cancel the tasks whose name ends with `suffix` (one call's work, named `<what>-<call id>`)."""
+        tasks = [task for task in self._tasks if task.get_name().endswith(suffix)]
+        for task in tasks:
+            task.cancel()
+        return len(tasks)
+
     async def cancel(self) -> None:
         """Cancel every task and wait for them to finish."""
         tasks = list(self._tasks)

@@ -12,7 +12,8 @@ The bot's playback and the caller's thinking time are outside every turn by cons
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+
+from bridge.calls import TurnRecord
 
 MILESTONES = ("speechEnd", "sttFinal", "modelFirstToken", "firstPiece", "ttsFirstByte", "firstAudioOut")
 PARTS: dict[str, tuple[str, str]] = {
@@ -40,14 +41,22 @@ class Turn:
     call_id: str
     number: int
     marks: dict[str, float] = field(default_factory=dict)
+    mode: str | None = None  # noted by the turn's driver (streaming | batch | realtime)
 
     @property
     def parts(self) -> dict[str, float]:
         return turn_parts(self.marks)
 
-    def record(self) -> dict[str, Any]:
-        """What the call log keeps of a turn (in metadata.turns)."""
-        return {"n": self.number, **{f"{k}Ms": v for k, v in self.parts.items()}}
+    def record(self, started_unix: float | None) -> TurnRecord:
+        """What the call record keeps of a turn (`CallRecord.turns`)."""
+        parts = self.parts
+        return TurnRecord(n=self.number, at=started_unix, mode=self.mode, sttMs=parts.get("stt"),
+                          modelMs=parts.get("model"), pieceMs=parts.get("piece"), ttsMs=parts.get("tts"),
+                          bridgeMs=parts.get("bridge"), totalMs=parts.get("total"))
+
+    @property
+    def start(self) -> float | None:
+        return next((self.marks[m] for m in MILESTONES if m in self.marks), None)
 
 
 class TurnTracker:
@@ -88,6 +97,10 @@ class TurnTracker:
             self._closed_at[call_id] = at
             return turn
         return None
+
+    def current(self, call_id: str) -> Turn | None:
+        """The call's turn in progress, if any."""
+        return self._open.get(call_id)
 
     def forget(self, call_id: str) -> None:
         self._open.pop(call_id, None)

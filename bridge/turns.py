@@ -105,7 +105,7 @@ class Turns(Lifecycle):
         agent = self._agent(call).agent  # the call's number may have its own (`numbers`)
         return self.conversation is not None and agent.responseMode == "streaming" and agent.responseContract == "tools"
 
-    async def _respond(self, call: CallRecord, heard_at: float) -> None:
+    async def _respond(self, call: CallRecord) -> None:
         """One reply turn per call at a time: newer caller words supersede a reply still running."""
         old = self._replies.get(call.callId)
         if old is not None and not old.done():
@@ -128,7 +128,7 @@ class Turns(Lifecycle):
             self._replies[call.callId] = me
         try:
             if self._streaming_replies(call) and self.conversation is not None:
-                await self.conversation.respond(call, self, heard_at)
+                await self.conversation.respond(call, self)
             else:
                 await self._auto_respond(call)
         except CallError as exc:
@@ -141,6 +141,9 @@ class Turns(Lifecycle):
         """The batch path: the whole reply (JSON contract), then speak it."""
         if self.responder is None or call.terminal:
             return
+        voice = self._voices.get(call.callId)
+        if voice is not None:
+            voice.note_turn(mode="batch")
         started = self.clock.monotonic()
         try:
             reply = await self.responder.reply(call.transcript)

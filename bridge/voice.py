@@ -47,10 +47,18 @@ class CallVoice:
         inband_dtmf: bool | None = None,
         echo: bool = False,
         on_milestone: Callable[..., None] | None = None,
+        on_turn_note: Callable[..., None] | None = None,
     ) -> None:
         self.call_id = call_id
         self.tts = tts
         self._emit = emit
+        self.stt: SttSession | None = (
+            stt_engine.open(sample_rate=pipeline_rate, on_event=self._on_stt, wire_format=transport.format)
+            if stt_engine else None
+        )
+        # Read by the MediaPipeline: an STT that takes the wire payloads (or none at all) needs no
+        # pipeline-rate copy of the caller, so the inbound resampler is skipped (~1/4 of a call's CPU).
+        self.wants_pipeline_audio = echo or (self.stt is not None and not self.stt.wants_wire)
         self.bridge = MediaPipeline(transport, self, pipeline_rate=pipeline_rate, recorder=recorder,
                                   inband_dtmf=inband_dtmf, vad_barge_in=barge_in and not echo,
                                   stall_timeout_s=None if echo else 8.0)
@@ -58,16 +66,13 @@ class CallVoice:
         # Benchmark mode: the caller's audio is played straight back through the whole media path.
         self._echo: asyncio.Queue[bytes | None] | None = asyncio.Queue() if echo else None
         self._echo_task: asyncio.Task[None] | None = None
-        self.stt: SttSession | None = (
-            stt_engine.open(sample_rate=pipeline_rate, on_event=self._on_stt, wire_format=transport.format)
-            if stt_engine else None
-        )
         self._closed = False
         # Set while the call is relayed to a person (warm transfer). The cascade has no model of its own
         # on the line (the manager holds replies), so its STT goes on: the transcript keeps both sides.
         self.muted = False
         # Turn timing (bridge/turnmarks.py): told when TTS audio first arrives and first leaves.
         self._milestone = on_milestone
+        self._turn_note = on_turn_note
 
     async def start(self) -> None:
         if self._echo is not None:
@@ -103,6 +108,11 @@ class CallVoice:
         if self._milestone is not None:
             self._milestone(milestone, ago)
 
+    def note_turn(self, *, mode: str | None = None, interrupted: bool = False) -> None:
+        """Tell the turn record what drove the turn, or that the caller cut the answer off."""
+        if self._turn_note is not None:
+            self._turn_note(mode=mode, interrupted=interrupted)
+
     def on_speech_ended(self, ago: float) -> None:
         # The local VAD heard the caller fall silent; an engine that reports it itself is preferred.
         if self.stt is None or not self.stt.reports_speech_end:
@@ -119,7 +129,7 @@ class CallVoice:
         if event.kind == "speech_started":
             self.bridge.on_speech_started()
         elif event.kind == "speech_ended":
-            self.mark("speechEnd")
+            self.mark("speechEnd", event.ago_s)
         elif event.kind == "error":
             log.warning("call %s: speech recognition error: %s", self.call_id, event.text)
             # engines report "error" only once their session gave up (after their own reconnects)

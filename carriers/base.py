@@ -390,6 +390,11 @@ class Carrier(ABC):
         """Terminal or not, per the carrier; None when unknown."""
         return None
 
+    async def reattach_media(self, call: CallRecord) -> bool:
+        """Ask the carrier for a new media stream to `host.stream_url()` for a live, answered call whose
+        stream went away with its node (cluster failover). False: this carrier cannot, the call is ended."""
+        return False
+
     def verify_webhook(self, request: WebhookRequest) -> WebhookVerdict:
         return WebhookVerdict(ok=False, reason=f"{self.name} does not take webhooks")
 

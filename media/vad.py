@@ -4,9 +4,12 @@ speech-started event. Works per 20 ms frame of PCM16 mono at any rate (sans-I/O)
 from __future__ import annotations
 
 import math
+import warnings
 from collections import deque
 
-import numpy as np
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import audioop  # the C RMS (stdlib up to 3.12, `audioop-lts` from 3.13), as media/g711.py uses
 
 
 class EnergyVad:
@@ -34,7 +37,11 @@ class EnergyVad:
         self.start_frames = start_frames
         self.hangover_frames = hangover_frames
         self._initial = initial_floor_dbfs
-        self._levels: deque[float] = deque(maxlen=max(1, round(window_s * 1000 / frame_ms)))
+        self._window = max(1, round(window_s * 1000 / frame_ms))
+        # the floor: a sliding-window minimum kept as a monotonic deque of (frame number, level),
+        # O(1) per frame instead of a min() over the whole window
+        self._mins: deque[tuple[int, float]] = deque()
+        self._frames = 0
         self._above = 0
         self._below = 0
         self.speaking = False
@@ -43,15 +50,23 @@ class EnergyVad:
 
     @property
     def floor_dbfs(self) -> float:
-        return min(self._levels) if self._levels else self._initial
+        return self._mins[0][1] if self._mins else self._initial
 
     @staticmethod
     def level_dbfs(pcm: bytes) -> float:
-        x = np.frombuffer(pcm, dtype="<i2").astype(np.float32)
-        if not len(x):
+        if len(pcm) < 2:
             return -120.0
-        ms = float(np.dot(x, x)) / len(x)
-        return 10 * math.log10(ms / (32768.0 * 32768.0) + 1e-12)
+        rms = audioop.rms(pcm[: len(pcm) & ~1], 2)
+        return 10 * math.log10(rms * rms / (32768.0 * 32768.0) + 1e-12)
+
+    def _remember(self, level: float) -> None:
+        n = self._frames = self._frames + 1
+        mins = self._mins
+        while mins and mins[-1][1] >= level:
+            mins.pop()
+        mins.append((n, level))
+        if mins[0][0] <= n - self._window:
+            mins.popleft()
 
     def process(self, pcm: bytes) -> bool:
         """Feed one frame; True exactly when speech starts (`ended` tells when it stopped)."""
@@ -60,7 +75,7 @@ class EnergyVad:
             return False
         level = self.level_dbfs(pcm)
         loud = level > max(self.floor_dbfs + self.threshold_db, self.min_dbfs)
-        self._levels.append(level)
+        self._remember(level)
         if loud:
             self._above += 1
             self._below = 0

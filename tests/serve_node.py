@@ -78,4 +78,5 @@ class ServeNode:
         return RpcClient(f"http://127.0.0.1:{self.http_port}/rpc")
 
     async def calls(self) -> list[dict[str, Any]]:
-        return list((await self.rpc().call("voicecall.list", {"limit": 100}))["calls"])
+        # `here`: the calls this node carries (on a cluster the list is every node's)
+        return list((await self.rpc().call("voicecall.list", {"limit": 100, "here": True}))["calls"])

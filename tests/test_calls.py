@@ -105,3 +105,20 @@ def test_typed_bookkeeping_reads_old_call_log_records_and_keeps_their_shape() ->
     bare = CallRecord.from_json({**old, "metadata": {}})
     assert (bare.mode, bare.initial_message, bare.media_attached, bare.previous_provider_call_ids) == (
         CallMode.CONVERSATION, "", False, [])
+
+
+def test_json_text_is_to_json_without_the_copies() -> None:
+    """The call log's fast path writes exactly what `to_json` describes, for a record using every field."""
+    import json as _json
+
+    from bridge.calls import ToolCallEntry, TranscriptEntry, TransferRecord, TurnRecord
+
+    call = CallRecord(callId="c-1", provider="twilio", direction=Direction.INBOUND, state=CallState.LISTENING,
+                      from_="+15550001234", to="+15550005678", startedAt=1000.0, providerCallId="CA1",
+                      answeredAt=1001.5, transcript=[TranscriptEntry(1002.0, "user", "Hi ünïcode", False)],
+                      toolCalls=[ToolCallEntry(1003.0, "call_1", "end_call", "{}", "ok", 2, True, True)],
+                      turns=[TurnRecord(n=1, at=1002.1, mode="streaming", interrupted=True, sttMs=300.0, totalMs=1050.0)],
+                      processedEventIds=["e1", "e2"], transfer=TransferRecord("cold", "+15550009999", 1004.0),
+                      metadata={"mode": "conversation", "nested": {"list": [1, 2.5, None]}})
+    assert _json.loads(call.json_text()) == _json.loads(_json.dumps(call.to_json()))
+    assert CallRecord.from_json(_json.loads(call.json_text())) == call

@@ -128,6 +128,9 @@ async def test_a_dead_nodes_calls_are_ended_once_by_a_survivor(redis_server: Red
         assert asyncio.get_running_loop().time() - died < lease_s + 3
         hangups = [call_id for call_id, _ in b.carrier.hangups + c.carrier.hangups]  # type: ignore[attr-defined]
         assert sorted(hangups) == sorted(ids)  # exactly one hang-up per call, by one survivor
+        assert c.shared is not None
+        await b.shared.drain()
+        await c.shared.drain()  # the survivors' writers sent the ended records
         assert await store.live_count() == 0  # the slots are free again
         for call_id in ids:
             loaded = await store.load(call_id)
@@ -183,19 +186,46 @@ async def test_the_event_bus_resubscribes_after_a_redis_restart(redis_server: Re
         redis = a.shared.store.redis
         channel = a.shared.store.keys.events
 
+        assert a.dispatcher.router is not None
+        node_channels = [a.dispatcher.router.channel("n1"), a.dispatcher.router.channel("n2")]
+
         async def listeners() -> int:
             try:
-                return int((await redis.pubsub_numsub(channel))[0][1])
+                counts = dict(await redis.pubsub_numsub(channel, *node_channels))
             except Exception:  # noqa: BLE001 - Redis still coming back
                 return 0
+            return min(int(counts[channel]) // 2, *(int(counts[c]) for c in node_channels))
 
-        assert await listeners() == 2
+        assert await listeners() == 1
         await asyncio.to_thread(redis_server.restart)
         async with asyncio.timeout(15):
-            while await listeners() < 2:  # both nodes' relays subscribed again
+            while await listeners() < 1:  # both nodes' relays and command channels subscribed again
                 await asyncio.sleep(0.05)
         queue = b.manager.subscribe()
         call_id = await _initiate(a)
         async with asyncio.timeout(10):
             while (await queue.get())["callId"] != call_id:
                 pass
+        assert call_id is not None
+        status = await rpc_client(b).call("voicecall.status", {"callId": call_id})  # routed to n1 again
+        assert status["found"] and status["call"]["callId"] == call_id
+
+
+async def test_consult_reply_on_another_node_reaches_the_owner(redis_server: RedisServer, tmp_path: Path) -> None:
+    async with run_bridge(node(redis_server, "n1"), tmp_path / "a") as a, \
+            run_bridge(node(redis_server, "n2"), tmp_path / "b") as b:
+        call_id = await _initiate(a)
+        assert call_id is not None
+        await wait_for(lambda: a.manager.calls[call_id].answeredAt is not None, timeout=20)
+        events = a.manager.subscribe()  # the agent listening on the owner (the model asks through it)
+        asking = asyncio.ensure_future(a.manager.consult(call_id, "Which table?"))
+        async with asyncio.timeout(10):
+            while (event := await events.get())["type"] != "call.consult":
+                pass
+        with pytest.raises(RpcClientError, match="No open consult"):
+            await rpc_client(b).call("voicecall.consult.reply",
+                                     {"callId": call_id, "consultId": "not-asked", "answer": "x"})
+        await rpc_client(b).call("voicecall.consult.reply",
+                                 {"callId": call_id, "consultId": event["consultId"], "answer": "By the window."})
+        assert await asyncio.wait_for(asking, 5) == "By the window."
+        await rpc_client(b).call("voicecall.end", {"callId": call_id})

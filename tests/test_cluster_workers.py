@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -20,10 +21,28 @@ ROOT = Path(__file__).resolve().parent.parent
 MOCK = {"ringDelayMs": 20, "answerDelayMs": 40, "replyDelayMs": 50, "calleeHangupAfterMs": 0, "calleeScript": []}
 
 
-async def _node_of(port: int) -> str:
+async def _health(port: int) -> dict[str, object]:
     async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/healthz") as response:
         body = await response.json()
-        return str(body["node"]) if body.get("ok") else ""
+        return body if isinstance(body, dict) and body.get("ok") else {}
+
+
+async def _node_of(port: int) -> str:
+    return str((await _health(port)).get("node", ""))
+
+
+async def _pids(port: int, want: dict[str, int], done: Callable[[dict[str, int]], bool]) -> dict[str, int]:
+    """node id -> pid of each worker seen, asking (new connections, spread by the kernel) until `done`."""
+    async with asyncio.timeout(30):
+        while not done(want):
+            try:
+                body = await _health(port)
+            except aiohttp.ClientError:
+                body = {}
+            if body:
+                want[str(body["node"])] = int(str(body["pid"]))
+            await asyncio.sleep(0.02)
+    return want
 
 
 async def test_two_workers_share_the_port_and_serve_calls(redis_server: RedisServer, tmp_path: Path) -> None:
@@ -63,9 +82,19 @@ async def test_two_workers_share_the_port_and_serve_calls(redis_server: RedisSer
             await client.call("voicecall.end", {"callId": call_id})
             status = await client.call("voicecall.status", {"callId": call_id})
             assert status["call"]["state"] == "hangup-bot"
+
+        # kill -9 one worker: the supervisor starts a new process under the same node id, and it serves
+        pids = await _pids(port, {}, lambda seen: {"box-w0", "box-w1"} <= seen.keys())
+        os.kill(pids["box-w1"], signal.SIGKILL)
+        await _pids(port, {}, lambda seen: seen.get("box-w1", pids["box-w1"]) != pids["box-w1"])
+        placed = [(await client.call("voicecall.initiate", {"message": "Hi.", "mode": "conversation"}))["callId"]
+                  for _ in range(2)]
+        for call_id in placed:
+            await client.call("voicecall.end", {"callId": call_id})
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err[-2000:]
     assert "2 workers on port" in out
+    assert "worker 1 exited with code -9; started again" in out
 

@@ -70,10 +70,12 @@ async def test_first_piece_is_heard_before_the_model_finishes(tmp_path: Path, fa
         assert messages[1:] == [{"role": "assistant", "content": "Hi."}, {"role": "user", "content": "I need a table."}]
         assert {t["function"]["name"] for t in fake.chat_requests[0]["tools"]} == {"end_call", "send_dtmf",
                                                                                    "consult_agent", "transfer_call"}
-        (timing,) = call.turnTimings
-        assert timing.mode == "streaming" and not timing.interrupted
-        assert 0 <= timing.modelFirstTokenMs <= timing.firstPieceMs <= timing.ttsFirstByteMs <= timing.firstAudioMs
-        assert timing.firstAudioMs < 2500  # long before the model's 3.1 s
+        (turn,) = call.turns
+        assert turn.mode == "streaming" and not turn.interrupted
+        parts = turn.parts()
+        assert {"model", "piece", "tts", "bridge", "total"} <= set(parts) and min(parts.values()) >= 0
+        assert parts["model"] + parts["piece"] + parts["tts"] + parts["bridge"] <= parts["total"] + 0.5
+        assert parts["total"] - parts.get("stt", 0) < 2500  # first audio long before the model's 3.1 s
         # several TTS requests, one per piece, in order
         inputs = [r["input"] for r in fake.speech_requests]
         assert len(inputs) >= 3 and " ".join(inputs[1:]) == reply.strip()
@@ -117,8 +119,8 @@ async def test_barge_in_closes_the_model_stream_and_the_next_request_holds_what_
         assert heard["role"] == "assistant" and heard["content"]
         assert long_reply.startswith(heard["content"]) and len(heard["content"]) < len(long_reply) / 2
         assert callee.clears >= 1
-        assert call.turnTimings[0].interrupted
-        await wait_for(lambda: call.state == CallState.LISTENING and len(call.turnTimings) == 2, timeout=20)
+        assert call.turns[0].interrupted
+        await wait_for(lambda: call.state == CallState.LISTENING and len(call.turns) == 2, timeout=20)
 
 
 def dtmf_in(pcm: bytes) -> str:
@@ -193,7 +195,7 @@ async def test_declared_http_tool_round_trip_with_signature(tmp_path: Path, fake
                           tmp_path) as runtime:
         call = await start_call(runtime)
         await wait_for(lambda: len(fake.chat_streams) == 2, timeout=30)
-        await wait_for(lambda: call.state == CallState.LISTENING and len(call.turnTimings) == 1
+        await wait_for(lambda: call.state == CallState.LISTENING and len(call.turns) == 1
                        and bot_lines(call)[-1].startswith("We have"), timeout=30)
     (req,) = tool_receiver["requests"]
     assert req["signature_ok"] and req["body"] == {"tool": "check_availability", "callId": call.callId,

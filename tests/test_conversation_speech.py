@@ -66,3 +66,36 @@ async def test_a_broken_leg_is_an_error_result_not_an_exception() -> None:
     carrier.send_media = broken  # type: ignore[method-assign]
     spoken = await speak_stream(bridge, ToneTts(), pieces("Hello there."))
     assert isinstance(spoken.error, ConnectionResetError) and spoken.interrupted and spoken.heard_text == ""
+
+
+async def test_elevenlabs_incremental_heard_text_comes_from_its_character_alignment() -> None:
+    """stream-input over a real socket: cut mid-reply, what was heard is read from ElevenLabs'
+    `alignment` (the fake: 20 ms per character), not estimated from the share of time played,
+    which for a long first word would claim several words the caller never heard."""
+    import asyncio
+
+    from media.pipeline import PlaybackResult, heard_text
+    from media.tts.elevenlabs import ElevenLabsTts
+    from tests.fakes.elevenlabs_server import FakeElevenLabs
+
+    fake = await FakeElevenLabs().start()
+    try:
+        tts = ElevenLabsTts(api_key=fake.api_key, base_url=fake.base_url, transport="websocket",
+                            output_format="pcm_8000")
+        bridge, carrier, _ = make(send_ms=20, clock=RealClock())
+        text = "Pneumonoultramicroscopicsilicovolcanoconiosis is a big word to say."
+        speaking = asyncio.ensure_future(speak_stream(bridge, tts, pieces(text)))
+        while len(carrier.frames) < 58 and not speaking.done():  # ~1.1 s: into "is a big word"
+            await asyncio.sleep(0.005)
+        bridge.interrupt()
+        spoken = await speaking
+    finally:
+        await fake.stop()
+    assert spoken.interrupted and 900 < spoken.heard_ms < 1350, spoken
+    started = [k * 20 for k in range(len(text))]  # the fake's alignment: character k starts at 20k ms
+    n = sum(1 for t in started if t < spoken.heard_ms)
+    expected = text[:n] if n == len(text) or text[n] == " " else text[:n].rsplit(" ", 1)[0]
+    assert spoken.heard_text == expected.strip()
+    by_time = heard_text(text, PlaybackResult(False, True, 0, spoken.heard_ms, None, len(text) * 20.0),
+                         total_ms=len(text) * 20.0)
+    assert len(spoken.heard_text.split()) < len(by_time.split())

@@ -54,7 +54,7 @@ async def test_metrics_during_and_after_a_mock_conversation(tmp_path: Path) -> N
         runtime.manager.emit(CallEvent(EventType.ERROR, call_id=call_id, error="stt: socket closed", retryable=True))
 
         # one caller turn answered, then the call is ended over RPC
-        await wait_for(lambda: len(call.metadata.get("turns", [])) == 1, timeout=20)
+        await wait_for(lambda: len(call.turns) == 1, timeout=20)
         await rpc_client(runtime).call("voicecall.end", {"callId": call_id})
         assert call.state == CallState.HANGUP_BOT
         await runtime.manager.drain()
@@ -70,7 +70,7 @@ async def test_metrics_during_and_after_a_mock_conversation(tmp_path: Path) -> N
     assert value(done, "voicecall_engine_errors_total", engine="stt") == 1
     assert ("voicecall_store_write_failures_total", ()) in done  # counted by the call store (test_faults)
     # the caller's turn: a total and the parts the mock pipeline can time
-    turns = len(call.metadata["turns"])
+    turns = len(call.turns)
     assert turns == 1
     assert value(done, "voicecall_turn_latency_seconds_count", part="total") == turns
     # the caller's speech end comes from the bridge's VAD (the mock's recognizer reports none)

@@ -48,7 +48,8 @@ async def test_gemini_barge_in_then_tool_call_ends_the_call(gemini: FakeGeminiLi
         await wait_for(lambda: runtime.carrier.callee(call_id) is not None, timeout=10)
         callee = runtime.carrier.callee(call_id)
         await wait_for(lambda: len(callee.heard) / 16 >= 800, timeout=20)
-        callee.play_later(fake_speech("goodbye goodbye goodbye", 8000), 8000)
+        # in line silence (the mock's leg sends nothing between utterances): the bridge's VAD hears it end
+        callee.play_later(bytes(8000) + fake_speech("goodbye goodbye goodbye", 8000) + bytes(8000), 8000)
         await wait_for(lambda: callee.clears >= 1, timeout=10)
         heard_at_clear = len(callee.heard) / 16
         await wait_for(lambda: call.terminal, timeout=30)
@@ -70,6 +71,9 @@ async def test_gemini_barge_in_then_tool_call_ends_the_call(gemini: FakeGeminiLi
         assert [e.name for e in call.toolCalls] == ["end_call"]
         assert ("bot", "Goodbye then!") in [(t.speaker, t.text) for t in call.transcript]
         assert call.state == CallState.HANGUP_BOT
+        # Gemini reports no end of speech: the bridge's VAD dates it, so the turn has its `stt` part
+        (turn,) = call.turns
+        assert turn.mode == "realtime" and turn.sttMs is not None and turn.sttMs >= 0 and turn.totalMs, turn
 
 
 async def test_gemini_go_away_hands_over_to_a_resumed_session_without_silence(tmp_path: Path) -> None:

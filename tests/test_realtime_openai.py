@@ -91,6 +91,14 @@ async def test_mock_call_prewarmed_greeting_and_a_turn(rt: FakeOpenAIRealtime, t
         # the model answers by itself: no cascade reply (chat model + TTS) to the caller's words
         assert [text for who, text in lines if who == "bot"] == ["Hello from the hardware store.",
                                                                  "Certainly, a table for two."]
+        # the caller's turn is timed like a cascade turn: the model's VAD gives the end of speech
+        # (its audio_end_ms, dated back) and the turn's end (the `stt` part: its 500 ms of silence)
+        await wait_for(lambda: len(call.turns) == 1, timeout=10)
+        (turn,) = call.turns
+        parts = turn.parts()
+        assert turn.mode == "realtime" and {"stt", "model", "bridge", "total"} <= set(parts), turn
+        assert 450 <= parts["stt"] <= 1500, parts
+        assert abs(parts["stt"] + parts["model"] + parts["bridge"] - parts["total"]) < 1, parts
         await client.call("voicecall.end", {"callId": call_id})
         assert call.state == CallState.HANGUP_BOT
 

@@ -70,6 +70,10 @@ async def test_ulaw_passthrough_interims_final_and_close(dg: FakeDeepgram, utter
     assert len(partials) >= 2 and partials[0] == "book", "interim results grow word by word"
     assert [e.text for e in events if e.kind == "final"] == ["book a table for two"]
     assert kinds.index("speech_ended") == kinds.index("final") - 1 and session.reports_speech_end
+    # dated back to the last word's end (the fake's words end 300 ms, its endpointing, before it
+    # decided; all 0.6 s of trailing silence may have been sent by then), not to the message's arrival
+    (ended,) = [e for e in events if e.kind == "speech_ended"]
+    assert 0.28 <= ended.ago_s <= 0.62, ended
     await session.close()
     assert listen.controls[-1] == "CloseStream" and session._metadata.is_set()
 
@@ -162,5 +166,9 @@ async def test_twilio_call_with_deepgram_prewarmed_barge_in_and_turn(dg: FakeDee
             assert dg.sessions[0].query["encoding"] == "mulaw"
             assert [t.text for t in call.transcript if t.speaker == "user"] == ["book a table for two"]
             await wait_for(lambda: call.transcript[-1].speaker == "bot", timeout=20)  # the reply is under way
+            # the turn's `stt` part: from the last word's end (Deepgram's word timings) to the final,
+            # i.e. its 300 ms endpointing, where the turn-end message's arrival would read ~0
+            await wait_for(lambda: len(call.turns) == 1, timeout=20)
+            assert 250 <= call.turns[0].parts()["stt"] <= 1500, call.turns[0]
             await runtime.manager.end(call.callId)
             assert call.state == CallState.HANGUP_BOT

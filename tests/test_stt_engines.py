@@ -286,6 +286,36 @@ def test_factory_selection(monkeypatch: pytest.MonkeyPatch) -> None:
         create_stt({"provider": "deepgram"})
 
 
+@pytest.mark.parametrize("passthrough", [True, False], ids=["ulaw-passthrough", "pcm16"])
+async def test_call_voice_skips_the_pipeline_copy_when_stt_takes_the_wire(fake: FakeOpenAI, passthrough: bool) -> None:
+    """With an STT fed the carrier's u-law as is, no pipeline-rate copy of the caller is made (the
+    inbound resampler was a quarter of a call's CPU for nothing); with PCM16 it still is."""
+    from bridge.voice import CallVoice
+    from media.tts.espeak import EspeakTts
+
+    class Leg:
+        format = ULAW_8K
+        supports_marks = True
+
+        async def send_media(self, payload: bytes) -> None: ...
+        async def send_mark(self, name: str) -> None: ...
+        async def send_clear(self) -> None: ...
+
+    voice = CallVoice(call_id="c1", transport=Leg(), tts=EspeakTts(), stt_engine=engine(fake, passthroughG711=passthrough),  # type: ignore[arg-type]
+                      emit=lambda event: None, pipeline_rate=16000, barge_in=False)
+    copies: list[int] = []
+    pipeline_audio = voice.on_pipeline_audio
+    voice.on_pipeline_audio = lambda pcm: (copies.append(len(pcm)), pipeline_audio(pcm))  # type: ignore[method-assign]
+    await voice.start()
+    tone = g711.encode((np.sin(np.arange(8000) / 3) * 8000).astype("<i2").tobytes(), ULAW_8K.encoding)
+    for k, i in enumerate(range(0, len(tone), 160)):
+        voice.bridge.receive(tone[i : i + 160], sequence=k)
+    await wait_until(lambda: len(fake.sessions) == 1 and fake.sessions[0].appends > 0)
+    await voice.close()
+    assert (sum(copies) == 0) is passthrough
+    assert len(fake.sessions[0].audio) > 0
+
+
 def test_websocket_url_from_any_base() -> None:
     from media.urls import websocket_url
 

@@ -44,7 +44,7 @@ async def run_call(raw: dict, tmp_path: Path, provider: TracerProvider, message:
         call_id = (await rpc_client(runtime).call("voicecall.initiate", {"message": message, "mode": mode}))["callId"]
         call = runtime.manager.calls[call_id]
         if end_after_turns:
-            await wait_for(lambda: len(call.metadata.get("turns", [])) == end_after_turns, timeout=20)
+            await wait_for(lambda: len(call.turns) == end_after_turns, timeout=20)
             await rpc_client(runtime).call("voicecall.end", {"callId": call_id})
         await wait_for(lambda: call.terminal, timeout=40)
         await runtime.manager.drain()
@@ -148,7 +148,7 @@ async def test_spans_reach_an_otlp_http_collector(tmp_path: Path) -> None:
             call_id = (await rpc_client(runtime).call("voicecall.initiate",
                                                       {"message": "Hi!", "mode": "conversation"}))["callId"]
             call = runtime.manager.calls[call_id]
-            await wait_for(lambda: len(call.metadata.get("turns", [])) == 1, timeout=20)
+            await wait_for(lambda: len(call.turns) == 1, timeout=20)
             await rpc_client(runtime).call("voicecall.end", {"callId": call_id})
         finally:
             await runtime.stop()  # flushes the batch processor

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.calls import CallRecord, CallState, Direction
+from bridge.calls import CallRecord, CallState, Direction, TurnRecord
 from bridge.latency import latency_stats, percentile
 from bridge.logs import TEXT_FORMAT, CallIdFilter, JsonFormatter
 from bridge.store import CallStore
@@ -45,7 +45,7 @@ def test_tracker_times_only_caller_turns() -> None:
     tracker.mark("c", "ttsFirstByte", 6.4)
     turn = tracker.mark("c", "firstAudioOut", 6.5)
     assert turn is not None and turn.number == 1
-    assert turn.record() == {"n": 1, "modelMs": 500.0, "pieceMs": 300.0, "ttsMs": 100.0, "bridgeMs": 100.0,
+    assert turn.record(None).to_json() == {"n": 1, "modelMs": 500.0, "pieceMs": 300.0, "ttsMs": 100.0, "bridgeMs": 100.0,
                              "totalMs": 1000.0}
     # barge-in after the model started: that turn is abandoned, the next one gets a new number
     tracker.mark("c", "speechEnd", 10.0)
@@ -119,6 +119,37 @@ def test_latency_report_from_the_call_log(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "bridge", "latency", "--file", str(empty)], check=False,
                           capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
     assert proc.returncode == 0 and "no timed turns" in proc.stdout
+
+
+def test_one_turn_record_read_from_every_shape_of_call_log(tmp_path: Path) -> None:
+    """`CallRecord.turns` is the one record; lines written before it (the monitor's `metadata.turns`,
+    the conversation engine's `turnTimings`) still read, as the same parts."""
+    new = CallRecord(callId="new", provider="mock", direction=Direction.OUTBOUND, state=CallState.LISTENING,
+                     from_="+15550001234", to="+15550005678", startedAt=1000.0,
+                     turns=[TurnRecord(n=1, at=1000.5, mode="realtime", sttMs=310.0, modelMs=420.0, bridgeMs=3.0,
+                                       totalMs=733.0, interrupted=True)])
+    line = new.to_json()
+    assert line["turns"] == [{"n": 1, "at": 1000.5, "mode": "realtime", "interrupted": True, "sttMs": 310.0,
+                              "modelMs": 420.0, "bridgeMs": 3.0, "totalMs": 733.0}]
+    assert "turns" not in line["metadata"] and "turnTimings" not in line
+    assert CallRecord.from_json(json.loads(json.dumps(line))).turns == new.turns
+    base = {"provider": "mock", "direction": "outbound", "state": "listening", "from": "+1", "to": "+2"}
+    monitor_era = {**base, "callId": "m", "startedAt": 1001.0,
+                   "metadata": {"turns": [{"n": 1, "totalMs": 900.0, "sttMs": 200.0, "modelMs": 500.0}]}}
+    engine_era = {**base, "callId": "e", "startedAt": 1002.0, "metadata": {}, "turnTimings": [
+        {"at": 1002.5, "mode": "streaming", "modelFirstTokenMs": 400.0, "firstPieceMs": 560.0,
+         "ttsFirstByteMs": 765.0, "firstAudioMs": 770.0, "interrupted": True}]}
+    (m,) = CallRecord.from_json(monitor_era).turns
+    assert m.parts() == {"stt": 200.0, "model": 500.0, "total": 900.0}
+    assert "turns" not in CallRecord.from_json(monitor_era).metadata
+    (e,) = CallRecord.from_json(engine_era).turns
+    assert e.parts() == {"model": 400.0, "piece": 160.0, "tts": 205.0, "bridge": 5.0, "total": 770.0}
+    assert e.mode == "streaming" and e.interrupted and e.at == 1002.5
+    log = tmp_path / "calls.jsonl"
+    log.write_text("".join(json.dumps(x) + "\n" for x in (line, monitor_era, engine_era)))
+    stats = latency_stats(log)
+    assert stats is not None and stats["turns"] == 3 and stats["calls"] == 3
+    assert stats["parts"]["total"]["count"] == 3 and stats["parts"]["piece"]["count"] == 1
 
 
 async def test_every_log_line_of_a_call_carries_its_call_id(tmp_path: Path) -> None:

@@ -10,3 +10,10 @@ class RouteError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class NodeUnreachable(RouteError):
+    """The node named as a call's owner is gone (no one listens on its channel), silent, or shutting down."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(-32000, message)

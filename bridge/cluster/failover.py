@@ -1,45 +1,54 @@
-"""Node leases and failover: a node that stops renewing its lease has its live calls ended by a survivor.
+"""Node leases and failover: a node that stops renewing its lease has its live calls taken by a survivor.
 
 One lease per node (`<prefix>:lease:<nodeId>`, expiring after `cluster.leaseSeconds`) rather than one
 per call: a call record names its node, so "the node's lease is gone" is "the call's lease is gone",
 at one key and one renewal per node instead of per call. Every node sweeps the live-call set; the
-first survivor to `SET NX` a call's claim key ends it at the carrier, so the hang-up happens once.
+first survivor to `SET NX` a call's claim key takes it over: it writes itself as the owner, and asks
+the carrier for a new media stream (Twilio, Telnyx: the call carries on with its transcript) or ends
+the call there once (one hang-up, one report, the slot freed). A call whose media came back to a
+survivor first (bridge/cluster/handover.py, same claim key) names its new node by then and is left alone.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from typing import Protocol
 
-from bridge.calls import CallRecord, CallState
+from bridge.calls import CallRecord
+from bridge.cluster.handover import claim
 from bridge.cluster.redis_store import TRANSIENT, RedisStore, VersionConflict
 from bridge.tasks import BackgroundTasks
 from media.clock import Clock, TimerHandle
 
 log = logging.getLogger(__name__)
 
-Hangup = Callable[[CallRecord], Awaitable[None]]
-Announce = Callable[[CallRecord], None]
+ATTEMPTS = 5
+
+
+class OrphanHost(Protocol):
+    """The call manager, for a dead node's call this node now owns."""
+
+    def adopt(self, record: CallRecord) -> CallRecord: ...
+
+    async def resume_orphan(self, call: CallRecord) -> bool:
+        """A new media stream from the carrier (True), or the call ended at the carrier (False)."""
+        ...
 
 
 class Failover:
-    def __init__(self, store: RedisStore, node_id: str, lease_s: float, clock: Clock,
-                 hangup: Hangup, announce: Announce) -> None:
+    def __init__(self, store: RedisStore, node_id: str, lease_s: float, clock: Clock, host: OrphanHost) -> None:
         self.store = store
         self.node_id = node_id
         self.lease_s = lease_s
         self.clock = clock
-        self._hangup = hangup
-        self._announce = announce
+        self._host = host
         self._tasks = BackgroundTasks(log)
         self._timer: TimerHandle | None = None
         self.taken_over: list[str] = []
+        self.reattached: list[str] = []  # of those, the ones the carrier gave a new stream
 
     def lease_key(self, node_id: str) -> str:
         return f"{self.store.keys.prefix}:lease:{node_id}"
-
-    def claim_key(self, call_id: str) -> str:
-        return f"{self.store.keys.prefix}:claim:{call_id}"
 
     async def start(self) -> None:
         await self._renew()
@@ -87,29 +96,28 @@ class Failover:
                 continue
             if await self.store.redis.exists(self.lease_key(str(owner))):
                 continue
-            if not await self.store.redis.set(self.claim_key(call_id), self.node_id, nx=True, ex=86_400):
-                continue  # another survivor has it
+            if not await claim(self.store, call_id, str(owner), self.node_id):
+                continue  # another survivor has it (or took it over when its media came back)
             await self._take_over(record, version, str(owner))
             ended.append(call_id)
         return ended
 
     async def _take_over(self, record: CallRecord, version: int, owner: str) -> None:
-        log.warning("call %s: node %s is gone (lease expired); ending the call", record.callId, owner)
-        await self._hangup(record)
-        record.state = CallState.HANGUP_BOT
-        record.endedAt = self.clock.time()
-        record.endReason = CallState.HANGUP_BOT.value
-        record.metadata["failover"] = {"from": owner, "by": self.node_id}
-        try:
-            await self.store.save(record, expected_version=version)
-        except VersionConflict:  # the record moved meanwhile: write the end over the newest version
-            await self.store.update(record.callId, lambda r: _mark_ended(r, record))
-        self.taken_over.append(record.callId)
-        self._announce(record)
-
-
-def _mark_ended(target: CallRecord, ended: CallRecord) -> None:
-    target.state = ended.state
-    target.endedAt = ended.endedAt
-    target.endReason = ended.endReason
-    target.metadata["failover"] = ended.metadata["failover"]
+        log.warning("call %s: node %s is gone (lease expired); taking the call over", record.callId, owner)
+        for _ in range(ATTEMPTS):
+            record.metadata["failover"] = {"from": owner, "by": self.node_id}
+            record.metadata["node"] = self.node_id
+            try:
+                await self.store.save(record, expected_version=version)
+                break
+            except VersionConflict:  # the record moved meanwhile: take the newest version
+                loaded = await self.store.load(record.callId)
+                if loaded is None or loaded[0].terminal:
+                    return
+                record, version = loaded
+        else:
+            return
+        call = self._host.adopt(record)
+        if await self._host.resume_orphan(call):
+            self.reattached.append(call.callId)
+        self.taken_over.append(call.callId)

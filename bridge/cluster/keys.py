@@ -19,6 +19,11 @@ class Keys:
         return f"{self.prefix}:calls"
 
     @property
+    def started(self) -> str:
+        """Sorted set: call id scored by startedAt (`voicecall.list` across the nodes, newest last)."""
+        return f"{self.prefix}:started"
+
+    @property
     def live(self) -> str:
         """Set of the ids of calls not yet ended, on every node: its size is the live-call count."""
         return f"{self.prefix}:live"

@@ -28,8 +28,8 @@ SEEN_TTL_S = 86_400  # a carrier's redelivery window is minutes; a day is ample
 TURN_TTL_S = 3_600
 MAX_UPDATE_RETRIES = 50
 
-# KEYS: call hash, calls set, live set. ARGV: expected version (-1: any), json, call id, terminal (1/0),
-# the carrier's call id ('' = none) and the key prefix of its index (carrier id -> our id).
+# KEYS: call hash, calls set, live set, started zset. ARGV: expected version (-1: any), json, call id,
+# terminal (1/0), the carrier's call id ('' = none), the key prefix of its index (carrier id -> our id), startedAt.
 # A terminal record gives its live-call slot back (slots are taken by _RESERVE).
 # Returns the new version, or -(current version) - 1 on a version mismatch.
 _SAVE = """
@@ -41,6 +41,7 @@ redis.call('HSET', KEYS[1], 'v', v, 'json', ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[3])
 if ARGV[4] == '1' then redis.call('SREM', KEYS[3], ARGV[3]) end
 if ARGV[5] ~= '' then redis.call('SET', ARGV[6] .. ARGV[5], ARGV[3]) end
+redis.call('ZADD', KEYS[4], ARGV[7], ARGV[3])
 return v
 """
 
@@ -91,11 +92,11 @@ class RedisStore:
 
     async def save(self, record: CallRecord, *, expected_version: int = -1) -> int:
         """Write the full record; with `expected_version` only if nobody wrote it since. The new version."""
-        payload = json.dumps(record.to_json(), separators=(",", ":"), ensure_ascii=False)
+        payload = record.json_text()
         k = self.keys
-        result = int(await self._save(keys=[k.call(record.callId), k.calls, k.live],
+        result = int(await self._save(keys=[k.call(record.callId), k.calls, k.live, k.started],
                                       args=[expected_version, payload, record.callId, "1" if record.terminal else "0",
-                                            record.providerCallId or "", k.provider_prefix]))
+                                            record.providerCallId or "", k.provider_prefix, record.startedAt]))
         if result < 0:
             raise VersionConflict(-result - 1)
         return result
@@ -105,6 +106,30 @@ class RedisStore:
         if not fields or "json" not in fields:
             return None
         return CallRecord.from_json(json.loads(fields["json"])), int(fields.get("v", 0))
+
+    async def load_many(self, call_ids: list[str]) -> list[CallRecord]:
+        """The records of these ids that exist and can be read, in the order given (one round trip)."""
+        if not call_ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for call_id in call_ids:
+            pipe.hget(self.keys.call(call_id), "json")
+        records = []
+        for raw in await pipe.execute():
+            try:
+                records.append(CallRecord.from_json(json.loads(raw)))
+            except (ValueError, KeyError, TypeError):
+                continue
+        return records
+
+    async def recent_calls(self, limit: int, *, active: bool = False) -> list[CallRecord]:
+        """Every node's calls, the newest `limit` by start, oldest first; `active`: the live ones only."""
+        if active:
+            ids = [str(m) for m in await self.redis.smembers(self.keys.live)]
+            records = sorted((r for r in await self.load_many(ids) if not r.terminal), key=lambda r: r.startedAt)
+            return records[-limit:]
+        ids = [str(m) for m in await self.redis.zrange(self.keys.started, -limit, -1)]
+        return await self.load_many(ids)
 
     async def call_id_for(self, provider_call_id: str) -> str | None:
         value = await self.redis.get(self.keys.provider_prefix + provider_call_id)

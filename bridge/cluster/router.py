@@ -3,6 +3,8 @@
 Each node listens on its own channel `<prefix>:node:<nodeId>`. A request names the node to reply to;
 the owner runs the command through its own dispatcher (never forwarding again) and publishes the
 result or the error. The owner is the node named in the call record (`metadata.node`).
+Besides the RPC methods, nodes ask each other `cluster.*` methods (`internal`): a whole webhook for
+the owner to process, a call's release to the node that accepted its media (bridge/cluster/handover.py).
 """
 
 from __future__ import annotations
@@ -12,28 +14,29 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import fields
 from typing import Any
 
-from bridge.calls import CallEvent, CallState, Direction, EventType
-from bridge.cluster.errors import RouteError
-from bridge.cluster.redis_store import RedisStore
+from bridge.cluster.errors import NodeUnreachable, RouteError
+from bridge.cluster.redis_store import TRANSIENT, RedisStore
 from bridge.tasks import BackgroundTasks
 from media.clock import Clock
 
 log = logging.getLogger(__name__)
 
-EVENT_METHOD = "cluster.event"  # a webhook's event for the owner to apply
-
 # method, params -> result (the owner's own dispatcher); `describe` turns its exception into (code, message)
 LocalCall = Callable[[str, dict[str, Any]], Awaitable[Any]]
 Describe = Callable[[BaseException], tuple[int, str]]
+Internal = Callable[[dict[str, Any]], Awaitable[Any]]
+
+DRAINING = -32010  # the node is shutting down: the asker treats it as gone and takes the call itself
+RESUBSCRIBE_S = 0.5
 
 
 class ClusterRouter:
     def __init__(self, store: RedisStore, node_id: str, clock: Clock, local: LocalCall, describe: Describe,
-                 on_event: Callable[[CallEvent], None], *, timeout_s: float = 30.0) -> None:
-        self._on_event = on_event
+                 *, timeout_s: float = 30.0) -> None:
+        self.internal: dict[str, Internal] = {}  # `cluster.*` methods this node answers
+        self.draining = False  # set at shutdown: requests are refused with DRAINING
         self.store = store
         self.node_id = node_id
         self.clock = clock
@@ -49,9 +52,13 @@ class ClusterRouter:
         return f"{self.store.keys.prefix}:node:{node_id}"
 
     async def start(self) -> None:
+        pubsub = await self._subscribe()
+        self._listener = asyncio.get_running_loop().create_task(self._listen(pubsub), name="cluster-router")
+
+    async def _subscribe(self) -> Any:
         pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)
         await pubsub.subscribe(self.channel(self.node_id))
-        self._listener = asyncio.get_running_loop().create_task(self._listen(pubsub), name="cluster-router")
+        return pubsub
 
     async def close(self) -> None:
         if self._listener is not None:
@@ -80,68 +87,58 @@ class ClusterRouter:
         try:
             receivers = await self.store.redis.publish(self.channel(owner), json.dumps(message))
             if not receivers:
-                raise RouteError(-32000, f"the call is carried by node {owner}, which is not reachable")
+                raise NodeUnreachable(f"the call is carried by node {owner}, which is not reachable")
             self.forwarded += 1
-            reply = await self.clock.wait_for(future, self.timeout_s if timeout_s is None else timeout_s)
+            wait_s = self.timeout_s if timeout_s is None else timeout_s
+            reply = await self.clock.wait_for(future, wait_s)
         except TimeoutError:
-            raise RouteError(-32000, f"node {owner} did not answer within {self.timeout_s:.0f}s") from None
+            raise NodeUnreachable(f"node {owner} did not answer within {wait_s:.0f}s") from None
         finally:
             self._pending.pop(request_id, None)
         if "error" in reply:
+            if reply["error"]["code"] == DRAINING:
+                raise NodeUnreachable(f"node {owner} is shutting down")
             raise RouteError(int(reply["error"]["code"]), str(reply["error"]["message"]))
         return reply.get("result")
 
-    async def forward_event(self, event: CallEvent) -> bool:
-        """A webhook's event for a call another node carries: applied there. False: not another node's call."""
-        call_id = event.call_id
-        if not call_id and event.provider_call_id:
-            call_id = await self.store.call_id_for(event.provider_call_id)
-        owner = await self.owner(call_id or "")
-        if owner is None or owner == self.node_id:
-            return False
-        await self.forward(owner, EVENT_METHOD, event_to_json(event))
-        return True
-
     async def _listen(self, pubsub: Any) -> None:
-        try:
-            async for message in _messages(pubsub):
-                if message.get("kind") == "reply":
-                    future = self._pending.get(str(message.get("id")))
-                    if future is not None and not future.done():
-                        future.set_result(message)
-                elif message.get("kind") == "request":
-                    self._tasks.spawn(self._serve(message), f"routed-{message.get('method')}")
-        finally:
-            await pubsub.aclose()
+        """Until closed; when Redis goes away the channel is subscribed again once it is back."""
+        while True:
+            try:
+                async for message in _messages(pubsub):
+                    if message.get("kind") == "reply":
+                        future = self._pending.get(str(message.get("id")))
+                        if future is not None and not future.done():
+                            future.set_result(message)
+                    elif message.get("kind") == "request":
+                        self._tasks.spawn(self._serve(message), f"routed-{message.get('method')}")
+            except TRANSIENT as exc:
+                log.warning("node channel lost (%s); subscribing again", type(exc).__name__)
+            finally:
+                await pubsub.aclose()
+            while True:
+                await self.clock.sleep(RESUBSCRIBE_S)
+                try:
+                    pubsub = await self._subscribe()
+                    break
+                except TRANSIENT:
+                    continue
 
     async def _serve(self, request: dict[str, Any]) -> None:
         reply: dict[str, Any] = {"kind": "reply", "id": request.get("id")}
         try:
             params = dict(request.get("params") or {})
-            if request["method"] == EVENT_METHOD:
-                self._on_event(event_from_json(params))
-                reply["result"] = {"applied": True}
+            method = str(request["method"])
+            if self.draining:
+                reply["error"] = {"code": DRAINING, "message": f"node {self.node_id} is shutting down"}
+            elif method in self.internal:
+                reply["result"] = await self.internal[method](params)
             else:
-                reply["result"] = await self._local(str(request["method"]), params)
+                reply["result"] = await self._local(method, params)
         except Exception as exc:  # noqa: BLE001 - the error goes back to the node that asked
             code, text = self._describe(exc)
             reply["error"] = {"code": code, "message": text}
         await self.store.redis.publish(self.channel(str(request.get("replyTo"))), json.dumps(reply, default=str))
-
-
-def event_to_json(event: CallEvent) -> dict[str, Any]:
-    return {f.name: getattr(event, f.name) for f in fields(event)}
-
-
-def event_from_json(data: dict[str, Any]) -> CallEvent:
-    known = {f.name for f in fields(CallEvent)}
-    values = {k: v for k, v in data.items() if k in known}
-    values["type"] = EventType(values["type"])
-    if values.get("direction") is not None:
-        values["direction"] = Direction(values["direction"])
-    if values.get("reason") is not None:
-        values["reason"] = CallState(values["reason"])
-    return CallEvent(**values)
 
 
 async def _messages(pubsub: Any) -> AsyncIterator[dict[str, Any]]:

@@ -48,6 +48,8 @@ class SharedCallLog:
             self._writer = asyncio.get_running_loop().create_task(self._run(), name="redis-writer")
 
     def append(self, record: CallRecord) -> bool:
+        if record.metadata.get("node") not in (None, self.node_id):
+            return True  # a call another node took over: that node writes it now
         snapshot = CallRecord.from_json(record.to_json())  # the record keeps changing after this call
         self._queue.put_nowait(lambda: self.store.save(snapshot))
         return True  # queued: the writer retries until Redis has it

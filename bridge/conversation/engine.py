@@ -15,7 +15,6 @@ from bridge.calls import (
     CallState,
     ToolCallEntry,
     TranscriptEntry,
-    TurnTiming,
 )
 from bridge.conversation.chat import ChatModel, ChatModelError, ReplyStream
 from bridge.conversation.messages import chat_messages
@@ -27,7 +26,6 @@ from media.clock import Clock
 
 log = logging.getLogger(__name__)
 
-MAX_TIMINGS = 50
 INTERRUPTED_RESULT = "cancelled: the caller interrupted before this finished"
 
 
@@ -92,12 +90,11 @@ class ConversationEngine:
 
     # ------------------------------------------------------------------ one reply turn
 
-    async def respond(self, call: CallRecord, host: TurnHost, heard_at: float) -> None:
-        """Answer the caller's last words; `heard_at` is the monotonic time of their final transcript."""
-        clock = host.clock
-        timing = TurnTiming(at=clock.time(), mode="streaming")
-        call.turnTimings.append(timing)
-        del call.turnTimings[:-MAX_TIMINGS]
+    async def respond(self, call: CallRecord, host: TurnHost) -> None:
+        """Answer the caller's last words (the turn's timing is the monitor's: bridge/turnmarks.py)."""
+        voice = host.voice(call.callId)
+        if voice is not None:
+            voice.note_turn(mode="streaming")
         box = self.toolbox(call.callId, host)
         for _ in range(self.settings.max_tool_rounds + 1):
             if call.terminal:
@@ -107,7 +104,7 @@ class ConversationEngine:
             except ChatModelError as exc:
                 await self.failed(call, host, str(exc))
                 return
-            outcome = await self._one_reply(call, host, stream, box, timing, heard_at)
+            outcome = await self._one_reply(call, host, stream, box)
             if outcome is None:
                 return
             if call.state == CallState.TRANSFERRING:
@@ -123,18 +120,15 @@ class ConversationEngine:
             host.transition(call, CallState.LISTENING)
             host.save(call)
 
-    async def _one_reply(self, call: CallRecord, host: TurnHost, stream: ReplyStream, box: CallToolbox,
-                         timing: TurnTiming, heard_at: float) -> list[ToolOutcome] | None:
+    async def _one_reply(self, call: CallRecord, host: TurnHost, stream: ReplyStream,
+                         box: CallToolbox) -> list[ToolOutcome] | None:
         """Speak one model reply and run its tools. None: the turn is over (interrupted or failed)."""
         clock = host.clock
         loop = asyncio.get_running_loop()
         done: asyncio.Future[list[ToolCall]] = loop.create_future()
         entry: TranscriptEntry | None = None
 
-        def ms() -> float:
-            return round((clock.monotonic() - heard_at) * 1000, 1)
-
-        def mark(milestone: str) -> None:  # the monitor's turn timing (metrics, trace spans)
+        def mark(milestone: str) -> None:  # the monitor's turn timing (the earliest report of a milestone wins)
             if voice is not None:
                 voice.mark(milestone)
 
@@ -143,25 +137,20 @@ class ConversationEngine:
             if entry is None:
                 entry = TranscriptEntry(clock.time(), "bot", text)
                 call.transcript.append(entry)
-                if timing.firstPieceMs is None:
-                    timing.firstPieceMs = ms()
-                    mark("firstPiece")
+                mark("firstPiece")
             else:
                 entry.text += " " + text
             host.publish("call.speaking", call, text=text)
 
         def first_byte() -> None:
-            if timing.ttsFirstByteMs is None:
-                timing.ttsFirstByteMs = ms()
-                mark("ttsFirstByte")
+            mark("ttsFirstByte")
 
-        def first_audio() -> None:
-            if timing.firstAudioMs is None:
-                timing.firstAudioMs = ms()
+        first_token_seen = False
 
         def first_token() -> None:
-            if timing.modelFirstTokenMs is None:
-                timing.modelFirstTokenMs = ms()
+            nonlocal first_token_seen
+            if not first_token_seen:
+                first_token_seen = True
                 mark("modelFirstToken")
 
         pieces = self._pieces(stream, done, first_token)
@@ -170,8 +159,7 @@ class ConversationEngine:
         if voice is None:
             speech = asyncio.ensure_future(self._speak_without_media(call, host, pieces))
         else:
-            speech = asyncio.ensure_future(speak_stream(voice.bridge, voice.tts, pieces,
-                                                        SpeechMarks(on_piece, first_byte, first_audio)))
+            speech = asyncio.ensure_future(speak_stream(voice.bridge, voice.tts, pieces, SpeechMarks(on_piece, first_byte)))
         tools: list[tuple[ToolCall, asyncio.Task[ToolOutcome]]] = []
 
         started: set[int] = set()
@@ -205,7 +193,8 @@ class ConversationEngine:
                 done.cancel()
         if entry is not None:
             entry.text = spoken.text if not (spoken.interrupted or spoken.error) else spoken.heard_text
-        timing.interrupted = timing.interrupted or spoken.interrupted
+        if spoken.interrupted and voice is not None:
+            voice.note_turn(interrupted=True)
         if spoken.interrupted:
             for _, task in tools:
                 task.cancel()

@@ -142,7 +142,8 @@ def _failed(text: str, pieces: int, exc: BaseException) -> StreamedSpeech:
 async def _speak_incremental(bridge: MediaPipeline, tts: TtsEngine, text_stream: TextStream,
                              pieces: AsyncIterator[str], marks: SpeechMarks) -> StreamedSpeech:
     """Engines that take text incrementally: every piece goes into ONE synthesis session, whose
-    audio is the play. What was heard is estimated over the whole text by time (no per-piece sizes)."""
+    audio is the play. What was heard comes from the engine's character timings (ElevenLabs'
+    alignment), else it is estimated over the whole text by time (no per-piece sizes)."""
     pushed: list[str] = []
     errors: list[BaseException] = []
     received = 0
@@ -192,9 +193,10 @@ async def _speak_incremental(bridge: MediaPipeline, tts: TtsEngine, text_stream:
     error = errors[0] if errors else None
     if result.completed and finished and error is None:
         return StreamedSpeech(text, text, False, result.heard_ms, len(pushed))
+    aligned = text_stream.heard_text(result.heard_ms) if result.heard_ms > 0 else ""
     total_ms = received / 2 / tts.sample_rate * 1000 if finished else None
-    return StreamedSpeech(text, heard_text(text, result, total_ms=total_ms), result.interrupted, result.heard_ms,
-                          len(pushed), error)
+    heard = aligned if aligned is not None else heard_text(text, result, total_ms=total_ms)
+    return StreamedSpeech(text, heard, result.interrupted, result.heard_ms, len(pushed), error)
 
 
 async def _aclose(source: AsyncIterator[bytes]) -> None:

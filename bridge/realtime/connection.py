@@ -35,6 +35,7 @@ class RealtimeProtocol(Protocol):
     url: str
     headers: dict[str, str]
     wire_passthrough: bool
+    reports_speech_end: bool  # sends SpeechStopped (else the bridge's VAD dates the caller's end of speech)
     input_rate: int
     output_rate: int
 

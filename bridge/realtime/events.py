@@ -16,6 +16,14 @@ class SpeechStarted:
 
 
 @dataclass(frozen=True, slots=True)
+class SpeechStopped:
+    """The provider decided the caller's turn ended (OpenAI speech_stopped); `audio_end_ms`: where in
+    the session's input audio the speech ended."""
+
+    audio_end_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ResponseStarted:
     response_id: str
     tag: str | None = None  # the `say` request this response answers, if any
@@ -80,5 +88,5 @@ class ProviderError:
     message: str
 
 
-RealtimeEvent = (Ready | SpeechStarted | ResponseStarted | AudioOut | AudioDone | ResponseDone | UserTranscript
+RealtimeEvent = (Ready | SpeechStarted | SpeechStopped | ResponseStarted | AudioOut | AudioDone | ResponseDone | UserTranscript
                  | BotTranscript | ToolCall | ToolCancelled | GoAway | LinkLost | ProviderError)

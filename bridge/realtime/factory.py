@@ -107,8 +107,9 @@ class ConversationTools:
 
 class RealtimeVoices:
     def __init__(self, settings: Settings, tts: TtsEngine, *, inband_dtmf: bool, clock: Clock | None = None,
-                 recorder: Callable[[CallRecord], CallRecorder | None] | None = None) -> None:
+                 recorder: Callable[[CallRecord], CallRecorder | None] | None = None, monitor: Any = None) -> None:
         self.settings = settings
+        self.monitor = monitor  # turn timing (bridge/monitor.py), when the runtime has one
         self.rt = settings.realtime
         self.tts = tts
         self.inband_dtmf = inband_dtmf
@@ -179,7 +180,9 @@ class RealtimeVoices:
             pipeline_rate=self.settings.pipelineSampleRate,
             recorder=self._recorder(call) if self._recorder else None,
             barge_in=self.settings.streaming.bargeIn, inband_dtmf=self.inband_dtmf,
-            on_tool_call=run_tool, hang_up=hang_up, apology=self.rt.apology, input_chunk_ms=self.rt.inputChunkMs)
+            on_tool_call=run_tool, hang_up=hang_up, apology=self.rt.apology, input_chunk_ms=self.rt.inputChunkMs,
+            on_milestone=self.monitor.milestone_hook(call.callId) if self.monitor is not None else None,
+            on_turn_note=self.monitor.turn_note_hook(call.callId) if self.monitor is not None else None)
         holder["voice"] = voice
         return voice
 

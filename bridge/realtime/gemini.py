@@ -62,6 +62,7 @@ def parse_duration(value: Any) -> float:
 class GeminiLiveProtocol:
     name = "gemini"
     wire_passthrough = False
+    reports_speech_end = False
     input_rate = INPUT_RATE
     output_rate = OUTPUT_RATE
 

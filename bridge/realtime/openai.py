@@ -65,6 +65,7 @@ def flat_tool(spec: dict[str, Any]) -> dict[str, Any]:
 
 class OpenAiRealtimeProtocol:
     name = "openai"
+    reports_speech_end = True
 
     def __init__(self, options: OpenAiRealtimeOptions, wire: AudioFormat | None = None,
                  tools: Sequence[dict[str, Any]] = ()) -> None:
@@ -171,6 +172,9 @@ class OpenAiRealtimeProtocol:
             return [ev.AudioDone(str(msg.get("item_id", "")))]
         if kind == "input_audio_buffer.speech_started":
             return [ev.SpeechStarted()]
+        if kind == "input_audio_buffer.speech_stopped":
+            end = msg.get("audio_end_ms")
+            return [ev.SpeechStopped(int(end) if isinstance(end, (int, float)) and not isinstance(end, bool) else None)]
         if kind == "response.created":
             response = msg.get("response") or {}
             metadata = response.get("metadata") or {}

@@ -215,6 +215,15 @@ class TelnyxCarrier(Carrier):
             _put(self._codecs, ccid, codec)
         await self._command(ccid, "answer", body)
 
+    async def reattach_media(self, call: CallRecord) -> bool:
+        """`streaming_start` to our stream URL (Telnyx keeps the call up when a stream drops)."""
+        ccid = call.providerCallId
+        if not self.settings.streaming.enabled or not ccid:
+            return False
+        codec = self._codecs.get(ccid) or choose_codec(self.telnyx.streamCodec)
+        _put(self._codecs, ccid, codec)
+        return await self._command(ccid, "streaming_start", self._stream_params(call, codec), ended_ok=True)
+
     async def reject_call(self, call: CallRecord) -> None:
         ccid = call.providerCallId
         self._offered.pop(ccid or "", None)

@@ -273,6 +273,13 @@ class TwilioCarrier(Carrier):
     async def reject_call(self, call: CallRecord) -> None:
         return None  # the voice-URL reply is <Reject/>: Twilio never answers the call
 
+    async def reattach_media(self, call: CallRecord) -> bool:
+        """A call update whose TwiML opens a new stream (the answer's own document, token included)."""
+        if not self.settings.streaming.enabled or not call.providerCallId:
+            return False
+        await self._update(call, {"Twiml": self._answer_reply(call, inbound=False).body})
+        return True
+
     async def speak_native(self, call: CallRecord, text: str) -> None:
         if call.media_attached:
             raise CarrierError("twilio: a media stream is active; replacing its TwiML would cut the stream")
@@ -358,6 +365,8 @@ class TwilioCarrier(Carrier):
         if kind == "twiml":
             doc_id = request.query_value("doc") or ""
             return WebhookResult(respond=lambda _: self._document(call_id or "", doc_id))
+        if kind == "reattach":  # the stream dropped (its node died or shut down): open a new one
+            return WebhookResult(respond=lambda call: self._answer_reply(call, inbound=False))
         if kind == "xfer-leg":  # the dialed person's progress (a cold transfer)
             if status != "in-progress":
                 return WebhookResult(reply=WebhookReply(200, EMPTY_TWIML, XML))
@@ -460,7 +469,12 @@ class TwilioCarrier(Carrier):
             return WebhookReply(200, HANGUP_TWIML, XML)
         if self.settings.streaming.enabled:
             parameters = {"token": self.host.stream_token(call.callId), "callId": call.callId}
-            return WebhookReply(200, twiml(stream_verb(self.host.stream_url(), parameters)), XML)
+            verbs = [stream_verb(self.host.stream_url(), parameters)]
+            if self.settings.cluster is not None:
+                # Twilio runs the next verb when a stream's socket closes: on a cluster that asks
+                # (through the balancer) for a new stream, so a surviving node re-attaches the call
+                verbs.append(redirect_verb(self.host.webhook_url(callId=call.callId, type="reattach")))
+            return WebhookReply(200, twiml(*verbs), XML)
         if resume:
             return WebhookReply(200, self.listen_twiml(call.callId), XML)
         state = self._state(call.callId)

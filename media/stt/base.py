@@ -17,6 +17,7 @@ SttEventKind = Literal["speech_started", "speech_ended", "partial", "final", "er
 class SttEvent:
     kind: SttEventKind
     text: str = ""
+    ago_s: float = 0.0  # speech_ended: how long before this event the caller actually fell silent
 
 
 class SttError(Exception):

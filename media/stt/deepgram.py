@@ -112,12 +112,17 @@ class TurnBuilder:
 
     def __init__(self) -> None:
         self.finals: list[str] = []
+        self.last_word_end: float | None = None  # seconds into the stream where the last final word ended
+        self.speech_end_s: float | None = None  # of the utterance `speech_ended` closed
 
     def handle(self, msg: dict[str, Any]) -> list[SttEvent]:
         kind = msg.get("type")
         if kind == "SpeechStarted":
             return [SttEvent("speech_started")]
         if kind == "UtteranceEnd":
+            end = msg.get("last_word_end")
+            if isinstance(end, (int, float)) and not isinstance(end, bool):
+                self.last_word_end = float(end)
             return self._end()
         if kind != "Results":
             return []
@@ -125,6 +130,11 @@ class TurnBuilder:
         text = str(alternatives[0].get("transcript") or "").strip()
         out: list[SttEvent] = []
         if msg.get("is_final"):
+            words = [w for w in alternatives[0].get("words") or [] if isinstance(w, dict)]
+            ends = [float(w["end"]) for w in words if isinstance(w.get("end"), (int, float))
+                    and not isinstance(w.get("end"), bool)]
+            if ends:
+                self.last_word_end = max(ends)
             if text:
                 self.finals.append(text)
                 out.append(SttEvent("partial", " ".join(self.finals)))
@@ -138,6 +148,7 @@ class TurnBuilder:
         if not self.finals:
             return []
         text, self.finals = " ".join(self.finals), []
+        self.speech_end_s, self.last_word_end = self.last_word_end, None
         return [SttEvent("speech_ended"), SttEvent("final", text)]
 
 
@@ -164,6 +175,8 @@ class DeepgramSession(WebSocketSttSession):
         self._last_audio = engine.clock.monotonic()
         self._keepalive: TimerHandle | None = None
         self.keepalives_sent = 0
+        self._link_bytes = 0  # sent_bytes when this connection opened: Deepgram's times restart with it
+        self._bytes_per_s = (1 if self.wants_wire else 2) * self.sample_rate
 
     # ---- feeding (sync)
     def feed(self, pcm: bytes) -> None:
@@ -215,6 +228,9 @@ class DeepgramSession(WebSocketSttSession):
                                   open_timeout=self.engine.connect_timeout_s, compression=None,
                                   logger=quiet_logger("media.stt.deepgram.ws"))
 
+    async def _opened(self, ws: Any) -> None:
+        self._link_bytes = self.sent_bytes
+
     def _receive(self, raw: str | bytes) -> None:
         if isinstance(raw, bytes):
             return
@@ -226,7 +242,7 @@ class DeepgramSession(WebSocketSttSession):
             if msg.get("type") == "Metadata":
                 self._metadata.set()
             for event in self._turns.handle(msg):
-                self._emit(event)
+                self._emit(self._dated(event))
 
     async def _send_loop(self, ws: Any) -> None:
         while True:
@@ -241,3 +257,18 @@ class DeepgramSession(WebSocketSttSession):
                 raise
             if isinstance(item, bytes):
                 self.sent_bytes += len(item)
+
+    def _dated(self, event: SttEvent) -> SttEvent:
+        """speech_ended, dated back to the last word's end: the audio sent since then took that long
+        (it flows in real time), so the caller fell silent that long ago."""
+        end = self._turns.speech_end_s
+        if event.kind != "speech_ended" or end is None:
+            return event
+        streamed_s = (self.sent_bytes - self._link_bytes) / self._bytes_per_s
+        return SttEvent("speech_ended", ago_s=max(0.0, streamed_s - end))
+
+    def _emit(self, event: SttEvent) -> None:
+        try:
+            self._on_event(event)
+        except Exception:  # a listener bug must not kill the transcription session
+            log.exception("STT event handler failed")

@@ -43,6 +43,33 @@ class TextStream(ABC):
     def audio(self) -> AsyncIterator[bytes]:
         """PCM16 mono at the engine's `sample_rate`, as it arrives; closing it stops the synthesis."""
 
+    def heard_text(self, heard_ms: float) -> str | None:
+        """The text spoken in the first `heard_ms` of the audio, from the engine's own character
+        timings; None when the engine gives none (the caller then estimates by time)."""
+        return None
+
+
+class CharTimeline:
+    """Characters of a synthesis and when each starts in its audio (ms), built from per-chunk
+    alignments (ElevenLabs: `chars`, `charStartTimesMs`, relative to that chunk's audio)."""
+
+    def __init__(self) -> None:
+        self.chars: list[str] = []
+        self.starts_ms: list[float] = []
+
+    def add(self, chars: list[str], starts_ms: list[float], chunk_at_ms: float) -> None:
+        for char, start in zip(chars, starts_ms, strict=False):
+            self.chars.append(char)
+            self.starts_ms.append(chunk_at_ms + start)
+
+    def spoken(self, heard_ms: float) -> str:
+        """The words whose every character had started by `heard_ms` (a word cut mid-way is not kept)."""
+        n = sum(1 for start in self.starts_ms if start < heard_ms)
+        text = "".join(self.chars[:n])
+        if n < len(self.chars) and not self.chars[n].isspace():
+            text = text.rsplit(None, 1)[0] if " " in text.strip() else ""
+        return " ".join(text.split())
+
 
 class EvenBytes:
     """Holds back a dangling odd byte so that every chunk holds whole PCM16 samples."""

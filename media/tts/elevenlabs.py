@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 from media import g711
 from media.formats import AudioEncoding
 from media.logsafe import quiet_logger
-from media.tts.base import EvenBytes, TextStream, TtsEngine, TtsError
+from media.tts.base import CharTimeline, EvenBytes, TextStream, TtsEngine, TtsError
 
 DEFAULT_BASE_URL = "https://api.elevenlabs.io"
 DEFAULT_MODEL = "eleven_flash_v2_5"
@@ -108,11 +108,14 @@ class ElevenLabsTts(TtsEngine):
             init["voice_settings"] = self.voice_settings
         return json.dumps(init)
 
-    async def _ws(self, text: str, more: asyncio.Queue[str | None] | None = None) -> AsyncIterator[bytes]:
-        """One stream-input session: `text` (if any), then every piece from `more` until None."""
+    async def _ws(self, text: str, more: asyncio.Queue[str | None] | None = None,
+                  timeline: CharTimeline | None = None) -> AsyncIterator[bytes]:
+        """One stream-input session: `text` (if any), then every piece from `more` until None;
+        `timeline` collects the characters' timings from each message's `alignment`."""
         import websockets
 
         even = EvenBytes()
+        samples = 0  # PCM samples yielded so far: where the next chunk's alignment starts
         sender: asyncio.Task[None] | None = None
         try:
             async with websockets.connect(
@@ -132,7 +135,11 @@ class ElevenLabsTts(TtsEngine):
                 async for raw in ws:
                     msg = json.loads(raw)
                     if msg.get("audio"):
-                        yield self._pcm(base64.b64decode(msg["audio"]), even)
+                        if timeline is not None:
+                            _align(timeline, msg.get("alignment"), samples * 1000 / self.sample_rate)
+                        pcm = self._pcm(base64.b64decode(msg["audio"]), even)
+                        samples += len(pcm) // 2
+                        yield pcm
                     if msg.get("isFinal"):
                         break
                     if msg.get("error"):
@@ -153,6 +160,15 @@ class ElevenLabsTts(TtsEngine):
                 await httpx_client.aclose()
 
 
+def _align(timeline: CharTimeline, alignment: Any, chunk_at_ms: float) -> None:
+    if not isinstance(alignment, dict):
+        return
+    chars, starts = alignment.get("chars"), alignment.get("charStartTimesMs")
+    if isinstance(chars, list) and isinstance(starts, list):
+        timeline.add([str(c) for c in chars],
+                     [float(s) if isinstance(s, (int, float)) else 0.0 for s in starts], chunk_at_ms)
+
+
 async def _send_pieces(ws: Any, pieces: asyncio.Queue[str | None]) -> None:
     while (piece := await pieces.get()) is not None:
         # flush: generate this piece now (the chunk schedule would wait for 120 characters first)
@@ -164,6 +180,7 @@ class _ElevenLabsTextStream(TextStream):
     def __init__(self, engine: ElevenLabsTts) -> None:
         self._engine = engine
         self._pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        self._timeline = CharTimeline()
 
     def push(self, text: str) -> None:
         self._pieces.put_nowait(text)
@@ -172,4 +189,7 @@ class _ElevenLabsTextStream(TextStream):
         self._pieces.put_nowait(None)
 
     def audio(self) -> AsyncIterator[bytes]:
-        return self._engine._ws("", self._pieces)  # noqa: SLF001 - the same session code as synthesize
+        return self._engine._ws("", self._pieces, self._timeline)  # noqa: SLF001 - the same session code as synthesize
+
+    def heard_text(self, heard_ms: float) -> str | None:
+        return self._timeline.spoken(heard_ms) if self._timeline.chars else None

@@ -86,10 +86,17 @@ class FakeDeepgram:
         sent_interims = 0
         audio_s = 0.0
 
-        async def results(text: str, *, is_final: bool, speech_final: bool) -> None:
+        speech_start = 0.0
+
+        async def results(text: str, *, is_final: bool, speech_final: bool, end: float | None = None) -> None:
+            # final results time their words, spread over the speech (start, end: seconds into the stream)
+            words = text.split(" ") if text else []
+            span = ((end or audio_s) - speech_start) / max(1, len(words))
+            timed = [{"word": w, "start": round(speech_start + i * span, 3), "end": round(speech_start + (i + 1) * span, 3),
+                      "confidence": 0.98, "punctuated_word": w} for i, w in enumerate(words)] if is_final else []
             await ws.send_json({"type": "Results", "channel_index": [0, 1], "duration": 0.5, "start": audio_s,
                                 "is_final": is_final, "speech_final": speech_final, "from_finalize": False,
-                                "channel": {"alternatives": [{"transcript": text, "confidence": 0.98, "words": []}]},
+                                "channel": {"alternatives": [{"transcript": text, "confidence": 0.98, "words": timed}]},
                                 "metadata": {"request_id": "req-1", "model_info": {"name": "nova-3"}}})
 
         async for msg in ws:
@@ -101,16 +108,18 @@ class FakeDeepgram:
                 for change in vad.feed(pcm):
                     words = self.transcripts[turn % len(self.transcripts)].split(" ")
                     if change == "started":
+                        speech_start = audio_s - 0.02
                         sess.speech_started += 1
                         speech_bytes, sent_interims = 0, 0
                         await ws.send_json({"type": "SpeechStarted", "channel": [0, 1], "timestamp": audio_s})
                     else:
                         text = " ".join(words)
+                        end = audio_s - vad.silence_frames * 0.02  # the speech ended before the silence
                         if self.utterance_end:
-                            await results(text, is_final=True, speech_final=False)
-                            await ws.send_json({"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": audio_s})
+                            await results(text, is_final=True, speech_final=False, end=end)
+                            await ws.send_json({"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": end})
                         else:
-                            await results(text, is_final=True, speech_final=True)
+                            await results(text, is_final=True, speech_final=True, end=end)
                         turn += 1
                 if vad.speaking:
                     speech_bytes += len(pcm)

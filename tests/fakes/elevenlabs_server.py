@@ -102,7 +102,17 @@ class FakeElevenLabs:
         return ws
 
     async def _send_audio(self, ws: web.WebSocketResponse, text: str, fmt: str) -> None:
+        """The audio in chunks, each with the alignment of the characters that start in it (times in
+        ms from the chunk's start; the fake speaks 20 ms per character, the text plus a trailing space)."""
         audio = render(text, fmt)
         step = 3200
+        bytes_per_ms = len(audio) / (len(text) * 20)
+        spoken = text + " "
         for i in range(0, len(audio), step):
-            await ws.send_json({"audio": base64.b64encode(audio[i : i + step]).decode(), "isFinal": None, "normalizedAlignment": None, "alignment": None})
+            t0, t1 = i / bytes_per_ms, min(len(audio), i + step) / bytes_per_ms
+            last = i + step >= len(audio)  # the trailing space starts as the audio ends
+            idx = [k for k in range(len(spoken)) if t0 <= k * 20 < t1 or (last and k == len(text))]
+            alignment = {"chars": [spoken[k] for k in idx], "charStartTimesMs": [round(k * 20 - t0) for k in idx],
+                         "charDurationsMs": [20 for _ in idx]}
+            await ws.send_json({"audio": base64.b64encode(audio[i : i + step]).decode(), "isFinal": None,
+                                "normalizedAlignment": alignment, "alignment": alignment})

@@ -96,8 +96,16 @@ class FakeOpenAIRealtime:
             await self._runner.cleanup()
 
     async def _responses(self, request: web.Request) -> web.Response:
-        return web.json_response([{k: r[k] for k in ("id", "status", "first_delta_at", "metadata")}
-                                  for s in self.sessions for r in s.responses])
+        """Every response so far (`?reset=1`: then forget them); `session`: the session's number in
+        opening order, `session_text`: the first text item a client added to it (a benchmark's tag)."""
+        data = [{**{k: r[k] for k in ("id", "status", "first_delta_at", "metadata")}, "session": i,
+                 "session_text": s.user_texts[0] if s.user_texts else None}
+                for i, s in enumerate(self.sessions) for r in s.responses]
+        if request.query.get("reset"):
+            self.sessions = [s for s in self.sessions if s.closed_at is None]
+            for s in self.sessions:
+                s.responses.clear()
+        return web.json_response(data)
 
     def _id(self, prefix: str) -> str:
         return f"{prefix}_{next(self._ids)}"
@@ -247,8 +255,10 @@ class _Conn:
                 if self.interrupt:
                     await self.cancel("turn_detected")
             else:
+                # where the speech ended, as the service reports it: before the silence that ended the turn
                 await self.send({"type": "input_audio_buffer.speech_stopped", "item_id": user_item,
-                                 "audio_end_ms": len(self.sess.audio) * 500 // self.sess.rate})
+                                 "audio_end_ms": len(self.sess.audio) * 500 // self.sess.rate
+                                 - self.vad.silence_frames * 20})
                 await self.send({"type": "input_audio_buffer.committed", "item_id": user_item})
                 await self.send({"type": "conversation.item.added",
                                  "item": {"id": user_item, "type": "message", "role": "user", "content": []}})
@@ -333,14 +343,3 @@ class _Conn:
         await self.send({"type": "response.done", "response": {**response, "status": "completed"}})
 
 
-async def _serve_forever(reply: str, delta_interval_s: float) -> None:
-    fake = await FakeOpenAIRealtime(replies=[Reply(reply)], delta_interval_s=delta_interval_s).start()
-    print(f"port {fake.port}", flush=True)
-    await asyncio.Event().wait()
-
-
-if __name__ == "__main__":  # a benchmark runs the "model" apart: python -m tests.fakes.openai_realtime_server TEXT [DELTA_S]
-    import sys
-
-    asyncio.run(_serve_forever(sys.argv[1] if len(sys.argv) > 1 else "Okay.",
-                               float(sys.argv[2]) if len(sys.argv) > 2 else 0.0))

@@ -74,8 +74,12 @@ def tokens(text: str) -> list[str]:
     return re.findall(r"\s*\S+", text) + ([text[len(text.rstrip()):]] if text != text.rstrip() else [])
 
 
+def _last_user(body: dict[str, Any]) -> str:
+    return str(next((m.get("content") or "" for m in reversed(body.get("messages", [])) if m.get("role") == "user"), ""))
+
+
 def default_chat_reply(body: dict[str, Any]) -> ChatReply:
-    last = next((m.get("content") or "" for m in reversed(body.get("messages", [])) if m.get("role") == "user"), "")
+    last = _last_user(body)
     return ChatReply(f"You said {last.strip().rstrip('.!?')}. What else can I do for you today?")
 
 
@@ -98,6 +102,7 @@ class FakeOpenAI:
     chat_tokens_per_s: float = 0.0  # 0: as fast as possible
     chat_streams: list[ChatStream] = field(default_factory=list)
     speech_first_byte: list[float] = field(default_factory=list)  # seconds from request to first audio byte
+    speech_times: list[tuple[float, float, str]] = field(default_factory=list)  # (arrived, first byte out, input)
     _runner: web.AppRunner | None = None
     port: int = 0
 
@@ -145,7 +150,9 @@ class FakeOpenAI:
         for i, chunk in enumerate(chunks):
             await resp.write(chunk)
             if i == 0:
-                self.speech_first_byte.append(asyncio.get_running_loop().time() - arrived)
+                now = asyncio.get_running_loop().time()
+                self.speech_first_byte.append(now - arrived)
+                self.speech_times.append((arrived, now, body["input"]))
             if self.chunk_delay_s:
                 await asyncio.sleep(self.chunk_delay_s)
         await resp.write_eof()
@@ -153,10 +160,15 @@ class FakeOpenAI:
 
     async def _stats(self, request: web.Request) -> web.Response:
         ttft = [s.first_token_at - s.started for s in self.chat_streams if s.first_token_at is not None]
-        data = {"chat_first_token_s": ttft, "speech_first_byte_s": list(self.speech_first_byte)}
+        # absolute loop times (CLOCK_MONOTONIC, comparable across processes on one machine)
+        data = {"chat_first_token_s": ttft, "speech_first_byte_s": list(self.speech_first_byte),
+                "chat_times": [(s.started, s.first_token_at, _last_user(s.request)) for s in self.chat_streams
+                               if s.first_token_at is not None],
+                "speech_times": list(self.speech_times)}
         if request.query.get("reset"):
             self.chat_streams.clear()
             self.speech_first_byte.clear()
+            self.speech_times.clear()
             self.speech_requests.clear()
         return web.json_response(data)
 

@@ -145,7 +145,7 @@ function onEvent(ev) {
       if (call) call.transcript.push({ speaker: "user", text: ev.transcript, timestamp: Date.now() / 1000 });
       note(id, `caller said: ${ev.transcript}`); break;
     case "call.partial": state.partial.set(id, ev.transcript); break;
-    case "call.turn": if (call) { (call.metadata.turns = call.metadata.turns || []).push(ev.turn); }
+    case "call.turn": if (call) { (call.turns = call.turns || []).push(ev.turn); }
       note(id, `turn ${ev.turn.n}: ${ev.turn.totalMs ?? "?"} ms`); break;
     case "call.dtmf": note(id, `keys from caller: ${ev.digits}`); break;
     case "call.answered_by": if (call) call.metadata.answeredBy = ev.answeredBy;
@@ -216,7 +216,7 @@ function renderDetail() {
   const list = $("#transcript");
   list.replaceChildren(...lines);
   list.scrollTop = list.scrollHeight;
-  const turns = ((call.metadata || {}).turns || []).map((t) => el("tr", {}, el("td", {}, t.n),
+  const turns = (call.turns || []).map((t) => el("tr", {}, el("td", {}, t.n),
     ...["totalMs", "sttMs", "modelMs", "pieceMs", "ttsMs", "bridgeMs"].map((k) => el("td", {}, t[k] ?? "–"))));
   $("#turns tbody").replaceChildren(...turns);
   $("#timeline").replaceChildren(...(state.events.get(call.callId) || []).map((e) =>
