@@ -6,6 +6,10 @@ channel left off (within `snap_s`) is appended seamlessly, so arrival jitter nev
 clicks, and a real gap (no stream, no playback) becomes silence. Positioning happens on the
 event loop (cheap byte work); finished blocks go to one writer thread, so file I/O never blocks
 the loop.
+
+A call whose media stream is replaced (Twilio keys out, a failed transfer, a re-attach, a restart)
+gets a new recorder for the same file: it appends after what the previous one wrote, once that
+one has closed the file, so nothing recorded before the replacement is lost.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +29,18 @@ import soundfile as sf
 log = logging.getLogger(__name__)
 
 CALLER, BRIDGE = 0, 1
+
+# One lock per file being written: a later recorder of the same call waits for the earlier one.
+_file_locks: weakref.WeakValueDictionary[Path, threading.Lock] = weakref.WeakValueDictionary()
+_file_locks_guard = threading.Lock()
+
+
+def _file_lock(path: Path) -> threading.Lock:
+    with _file_locks_guard:
+        lock = _file_locks.get(path)
+        if lock is None:
+            lock = _file_locks[path] = threading.Lock()
+        return lock
 
 
 class CallRecorder:
@@ -49,6 +66,7 @@ class CallRecorder:
         self.samples_written = 0
         self.error: BaseException | None = None
         self._q: queue.SimpleQueue[np.ndarray | None] = queue.SimpleQueue()
+        self._lock = _file_lock(self.path.resolve())
         self._thread = threading.Thread(target=self._writer, name=f"recorder:{self.path.name}", daemon=True)
         self._thread.start()
 
@@ -121,16 +139,31 @@ class CallRecorder:
 
     # ------------------------------------------------------------------ writer thread
 
+    def _open(self) -> sf.SoundFile:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and self.path.stat().st_size > 0:
+            f = sf.SoundFile(self.path, "r+")
+            if f.samplerate == self.rate and f.channels == 2:
+                f.seek(0, sf.SEEK_END)
+                return f
+            f.close()
+            self.path = self.path.with_name(f"{self.path.stem}-{int(time.time())}{self.path.suffix}")
+            log.warning("recording %s: earlier part has another format; continuing in %s",
+                        self.path.name, self.path.name)
+        return sf.SoundFile(self.path, "w", samplerate=self.rate, channels=2, subtype="PCM_16")
+
     def _writer(self) -> None:
         f: sf.SoundFile | None = None
+        locked = False
         try:
             while (block := self._q.get()) is not None:
                 if self.error is not None:
                     continue
                 try:
                     if f is None:
-                        self.path.parent.mkdir(parents=True, exist_ok=True)
-                        f = sf.SoundFile(self.path, "w", samplerate=self.rate, channels=2, subtype="PCM_16")
+                        if not locked:  # an earlier recorder of this call finishes its part first
+                            locked = self._lock.acquire()
+                        f = self._open()
                     f.write(block)
                     self.samples_written += len(block)
                 except Exception as exc:  # keep draining so the call never stalls on a bad disk
@@ -139,3 +172,5 @@ class CallRecorder:
         finally:
             if f is not None:
                 f.close()
+            if locked:
+                self._lock.release()

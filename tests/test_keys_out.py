@@ -12,7 +12,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import soundfile as sf
 
 from bridge.calls import CallState
 from bridge.tool import dispatch
@@ -75,6 +77,33 @@ async def test_twilio_keys_restart_the_stream_and_the_call_goes_on(twilio: FakeT
         await wait_for(lambda: len(fake_call.streams) == 3 and call.media_attached, timeout=10)
         assert fake_call.played_digits == ["1234#", "9"] and not call.terminal
         await client.call("voicecall.end", {"callId": call_id})
+
+
+async def test_twilio_keys_out_keeps_the_recording_from_before_the_new_stream(twilio: FakeTwilio,
+                                                                             tmp_path: Path) -> None:
+    """The new stream gets a new recorder for the same file: it appends, the first part stays."""
+    config = twilio_config(twilio) | {"recording": {"enabled": True}}
+    async with run_bridge(config, tmp_path) as runtime:
+        client = rpc_client(runtime)
+        call_id = (await client.call("voicecall.initiate", {"to": PERSON, "message": "Connecting you now.",
+                                                            "mode": "conversation"}))["callId"]
+        call = runtime.manager.calls[call_id]
+        await wait_for(lambda: call.state == CallState.LISTENING, timeout=20)
+        fake_call = twilio.calls[call.providerCallId or ""]
+        await client.call("voicecall.dtmf", {"callId": call_id, "digits": "5"})
+        await wait_for(lambda: len(fake_call.streams) == 2 and call.media_attached, timeout=10)
+        await client.call("voicecall.speak", {"callId": call_id, "message": "Thanks, one moment."})
+        await client.call("voicecall.end", {"callId": call_id})
+        await wait_for(lambda: call.terminal, timeout=10)
+        path = runtime.settings.store_dir / "recordings" / f"{call_id}.wav"
+    heard_ms = [stream.ms_received for stream in fake_call.streams]
+    assert heard_ms[0] > 500 and heard_ms[1] > 500
+    data, rate = sf.read(path, dtype="int16")
+    frame = rate // 50
+    bot = data[: len(data) // frame * frame, 1].reshape(-1, frame)
+    recorded_ms = int(np.count_nonzero(np.abs(bot).max(axis=1))) * 20
+    # what the caller heard on both streams is in the one file (only the second part without the append)
+    assert recorded_ms >= 0.9 * sum(heard_ms), (recorded_ms, heard_ms)
 
 
 async def test_twilio_dtmf_sequence_is_one_play_with_its_pauses(twilio: FakeTwilio, tmp_path: Path) -> None:

@@ -103,3 +103,26 @@ async def test_gap_becomes_silence_and_jitter_does_not(tmp_path: Path) -> None:
     ch0 = data[:, 0]
     assert np.all(ch0[:320] == 500) and np.all(ch0[320:8000] == 0) and np.all(ch0[8000:8160] == 500)
     assert np.all(data[4000:4160, 1] == 500) and np.all(data[:4000, 1] == 0)
+
+
+async def test_a_replaced_stream_appends_to_the_calls_recording(tmp_path: Path) -> None:
+    """Twilio keys out, a failed transfer or a re-attach give the call a new recorder for the same file
+    while the old one may still be writing: the new part follows the old one, nothing is overwritten."""
+    path = tmp_path / "call.wav"
+    first = CallRecorder(path, 8000, monotonic=lambda: 10.0)
+    second = CallRecorder(path, 8000, monotonic=lambda: 20.0)
+    before = np.full(1600, 300, dtype="<i2").tobytes()
+    after = np.full(800, -700, dtype="<i2").tobytes()
+    first.write_caller(before, at=10.0)
+    first.flush()
+    second.write_caller(after, at=20.0)
+    second.flush()  # the second part is queued while the first recorder still holds the file
+    await first.close()
+    await second.close()
+    data, rate = sf.read(path, dtype="int16")
+    assert rate == 8000 and data.shape == (2400, 2)
+    assert np.all(data[:1600, 0] == 300) and np.all(data[1600:, 0] == -700) and np.all(data[:, 1] == 0)
+    third = CallRecorder(path, 16000, monotonic=lambda: 30.0)  # another format: its own file, nothing lost
+    third.write_caller(np.full(320, 1, dtype="<i2").tobytes(), at=30.0)
+    await third.close()
+    assert sf.info(path).frames == 2400 and third.path != path and sf.info(third.path).samplerate == 16000
