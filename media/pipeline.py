@@ -390,6 +390,14 @@ class MediaPipeline:
         if remaining > 0:
             await self._clock.sleep(remaining)
 
+    def set_listener(self, listener: MediaListener) -> None:
+        """Swap the listener; the caller's pipeline-rate path follows what the new one wants."""
+        self.listener = listener
+        self._wire_cb = getattr(listener, "on_wire_audio", None)
+        self._pipeline_in = bool(getattr(listener, "wants_pipeline_audio", True)) or self.recorder is not None
+        if self._pipeline_in and self._in_resampler is None:
+            self._in_resampler = StreamResampler(self.wire.rate, self.pipeline_rate, skip_idle_calls=True)
+
     def interrupt(self, reason: str = "barge-in") -> None:
         """Stop the current play at once (no frame is sent after this returns), clear the
         carrier's buffer, and drop queued plays."""

@@ -259,8 +259,7 @@ async def test_out_of_order_frames_reach_the_pipeline_in_order(tmp_path: Path, f
 
             def on_speech_started(self) -> None: ...
 
-        media.listener = Tap()
-        media._wire_cb = None  # the tap is the only consumer in this test
+        media.set_listener(Tap())  # the tap is the only consumer in this test
         # frame k is a 400 Hz tone of amplitude 500*(k+1): the envelope rises only if order is kept
         t = np.arange(160) / 8000
         pcm = b"".join((500 * (k + 1) * np.sin(2 * np.pi * 400 * t)).astype("<i2").tobytes() for k in range(30))
