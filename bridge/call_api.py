@@ -78,14 +78,8 @@ class CallApi(Turns):
         request = OutboundRequest(to=to, from_number=call.from_, message=message, mode=str(mode),
                                   stream=self.settings.streaming.enabled, machine_detection=detection,
                                   native_amd=native)
-        try:
-            provider_id = await self.carrier.initiate_call(call, request)
-        except CarrierError as exc:
-            self._finalize(call, CallState.FAILED, error=str(exc))
-            raise CallError(f"Call could not be placed: {exc}") from None
+        await self._dial(call, request, "Call could not be placed")
         if not call.terminal:
-            self._link_provider_id(call, provider_id)
-            self._save(call)
             self._start_ring_timeout(call)
         return call
 

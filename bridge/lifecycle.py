@@ -13,7 +13,7 @@ from typing import Any
 from bridge.calls import CallRecord, CallState
 from bridge.manager_core import CallError, ManagerCore
 from bridge.report import build_report
-from carriers.base import CarrierError
+from carriers.base import CarrierError, OutboundRequest
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,17 @@ class Lifecycle(ManagerCore):
         if not task.done() or task.cancelled():
             raise TimeoutError
         return task.result()
+
+    async def _dial(self, call: CallRecord, request: OutboundRequest, failure: str) -> None:
+        """Place `call` at the carrier; a refusal ends it `failed` and raises `<failure>: <reason>`."""
+        try:
+            provider_id = await self.carrier.initiate_call(call, request)
+        except CarrierError as exc:
+            self._finalize(call, CallState.FAILED, error=str(exc))
+            raise CallError(f"{failure}: {exc}") from None
+        if not call.terminal:
+            self._link_provider_id(call, provider_id)
+            self._save(call)
 
     def _finalize(self, call: CallRecord, reason: CallState, *, error: str | None = None) -> None:
         if call.terminal:

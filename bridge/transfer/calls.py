@@ -14,7 +14,7 @@ from bridge.calls import TRANSFER_PARENT, CallMode, CallRecord, CallState, Direc
 from bridge.manager_core import CallError
 from bridge.transfer.controller import TransferError
 from bridge.turns import Turns
-from carriers.base import CarrierError, OutboundRequest
+from carriers.base import OutboundRequest
 
 if TYPE_CHECKING:
     from bridge.conversation.chat import ChatModel
@@ -49,14 +49,7 @@ class TransferCalls(Turns):
         self._publish("call.created", call, transferOf=parent.callId)
         request = OutboundRequest(to=to, from_number=call.from_, message="", mode=str(CallMode.CONVERSATION),
                                   stream=self.settings.streaming.enabled)
-        try:
-            provider_id = await self.carrier.initiate_call(call, request)
-        except CarrierError as exc:
-            self._finalize(call, CallState.FAILED, error=str(exc))
-            raise CallError(f"The person's call could not be placed: {exc}") from None
-        if not call.terminal:
-            self._link_provider_id(call, provider_id)
-            self._save(call)
+        await self._dial(call, request, "The person's call could not be placed")
         return call
 
     def finish(self, call: CallRecord, state: CallState) -> None:
