@@ -187,6 +187,9 @@ class Turns(Lifecycle):
     def save(self, call: CallRecord) -> None:
         self._save(call)
 
+    def save_soon(self, call: CallRecord) -> None:
+        self._save_soon(call)
+
     def publish(self, kind: str, call: CallRecord, **extra: Any) -> None:
         self._publish(kind, call, **extra)
 
