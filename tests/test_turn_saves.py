@@ -1,13 +1,15 @@
-"""`save_soon`: a change that need not be on disk at once (a turn's timing record, made at its first
+"""Call-log writes on the turn path, checked in the real call log (calls.jsonl).
+
+`save_soon`: a change that need not be on disk at once (a turn's timing record, made at its first
 audio) rides on the call's next save, or is written SAVE_SOON_S later on the manager's clock, or at
-stop; it never adds a line when a save came first. Checked in the real call log (calls.jsonl)."""
+stop; it never adds a line when a save came first. A partial transcript is published, not written."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from bridge.calls import CallRecord
+from bridge.calls import CallEvent, CallRecord, EventType
 from bridge.config import build_settings
 from bridge.manager import CallManager
 from bridge.manager_core import SAVE_SOON_S
@@ -63,3 +65,22 @@ async def test_a_pending_save_is_written_at_stop(tmp_path: Path) -> None:
     manager.save_soon(call)
     await manager.stop()
     assert lines_of(tmp_path / LOG_NAME, call.callId)[-1]["metadata"]["turnNote"] == "first audio"  # type: ignore[index]
+
+
+async def test_partial_transcripts_are_published_not_written(tmp_path: Path) -> None:
+    manager, clock, call = await manager_with_call(tmp_path)
+    seen: list[tuple[str, dict[str, object]]] = []
+    manager.observers.append(lambda kind, c, extra: seen.append((kind, extra)))
+    log = tmp_path / LOG_NAME
+    before = len(lines_of(log, call.callId))
+    for text in ("I would", "I would like", "I would like a table"):
+        manager.process_event(CallEvent(EventType.SPEECH, call_id=call.callId, transcript=text, is_final=False))
+    assert [extra["transcript"] for kind, extra in seen if kind == "call.partial"] == [
+        "I would", "I would like", "I would like a table"]
+    assert len(lines_of(log, call.callId)) == before, "no call-log write per partial"
+    manager.process_event(CallEvent(EventType.SPEECH, call_id=call.callId, transcript="I would like a table.",
+                                    is_final=True))
+    lines = lines_of(log, call.callId)
+    assert len(lines) == before + 1
+    assert lines[-1]["transcript"][-1]["text"] == "I would like a table."  # type: ignore[index]
+    await manager.stop()
