@@ -11,6 +11,9 @@ enough of the protocol (session.update -> session.updated):
 - append: every 40 ms each session gets 40 ms of caller u-law (`send_audio`, what RealtimeVoice
   hands it); the server counts the `input_audio_buffer.append` messages and the bytes in them.
   Figure: CPU time / appends the server received.
+- STT frame: the cascade's streaming STT sessions (OpenAI Realtime transcription, G.711 passthrough)
+  get 20 ms of caller u-law every 20 ms (`feed_wire`, what CallVoice hands them). Figure: CPU time /
+  frames.
 CPU time, not wall time, so the figures hold on a busy machine; best of `--repeat` runs.
 Only the public RealtimeConnection API is used, so the same script measures an older checkout
 (`PYTHONPATH=/that/checkout python bench/realtime_cost.py`).
@@ -37,10 +40,16 @@ from bench.common import add_output_args, finish, loadavg, machine, pin_cpu, pin
 SERVER = r"""
 import asyncio, base64, json, sys
 from websockets.asyncio.server import serve
+from websockets.exceptions import ConnectionClosed
 DELTA = json.dumps({"type": "response.output_audio.delta", "response_id": "r1", "item_id": "i1",
                     "output_index": 0, "content_index": 0, "delta": base64.b64encode(b"\xff" * 800).decode()})
 appends = {"n": 0, "bytes": 0}
 async def session(ws):
+    try:
+        await serve_one(ws)
+    except ConnectionClosed:  # the STT sessions are cancelled at the end, not closed politely
+        pass
+async def serve_one(ws):
     async for raw in ws:
         msg = json.loads(raw)
         kind = msg.get("type")
@@ -114,15 +123,42 @@ async def one_run(port: int, sessions: int, messages: int) -> dict[str, float]:
     await asyncio.sleep(0.3)  # let the last ones arrive before asking for the count
 
     # the protocol ignores the server's count message: read it off a plain socket
-    async with websockets.connect(f"ws://127.0.0.1:{port}/v1/realtime") as ws:
-        await ws.send(json.dumps({"type": "bench.count"}))
-        counts.append(json.loads(await ws.recv()))
+    counts.append(await server_count(port))
+
+    # the cascade's streaming STT (OpenAI Realtime transcription): 20 ms of caller u-law per session every 20 ms
+    from media.stt.factory import create_stt
+
+    stt = create_stt({"provider": "openai", "providers": {"openai": {
+        "apiKey": "sk-bench", "baseUrl": f"http://127.0.0.1:{port}/v1"}}})
+    stts = [stt.open(sample_rate=16000, on_event=lambda e: None, wire_format=ULAW_8K) for _ in range(sessions)]
+    await asyncio.gather(*(s.start() for s in stts))
+    frame = b"\x7f" * 160
+    cpu0, start = time.process_time(), loop.time()
+    for k in range(messages):
+        for s in stts:
+            s.feed_wire(frame)
+        await asyncio.sleep(max(0.0, start + (k + 1) * 0.02 - loop.time()))
+    stt_cpu = time.process_time() - cpu0
+    await asyncio.sleep(0.3)
+    stt_count = await server_count(port)
+    for s in stts:
+        await s.close()
     for conn in conns:
         await conn.close()
     appended = counts[0]["n"]
     return {"delta_us": 1e6 * delta_cpu / (sessions * messages),
             "append_us": 1e6 * append_cpu / appended if appended else float("nan"),
-            "appends": appended, "audio_bytes_ok": counts[0]["bytes"] == sessions * messages * len(chunk)}
+            "appends": appended, "audio_bytes_ok": counts[0]["bytes"] == sessions * messages * len(chunk),
+            "stt_frame_us": 1e6 * stt_cpu / (sessions * messages), "stt_appends": stt_count["n"],
+            "stt_audio_ok": stt_count["bytes"] == sessions * messages * len(frame)}
+
+
+async def server_count(port: int) -> dict[str, int]:
+    """The appends (and their audio bytes) the server got since it was last asked."""
+    async with websockets.connect(f"ws://127.0.0.1:{port}/v1/realtime") as ws:
+        await ws.send(json.dumps({"type": "bench.count"}))
+        count: dict[str, int] = json.loads(await ws.recv())
+        return count
 
 
 def main() -> int:
@@ -146,11 +182,14 @@ def main() -> int:
         server.wait(5)
     data = {"benchmark": "realtime_cost", "machine": machine(), "sessions": args.sessions, "messages": args.messages,
             "delta_us": min(r["delta_us"] for r in runs), "append_us": min(r["append_us"] for r in runs),
-            "audio_complete": all(r["audio_bytes_ok"] for r in runs), "runs": runs, "loadavg": loadavg()}
+            "stt_frame_us": min(r["stt_frame_us"] for r in runs),
+            "audio_complete": all(r["audio_bytes_ok"] and r["stt_audio_ok"] for r in runs), "runs": runs, "loadavg": loadavg()}
     print(f"sessions {args.sessions}, {args.messages} messages each way per session, best of {args.repeat}")
     print(f"  per model audio delta (receive, parse, decode): {data['delta_us']:6.1f} us CPU")
     print(f"  per caller audio append (40 ms, encode, send):  {data['append_us']:6.1f} us CPU"
           f"   (all audio arrived: {data['audio_complete']})")
+    print(f"  per streaming-STT frame (20 ms, OpenAI Realtime transcription): {data['stt_frame_us']:6.1f} us CPU"
+          f"   (all audio arrived: {all(r['stt_audio_ok'] for r in runs)})")
     print(f"  runs: {[(round(r['delta_us'], 1), round(r['append_us'], 1)) for r in runs]}  load {data['loadavg']}")
     return finish("realtime_cost", data, args)
 

@@ -147,7 +147,7 @@ def test_realtime_cost_quick(tmp_path: Path) -> None:
     data = run_bench("realtime_cost.py", "--sessions", "2", "--messages", "10", "--repeat", "1", "--cpu", "-1",
                      out=tmp_path / "rt.json")
     assert data["benchmark"] == "realtime_cost" and data["delta_us"] > 0 and data["append_us"] > 0
-    assert data["audio_complete"] and data["runs"][0]["appends"] == 20
+    assert data["audio_complete"] and data["runs"][0]["appends"] == 20 and data["stt_frame_us"] > 0
 
 
 def test_profile_parts_split_every_sample(tmp_path: Path) -> None:

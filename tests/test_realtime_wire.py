@@ -1,5 +1,5 @@
 """The realtime connection's per-message path over real sockets against the OpenAI Realtime fake:
-messages handled in the read callback and written without a task hop (bridge/realtime/inline_ws.py),
+messages handled in the read callback and written without a task hop (media/ws_client.py),
 in order with what had to be queued, and the caller's audio batched on the wire."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pytest
 from bridge.realtime import events as ev
 from bridge.realtime.connection import RealtimeConnection
 from bridge.realtime.gemini import GeminiLiveOptions, GeminiLiveProtocol
-from bridge.realtime.inline_ws import InlineClientConnection
 from bridge.realtime.openai import OpenAiRealtimeOptions, OpenAiRealtimeProtocol
 from media.formats import ULAW_8K
+from media.ws_client import InlineClientConnection
 from tests.fakes.openai_realtime_server import FakeOpenAIRealtime, Reply
 from tests.harness import rpc_client, run_bridge, wait_for
 from tests.test_realtime_openai import mock_config

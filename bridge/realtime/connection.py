@@ -8,7 +8,7 @@
   row `on_failed(reason)` is called once and the session stops.
 - `GoAway`: a replacement socket opens at once; when it is ready, sends move to it while the old
   one keeps delivering what it still has until the server closes it (no gap in the model's audio).
-- Per message, no task hop either way where the socket allows it (`inline_ws.py`): server messages
+- Per message, no task hop either way where the socket allows it (`media/ws_client.py`): server messages
   are handled in the read callback, and a send with nothing queued ahead is written at once; the
   caller's audio goes up as prebuilt JSON bytes (`protocol.audio_json`), parsed with orjson when
   installed.
@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bridge.realtime import events as ev
-from bridge.realtime.inline_ws import InlineClientConnection
 from media.clock import Clock, RealClock
 from media.logsafe import quiet_logger
+from media.ws_client import InlineClientConnection
 
 _fast_loads: Callable[[str | bytes], Any] | None
 try:
@@ -76,7 +76,7 @@ class _Link:
     go_away: asyncio.Future[float]
     reader: asyncio.Task[None] | None = None
     retired: bool = False
-    inline: bool = False  # messages go both ways without a task hop (inline_ws.py)
+    inline: bool = False  # messages go both ways without a task hop (media/ws_client.py)
     items: set[str] = field(default_factory=set)  # audio items this socket delivered
 
 

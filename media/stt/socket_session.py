@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from media.stt.base import SttEvent, SttSession
+from media.ws_client import InlineClientConnection
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,16 @@ class WebSocketSttSession(SttSession):
         self._closing = False
         self.connects = 0
         self.sent_bytes = 0
+        self._ws: Any = None  # the open socket, for writes without the sender task (media/ws_client.py)
 
     def rebind(self, on_event: Callable[[SttEvent], None]) -> None:
         """Deliver events to a new listener (a session opened ahead of the call, then adopted)."""
         self._on_event = on_event
+
+    @property
+    def socket(self) -> Any:
+        """The open WebSocket (None between connections)."""
+        return self._ws
 
     @property
     def connected(self) -> bool:
@@ -110,12 +117,20 @@ class WebSocketSttSession(SttSession):
                 return
             await asyncio.sleep(self._backoff_s * 2 ** (failures - 1))
 
+    def _write_now(self, data: bytes, *, text: bool) -> bool:
+        """Write one message on the open socket at once (nothing may be queued ahead of it: the caller
+        checks); False: queue it for the send loop (no socket, back-pressure, or a plain connection)."""
+        ws = self._ws
+        return isinstance(ws, InlineClientConnection) and ws.write_now(data, text=text)
+
     async def _pump(self, ws: Any) -> None:
         sender = asyncio.create_task(self._send_loop(ws))
+        self._ws = ws
         try:
             async for raw in ws:
                 self._receive(raw)
         finally:
+            self._ws = None
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await sender

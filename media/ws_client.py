@@ -9,8 +9,11 @@ bridge's event-loop work at 20 speech-to-speech calls (py-spy, bench/README.md).
 - `on_text(data)` takes a complete, unfragmented text message (UTF-8 bytes) straight from the
   parser while nothing is queued ahead of it; everything else (fragments, binary, control frames,
   messages behind a queued one) goes through the queue and `recv()`, in order.
-- `write_now(data)` writes one text message at once when the socket is open and not applying
-  back-pressure; False means "use `send()`" (the caller queues it), so flow control stays.
+- `write_now(data)` writes one text (or binary) message at once when the socket is open and not
+  applying back-pressure; False means "use `send()`" (the caller queues it), so flow control stays.
+
+Used by the realtime model connection (bridge/realtime/connection.py) and the streaming STT
+sessions (media/stt/socket_session.py: the caller's audio, 50 messages a second per call).
 
 Both lean on `websockets.asyncio` internals (`recv_messages.frames`, `paused`, `send_data`); where
 they have moved, `inline_ok` is False and the plain `recv()` / `send()` paths carry everything.
@@ -52,10 +55,13 @@ class InlineClientConnection(ClientConnection):
             return
         super().process_event(event)
 
-    def write_now(self, data: bytes) -> bool:
+    def write_now(self, data: bytes, *, text: bool = True) -> bool:
         if self.protocol.state is not State.OPEN or self.paused:
             return False
-        self.protocol.send_text(data)
+        if text:
+            self.protocol.send_text(data)
+        else:
+            self.protocol.send_binary(data)
         try:
             self.send_data()
         except Exception as exc:  # noqa: BLE001 - as websockets' own send path: the connection ends
