@@ -32,7 +32,6 @@ from media.logsafe import quiet_logger
 from media.stt.base import SttEngine, SttError, SttEvent
 from media.stt.socket_session import WebSocketSttSession
 from media.urls import websocket_url
-from media.ws_client import InlineClientConnection
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +226,8 @@ class DeepgramSession(WebSocketSttSession):
 
     def _connect(self) -> Any:
         import websockets
+
+        from media.ws_client import InlineClientConnection
 
         return websockets.connect(self.url, additional_headers={"Authorization": f"Token {self.engine.api_key}"},
                                   open_timeout=self.engine.connect_timeout_s, compression=None,

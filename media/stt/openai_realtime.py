@@ -25,7 +25,6 @@ from media.resample import StreamResampler
 from media.stt.base import SttEngine, SttError, SttEvent
 from media.stt.socket_session import WebSocketSttSession
 from media.urls import websocket_url
-from media.ws_client import InlineClientConnection
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +191,8 @@ class RealtimeSession(WebSocketSttSession):
 
     def _connect(self) -> Any:
         import websockets
+
+        from media.ws_client import InlineClientConnection
 
         return websockets.connect(
             self.engine.url,

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any
 
 from media.stt.base import SttEvent, SttSession
-from media.ws_client import InlineClientConnection
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +119,8 @@ class WebSocketSttSession(SttSession):
     def _write_now(self, data: bytes, *, text: bool) -> bool:
         """Write one message on the open socket at once (nothing may be queued ahead of it: the caller
         checks); False: queue it for the send loop (no socket, back-pressure, or a plain connection)."""
-        ws = self._ws
-        return isinstance(ws, InlineClientConnection) and ws.write_now(data, text=text)
+        write_now = getattr(self._ws, "write_now", None)  # media/ws_client.py's connection (imported lazily)
+        return write_now is not None and bool(write_now(data, text=text))
 
     async def _pump(self, ws: Any) -> None:
         sender = asyncio.create_task(self._send_loop(ws))
