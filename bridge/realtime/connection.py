@@ -375,11 +375,11 @@ class RealtimeConnection:
                     size += len(nxt)
                 data = b"".join(parts)
                 self._audio_queued -= size
-                text = self.protocol.audio_json(data)
+                text = self.protocol.audio_json(data).decode()
             else:
-                text = json.dumps(item).encode()
+                text = json.dumps(item)
             try:
-                await link.ws.send(text.decode())
+                await link.ws.send(text)
                 if isinstance(item, bytes):
                     self.sent_audio_bytes += len(data)
             except Exception:  # noqa: BLE001 - resend on the next socket
