@@ -48,6 +48,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
+    CLK_TCK,
     MEDIA_LIBS,
     PEER_LIBS,
     ROOT,
@@ -171,19 +172,15 @@ def tree_rss_bytes(pid: int) -> int:
 
 
 async def generate(spec: dict[str, Any]) -> dict[str, Any]:
-    import aiohttp
-
     from tests.fakes import stream_load as sl
 
     target = spec["target"]
-
-    async def get_target(session: aiohttp.ClientSession) -> sl.StreamTarget:
-        if target["mode"] == "direct":
-            return sl.StreamTarget(target["url"], {})
-        return await sl.inbound_stream(session, target["voice_url"], auth_token=target["auth_token"],
-                                       account_sid=target["account_sid"])
+    window_cpu: dict[str, tuple[float, float, float, float]] = {}
+    me = os.getpid()
 
     def mark(what: str) -> None:
+        user, system = generator_cpu(me)
+        window_cpu[what] = (time.monotonic(), user + system, user, system)
         print(json.dumps({"window": what, "t": time.monotonic()}), flush=True)
 
     import gc
@@ -191,13 +188,35 @@ async def generate(spec: dict[str, Any]) -> dict[str, Any]:
     gc.collect()
     gc.freeze()
     gc.disable()  # the generator's own pauses would show up as the server's latency; its run is bounded
-    me = os.getpid()
-    cpu0 = cpu_seconds(me)
+    cpu0 = sum(generator_cpu(me))
     t0 = time.monotonic()
-    run = await sl.run_streams(get_target, spec["n"], seconds=spec["seconds"], ramp_per_s=spec["ramp"],
-                               keep_audio_first=True, on_window=mark,
-                               one_connection_per_call=bool(spec.get("one_connection")))
-    gen_cpu = (cpu_seconds(me) - cpu0) / max(1e-9, time.monotonic() - t0) * 100
+    run: Any
+    kind = spec.get("generator", "lean")
+    if kind in ("lean", "lean-python"):
+        from bench import lean_load
+
+        frames = sl.caller_frames()
+        engine = spec.get("engine") if kind == "lean" else None
+        if engine:
+            run = await lean_load.run_engine(Path(engine), target, spec["n"], seconds=spec["seconds"],
+                                             ramp_per_s=spec["ramp"], frames=frames, keep_audio_first=True,
+                                             on_window=mark)
+        else:
+            run = await lean_load.run_streams(target, spec["n"], seconds=spec["seconds"], ramp_per_s=spec["ramp"],
+                                              frames=frames, keep_audio_first=True, on_window=mark)
+    else:
+        import aiohttp
+
+        async def get_target(session: aiohttp.ClientSession) -> sl.StreamTarget:
+            if target["mode"] == "direct":
+                return sl.StreamTarget(target["url"], {})
+            return await sl.inbound_stream(session, target["voice_url"], auth_token=target["auth_token"],
+                                           account_sid=target["account_sid"])
+
+        run = await sl.run_streams(get_target, spec["n"], seconds=spec["seconds"], ramp_per_s=spec["ramp"],
+                                   keep_audio_first=True, on_window=mark,
+                                   one_connection_per_call=bool(spec.get("one_connection")))
+    gen_cpu = (sum(generator_cpu(me)) - cpu0) / max(1e-9, time.monotonic() - t0) * 100
     rtts: list[float] = []
     added: list[float] = []
     steady: list[float] = []
@@ -226,11 +245,15 @@ async def generate(spec: dict[str, Any]) -> dict[str, Any]:
         "frames": frames, "lost": lost,
         "rtt_p50_ms": sl.percentile(rtts, 50), "rtt_p99_ms": sl.percentile(rtts, 99),
         "rtt_max_ms": max(rtts) if rtts else float("nan"),
-        "generator_cpu_pct": gen_cpu,
+        "generator": spec.get("generator", "lean"), "generator_cpu_pct": gen_cpu,
         "tick_lag_p99_ms": sl.percentile(run.tick_lag_ms, 99), "tick_ms_p50": sl.percentile(run.tick_ms, 50),
         "alignment": next((alignment(c) for c in run.clients if c.keep_audio), None),
         "bad_frames": sum(c.bad_frames for c in run.clients),
     }
+    if "start" in window_cpu and "end" in window_cpu:  # the generator's own cost while measuring
+        (w0, c0, u0, s0), (w1, c1, u1, s1) = window_cpu["start"], window_cpu["end"]
+        result["generator_window_cpu_pct"] = (c1 - c0) / max(1e-9, w1 - w0) * 100
+        result["generator_window_sys_pct"] = (s1 - s0) / max(1e-9, w1 - w0) * 100  # the kernel's share (loopback TCP)
     if base:
         result.update({"added_p50_ms": sl.percentile(added, 50), "added_p99_ms": sl.percentile(added, 99),
                        "added_max_ms": max(added) if added else float("nan"),
@@ -241,6 +264,30 @@ async def generate(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("calibrate"):
         result["baseline"] = sl.baseline(run.clients)
     return result
+
+
+def generator_cpu(me: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of the generator: this process, its reaped children (the C engine once it
+    has exited) and its live ones."""
+    user = system = 0.0
+    for pid in process_tree(me):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        user += int(fields[11]) + (int(fields[13]) if pid == me else 0)
+        system += int(fields[12]) + (int(fields[14]) if pid == me else 0)
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def run_generator(spec: dict[str, Any]) -> dict[str, Any]:
+    """The Python lean generator runs on uvloop when it is installed (its loop costs less per socket event);
+    with the C engine Python only sets streams up, on asyncio (its selector lets go of a socket at once)."""
+    if spec.get("generator") == "lean-python":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(generate(spec))
+    return asyncio.run(generate(spec))
 
 
 def alignment(client: Any) -> dict[str, Any] | None:
@@ -283,7 +330,8 @@ def run_point(kind: str, n: int, seconds: float, args: argparse.Namespace, basel
             time.sleep(0.5)
             idle_rss = tree_rss_bytes(server.pid)
             spec = {"target": target, "n": n, "seconds": seconds, "ramp": args.ramp, "baseline": baseline,
-                    "calibrate": calibrate, "one_connection": workers is not None}
+                    "calibrate": calibrate, "one_connection": workers is not None, "generator": args.generator,
+                    "engine": str(args.engine) if args.engine else None}
             spec_path = tmp / "spec.json"
             spec_path.write_text(json.dumps(spec))
             gen_cpu = 1 if (workers or 1) == 1 else None  # W >= 2 takes every core: the generator shares them
@@ -337,6 +385,10 @@ def run_point(kind: str, n: int, seconds: float, args: argparse.Namespace, basel
             if "start" in marks and "end" in marks:
                 (t0, c0, _), (t1, c1, rss) = marks["start"], marks["end"]
                 result["server_cpu_pct"] = (c1 - c0) / (t1 - t0) * 100
+                if result.get("generator_window_cpu_pct") is not None:
+                    # g: generator CPU per stream-second over ONE server process's (a worker's) at this N
+                    per_process = result["server_cpu_pct"] / max(1, workers or 1)
+                    result["g"] = result["generator_window_cpu_pct"] / per_process if per_process > 0 else None
                 result["rss_mb"] = rss / 2**20
                 result["rss_per_stream_kb"] = (rss - idle_rss) / max(1, n) / 1024
                 if workers and workers > 1:  # how evenly SO_REUSEPORT spread the streams
@@ -425,8 +477,9 @@ def print_sweep(s: dict[str, Any]) -> None:
     outbound = f"{s['outbound_ms']} ms outbound" if s.get("outbound_ms") else ""
     workers = f"{s['workers']} worker{'s' if s['workers'] > 1 else ''} + Redis" if s.get("workers") else ""
     extras = ", ".join(x for x in (workers, "uvloop" if s["uvloop"] else "", s.get("experiment") or "", outbound) if x)
+    idle = s["calibration"]["idle_rtt_p50_ms"]
     print(f"\n{s['server']}{f' ({extras})' if extras else ''}: idle round trip p50 "
-          f"{s['calibration']['idle_rtt_p50_ms']:.1f} ms, echo alignment {s['calibration']['alignment']}")
+          f"{'-' if idle is None else f'{idle:.1f}'} ms, echo alignment {s['calibration']['alignment']}")
     print(table(["N", "p50", "p99", "max", "abs p99", "rtt p50", "rtt p99", "lost", "late", "failed",
                  "server CPU%", "RSS/stream KB", "gen CPU%", "load1"], rows))
     print("(ms; p50/p99/max: latency added by load during the window; abs p99: also counting delay picked up "
@@ -525,6 +578,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", help="sweep the bridge as serve.workers W with Redis, for each W (comma list)")
     parser.add_argument("--streams-per-worker", action="store_true",
                         help="with --workers: --streams counts are per worker (W=2 runs twice as many)")
+    parser.add_argument("--generator", choices=["lean", "lean-python", "aiohttp"], default="lean",
+                        help="load generator: lean (streams set up in Python, media in C: bench/lean_media.c, built on "
+                             "demand; the Python one without a compiler), lean-python (raw asyncio sockets on uvloop), "
+                             "aiohttp (the fake Twilio's client)")
     parser.add_argument("--json", action="store_true", help="also print the JSON on stdout")
     parser.add_argument("--profile", metavar="DIR", help="py-spy the server during each window into DIR")
     parser.add_argument("--out", help="results file (default bench/results/media_streams.json)")
@@ -535,14 +592,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers and (args.peer or args.only_peer):
         parser.error("--workers sweeps the bridge only; leave out --peer")
 
+    args.engine = None
+    if args.role == "main" and args.generator == "lean":
+        from bench.lean_load import build_engine
+
+        args.engine = build_engine(lambda line: print(line, file=sys.stderr, flush=True))
+        data_generator = "lean (C engine)" if args.engine else "lean-python (no C engine)"
+    else:
+        data_generator = args.generator
     if args.role == "generator":
         spec = json.loads(Path(args.spec).read_text())
-        print(json.dumps(asyncio.run(generate(spec))), flush=True)
+        print(json.dumps(run_generator(spec)), flush=True)
         return 0
 
     data: dict[str, Any] = {"benchmark": "media_streams", "machine": machine(), "seconds": args.seconds,
                             "ramp_per_s": args.ramp, "late_ms": LATE_MS, "repeat": args.repeat,
-                            "argv": sys.argv[1:], "sweeps": []}
+                            "argv": sys.argv[1:], "generator": data_generator, "sweeps": []}
     kinds = ([] if args.only_peer else ["bridge"]) + ([args.peer] if args.peer else [])
     data["versions"] = {"bridge": versions(MEDIA_LIBS)}
     if args.peer == "pipecat":
