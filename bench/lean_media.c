@@ -55,7 +55,8 @@ static Stream **streams;
 static size_t nstreams, capstreams;
 static char **payloads;
 static size_t npayloads;
-static int epfd;
+static int epfd, sockets_ep;  /* control + timer (blocking waits); the streams' sockets (polled at each tick) */
+static double real_minus_mono;  /* CLOCK_REALTIME - CLOCK_MONOTONIC: kernel receive timestamps are realtime */
 
 static double now_s(void) {
     struct timespec ts;
@@ -75,7 +76,7 @@ static void *grow(void *p, size_t *cap, size_t need, size_t item) {
 
 static void stream_close(Stream *s) {
     if (!s->open) return;
-    epoll_ctl(epfd, EPOLL_CTL_DEL, s->fd, NULL);
+    epoll_ctl(sockets_ep, EPOLL_CTL_DEL, s->fd, NULL);
     close(s->fd);
     s->open = 0;
 }
@@ -249,11 +250,27 @@ static void walk(Stream *s, double t) {
     if (pos) { memmove(b, b + pos, s->inlen - pos); s->inlen -= pos; }
 }
 
-static void on_readable(Stream *s, double t) {
+/* Reads what is there; `t` = the kernel's receive time of the last segment read (SO_TIMESTAMPNS), so
+ * polling the sockets only at the timer ticks costs no accuracy (`fallback`: when the kernel gives none). */
+static void on_readable(Stream *s, double fallback) {
+    double t = fallback;
     for (;;) {
         s->in = grow(s->in, &s->incap, s->inlen + 65536, 1);
-        ssize_t n = recv(s->fd, s->in + s->inlen, s->incap - s->inlen, MSG_DONTWAIT);
-        if (n > 0) { s->inlen += (size_t)n; if ((size_t)n < 65536) break; continue; }
+        char cbuf[CMSG_SPACE(sizeof(struct timespec)) + 64];
+        struct iovec iov = {s->in + s->inlen, s->incap - s->inlen};
+        struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof cbuf};
+        ssize_t n = recvmsg(s->fd, &msg, MSG_DONTWAIT);
+        if (n > 0) {
+            for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c))
+                if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_TIMESTAMPNS) {
+                    struct timespec ts;
+                    memcpy(&ts, CMSG_DATA(c), sizeof ts);
+                    t = (double)ts.tv_sec + ts.tv_nsec / 1e9 - real_minus_mono;
+                }
+            s->inlen += (size_t)n;
+            if ((size_t)n < 65536) break;
+            continue;
+        }
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
         if (!s->close_code) s->close_code = 1006;
         stream_close(s);
@@ -261,6 +278,19 @@ static void on_readable(Stream *s, double t) {
     }
     walk(s, t);
     flush_out(s);
+}
+
+static void poll_sockets(void) {
+    struct epoll_event events[256];
+    int n;
+    do {
+        n = epoll_wait(sockets_ep, events, 256, 0);
+        double t = now_s();
+        for (int e = 0; e < n; e++) {
+            uint64_t i = events[e].data.u64;
+            if (i < nstreams && streams[i]->open) on_readable(streams[i], t);
+        }
+    } while (n == 256);
 }
 
 static void add_stream(int fd, const char *sid, int keep, const char *call, const char *account) {
@@ -274,7 +304,9 @@ static void add_stream(int fd, const char *sid, int keep, const char *call, cons
     streams[nstreams] = s;
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = nstreams};
     nstreams++;
-    if (epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0) { perror("epoll_ctl"); stream_close(s); }
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_TIMESTAMPNS, &one, sizeof one);
+    if (epoll_ctl(sockets_ep, EPOLL_CTL_ADD, fd, &ev) < 0) { perror("epoll_ctl"); stream_close(s); }
 }
 
 static void put(FILE *f, const void *p, size_t n) {
@@ -329,6 +361,13 @@ int main(int argc, char **argv) {
     if (phases < 1) phases = 1;
     load_payloads(argv[2]);
     epfd = epoll_create1(0);
+    sockets_ep = epoll_create1(0);
+    {
+        struct timespec r, m;
+        clock_gettime(CLOCK_REALTIME, &r);
+        clock_gettime(CLOCK_MONOTONIC, &m);
+        real_minus_mono = (double)r.tv_sec + r.tv_nsec / 1e9 - ((double)m.tv_sec + m.tv_nsec / 1e9);
+    }
     int tfd = timerfd_create(CLOCK_MONOTONIC, 0);
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = CONTROL_TAG};
     epoll_ctl(epfd, EPOLL_CTL_ADD, ctl, &ev);
@@ -358,13 +397,14 @@ int main(int argc, char **argv) {
             if (tag == TIMER_TAG) {
                 uint64_t expirations;
                 if (read(tfd, &expirations, 8) < 0) { /* spurious */ }
-                if (!sending) continue;
                 double began = now_s();
-                for (size_t i = k % phases; i < nstreams; i += phases) {
+                for (size_t i = k % phases; sending && i < nstreams; i += phases) {
                     Stream *s = streams[i];
                     if (s->open) send_media(s, began);
-                    if (s->nmarks) due_marks(s, began, 0);
                 }
+                poll_sockets();  /* one pass over the sockets per tick, not one wake-up per message */
+                for (size_t i = 0; i < nstreams; i++)
+                    if (streams[i]->nmarks) due_marks(streams[i], now_s(), 0);
                 k++;
                 double next = start + k * step;
                 if (next - now_s() < -0.2) { start = now_s(); k = 0; next = start; }  /* hopelessly behind: re-base */
@@ -400,8 +440,6 @@ int main(int argc, char **argv) {
                         send_frame(s, 8, "\x03\xe8", 2);  /* close, 1000 */
                     }
                 } else fprintf(stderr, "lean_media: bad control message %s\n", buf);
-            } else if (tag < nstreams && streams[tag]->open) {
-                on_readable(streams[tag], t);
             }
         }
     }

@@ -191,6 +191,7 @@ async def generate(spec: dict[str, Any]) -> dict[str, Any]:
     cpu0 = sum(generator_cpu(me))
     t0 = time.monotonic()
     run: Any
+    timing = {"warmup_s": spec.get("warmup", 1.0), "tail_s": spec.get("tail", 0.5), "drain_s": spec.get("drain", 1.5)}
     kind = spec.get("generator", "lean")
     if kind in ("lean", "lean-python"):
         from bench import lean_load
@@ -200,10 +201,10 @@ async def generate(spec: dict[str, Any]) -> dict[str, Any]:
         if engine:
             run = await lean_load.run_engine(Path(engine), target, spec["n"], seconds=spec["seconds"],
                                              ramp_per_s=spec["ramp"], frames=frames, keep_audio_first=True,
-                                             on_window=mark)
+                                             on_window=mark, **timing)
         else:
             run = await lean_load.run_streams(target, spec["n"], seconds=spec["seconds"], ramp_per_s=spec["ramp"],
-                                              frames=frames, keep_audio_first=True, on_window=mark)
+                                              frames=frames, keep_audio_first=True, on_window=mark, **timing)
     else:
         import aiohttp
 
@@ -214,7 +215,7 @@ async def generate(spec: dict[str, Any]) -> dict[str, Any]:
                                            account_sid=target["account_sid"])
 
         run = await sl.run_streams(get_target, spec["n"], seconds=spec["seconds"], ramp_per_s=spec["ramp"],
-                                   keep_audio_first=True, on_window=mark,
+                                   keep_audio_first=True, on_window=mark, **timing,
                                    one_connection_per_call=bool(spec.get("one_connection")))
     gen_cpu = (sum(generator_cpu(me)) - cpu0) / max(1e-9, time.monotonic() - t0) * 100
     rtts: list[float] = []
@@ -323,22 +324,30 @@ def run_point(kind: str, n: int, seconds: float, args: argparse.Namespace, basel
             redis_for(workers, Path(tmpdir)) as redis_url:
         tmp = Path(tmpdir)
         load_before = loadavg()
-        server, target = start_server(kind, tmp, uvloop=args.uvloop, pipecat_python=args.pipecat_python,
-                                      experiment=args.experiment if kind == "bridge" else None,
-                                      outbound_ms=args.outbound_ms, workers=workers or 1, redis_url=redis_url)
+        # The generator starts (and imports) while the server boots; it reads its spec from stdin.
+        gen_cpu = 1 if (workers or 1) == 1 else None  # W >= 2 takes every core: the generator shares them
+        gen = subprocess.Popen(pinned(gen_cpu, [sys.executable, str(Path(__file__).resolve()), "--role", "generator",
+                                                "--spec", "-"]),
+                               cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
         try:
-            time.sleep(0.5)
+            server, target = start_server(kind, tmp, uvloop=args.uvloop, pipecat_python=args.pipecat_python,
+                                          experiment=args.experiment if kind == "bridge" else None,
+                                          outbound_ms=args.outbound_ms, workers=workers or 1, redis_url=redis_url)
+        except BaseException:
+            gen.kill()
+            gen.wait()
+            raise
+        try:
+            time.sleep(0.2)
             idle_rss = tree_rss_bytes(server.pid)
             spec = {"target": target, "n": n, "seconds": seconds, "ramp": args.ramp, "baseline": baseline,
                     "calibrate": calibrate, "one_connection": workers is not None, "generator": args.generator,
-                    "engine": str(args.engine) if args.engine else None}
-            spec_path = tmp / "spec.json"
-            spec_path.write_text(json.dumps(spec))
-            gen_cpu = 1 if (workers or 1) == 1 else None  # W >= 2 takes every core: the generator shares them
-            gen = subprocess.Popen(pinned(gen_cpu, [sys.executable, str(Path(__file__).resolve()), "--role", "generator",
-                                                    "--spec", str(spec_path)]),
-                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+                    "engine": str(args.engine) if args.engine else None,
+                    "warmup": args.warmup, "tail": args.tail, "drain": args.drain}
+            assert gen.stdin is not None
+            gen.stdin.write(json.dumps(spec) + "\n")
+            gen.stdin.close()
             marks: dict[str, tuple[float, float, int]] = {}
             per_pid: dict[str, dict[int, float]] = {}
             load_start: list[float] | None = None
@@ -401,9 +410,9 @@ def run_point(kind: str, n: int, seconds: float, args: argparse.Namespace, basel
             if workers is not None:
                 result["workers"] = workers
         finally:
-            # A clean stop hangs every stream's call up at the (absent) carrier, retrying for ~5 s;
-            # with --workers nothing of the server outlives the point (its Redis neither): cut that short.
-            server.stop(timeout=1.0 if workers else 8.0)
+            # A clean stop hangs every stream's call up at the (absent) carrier, retrying for ~5 s; nothing
+            # of the server outlives the point (its store and Redis are in the point's temp dir): cut that short.
+            server.stop(timeout=1.0)
     return result
 
 
@@ -438,15 +447,24 @@ def headline(points: list[dict[str, Any]]) -> int:
     return max(ok, default=0)
 
 
-def sweep(kind: str, args: argparse.Namespace, workers: int | None = None) -> dict[str, Any]:
+def sweep(kind: str, args: argparse.Namespace, workers: int | None = None,
+          calibrations: dict[Any, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Calibration (once per server kind and W: repeats reuse it from `calibrations`), then each N."""
     counts = [int(x) for x in (args.peer_streams if kind != "bridge" and args.peer_streams else args.streams).split(",")]
     if workers is not None and args.streams_per_worker:
         counts = [n * workers for n in counts]
-    longest = max(counts) / args.ramp + 1.0 + args.seconds + 2.0
     label = f"{kind} x{workers}" if workers else kind
-    print(f"[{label}] calibrating: 2 idle streams for {longest:.0f} s", file=sys.stderr, flush=True)
-    calib = run_point(kind, 2, longest - 3.0 - 2 / args.ramp, args, None, calibrate=True, workers=workers)
-    base = calib.pop("baseline")
+    calib = (calibrations or {}).get((kind, workers))
+    if args.skip_calibration:  # delivery only (smoke tests): no idle baseline, so no added-latency figures
+        calib = {"baseline": None, "lost": 0}
+    elif calib is None:
+        # as many frames per stream as the longest point sends (its ramp is longer than 2 streams')
+        calib_s = (max(counts) - 2) / args.ramp + args.seconds
+        print(f"[{label}] calibrating: 2 idle streams for {calib_s:.0f} s", file=sys.stderr, flush=True)
+        calib = run_point(kind, 2, calib_s, args, None, calibrate=True, workers=workers)
+        if calibrations is not None:
+            calibrations[(kind, workers)] = calib
+    base = calib["baseline"]
     points = []
     for n in counts:
         print(f"[{label}] {n} streams ...", file=sys.stderr, flush=True)
@@ -456,7 +474,7 @@ def sweep(kind: str, args: argparse.Namespace, workers: int | None = None) -> di
               f"cpu {point.get('server_cpu_pct', float('nan')):.0f}%, load {point['loadavg'][0]:.2f}",
               file=sys.stderr, flush=True)
         points.append(point)
-    idle = [b for b in base if b != float("inf")]
+    idle = [b for b in base or [] if b != float("inf")]
     return {"server": kind, "workers": workers, "uvloop": args.uvloop, "loop": "uvloop" if args.uvloop else "asyncio",
             "experiment": args.experiment if kind == "bridge" else None,
             "outbound_ms": args.outbound_ms if kind == "bridge" else None,
@@ -585,6 +603,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="also print the JSON on stdout")
     parser.add_argument("--profile", metavar="DIR", help="py-spy the server during each window into DIR")
     parser.add_argument("--out", help="results file (default bench/results/media_streams.json)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds between the last stream up and the window")
+    parser.add_argument("--tail", type=float, default=0.5,
+                        help="seconds of talking after the window (pushes the window's last frames through the resamplers)")
+    parser.add_argument("--drain", type=float, default=1.5, help="seconds to wait for echoes after the last frame")
+    parser.add_argument("--skip-calibration", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--role", default="main", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -601,7 +624,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         data_generator = args.generator
     if args.role == "generator":
-        spec = json.loads(Path(args.spec).read_text())
+        from bench import lean_load  # noqa: F401 - imported while the server boots
+        from tests.fakes import stream_load  # noqa: F401
+
+        spec = json.loads(sys.stdin.readline() if args.spec == "-" else Path(args.spec).read_text())
         print(json.dumps(run_generator(spec)), flush=True)
         return 0
 
@@ -613,10 +639,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.peer == "pipecat":
         data["versions"]["pipecat"] = versions(PEER_LIBS, args.pipecat_python)
     # Repeats alternate the servers, so each repeat's bridge/peer ratio comes from the same conditions.
+    calibrations: dict[Any, dict[str, Any]] = {}
     for rep in range(args.repeat):
         for kind in kinds:
             for w in workers if kind == "bridge" else [None]:
-                result = sweep(kind, args, w)
+                result = sweep(kind, args, w, calibrations)
                 result["repeat"] = rep
                 data["sweeps"].append(result)
     data["machine"]["loadavg_end"] = loadavg()
