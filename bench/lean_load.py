@@ -5,7 +5,10 @@ per stream a SIGNED inbound voice webhook whose TwiML answer gives the `<Stream 
 its `/ws` straight away), then on the same keep-alive connection the WebSocket upgrade, `connected`,
 `start` (custom parameters), one `media` frame every 20 ms (tone "speech" changing every frame, stream i
 at phase i%4 of the cycle), marks echoed once the audio before them has played, `stop` and a close.
-What it saves is CPU, so that on a 2-core machine the generator does not take the workers' cores:
+What it saves is CPU, so that on a 2-core machine the generator takes less of the workers' cores.
+Two engines: `run_engine` (default in bench/media_streams.py) sets each stream up here and hands its
+socket to the C program bench/lean_media.c for the media phase (`build_engine` compiles it on demand);
+`run_streams` does everything in Python (the fallback without a C compiler), like this:
 
 - client frames are built from prebuilt pieces: a 4-byte-mask WebSocket header with the masking key 0
   (legal, and the payload goes out as is), the base64 of each distinct caller frame encoded once, only

@@ -1,7 +1,7 @@
 /* The media phase of bench/lean_load.py's generator, in C: Twilio Media Streams frames on sockets that
  * Python has already set up (signed webhook, WebSocket upgrade, `connected` + `start`) and handed over
- * with SCM_RIGHTS. Why C: in Python the generator costs about a third of a bridge worker per stream,
- * which on a 2-core machine caps 1 -> 2 process scaling well below 2x (bench/README.md).
+ * with SCM_RIGHTS. Why C: in Python (raw asyncio sockets on uvloop) the generator costs ~0.37 of a
+ * bridge worker's CPU per stream, in C ~0.19, most of it the kernel's loopback TCP (bench/README.md).
  *
  *   lean_media CONTROL_FD PAYLOADS_FILE PHASES
  *
@@ -10,9 +10,10 @@
  * stream, wait up to 2 s for the server's close, write the results, exit).
  * PAYLOADS_FILE: the caller's frames, base64, one per line; stream frame k carries line k % lines.
  * Every 20/PHASES ms one timer slot sends the next frame of every stream in that slot (stream i is in
- * slot i % PHASES). Receive: walks WebSocket frame headers; a media message counts base64 length (no
- * decode, except for keep_audio streams); marks are echoed once the audio before them has played,
- * `clear` returns pending marks at once; anything else counts as a bad frame.
+ * slot i % PHASES), then reads every socket that has data (one epoll pass per tick, not one wake-up per
+ * message; receive times are the kernel's, SO_TIMESTAMPNS). Receive: walks WebSocket frame headers; a
+ * media message counts base64 length (no decode, except for keep_audio streams); marks are echoed once
+ * the audio before them has played, `clear` returns pending marks at once; anything else is a bad frame.
  * Results (little-endian): u32 streams; per stream: u32 sid length, sid, i64 bad frames, media messages,
  * close code, marks echoed; u64 n + n doubles (send time of frame k); u64 n + n (double receive time,
  * i64 cumulative bytes heard); u64 n + n bytes of heard u-law (keep_audio only). Times: CLOCK_MONOTONIC s.

@@ -10,13 +10,19 @@ For each N a fresh server is started, pinned to CPU 0 (`taskset -c 0`):
 `--workers 1,2`: the bridge as `serve.workers: W` processes on one port (SO_REUSEPORT) sharing a
 Redis (a fresh `redis-server` per point; W = 1 runs with the same Redis store, so the ratio is only the
 process count), worker i pinned to CPU i; each call's webhook and stream share one keep-alive
-connection so both reach the same worker. With W >= 2 the generator is not pinned: on a 2-core
-machine it competes with the workers (its CPU% is in the table).
-The load generator is another process pinned to CPU 1 (tests/fakes/stream_load.py, built on the fake
-Twilio's media-stream client): it gets each stream's URL and token the real way (a signed inbound
-webhook answered with <Connect><Stream>; pipecat: its /ws URL), opens N streams at --ramp per
-second, sends 20 ms u-law frames at real-time cadence from one metronome, and records when each
-echoed byte comes back. Measurement starts once every stream is up (+1 s) and lasts --seconds.
+connection so both reach the same worker. `--split` says where the generator runs
+(`generator_cpu_for`): `separate` (default without --workers) gives it CPU 1; `shared` (default with
+--workers) puts it on the workers' cores in every run (W = 1: CPU 0 with the worker), so W = 2 vs
+W = 1 is the same load on twice the cores.
+The load generator is another process (`--generator lean`, default: bench/lean_load.py sets each
+stream up on a raw socket and hands it to the C engine bench/lean_media.c, built on demand; the
+Python engine without a compiler; `lean-python`, `aiohttp` = the fake Twilio's client, for
+comparison): it gets each stream's URL and token the real way (a signed inbound webhook answered
+with <Connect><Stream>, then the upgrade on the same connection; pipecat: its /ws URL), opens N
+streams at --ramp per second, sends 20 ms u-law frames at real-time cadence from one metronome
+(stream i at phase i%4), echoes marks, and records when each echoed byte comes back. Measurement
+starts once every stream is up (+ --warmup) and lasts --seconds; `generator_window_cpu_pct` is its
+CPU (engine included) over the window and `g` that per stream over one worker's.
 
 Latency method. Frame k's round trip = receive time of the echo byte (k+1)*160 - send time of frame
 k (the resamplers are delay-compensated: output sample i is input sample i; checked on stream 0 by
@@ -25,7 +31,7 @@ cross-correlation, `alignment`). Most of that round trip is the echo's own buffe
 the sweep, a calibration run (2 streams, idle server, as long as the longest run) gives, per k, the
 idle round trip; "added" latency = round trip - idle round trip of the same k. That is what load
 costs; p50/p99/max of it are the headline. A frame is late if added > 20 ms, lost if its echo never
-came (within 1.5 s after the end). Server CPU% from /proc/<pid>/stat over the window, RSS per stream
+came (within --tail + --drain s after the end). Server CPU% from /proc/<pid>/stat over the window, RSS per stream
 = (RSS under load - idle RSS) / N.
 """
 
@@ -133,6 +139,16 @@ def start_server(kind: str, tmp: Path, *, uvloop: bool, pipecat_python: str,
     return server, target
 
 
+def generator_cpu_for(split: str, workers: int) -> int | None:
+    """Where the generator runs. `separate`: W = 1 -> CPU 1 (the server has CPU 0), W >= 2 -> unpinned.
+    `shared`: the generator shares the workers' cores in every run: W = 1 -> CPU 0 with the worker (a
+    1-core machine), W >= 2 -> unpinned over the workers' CPUs, so W = 2 vs W = 1 compares the same
+    load on twice the cores."""
+    if workers >= 2:
+        return None
+    return 0 if split == "shared" else 1
+
+
 def pin_workers(server: Server, port: int, workers: int, timeout: float = 30.0) -> None:
     """Wait until all `workers` answer on the shared port, then pin worker i to CPU i."""
     import urllib.request
@@ -175,12 +191,12 @@ async def generate(spec: dict[str, Any]) -> dict[str, Any]:
     from tests.fakes import stream_load as sl
 
     target = spec["target"]
-    window_cpu: dict[str, tuple[float, float, float, float]] = {}
+    window_cpu: dict[str, tuple[float, float, float]] = {}
     me = os.getpid()
 
     def mark(what: str) -> None:
         user, system = generator_cpu(me)
-        window_cpu[what] = (time.monotonic(), user + system, user, system)
+        window_cpu[what] = (time.monotonic(), user + system, system)
         print(json.dumps({"window": what, "t": time.monotonic()}), flush=True)
 
     import gc
@@ -252,7 +268,7 @@ async def generate(spec: dict[str, Any]) -> dict[str, Any]:
         "bad_frames": sum(c.bad_frames for c in run.clients),
     }
     if "start" in window_cpu and "end" in window_cpu:  # the generator's own cost while measuring
-        (w0, c0, u0, s0), (w1, c1, u1, s1) = window_cpu["start"], window_cpu["end"]
+        (w0, c0, s0), (w1, c1, s1) = window_cpu["start"], window_cpu["end"]
         result["generator_window_cpu_pct"] = (c1 - c0) / max(1e-9, w1 - w0) * 100
         result["generator_window_sys_pct"] = (s1 - s0) / max(1e-9, w1 - w0) * 100  # the kernel's share (loopback TCP)
     if base:
@@ -325,7 +341,7 @@ def run_point(kind: str, n: int, seconds: float, args: argparse.Namespace, basel
         tmp = Path(tmpdir)
         load_before = loadavg()
         # The generator starts (and imports) while the server boots; it reads its spec from stdin.
-        gen_cpu = 1 if (workers or 1) == 1 else None  # W >= 2 takes every core: the generator shares them
+        gen_cpu = generator_cpu_for(args.split, workers or 1)
         gen = subprocess.Popen(pinned(gen_cpu, [sys.executable, str(Path(__file__).resolve()), "--role", "generator",
                                                 "--spec", "-"]),
                                cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -394,10 +410,9 @@ def run_point(kind: str, n: int, seconds: float, args: argparse.Namespace, basel
             if "start" in marks and "end" in marks:
                 (t0, c0, _), (t1, c1, rss) = marks["start"], marks["end"]
                 result["server_cpu_pct"] = (c1 - c0) / (t1 - t0) * 100
-                if result.get("generator_window_cpu_pct") is not None:
-                    # g: generator CPU per stream-second over ONE server process's (a worker's) at this N
-                    per_process = result["server_cpu_pct"] / max(1, workers or 1)
-                    result["g"] = result["generator_window_cpu_pct"] / per_process if per_process > 0 else None
+                if result.get("generator_window_cpu_pct") is not None and result["server_cpu_pct"] > 0:
+                    # g: the generator's CPU per stream over the bridge's (a worker's: W workers carry N/W each)
+                    result["g"] = result["generator_window_cpu_pct"] / result["server_cpu_pct"]
                 result["rss_mb"] = rss / 2**20
                 result["rss_per_stream_kb"] = (rss - idle_rss) / max(1, n) / 1024
                 if workers and workers > 1:  # how evenly SO_REUSEPORT spread the streams
@@ -607,11 +622,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tail", type=float, default=0.5,
                         help="seconds of talking after the window (pushes the window's last frames through the resamplers)")
     parser.add_argument("--drain", type=float, default=1.5, help="seconds to wait for echoes after the last frame")
+    parser.add_argument("--split", choices=["separate", "shared"],
+                        help="cores of the generator (see generator_cpu_for); default: shared with --workers, else separate")
     parser.add_argument("--skip-calibration", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--role", default="main", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     workers = [int(w) for w in args.workers.split(",")] if args.workers else [None]
+    args.split = args.split or ("shared" if args.workers else "separate")
     if args.workers and (args.peer or args.only_peer):
         parser.error("--workers sweeps the bridge only; leave out --peer")
 
@@ -633,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data: dict[str, Any] = {"benchmark": "media_streams", "machine": machine(), "seconds": args.seconds,
                             "ramp_per_s": args.ramp, "late_ms": LATE_MS, "repeat": args.repeat,
-                            "argv": sys.argv[1:], "generator": data_generator, "sweeps": []}
+                            "argv": sys.argv[1:], "generator": data_generator, "split": args.split, "sweeps": []}
     kinds = ([] if args.only_peer else ["bridge"]) + ([args.peer] if args.peer else [])
     data["versions"] = {"bridge": versions(MEDIA_LIBS)}
     if args.peer == "pipecat":
