@@ -297,7 +297,8 @@ def generator_cpu(me: int) -> tuple[float, float]:
 def run_generator(spec: dict[str, Any]) -> dict[str, Any]:
     """The Python lean generator runs on uvloop when it is installed (its loop costs less per socket event);
     with the C engine Python only sets streams up, on asyncio (its selector lets go of a socket at once)."""
-    if spec.get("generator") == "lean-python":
+    kind = spec.get("generator", "lean")
+    if kind == "lean-python" or (kind == "lean" and not spec.get("engine")):
         try:
             import uvloop
         except ImportError:
@@ -506,7 +507,8 @@ def print_sweep(s: dict[str, Any]) -> None:
                      p.get("window_max_ms", float("nan")), p.get("added_p99_ms", float("nan")),
                      p["rtt_p50_ms"], p["rtt_p99_ms"], p["lost"],
                      p.get("late", 0), p["failed"], p.get("server_cpu_pct", float("nan")),
-                     p.get("rss_per_stream_kb", float("nan")), p["generator_cpu_pct"], p["loadavg"][0]])
+                     p.get("rss_per_stream_kb", float("nan")), p["generator_cpu_pct"],
+                     p.get("g") if p.get("g") is not None else float("nan"), p["loadavg"][0]])
     outbound = f"{s['outbound_ms']} ms outbound" if s.get("outbound_ms") else ""
     workers = f"{s['workers']} worker{'s' if s['workers'] > 1 else ''} + Redis" if s.get("workers") else ""
     extras = ", ".join(x for x in (workers, "uvloop" if s["uvloop"] else "", s.get("experiment") or "", outbound) if x)
@@ -514,9 +516,10 @@ def print_sweep(s: dict[str, Any]) -> None:
     print(f"\n{s['server']}{f' ({extras})' if extras else ''}: idle round trip p50 "
           f"{'-' if idle is None else f'{idle:.1f}'} ms, echo alignment {s['calibration']['alignment']}")
     print(table(["N", "p50", "p99", "max", "abs p99", "rtt p50", "rtt p99", "lost", "late", "failed",
-                 "server CPU%", "RSS/stream KB", "gen CPU%", "load1"], rows))
+                 "server CPU%", "RSS/stream KB", "gen CPU%", "g", "load1"], rows))
     print("(ms; p50/p99/max: latency added by load during the window; abs p99: also counting delay picked up "
-          "during ramp-up; rtt: raw round trip incl. the echo's own buffering)")
+          "during ramp-up; rtt: raw round trip incl. the echo's own buffering; g: generator CPU / server CPU "
+          "over the window)")
     print(f"headline: {s['headline_streams']} streams with p99 <= {LATE_MS:.0f} ms and zero lost frames")
 
 
