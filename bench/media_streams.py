@@ -428,7 +428,7 @@ def run_point(kind: str, n: int, seconds: float, args: argparse.Namespace, basel
         finally:
             # A clean stop hangs every stream's call up at the (absent) carrier, retrying for ~5 s; nothing
             # of the server outlives the point (its store and Redis are in the point's temp dir): cut that short.
-            server.stop(timeout=1.0)
+            server.stop(timeout=0.5)
     return result
 
 

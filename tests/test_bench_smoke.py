@@ -35,7 +35,7 @@ def test_media_streams_on_two_workers(tmp_path: Path) -> None:
     """`--workers 2`: two `serve` processes on one port with Redis; every stream opens and is echoed
     (a stream that reached the worker that did not take its webhook would be refused: lost frames).
     Delivery only: the latency calibration is covered by the single-process smoke below."""
-    data = run_bench("media_streams.py", "--workers", "2", "--streams", "8", "--seconds", "1", "--ramp", "40",
+    data = run_bench("media_streams.py", "--workers", "2", "--streams", "8", "--seconds", "0.5", "--ramp", "40",
                      *QUICK, "--skip-calibration", out=tmp_path / "workers.json", timeout=120)
     (sweep,) = data["sweeps"]
     assert sweep["workers"] == 2
@@ -46,7 +46,7 @@ def test_media_streams_on_two_workers(tmp_path: Path) -> None:
 
 
 def test_media_streams_two_streams(tmp_path: Path) -> None:
-    data = run_bench("media_streams.py", "--streams", "2", "--seconds", "1", "--ramp", "20", "--repeat", "2", *QUICK,
+    data = run_bench("media_streams.py", "--streams", "2", "--seconds", "0.5", "--ramp", "20", "--repeat", "2", *QUICK,
                      out=tmp_path / "media.json", timeout=120)
     assert data["generator"] in ("lean (C engine)", "lean-python (no C engine)")
     assert data["benchmark"] == "media_streams" and data["machine"]["nproc"] >= 1
