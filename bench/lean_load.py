@@ -136,7 +136,7 @@ class LeanStream(asyncio.Protocol):
         self._sid_bytes = self.stream_sid.encode()
         self._seq = 1  # the next sequenceNumber (connected has none)
         self._chunk = 0
-        self._head = b""  # prebuilt piece of every media frame: '...sequenceNumber":"'
+        self._tail = ('"},"streamSid":"' + self.stream_sid + '"}').encode()  # every media frame ends with it
         self.sent_at: list[float] = []
         self.recv_times: list[float] = []
         self.recv_ends: list[int] = []
@@ -225,7 +225,6 @@ class LeanStream(asyncio.Protocol):
             "accountSid": self.account_sid, "streamSid": self.stream_sid, "callSid": self.call_sid,
             "tracks": ["inbound"], "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
             "customParameters": parameters}, "streamSid": self.stream_sid})
-        self._tail = ('"},"streamSid":"' + self.stream_sid + '"}').encode()
 
     def _next_seq(self) -> int:
         seq = self._seq
