@@ -100,8 +100,14 @@ def twilio_messages(secs: float) -> tuple[float, float]:
                                     for i in range(0, 8000, 160))]
     global _FRAMES
     _FRAMES = (codec, frames)
+    # the same frames byte for byte as Twilio writes them: read without the JSON parser (wire.MediaLayout)
+    own = ['{"event":"media","sequenceNumber":"' + str(k + 2) + '","media":{"track":"inbound","chunk":"' + str(k + 1)
+           + '","timestamp":"' + str(k * 20) + '","payload":"' + json.loads(f)["media"]["payload"]
+           + '"},"streamSid":"' + sid + '"}' for k, f in enumerate(frames)]
+    global _OWN
+    _OWN = own
     n = int(secs * 10)  # best of 5 runs of secs/5 each: these are ~us, a shared machine's noise is not
-    parse = build = float("inf")
+    parse = parse_own = build = float("inf")
     out = bytes(320)
     for _ in range(5):
         t = time.perf_counter()
@@ -109,13 +115,18 @@ def twilio_messages(secs: float) -> tuple[float, float]:
             codec.parse(frames[k % 50])
         parse = min(parse, (time.perf_counter() - t) / n * 1e6)
         t = time.perf_counter()
+        for k in range(n):
+            codec.parse(own[k % 50])
+        parse_own = min(parse_own, (time.perf_counter() - t) / n * 1e6)
+        t = time.perf_counter()
         for _ in range(n):
             codec.encode_media(out)
         build = min(build, (time.perf_counter() - t) / n * 1e6)
-    return parse, build
+    return parse, parse_own, build
 
 
 _FRAMES: tuple[object, list[str]] | None = None
+_OWN: list[str] = []
 
 
 def outbound_builds(secs: float) -> list[tuple[str, float]]:
@@ -137,7 +148,7 @@ def outbound_builds(secs: float) -> list[tuple[str, float]]:
     return rows
 
 
-def stream_inbound(secs: float) -> float:
+def stream_inbound(secs: float, own_layout: bool = False) -> float:
     """What the stream handler does per inbound Twilio message outside aiohttp: depth gate, parse,
     MediaPipeline.receive on a carrier stream leg (best of 5)."""
     from bridge.streams import _parse
@@ -145,6 +156,8 @@ def stream_inbound(secs: float) -> float:
 
     assert _FRAMES is not None
     codec, frames = _FRAMES
+    if own_layout:
+        frames = _OWN
     bridge = MediaPipeline(NullStreamLeg(), NullListener(), inband_dtmf=False)  # type: ignore[arg-type]
     n = int(secs * 10)
     best = float("inf")
@@ -199,11 +212,13 @@ def main() -> None:
         ("outbound resample 24k->8k + u-law + framing", outbound_codec_only(secs)),
         ("outbound MediaPipeline.play, whole coroutine", asyncio.run(outbound_play(secs))),
     ]
-    parse, build = twilio_messages(secs)
+    parse, parse_own, build = twilio_messages(secs)
     rows += [("inbound  Twilio media message: parse (JSON+base64)", parse),
+             ("inbound  the same in Twilio's own layout (no JSON parser)", parse_own),
              ("outbound Twilio media message (40 ms): build", build),
              *outbound_builds(secs),
-             ("inbound  stream handler: depth gate + parse + receive", stream_inbound(secs))]
+             ("inbound  stream handler: depth gate + parse + receive", stream_inbound(secs)),
+             ("inbound  the same, frames in Twilio's own layout", stream_inbound(secs, own_layout=True))]
     print(f"{secs:.0f} s of audio, 20 ms frames, Python {sys.version.split()[0]}")
     for name, us in rows:
         print(f"  {name:<52} {us:7.1f} µs/frame  ({us / 200:.3f}% of a core per call)")
