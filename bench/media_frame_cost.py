@@ -213,11 +213,11 @@ async def outbound_plays(secs: float, streams: int = 1) -> float:
     for _ in range(rounds):  # best of 5 (3), as above
         clock = FakeClock()
         bridges = [MediaPipeline(NullLeg(), NullListener(), clock=clock) for _ in range(streams)]  # type: ignore[arg-type]
-        t = time.perf_counter()
+        t = time.process_time()  # CPU time: the figure holds on a busy machine too
         plays = asyncio.gather(*(b.play(chunks(0.02 * k / streams, clock), 24000) for k, b in enumerate(bridges)))
         await run_clock(clock, plays)
         results = plays.result()
-        best = min(best, (time.perf_counter() - t) / sum(r.frames_sent for r in results) * 1e6)
+        best = min(best, (time.process_time() - t) / sum(r.frames_sent for r in results) * 1e6)
     return best
 
 
