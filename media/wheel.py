@@ -26,7 +26,7 @@ import math
 import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator
-from typing import Any
+from typing import Any, cast
 
 from media.clock import Clock, RealClock, TimerHandle
 from media.frames import Pacer
@@ -93,15 +93,26 @@ class PacingWheel:
                 self._arm(self._heap[0][0])
 
 
-_wheels: weakref.WeakKeyDictionary[object, PacingWheel] = weakref.WeakKeyDictionary()
+# Real time: one wheel per event loop. Other clocks (a test's FakeClock): one per clock, which the
+# wheel holds weakly, so a finished test's clock and wheel are freed together.
+_real_wheels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, PacingWheel] = weakref.WeakKeyDictionary()
+_clock_wheels: weakref.WeakKeyDictionary[Clock, PacingWheel] = weakref.WeakKeyDictionary()
 
 
 def shared_wheel(clock: Clock) -> PacingWheel:
     """The wheel every pipeline on this clock shares (real time: one per event loop)."""
-    key: object = asyncio.get_running_loop() if isinstance(clock, RealClock) else clock
-    wheel = _wheels.get(key)
-    if wheel is None:
-        wheel = _wheels[key] = PacingWheel(clock)
+    if isinstance(clock, RealClock):
+        loop = asyncio.get_running_loop()
+        wheel = _real_wheels.get(loop)
+        if wheel is None:
+            wheel = _real_wheels[loop] = PacingWheel(RealClock())
+        return wheel
+    try:
+        wheel = _clock_wheels.get(clock)
+        if wheel is None:
+            wheel = _clock_wheels[clock] = PacingWheel(cast(Clock, weakref.proxy(clock)))
+    except TypeError:  # a clock that takes no weak reference: a wheel of its own for this pipeline
+        wheel = PacingWheel(clock)
     return wheel
 
 
