@@ -160,7 +160,7 @@ def frames(draw: st.DrawFn, carrier: str) -> str:
 
 
 @pytest.mark.parametrize("carrier", ["twilio", "telnyx", "plivo"])
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_fast_and_full_parse_give_the_same_verdict(carrier: str, data: st.DataObject) -> None:
     text = data.draw(frames(carrier))
