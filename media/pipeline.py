@@ -6,7 +6,7 @@ Inbound (sync, per frame, on the event loop):
                                                          +-> taps (machine detection)
                                                          +-> stream-resample to the pipeline rate
                                                              -> listener.on_pipeline_audio, recorder ch 0
-    (DTMF and VAD sit before the resampler, which releases audio in blocks up to ~130 ms late.)
+    (DTMF and VAD sit before the resampler, on the wire audio itself.)
 Outbound (`play`, serialized):
     PCM16 at the engine's rate -> stream-resample to the wire rate -> encode -> messages of exactly
     the transport's `send_ms` (20 ms frames on SIP, 40 ms on WebSocket streams by default; the
@@ -132,12 +132,10 @@ class MediaPipeline:
         # A listener that takes only the wire payloads (a realtime model fed u-law as is) needs no
         # pipeline-rate copy: skip the resampler unless the recorder wants the caller's side.
         self._pipeline_in = bool(getattr(listener, "wants_pipeline_audio", True)) or recorder is not None
-        # created only when used: a soxr stream holds ~50 KB from the start, ~90 KB once it has run
-        # fed one 20 ms frame at a time: skip the soxr calls that cannot release anything (4 of 5)
-        self._in_resampler = (StreamResampler(self.wire.rate, pipeline_rate, skip_idle_calls=True)
-                              if self._pipeline_in else None)
+        # created only when used (the wire rate often is the listener's)
+        self._in_resampler = StreamResampler(self.wire.rate, pipeline_rate) if self._pipeline_in else None
         self._rec_in = StreamResampler(pipeline_rate, recorder.rate) if recorder else None
-        # DTMF and VAD listen to the decoded wire audio, ahead of the resampler: soxr releases
+        # DTMF and VAD listen to the decoded wire audio, ahead of the resampler: a soxr pair releases
         # its output in blocks (20-130 ms late at HQ), which would delay barge-in by as much.
         # None: on unless the leg reports key presses itself (the detector is ~18% of the media CPU)
         if inband_dtmf is None:
@@ -396,7 +394,7 @@ class MediaPipeline:
         self._wire_cb = getattr(listener, "on_wire_audio", None)
         self._pipeline_in = bool(getattr(listener, "wants_pipeline_audio", True)) or self.recorder is not None
         if self._pipeline_in and self._in_resampler is None:
-            self._in_resampler = StreamResampler(self.wire.rate, self.pipeline_rate, skip_idle_calls=True)
+            self._in_resampler = StreamResampler(self.wire.rate, self.pipeline_rate)
 
     def interrupt(self, reason: str = "barge-in") -> None:
         """Stop the current play at once (no frame is sent after this returns), clear the
