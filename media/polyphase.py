@@ -6,9 +6,12 @@ from 1.1 x it (the transition is centred on the Nyquist, so only content between
 and it folds into 0.9-1.1 x: the passband stays clean). The filter is centred on each output
 sample: output j is input time j * M / L, so the output is delay-compensated by construction.
 
-Every L outputs consume M inputs with the same weights, so one BLAS matmul of a strided view of
-the input (one row per group of L outputs) by a (taps x L) matrix does a whole chunk. Coefficients
-are built once per pair and shared; a stream keeps only the last few dozen input samples.
+Every L outputs (a group) consume M inputs with the same weights. Groups are done B at a time, a
+block of P = B x M inputs: a block's outputs depend on that block and the next (P >= the filter's
+span), so the input cut in 2P-sample rows with a P stride (a copy of twice the input, not of every
+window) times one shared (2P x B*L) matrix does a whole chunk in one BLAS call. P is 2.5-5 ms,
+dividing 20 ms, so 20 ms frames come out whole. Weights are built once per pair and shared; a stream keeps only the
+input the next block still needs (< 2P samples).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def is_polyphase_pair(in_rate: int, out_rate: int) -> bool:
 
 
 class Polyphase:
-    """The weights for one rate pair: output group q (L samples) = window q (W inputs) @ weights."""
+    """The weights for one rate pair: group q (L outputs) = inputs q*M + lo .. q*M + hi, weighted."""
 
     def __init__(self, in_rate: int, out_rate: int) -> None:
         g = math.gcd(in_rate, out_rate)
@@ -61,9 +64,17 @@ class Polyphase:
                 tap = r * down + centre - (self.lo + col) * up
                 if 0 <= tap < n:
                     w[col, r] = h[tap]
-        self.weights = np.round(w * _GRID) / _GRID
-        assert np.abs(self.weights).sum(axis=0).max() < 4.0  # the exactness bound above
+        w = np.round(w * _GRID) / _GRID
+        assert np.abs(w).sum(axis=0).max() < 4.0  # the exactness bound above
         self.taps = n
+        # a block: P inputs = B groups; P a multiple of M, at least the span W - M (so two blocks hold
+        # every window of the first; more only costs flops) and, if it can, a divisor of 20 ms
+        span = down * -(-(self.width - down) // down)
+        self.block = next((p for p in range(span, in_rate // 50 + 1, down) if in_rate // 50 % p == 0), span)
+        groups = self.block // down
+        self.matrix = np.zeros((2 * self.block, groups * up))  # one row of 2P inputs -> B*L outputs
+        for b in range(groups):
+            self.matrix[b * down:b * down + self.width, b * up:(b + 1) * up] = w
 
 
 @cache
@@ -81,18 +92,17 @@ class PolyphaseStream:
         self._hist = np.zeros(-self._f.lo, _F64)  # the signal is silent before its first sample
 
     def process(self, pcm: bytes) -> bytes:
-        """PCM16 in (whole samples), every output group whose inputs are all here out."""
+        """PCM16 in (whole samples), every whole block whose inputs are all here out."""
         f = self._f
         buf = np.concatenate((self._hist, np.frombuffer(pcm, _I16)), dtype=_F64)
-        groups = (len(buf) - f.width) // f.down + 1
-        if groups <= 0:
+        rows = len(buf) // f.block - 1
+        if rows <= 0:
             self._hist = buf
             return b""
-        self._hist = buf[groups * f.down:]
-        if len(buf) > 1024:  # do not keep a whole TTS chunk alive for the few samples kept
+        self._hist = buf[rows * f.block:]
+        if rows > 8:  # do not keep a whole TTS chunk alive for the few samples kept
             self._hist = self._hist.copy()
-        # BLAS cannot take overlapping rows: numpy's own loop on the strided view is ~2x slower than a copy
-        return _pcm16(np.ascontiguousarray(np.ndarray((groups, f.width), _F64, buf, 0, (f.down * 8, 8))) @ f.weights)
+        return _pcm16(self._blocks(buf, rows))
 
     def flush(self, samples_in: int, samples_out: int) -> bytes:
         """The rest of the output, up to ceil(samples_in x L / M) in all: the input goes on as silence."""
@@ -100,11 +110,15 @@ class PolyphaseStream:
         missing = -(-samples_in * f.up // f.down) - samples_out
         if missing <= 0:
             return b""
-        groups = -(-missing // f.up)
-        need = (groups - 1) * f.down + f.width
-        buf = np.concatenate((self._hist, np.zeros(max(0, need - len(self._hist)), _F64)))
-        out = np.ascontiguousarray(np.ndarray((groups, f.width), _F64, buf, 0, (f.down * 8, 8))) @ f.weights
-        return _pcm16(out.reshape(-1)[:missing])
+        rows = -(-missing // f.matrix.shape[1])
+        buf = np.concatenate((self._hist, np.zeros(max(0, (rows + 1) * f.block - len(self._hist)), _F64)))
+        return _pcm16(self._blocks(buf, rows).reshape(-1)[:missing])
+
+    def _blocks(self, buf: np.ndarray, rows: int) -> np.ndarray:
+        f = self._f
+        # row j = inputs jP .. jP+2P-1 (overlapping rows: BLAS needs them copied, 2x the input)
+        view = np.ndarray((rows, 2 * f.block), _F64, buf, 0, (f.block * 8, 8))
+        return np.ascontiguousarray(view) @ f.matrix
 
     def reset(self) -> None:
         self._hist = np.zeros(-self._f.lo, _F64)

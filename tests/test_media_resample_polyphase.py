@@ -133,7 +133,7 @@ def test_output_with_every_frame_and_exact_length(a: int, b: int) -> None:
     frame = bytes(np.full(a // 50, 1000, "<i2").tobytes())
     sizes = [len(r.process(frame)) // 2 for _ in range(50)]
     assert all(s == b // 50 for s in sizes[1:])  # no blocks: one output frame per input frame
-    assert 0 < r.pending_s <= 0.003
+    assert 0 < r.pending_s <= 0.011  # one block (2.5-5 ms) and the filter's half span (2.5 ms)
     assert len(r.flush()) // 2 + sum(sizes) == 50 * b // 50
     assert r.samples_in == 0  # flush resets
 
