@@ -128,6 +128,7 @@ class MediaPipeline:
         self._lead = max(1, -(-lead_ms // self._send_ms))
         self._stall_timeout = stall_timeout_s
         self._reorder = ReorderBuffer(jitter_frames)
+        self._behind_s = 0.0  # audio released by the reorder buffer after the frame being handled
         self._wire_cb = getattr(listener, "on_wire_audio", None)
         # A listener that takes only the wire payloads (a realtime model fed u-law as is) needs no
         # pipeline-rate copy: skip the resampler unless the recorder wants the caller's side.
@@ -178,7 +179,10 @@ class MediaPipeline:
             self._inbound(payload)
             return
         before_late, before_skip = self._reorder.late, self._reorder.skipped
-        for p in self._reorder.push(sequence, payload):
+        released = self._reorder.push(sequence, payload)
+        for i, p in enumerate(released):
+            # a burst (the start of a stream, a gap filled): the frames after p arrived before now
+            self._behind_s = sum(map(self.wire.ms_of, released[i + 1:])) / 1000 if i + 1 < len(released) else 0.0
             self._inbound(p)
         self.stats.late_frames += self._reorder.late - before_late
         self.stats.lost_frames += self._reorder.skipped - before_skip
@@ -223,9 +227,9 @@ class MediaPipeline:
             return
         out = self._rec_in.process(pcm)
         if out:
-            # Where this audio sits in time: the newest input arrived now; the resamplers still
-            # hold `pending_s` of it, and `out` ends where their output ends.
-            held = self._in_resampler.pending_s + self._rec_in.pending_s
+            # Where this audio sits in time: the newest input arrived now, `_behind_s` of it after
+            # this frame; the resamplers still hold `pending_s`, and `out` ends where theirs ends.
+            held = self._in_resampler.pending_s + self._rec_in.pending_s + self._behind_s
             at = self._clock.monotonic() - held - len(out) / 2 / self.recorder.rate
             self.recorder.write_caller(out, at=at)
 
