@@ -10,8 +10,8 @@ Every L outputs (a group) consume M inputs with the same weights. Groups are don
 block of P = B x M inputs: a block's outputs depend on that block and the next (P >= the filter's
 span), so the input cut in 2P-sample rows with a P stride (a copy of twice the input, not of every
 window) times one shared (2P x B*L) matrix does a whole chunk in one BLAS call. P is 2.5-5 ms,
-dividing 20 ms, so 20 ms frames come out whole. Weights are built once per pair and shared; a stream keeps only the
-input the next block still needs (< 2P samples).
+dividing 20 ms, so 20 ms frames come out whole. Weights are built once per pair and shared; a
+stream keeps only the input the next block still needs (< 2P samples).
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ POLYPHASE_RATES = frozenset({8000, 16000, 24000})
 
 _I16 = np.dtype("<i2")
 _F64 = np.dtype(np.float64)
-# Weights on a 2^-32 grid: an int16 sample times a weight is then a multiple of 2^-32 below 2^15, and
-# a window's sum (sum |w| < 4; 2.6 at most here) below 2^17, i.e. < 2^49 grid steps: exact in float64 (53 bits) in any
-# summation order. So the output does not depend on how BLAS splits the work, i.e. on the chunk sizes.
+# Weights on a 2^-32 grid: an int16 sample times a weight is then a multiple of 2^-32 below 2^15,
+# and a window's sum (sum |w| < 4; 2.6 at most here) below 2^17, i.e. < 2^49 grid steps: exact in
+# float64 (53 bits) in any summation order. So the output does not depend on how BLAS splits the
+# work, i.e. on the chunk sizes.
 _GRID = 2.0**32
 # the clip ufunc itself: np.clip's wrapper costs ~3 us per call (numpy 2 moved it from np.core to np._core)
 _clip: np.ufunc = (getattr(np, "_core", None) or np.core).umath.clip
