@@ -23,6 +23,8 @@ from bridge.ownership import Ownership
 from bridge.recovery import Recovery
 from bridge.transfer.calls import TransferCalls
 
+VOICE_CLOSE_GRACE_S = 5.0  # at stop, for voices still closing (a recording's last blocks, an STT session)
+
 __all__ = ["ENDED_CALLS_KEPT", "STT_LOST_MESSAGE", "CallError", "CallManager", "CallObserver", "VoiceFactory"]
 
 
@@ -52,6 +54,8 @@ class CallManager(Ownership, CallApi, TransferCalls, Recovery):
             await voice.close()
         self._voices.clear()
         await self.carrier.close()
+        # voices of calls that just ended close in tasks: their recordings are finished, not cut off
+        await self._tasks.finish_prefixed(("close-voice-", "detach-"), VOICE_CLOSE_GRACE_S)
         await self._tasks.cancel()
         if self.reports is not None:
             await self.reports.close()

@@ -41,6 +41,12 @@ class BackgroundTasks:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
+    async def finish_prefixed(self, prefixes: tuple[str, ...], timeout: float) -> None:
+        """Let the tasks whose name starts with one of `prefixes` finish (at most `timeout` s)."""
+        tasks = [task for task in self._tasks if task.get_name().startswith(prefixes)]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+
     def cancel_named(self, suffix: str) -> int:
         """Cancel the tasks whose name ends with `suffix` (one call's work, named `<what>-<call id>`)."""
         tasks = [task for task in self._tasks if task.get_name().endswith(suffix)]

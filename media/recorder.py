@@ -19,7 +19,6 @@ import logging
 import queue
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,17 +29,30 @@ log = logging.getLogger(__name__)
 
 CALLER, BRIDGE = 0, 1
 
-# One lock per file being written: a later recorder of the same call waits for the earlier one.
-_file_locks: weakref.WeakValueDictionary[Path, threading.Lock] = weakref.WeakValueDictionary()
-_file_locks_guard = threading.Lock()
+# Recorders of one file take turns in the order they were created (the call's streams' order), not in
+# the order their writer threads happen to get a block: each waits for every earlier unfinished one.
+_writers: dict[Path, list[threading.Event]] = {}
+_writers_guard = threading.Lock()
 
 
-def _file_lock(path: Path) -> threading.Lock:
-    with _file_locks_guard:
-        lock = _file_locks.get(path)
-        if lock is None:
-            lock = _file_locks[path] = threading.Lock()
-        return lock
+def _take_turn(path: Path) -> tuple[list[threading.Event], threading.Event]:
+    """(the done events of the earlier recorders of `path` still writing, this recorder's own)."""
+    done = threading.Event()
+    with _writers_guard:
+        earlier = _writers.setdefault(path, [])
+        before = list(earlier)
+        earlier.append(done)
+    return before, done
+
+
+def _end_turn(path: Path, done: threading.Event) -> None:
+    done.set()
+    with _writers_guard:
+        left = [e for e in _writers.get(path, []) if e is not done]
+        if left:
+            _writers[path] = left
+        else:
+            _writers.pop(path, None)
 
 
 class CallRecorder:
@@ -66,7 +78,8 @@ class CallRecorder:
         self.samples_written = 0
         self.error: BaseException | None = None
         self._q: queue.SimpleQueue[np.ndarray | None] = queue.SimpleQueue()
-        self._lock = _file_lock(self.path.resolve())
+        self._key = self.path.resolve()
+        self._after, self._done = _take_turn(self._key)
         self._thread = threading.Thread(target=self._writer, name=f"recorder:{self.path.name}", daemon=True)
         self._thread.start()
 
@@ -154,15 +167,14 @@ class CallRecorder:
 
     def _writer(self) -> None:
         f: sf.SoundFile | None = None
-        locked = False
         try:
             while (block := self._q.get()) is not None:
                 if self.error is not None:
                     continue
                 try:
                     if f is None:
-                        if not locked:  # an earlier recorder of this call finishes its part first
-                            locked = self._lock.acquire()
+                        for earlier in self._after:  # earlier recorders of this call finish their parts first
+                            earlier.wait()
                         f = self._open()
                     f.write(block)
                     self.samples_written += len(block)
@@ -172,5 +184,4 @@ class CallRecorder:
         finally:
             if f is not None:
                 f.close()
-            if locked:
-                self._lock.release()
+            _end_turn(self._key, self._done)
