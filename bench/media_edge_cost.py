@@ -1,5 +1,7 @@
 """Server CPU per inbound media message at the WebSocket edge (µs): aiohttp's queue + receive() loop
-vs the inline read callback (bridge/ws_inline.py).
+vs the inline read callback (bridge/ws_inline.py), and the inline callback on frames in Twilio's own
+text layout (`inline-twilio`: the codec reads them without the JSON parser, carriers/wire.py MediaLayout;
+the other modes send `json.dumps` text, which takes the full parse).
 
     python bench/media_edge_cost.py [--sockets 200] [--rounds 150] [--uvloop]
 
@@ -42,7 +44,11 @@ def start_message() -> str:
                        "start": {"callSid": "CA1", "streamSid": SID, "customParameters": {"token": "t"}}})
 
 
-def media_message(k: int) -> str:
+def media_message(k: int, layout: str = "json") -> str:
+    if layout == "twilio":  # byte for byte how Twilio writes it (tests/fakes/twilio_server.py)
+        return ('{"event":"media","sequenceNumber":"' + str(k + 2) + '","media":{"track":"inbound","chunk":"'
+                + str(k + 1) + '","timestamp":"' + str(k * 20) + '","payload":"'
+                + base64.b64encode(bytes([k % 256]) * 160).decode() + '"},"streamSid":"' + SID + '"}')
     return json.dumps({"event": "media", "sequenceNumber": str(k + 2), "streamSid": SID,
                        "media": {"track": "inbound", "chunk": str(k + 1), "timestamp": str(k * 20),
                                  "payload": base64.b64encode(bytes([k % 256]) * 160).decode()}})
@@ -83,7 +89,7 @@ async def serve(args: argparse.Namespace) -> dict[str, Any]:
         ws = InlineWebSocketResponse(max_msg_size=64 * 1024)
         await ws.prepare(request)
         codec = TwilioStreamCodec()
-        count = counters["inline"]
+        count = counters[request.path.strip("/")]
 
         def on_text(text: str) -> bool:
             _parse(codec, text)
@@ -98,19 +104,21 @@ async def serve(args: argparse.Namespace) -> dict[str, Any]:
     app = web.Application()
     app.router.add_get("/queue", queue_mode)
     app.router.add_get("/inline", inline_mode)
+    app.router.add_get("/inline-twilio", inline_mode)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    results: dict[str, list[float]] = {"queue": [], "inline": []}
+    results: dict[str, list[float]] = {"queue": [], "inline": [], "inline-twilio": []}
     total = args.sockets * (args.rounds + 1)  # + the start message
     try:
         for _ in range(args.repeat):
-            for mode in ("queue", "inline"):
+            for mode in results:
                 counters[mode] = Counter(total)
                 client = subprocess.Popen(pinned(1, [sys.executable, __file__, "--role", "client", "--url",
                                                      f"ws://127.0.0.1:{port}/{mode}", "--sockets", str(args.sockets),
-                                                     "--rounds", str(args.rounds)]),
+                                                     "--rounds", str(args.rounds), "--layout",
+                                                     "twilio" if mode.endswith("twilio") else "json"]),
                                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
                 await asyncio.wait_for(counters[mode].done, 120)
                 await asyncio.get_running_loop().run_in_executor(None, client.wait)
@@ -123,7 +131,7 @@ async def serve(args: argparse.Namespace) -> dict[str, Any]:
 async def client(args: argparse.Namespace) -> None:
     import aiohttp
 
-    frames = [media_message(k) for k in range(50)]
+    frames = [media_message(k, args.layout) for k in range(50)]
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         sockets = [await session.ws_connect(args.url) for _ in range(args.sockets)]
         for ws in sockets:
@@ -147,6 +155,7 @@ def main() -> int:
     parser.add_argument("--out", help="results file (default bench/results/media_edge_cost.json)")
     parser.add_argument("--role", default="server")
     parser.add_argument("--url")
+    parser.add_argument("--layout", default="json")
     args = parser.parse_args()
     if args.role == "client":
         asyncio.run(client(args))
@@ -162,7 +171,7 @@ def main() -> int:
     print(f"{out['sockets']} sockets, {out['frames_per_run']} frames per run, loop {out['loop']}, "
           f"load {load[0]:.1f} -> {out['loadavg_after'][0]:.1f}")
     for mode, us in out["us_per_frame"].items():
-        print(f"  {mode:<7} server CPU per inbound message: best {min(us):6.1f} µs  (runs: "
+        print(f"  {mode:<13} server CPU per inbound message: best {min(us):6.1f} µs  (runs: "
               + ", ".join(f"{u:.1f}" for u in us) + ")")
     print(f"results: {write_results('media_edge_cost', out, args.out)}")
     return 0

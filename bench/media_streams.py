@@ -10,13 +10,19 @@ For each N a fresh server is started, pinned to CPU 0 (`taskset -c 0`):
 `--workers 1,2`: the bridge as `serve.workers: W` processes on one port (SO_REUSEPORT) sharing a
 Redis (a fresh `redis-server` per point; W = 1 runs with the same Redis store, so the ratio is only the
 process count), worker i pinned to CPU i; each call's webhook and stream share one keep-alive
-connection so both reach the same worker. With W >= 2 the generator is not pinned: on a 2-core
-machine it competes with the workers (its CPU% is in the table).
-The load generator is another process pinned to CPU 1 (tests/fakes/stream_load.py, built on the fake
-Twilio's media-stream client): it gets each stream's URL and token the real way (a signed inbound
-webhook answered with <Connect><Stream>; pipecat: its /ws URL), opens N streams at --ramp per
-second, sends 20 ms u-law frames at real-time cadence from one metronome, and records when each
-echoed byte comes back. Measurement starts once every stream is up (+1 s) and lasts --seconds.
+connection so both reach the same worker. `--split` says where the generator runs
+(`generator_cpu_for`): `separate` (default without --workers) gives it CPU 1; `shared` (default with
+--workers) puts it on the workers' cores in every run (W = 1: CPU 0 with the worker), so W = 2 vs
+W = 1 is the same load on twice the cores.
+The load generator is another process (`--generator lean`, default: bench/lean_load.py sets each
+stream up on a raw socket and hands it to the C engine bench/lean_media.c, built on demand; the
+Python engine without a compiler; `lean-python`, `aiohttp` = the fake Twilio's client, for
+comparison): it gets each stream's URL and token the real way (a signed inbound webhook answered
+with <Connect><Stream>, then the upgrade on the same connection; pipecat: its /ws URL), opens N
+streams at --ramp per second, sends 20 ms u-law frames at real-time cadence from one metronome
+(stream i at phase i%4), echoes marks, and records when each echoed byte comes back. Measurement
+starts once every stream is up (+ --warmup) and lasts --seconds; `generator_window_cpu_pct` is its
+CPU (engine included) over the window and `g` that per stream over one worker's.
 
 Latency method. Frame k's round trip = receive time of the echo byte (k+1)*160 - send time of frame
 k (the resamplers are delay-compensated: output sample i is input sample i; checked on stream 0 by
@@ -25,7 +31,7 @@ cross-correlation, `alignment`). Most of that round trip is the echo's own buffe
 the sweep, a calibration run (2 streams, idle server, as long as the longest run) gives, per k, the
 idle round trip; "added" latency = round trip - idle round trip of the same k. That is what load
 costs; p50/p99/max of it are the headline. A frame is late if added > 20 ms, lost if its echo never
-came (within 1.5 s after the end). Server CPU% from /proc/<pid>/stat over the window, RSS per stream
+came (within --tail + --drain s after the end). Server CPU% from /proc/<pid>/stat over the window, RSS per stream
 = (RSS under load - idle RSS) / N.
 """
 
@@ -48,6 +54,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
+    CLK_TCK,
     MEDIA_LIBS,
     PEER_LIBS,
     ROOT,
@@ -132,6 +139,16 @@ def start_server(kind: str, tmp: Path, *, uvloop: bool, pipecat_python: str,
     return server, target
 
 
+def generator_cpu_for(split: str, workers: int) -> int | None:
+    """Where the generator runs. `separate`: W = 1 -> CPU 1 (the server has CPU 0), W >= 2 -> unpinned.
+    `shared`: the generator shares the workers' cores in every run: W = 1 -> CPU 0 with the worker (a
+    1-core machine), W >= 2 -> unpinned over the workers' CPUs, so W = 2 vs W = 1 compares the same
+    load on twice the cores."""
+    if workers >= 2:
+        return None
+    return 0 if split == "shared" else 1
+
+
 def pin_workers(server: Server, port: int, workers: int, timeout: float = 30.0) -> None:
     """Wait until all `workers` answer on the shared port, then pin worker i to CPU i."""
     import urllib.request
@@ -171,19 +188,15 @@ def tree_rss_bytes(pid: int) -> int:
 
 
 async def generate(spec: dict[str, Any]) -> dict[str, Any]:
-    import aiohttp
-
     from tests.fakes import stream_load as sl
 
     target = spec["target"]
-
-    async def get_target(session: aiohttp.ClientSession) -> sl.StreamTarget:
-        if target["mode"] == "direct":
-            return sl.StreamTarget(target["url"], {})
-        return await sl.inbound_stream(session, target["voice_url"], auth_token=target["auth_token"],
-                                       account_sid=target["account_sid"])
+    window_cpu: dict[str, tuple[float, float, float]] = {}
+    me = os.getpid()
 
     def mark(what: str) -> None:
+        user, system = generator_cpu(me)
+        window_cpu[what] = (time.monotonic(), user + system, system)
         print(json.dumps({"window": what, "t": time.monotonic()}), flush=True)
 
     import gc
@@ -191,13 +204,36 @@ async def generate(spec: dict[str, Any]) -> dict[str, Any]:
     gc.collect()
     gc.freeze()
     gc.disable()  # the generator's own pauses would show up as the server's latency; its run is bounded
-    me = os.getpid()
-    cpu0 = cpu_seconds(me)
+    cpu0 = sum(generator_cpu(me))
     t0 = time.monotonic()
-    run = await sl.run_streams(get_target, spec["n"], seconds=spec["seconds"], ramp_per_s=spec["ramp"],
-                               keep_audio_first=True, on_window=mark,
-                               one_connection_per_call=bool(spec.get("one_connection")))
-    gen_cpu = (cpu_seconds(me) - cpu0) / max(1e-9, time.monotonic() - t0) * 100
+    run: Any
+    timing = {"warmup_s": spec.get("warmup", 1.0), "tail_s": spec.get("tail", 0.5), "drain_s": spec.get("drain", 1.5)}
+    kind = spec.get("generator", "lean")
+    if kind in ("lean", "lean-python"):
+        from bench import lean_load
+
+        frames = sl.caller_frames()
+        engine = spec.get("engine") if kind == "lean" else None
+        if engine:
+            run = await lean_load.run_engine(Path(engine), target, spec["n"], seconds=spec["seconds"],
+                                             ramp_per_s=spec["ramp"], frames=frames, keep_audio_first=True,
+                                             on_window=mark, **timing)
+        else:
+            run = await lean_load.run_streams(target, spec["n"], seconds=spec["seconds"], ramp_per_s=spec["ramp"],
+                                              frames=frames, keep_audio_first=True, on_window=mark, **timing)
+    else:
+        import aiohttp
+
+        async def get_target(session: aiohttp.ClientSession) -> sl.StreamTarget:
+            if target["mode"] == "direct":
+                return sl.StreamTarget(target["url"], {})
+            return await sl.inbound_stream(session, target["voice_url"], auth_token=target["auth_token"],
+                                           account_sid=target["account_sid"])
+
+        run = await sl.run_streams(get_target, spec["n"], seconds=spec["seconds"], ramp_per_s=spec["ramp"],
+                                   keep_audio_first=True, on_window=mark, **timing,
+                                   one_connection_per_call=bool(spec.get("one_connection")))
+    gen_cpu = (sum(generator_cpu(me)) - cpu0) / max(1e-9, time.monotonic() - t0) * 100
     rtts: list[float] = []
     added: list[float] = []
     steady: list[float] = []
@@ -226,11 +262,15 @@ async def generate(spec: dict[str, Any]) -> dict[str, Any]:
         "frames": frames, "lost": lost,
         "rtt_p50_ms": sl.percentile(rtts, 50), "rtt_p99_ms": sl.percentile(rtts, 99),
         "rtt_max_ms": max(rtts) if rtts else float("nan"),
-        "generator_cpu_pct": gen_cpu,
+        "generator": spec.get("generator", "lean"), "generator_cpu_pct": gen_cpu,
         "tick_lag_p99_ms": sl.percentile(run.tick_lag_ms, 99), "tick_ms_p50": sl.percentile(run.tick_ms, 50),
         "alignment": next((alignment(c) for c in run.clients if c.keep_audio), None),
         "bad_frames": sum(c.bad_frames for c in run.clients),
     }
+    if "start" in window_cpu and "end" in window_cpu:  # the generator's own cost while measuring
+        (w0, c0, s0), (w1, c1, s1) = window_cpu["start"], window_cpu["end"]
+        result["generator_window_cpu_pct"] = (c1 - c0) / max(1e-9, w1 - w0) * 100
+        result["generator_window_sys_pct"] = (s1 - s0) / max(1e-9, w1 - w0) * 100  # the kernel's share (loopback TCP)
     if base:
         result.update({"added_p50_ms": sl.percentile(added, 50), "added_p99_ms": sl.percentile(added, 99),
                        "added_max_ms": max(added) if added else float("nan"),
@@ -241,6 +281,31 @@ async def generate(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("calibrate"):
         result["baseline"] = sl.baseline(run.clients)
     return result
+
+
+def generator_cpu(me: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of the generator: this process, its reaped children (the C engine once it
+    has exited) and its live ones."""
+    user = system = 0.0
+    for pid in process_tree(me):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        user += int(fields[11]) + (int(fields[13]) if pid == me else 0)
+        system += int(fields[12]) + (int(fields[14]) if pid == me else 0)
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def run_generator(spec: dict[str, Any]) -> dict[str, Any]:
+    """The Python lean generator runs on uvloop when it is installed (its loop costs less per socket event);
+    with the C engine Python only sets streams up, on asyncio (its selector lets go of a socket at once)."""
+    kind = spec.get("generator", "lean")
+    if kind == "lean-python" or (kind == "lean" and not spec.get("engine")):
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(generate(spec))
+    return asyncio.run(generate(spec))
 
 
 def alignment(client: Any) -> dict[str, Any] | None:
@@ -276,21 +341,30 @@ def run_point(kind: str, n: int, seconds: float, args: argparse.Namespace, basel
             redis_for(workers, Path(tmpdir)) as redis_url:
         tmp = Path(tmpdir)
         load_before = loadavg()
-        server, target = start_server(kind, tmp, uvloop=args.uvloop, pipecat_python=args.pipecat_python,
-                                      experiment=args.experiment if kind == "bridge" else None,
-                                      outbound_ms=args.outbound_ms, workers=workers or 1, redis_url=redis_url)
+        # The generator starts (and imports) while the server boots; it reads its spec from stdin.
+        gen_cpu = generator_cpu_for(args.split, workers or 1)
+        gen = subprocess.Popen(pinned(gen_cpu, [sys.executable, str(Path(__file__).resolve()), "--role", "generator",
+                                                "--spec", "-"]),
+                               cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
         try:
-            time.sleep(0.5)
+            server, target = start_server(kind, tmp, uvloop=args.uvloop, pipecat_python=args.pipecat_python,
+                                          experiment=args.experiment if kind == "bridge" else None,
+                                          outbound_ms=args.outbound_ms, workers=workers or 1, redis_url=redis_url)
+        except BaseException:
+            gen.kill()
+            gen.wait()
+            raise
+        try:
+            time.sleep(0.2)
             idle_rss = tree_rss_bytes(server.pid)
             spec = {"target": target, "n": n, "seconds": seconds, "ramp": args.ramp, "baseline": baseline,
-                    "calibrate": calibrate, "one_connection": workers is not None}
-            spec_path = tmp / "spec.json"
-            spec_path.write_text(json.dumps(spec))
-            gen_cpu = 1 if (workers or 1) == 1 else None  # W >= 2 takes every core: the generator shares them
-            gen = subprocess.Popen(pinned(gen_cpu, [sys.executable, str(Path(__file__).resolve()), "--role", "generator",
-                                                    "--spec", str(spec_path)]),
-                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+                    "calibrate": calibrate, "one_connection": workers is not None, "generator": args.generator,
+                    "engine": str(args.engine) if args.engine else None,
+                    "warmup": args.warmup, "tail": args.tail, "drain": args.drain}
+            assert gen.stdin is not None
+            gen.stdin.write(json.dumps(spec) + "\n")
+            gen.stdin.close()
             marks: dict[str, tuple[float, float, int]] = {}
             per_pid: dict[str, dict[int, float]] = {}
             load_start: list[float] | None = None
@@ -337,6 +411,9 @@ def run_point(kind: str, n: int, seconds: float, args: argparse.Namespace, basel
             if "start" in marks and "end" in marks:
                 (t0, c0, _), (t1, c1, rss) = marks["start"], marks["end"]
                 result["server_cpu_pct"] = (c1 - c0) / (t1 - t0) * 100
+                if result.get("generator_window_cpu_pct") is not None and result["server_cpu_pct"] > 0:
+                    # g: the generator's CPU per stream over the bridge's (a worker's: W workers carry N/W each)
+                    result["g"] = result["generator_window_cpu_pct"] / result["server_cpu_pct"]
                 result["rss_mb"] = rss / 2**20
                 result["rss_per_stream_kb"] = (rss - idle_rss) / max(1, n) / 1024
                 if workers and workers > 1:  # how evenly SO_REUSEPORT spread the streams
@@ -349,9 +426,9 @@ def run_point(kind: str, n: int, seconds: float, args: argparse.Namespace, basel
             if workers is not None:
                 result["workers"] = workers
         finally:
-            # A clean stop hangs every stream's call up at the (absent) carrier, retrying for ~5 s;
-            # with --workers nothing of the server outlives the point (its Redis neither): cut that short.
-            server.stop(timeout=1.0 if workers else 8.0)
+            # A clean stop hangs every stream's call up at the (absent) carrier, retrying for ~5 s; nothing
+            # of the server outlives the point (its store and Redis are in the point's temp dir): cut that short.
+            server.stop(timeout=0.5)
     return result
 
 
@@ -386,15 +463,24 @@ def headline(points: list[dict[str, Any]]) -> int:
     return max(ok, default=0)
 
 
-def sweep(kind: str, args: argparse.Namespace, workers: int | None = None) -> dict[str, Any]:
+def sweep(kind: str, args: argparse.Namespace, workers: int | None = None,
+          calibrations: dict[Any, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Calibration (once per server kind and W: repeats reuse it from `calibrations`), then each N."""
     counts = [int(x) for x in (args.peer_streams if kind != "bridge" and args.peer_streams else args.streams).split(",")]
     if workers is not None and args.streams_per_worker:
         counts = [n * workers for n in counts]
-    longest = max(counts) / args.ramp + 1.0 + args.seconds + 2.0
     label = f"{kind} x{workers}" if workers else kind
-    print(f"[{label}] calibrating: 2 idle streams for {longest:.0f} s", file=sys.stderr, flush=True)
-    calib = run_point(kind, 2, longest - 3.0 - 2 / args.ramp, args, None, calibrate=True, workers=workers)
-    base = calib.pop("baseline")
+    calib = (calibrations or {}).get((kind, workers))
+    if args.skip_calibration:  # delivery only (smoke tests): no idle baseline, so no added-latency figures
+        calib = {"baseline": None, "lost": 0}
+    elif calib is None:
+        # as many frames per stream as the longest point sends (its ramp is longer than 2 streams')
+        calib_s = (max(counts) - 2) / args.ramp + args.seconds
+        print(f"[{label}] calibrating: 2 idle streams for {calib_s:.0f} s", file=sys.stderr, flush=True)
+        calib = run_point(kind, 2, calib_s, args, None, calibrate=True, workers=workers)
+        if calibrations is not None:
+            calibrations[(kind, workers)] = calib
+    base = calib["baseline"]
     points = []
     for n in counts:
         print(f"[{label}] {n} streams ...", file=sys.stderr, flush=True)
@@ -404,7 +490,7 @@ def sweep(kind: str, args: argparse.Namespace, workers: int | None = None) -> di
               f"cpu {point.get('server_cpu_pct', float('nan')):.0f}%, load {point['loadavg'][0]:.2f}",
               file=sys.stderr, flush=True)
         points.append(point)
-    idle = [b for b in base if b != float("inf")]
+    idle = [b for b in base or [] if b != float("inf")]
     return {"server": kind, "workers": workers, "uvloop": args.uvloop, "loop": "uvloop" if args.uvloop else "asyncio",
             "experiment": args.experiment if kind == "bridge" else None,
             "outbound_ms": args.outbound_ms if kind == "bridge" else None,
@@ -421,16 +507,19 @@ def print_sweep(s: dict[str, Any]) -> None:
                      p.get("window_max_ms", float("nan")), p.get("added_p99_ms", float("nan")),
                      p["rtt_p50_ms"], p["rtt_p99_ms"], p["lost"],
                      p.get("late", 0), p["failed"], p.get("server_cpu_pct", float("nan")),
-                     p.get("rss_per_stream_kb", float("nan")), p["generator_cpu_pct"], p["loadavg"][0]])
+                     p.get("rss_per_stream_kb", float("nan")), p["generator_cpu_pct"],
+                     p.get("g") if p.get("g") is not None else float("nan"), p["loadavg"][0]])
     outbound = f"{s['outbound_ms']} ms outbound" if s.get("outbound_ms") else ""
     workers = f"{s['workers']} worker{'s' if s['workers'] > 1 else ''} + Redis" if s.get("workers") else ""
     extras = ", ".join(x for x in (workers, "uvloop" if s["uvloop"] else "", s.get("experiment") or "", outbound) if x)
+    idle = s["calibration"]["idle_rtt_p50_ms"]
     print(f"\n{s['server']}{f' ({extras})' if extras else ''}: idle round trip p50 "
-          f"{s['calibration']['idle_rtt_p50_ms']:.1f} ms, echo alignment {s['calibration']['alignment']}")
+          f"{'-' if idle is None else f'{idle:.1f}'} ms, echo alignment {s['calibration']['alignment']}")
     print(table(["N", "p50", "p99", "max", "abs p99", "rtt p50", "rtt p99", "lost", "late", "failed",
-                 "server CPU%", "RSS/stream KB", "gen CPU%", "load1"], rows))
+                 "server CPU%", "RSS/stream KB", "gen CPU%", "g", "load1"], rows))
     print("(ms; p50/p99/max: latency added by load during the window; abs p99: also counting delay picked up "
-          "during ramp-up; rtt: raw round trip incl. the echo's own buffering)")
+          "during ramp-up; rtt: raw round trip incl. the echo's own buffering; g: generator CPU / server CPU "
+          "over the window)")
     print(f"headline: {s['headline_streams']} streams with p99 <= {LATE_MS:.0f} ms and zero lost frames")
 
 
@@ -525,33 +614,57 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", help="sweep the bridge as serve.workers W with Redis, for each W (comma list)")
     parser.add_argument("--streams-per-worker", action="store_true",
                         help="with --workers: --streams counts are per worker (W=2 runs twice as many)")
+    parser.add_argument("--generator", choices=["lean", "lean-python", "aiohttp"], default="lean",
+                        help="load generator: lean (streams set up in Python, media in C: bench/lean_media.c, built on "
+                             "demand; the Python one without a compiler), lean-python (raw asyncio sockets on uvloop), "
+                             "aiohttp (the fake Twilio's client)")
     parser.add_argument("--json", action="store_true", help="also print the JSON on stdout")
     parser.add_argument("--profile", metavar="DIR", help="py-spy the server during each window into DIR")
     parser.add_argument("--out", help="results file (default bench/results/media_streams.json)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds between the last stream up and the window")
+    parser.add_argument("--tail", type=float, default=0.5,
+                        help="seconds of talking after the window (pushes the window's last frames through the resamplers)")
+    parser.add_argument("--drain", type=float, default=1.5, help="seconds to wait for echoes after the last frame")
+    parser.add_argument("--split", choices=["separate", "shared"],
+                        help="cores of the generator (see generator_cpu_for); default: shared with --workers, else separate")
+    parser.add_argument("--skip-calibration", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--role", default="main", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     workers = [int(w) for w in args.workers.split(",")] if args.workers else [None]
+    args.split = args.split or ("shared" if args.workers else "separate")
     if args.workers and (args.peer or args.only_peer):
         parser.error("--workers sweeps the bridge only; leave out --peer")
 
+    args.engine = None
+    if args.role == "main" and args.generator == "lean":
+        from bench.lean_load import build_engine
+
+        args.engine = build_engine(lambda line: print(line, file=sys.stderr, flush=True))
+        data_generator = "lean (C engine)" if args.engine else "lean-python (no C engine)"
+    else:
+        data_generator = args.generator
     if args.role == "generator":
-        spec = json.loads(Path(args.spec).read_text())
-        print(json.dumps(asyncio.run(generate(spec))), flush=True)
+        from bench import lean_load  # noqa: F401 - imported while the server boots
+        from tests.fakes import stream_load  # noqa: F401
+
+        spec = json.loads(sys.stdin.readline() if args.spec == "-" else Path(args.spec).read_text())
+        print(json.dumps(run_generator(spec)), flush=True)
         return 0
 
     data: dict[str, Any] = {"benchmark": "media_streams", "machine": machine(), "seconds": args.seconds,
                             "ramp_per_s": args.ramp, "late_ms": LATE_MS, "repeat": args.repeat,
-                            "argv": sys.argv[1:], "sweeps": []}
+                            "argv": sys.argv[1:], "generator": data_generator, "split": args.split, "sweeps": []}
     kinds = ([] if args.only_peer else ["bridge"]) + ([args.peer] if args.peer else [])
     data["versions"] = {"bridge": versions(MEDIA_LIBS)}
     if args.peer == "pipecat":
         data["versions"]["pipecat"] = versions(PEER_LIBS, args.pipecat_python)
     # Repeats alternate the servers, so each repeat's bridge/peer ratio comes from the same conditions.
+    calibrations: dict[Any, dict[str, Any]] = {}
     for rep in range(args.repeat):
         for kind in kinds:
             for w in workers if kind == "bridge" else [None]:
-                result = sweep(kind, args, w)
+                result = sweep(kind, args, w, calibrations)
                 result["repeat"] = rep
                 data["sweeps"].append(result)
     data["machine"]["loadavg_end"] = loadavg()

@@ -39,14 +39,18 @@ def summarize(path: str, top: int) -> str:
     return "\n".join(lines)
 
 
-# The media path's parts: a sample belongs to the first part whose functions are all on its stack.
+# The media path's parts: a sample belongs to the first part whose functions are all on its stack
+# (a part may have several entries: any of them).
 PARTS: list[tuple[str, tuple[str, ...]]] = [
     ("soxr resampling, caller -> pipeline (8k -> 16k)", ("MediaPipeline._inbound", "StreamResampler.process")),
     ("soxr resampling, play-out (16k -> 8k)", ("MediaPipeline._run_play", "StreamResampler.process")),
     ("frame checks + JSON + base64 in (depth gate, codec)", ("_parse",)),
     ("rest of MediaPipeline.receive (u-law decode, echo queue)", ("MediaPipeline.receive",)),
     ("send: message build + WebSocket frame + send()", ("WebSocketTransport.send_media",)),
-    ("pacing: timer sleep and wake-up", ("Pacer.wait_turn",)),
+    ("send: message build + WebSocket frame + send()", ("WebSocketTransport.send_media_now",)),
+    ("pacing: timer, wake-up, outbox", ("Pacer.wait_turn",)),  # before the pacing wheel
+    ("pacing: timer, wake-up, outbox", ("PacingWheel._fire",)),  # media/wheel.py
+    ("pacing: timer, wake-up, outbox", ("PacedOutbox._pump",)),
     ("rest of play-out (framer, u-law encode, echo queue)", ("MediaPipeline._run_play",)),
     ("aiohttp read: frame parse, dispatch", ("RequestHandler.data_received",)),
 ]

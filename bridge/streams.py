@@ -121,6 +121,16 @@ class WebSocketTransport:
     async def send_media(self, payload: bytes) -> None:
         await self._send(self.codec.encode_media(payload))
 
+    def send_media_now(self, payload: bytes) -> bool:
+        """`send_media` without a coroutine when it would not wait (the pacing wheel's fast path);
+        False, having done nothing, when it would: then await `send_media`."""
+        ws = self.ws
+        if ws.closed or self.overflowed:
+            return True  # dropped, as `send_media` drops it
+        if not isinstance(ws, InlineWebSocketResponse) or self._buffered() > self.max_buffer:
+            return False
+        return ws.send_str_now(self.codec.encode_media(payload))
+
     async def send_mark(self, name: str) -> None:
         await self._send(self.codec.encode_mark(name))
 

@@ -8,6 +8,9 @@ take text messages straight from the parser instead, while the queue is empty; e
 (control frames, binary, close, errors, and any text message `on_text` declines) still goes
 through the queue and `receive()`, in order, so the protocol behaviour is aiohttp's.
 
+`send_str_now` is the write half of the same idea: the pacing wheel (media/wheel.py) sends a
+media message from its timer callback without a coroutine, when aiohttp would not wait anyway.
+
 The handshake, routing, limits and the port stay aiohttp's: one listener, behind any reverse
 proxy that passes WebSocket upgrades. Parsing stays in aiohttp's (Cython) frame reader.
 """
@@ -72,6 +75,24 @@ class InlineWebSocketResponse(web.WebSocketResponse):
             return False
         queue.on_text = on_text
         return True
+
+    def send_str_now(self, text: str) -> bool:
+        """Write a text message now, as `send_str` does when it need not wait (no compression, the
+        peer reading); False, having written nothing, when it would wait or cannot (then await
+        `send_str`). Counted in `sent_now`."""
+        writer = self._writer
+        try:
+            if writer is None or writer.compress or writer._closing or writer.protocol._paused:  # noqa: SLF001
+                return False
+            writer._write_websocket_frame(text.encode("utf-8"), WSMsgType.TEXT, 0)  # noqa: SLF001
+            if writer._output_size > writer._limit:  # noqa: SLF001 - as send_frame does; the next send waits if paused
+                writer._output_size = 0  # noqa: SLF001
+        except AttributeError:  # an aiohttp whose writer changed: the async path still works
+            return False
+        self.sent_now += 1
+        return True
+
+    sent_now = 0
 
     @property
     def inline_messages(self) -> int:

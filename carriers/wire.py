@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import binascii
 import json
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from carriers.base import StreamProtocolError
@@ -116,4 +117,72 @@ def mark_name(value: Any) -> str:
 
 def inbound_track(media: dict[str, Any]) -> bool:
     """Only the caller's audio is ours to take (an outbound track echoes what we sent)."""
-    return media.get("track", "inbound") in ("inbound", "inbound_track")
+    return is_inbound(media.get("track", "inbound"))
+
+
+def is_inbound(track: Any) -> bool:
+    return track in ("inbound", "inbound_track")
+
+
+# JSON values whose text is their value: a string without escapes or control characters, or an
+# integer of at most 18 digits (no sign, fraction, exponent or leading zero).
+_STRING = r'"[^"\\\x00-\x1f]*"'
+_VALUE = f"(?:{_STRING}|0|[1-9][0-9]{{0,17}})"
+_NUMBER = r'(?:"(?P<q{0}>[0-9]{{1,18}})"|(?P<n{0}>0|[1-9][0-9]{{0,17}}))'  # an int or a string of digits
+
+
+class MediaLayout:
+    """The exact text layout a carrier writes its `media` frames in, read without building the JSON.
+
+    `match` reads a frame that is exactly that layout: the keys in that order, no whitespace, the
+    track "inbound" or "inbound_track", chunk and timestamp integers (or strings of digits) of at
+    most 18 digits, the other values plain strings or integers, and a payload that is strict
+    base64 as written. It returns (payload bytes, chunk, timestamp): what the full parse gives for
+    such a frame. Anything else (another order, an extra key, whitespace, an escape, a float, bad
+    base64) returns None and takes the full parse, which gives the verdict; so every verdict is the
+    full parse's (tests/test_stream_fast_parse.py compares both paths on generated frames).
+    The payload is last in `media`, and is not scanned by a regex (the costly part of one): its
+    end is the next quote, and the base64 decoder checks every character of it.
+    """
+
+    def __init__(self, top: Sequence[str], media: Sequence[str]) -> None:
+        """One per stream (it remembers the stream's frame ending); the regexes are compiled once (re's cache)."""
+        if media[-1] != "payload" or not {"track", "chunk", "timestamp"} <= set(media):
+            raise ValueError("the layout reads media frames whose payload comes last")
+        head = ['\\{"event":"media"']
+        for key in top[: top.index("media")]:
+            head.append(f'"{key}":{_VALUE}')
+        inner = []
+        for key in media[:-1]:
+            if key == "track":
+                inner.append('"track":"inbound(?:_track)?"')
+            elif key in ("chunk", "timestamp"):
+                inner.append(f'"{key}":' + _NUMBER.format(key))
+            else:
+                inner.append(f'"{key}":{_VALUE}')
+        head.append('"media":\\{' + ",".join([*inner, '"payload":"']))
+        self._head = re.compile(",".join(head))
+        tail = "".join(f',"{key}":{_VALUE}' for key in top[top.index("media") + 1 :])
+        self._tail = re.compile('"\\}' + tail + "\\}")
+        self._last_tail = "\0"  # a stream's frames all end alike (its id): compared, not matched again
+
+    def match(self, text: str) -> tuple[bytes, int, int] | None:
+        head = self._head.match(text)
+        if head is None:
+            return None
+        start = head.end()
+        end = text.find('"', start)
+        if end < 0:
+            return None
+        if not (text.endswith(self._last_tail) and len(text) - end == len(self._last_tail)):
+            if self._tail.fullmatch(text, end) is None:
+                return None
+            self._last_tail = text[end:]
+        try:
+            # strict base64 has no backslash or control character: the text is the string's value
+            payload = binascii.a2b_base64(text[start:end], strict_mode=True)
+        except (binascii.Error, ValueError):
+            return None
+        chunk = head.group("qchunk") or head.group("nchunk")
+        timestamp = head.group("qtimestamp") or head.group("ntimestamp")
+        return payload, int(chunk), int(timestamp)

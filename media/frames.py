@@ -95,17 +95,22 @@ class Pacer:
     async def wait_turn(self) -> None:
         """Sleep until the next message may be sent; call `sent_one()` after sending it."""
         now = self._now()
+        due = self.turn(now)
+        if due > now:
+            await self._sleep(due - now)
+
+    def turn(self, now: float) -> float:
+        """When the next message may go (`now` or earlier: at once), asked at `now`. The first
+        message sets t0, and a message asked for after everything sent has played re-bases it."""
         if self.t0 is None:
             self.t0 = now
-            return
+            return now
         if now > self.t0 + self.sent_s:
             # Everything sent so far has already played out: the far end went silent.
             self.underruns += 1
             self.t0 = now - self.sent_s
-            return
-        delay = self.t0 + self.sent_s + self.dt * (1 - self.lead) - now
-        if delay > 0:
-            await self._sleep(delay)
+            return now
+        return self.t0 + self.sent_s + self.dt * (1 - self.lead)
 
     def sent_one(self, ms: float | None = None) -> None:
         """One message went out: `ms` of audio, by default a full `frame_ms`."""

@@ -10,9 +10,10 @@ Inbound (sync, per frame, on the event loop):
 Outbound (`play`, serialized):
     PCM16 at the engine's rate -> stream-resample to the wire rate -> encode -> messages of exactly
     the transport's `send_ms` (20 ms frames on SIP, 40 ms on WebSocket streams by default; the
-    last one padded to whole 20 ms frames only) -> paced send (absolute schedule, ~`lead_ms` queued
-    at the carrier) -> mark -> PlaybackResult with what the caller actually heard (in ms);
-    recorder ch 1 gets what was played.
+    last one padded to whole 20 ms frames only) -> the play's outbox, each message sent at its
+    pacing turn by one timer for all calls (media/wheel.py; absolute schedule, ~`lead_ms` queued at
+    the carrier) -> mark -> PlaybackResult with what the caller actually heard (in ms); recorder
+    ch 1 gets what was played.
 Barge-in (`interrupt`): no frame is sent after it returns, the carrier is told to `clear`, the
 engine's stream is closed, queued plays are dropped.
 """
@@ -38,6 +39,7 @@ from media.recorder import CallRecorder
 from media.resample import StreamResampler
 from media.transport import CallerAudioTap, MediaListener, MediaTransport, outbound_ms, reports_dtmf
 from media.vad import EnergyVad
+from media.wheel import PacedOutbox, PacingWheel, shared_wheel
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,9 @@ log = logging.getLogger(__name__)
 MARK_GRACE_S = 2.0
 # Same digit from in-band and out-of-band detection within this window is one key press.
 DTMF_DEDUPE_S = 0.3
+# Messages a play may queue beyond the carrier's lead before its producer waits (it is woken once
+# the queue is down to the lead): the producer wakes once per this many messages, not per message.
+QUEUE_SLACK = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +101,7 @@ class _Play:
     barge_in: bool
     task: asyncio.Task[PlaybackResult] | None = None
     pacer: Pacer | None = None
+    outbox: PacedOutbox | None = None
     stopped: bool = False
     marks: dict[str, asyncio.Future[None]] = field(default_factory=dict)
 
@@ -114,6 +120,7 @@ class MediaPipeline:
         lead_ms: int = 60,
         jitter_frames: int = 3,
         stall_timeout_s: float | None = 8.0,
+        wheel: PacingWheel | None = None,
     ) -> None:
         self.transport = transport
         self.listener = listener
@@ -123,6 +130,7 @@ class MediaPipeline:
         self.barge_in_enabled = True
         self.stats = MediaStats()
         self._clock: Clock = clock or RealClock()
+        self._wheel = wheel  # default: the one every pipeline on this clock shares (made on the first play)
         self._send_ms = outbound_ms(transport)
         # Audio queued at the carrier ahead of play-out: 3 x 20 ms, or 2 x 40 ms (rounded up).
         self._lead = max(1, -(-lead_ms // self._send_ms))
@@ -325,23 +333,35 @@ class MediaPipeline:
         pacer = play.pacer = Pacer(self._clock.monotonic, self._clock.sleep, lead_frames=self._lead,
                                    frame_ms=self._send_ms)
         rec = StreamResampler(wire.rate, self.recorder.rate) if self.recorder else None
+        if self._wheel is None:
+            self._wheel = shared_wheel(self._clock)
+        outbox = play.outbox = PacedOutbox(
+            pacer, self._wheel, self._clock, self._send_media, lambda frame: self._sent(play, pacer, frame, rec),
+            high=self._lead + QUEUE_SLACK, low=self._lead, send_now=self._send_media_now)
         try:
-            async for chunk in _with_stall_timeout(audio, self._stall_timeout, self._clock):
-                if play.stopped:
-                    break
-                if chunk:
-                    for frame in framer.push(g711.encode(resampler.process(chunk), wire.encoding)):
-                        if not await self._send_frame(play, pacer, frame, rec):
-                            break
-                if play.stopped:
-                    break
+            try:
+                async for chunk in _with_stall_timeout(audio, self._stall_timeout, self._clock):
+                    if play.stopped:
+                        break
+                    if chunk:
+                        for frame in framer.push(g711.encode(resampler.process(chunk), wire.encoding)):
+                            if outbox.put(frame):
+                                await outbox.room()
+                    if play.stopped:
+                        break
+            except Exception:
+                # The engine failed: what it gave before is sent first, as if sent while it worked.
+                await outbox.drained()
+                raise
             if not play.stopped:
                 tail = framer.push(g711.encode(resampler.flush(), wire.encoding))
                 last = framer.flush()
                 for frame in tail + ([last] if last else []):
-                    if not await self._send_frame(play, pacer, frame, rec):
-                        break
+                    if outbox.put(frame):
+                        await outbox.room()
+            await outbox.drained()
         finally:
+            outbox.stop()
             await _aclose(audio)
         if rec is not None and self.recorder is not None and pacer.t0 is not None:
             at = pacer.play_start(0) + rec.samples_out / rec.out_rate
@@ -351,11 +371,15 @@ class MediaPipeline:
         await self._await_played(play, pacer)
         return self._result(play, completed=not play.stopped)
 
-    async def _send_frame(self, play: _Play, pacer: Pacer, frame: bytes, rec: StreamResampler | None) -> bool:
-        await pacer.wait_turn()
-        if play.stopped:
-            return False
-        await self.transport.send_media(frame)
+    def _send_media(self, frame: bytes) -> Coroutine[Any, Any, None]:
+        return self.transport.send_media(frame)  # the transport as it is now (a stream may be replaced)
+
+    def _send_media_now(self, frame: bytes) -> bool:
+        send_now = getattr(self.transport, "send_media_now", None)
+        return send_now is not None and bool(send_now(frame))
+
+    def _sent(self, play: _Play, pacer: Pacer, frame: bytes, rec: StreamResampler | None) -> None:
+        """A message went out (the outbox sends it at its pacing turn): the play's accounting."""
         if pacer.sent == 0 and self._first_audio_cb is not None:
             self._first_audio_cb(play.label)
         pacer.sent_one(self.wire.ms_of(frame))
@@ -369,7 +393,6 @@ class MediaPipeline:
             out = rec.process(g711.decode(frame, self.wire.encoding))
             if out:  # placed by sample count from the first frame's play-out, not by when soxr let go
                 self.recorder.write_bridge(out, at=pacer.play_start(0) + before / rec.out_rate)
-        return True
 
     async def _await_played(self, play: _Play, pacer: Pacer) -> None:
         end = pacer.end_time
@@ -406,6 +429,8 @@ class MediaPipeline:
         if play is None or play.stopped:
             return
         play.stopped = True
+        if play.outbox is not None:
+            play.outbox.stop()  # what is queued is dropped at once
         self.stats.interrupts += 1
         log.debug("playback interrupted (%s) after %d frames", reason, play.pacer.sent if play.pacer else 0)
         for fut in play.marks.values():
@@ -432,6 +457,8 @@ class MediaPipeline:
         play = self._current
         if play is not None and not play.stopped:
             play.stopped = True
+            if play.outbox is not None:
+                play.outbox.stop()
             if play.task is not None:
                 play.task.cancel()
         self._closed = True

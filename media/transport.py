@@ -17,7 +17,9 @@ class MediaTransport(Protocol):
     frames. Transports that cannot echo marks set `supports_marks = False`; the bridge then derives
     "heard" from its own pacing clock. A transport whose leg reports key presses out of band
     (Twilio/Telnyx/Plivo `dtmf` events) sets `reports_dtmf = True`; the bridge then leaves its in-band
-    detector off unless told otherwise.
+    detector off unless told otherwise. A transport may also offer `send_media_now(payload) -> bool`:
+    the same send done synchronously when it needs no waiting (False, having done nothing, when it
+    would wait; the pipeline then awaits `send_media`), which spares a coroutine per message.
     """
 
     format: AudioFormat

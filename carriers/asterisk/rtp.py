@@ -303,6 +303,11 @@ class RtpTransport(asyncio.DatagramProtocol):
     async def send_media(self, payload: bytes) -> None:
         self.queue_frame(payload)
 
+    def send_media_now(self, payload: bytes) -> bool:
+        """The same, without a coroutine (the pacing wheel's path): queueing never waits."""
+        self.queue_frame(payload)
+        return True
+
     async def send_mark(self, name: str) -> None:
         return None
 

@@ -367,28 +367,32 @@ def _digest(text: str) -> str:
 # ============================================================================ sans-I/O: audio stream
 
 
+# How Plivo writes a media frame (top-level keys, media keys): read without the JSON parser when exactly so.
+MEDIA_LAYOUT = (("sequenceNumber", "streamId", "media"), ("track", "timestamp", "chunk", "payload"))
+
+
 class PlivoStreamCodec(MediaStreamCodec):
     """Plivo's bidirectional Audio Stream: start/media/dtmf/playedStream/clearedAudio in,
     playAudio/checkpoint/clearAudio out. There is no `stop` frame: the socket closing ends it."""
 
     reorders = False
 
-    def __init__(self) -> None:
+    def __init__(self, *, fast_media: bool = True) -> None:
         self.stream_id: str | None = None
+        self._fast = wire.MediaLayout(*MEDIA_LAYOUT) if fast_media else None
 
     def parse(self, text: str) -> StreamMessage:
+        if self._fast is not None and self.stream_id is not None:
+            fields = self._fast.match(text)
+            if fields is not None:
+                return StreamMedia(*fields)
         kind, frame = wire.json_frame(text)
         if kind == "start":
             return self._start(frame)
         if kind == "media":
             media = wire.section(frame, "media")
-            if not wire.inbound_track(media):
-                return StreamIgnored("media")
-            if self.stream_id is None:
-                raise StreamProtocolError("media before start")
-            return StreamMedia(wire.payload(media.get("payload")),
-                               sequence=wire.optional_int(media.get("chunk"), "media.chunk"),
-                               timestamp_ms=wire.optional_int(media.get("timestamp"), "media.timestamp"))
+            return self._media(media.get("track", "inbound"), media.get("payload"), media.get("chunk"),
+                               media.get("timestamp"), None)
         if kind == "dtmf":
             return StreamDtmf(wire.digit(wire.section(frame, "dtmf").get("digit")))
         if kind == "playedStream":
@@ -398,6 +402,14 @@ class PlivoStreamCodec(MediaStreamCodec):
         if kind == "stop":  # not in Plivo's protocol; harmless if a proxy sends one
             return StreamStop()
         return StreamIgnored(kind)
+
+    def _media(self, track: Any, payload: Any, chunk: Any, timestamp: Any, _sequence: Any) -> StreamMessage:
+        if not wire.is_inbound(track):
+            return StreamIgnored("media")
+        if self.stream_id is None:
+            raise StreamProtocolError("media before start")
+        return StreamMedia(wire.payload(payload), sequence=wire.optional_int(chunk, "media.chunk"),
+                           timestamp_ms=wire.optional_int(timestamp, "media.timestamp"))
 
     def _start(self, frame: dict[str, Any]) -> StreamStart:
         start = wire.section(frame, "start")

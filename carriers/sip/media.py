@@ -107,6 +107,11 @@ class SipMediaTransport(LegCounters):
     async def send_media(self, payload: bytes) -> None:
         self.queue_payload(payload)
 
+    def send_media_now(self, payload: bytes) -> bool:
+        """The same, without a coroutine (the pacing wheel's path): queueing never waits."""
+        self.queue_payload(payload)
+        return True
+
     def queue_payload(self, payload: bytes) -> None:
         size = self.format.frame_bytes
         if len(payload) == size:

@@ -84,8 +84,13 @@ class RemoteMediaTransport(LegCounters):
         self._leg = leg
 
     async def send_media(self, payload: bytes) -> None:
+        self.send_media_now(payload)
+
+    def send_media_now(self, payload: bytes) -> bool:
+        """The same, without a coroutine (the pacing wheel's path): a write to the worker never waits."""
         if not self.closed:
             self._worker.send_audio(self._leg, payload)
+        return True
 
     async def send_mark(self, name: str) -> None:
         return None

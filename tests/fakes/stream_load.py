@@ -1,6 +1,7 @@
-"""Many Twilio Media Streams at once: the benchmarks' load generator, built on the fake Twilio's
-`TwilioMediaStreamClient` (same frames, same cadence, same mark echo), plus what a benchmark
-needs on top of it:
+"""Many Twilio Media Streams at once: a load generator built on the fake Twilio's
+`TwilioMediaStreamClient` (same frames, same cadence, same mark echo), used by turn_overhead and
+voice_to_voice and by `media_streams.py --generator aiohttp` (media_streams' default is the much
+cheaper bench/lean_load.py, which shares the helpers below), plus what a benchmark needs on top of it:
 
 - `LoadStreamClient`: a cheap mode for hundreds of streams. Instead of keeping every payload it
   heard, it keeps only (receive time, cumulative byte position) per media message, which is enough
