@@ -141,8 +141,8 @@ async def test_every_cli_command_against_a_running_server(tmp_path: Path) -> Non
         proc = await run("callee", "--call-id", call_id, "--play", str(tmp_path / "audio" / "missing.wav"))
         assert proc.returncode == 1 and "cannot read WAV" in proc.stderr
         # outside the audio folder: refused before the file system is asked, so existence never leaks
-        outside = (str(wav.parent.parent / "calls.jsonl"), "/etc/passwd", "/nonexistent.wav", "../calls.jsonl")
-        for proc in await asyncio.gather(*(run("callee", "--call-id", call_id, "--play", path) for path in outside)):
+        for outside in (str(wav.parent.parent / "calls.jsonl"), "/etc/passwd", "/nonexistent.wav", "../calls.jsonl"):
+            proc = await run("callee", "--call-id", call_id, "--play", outside)
             assert proc.returncode == 1 and proc.stderr.strip() == (
                 f"voicecall: `file` must be a WAV inside {(tmp_path / 'audio').resolve()}"), proc.stderr
         proc = await run("status", "--call-id", call_id)
@@ -151,24 +151,24 @@ async def test_every_cli_command_against_a_running_server(tmp_path: Path) -> Non
         assert [c["callId"] for c in json.loads(proc.stdout)["calls"]] == [call_id]
         assert (await run("end", "--call-id", call_id)).returncode == 0
         assert call.state == CallState.HANGUP_BOT
-        # these do not depend on each other's effects: run at once (each CLI run starts a Python)
-        missing, injected, schema, checked = await asyncio.gather(
-            run("status", "--call-id", "missing"), run("inject", "--from", "+15550002222", "--say", "Hi there"),
-            run("tool-schema"), run("check", "--json"))
-        assert missing.returncode == 1 and missing.stderr.strip() == "voicecall: call not found: missing"
-        assert injected.returncode == 0 and "accepted" in injected.stdout
-        assert json.loads(schema.stdout)["function"]["name"] == "voice_call"
-        assert checked.returncode == 0 and json.loads(checked.stdout)["provider"] == "mock"
+        proc = await run("status", "--call-id", "missing")
+        assert proc.returncode == 1 and proc.stderr.strip() == "voicecall: call not found: missing"
+        proc = await run("inject", "--from", "+15550002222", "--say", "Hi there")
+        assert proc.returncode == 0 and "accepted" in proc.stdout
         log = str(tmp_path / "calls.jsonl")
-        tail, latency = await asyncio.gather(run("tail", "--file", log, "--no-follow", "--since", "3"),
-                                             run("latency", "--file", log, "--json"))
-        assert tail.returncode == 0 and len(tail.stdout.splitlines()) == 3
-        stats = json.loads(latency.stdout)
+        proc = await run("tail", "--file", log, "--no-follow", "--since", "3")
+        assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 3
+        proc = await run("latency", "--file", log, "--json")
+        stats = json.loads(proc.stdout)
         # voice-to-voice turns: at least the caller's greeting reply (auto-answered) and "Tuesday works." ->
         # "Great." (the WAV and the injected call may add theirs while the commands run)
         assert stats["turns"] >= 2 and stats["calls"] >= 1
         total = stats["parts"]["total"]
         assert total["count"] == stats["turns"] and 0 < total["p50"] <= total["p95"] <= total["p99"] <= total["max"]
+        proc = await run("tool-schema")
+        assert json.loads(proc.stdout)["function"]["name"] == "voice_call"
+        proc = await run("check", "--json")
+        assert proc.returncode == 0 and json.loads(proc.stdout)["provider"] == "mock"
 
 
 def test_cli_without_a_server_fails_with_one_line() -> None:
