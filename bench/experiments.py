@@ -10,6 +10,8 @@ measured before anyone commits it (`bench/media_streams.py --experiment NAME`).
 - `frames-40ms`: now the default on WebSocket streams (`streaming.outboundFrameMs: 40`, with
   `heard_ms` counted in milliseconds); kept as a name that changes nothing, so old command lines
   still run. `bench/media_streams.py --outbound-ms 20` measures the old 20 ms messages.
+- `soxr-resampler`: soxr HQ streams for the telephony rate pairs too (what they used before
+  media/polyphase.py), to weigh the polyphase filter's CPU against soxr's in the same run.
 - `gc-freeze`: once the server is up, `gc.freeze()` the objects it started with (config models,
   aiohttp, numpy, ...), so the cyclic GC's full collections only walk what calls create.
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-EXPERIMENTS = ("no-inband-dtmf", "fast-dtmf", "gc-freeze", "frames-40ms")
+EXPERIMENTS = ("no-inband-dtmf", "fast-dtmf", "gc-freeze", "frames-40ms", "soxr-resampler")
 
 
 def _no_inband_dtmf() -> None:
@@ -83,6 +85,12 @@ def _gc_freeze() -> None:
     rt.Runtime.start = start  # type: ignore[method-assign]
 
 
+def _soxr_resampler() -> None:
+    import media.resample as resample
+
+    resample.is_polyphase_pair = lambda in_rate, out_rate: False  # type: ignore[assignment]
+
+
 def apply(names: str) -> None:
     for name in filter(None, names.split(",")):
         if name == "no-inband-dtmf":
@@ -91,6 +99,8 @@ def apply(names: str) -> None:
             _fast_dtmf()
         elif name == "gc-freeze":
             _gc_freeze()
+        elif name == "soxr-resampler":
+            _soxr_resampler()
         elif name == "frames-40ms":
             pass  # the default now (streaming.outboundFrameMs: 40)
         else:

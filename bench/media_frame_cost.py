@@ -186,6 +186,20 @@ def outbound_codec_only(secs: float) -> float:
     return best
 
 
+def resample_only(secs: float, a: int, b: int, chunk_ms: int) -> float:
+    """StreamResampler.process alone, fed `chunk_ms` chunks: µs per 20 ms of audio (best of 5)."""
+    pcm = speechlike(a, max(1.0, secs / 5)).tobytes()
+    step = a * chunk_ms // 1000 * 2
+    best = float("inf")
+    for _ in range(5):
+        r = StreamResampler(a, b)
+        t = time.process_time()
+        for i in range(0, len(pcm), step):
+            r.process(pcm[i : i + step])
+        best = min(best, (time.process_time() - t) / (len(pcm) / 2 / a * 50) * 1e6)
+    return best
+
+
 async def run_clock(clock: FakeClock, until: asyncio.Future[object]) -> None:
     """Move `clock` from timer to timer whenever no task is ready, like an event loop with nothing
     to do but wait for its next timer (only CPU is counted, no time is slept)."""
@@ -229,6 +243,9 @@ def main() -> None:
         ("inbound  receive: + VAD + in-band DTMF (SIP default)", inbound(secs)),
         ("inbound  receive, carrier stream leg (default: no DTMF)", inbound(secs, NullStreamLeg)),
         ("inbound  the same, STT takes the wire (no pipeline copy)", inbound(secs, NullStreamLeg, WireListener)),
+        ("inbound  resample only 8k->16k (20 ms chunks)", resample_only(secs, 8000, 16000, 20)),
+        ("outbound resample only 16k->8k (100 ms chunks)", resample_only(secs, 16000, 8000, 100)),
+        ("outbound resample only 24k->8k (100 ms chunks)", resample_only(secs, 24000, 8000, 100)),
         ("outbound resample 24k->8k + u-law + framing", outbound_codec_only(secs)),
         ("outbound MediaPipeline.play, whole coroutine", asyncio.run(outbound_plays(secs))),
         ("outbound the same, 100 plays at once on one clock", asyncio.run(outbound_plays(secs, 100))),

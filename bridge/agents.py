@@ -107,6 +107,10 @@ class AgentConversations(_ByNumber):
         for engine in self.all():
             engine.forget(call_id)
 
+    def prewarm(self, call: CallRecord) -> None:
+        engine: ConversationEngine = self.for_call(call)
+        engine.prewarm(call)
+
     async def close(self) -> None:
         for engine in self.all():
             await engine.close()

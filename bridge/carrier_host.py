@@ -157,6 +157,11 @@ class CarrierHost(Answering):
         if call.terminal:
             return call
         call_id_var.set(call.callId)  # tasks spawned while applying the event inherit it
+        if event.type == EventType.SPEECH and not event.is_final:
+            # a partial transcript (several a second while the caller talks) is only published: the
+            # record does not change, so no call-log write (nor a redelivery to guard: it is our own)
+            self._apply(call, event)
+            return call
         call.processedEventIds.append(event.key)
         del call.processedEventIds[:-500]
         self._apply(call, event)

@@ -60,6 +60,7 @@ class CallManager(Ownership, CallApi, TransferCalls, Recovery):
         if self.conversation is not None:
             await self.conversation.close()
         await self.fanout.stop()
+        self._flush_deferred_saves()
         if self.shared is not None:
             await self.shared.aclose()
         else:

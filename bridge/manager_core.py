@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 # Ended calls kept in memory for status/list; older ones are dropped (calls.jsonl keeps them all).
 ENDED_CALLS_KEPT = 1000
 STORE_RETRY_S = 5.0
+# A save that need not reach the disk at once (a turn's timing record, due at its first audio, when
+# other calls' first audio is due too) rides on the call's next save, or is written after this long.
+SAVE_SOON_S = 3.0
 
 
 class CallError(Exception):
@@ -85,6 +88,7 @@ class ManagerCore:
         self._turns: dict[str, PendingTurn] = {}
         self._timers: dict[str, TimerHandle] = {}
         self._hangup_retries: dict[str, TimerHandle] = {}
+        self._deferred_saves: dict[str, TimerHandle] = {}  # call id -> its save_soon timer
         self._voices: dict[str, CallVoice] = {}
         self._media_waiters: dict[str, list[asyncio.Future[CallVoice | None]]] = {}
         self._machine: dict[str, MachineDetection | NativeMachineDetection] = {}
@@ -177,11 +181,33 @@ class ManagerCore:
         self._by_provider_id[provider_id] = call.callId
 
     def _save(self, call: CallRecord) -> None:
+        deferred = self._deferred_saves.pop(call.callId, None)
+        if deferred is not None:  # this save writes the whole record, the deferred change included
+            deferred.cancel()
         was_degraded = self.store.degraded
         if self.store.append(call) or was_degraded:
             return
         log.error("call log write failed (%s); keeping records in memory and retrying", self.store.last_error)
         self._schedule_store_retry()
+
+    def _save_soon(self, call: CallRecord) -> None:
+        """Save `call` with its next save, or in SAVE_SOON_S at the latest (a crash within that window
+        loses only this change; every earlier save is on disk)."""
+        if call.callId not in self._deferred_saves:
+            self._deferred_saves[call.callId] = self.clock.call_later(SAVE_SOON_S, lambda: self._deferred_save(call))
+
+    def _deferred_save(self, call: CallRecord) -> None:
+        self._deferred_saves.pop(call.callId, None)
+        if self.calls.get(call.callId) is call:  # not a call this node has let go of since
+            self._save(call)
+
+    def _flush_deferred_saves(self) -> None:
+        for call_id in list(self._deferred_saves):
+            call = self.calls.get(call_id)
+            timer = self._deferred_saves.pop(call_id)
+            timer.cancel()
+            if call is not None:
+                self._save(call)
 
     def _schedule_store_retry(self) -> None:
         def retry() -> None:

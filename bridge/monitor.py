@@ -111,7 +111,7 @@ class Monitor:
         record = turn.record(None if start is None else round(clock.time() - (clock.monotonic() - start), 3))
         call.turns.append(record)
         del call.turns[:-MAX_TURNS_KEPT]
-        self.manager.save(call)
+        self.manager.save_soon(call)  # at first audio: written with the turn's end (or within 3 s)
         self.manager.publish("call.turn", call, turn=record.to_json())
 
     # ------------------------------------------------------------ carrier REST (carriers/http.py observer)

@@ -1,4 +1,4 @@
-"""Pre-warm for the cascade: open a call's STT session while the call still rings.
+"""Pre-warm for the cascade: open a call's STT session (and the TTS engine's HTTP connection) while the call still rings.
 
 The manager calls `prewarm(call)` when it places an outbound call or an inbound one rings; the
 session connects then, for the wire format the configured carrier will most likely use
@@ -123,10 +123,12 @@ class PrewarmingFactory:
     """A voice factory (call, transport, emit) -> voice, plus the manager's pre-warm hooks."""
 
     def __init__(self, build: Callable[[CallRecord, Any, Callable[[CallEvent], None]], Any],
-                 prewarm: SttPrewarm | None, close_engines: Callable[[], Awaitable[None]] | None = None) -> None:
+                 prewarm: SttPrewarm | None, close_engines: Callable[[], Awaitable[None]] | None = None,
+                 warm_engines: Callable[[], None] | None = None) -> None:
         self._build = build
         self.stt = prewarm
         self._close_engines = close_engines
+        self._warm_engines = warm_engines  # the shared TTS engine's connection pool
 
     def __call__(self, call: CallRecord, transport: Any, emit: Callable[[CallEvent], None]) -> Any:
         return self._build(call, transport, emit)
@@ -134,6 +136,8 @@ class PrewarmingFactory:
     def prewarm(self, call: CallRecord) -> None:
         if self.stt is not None:
             self.stt.prewarm(call)
+        if self._warm_engines is not None:
+            self._warm_engines()
 
     def discard(self, call_id: str) -> None:
         if self.stt is not None:

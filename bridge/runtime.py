@@ -119,7 +119,7 @@ def voice_factory(settings: Settings, carrier: Carrier, monitor: Monitor | None 
         return voice
 
     # the runtime releases the shared engines (TTS, pre-warmed STT sessions) at stop
-    return PrewarmingFactory(build, prewarm, tts.close)
+    return PrewarmingFactory(build, prewarm, tts.close, tts.prewarm)
 
 
 class PersonLegVoices:

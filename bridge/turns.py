@@ -61,10 +61,14 @@ class Turns(Lifecycle):
             raise CallError(f"Could not speak on call {call.callId}: {exc}") from None
 
     def _prewarm(self, call: CallRecord) -> None:
-        """Let the voice factory open the call's model/STT session while the call still rings."""
+        """Let the voice factory open the call's model/STT session (and TTS connection), and the chat model
+        its connection, while the call still rings."""
         prewarm = getattr(self._voice_factory, "prewarm", None)
         if prewarm is not None:
             prewarm(call)
+        chat_warm = getattr(self.conversation, "prewarm", None)
+        if chat_warm is not None and call.mode == CallMode.CONVERSATION and not self.settings.realtime.enabled:
+            chat_warm(call)
 
     def _expects_media(self, call: CallRecord) -> bool:
         return self.carrier.streams_media and (self.settings.streaming.enabled or self.carrier.media_always)
@@ -182,6 +186,9 @@ class Turns(Lifecycle):
 
     def save(self, call: CallRecord) -> None:
         self._save(call)
+
+    def save_soon(self, call: CallRecord) -> None:
+        self._save_soon(call)
 
     def publish(self, kind: str, call: CallRecord, **extra: Any) -> None:
         self._publish(kind, call, **extra)

@@ -6,7 +6,7 @@ Inbound (sync, per frame, on the event loop):
                                                          +-> taps (machine detection)
                                                          +-> stream-resample to the pipeline rate
                                                              -> listener.on_pipeline_audio, recorder ch 0
-    (DTMF and VAD sit before the resampler, which releases audio in blocks up to ~130 ms late.)
+    (DTMF and VAD sit before the resampler, on the wire audio itself.)
 Outbound (`play`, serialized):
     PCM16 at the engine's rate -> stream-resample to the wire rate -> encode -> messages of exactly
     the transport's `send_ms` (20 ms frames on SIP, 40 ms on WebSocket streams by default; the
@@ -136,16 +136,15 @@ class MediaPipeline:
         self._lead = max(1, -(-lead_ms // self._send_ms))
         self._stall_timeout = stall_timeout_s
         self._reorder = ReorderBuffer(jitter_frames)
+        self._behind_s = 0.0  # audio released by the reorder buffer after the frame being handled
         self._wire_cb = getattr(listener, "on_wire_audio", None)
         # A listener that takes only the wire payloads (a realtime model fed u-law as is) needs no
         # pipeline-rate copy: skip the resampler unless the recorder wants the caller's side.
         self._pipeline_in = bool(getattr(listener, "wants_pipeline_audio", True)) or recorder is not None
-        # created only when used: a soxr stream holds ~50 KB from the start, ~90 KB once it has run
-        # fed one 20 ms frame at a time: skip the soxr calls that cannot release anything (4 of 5)
-        self._in_resampler = (StreamResampler(self.wire.rate, pipeline_rate, skip_idle_calls=True)
-                              if self._pipeline_in else None)
+        # created only when used (the wire rate often is the listener's)
+        self._in_resampler = StreamResampler(self.wire.rate, pipeline_rate) if self._pipeline_in else None
         self._rec_in = StreamResampler(pipeline_rate, recorder.rate) if recorder else None
-        # DTMF and VAD listen to the decoded wire audio, ahead of the resampler: soxr releases
+        # DTMF and VAD listen to the decoded wire audio, ahead of the resampler: a soxr pair releases
         # its output in blocks (20-130 ms late at HQ), which would delay barge-in by as much.
         # None: on unless the leg reports key presses itself (the detector is ~18% of the media CPU)
         if inband_dtmf is None:
@@ -188,7 +187,10 @@ class MediaPipeline:
             self._inbound(payload)
             return
         before_late, before_skip = self._reorder.late, self._reorder.skipped
-        for p in self._reorder.push(sequence, payload):
+        released = self._reorder.push(sequence, payload)
+        for i, p in enumerate(released):
+            # a burst (the start of a stream, a gap filled): the frames after p arrived before now
+            self._behind_s = sum(map(self.wire.ms_of, released[i + 1:])) / 1000 if i + 1 < len(released) else 0.0
             self._inbound(p)
         self.stats.late_frames += self._reorder.late - before_late
         self.stats.lost_frames += self._reorder.skipped - before_skip
@@ -233,9 +235,9 @@ class MediaPipeline:
             return
         out = self._rec_in.process(pcm)
         if out:
-            # Where this audio sits in time: the newest input arrived now; the resamplers still
-            # hold `pending_s` of it, and `out` ends where their output ends.
-            held = self._in_resampler.pending_s + self._rec_in.pending_s
+            # Where this audio sits in time: the newest input arrived now, `_behind_s` of it after
+            # this frame; the resamplers still hold `pending_s`, and `out` ends where theirs ends.
+            held = self._in_resampler.pending_s + self._rec_in.pending_s + self._behind_s
             at = self._clock.monotonic() - held - len(out) / 2 / self.recorder.rate
             self.recorder.write_caller(out, at=at)
 
@@ -419,7 +421,7 @@ class MediaPipeline:
         self._wire_cb = getattr(listener, "on_wire_audio", None)
         self._pipeline_in = bool(getattr(listener, "wants_pipeline_audio", True)) or self.recorder is not None
         if self._pipeline_in and self._in_resampler is None:
-            self._in_resampler = StreamResampler(self.wire.rate, self.pipeline_rate, skip_idle_calls=True)
+            self._in_resampler = StreamResampler(self.wire.rate, self.pipeline_rate)
 
     def interrupt(self, reason: str = "barge-in") -> None:
         """Stop the current play at once (no frame is sent after this returns), clear the

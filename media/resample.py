@@ -1,10 +1,14 @@
-"""Stateful stream resampling of PCM16 mono (soxr).
+"""Stateful stream resampling of PCM16 mono.
 
 One `StreamResampler` per direction per call: the filter state carries across chunks, so 20 ms
 frames come out exactly as if the whole signal had been resampled at once (no clicks at frame
 edges, unlike per-chunk one-shot resampling; see pipecat #2070). Chunks may be any size, even
 empty or with an odd byte count (HTTP streams split samples); a dangling byte waits for the next
-chunk.
+chunk. The output is delay-compensated: output sample i is input sample i's time.
+
+The telephony pairs (8k <-> 16k <-> 24k) use a polyphase FIR (media/polyphase.py): a few hundred
+bytes of state per stream and output with every chunk, ~2.5 ms behind the input. Every other pair
+uses soxr HQ, which holds ~90 KB per stream and releases output in ~100 ms blocks.
 """
 
 from __future__ import annotations
@@ -14,16 +18,13 @@ from collections.abc import Callable
 import numpy as np
 import soxr
 
+from media.polyphase import PolyphaseStream, is_polyphase_pair
+
 SUPPORTED_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
-# Rate pairs on which soxr (HQ) releases one block per block of input, so idle calls can be skipped
-# without moving any output (checked over several chunkings in tests/test_media_inbound_resampler.py;
-# 8k -> 48k, for one, sometimes releases two blocks at once).
-SKIP_IDLE_PAIRS = frozenset({(8000, 16000), (16000, 8000), (8000, 24000), (24000, 8000), (16000, 24000),
-                             (24000, 16000)})
 
 
 class StreamResampler:
-    def __init__(self, in_rate: int, out_rate: int, *, quality: str = "HQ", skip_idle_calls: bool = False) -> None:
+    def __init__(self, in_rate: int, out_rate: int, *, quality: str = "HQ") -> None:
         if in_rate <= 0 or out_rate <= 0:
             raise ValueError(f"bad sample rates {in_rate} -> {out_rate}")
         self.in_rate = in_rate
@@ -31,29 +32,19 @@ class StreamResampler:
         self._odd = b""
         self.samples_in = 0
         self.samples_out = 0
+        self._fir = PolyphaseStream(in_rate, out_rate) if is_polyphase_pair(in_rate, out_rate) else None
         self._stream = (
-            None if in_rate == out_rate else soxr.ResampleStream(in_rate, out_rate, 1, dtype="int16", quality=quality)
+            None if in_rate == out_rate or self._fir is not None
+            else soxr.ResampleStream(in_rate, out_rate, 1, dtype="int16", quality=quality)
         )
         # soxr's C call itself: the public resample_chunk wraps it in a type check, a reshape and a
         # squeeze, 2-3 us per 20 ms frame at this size (bench/README.md). Same output; the public
         # method is the fallback if a soxr release renames it.
         self._process: Callable[[np.ndarray, bool], np.ndarray] | None = getattr(self._stream, "_process", None)
-        # skip_idle_calls: soxr releases output in blocks, one per `block` input samples (830 at
-        # 8k -> 16k HQ), so fed 20 ms frames it answers 4 calls of 5 with nothing, at nearly the
-        # cost of a call that works. `_next` is a lower bound on the input count at which soxr
-        # releases its next block: a call that releases nothing at input count F raises it to F + 1;
-        # a release raises it by one block. Input is only held until `_next`, so the output comes
-        # on the same chunk as without skipping (tests/test_media_inbound_resampler.py).
-        self._skip = skip_idle_calls and quality == "HQ" and (in_rate, out_rate) in SKIP_IDLE_PAIRS
-        self._held = bytearray()
-        self._fed = 0  # input samples handed to soxr
-        self._next = 0
-        self._block: int | None = None  # input samples per released block (a lower bound)
-        self._released = False
 
     @property
     def passthrough(self) -> bool:
-        return self._stream is None
+        return self._stream is None and self._fir is None
 
     def process(self, pcm: bytes) -> bytes:
         if self._odd:
@@ -64,64 +55,40 @@ class StreamResampler:
             pcm = pcm[:-1]
         n = len(pcm) // 2
         self.samples_in += n
+        if self._fir is not None:
+            out = self._fir.process(pcm)
+            self.samples_out += len(out) // 2
+            return out
         if self._stream is None or not pcm:
             self.samples_out += n
             return bytes(pcm)
-        if self._skip:
-            self._held += pcm
-            if self.samples_in < self._next:
-                return b""
-            pcm = bytes(self._held)
-            self._held.clear()
         x = np.frombuffer(pcm, dtype=np.int16)
-        out = self._process(x.reshape(-1, 1), False) if self._process is not None else self._stream.resample_chunk(x)
-        self._fed += len(x)
-        self.samples_out += len(out)
-        if self._skip:
-            if len(out):
-                self._after_release(len(x), len(out))
-            else:
-                self._next = max(self._next, self._fed + 1)
-        return out.tobytes()
-
-    def _after_release(self, took: int, released: int) -> None:
-        # A block's size in input samples, learnt only from a call that took at most half of what
-        # it released (releasing m >= 2 blocks needs more than (m - 1) blocks of input, so such a
-        # call released one); the floor, minus one, keeps it a lower bound where blocks alternate
-        # in size (8k -> 24k: 489/490).
-        block = released * self.in_rate // self.out_rate - 1
-        # not from the first release, which can carry the filter's lead-in too (24k -> 8k: 980 = 2 x 490)
-        if self._released and 2 * took <= block and (self._block is None or block < self._block):
-            self._block = block
-        self._released = True
-        # the block just released became due at input count >= _next; the next one a block later
-        self._next = self._next + self._block if self._block is not None else self._fed + 1
+        y = self._process(x.reshape(-1, 1), False) if self._process is not None else self._stream.resample_chunk(x)
+        self.samples_out += len(y)
+        return y.tobytes()
 
     @property
     def pending_s(self) -> float:
-        """Seconds of input not yet out: soxr works in blocks, so this swings between ~20 and
-        ~130 ms at HQ (its output is delay-compensated, so it is buffering, not offset)."""
+        """Seconds of input not yet out: ~2.5 ms for the polyphase pairs; soxr works in blocks, so
+        there it swings between ~20 and ~130 ms (both are delay-compensated: buffering, not offset)."""
         return self.samples_in / self.in_rate - self.samples_out / self.out_rate
 
     def flush(self) -> bytes:
         """Drain the filter's tail at the end of a stream; the resampler is then reset."""
         self._odd = b""  # half a sample cannot be played
-        if self._stream is None:
+        if self._fir is not None:
+            out = self._fir.flush(self.samples_in, self.samples_out)
+        elif self._stream is not None:
+            out = self._stream.resample_chunk(np.zeros(0, np.int16), last=True).tobytes()
+        else:
             return b""
-        held = np.frombuffer(bytes(self._held), dtype=np.int16)
-        out = self._stream.resample_chunk(held, last=True)
-        self._stream.clear()
-        self._forget()
-        return bytes(out.tobytes())
+        self.reset()
+        return out
 
     def reset(self) -> None:
         self._odd = b""
-        self._forget()
+        self.samples_in = self.samples_out = 0
+        if self._fir is not None:
+            self._fir.reset()
         if self._stream is not None:
             self._stream.clear()
-
-    def _forget(self) -> None:
-        self.samples_in = self.samples_out = 0
-        self._held.clear()
-        self._fed = self._next = 0
-        self._released = False

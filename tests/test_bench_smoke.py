@@ -124,6 +124,7 @@ def test_voice_to_voice_two_calls_both_modes(tmp_path: Path) -> None:
         assert point["turns"] == 2 and point["missed"] == 0
         assert point["p50_ms"] >= point["floor_ms"] * 0.9  # nothing arrives before the engines could make it
     assert streaming["floor_ms"] < batch["floor_ms"]
+    assert all(p["cpu_ms_per_turn"] > 0 and p["bridge_cpu_s"] > 0 for p in data["points"])
     parts = streaming["turn_parts_ms"]  # the bridge's own record of its turns
     assert parts["total"]["p50"] >= parts["model"]["p50"] > 0 and parts["piece"]["p50"] > 0
 
@@ -147,6 +148,13 @@ def test_media_edge_cost_quick(tmp_path: Path) -> None:
     data = run_bench("media_edge_cost.py", "--sockets", "3", "--rounds", "5", "--repeat", "1", out=tmp_path / "edge.json")
     assert data["benchmark"] == "media_edge_cost" and data["frames_per_run"] == 18
     assert all(len(v) == 1 and v[0] > 0 for v in data["us_per_frame"].values())
+
+
+def test_realtime_cost_quick(tmp_path: Path) -> None:
+    data = run_bench("realtime_cost.py", "--sessions", "2", "--messages", "10", "--repeat", "1", "--cpu", "-1",
+                     out=tmp_path / "rt.json")
+    assert data["benchmark"] == "realtime_cost" and data["delta_us"] > 0 and data["append_us"] > 0
+    assert data["audio_complete"] and data["runs"][0]["appends"] == 20 and data["stt_frame_us"] > 0
 
 
 def test_profile_parts_split_every_sample(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from media.formats import ULAW_8K, AudioEncoding, AudioFormat
 from media.stt.base import SttEvent
 from media.stt.deepgram import DeepgramStt, TurnBuilder
 from media.stt.factory import create_stt
+from media.ws_client import InlineClientConnection
 from tests.fakes.audio import fake_speech
 from tests.fakes.deepgram_server import FakeDeepgram
 from tests.fakes.twilio_server import CallerScript, FakeTwilio
@@ -76,6 +77,24 @@ async def test_ulaw_passthrough_interims_final_and_close(dg: FakeDeepgram, utter
     assert 0.28 <= ended.ago_s <= 0.62, ended
     await session.close()
     assert listen.controls[-1] == "CloseStream" and session._metadata.is_set()
+
+
+async def test_audio_frames_are_written_at_once_in_order(dg: FakeDeepgram) -> None:
+    """With a socket up and nothing queued, each frame is written from feed_wire itself (no sender
+    task hop, media/ws_client.py); queued ones (before the socket) still go first, in order."""
+    session = engine(dg).open(sample_rate=16000, on_event=lambda e: None, wire_format=ULAW_8K)
+    frames = [bytes([0x20 + i]) * 160 for i in range(30)]
+    for frame in frames[:5]:
+        session.feed_wire(frame)  # no socket yet: queued
+    await session.start()
+    ws = session.socket
+    assert isinstance(ws, InlineClientConnection)
+    for frame in frames[5:]:
+        session.feed_wire(frame)
+    await wait_for(lambda: len(dg.sessions) == 1 and len(dg.sessions[0].raw) == 30 * 160, timeout=5)
+    assert bytes(dg.sessions[0].raw) == b"".join(frames)
+    assert ws.written_now >= 25 and session.sent_bytes == 30 * 160
+    await session.close()
 
 
 async def test_linear16_at_the_pipeline_rate_when_the_wire_is_not_g711(dg: FakeDeepgram) -> None:

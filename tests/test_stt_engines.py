@@ -23,6 +23,7 @@ from media.stt.factory import create_stt
 from media.stt.openai_realtime import OpenAiRealtimeStt, realtime_url
 from media.stt.pocketsphinx import PocketsphinxStt
 from media.stt.pocketsphinx import available as pocketsphinx_available
+from media.ws_client import InlineClientConnection
 from tests.fakes.openai_server import FakeOpenAI
 
 HAVE_ESPEAK = subprocess.run(["which", "espeak-ng"], capture_output=True).returncode == 0
@@ -124,6 +125,24 @@ async def test_g711_passthrough_is_byte_exact(fake: FakeOpenAI, fmt: AudioFormat
     s = fake.sessions[0]
     assert s.updates[0]["session"]["input_audio_format"] == ("g711_ulaw" if fmt is ULAW_8K else "g711_alaw")
     assert bytes(s.audio) == g711.decode(b"".join(payloads), fmt.encoding)
+
+
+async def test_appends_are_written_at_once_in_order(fake: FakeOpenAI) -> None:
+    """With a socket up and nothing queued, each payload's append is written from feed_wire itself (no
+    sender task hop, media/ws_client.py); what was queued before the socket still goes first, in order."""
+    session = engine(fake).open(sample_rate=16000, on_event=lambda e: None, wire_format=ULAW_8K)
+    payloads = [bytes([0x30 + i]) * 160 for i in range(30)]
+    for p in payloads[:5]:
+        session.feed_wire(p)  # no socket yet: queued
+    await session.start()
+    ws = session.socket
+    assert isinstance(ws, InlineClientConnection)
+    for p in payloads[5:]:
+        session.feed_wire(p)
+    await wait_until(lambda: len(fake.sessions[0].audio) >= 30 * 320)
+    assert bytes(fake.sessions[0].audio) == g711.decode(b"".join(payloads), ULAW_8K.encoding)
+    assert ws.written_now >= 25 and session.sent_bytes == 30 * 160
+    await session.close()
 
 
 async def test_passthrough_can_be_disabled_and_l16_wire_uses_pcm16(fake: FakeOpenAI) -> None:

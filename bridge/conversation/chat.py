@@ -27,6 +27,7 @@ import aiohttp
 
 from bridge.conversation.sse import ChatModelError, ChunkAssembler, SseDecoder
 from bridge.conversation.tools import ToolCall, ToolSpec
+from media.http_pool import HttpPool
 
 __all__ = ["ChatModel", "ChatModelError", "ChunkAssembler", "OfflineChatModel", "ReplyStream", "SseDecoder",
            "StreamingChatModel", "tool_param"]
@@ -57,6 +58,10 @@ class ChatModel(ABC):
     @abstractmethod
     async def stream(self, messages: Sequence[Message], tools: Sequence[ToolSpec]) -> ReplyStream:
         """Start a reply; raises ChatModelError when the model cannot be reached."""
+
+    def prewarm(self) -> None:
+        """Get ready for a call's first turn (a network model opens its connection); sync, never blocks."""
+        return None
 
     async def close(self) -> None:
         return None
@@ -115,7 +120,7 @@ class StreamingChatModel(ChatModel):
         # total=None: a spoken reply streams for as long as it talks; each read waits at most timeout_s
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._session: aiohttp.ClientSession | None = None
+        self._pool = HttpPool(self.timeout)
 
     def request_body(self, messages: Sequence[Message], tools: Sequence[ToolSpec]) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "messages": list(messages), "stream": True,
@@ -126,10 +131,8 @@ class StreamingChatModel(ChatModel):
         return body
 
     async def stream(self, messages: Sequence[Message], tools: Sequence[ToolSpec]) -> ReplyStream:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self.timeout, connector=aiohttp.TCPConnector(limit=0))
         try:
-            response = await self._session.post(self.url, json=self.request_body(messages, tools),
+            response = await self._pool.session.post(self.url, json=self.request_body(messages, tools),
                                                 headers={**self._headers, "Accept": "text/event-stream"})
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ChatModelError(f"response model unreachable: {type(exc).__name__}") from None
@@ -138,10 +141,15 @@ class StreamingChatModel(ChatModel):
             raise ChatModelError(f"response model answered HTTP {response.status}")
         return _HttpReplyStream(response)
 
+    def prewarm(self) -> None:
+        self._pool.warm(self.url)
+
+    @property
+    def pool(self) -> HttpPool:
+        return self._pool
+
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._pool.close()
 
 
 # ---------------------------------------------------------------------- offline

@@ -83,6 +83,10 @@ class ConversationEngine:
     def forget(self, call_id: str) -> None:
         self._toolboxes.pop(call_id, None)
 
+    def prewarm(self, call: CallRecord) -> None:
+        """The call rings: the model opens its connection for the first turn."""
+        self.model.prewarm()
+
     async def close(self) -> None:
         await self.model.close()
         if self.tool_settings.session is not None:

@@ -8,6 +8,10 @@
   row `on_failed(reason)` is called once and the session stops.
 - `GoAway`: a replacement socket opens at once; when it is ready, sends move to it while the old
   one keeps delivering what it still has until the server closes it (no gap in the model's audio).
+- Per message, no task hop either way where the socket allows it (`media/ws_client.py`): server messages
+  are handled in the read callback, and a send with nothing queued ahead is written at once; the
+  caller's audio goes up as prebuilt JSON bytes (`protocol.audio_json`), parsed with orjson when
+  installed.
 """
 
 from __future__ import annotations
@@ -24,6 +28,13 @@ from typing import Any, Protocol
 from bridge.realtime import events as ev
 from media.clock import Clock, RealClock
 from media.logsafe import quiet_logger
+from media.ws_client import InlineClientConnection
+
+_fast_loads: Callable[[str | bytes], Any] | None
+try:
+    from orjson import loads as _fast_loads  # ~2x json.loads on an audio delta
+except ImportError:  # pragma: no cover - the `fast` extra is optional
+    _fast_loads = None
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +53,7 @@ class RealtimeProtocol(Protocol):
     def opening(self) -> list[dict[str, Any]]: ...
     def handle(self, msg: dict[str, Any]) -> list[ev.RealtimeEvent]: ...
     def audio(self, chunk: bytes) -> dict[str, Any]: ...
+    def audio_json(self, chunk: bytes) -> bytes: ...
     def link_lost(self) -> None: ...
     def items_lost(self, item_ids: set[str]) -> None: ...
     def set_wire(self, wire: Any) -> list[dict[str, Any]]: ...
@@ -64,6 +76,7 @@ class _Link:
     go_away: asyncio.Future[float]
     reader: asyncio.Task[None] | None = None
     retired: bool = False
+    inline: bool = False  # messages go both ways without a task hop (media/ws_client.py)
     items: set[str] = field(default_factory=set)  # audio items this socket delivered
 
 
@@ -101,6 +114,7 @@ class RealtimeConnection:
         self.connects = 0
         self.handovers = 0
         self.dropped_audio_bytes = 0
+        self.sent_audio_bytes = 0
         self.ready_at: float | None = None  # clock.monotonic() when first ready
 
     # ------------------------------------------------------------------ public
@@ -110,6 +124,11 @@ class RealtimeConnection:
         early, self._early = self._early, []
         for event in early:
             self._dispatch(event)
+
+    @property
+    def socket(self) -> Any:
+        """The current WebSocket (None while connecting)."""
+        return self._link.ws if self._link is not None else None
 
     def start(self) -> None:
         if self._task is None:
@@ -133,17 +152,34 @@ class RealtimeConnection:
     def send(self, messages: list[dict[str, Any]]) -> None:
         if self._closing or self.failed:
             return
-        self._queue.extend(messages)
-        self._wake.set()
+        for i, message in enumerate(messages):
+            if not self._write_now(json.dumps(message).encode()):
+                self._queue.extend(messages[i:])
+                self._wake.set()
+                return
 
     def send_audio(self, chunk: bytes) -> None:
         if not chunk or self._closing or self.failed:
+            return
+        if self._write_now(self.protocol.audio_json(chunk), chunk):
             return
         self._queue.append(chunk)
         self._audio_queued += len(chunk)
         if self._audio_queued > self.max_backlog_bytes:
             self._drop_old_audio()
         self._wake.set()
+
+    def _write_now(self, data: bytes, audio: bytes | None = None) -> bool:
+        """Write `data` on the current socket at once if nothing is queued ahead of it (order) and the
+        socket takes it without back-pressure; False: the caller queues it for the send loop."""
+        link = self._link
+        if self._queue or link is None or not isinstance(link.ws, InlineClientConnection) or not link.inline:
+            return False
+        if not link.ws.write_now(data):
+            return False
+        if audio is not None:
+            self.sent_audio_bytes += len(audio)
+        return True
 
     async def close(self) -> None:
         self._closing = True
@@ -193,7 +229,8 @@ class RealtimeConnection:
         try:
             ws = await websockets.connect(self.protocol.url, additional_headers=self.protocol.headers,
                                           open_timeout=self.connect_timeout_s, max_size=2**24, compression=None,
-                                          logger=quiet_logger("bridge.realtime.ws"))
+                                          logger=quiet_logger("bridge.realtime.ws"),
+                                          create_connection=InlineClientConnection)
         except Exception as exc:
             status = getattr(getattr(exc, "response", None), "status_code", None)
             if status in (401, 403):
@@ -204,6 +241,9 @@ class RealtimeConnection:
         try:
             for message in self.protocol.opening():
                 await ws.send(json.dumps(message))
+            if isinstance(ws, InlineClientConnection) and ws.inline_ok:
+                link.inline = True
+                ws.on_text = lambda data: self._message(link, data)
             link.reader = asyncio.create_task(self._read(link))
             await self._clock.wait_for(_first(link.ready, link.reader), self.connect_timeout_s)
             if not link.ready.done():
@@ -280,30 +320,35 @@ class RealtimeConnection:
             await link.ws.close()
 
     async def _read(self, link: _Link) -> None:
+        """Messages the read callback did not take (all of them when the socket is not inline), until the
+        socket ends."""
         try:
             async for raw in link.ws:
-                try:
-                    msg = json.loads(raw)
-                    if not isinstance(msg, dict):
-                        raise ValueError("not a JSON object")
-                except ValueError as exc:
-                    log.warning("%s realtime: unreadable server message ignored (%s)", self.protocol.name, exc)
-                    continue
-                for event in self.protocol.handle(msg):
-                    if isinstance(event, ev.Ready):
-                        if not link.ready.done():
-                            link.ready.set_result(None)
-                    elif isinstance(event, ev.GoAway):
-                        if not link.go_away.done() and not link.retired:
-                            link.go_away.set_result(event.time_left_s)
-                    else:
-                        if isinstance(event, ev.AudioOut):
-                            link.items.add(event.item_id)
-                        self._dispatch(event)
+                self._message(link, raw)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a broken socket ends this link; _run decides what next
             log.info("%s realtime: socket ended (%s)", self.protocol.name, _describe(exc))
+
+    def _message(self, link: _Link, raw: str | bytes) -> None:
+        try:
+            msg = _loads(raw)
+            if not isinstance(msg, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            log.warning("%s realtime: unreadable server message ignored (%s)", self.protocol.name, exc)
+            return
+        for event in self.protocol.handle(msg):
+            if isinstance(event, ev.Ready):
+                if not link.ready.done():
+                    link.ready.set_result(None)
+            elif isinstance(event, ev.GoAway):
+                if not link.go_away.done() and not link.retired:
+                    link.go_away.set_result(event.time_left_s)
+            else:
+                if isinstance(event, ev.AudioOut):
+                    link.items.add(event.item_id)
+                self._dispatch(event)
 
     # ------------------------------------------------------------------ sending
 
@@ -330,11 +375,13 @@ class RealtimeConnection:
                     size += len(nxt)
                 data = b"".join(parts)
                 self._audio_queued -= size
-                message: dict[str, Any] = self.protocol.audio(data)
+                text = self.protocol.audio_json(data).decode()
             else:
-                message = item
+                text = json.dumps(item)
             try:
-                await link.ws.send(json.dumps(message))
+                await link.ws.send(text)
+                if isinstance(item, bytes):
+                    self.sent_audio_bytes += len(data)
             except Exception:  # noqa: BLE001 - resend on the next socket
                 if isinstance(item, bytes):
                     self._queue.appendleft(data)
@@ -373,6 +420,15 @@ class RealtimeConnection:
         log.error("%s realtime session failed: %s", self.protocol.name, reason)
         if self.on_failed is not None:
             self.on_failed(reason)
+
+
+def _loads(raw: str | bytes) -> Any:
+    if _fast_loads is not None:
+        try:
+            return _fast_loads(raw)
+        except ValueError:
+            pass  # orjson refuses some JSON the stdlib takes (NaN, lone surrogates): the stdlib decides
+    return json.loads(raw)
 
 
 def _first(*futures: asyncio.Future[Any]) -> asyncio.Future[None]:

@@ -16,6 +16,7 @@ SDK's converters (`_live_converters.py`), camelCase as the server sends it.
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 from collections import deque
 from collections.abc import Sequence
@@ -30,6 +31,8 @@ DEFAULT_BASE_URL = "wss://generativelanguage.googleapis.com"
 DEFAULT_MODEL = "gemini-2.5-flash-native-audio-preview-12-2025"
 INPUT_RATE = 16000
 OUTPUT_RATE = 24000
+_AUDIO_HEAD = b'{"realtimeInput":{"audio":{"data":"'
+_AUDIO_TAIL = f'","mimeType":"audio/pcm;rate={INPUT_RATE}"}}}}}}'.encode()
 _METHOD = "ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent"
 
 
@@ -119,6 +122,10 @@ class GeminiLiveProtocol:
     def audio(self, chunk: bytes) -> dict[str, Any]:
         return {"realtimeInput": {"audio": {"data": base64.b64encode(chunk).decode("ascii"),
                                             "mimeType": f"audio/pcm;rate={INPUT_RATE}"}}}
+
+    def audio_json(self, chunk: bytes) -> bytes:
+        """`audio(chunk)` as JSON text (UTF-8), built around the base64 without a dict or json.dumps."""
+        return _AUDIO_HEAD + binascii.b2a_base64(chunk, newline=False) + _AUDIO_TAIL
 
     def decode_output(self, audio: bytes) -> bytes:
         return audio

@@ -16,6 +16,7 @@ so tests point this at the local fake.
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from media.urls import websocket_url
 DEFAULT_BASE_URL = "wss://api.openai.com/v1"
 DEFAULT_MODEL = "gpt-realtime"
 PCM_RATE = 24000
+_APPEND_HEAD = b'{"type":"input_audio_buffer.append","audio":"'
 _G711 = {AudioEncoding.PCMU: "audio/pcmu", AudioEncoding.PCMA: "audio/pcma"}
 
 
@@ -131,6 +133,10 @@ class OpenAiRealtimeProtocol:
 
     def audio(self, chunk: bytes) -> dict[str, Any]:
         return {"type": "input_audio_buffer.append", "audio": base64.b64encode(chunk).decode("ascii")}
+
+    def audio_json(self, chunk: bytes) -> bytes:
+        """`audio(chunk)` as JSON text (UTF-8), built around the base64 without a dict or json.dumps."""
+        return _APPEND_HEAD + binascii.b2a_base64(chunk, newline=False) + b'"}'
 
     def decode_output(self, audio: bytes) -> bytes:
         """The model's audio as PCM16 at `output_rate` (G.711 decodes losslessly back to the same bytes)."""

@@ -190,6 +190,9 @@ class DeepgramSession(WebSocketSttSession):
     def _send_audio(self, data: bytes) -> None:
         if data and not self._closing:
             self._last_audio = self.engine.clock.monotonic()
+            if self._queue.empty() and self._write_now(data, text=False):
+                self.sent_bytes += len(data)
+                return
             self._queue.put_nowait(data)
 
     # ---- lifecycle
@@ -224,9 +227,12 @@ class DeepgramSession(WebSocketSttSession):
     def _connect(self) -> Any:
         import websockets
 
+        from media.ws_client import InlineClientConnection
+
         return websockets.connect(self.url, additional_headers={"Authorization": f"Token {self.engine.api_key}"},
                                   open_timeout=self.engine.connect_timeout_s, compression=None,
-                                  logger=quiet_logger("media.stt.deepgram.ws"))
+                                  logger=quiet_logger("media.stt.deepgram.ws"),
+                                  create_connection=InlineClientConnection)
 
     async def _opened(self, ws: Any) -> None:
         self._link_bytes = self.sent_bytes

@@ -11,7 +11,7 @@ A-law) at 8 kHz from the carrier is passed through untouched; anything else is s
 from __future__ import annotations
 
 import asyncio
-import base64
+import binascii
 import json
 import logging
 import os
@@ -172,6 +172,9 @@ class RealtimeSession(WebSocketSttSession):
     def _enqueue(self, data: bytes) -> None:
         if not data or self._closing:
             return
+        if not self._queue and self._write_now(_append_json(data), text=True):
+            self.sent_bytes += len(data)
+            return
         self._queue.append(data)
         self._queued += len(data)
         while self._queued > self._max_queued and self._queue:  # keep the newest audio
@@ -189,6 +192,8 @@ class RealtimeSession(WebSocketSttSession):
     def _connect(self) -> Any:
         import websockets
 
+        from media.ws_client import InlineClientConnection
+
         return websockets.connect(
             self.engine.url,
             additional_headers={
@@ -198,6 +203,7 @@ class RealtimeSession(WebSocketSttSession):
             open_timeout=self.engine.connect_timeout_s,
             max_size=2**22,
             logger=quiet_logger("media.stt.openai_realtime.ws"),
+            create_connection=InlineClientConnection,
         )
 
     async def _opened(self, ws: Any) -> None:
@@ -221,7 +227,7 @@ class RealtimeSession(WebSocketSttSession):
                     size += len(p)
                 data = b"".join(parts)
                 try:
-                    await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(data).decode()}))
+                    await ws.send(_append_json(data).decode())
                 except Exception:
                     self._queue.appendleft(data)  # resend after the reconnect
                     raise
@@ -245,3 +251,11 @@ class RealtimeSession(WebSocketSttSession):
         elif kind == "conversation.item.input_audio_transcription.failed" or kind == "error":
             err = ev.get("error") or {}
             log.warning("OpenAI Realtime STT error: %s %s", err.get("type", kind), str(err.get("message", ""))[:200])
+
+
+_APPEND_HEAD = b'{"type":"input_audio_buffer.append","audio":"'
+
+
+def _append_json(chunk: bytes) -> bytes:
+    """The append message as JSON text (UTF-8), built around the base64 without a dict or json.dumps."""
+    return _APPEND_HEAD + binascii.b2a_base64(chunk, newline=False) + b'"}'

@@ -36,10 +36,16 @@ class WebSocketSttSession(SttSession):
         self._closing = False
         self.connects = 0
         self.sent_bytes = 0
+        self._ws: Any = None  # the open socket, for writes without the sender task (media/ws_client.py)
 
     def rebind(self, on_event: Callable[[SttEvent], None]) -> None:
         """Deliver events to a new listener (a session opened ahead of the call, then adopted)."""
         self._on_event = on_event
+
+    @property
+    def socket(self) -> Any:
+        """The open WebSocket (None between connections)."""
+        return self._ws
 
     @property
     def connected(self) -> bool:
@@ -110,12 +116,20 @@ class WebSocketSttSession(SttSession):
                 return
             await asyncio.sleep(self._backoff_s * 2 ** (failures - 1))
 
+    def _write_now(self, data: bytes, *, text: bool) -> bool:
+        """Write one message on the open socket at once (nothing may be queued ahead of it: the caller
+        checks); False: queue it for the send loop (no socket, back-pressure, or a plain connection)."""
+        write_now = getattr(self._ws, "write_now", None)  # media/ws_client.py's connection (imported lazily)
+        return write_now is not None and bool(write_now(data, text=text))
+
     async def _pump(self, ws: Any) -> None:
         sender = asyncio.create_task(self._send_loop(ws))
+        self._ws = ws
         try:
             async for raw in ws:
                 self._receive(raw)
         finally:
+            self._ws = None
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await sender

@@ -24,6 +24,10 @@ class TtsEngine(ABC):
         TextStream; the others return None and get one `synthesize` call per piece."""
         return None
 
+    def prewarm(self) -> None:
+        """A call is ringing: open what its first synthesis will need (sync, never blocks; most engines: nothing)."""
+        return None
+
     async def close(self) -> None:
         """Release clients and connections."""
 

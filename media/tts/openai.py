@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 
+from media.http_pool import HttpPool
 from media.tts.base import EvenBytes, TtsEngine, TtsError
 
 OPENAI_PCM_RATE = 24000
@@ -46,7 +47,7 @@ class OpenAiTts(TtsEngine):
         self.url = (base_url or DEFAULT_BASE_URL).rstrip("/") + "/audio/speech"
         self._headers = {"Authorization": f"Bearer {api_key}"}
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
-        self._session: aiohttp.ClientSession | None = None
+        self.pool = HttpPool(self._timeout)
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> OpenAiTts:
@@ -68,11 +69,9 @@ class OpenAiTts(TtsEngine):
             body["instructions"] = self.instructions
         if self.speed:
             body["speed"] = self.speed
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=self._timeout, connector=aiohttp.TCPConnector(limit=0))
         even = EvenBytes()
         try:
-            async with self._session.post(self.url, json=body, headers=self._headers) as resp:
+            async with self.pool.session.post(self.url, json=body, headers=self._headers) as resp:
                 if resp.status >= 400:
                     raise TtsError(f"OpenAI TTS failed: HTTP {resp.status}")
                 async for chunk in resp.content.iter_chunked(READ_BYTES):
@@ -80,7 +79,8 @@ class OpenAiTts(TtsEngine):
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TtsError(f"OpenAI TTS failed: {type(exc).__name__}") from None
 
+    def prewarm(self) -> None:
+        self.pool.warm(self.url)
+
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.pool.close()

@@ -49,6 +49,7 @@ class RtSession:
     format: str = "audio/pcm"
     audio: bytearray = field(default_factory=bytearray)  # caller audio as PCM16 at `rate`
     appends: int = 0
+    append_sizes: list[int] = field(default_factory=list)  # bytes of audio in each append, as sent
     responses: list[dict[str, Any]] = field(default_factory=list)  # {"id", "text", "tag", "status", "first_delta_at"}
     truncates: list[dict[str, Any]] = field(default_factory=list)
     tool_outputs: list[dict[str, Any]] = field(default_factory=list)
@@ -246,6 +247,7 @@ class _Conn:
         pcm = self.decode(raw)
         self.sess.audio += pcm
         self.sess.appends += 1
+        self.sess.append_sizes.append(len(raw))
         for change in self.vad.feed(pcm):
             user_item = f"item_u{self.turns}"
             if change == "started":

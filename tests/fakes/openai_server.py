@@ -103,6 +103,8 @@ class FakeOpenAI:
     chat_streams: list[ChatStream] = field(default_factory=list)
     speech_first_byte: list[float] = field(default_factory=list)  # seconds from request to first audio byte
     speech_times: list[tuple[float, float, str]] = field(default_factory=list)  # (arrived, first byte out, input)
+    # every HTTP request as (method, path, the client's port): which connection each one came on
+    requests_seen: list[tuple[str, str, int]] = field(default_factory=list)
     _runner: web.AppRunner | None = None
     port: int = 0
 
@@ -110,8 +112,15 @@ class FakeOpenAI:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
+    @web.middleware
+    async def _note_request(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+        self.requests_seen.append((request.method, request.path, int(peer[1]) if peer else 0))
+        response: web.StreamResponse = await handler(request)
+        return response
+
     async def start(self) -> FakeOpenAI:
-        app = web.Application()
+        app = web.Application(middlewares=[self._note_request])
         app.router.add_post("/v1/audio/speech", self._speech)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/_stats", self._stats)  # benchmarks: how late the fake itself answered
