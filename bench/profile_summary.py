@@ -9,24 +9,29 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
+from collections.abc import Iterator
+
+
+def stacks(path: str) -> Iterator[tuple[list[str], int]]:
+    """Each collapsed stack's frames (outermost first) and its sample count."""
+    with open(path) as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if stack:
+                yield stack.split(";"), int(count)
 
 
 def summarize(path: str, top: int) -> str:
     own: Counter[str] = Counter()
     incl: Counter[str] = Counter()
     total = 0
-    with open(path) as f:
-        for line in f:
-            stack, _, count = line.rstrip("\n").rpartition(" ")
-            if not stack:
-                continue
-            n = int(count)
-            total += n
-            frames = [fr.split(" (")[0] + " " + fr.split(" (")[1].split(":")[0].rsplit("/", 1)[-1]
-                      if " (" in fr else fr for fr in stack.split(";")]
-            own[frames[-1]] += n
-            for fr in set(frames):
-                incl[fr] += n
+    for stack, n in stacks(path):
+        total += n
+        frames = [fr.split(" (")[0] + " " + fr.split(" (")[1].split(":")[0].rsplit("/", 1)[-1]
+                  if " (" in fr else fr for fr in stack]
+        own[frames[-1]] += n
+        for fr in set(frames):
+            incl[fr] += n
     lines = [f"{total} samples", "", "self%   function"]
     lines += [f"{100 * c / total:5.1f}   {fn}" for fn, c in own.most_common(top)]
     lines += ["", "incl%   function"]
@@ -54,17 +59,12 @@ PARTS: list[tuple[str, tuple[str, ...]]] = [
 def parts(path: str, us_per_frame: float | None) -> str:
     counts: Counter[str] = Counter()
     total = 0
-    with open(path) as f:
-        for line in f:
-            stack, _, count = line.rstrip("\n").rpartition(" ")
-            if not stack:
-                continue
-            n = int(count)
-            total += n
-            names = {fr.split(" (")[0] for fr in stack.split(";")}
-            part = next((name for name, needs in PARTS if all(x in names for x in needs)),
-                        "event loop and the rest (epoll, recv/send syscalls, task steps, timers)")
-            counts[part] += n
+    for stack, n in stacks(path):
+        total += n
+        names = {fr.split(" (")[0] for fr in stack}
+        part = next((name for name, needs in PARTS if all(x in names for x in needs)),
+                    "event loop and the rest (epoll, recv/send syscalls, task steps, timers)")
+        counts[part] += n
     lines = [f"{total} samples", "", "share   us/frame  part"]
     for name, c in counts.most_common():
         us = f"{us_per_frame * c / total:8.1f}" if us_per_frame else "       -"

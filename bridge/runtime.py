@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 
 HANDOVER_WAIT_S = 5.0  # at shutdown, how long calls with media may take to re-attach elsewhere
+HTTP_SHUTDOWN_GRACE_S = 5.0  # at stop, for requests in flight; aiohttp's 60 s default let a connection accepted
+# just before the stop (a carrier's callback, no request read yet) hold every stop for the full minute
 
 
 class StartupError(RuntimeError):
@@ -236,7 +238,8 @@ class Runtime:
             raise StartupError(f"serve.bind is {bind}, not loopback: set rpc.token (or VOICECALL_RPC_TOKEN) "
                                "so the RPC endpoint is not open to the network")
         request_observers.append(self.monitor.on_carrier_request)
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, lingering_time=1.0)
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, lingering_time=1.0,
+                                     shutdown_timeout=HTTP_SHUTDOWN_GRACE_S)
         await self._runner.setup()
         site = web.TCPSite(self._runner, bind, settings.serve.port if port is None else port, reuse_address=True,
                            reuse_port=settings.serve.worker_count > 1 or None)

@@ -26,11 +26,8 @@ from tests.test_plivo_e2e import FRIEND, OUR_NUMBER, config, webhook
 
 @pytest.fixture
 async def plivo() -> AsyncIterator[FakePlivo]:
-    fake = await FakePlivo().start()
-    try:
+    async with FakePlivo() as fake:
         yield fake
-    finally:
-        await fake.stop()
 
 
 async def live_inbound_call(plivo: FakePlivo, runtime: Any) -> tuple[Any, Any]:

@@ -145,11 +145,8 @@ async def test_telnyx_keys_are_send_dtmf_commands(telnyx: FakeTelnyx, tmp_path: 
 
 @pytest.fixture
 async def plivo() -> AsyncIterator[FakePlivo]:
-    fake = await FakePlivo().start()
-    try:
+    async with FakePlivo() as fake:
         yield fake
-    finally:
-        await fake.stop()
 
 
 async def test_plivo_keys_are_dtmf_requests(plivo: FakePlivo, tmp_path: Path) -> None:

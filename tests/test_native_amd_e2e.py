@@ -170,11 +170,8 @@ async def test_telnyx_leave_message_after_greeting_ended(telnyx: FakeTelnyx, tmp
 
 @pytest.fixture
 async def plivo() -> AsyncIterator[FakePlivo]:
-    fake = await FakePlivo().start()
-    try:
+    async with FakePlivo() as fake:
         yield fake
-    finally:
-        await fake.stop()
 
 
 def plivo_config(fake: FakePlivo, mode: str) -> dict[str, Any]:

@@ -27,11 +27,8 @@ FRIEND = "+15559990000"
 
 @pytest.fixture
 async def plivo() -> AsyncIterator[FakePlivo]:
-    fake = await FakePlivo().start()
-    try:
+    async with FakePlivo() as fake:
         yield fake
-    finally:
-        await fake.stop()
 
 
 @pytest.fixture

@@ -7,55 +7,35 @@ person, the briefing over its stream, then both legs transferred into one confer
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pytest
-
 from bridge.calls import CallState
-from tests.fakes.plivo_server import FakePlivo
+from tests import test_plivo_e2e as e2e
+from tests.carrier_transfer import TRANSFER, live_call, rms, warm_transfer
+from tests.fakes.plivo_server import FakeCall, FakePlivo
 from tests.harness import rpc_client, run_bridge, wait_for
+from tests.test_plivo_e2e import CALLEE, FRIEND, OUR_NUMBER
 
-OUR_NUMBER = "+15550001111"
-CALLEE = "+15557654321"
-PERSON = "+15559990000"
-
-
-@pytest.fixture
-async def plivo() -> AsyncIterator[FakePlivo]:
-    fake = await FakePlivo().start()
-    try:
-        yield fake
-    finally:
-        await fake.stop()
+PERSON = FRIEND
+plivo = e2e.plivo
 
 
 def config(plivo: FakePlivo) -> dict[str, Any]:
-    return {"provider": "plivo", "fromNumber": OUR_NUMBER, "toNumber": CALLEE, "maxConcurrentCalls": 2,
-            "plivo": {"authId": plivo.auth_id, "authToken": plivo.auth_token, "apiBaseUrl": plivo.base_url},
-            "outbound": {"notifyHangupDelaySec": 0}, "responseModel": "offline", "tts": {"provider": "espeak"},
-            "streaming": {"enabled": True, "provider": "none", "disconnectGraceMs": 200},
-            "transfer": {"ringTimeoutMs": 20_000, "outcomeTimeoutMs": 20_000, "holdMessage": "One moment.", "briefing": "{summary}", "failureMessage": "Sorry, {reason}."}}
+    return e2e.config(plivo, toNumber=CALLEE, maxConcurrentCalls=2, responseModel="offline", ringTimeoutMs=30_000,
+                      tts={"provider": "espeak"}, transfer=TRANSFER)
 
 
-def rms(ulaw_pcm: bytes) -> float:
-    samples = np.frombuffer(ulaw_pcm, dtype="<i2").astype(np.float64)
-    return float(np.sqrt(np.mean(samples**2))) if samples.size else 0.0
-
-
-async def live_call(runtime: Any, plivo: FakePlivo) -> tuple[Any, Any]:
-    result = await rpc_client(runtime).call("voicecall.initiate", {"message": "Hi.",
-                                                                    "mode": "conversation"})
-    call = runtime.manager.calls[result["callId"]]
-    await wait_for(lambda: call.state == CallState.LISTENING, timeout=20)
-    return call, plivo.find(call.providerCallId)
+async def live_plivo_call(runtime: Any, plivo: FakePlivo) -> tuple[Any, FakeCall]:
+    call = await live_call(runtime)
+    plivo_call = plivo.find(call.providerCallId)
+    assert plivo_call is not None
+    return call, plivo_call
 
 
 async def test_cold_transfer_redirects_to_dial_xml_and_the_bridge_leaves(plivo: FakePlivo, tmp_path: Path) -> None:
     async with run_bridge(config(plivo), tmp_path) as runtime:
-        call, plivo_call = await live_call(runtime, plivo)
+        call, plivo_call = await live_plivo_call(runtime, plivo)
         result = await rpc_client(runtime).call("voicecall.transfer", {"callId": call.callId, "to": PERSON})
         assert result["outcome"] == "completed" and call.state == CallState.TRANSFERRED
         [transfer] = plivo.rest("POST", f"/Call/{plivo_call.uuid}/")
@@ -79,7 +59,7 @@ async def test_cold_transfer_redirects_to_dial_xml_and_the_bridge_leaves(plivo: 
 async def test_cold_transfer_to_a_busy_person_restores_the_stream(plivo: FakePlivo, tmp_path: Path) -> None:
     plivo.busy_numbers.add(PERSON)
     async with run_bridge(config(plivo), tmp_path) as runtime:
-        call, plivo_call = await live_call(runtime, plivo)
+        call, plivo_call = await live_plivo_call(runtime, plivo)
         result = await rpc_client(runtime).call("voicecall.transfer", {"callId": call.callId, "to": PERSON})
         assert result["outcome"] == "busy"
         [done] = plivo.callbacks_for("xfer-done")
@@ -92,17 +72,11 @@ async def test_cold_transfer_to_a_busy_person_restores_the_stream(plivo: FakePli
 
 
 async def test_warm_transfer_briefs_the_person_then_joins_a_conference(plivo: FakePlivo, tmp_path: Path) -> None:
-    summary = "Sam, about Thursday."
     async with run_bridge(config(plivo), tmp_path) as runtime:
-        call, plivo_call = await live_call(runtime, plivo)
-        result = await rpc_client(runtime).call("voicecall.transfer", {
-            "callId": call.callId, "to": PERSON, "mode": "warm", "summary": summary})
-        assert result["success"] and result["transfer"]["joined"] == "carrier"
-        person_call = runtime.manager.calls[call.transfer.personCallId]
+        call, plivo_call = await live_plivo_call(runtime, plivo)
+        person_call = await warm_transfer(runtime, call, PERSON)
         person = plivo.find(person_call.providerCallId)
         assert person is not None and person.to == PERSON
-        briefing = runtime.settings.transfer.briefing.replace("{summary}", summary)
-        assert [t.text for t in person_call.transcript if t.speaker == "bot"] == [briefing]
         heard = person.streams[0].heard_pcm()
         assert len(heard) / 16000 > 0.8 and rms(heard) > 300, "the person heard the briefing on their stream"
         room = f"voicecall-{call.callId}"

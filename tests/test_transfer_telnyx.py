@@ -7,45 +7,26 @@ streams."""
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pytest
-
 from bridge.calls import CallState
-from tests.fakes.telnyx_server import FakeTelnyx
+from tests import test_telnyx_e2e as e2e
+from tests.carrier_transfer import TRANSFER, live_call, rms, warm_transfer
+from tests.fakes.telnyx_server import FakeCall, FakeTelnyx
 from tests.harness import rpc_client, run_bridge, wait_for
+from tests.test_telnyx_e2e import OUR_NUMBER
 
-OUR_NUMBER = "+15550001234"
 PERSON = "+15550009999"
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeTelnyx]:
-    async with FakeTelnyx() as server:
-        yield server
+fake = e2e.fake
 
 
 def config(fake: FakeTelnyx) -> dict[str, Any]:
-    return {"provider": "telnyx", "fromNumber": OUR_NUMBER, "toNumber": "+15550005678", "maxConcurrentCalls": 2,
-            "outbound": {"notifyHangupDelaySec": 1},
-            "streaming": {"enabled": True, "provider": "none", "disconnectGraceMs": 500},
-            "tts": {"provider": "espeak"}, "responseModel": "offline", "telnyx": fake.config(),
-            "transfer": {"ringTimeoutMs": 20_000, "outcomeTimeoutMs": 20_000, "holdMessage": "One moment.", "briefing": "{summary}", "failureMessage": "Sorry, {reason}."}}
+    return e2e.config(fake, maxConcurrentCalls=2, transfer=TRANSFER)
 
 
-def rms(pcm: bytes) -> float:
-    x = np.frombuffer(bytes(pcm), dtype="<i2").astype(np.float64)
-    return float(np.sqrt(np.mean(x * x))) if x.size else 0.0
-
-
-async def live_call(runtime: Any, fake: FakeTelnyx) -> tuple[Any, Any]:
-    result = await rpc_client(runtime).call("voicecall.initiate", {"message": "Hi.",
-                                                                    "mode": "conversation"})
-    call = runtime.manager.calls[result["callId"]]
-    await wait_for(lambda: call.state == CallState.LISTENING, timeout=20)
+async def live_telnyx_call(runtime: Any, fake: FakeTelnyx) -> tuple[Any, FakeCall]:
+    call = await live_call(runtime)
     return call, fake.calls[call.providerCallId]
 
 
@@ -56,7 +37,7 @@ def actions(fake: FakeTelnyx, ccid: str, command: str) -> list[dict[str, Any]]:
 async def test_cold_transfer_is_actions_transfer_and_leg_b_answer_completes_it(fake: FakeTelnyx,
                                                                                tmp_path: Path) -> None:
     async with run_bridge(config(fake), tmp_path) as runtime:
-        call, telnyx_call = await live_call(runtime, fake)
+        call, telnyx_call = await live_telnyx_call(runtime, fake)
         result = await rpc_client(runtime).call("voicecall.transfer", {"callId": call.callId, "to": PERSON})
         assert result["outcome"] == "completed" and call.state == CallState.TRANSFERRED
         [body] = actions(fake, telnyx_call.ccid, "transfer")
@@ -72,7 +53,7 @@ async def test_cold_transfer_is_actions_transfer_and_leg_b_answer_completes_it(f
 
 async def test_cold_transfer_to_a_busy_person_keeps_the_call(fake: FakeTelnyx, tmp_path: Path) -> None:
     async with run_bridge(config(fake), tmp_path) as runtime:
-        call, telnyx_call = await live_call(runtime, fake)
+        call, telnyx_call = await live_telnyx_call(runtime, fake)
         stream = telnyx_call.stream
         assert stream is not None
         before = len(stream.heard_now())
@@ -86,17 +67,11 @@ async def test_cold_transfer_to_a_busy_person_keeps_the_call(fake: FakeTelnyx, t
 
 
 async def test_warm_transfer_dials_with_link_to_briefs_then_bridges(fake: FakeTelnyx, tmp_path: Path) -> None:
-    summary = "Sam, about Thursday."
     async with run_bridge(config(fake), tmp_path) as runtime:
-        call, telnyx_call = await live_call(runtime, fake)
-        result = await rpc_client(runtime).call("voicecall.transfer", {
-            "callId": call.callId, "to": PERSON, "mode": "warm", "summary": summary})
-        assert result["success"] and result["transfer"]["joined"] == "carrier"
-        person_call = runtime.manager.calls[call.transfer.personCallId]
+        call, telnyx_call = await live_telnyx_call(runtime, fake)
+        person_call = await warm_transfer(runtime, call, PERSON)
         person = fake.calls[person_call.providerCallId]
         assert person.dial["link_to"] == telnyx_call.ccid and person.dial["to"] == PERSON
-        briefing = runtime.settings.transfer.briefing.replace("{summary}", summary)
-        assert [t.text for t in person_call.transcript if t.speaker == "bot"] == [briefing]
         assert person.stream is not None
         heard = person.stream.heard_now()
         assert len(heard) / 16000 > 0.8 and rms(heard) > 300, "the person heard the briefing on their call's stream"

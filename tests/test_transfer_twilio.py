@@ -7,48 +7,26 @@ the briefing over that call's stream, then both calls moved into one conference.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pytest
-
 from bridge.calls import CallState
-from tests.fakes.twilio_server import CallerScript, FakeTwilio
+from tests import test_twilio_e2e as e2e
+from tests.carrier_transfer import TRANSFER, live_call, rms, warm_transfer
+from tests.fakes.twilio_server import CallerScript, FakeCall, FakeTwilio
 from tests.harness import rpc_client, run_bridge, wait_for
+from tests.test_twilio_e2e import OUR_NUMBER
 
-OUR_NUMBER = "+15550001234"
-CALLEE = "+15550005678"
 PERSON = "+15550009999"
-
-
-def rms(pcm: bytes) -> float:
-    samples = np.frombuffer(pcm, dtype=np.int16).astype(np.float64)
-    return float(np.sqrt(np.mean(samples**2))) if samples.size else 0.0
+fake = e2e.fake
 
 
 def config(fake: FakeTwilio) -> dict[str, Any]:
-    return {
-        "provider": "twilio", "fromNumber": OUR_NUMBER, "toNumber": CALLEE, "maxConcurrentCalls": 2,
-        "outbound": {"notifyHangupDelaySec": 1},
-        "twilio": {"accountSid": fake.account_sid, "authToken": fake.auth_token, "apiBaseUrl": fake.api_base_url},
-        "streaming": {"enabled": True, "provider": "none"}, "tts": {"provider": "espeak"}, "responseModel": "offline",
-        "transfer": {"ringTimeoutMs": 20_000, "outcomeTimeoutMs": 20_000, "holdMessage": "One moment.", "briefing": "{summary}", "failureMessage": "Sorry, {reason}."},
-    }
+    return e2e.config(fake, stream=True, maxConcurrentCalls=2, transfer=TRANSFER)
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeTwilio]:
-    async with FakeTwilio(say_chars_per_second=40) as server:
-        yield server
-
-
-async def live_call(runtime: Any, fake: FakeTwilio) -> tuple[Any, Any]:
-    result = await rpc_client(runtime).call("voicecall.initiate", {"message": "Hi.",
-                                                                    "mode": "conversation"})
-    call = runtime.manager.calls[result["callId"]]
-    await wait_for(lambda: call.state == CallState.LISTENING, timeout=20)
+async def live_twilio_call(runtime: Any, fake: FakeTwilio) -> tuple[Any, FakeCall]:
+    call = await live_call(runtime)
     return call, fake.calls[call.providerCallId]
 
 
@@ -59,7 +37,7 @@ def webhook(runtime: Any, **query: str) -> str:
 async def test_cold_transfer_dials_the_person_and_the_bridge_leaves(fake: FakeTwilio, tmp_path: Path) -> None:
     fake.scripts[PERSON] = CallerScript(hangup_after_ms=300)
     async with run_bridge(config(fake), tmp_path) as runtime:
-        call, twilio_call = await live_call(runtime, fake)
+        call, twilio_call = await live_twilio_call(runtime, fake)
         first_stream = twilio_call.stream
         result = await rpc_client(runtime).call("voicecall.transfer", {"callId": call.callId, "to": PERSON})
         assert result["outcome"] == "completed" and result["state"] == "transferred"
@@ -85,7 +63,7 @@ async def test_cold_transfer_dials_the_person_and_the_bridge_leaves(fake: FakeTw
 async def test_cold_transfer_to_a_busy_person_restores_the_stream(fake: FakeTwilio, tmp_path: Path) -> None:
     fake.scripts[PERSON] = CallerScript(outcome="busy")
     async with run_bridge(config(fake), tmp_path) as runtime:
-        call, twilio_call = await live_call(runtime, fake)
+        call, twilio_call = await live_twilio_call(runtime, fake)
         result = await rpc_client(runtime).call("voicecall.transfer", {"callId": call.callId, "to": PERSON})
         assert result["outcome"] == "busy" and not result["success"]
         [action] = twilio_call.fetches("dial")
@@ -104,20 +82,14 @@ async def test_cold_transfer_to_a_busy_person_restores_the_stream(fake: FakeTwil
 
 async def test_warm_transfer_briefs_the_person_then_joins_a_conference(fake: FakeTwilio, tmp_path: Path) -> None:
     fake.scripts[PERSON] = CallerScript()
-    summary = "Sam, about Thursday."
     async with run_bridge(config(fake), tmp_path) as runtime:
-        call, twilio_call = await live_call(runtime, fake)
-        result = await rpc_client(runtime).call("voicecall.transfer", {
-            "callId": call.callId, "to": PERSON, "mode": "warm", "summary": summary})
-        assert result["success"] and result["transfer"]["joined"] == "carrier"
-        person_call = runtime.manager.calls[call.transfer.personCallId]
+        call, twilio_call = await live_twilio_call(runtime, fake)
+        person_call = await warm_transfer(runtime, call, PERSON)
         person_twilio = fake.calls[person_call.providerCallId]
         create = [f for f in fake.rest("POST", "/Calls.json") if f["To"] == [PERSON]]
         assert len(create) == 1 and create[0]["From"] == [OUR_NUMBER]
         assert create[0]["Url"] == [webhook(runtime, callId=person_call.callId)]
         # the briefing went out over the person's own media stream
-        briefing = runtime.settings.transfer.briefing.replace("{summary}", summary)
-        assert [t.text for t in person_call.transcript if t.speaker == "bot"] == [briefing]
         heard = person_twilio.streams[0].heard_pcm()
         assert len(heard) / 16000 > 0.8 and rms(heard) > 300
         # then both calls into one conference: the person's first, then the caller's

@@ -11,21 +11,10 @@ transport). No VAD, STT, LLM or TTS: the same work the bridge's echo mode does.
 from __future__ import annotations
 
 import argparse
-import json
 
-import uvicorn
-from fastapi import FastAPI, WebSocket
-from fastapi.responses import PlainTextResponse
 from pipecat.frames.frames import Frame, InputAudioRawFrame, OutputAudioRawFrame
-from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.runner import PipelineRunner
-from pipecat.pipeline.task import PipelineParams, PipelineTask
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
-from pipecat.serializers.twilio import TwilioFrameSerializer
-from pipecat.transports.websocket.fastapi import (
-    FastAPIWebsocketParams,
-    FastAPIWebsocketTransport,
-)
+from pipecat_twilio import serve, twilio_app
 
 PIPELINE_RATE = 16000
 
@@ -42,44 +31,7 @@ class Echo(FrameProcessor):
             await self.push_frame(frame, direction)
 
 
-app = FastAPI()
-
-
-@app.get("/healthz")
-async def healthz() -> PlainTextResponse:
-    return PlainTextResponse("ok")
-
-
-@app.websocket("/ws")
-async def ws(websocket: WebSocket) -> None:
-    await websocket.accept()
-    # Twilio sends `connected`, then `start` (pipecat's runner reads these two the same way).
-    start = None
-    for _ in range(2):
-        msg = json.loads(await websocket.receive_text())
-        if msg.get("event") == "start":
-            start = msg
-            break
-    if start is None:
-        await websocket.close(code=1008)
-        return
-    serializer = TwilioFrameSerializer(
-        stream_sid=start["start"]["streamSid"], call_sid=start["start"]["callSid"],
-        params=TwilioFrameSerializer.InputParams(auto_hang_up=False))
-    transport = FastAPIWebsocketTransport(websocket, FastAPIWebsocketParams(
-        audio_in_enabled=True, audio_out_enabled=True, add_wav_header=False, serializer=serializer,
-        allowed_origins=[]))
-    pipeline = Pipeline([transport.input(), Echo(), transport.output()])
-    task = PipelineTask(pipeline, params=PipelineParams(audio_in_sample_rate=PIPELINE_RATE,
-                                                        audio_out_sample_rate=PIPELINE_RATE,
-                                                        enable_metrics=False),
-                        idle_timeout_secs=None)
-
-    @transport.event_handler("on_client_disconnected")
-    async def _gone(_transport: object, _ws: object) -> None:
-        await task.cancel()
-
-    await PipelineRunner(handle_sigint=False).run(task)
+app = twilio_app(lambda: [Echo()], in_rate=PIPELINE_RATE, out_rate=PIPELINE_RATE)
 
 
 def main() -> None:
@@ -87,14 +39,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--uvloop", action="store_true")
     args = parser.parse_args()
-    import sys
-
-    from loguru import logger
-
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING")
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False,
-                loop="uvloop" if args.uvloop else "asyncio", ws_max_size=1 << 20)
+    serve(app, args.port, loop="uvloop" if args.uvloop else "asyncio")
 
 
 if __name__ == "__main__":

@@ -15,31 +15,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import warnings
 
-import uvicorn
-from fastapi import FastAPI, WebSocket
-from fastapi.responses import PlainTextResponse
 from pipecat.frames.frames import Frame, InputAudioRawFrame, LLMContextFrame
-from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.runner import PipelineRunner
-from pipecat.pipeline.task import PipelineParams, PipelineTask
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
-from pipecat.serializers.twilio import TwilioFrameSerializer
 from pipecat.services.openai.llm import OpenAILLMService
 from pipecat.services.openai.tts import OpenAITTSService
-from pipecat.transports.websocket.fastapi import (
-    FastAPIWebsocketParams,
-    FastAPIWebsocketTransport,
-)
+from pipecat_twilio import serve, twilio_app
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import audioop
 
 IN_RATE = 16000
+OUT_RATE = 24000
 LOUD_RMS = 500
 ARGS = argparse.Namespace()
 
@@ -73,45 +63,14 @@ class EndOfSpeechStt(FrameProcessor):
         await self.push_frame(LLMContextFrame(self.context))
 
 
-app = FastAPI()
-
-
-@app.get("/healthz")
-async def healthz() -> PlainTextResponse:
-    return PlainTextResponse("ok")
-
-
-@app.websocket("/ws")
-async def ws(websocket: WebSocket) -> None:
-    await websocket.accept()
-    start = None
-    for _ in range(2):  # Twilio sends `connected`, then `start`
-        msg = json.loads(await websocket.receive_text())
-        if msg.get("event") == "start":
-            start = msg
-            break
-    if start is None:
-        await websocket.close(code=1008)
-        return
-    serializer = TwilioFrameSerializer(
-        stream_sid=start["start"]["streamSid"], call_sid=start["start"]["callSid"],
-        params=TwilioFrameSerializer.InputParams(auto_hang_up=False))
-    transport = FastAPIWebsocketTransport(websocket, FastAPIWebsocketParams(
-        audio_in_enabled=True, audio_out_enabled=True, add_wav_header=False, serializer=serializer,
-        allowed_origins=[]))
+def processors() -> list[FrameProcessor]:
     llm = OpenAILLMService(model="gpt-4o-mini", api_key="sk-test-123", base_url=ARGS.base_url)
     tts = OpenAITTSService(api_key="sk-test-123", base_url=ARGS.base_url, voice="alloy",
-                           model="gpt-4o-mini-tts", sample_rate=24000)
-    pipeline = Pipeline([transport.input(), EndOfSpeechStt(ARGS.stt_ms / 1000), llm, tts, transport.output()])
-    task = PipelineTask(pipeline, params=PipelineParams(audio_in_sample_rate=IN_RATE, audio_out_sample_rate=24000,
-                                                        enable_metrics=False),
-                        idle_timeout_secs=None)
+                           model="gpt-4o-mini-tts", sample_rate=OUT_RATE)
+    return [EndOfSpeechStt(ARGS.stt_ms / 1000), llm, tts]
 
-    @transport.event_handler("on_client_disconnected")
-    async def _gone(_transport: object, _ws: object) -> None:
-        await task.cancel()
 
-    await PipelineRunner(handle_sigint=False).run(task)
+app = twilio_app(processors, in_rate=IN_RATE, out_rate=OUT_RATE)
 
 
 def main() -> None:
@@ -120,13 +79,7 @@ def main() -> None:
     parser.add_argument("--base-url", required=True)
     parser.add_argument("--stt-ms", type=float, default=300)
     parser.parse_args(namespace=ARGS)
-    import sys
-
-    from loguru import logger
-
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING")
-    uvicorn.run(app, host="127.0.0.1", port=ARGS.port, log_level="warning", access_log=False, ws_max_size=1 << 20)
+    serve(app, ARGS.port)
 
 
 if __name__ == "__main__":

@@ -542,7 +542,8 @@ class FakeAsterisk:
         bridge = self.bridges[bid] = FakeBridge(bid, str(p.get("name") or ""))
         return web.json_response(bridge.json())
 
-    async def _add_channel(self, request: web.Request) -> web.Response:
+    async def _bridge_and_channels(self, request: web.Request) -> tuple[FakeBridge, list[str]] | web.Response:
+        """The live bridge in the path and the known channel ids in `channel`, or ARI's error response."""
         p = await self._params(request)
         bridge = self.bridges.get(request.match_info["id"])
         if bridge is None or not bridge.alive:
@@ -550,6 +551,13 @@ class FakeAsterisk:
         ids = [i for i in str(p.get("channel") or "").split(",") if i]
         if not ids or any(i not in self.channels for i in ids):
             return web.json_response({"message": "Channel not found"}, status=400)
+        return bridge, ids
+
+    async def _add_channel(self, request: web.Request) -> web.Response:
+        found = await self._bridge_and_channels(request)
+        if isinstance(found, web.Response):
+            return found
+        bridge, ids = found
         for cid in ids:
             previous = self.bridge_of(cid)
             if previous is not None and previous is not bridge:  # Stasis departs the old bridge first
@@ -561,13 +569,10 @@ class FakeAsterisk:
         return web.Response(status=204)
 
     async def _remove_channel(self, request: web.Request) -> web.Response:
-        p = await self._params(request)
-        bridge = self.bridges.get(request.match_info["id"])
-        if bridge is None or not bridge.alive:
-            return web.json_response({"message": "Bridge not found"}, status=404)
-        ids = [i for i in str(p.get("channel") or "").split(",") if i]
-        if not ids or any(i not in self.channels for i in ids):
-            return web.json_response({"message": "Channel not found"}, status=400)
+        found = await self._bridge_and_channels(request)
+        if isinstance(found, web.Response):
+            return found
+        bridge, ids = found
         if any(i not in bridge.channels for i in ids):
             return web.json_response({"message": "Channel not in this bridge"}, status=422)
         for cid in ids:

@@ -543,6 +543,12 @@ class FakePlivo:
         if self._runner is not None:
             await self._runner.cleanup()
 
+    async def __aenter__(self) -> FakePlivo:
+        return await self.start()
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.stop()
+
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
