@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 MARK_GRACE_S = 2.0
 # Same digit from in-band and out-of-band detection within this window is one key press.
 DTMF_DEDUPE_S = 0.3
+# The caller's audio at the pipeline rate (STT, recorder, echo) comes in pieces this long: one filter
+# call per piece instead of per 20 ms frame (see StreamResampler.hold_ms); barge-in VAD, DTMF and
+# machine detection read the wire audio and never wait for it.
+CALLER_RESAMPLE_HOLD_MS = 100
 # Messages a play may queue beyond the carrier's lead before its producer waits (it is woken once
 # the queue is down to the lead): the producer wakes once per this many messages, not per message.
 QUEUE_SLACK = 4
@@ -142,7 +146,8 @@ class MediaPipeline:
         # pipeline-rate copy: skip the resampler unless the recorder wants the caller's side.
         self._pipeline_in = bool(getattr(listener, "wants_pipeline_audio", True)) or recorder is not None
         # created only when used (the wire rate often is the listener's)
-        self._in_resampler = StreamResampler(self.wire.rate, pipeline_rate) if self._pipeline_in else None
+        self._in_resampler = StreamResampler(self.wire.rate, pipeline_rate, hold_ms=CALLER_RESAMPLE_HOLD_MS) \
+            if self._pipeline_in else None
         self._rec_in = StreamResampler(pipeline_rate, recorder.rate) if recorder else None
         # DTMF and VAD listen to the decoded wire audio, ahead of the resampler: a soxr pair releases
         # its output in blocks (20-130 ms late at HQ), which would delay barge-in by as much.
@@ -421,7 +426,7 @@ class MediaPipeline:
         self._wire_cb = getattr(listener, "on_wire_audio", None)
         self._pipeline_in = bool(getattr(listener, "wants_pipeline_audio", True)) or self.recorder is not None
         if self._pipeline_in and self._in_resampler is None:
-            self._in_resampler = StreamResampler(self.wire.rate, self.pipeline_rate)
+            self._in_resampler = StreamResampler(self.wire.rate, self.pipeline_rate, hold_ms=CALLER_RESAMPLE_HOLD_MS)
 
     def interrupt(self, reason: str = "barge-in") -> None:
         """Stop the current play at once (no frame is sent after this returns), clear the

@@ -8,7 +8,7 @@ import numpy as np
 
 from media import g711
 from media.formats import ULAW_8K
-from media.pipeline import MediaPipeline
+from media.pipeline import CALLER_RESAMPLE_HOLD_MS, MediaPipeline
 from media.resample import StreamResampler
 
 
@@ -53,7 +53,7 @@ async def test_wire_only_listener_gets_no_resampler() -> None:
     assert not listener.pcm and pipeline.stats.frames_in == 10
 
 
-async def test_pipeline_audio_comes_with_every_frame() -> None:
+async def test_pipeline_audio_comes_in_pieces_of_the_caller_hold() -> None:
     listener = Listener()
     pipeline = MediaPipeline(Leg(), listener, pipeline_rate=16000)  # type: ignore[arg-type]
     sizes = []
@@ -62,7 +62,10 @@ async def test_pipeline_audio_comes_with_every_frame() -> None:
         pipeline.receive(f)
         sizes.append(len(listener.pcm) - before)
     await pipeline.close()
-    assert sizes[0] > 0 and set(sizes[1:]) == {640}  # 20 ms at 16 kHz, every frame
+    per_piece = CALLER_RESAMPLE_HOLD_MS // 20  # frames per piece
+    pieces = [n for n in sizes if n]
+    assert [i for i, n in enumerate(sizes) if n] == list(range(per_piece - 1, len(sizes), per_piece))
+    assert pieces[0] > 0 and set(pieces[1:]) == {CALLER_RESAMPLE_HOLD_MS * 32}  # 16 kHz, 2 bytes a sample
     # output sample 2i is input sample i's time (delay-compensated); the half-band filter passes the
     # even phase through untouched
     heard = np.frombuffer(bytes(listener.pcm), "<i2")

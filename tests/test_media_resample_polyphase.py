@@ -127,6 +127,25 @@ def test_output_does_not_depend_on_chunk_sizes(pair: tuple[int, int], seed: int,
     assert b"".join(out) == one_piece(pcm, a, b)
 
 
+@settings(max_examples=40, deadline=None)
+@given(pair=st.sampled_from(PAIRS), seed=st.integers(0, 2**16), hold_ms=st.sampled_from([20, 40, 100]),
+       frames=st.integers(1, 40))
+def test_held_input_gives_the_same_samples_in_pieces(pair: tuple[int, int], seed: int, hold_ms: int,
+                                                      frames: int) -> None:
+    a, b = pair
+    rng = np.random.default_rng(seed)
+    pcm = rng.normal(0, 9000, a // 50 * frames).clip(-32768, 32767).astype("<i2").tobytes()
+    r = StreamResampler(a, b, hold_ms=hold_ms)
+    step = a // 50 * 2
+    out = [r.process(pcm[i:i + step]) for i in range(0, len(pcm), step)]
+    per_piece = hold_ms // 20
+    assert [i for i, o in enumerate(out) if o] == list(range(per_piece - 1, frames, per_piece))
+    held = r.pending_s
+    assert held <= hold_ms / 1000 + 0.011
+    out.append(r.flush())  # the held rest comes out at the end
+    assert b"".join(out) == one_piece(pcm, a, b)
+
+
 @pytest.mark.parametrize(("a", "b"), PAIRS, ids=IDS)
 def test_output_with_every_frame_and_exact_length(a: int, b: int) -> None:
     r = StreamResampler(a, b)
