@@ -42,8 +42,8 @@ def summarize(path: str, top: int) -> str:
 # The media path's parts: a sample belongs to the first part whose functions are all on its stack
 # (a part may have several entries: any of them).
 PARTS: list[tuple[str, tuple[str, ...]]] = [
-    ("soxr resampling, caller -> pipeline (8k -> 16k)", ("MediaPipeline._inbound", "StreamResampler.process")),
-    ("soxr resampling, play-out (16k -> 8k)", ("MediaPipeline._run_play", "StreamResampler.process")),
+    ("resampling, caller -> pipeline (8k -> 16k)", ("MediaPipeline._inbound", "StreamResampler.process")),
+    ("resampling, play-out (16k -> 8k)", ("MediaPipeline._run_play", "StreamResampler.process")),
     ("frame checks + JSON + base64 in (depth gate, codec)", ("_parse",)),
     ("rest of MediaPipeline.receive (u-law decode, echo queue)", ("MediaPipeline.receive",)),
     ("send: message build + WebSocket frame + send()", ("WebSocketTransport.send_media",)),
