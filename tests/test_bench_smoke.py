@@ -166,6 +166,6 @@ def test_profile_parts_split_every_sample(tmp_path: Path) -> None:
                       "a (x.py:1);RequestHandler.data_received (w.py:4);_parse (s.py:5) 1\n"
                       "a (x.py:1) 4\n")
     text = parts(str(folded), 80.0)
-    assert "37.5      30.0  soxr resampling, caller -> pipeline" in text
+    assert "37.5      30.0  resampling, caller -> pipeline" in text
     assert "12.5      10.0  frame checks + JSON + base64 in" in text
     assert "50.0      40.0  event loop and the rest" in text
