@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.fakes.stream_load import StreamTarget, twiml_stream
+from tests.fakes.stream_load import StreamTarget, open_ramped, twiml_stream
 from tests.fakes.twilio_server import FRAME_MS, sid, twilio_sign
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -471,11 +471,7 @@ async def run_streams(target: dict[str, Any], n: int, *, seconds: float, frames:
 
     loop.call_soon(tick)
     try:
-        opens = []
-        for i in range(n):
-            opens.append(asyncio.ensure_future(open_one(i)))
-            await asyncio.sleep(1 / ramp_per_s)
-        await asyncio.gather(*opens)
+        await open_ramped(n, ramp_per_s, open_one)
         await asyncio.sleep(warmup_s)
         w0 = time.monotonic()
         lag_mark = len(run.tick_lag_ms)
@@ -630,11 +626,7 @@ async def run_engine(engine: Path, target: dict[str, Any], n: int, *, seconds: f
                     failed.append(f"{type(exc).__name__}: {exc}"[:200])
 
         try:
-            opens = []
-            for i in range(n):
-                opens.append(asyncio.ensure_future(open_one(i)))
-                await asyncio.sleep(1 / ramp_per_s)
-            await asyncio.gather(*opens)
+            await open_ramped(n, ramp_per_s, open_one)
             await asyncio.sleep(warmup_s)
             w0 = time.monotonic()
             if on_window:

@@ -3,27 +3,11 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.conversation.tools import ToolCall
-
-_fast_loads: Callable[[str], Any] | None
-try:
-    from orjson import loads as _fast_loads  # ~3x json.loads on a stream chunk
-except ImportError:  # pragma: no cover - the `fast` extra is optional
-    _fast_loads = None
-
-
-def _loads(data: str) -> Any:
-    if _fast_loads is not None:
-        try:
-            return _fast_loads(data)
-        except ValueError:
-            pass  # orjson refuses some JSON the stdlib takes (NaN, lone surrogates): the stdlib decides
-    return json.loads(data)
+from media.fastjson import loads as _loads
 
 
 class ChatModelError(Exception):

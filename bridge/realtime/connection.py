@@ -27,14 +27,9 @@ from typing import Any, Protocol
 
 from bridge.realtime import events as ev
 from media.clock import Clock, RealClock
+from media.fastjson import loads as _loads
 from media.logsafe import quiet_logger
 from media.ws_client import InlineClientConnection
-
-_fast_loads: Callable[[str | bytes], Any] | None
-try:
-    from orjson import loads as _fast_loads  # ~2x json.loads on an audio delta
-except ImportError:  # pragma: no cover - the `fast` extra is optional
-    _fast_loads = None
 
 log = logging.getLogger(__name__)
 
@@ -422,13 +417,6 @@ class RealtimeConnection:
             self.on_failed(reason)
 
 
-def _loads(raw: str | bytes) -> Any:
-    if _fast_loads is not None:
-        try:
-            return _fast_loads(raw)
-        except ValueError:
-            pass  # orjson refuses some JSON the stdlib takes (NaN, lone surrogates): the stdlib decides
-    return json.loads(raw)
 
 
 def _first(*futures: asyncio.Future[Any]) -> asyncio.Future[None]:

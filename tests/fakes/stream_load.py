@@ -128,6 +128,15 @@ class LoadRun:
     tick_ms: list[float]  # how long one tick (over 1/phases of the streams) took
 
 
+
+async def open_ramped(n: int, ramp_per_s: float, open_one: Callable[[int], Awaitable[None]]) -> None:
+    """Start opening streams 0..n-1 at `ramp_per_s` per second; return when every open has ended."""
+    opens = []
+    for i in range(n):
+        opens.append(asyncio.ensure_future(open_one(i)))
+        await asyncio.sleep(1 / ramp_per_s)
+    await asyncio.gather(*opens)
+
 async def run_streams(
     target: Callable[[aiohttp.ClientSession], Awaitable[StreamTarget]],
     n: int,
@@ -204,11 +213,7 @@ async def run_streams(
 
     ticker = asyncio.ensure_future(metronome())
     try:
-        opens = []
-        for i in range(n):
-            opens.append(asyncio.ensure_future(open_one(i)))
-            await asyncio.sleep(1 / ramp_per_s)
-        await asyncio.gather(*opens)
+        await open_ramped(n, ramp_per_s, open_one)
         await asyncio.sleep(warmup_s)
         w0 = loop.time()
         lag_mark = len(tick_lag)
