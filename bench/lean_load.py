@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.fakes.stream_load import StreamTarget, open_ramped, twiml_stream
+from tests.fakes.stream_load import StreamTarget, measure_window, open_ramped, twiml_stream
 from tests.fakes.twilio_server import FRAME_MS, sid, twilio_sign
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -473,15 +473,8 @@ async def run_streams(target: dict[str, Any], n: int, *, seconds: float, frames:
     try:
         await open_ramped(n, ramp_per_s, open_one)
         await asyncio.sleep(warmup_s)
-        w0 = time.monotonic()
         lag_mark = len(run.tick_lag_ms)
-        if on_window:
-            on_window("start")
-        await asyncio.sleep(seconds)
-        w1 = time.monotonic()
-        if on_window:
-            on_window("end")
-        run.window = (w0, w1)
+        run.window = await measure_window(seconds, on_window, time.monotonic)
         del run.tick_lag_ms[:lag_mark], run.tick_ms[:lag_mark]
         await asyncio.sleep(tail_s)  # the window's last frames sit in the resamplers until more audio comes
         stopped = True
@@ -628,14 +621,7 @@ async def run_engine(engine: Path, target: dict[str, Any], n: int, *, seconds: f
         try:
             await open_ramped(n, ramp_per_s, open_one)
             await asyncio.sleep(warmup_s)
-            w0 = time.monotonic()
-            if on_window:
-                on_window("start")
-            await asyncio.sleep(seconds)
-            w1 = time.monotonic()
-            if on_window:
-                on_window("end")
-            run.window = (w0, w1)
+            run.window = await measure_window(seconds, on_window, time.monotonic)
             await asyncio.sleep(tail_s)
             ours.send(b"STOP")
             await asyncio.sleep(drain_s)

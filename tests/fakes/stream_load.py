@@ -137,6 +137,20 @@ async def open_ramped(n: int, ramp_per_s: float, open_one: Callable[[int], Await
         await asyncio.sleep(1 / ramp_per_s)
     await asyncio.gather(*opens)
 
+
+async def measure_window(seconds: float, on_window: Callable[[str], None] | None,
+                         now: Callable[[], float]) -> tuple[float, float]:
+    """The measurement window: `seconds` long, announced to `on_window` ("start", "end"); its (start, end)."""
+    w0 = now()
+    if on_window:
+        on_window("start")
+    await asyncio.sleep(seconds)
+    w1 = now()
+    if on_window:
+        on_window("end")
+    return w0, w1
+
+
 async def run_streams(
     target: Callable[[aiohttp.ClientSession], Awaitable[StreamTarget]],
     n: int,
@@ -215,14 +229,8 @@ async def run_streams(
     try:
         await open_ramped(n, ramp_per_s, open_one)
         await asyncio.sleep(warmup_s)
-        w0 = loop.time()
         lag_mark = len(tick_lag)
-        if on_window:
-            on_window("start")
-        await asyncio.sleep(seconds)
-        w1 = loop.time()
-        if on_window:
-            on_window("end")
+        w0, w1 = await measure_window(seconds, on_window, loop.time)
         tick_lag[:] = tick_lag[lag_mark:]
         tick_ms[:] = tick_ms[lag_mark:]
         # Keep talking a little: the echo of the window's last frames sits in the resamplers until
