@@ -106,6 +106,7 @@ class RealtimeVoice:
         self.connection.send(self.protocol.set_wire(transport.format))
         self._passthrough = self.protocol.wire_passthrough
         self.wants_pipeline_audio = not self._passthrough  # read by the MediaPipeline
+        self.pipeline_audio_hold_ms = 0  # the model hears each frame as it comes (its own turn detection)
         self.bridge = MediaPipeline(transport, self, pipeline_rate=pipeline_rate, recorder=recorder,
                                   inband_dtmf=inband_dtmf, vad_barge_in=barge_in)
         self._resampler = None if self._passthrough else StreamResampler(pipeline_rate, self.protocol.input_rate)

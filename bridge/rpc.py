@@ -36,8 +36,9 @@ METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 CALL_FAILED = -32000
 CALL_MOVED = -32011  # a routed command reached a node that no longer carries the call (it is moving)
-MOVE_RETRIES = 5
+MOVE_RETRIES = 20  # 2 s: the new owner's write follows a release within a few Redis round trips
 MOVE_RETRY_S = 0.1
+MOVING = ""  # _remote_owner: the call is between two owners right now
 # Commands about one call: on a cluster, run by the node that carries the call (bridge/cluster/router.py)
 ROUTED = frozenset({"voicecall.continue", "voicecall.continue.start", "voicecall.speak", "voicecall.end",
                     "voicecall.status", "voicecall.dtmf", "voicecall.consult.reply", "voicecall.transfer"})
@@ -123,6 +124,9 @@ class RpcDispatcher:
                     else await self._remote_owner(params)
                 if owner is None:
                     break
+                if owner == MOVING:  # released here a moment ago: the new owner's write is on its way
+                    await self.manager.clock.sleep(MOVE_RETRY_S)
+                    continue
                 try:
                     return await self.router.forward(owner, method, params, self._route_timeout(method))
                 except RouteError as exc:
@@ -142,8 +146,16 @@ class RpcDispatcher:
         call_id = params.get("callId") or params.get("sid")
         if not isinstance(call_id, str) or not call_id or self.manager.find_call(call_id, call_id) is not None:
             return None
-        owner = await self.router.owner(call_id)
-        return owner if owner and owner != self.router.node_id else None
+        loaded = await self.router.store.load(call_id)
+        if loaded is None:
+            return None
+        record = loaded[0]
+        owner = str(record.metadata.get("node") or "")
+        if owner == self.router.node_id:
+            # Redis still names this node, but the call is no longer in memory here: this node let it go to
+            # the node that took its media, and that node has not written itself as the owner yet
+            return MOVING if not record.terminal else None
+        return owner or None
 
     async def _status_from_store(self, params: dict[str, Any]) -> dict[str, Any]:
         assert self.router is not None

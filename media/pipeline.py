@@ -47,9 +47,11 @@ log = logging.getLogger(__name__)
 MARK_GRACE_S = 2.0
 # Same digit from in-band and out-of-band detection within this window is one key press.
 DTMF_DEDUPE_S = 0.3
-# The caller's audio at the pipeline rate (STT, recorder, echo) comes in pieces this long: one filter
+# The caller's audio at the pipeline rate (recorder, echo) comes in pieces this long: one filter
 # call per piece instead of per 20 ms frame (see StreamResampler.hold_ms); barge-in VAD, DTMF and
-# machine detection read the wire audio and never wait for it.
+# machine detection read the wire audio and never wait for it. A listener that acts on the audio as
+# it comes (an STT fed pipeline-rate PCM, a realtime model) asks for every frame at once instead
+# (`pipeline_audio_hold_ms = 0`): its end of speech must not wait for the piece to fill.
 CALLER_RESAMPLE_HOLD_MS = 100
 # Messages a play may queue beyond the carrier's lead before its producer waits (it is woken once
 # the queue is down to the lead): the producer wakes once per this many messages, not per message.
@@ -146,7 +148,7 @@ class MediaPipeline:
         # pipeline-rate copy: skip the resampler unless the recorder wants the caller's side.
         self._pipeline_in = bool(getattr(listener, "wants_pipeline_audio", True)) or recorder is not None
         # created only when used (the wire rate often is the listener's)
-        self._in_resampler = StreamResampler(self.wire.rate, pipeline_rate, hold_ms=CALLER_RESAMPLE_HOLD_MS) \
+        self._in_resampler = StreamResampler(self.wire.rate, pipeline_rate, hold_ms=_hold_ms(listener)) \
             if self._pipeline_in else None
         self._rec_in = StreamResampler(pipeline_rate, recorder.rate) if recorder else None
         # DTMF and VAD listen to the decoded wire audio, ahead of the resampler: a soxr pair releases
@@ -426,7 +428,9 @@ class MediaPipeline:
         self._wire_cb = getattr(listener, "on_wire_audio", None)
         self._pipeline_in = bool(getattr(listener, "wants_pipeline_audio", True)) or self.recorder is not None
         if self._pipeline_in and self._in_resampler is None:
-            self._in_resampler = StreamResampler(self.wire.rate, self.pipeline_rate, hold_ms=CALLER_RESAMPLE_HOLD_MS)
+            self._in_resampler = StreamResampler(self.wire.rate, self.pipeline_rate, hold_ms=_hold_ms(listener))
+        elif self._in_resampler is not None:
+            self._in_resampler.set_hold_ms(_hold_ms(listener))
 
     def interrupt(self, reason: str = "barge-in") -> None:
         """Stop the current play at once (no frame is sent after this returns), clear the
@@ -504,3 +508,9 @@ async def _aclose(audio: AsyncIterable[bytes]) -> None:
     if aclose is not None:
         with contextlib.suppress(Exception):
             await aclose()
+
+
+def _hold_ms(listener: MediaListener) -> int:
+    """How long the caller's pipeline-rate audio is held for this listener (see CALLER_RESAMPLE_HOLD_MS)."""
+    hold = getattr(listener, "pipeline_audio_hold_ms", None)
+    return CALLER_RESAMPLE_HOLD_MS if hold is None else int(hold)

@@ -48,6 +48,10 @@ class StreamResampler:
         # method is the fallback if a soxr release renames it.
         self._process: Callable[[np.ndarray, bool], np.ndarray] | None = getattr(self._stream, "_process", None)
 
+    def set_hold_ms(self, hold_ms: int) -> None:
+        """Change the hold mid-stream; input held so far goes out with the next chunk if it is due by then."""
+        self._hold = hold_ms * self.in_rate // 1000 * 2 if self._fir is not None else 0
+
     @property
     def passthrough(self) -> bool:
         return self._stream is None and self._fir is None
@@ -62,7 +66,7 @@ class StreamResampler:
         n = len(pcm) // 2
         self.samples_in += n
         if self._fir is not None:
-            if self._hold:
+            if self._hold or self._held:
                 self._held += pcm
                 if len(self._held) < self._hold:
                     return b""

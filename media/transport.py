@@ -60,7 +60,9 @@ class WireAudioListener(Protocol):
     before decoding), so an STT engine that takes the wire codec (OpenAI Realtime with g711_ulaw)
     gets it without a decode/resample/encode round trip. MediaPipeline calls it when present.
     A listener that sets `wants_pipeline_audio = False` gets no `on_pipeline_audio` calls (the
-    bridge then skips resampling the caller's audio, unless it records the call)."""
+    bridge then skips resampling the caller's audio, unless it records the call). A listener that
+    acts on that audio as it comes (a local STT's end of speech, a realtime model) sets
+    `pipeline_audio_hold_ms = 0`: it then gets every frame as it arrives rather than 100 ms pieces."""
 
     def on_wire_audio(self, payload: bytes, format: AudioFormat) -> None: ...
 

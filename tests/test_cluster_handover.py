@@ -3,6 +3,7 @@ the Twilio fake and real Media Streams WebSockets (the three-process version is 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -80,14 +81,18 @@ async def test_a_stream_moves_its_call_only_with_its_token_and_only_when_no_node
 
             # n1's stream drops (the carrier re-attaches to whichever node the balancer picks: here n2)
             a.manager.media_disconnected(call_id)
+            # n1 has let the call go while Redis still names n1 (n2's owner write not made yet): a command
+            # sent to n1 in that window waits for the new owner instead of answering "Call not found"
+            assert a.manager.release(call_id) and await owner(a, call_id) == "n1"
+            speak = asyncio.create_task(
+                rpc_client(a).call("voicecall.speak", {"callId": call_id, "message": "Now from node two."}))
             moved = stream_to(b, fake, call_id, sid, token)
             await moved.connect()
             await wait_for(lambda: b.manager.voice(call_id) is not None, timeout=10)
             assert await owner(b, call_id) == "n2" and call_id not in a.manager.calls
             assert b.handover.taken == [(call_id, "n1")]
-            heard = len(moved.heard_ulaw())
-            await rpc_client(a).call("voicecall.speak", {"callId": call_id, "message": "Now from node two."})
-            await wait_for(lambda: len(moved.heard_ulaw()) > heard + 4000, timeout=10)  # n1 routed it to n2
+            await speak  # n1 routed it to n2
+            assert len(moved.heard_ulaw()) > 4000
             bot = [t.text for t in b.manager.calls[call_id].transcript if t.speaker == "bot"]
             assert bot == ["Hi.", "Now from node two."], bot
             # n1's stream-lost timer fires on the object it let go: it sees an ended call and does nothing

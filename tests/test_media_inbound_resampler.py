@@ -23,8 +23,9 @@ class Leg:
 
 
 class Listener:
-    def __init__(self, wants_pipeline_audio: bool = True) -> None:
+    def __init__(self, wants_pipeline_audio: bool = True, hold_ms: int | None = None) -> None:
         self.wants_pipeline_audio = wants_pipeline_audio
+        self.pipeline_audio_hold_ms = hold_ms
         self.pcm = bytearray()
 
     def on_pipeline_audio(self, pcm: bytes) -> None:
@@ -71,6 +72,41 @@ async def test_pipeline_audio_comes_in_pieces_of_the_caller_hold() -> None:
     heard = np.frombuffer(bytes(listener.pcm), "<i2")
     wire = np.frombuffer(g711.decode(b"".join(speech_frames(1.0)), ULAW_8K.encoding), "<i2")
     assert np.array_equal(heard[::2], wire[:len(heard[::2])])
+
+
+async def test_a_listener_that_acts_on_the_audio_gets_every_frame_as_it_comes() -> None:
+    """An STT on pipeline-rate audio (or a realtime model) asks for hold 0: the caller's last word
+    reaches it with its own frame, not up to 100 ms later."""
+    listener = Listener(hold_ms=0)
+    pipeline = MediaPipeline(Leg(), listener, pipeline_rate=16000)  # type: ignore[arg-type]
+    sizes = []
+    for f in speech_frames(0.5):
+        before = len(listener.pcm)
+        pipeline.receive(f)
+        sizes.append(len(listener.pcm) - before)
+    await pipeline.close()
+    assert all(sizes) and set(sizes[1:]) == {640}  # 20 ms at 16 kHz with every frame
+
+
+async def test_a_new_listener_changes_the_hold_and_loses_no_sample() -> None:
+    frames = speech_frames(1.0)
+    whole = Listener()
+    reference = MediaPipeline(Leg(), whole, pipeline_rate=16000)  # type: ignore[arg-type]
+    for f in frames:
+        reference.receive(f)
+    held, live = Listener(), Listener(hold_ms=0)
+    pipeline = MediaPipeline(Leg(), held, pipeline_rate=16000)  # type: ignore[arg-type]
+    for f in frames[:12]:  # 2 pieces out, 2 frames held
+        pipeline.receive(f)
+    pipeline.set_listener(live)  # type: ignore[arg-type]
+    for f in frames[12:]:
+        before = len(live.pcm)
+        pipeline.receive(f)
+        assert len(live.pcm) > before  # from now on with every frame
+    await reference.close()
+    await pipeline.close()
+    assert 0 < len(held.pcm) < 2 * CALLER_RESAMPLE_HOLD_MS * 32  # the first piece is short by the filter delay
+    assert bytes(held.pcm + live.pcm) == bytes(whole.pcm)
 
 
 def test_direct_soxr_call_gives_the_public_methods_output() -> None:
