@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class BackgroundTasks:
@@ -61,3 +63,30 @@ class BackgroundTasks:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def mirror(task: asyncio.Task[T]) -> asyncio.Future[T]:
+    """A plain future settled like `task`, for a clock's `wait_for` (a clock fails a plain future on
+    timeout; a task cannot be failed from outside). When the future ends first (timed out, cancelled),
+    `task` is cancelled, and a failure it reports later counts as retrieved."""
+    fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+
+    def settle(t: asyncio.Task[T]) -> None:
+        if fut.done():
+            if not t.cancelled():
+                t.exception()
+            return
+        if t.cancelled():
+            fut.cancel()
+        elif (error := t.exception()) is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(t.result())
+
+    def stop(_: asyncio.Future[T]) -> None:
+        if not task.done():
+            task.cancel()
+
+    task.add_done_callback(settle)
+    fut.add_done_callback(stop)
+    return fut

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from bridge.tasks import mirror
 from media.clock import Clock
 
 if TYPE_CHECKING:  # the tool types are shared with sans-I/O code; aiohttp is loaded only to POST
@@ -237,11 +238,9 @@ class CallToolbox:
                     return f"error: the tool answered HTTP {resp.status}"
                 return text
 
-        task = asyncio.ensure_future(post())
         try:
-            return await self._clock.wait_for(_mirror(task), tool.timeout_ms / 1000)
-        except TimeoutError:
-            task.cancel()
+            return await self._clock.wait_for(mirror(asyncio.ensure_future(post())), tool.timeout_ms / 1000)
+        except TimeoutError:  # the request was cancelled with the timed-out future
             log.info("call %s: tool %s timed out after %d ms", call_id, tool.name, tool.timeout_ms)
             return f"error: the tool did not answer within {tool.timeout_ms} ms"
         except aiohttp.ClientError as exc:
@@ -258,22 +257,3 @@ class CallToolbox:
         if self._settings.session is None or self._settings.session.closed:
             self._settings.session = (self._session_factory or aiohttp.ClientSession)()
         return self._settings.session
-
-
-
-def _mirror(task: asyncio.Task[str]) -> asyncio.Future[str]:
-    """A plain future settled like `task` (clocks time out futures; a task cannot be failed from outside)."""
-    fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-    def settle(t: asyncio.Task[str]) -> None:
-        if fut.done():
-            return
-        if t.cancelled():
-            fut.cancel()
-        elif t.exception() is not None:
-            fut.set_exception(t.exception())  # type: ignore[arg-type]
-        else:
-            fut.set_result(t.result())
-
-    task.add_done_callback(settle)
-    return fut

@@ -7,6 +7,7 @@ import logging
 
 from bridge.calls import CallRecord
 from bridge.conversation.chat import ChatModel
+from bridge.tasks import mirror
 from bridge.transfer.rules import MAX_SUMMARY_CHARS, fallback_summary
 from media.clock import Clock
 
@@ -42,25 +43,4 @@ def _collect(model: ChatModel, messages: list[dict[str, str]]) -> asyncio.Future
         finally:
             await stream.aclose()
 
-    task = asyncio.ensure_future(run())
-    fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-    def settle(t: asyncio.Task[str]) -> None:
-        if fut.done():
-            if not t.cancelled():
-                t.exception()  # retrieved: a late failure is not "never retrieved"
-            return
-        if t.cancelled():
-            fut.cancel()
-        elif t.exception() is not None:
-            fut.set_exception(t.exception())  # type: ignore[arg-type]
-        else:
-            fut.set_result(t.result())
-
-    def stop(f: asyncio.Future[str]) -> None:
-        if not task.done():
-            task.cancel()
-
-    task.add_done_callback(settle)
-    fut.add_done_callback(stop)
-    return fut
+    return mirror(asyncio.ensure_future(run()))
