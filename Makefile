@@ -7,6 +7,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STORE ?= ~/.voicecall
+# The suite mostly waits on sockets, peers and real-time audio: test files run in parallel processes
+# (pytest-xdist; a file stays whole on one worker, in order). TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 3
 
 .PHONY: demo test install install-test bench clean
 
@@ -32,7 +35,7 @@ demo: install
 	$(BIN)/voicecall demo
 
 test: install-test
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info tmp/artifacts

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from carriers.base import Carrier
 from carriers.settings import CarrierSettings
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the config reads this registry: it loads no carrier code (and no numpy) to do so
     from bridge.config import Settings
+    from carriers.base import Carrier
 
 
 @dataclass(frozen=True, slots=True)

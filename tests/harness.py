@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,12 +15,24 @@ from bridge.config import build_settings
 from bridge.runtime import Runtime
 from carriers.base import Carrier
 from media.clock import Clock
+from tests.workers import slot
+
+_handed_out: deque[int] = deque(maxlen=256)
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port the OS says is free, from this xdist worker's share (ports split by (port // 2) % workers:
+    Linux hands out odd ports to bind(0)), and not one this process handed out lately (a test may ask
+    for two before it binds either)."""
+    index, count = slot()
+    for _ in range(1000):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if (port // 2) % count == index and port not in _handed_out:
+            _handed_out.append(port)
+            return port
+    raise RuntimeError("no free port in this worker's share")
 
 
 @asynccontextmanager

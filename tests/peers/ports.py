@@ -4,13 +4,16 @@ Each role has its own block of ports, all on 127.0.0.1 and below Linux's ephemer
 (32768+), so nothing the OS hands out to other sockets lands in them: the bridge's SIP port
 5100-5139, softphones' 5200-5239, sipp's 5300-5339 (UAC) and 5400-5439 (UAS), Kamailio's
 5500-5539 and the bridge nodes behind it 5600-5639, baresip's control socket 4400-4439, and RTP
-ranges from 20000 up (a test's own RTP listener: 30000-30079).
+ranges from 20000 up (a test's own RTP listener: 30000-30079). Under pytest-xdist each worker takes
+every n-th block of a role (worker i of n: blocks i, i+n, ...), so workers never share a port.
 """
 
 from __future__ import annotations
 
 import socket
 from collections import defaultdict
+
+from tests.workers import slot
 
 _WINDOW = 40  # blocks per role before wrapping around
 _next: defaultdict[tuple[int, int], int] = defaultdict(int)
@@ -29,8 +32,10 @@ def _free(port: int) -> bool:
 def free_port(base: int, span: int = 1) -> int:
     """A port in [base, base + 40 * span) where `span` consecutive ports are free (UDP and TCP);
     each call moves on to the next block, so consecutive tests do not reuse each other's ports."""
-    for _ in range(_WINDOW):
-        index = _next[(base, span)] % _WINDOW
+    worker, workers = slot()
+    blocks = range(worker % _WINDOW, _WINDOW, workers)
+    for _ in blocks:
+        index = blocks[_next[(base, span)] % len(blocks)]
         _next[(base, span)] += 1
         port = base + index * span
         if all(_free(p) for p in range(port, port + span)):
