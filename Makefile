@@ -8,7 +8,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STORE ?= ~/.voicecall
 # The suite mostly waits on sockets, peers and real-time audio: test files run in parallel processes
-# (pytest-xdist; a file stays whole on one worker, in order). TEST_WORKERS=0 runs them in this process.
+# (pytest-xdist; a file stays whole on one worker, in order; the slowest files first, tests/conftest.py).
+# TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= 3
 
 .PHONY: demo test install install-test bench clean
@@ -35,7 +36,7 @@ demo: install
 	$(BIN)/voicecall demo
 
 test: install-test
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info tmp/artifacts

@@ -271,9 +271,11 @@ async def test_wideband_g722_at_16khz(tmp_path: Path) -> None:
     assert bridge.transport.format.rate == 16000
     assert {len(f) for f in bridge.frames} == {640}
     reference, _ = read_pcm(wav)
-    score, _ = best_alignment(reference, pcm16(bridge.pcm))
-    assert score > 0.8, f"wideband caller audio does not match (r={score:.3f})"
-    print(f"\n[sip] G.722 @16 kHz inbound: r={score:.3f}")
+    # windowed (a frame lost to RTP jitter on a loaded machine shifts only its own window; one whole-signal
+    # alignment fell to r=0.5 beside other test processes)
+    median, low = windowed_alignment(reference, pcm16(bridge.pcm), 16000)
+    assert median > 0.95 and low > 0.8, f"wideband caller audio does not match (r={median:.3f}/{low:.3f})"
+    print(f"\n[sip] G.722 @16 kHz inbound: r={median:.3f}/{low:.3f}")
 
 
 async def test_bridge_sends_dtmf_to_the_phone(tmp_path: Path, workers: int) -> None:

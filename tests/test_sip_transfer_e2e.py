@@ -83,10 +83,11 @@ async def test_warm_transfer_to_baresip_briefs_then_relays_the_caller(tmp_path: 
     raw = _config()
     async with run_bridge(raw, tmp_path / "store") as runtime, _softphone(tmp_path, quiet) as (phone_dir, phone_port):
         manager = runtime.manager
-        # sipp calls the bridge and keeps streaming its tone for 8 s, then hangs up
+        # sipp calls the bridge and keeps streaming its tone for 14 s, then hangs up (the greeting, the
+        # transfer and the briefing come first: ~4 s on a quiet machine; 8 s ran out beside other tests)
         sipp = asyncio.create_task(run_sipp(
             "uac_audio.xml", f"127.0.0.1:{raw['sip']['port']}", workdir=caller_dir, local_port=sipp_uac(),
-            media_port=sipp_media(), hold_ms=8_000, timeout_s=30))
+            media_port=sipp_media(), hold_ms=14_000, timeout_s=40))
         await wait_for(lambda: any(c.direction is Direction.INBOUND for c in manager.calls.values()), 10)
         call = next(c for c in manager.calls.values() if c.direction is Direction.INBOUND)
         await wait_for(lambda: call.state == CallState.LISTENING, 10)
