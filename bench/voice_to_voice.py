@@ -58,6 +58,7 @@ from bench.common import (
 from bench.turn_timeline import SEGMENTS, CallSteps, Steps, TimedTts, chat_tag, summary, time_model, turn_segments
 from bridge.calls import CallEvent
 from bridge.conversation.segmenter import Segmenter
+from bridge.gc_policy import settle_startup_heap
 from bridge.voice import CallVoice
 from media.stt.base import SttEngine, SttEvent, SttSession
 from tests.fakes.openai_server import tokens
@@ -86,6 +87,7 @@ S2S_VAD_THRESHOLD = 0.3  # bridge and pipecat send the same server-VAD settings
 S2S_REPLY = "Fifty characters of reply tone, one second of audio"  # the realtime fake: 20 ms per character
 FAKES = """
 import asyncio, sys
+from bridge.gc_policy import settle_startup_heap
 from tests.fakes.openai_server import FakeOpenAI, ChatReply
 from tests.fakes.openai_realtime_server import FakeOpenAIRealtime, Reply
 async def main():
@@ -97,6 +99,7 @@ async def main():
     realtime = FakeOpenAIRealtime(replies=[Reply(sys.argv[5])], first_delta_delay_s=float(sys.argv[6]),
                                   delta_interval_s=float(sys.argv[7]))
     await realtime.start()
+    settle_startup_heap()  # as the bridge's server does: no long full collections in the fakes either
     print(fake.port, realtime.port, flush=True)
     await asyncio.Event().wait()
 asyncio.run(main())
@@ -243,6 +246,7 @@ async def generate(args: argparse.Namespace) -> dict[str, Any]:
         return (end is not None and bool(client.recv_times) and client.recv_times[-1] > end
                 and loop.time() - client.recv_times[-1] > 0.6)
 
+    settle_startup_heap()  # the callers' process too: a long full collection here would count as the bridge's
     ticker = asyncio.ensure_future(metronome())
     try:
         for _ in range(args.calls):
@@ -327,6 +331,7 @@ async def measure(calls: int, mode: str, args: argparse.Namespace, fakes_url: st
     with tempfile.TemporaryDirectory(prefix="bench-v2v-") as tmp:
         cfg = config(account_sid, auth_token, calls, fakes_url, mode)
         async with run_bridge(cfg, Path(tmp)) as runtime:
+            settle_startup_heap()  # what `voicecall serve` does once it is up
             settings = runtime.settings
             tts = create_tts(settings.effective_tts)
 
@@ -468,6 +473,7 @@ async def measure_s2s(calls: int, args: argparse.Namespace, generator_cpu: int |
     with tempfile.TemporaryDirectory(prefix="bench-v2v-s2s-") as tmp:
         cfg = s2s_config(account_sid, auth_token, calls, args.realtime_url, int(args.stt_ms))
         async with run_bridge(cfg, Path(tmp)) as runtime:
+            settle_startup_heap()  # what `voicecall serve` does once it is up
             manager = runtime.manager
             tagged: set[str] = set()
             stop = asyncio.Event()

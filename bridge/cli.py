@@ -114,6 +114,7 @@ WORKER_RESTART_MIN_S = 1.0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from bridge.gc_policy import settle_startup_heap
     from bridge.runtime import Runtime
 
     settings = _checked_settings(args)
@@ -127,6 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     async def main() -> None:
         runtime = Runtime(settings)
         port = await runtime.start()
+        settle_startup_heap()
         print(f"voicecall serving {settings.provider} on http://{settings.serve.bind}:{port} "
               f"(webhook {settings.serve.path}, streams {settings.streaming.streamPath}, rpc /rpc, "
               f"{'console /console, ' if settings.console.enabled else ''}metrics /metrics; "

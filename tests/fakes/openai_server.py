@@ -150,9 +150,9 @@ class FakeOpenAI:
             return web.json_response({"error": {"message": "bad request", "type": "invalid_request_error"}}, status=400)
         resp = web.StreamResponse(headers={"Content-Type": "audio/pcm"})
         await resp.prepare(request)
-        if self.speech_first_byte_s:
-            await asyncio.sleep(self.speech_first_byte_s)
         audio = _speech_audio(body["input"])
+        if self.speech_first_byte_s:  # from the request's arrival, like a real service's time to first byte
+            await asyncio.sleep(max(0.0, arrived + self.speech_first_byte_s - asyncio.get_running_loop().time()))
         step = self.speech_chunk_bytes
         chunks = [audio[i:i + step] for i in range(0, len(audio), step)] if step else \
             odd_chunks(audio, seed=len(body["input"]))
@@ -220,8 +220,11 @@ class FakeOpenAI:
             return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
         loop = asyncio.get_running_loop()
+        # token i is due ttft + i * gap after the request came in (a steady rate: a late wake-up here
+        # does not push every later token back)
+        due = record.started + self.chat_ttft_s
         try:
-            await asyncio.sleep(self.chat_ttft_s)
+            await asyncio.sleep(max(0.0, due - loop.time()))
             await resp.write(chunk({"role": "assistant", "content": ""}))
             for i, word in enumerate(words):
                 if reply.fail_after_tokens is not None and i >= reply.fail_after_tokens:
@@ -230,7 +233,7 @@ class FakeOpenAI:
                     await resp.write_eof()
                     return resp
                 if i and gap:
-                    await asyncio.sleep(gap)
+                    await asyncio.sleep(max(0.0, due + i * gap - loop.time()))
                 await resp.write(chunk({"content": word}))
                 record.tokens_sent += 1
                 if record.first_token_at is None:
