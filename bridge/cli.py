@@ -140,7 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         await stop.wait()
         await runtime.stop()
 
-    with asyncio.Runner(loop_factory=_loop_factory(settings.serve.eventLoop)) as runner:
+    with asyncio.Runner(loop_factory=event_loop_factory(settings.serve.eventLoop)) as runner:
         runner.run(main())
     return 0
 
@@ -187,7 +187,7 @@ def _supervise_workers(args: argparse.Namespace, settings: Settings) -> int:
     return max(codes, default=0)
 
 
-def _loop_factory(choice: str) -> Any:
+def event_loop_factory(choice: str) -> Any:
     """uvloop when asked for, or when installed and the choice is auto; else the stdlib loop."""
     if choice == "asyncio":
         return None
