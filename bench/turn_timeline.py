@@ -1,7 +1,7 @@
 """Where a voice-to-voice turn's time goes, across the processes of bench/voice_to_voice.py.
 
-Every process stamps its steps with its event loop's time (CLOCK_MONOTONIC: one clock for all
-processes on the machine): the callers (last speech frame sent, first reply frame read), the bridge
+Every process stamps its steps with time.monotonic() (CLOCK_MONOTONIC: one clock for all processes
+on the machine; not uvloop's loop.time(), which is cached per loop iteration in whole ms): the callers (last speech frame sent, first reply frame read), the bridge
 (per call: final transcript, chat request out, first token read, each TTS request out and its first
 byte read, first reply frame written) and the fakes (request in, first token / first audio byte
 out). Requests are matched exactly: the bench STT puts the call's number and the line's number in
@@ -20,12 +20,18 @@ The segments, in turn order, and whose time each one is:
   tts_out    first byte out -> read by the bridge                   (sockets + the bridge's loop)
   play       first byte read -> first reply frame written           (bridge: resample, encode, pace)
   to_caller  frame written -> read by the caller                    (sockets + the callers' loop)
+
+Two sums per turn split the time above the floor between the bridge and the harness (the fakes and
+the callers, which share the other CPU):
+  bridge     the STT timer's lateness + to_model + model_out + the first piece's lateness (tokens
+             read after their due time, whoever made them late) + tts_out + play
+  harness    model_in + the model fake's lateness + tts_in + the TTS fake's lateness + to_caller
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,7 +99,7 @@ class TimedReply(ReplyStream):
         async for delta in self.inner:
             if first and self.steps is not None:
                 first = False
-                self.steps.first_token.append(asyncio.get_running_loop().time())
+                self.steps.first_token.append(time.monotonic())
             yield delta
 
     async def aclose(self) -> None:
@@ -107,7 +113,7 @@ def time_model(model: ChatModel, steps: Steps) -> None:
     async def stream(messages: Sequence[dict[str, Any]], tools: Sequence[Any]) -> ReplyStream:
         call = steps.of_messages(messages)
         if call is not None:
-            call.chat_out.append(asyncio.get_running_loop().time())
+            call.chat_out.append(time.monotonic())
         return TimedReply(await inner(messages, tools), call)
 
     model.stream = stream  # type: ignore[method-assign]
@@ -123,14 +129,13 @@ class TimedTts(TtsEngine):
         self.sample_rate = inner.sample_rate
 
     async def synthesize(self, text: str) -> AsyncIterator[bytes]:
-        loop = asyncio.get_running_loop()
         k = len(self.steps.tts_out)
-        self.steps.tts_out.append(loop.time())
+        self.steps.tts_out.append(time.monotonic())
         first = True
         async for chunk in self.inner.synthesize(f"{text} (call {self.steps.number} request {k})"):
             if first and chunk:
                 first = False
-                self.steps.tts_first_byte[k] = loop.time()
+                self.steps.tts_first_byte[k] = time.monotonic()
             yield chunk
 
 
@@ -138,9 +143,25 @@ def _after(times: Sequence[float], t: float) -> tuple[int, float] | None:
     return next(((i, x) for i, x in enumerate(times) if x >= t), None)
 
 
-def turn_segments(steps: Steps, spans: list[list[list[float] | None]], fakes: dict[str, Any]) -> dict[str, list[float]]:
-    """Each segment's durations in ms, over the turns whose every step was seen.
-    `spans[call][round]`: the caller's (last speech frame sent, first reply frame read)."""
+SUMS = ("bridge", "harness")
+
+
+@dataclass(frozen=True)
+class EngineFloor:
+    """What each engine fake is set to take (ms): the STT final, the first token, the tokens until the
+    first piece is complete, the TTS first byte."""
+
+    stt: float
+    model: float
+    piece: float
+    tts: float
+
+
+def turn_segments(steps: Steps, spans: list[list[list[float] | None]], fakes: dict[str, Any],
+                  floor: EngineFloor | None = None) -> dict[str, list[float]]:
+    """Each segment's durations in ms, over the turns whose every step was seen (and, given the engines'
+    `floor`, the per-turn sums in SUMS). `spans[call][round]`: the caller's (last speech frame sent,
+    first reply frame read)."""
     chat: dict[tuple[int, int], tuple[float, float]] = {}
     for started, first, text in fakes.get("chat_times", []):
         if (m := _CHAT_TAG.search(text)) is not None:
@@ -177,6 +198,13 @@ def turn_segments(steps: Steps, spans: list[list[list[float] | None]], fakes: di
                      "tts_out": byte - fake_tts[1], "play": frame[1] - byte, "to_caller": heard - frame[1]}
             for name, value in parts.items():
                 out[name].append(value * 1000)
+            if floor is not None:
+                ms = {name: value * 1000 for name, value in parts.items()}
+                out.setdefault("bridge", []).append(
+                    ms["stt"] - floor.stt + ms["to_model"] + ms["model_out"] + ms["piece"] - floor.piece
+                    + ms["tts_out"] + ms["play"])
+                out.setdefault("harness", []).append(
+                    ms["model_in"] + ms["model"] - floor.model + ms["tts_in"] + ms["tts"] - floor.tts + ms["to_caller"])
     return out
 
 

@@ -55,9 +55,22 @@ from bench.common import (
     pinned,
     table,
 )
-from bench.turn_timeline import SEGMENTS, CallSteps, Steps, TimedTts, chat_tag, summary, time_model, turn_segments
+from bench.turn_timeline import (
+    SEGMENTS,
+    SUMS,
+    CallSteps,
+    EngineFloor,
+    Steps,
+    TimedTts,
+    chat_tag,
+    summary,
+    time_model,
+    turn_segments,
+)
 from bridge.calls import CallEvent
+from bridge.cli import event_loop_factory
 from bridge.conversation.segmenter import Segmenter
+from bridge.gc_policy import settle_startup_heap
 from bridge.voice import CallVoice
 from media.stt.base import SttEngine, SttEvent, SttSession
 from tests.fakes.openai_server import tokens
@@ -86,6 +99,7 @@ S2S_VAD_THRESHOLD = 0.3  # bridge and pipecat send the same server-VAD settings
 S2S_REPLY = "Fifty characters of reply tone, one second of audio"  # the realtime fake: 20 ms per character
 FAKES = """
 import asyncio, sys
+from bridge.gc_policy import settle_startup_heap
 from tests.fakes.openai_server import FakeOpenAI, ChatReply
 from tests.fakes.openai_realtime_server import FakeOpenAIRealtime, Reply
 async def main():
@@ -97,9 +111,16 @@ async def main():
     realtime = FakeOpenAIRealtime(replies=[Reply(sys.argv[5])], first_delta_delay_s=float(sys.argv[6]),
                                   delta_interval_s=float(sys.argv[7]))
     await realtime.start()
+    settle_startup_heap()  # as the bridge's server does: no long full collections in the fakes either
     print(fake.port, realtime.port, flush=True)
     await asyncio.Event().wait()
-asyncio.run(main())
+try:
+    import uvloop  # the lighter loop: the fakes' own lateness is part of the harness's share
+    loop_factory = uvloop.new_event_loop
+except ImportError:
+    loop_factory = None
+with asyncio.Runner(loop_factory=loop_factory) as runner:
+    runner.run(main())
 """
 
 
@@ -119,10 +140,15 @@ def first_piece_tokens(text: str, min_clause_chars: int = 30) -> int:
     return len(toks)
 
 
-def floor_ms(mode: str, args: argparse.Namespace, text: str) -> float:
+def engine_floor(mode: str, args: argparse.Namespace, text: str) -> EngineFloor:
     gap = 1000 / args.tokens_per_s
     n = len(tokens(text)) if mode == "batch" else first_piece_tokens(text)
-    return args.stt_ms + args.ttft_ms + (n - 1) * gap + args.tts_ms
+    return EngineFloor(stt=args.stt_ms, model=args.ttft_ms, piece=(n - 1) * gap, tts=args.tts_ms)
+
+
+def floor_ms(mode: str, args: argparse.Namespace, text: str) -> float:
+    floor = engine_floor(mode, args, text)
+    return floor.stt + floor.model + floor.piece + floor.tts
 
 
 class WireStt(SttEngine):
@@ -158,17 +184,17 @@ class _WireSession(SttSession):
 
     def feed_wire(self, payload: bytes) -> None:
         loud = audioop.rms(audioop.ulaw2lin(payload, 2), 2) > LOUD_RMS
-        now = self.loop.time()
+        now = time.monotonic()
         if loud:
             self.speaking, self.last_loud = True, now
         elif self.speaking:
             self.speaking = False
             self.finals += 1
             text = f"I would like a table please, {chat_tag(self.steps.number, self.finals)}."
-            self.loop.call_at(self.last_loud + self.delay_s, self._final, text)
+            self.loop.call_later(max(0.0, self.last_loud + self.delay_s - time.monotonic()), self._final, text)
 
     def _final(self, text: str) -> None:
-        self.steps.final.append(self.loop.time())
+        self.steps.final.append(time.monotonic())
         self.on_event(SttEvent("final", text))
 
     async def close(self) -> None:
@@ -183,7 +209,7 @@ class StampedVoice(CallVoice):
     def on_first_audio(self, label: str | None) -> None:
         super().on_first_audio(label)
         if self.steps is not None:
-            self.steps.frame_out.append(asyncio.get_running_loop().time())
+            self.steps.frame_out.append(time.monotonic())
 
 
 class Caller(LoadStreamClient):
@@ -197,7 +223,7 @@ class Caller(LoadStreamClient):
         last = len(self._outbox) == 1
         await super().tick()
         if last:
-            self.speech_end = self._loop.time()
+            self.speech_end = time.monotonic()
 
 
 def config(account_sid: str, auth_token: str, calls: int, fakes_url: str, mode: str) -> dict[str, Any]:
@@ -220,7 +246,6 @@ async def generate(args: argparse.Namespace) -> dict[str, Any]:
     then waits for the reply to arrive and end; latency = first reply frame - last speech frame."""
     import aiohttp
 
-    loop = asyncio.get_running_loop()
     speech = caller_frames(SPEECH_S, seed=3)
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     clients: list[Caller] = []
@@ -231,18 +256,19 @@ async def generate(args: argparse.Namespace) -> dict[str, Any]:
     stop = asyncio.Event()
 
     async def metronome() -> None:
-        start, k = loop.time(), 0
+        start, k = time.monotonic(), 0
         while not stop.is_set():
             for client in clients:
                 await client.tick()
             k += 1
-            await asyncio.sleep(max(0.0, start + k * 0.02 - loop.time()))
+            await asyncio.sleep(max(0.0, start + k * 0.02 - time.monotonic()))
 
     def replied(client: Caller) -> bool:
         end = client.speech_end
         return (end is not None and bool(client.recv_times) and client.recv_times[-1] > end
-                and loop.time() - client.recv_times[-1] > 0.6)
+                and time.monotonic() - client.recv_times[-1] > 0.6)
 
+    settle_startup_heap()  # the callers' process too: a long full collection here would count as the bridge's
     ticker = asyncio.ensure_future(metronome())
     try:
         for _ in range(args.calls):
@@ -319,7 +345,6 @@ async def measure(calls: int, mode: str, args: argparse.Namespace, fakes_url: st
 
     if mode == "s2s":
         return await measure_s2s(calls, args, generator_cpu)
-    loop = asyncio.get_running_loop()
     account_sid, auth_token = "AC" + secrets.token_hex(16), secrets.token_hex(16)
     steps = Steps()
     stt = WireStt(args.stt_ms / 1000, steps)
@@ -327,6 +352,7 @@ async def measure(calls: int, mode: str, args: argparse.Namespace, fakes_url: st
     with tempfile.TemporaryDirectory(prefix="bench-v2v-") as tmp:
         cfg = config(account_sid, auth_token, calls, fakes_url, mode)
         async with run_bridge(cfg, Path(tmp)) as runtime:
+            settle_startup_heap()  # what `voicecall serve` does once it is up
             settings = runtime.settings
             tts = create_tts(settings.effective_tts)
 
@@ -348,13 +374,13 @@ async def measure(calls: int, mode: str, args: argparse.Namespace, fakes_url: st
 
             async def lag_probe() -> None:  # event-loop health: how late a 10 ms sleep wakes up
                 while not stop.is_set():
-                    t = loop.time()
+                    t = time.monotonic()
                     await asyncio.sleep(0.01)
-                    lags.append((loop.time() - t - 0.01) * 1000)
+                    lags.append((time.monotonic() - t - 0.01) * 1000)
 
             probe = asyncio.ensure_future(lag_probe())
             await fake_stats(fakes_url)  # reset
-            cpu0, wall0 = time.process_time(), loop.time()
+            cpu0, wall0 = time.process_time(), time.monotonic()
             try:
                 result = await run_callers(args, calls, generator_cpu, [
                     "--voice-url", settings.publicUrl or "", "--account-sid", account_sid, "--auth-token", auth_token])
@@ -362,7 +388,7 @@ async def measure(calls: int, mode: str, args: argparse.Namespace, fakes_url: st
                 stop.set()
                 probe.cancel()
                 await tts.close()
-            cpu, wall = time.process_time() - cpu0, loop.time() - wall0
+            cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
             fakes = await fake_stats(fakes_url)
             for call in runtime.manager.calls.values():
                 timings += [t.parts() for t in call.turns]  # the bridge's own turn record (bridge/turnmarks.py)
@@ -384,7 +410,7 @@ async def measure(calls: int, mode: str, args: argparse.Namespace, fakes_url: st
             "fake_first_token_p99_ms": percentile(fakes["chat_first_token_s"], 99) * 1000,
             "fake_tts_first_byte_p50_ms": percentile(fakes["speech_first_byte_s"], 50) * 1000,
             "fake_tts_first_byte_p99_ms": percentile(fakes["speech_first_byte_s"], 99) * 1000,
-            "segments_ms": summary(turn_segments(steps, result["spans"], fakes)),
+            "segments_ms": summary(turn_segments(steps, result["spans"], fakes, engine_floor(mode, args, text))),
             "round_p50_p99_ms": by_round(result["spans"]),
             "loop_lag_p99_ms": percentile(lags, 99), "loop_lag_max_ms": max(lags) if lags else float("nan"),
             **cpu_fields(cpu, wall, len(latencies)), "loadavg": loadavg()}
@@ -462,12 +488,12 @@ async def measure_s2s(calls: int, args: argparse.Namespace, generator_cpu: int |
     """The same callers against the bridge in speech-to-speech mode (RealtimeVoice, pre-warmed on the
     webhook) and the OpenAI Realtime fake. Each call's session is tagged once it is up (a text item
     naming the call), so that the fake's responses pair with the callers exactly."""
-    loop = asyncio.get_running_loop()
     account_sid, auth_token = "AC" + secrets.token_hex(16), secrets.token_hex(16)
     await realtime_responses(args.realtime_url)  # reset
     with tempfile.TemporaryDirectory(prefix="bench-v2v-s2s-") as tmp:
         cfg = s2s_config(account_sid, auth_token, calls, args.realtime_url, int(args.stt_ms))
         async with run_bridge(cfg, Path(tmp)) as runtime:
+            settle_startup_heap()  # what `voicecall serve` does once it is up
             manager = runtime.manager
             tagged: set[str] = set()
             stop = asyncio.Event()
@@ -485,7 +511,7 @@ async def measure_s2s(calls: int, args: argparse.Namespace, generator_cpu: int |
                     await asyncio.sleep(0.05)
 
             tagger = asyncio.ensure_future(tag_sessions())
-            cpu0, wall0 = time.process_time(), loop.time()
+            cpu0, wall0 = time.process_time(), time.monotonic()
             try:
                 result = await run_callers(args, calls, generator_cpu, [
                     "--voice-url", runtime.settings.publicUrl or "", "--account-sid", account_sid,
@@ -493,7 +519,7 @@ async def measure_s2s(calls: int, args: argparse.Namespace, generator_cpu: int |
             finally:
                 stop.set()
                 tagger.cancel()
-            cpu, wall = time.process_time() - cpu0, loop.time() - wall0
+            cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
     responses = await realtime_responses(args.realtime_url)
     point = s2s_point("s2s", calls, args, result, responses, lambda r: r.get("session_text"),
                       [f"bench {c}" for c in result["call_ids"]])
@@ -594,7 +620,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for mode in args.modes.split(","):
             for n in (int(x) for x in args.calls.split(",")):
                 started = time.monotonic()
-                points.append(asyncio.run(measure(n, mode, args, url, fakes_cpu)))
+                with asyncio.Runner(loop_factory=event_loop_factory(args.loop)) as runner:  # the loop `serve` picks
+                    points.append(runner.run(measure(n, mode, args, url, fakes_cpu)))
                 print(f"[v2v] {mode} {n} calls: {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
         if args.peer == "pipecat":
             peer_modes = [m for m in ("streaming", "s2s") if m in args.modes.split(",")] or ["streaming"]
@@ -609,6 +636,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fakes.terminate()
         fakes.wait(5)
     return {"benchmark": "voice_to_voice", "machine": machine(), "rounds": args.rounds,
+            "bridge_loop": "uvloop" if event_loop_factory(args.loop) is not None else "asyncio",
             "engines": {"stt_ms": args.stt_ms, "ttft_ms": args.ttft_ms, "tokens_per_s": args.tokens_per_s,
                         "reply_tokens": args.reply_tokens, "tts_first_byte_ms": args.tts_ms,
                         "s2s_first_audio_ms": args.s2s_ms, "s2s_model_speed": args.model_speed}, "points": points}
@@ -629,6 +657,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-speed", type=float, default=4.0,
                         help="speech-to-speech: seconds of reply audio the model streams per second (0: all at once)")
     parser.add_argument("--cpu", type=int, default=0, help="pin the bridge to this CPU, the fakes to the next (-1: no)")
+    parser.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
+                        help="the bridge's event loop (auto: uvloop when installed, as `voicecall serve` does)")
     parser.add_argument("--spread-ms", type=float, default=200, help="callers start speaking within this window")
     parser.add_argument("--timeline", action="store_true", help="also print where a streaming turn's time goes")
     parser.add_argument("--json", action="store_true")
@@ -648,7 +678,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.generator:
         args.calls = int(args.calls)
         random.seed(2)
-        print(json.dumps(asyncio.run(generate(args))))
+        with asyncio.Runner(loop_factory=event_loop_factory("auto")) as runner:  # a light loop for the callers too
+            print(json.dumps(runner.run(generate(args))))
         return 0
     data = run(args)
     points = data["points"]
@@ -666,9 +697,12 @@ def main(argv: list[str] | None = None) -> int:
     timed = [p for p in points if p.get("segments_ms") and p["segments_ms"]["play"]["n"]]
     if timed and args.timeline:
         print("\nwhere a turn's time goes (ms p50/p99 per segment; bench/turn_timeline.py):")
-        print(table(["mode", "calls", *SEGMENTS],
+        print(table(["mode", "calls", *SEGMENTS, *SUMS],
                     [[p["mode"], p["calls"], *(f"{p['segments_ms'][k]['p50']:.0f}/{p['segments_ms'][k]['p99']:.0f}"
-                                              for k in SEGMENTS)] for p in timed]))
+                                              for k in (*SEGMENTS, *SUMS) if k in p["segments_ms"])]
+                     for p in timed]))
+        print("(bridge: the time above the floor the bridge's own steps took, per turn; harness: the fakes' and"
+              " callers' lateness; bench/turn_timeline.py)")
     return finish("voice_to_voice", data, args)
 
 

@@ -114,6 +114,7 @@ WORKER_RESTART_MIN_S = 1.0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from bridge.gc_policy import settle_startup_heap
     from bridge.runtime import Runtime
 
     settings = _checked_settings(args)
@@ -127,6 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     async def main() -> None:
         runtime = Runtime(settings)
         port = await runtime.start()
+        settle_startup_heap()
         print(f"voicecall serving {settings.provider} on http://{settings.serve.bind}:{port} "
               f"(webhook {settings.serve.path}, streams {settings.streaming.streamPath}, rpc /rpc, "
               f"{'console /console, ' if settings.console.enabled else ''}metrics /metrics; "
@@ -138,7 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         await stop.wait()
         await runtime.stop()
 
-    with asyncio.Runner(loop_factory=_loop_factory(settings.serve.eventLoop)) as runner:
+    with asyncio.Runner(loop_factory=event_loop_factory(settings.serve.eventLoop)) as runner:
         runner.run(main())
     return 0
 
@@ -185,7 +187,7 @@ def _supervise_workers(args: argparse.Namespace, settings: Settings) -> int:
     return max(codes, default=0)
 
 
-def _loop_factory(choice: str) -> Any:
+def event_loop_factory(choice: str) -> Any:
     """uvloop when asked for, or when installed and the choice is auto; else the stdlib loop."""
     if choice == "asyncio":
         return None

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from media import g711
-from media.clock import Clock, RealClock
+from media.clock import Clock, RealClock, TimerHandle
 from media.dtmf import DtmfDetector, dtmf_tones
 from media.formats import FRAME_MS
 from media.frames import Framer, Pacer
@@ -487,16 +487,74 @@ class MediaPipeline:
 
 
 async def _with_stall_timeout(audio: AsyncIterable[bytes], timeout: float | None, clock: Clock) -> AsyncIterator[bytes]:
-    """The engine's chunks; TimeoutError if it produces nothing for `timeout` seconds (on `clock`)."""
+    """The engine's chunks; TimeoutError if it produces nothing for `timeout` seconds (on `clock`).
+
+    The chunks are awaited in the play's own task, watched by one timer per play (`_StallWatch`),
+    not through a `wait_for` per chunk: that made a task per chunk and cost two extra loop turns
+    between the engine's bytes and the caller's first frame (each a full turn of a loop busy with
+    every other call's media)."""
+    if timeout is None:
+        async for chunk in audio:
+            yield chunk
+        return
+    task = asyncio.current_task()
+    assert task is not None
+    watch = _StallWatch(clock, timeout, task)
     it = aiter(audio)
-    while True:
-        try:
-            chunk = await (anext(it) if timeout is None else clock.wait_for(anext(it), timeout))
-        except StopAsyncIteration:
+    try:
+        while True:
+            watch.waiting()
+            try:
+                chunk = await anext(it)
+            except StopAsyncIteration:
+                return
+            except asyncio.CancelledError:
+                if watch.expired and task.cancelling() <= 1:  # our own cancel, nobody else's
+                    task.uncancel()
+                    raise TimeoutError(f"the speech engine produced no audio for {timeout:.1f} s") from None
+                raise
+            finally:
+                watch.got_one()
+            yield chunk
+    finally:
+        watch.close()
+
+
+class _StallWatch:
+    """Cancels `task` once it has waited `timeout` seconds for one chunk; re-armed lazily, so a
+    chunk costs two assignments, not a timer."""
+
+    def __init__(self, clock: Clock, timeout: float, task: asyncio.Task[Any]) -> None:
+        self._clock = clock
+        self._timeout = timeout
+        self._task = task
+        self._deadline: float | None = None
+        self._timer: TimerHandle | None = None
+        self.expired = False
+
+    def waiting(self) -> None:
+        self._deadline = self._clock.monotonic() + self._timeout
+        if self._timer is None:
+            self._timer = self._clock.call_later(self._timeout, self._check)
+
+    def got_one(self) -> None:
+        self._deadline = None
+
+    def _check(self) -> None:
+        self._timer = None
+        if self._deadline is None:
+            return  # not waiting now: armed again when it waits next
+        left = self._deadline - self._clock.monotonic()
+        if left > 0:
+            self._timer = self._clock.call_later(left, self._check)
             return
-        except TimeoutError:
-            raise TimeoutError(f"the speech engine produced no audio for {timeout:.1f} s") from None
-        yield chunk
+        self.expired = True
+        self._task.cancel()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:

@@ -126,6 +126,8 @@ def test_voice_to_voice_two_calls_both_modes(tmp_path: Path) -> None:
         assert point["p50_ms"] >= point["floor_ms"] * 0.9  # nothing arrives before the engines could make it
     assert streaming["floor_ms"] < batch["floor_ms"]
     assert all(p["cpu_ms_per_turn"] > 0 and p["bridge_cpu_s"] > 0 for p in data["points"])
+    # every turn's time above the floor split between the bridge's steps and the harness's lateness
+    assert streaming["segments_ms"]["bridge"]["n"] == streaming["segments_ms"]["harness"]["n"] == 2
     parts = streaming["turn_parts_ms"]  # the bridge's own record of its turns
     assert parts["total"]["p50"] >= parts["model"]["p50"] > 0 and parts["piece"]["p50"] > 0
 

@@ -573,6 +573,23 @@ async def test_stalled_engine_times_out() -> None:
     await bridge.close()
 
 
+async def test_a_slow_engine_that_keeps_producing_does_not_time_out() -> None:
+    """The stall timeout is per chunk: chunks 150 ms apart for a second (timeout 200 ms) all play."""
+    clock = FakeClock()
+    carrier = LoopbackCarrier(clock=clock)
+    bridge = MediaPipeline(carrier, Listener(clock), stall_timeout_s=0.2, clock=clock)  # type: ignore[arg-type]
+    carrier.bridge = bridge
+
+    async def slow() -> AsyncIterator[bytes]:
+        for _ in range(7):
+            yield bytes(3200)  # 100 ms
+            await clock.sleep(0.15)
+
+    result = await drive(clock, bridge.play(slow(), 16000))
+    assert result.completed and result.heard_ms == pytest.approx(700, abs=20)
+    await bridge.close()
+
+
 # ------------------------------------------------------------------ 40 ms outbound messages
 
 

@@ -193,6 +193,35 @@ async def test_elevenlabs_stream_input_websocket(eleven_fake: FakeElevenLabs) ->
     assert all("xi-api-key" not in m for m in eleven_fake.ws_messages)  # sent as a header
 
 
+async def test_elevenlabs_prewarm_opens_the_socket_the_first_reply_takes(eleven_fake: FakeElevenLabs) -> None:
+    tts = ElevenLabsTts(api_key=eleven_fake.api_key, base_url=eleven_fake.base_url, transport="websocket",
+                        output_format="ulaw_8000")
+    tts.prewarm()  # a call rings: the socket opens and is initialised now
+    await tts.prewarm_done()
+    assert tts.warmed == 1 and [(m, q.get("inactivity_timeout")) for m, _, q, _ in eleven_fake.seen] == [("GET", "60")]
+    text = "Over the warm socket"
+    pcm, _ = await collect(tts.synthesize(text))
+    assert pcm == audioop.ulaw2lin(audioop.lin2ulaw(fake_speech(text, 8000), 2), 2)
+    assert len(eleven_fake.seen) == 1  # no connection of its own: it took the warm one
+    assert [m.get("text") for m in eleven_fake.ws_messages] == [" ", text + " ", ""]  # one init
+    await collect(tts.synthesize("And a fresh one."))
+    assert len(eleven_fake.seen) == 2 and [m.get("text") for m in eleven_fake.ws_messages][3] == " "
+    await tts.close()
+
+
+async def test_elevenlabs_prewarm_over_http_leaves_the_connection_the_request_uses(
+        eleven_fake: FakeElevenLabs) -> None:
+    tts = ElevenLabsTts(api_key=eleven_fake.api_key, base_url=eleven_fake.base_url, voice_id="v9")
+    tts.prewarm()
+    await tts.prewarm_done()
+    pcm, _ = await collect(tts.synthesize("Warm."))
+    await tts.close()
+    assert pcm == fake_speech("Warm.", 16000) and tts.warmed == 1
+    (head, _, _, head_port), (post, path, _, post_port) = eleven_fake.seen
+    assert (head, post, path) == ("HEAD", "POST", "/v1/text-to-speech/v9/stream")
+    assert head_port == post_port  # the request went out on the pre-warmed connection
+
+
 async def test_elevenlabs_bad_key(eleven_fake: FakeElevenLabs, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ELEVENLABS_API_KEY", "xi-wrong-secret")
     tts = create_tts({"provider": "elevenlabs", "elevenlabs": {"baseUrl": eleven_fake.base_url}})

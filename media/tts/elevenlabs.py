@@ -1,12 +1,21 @@
 """ElevenLabs TTS: the HTTP stream endpoint through the official SDK (`pcm_16000` by default, or
-`ulaw_8000` decoded here), or the stream-input WebSocket (`transport: "websocket"`)."""
+`ulaw_8000` decoded here), or the stream-input WebSocket (`transport: "websocket"`).
+
+Pre-warm (a call is ringing): over HTTP, a HEAD leaves a connection in the SDK's pool (kept alive
+30 s, not httpx's default 5 s, so a call that rings a while still finds it); over the WebSocket, a
+stream-input socket is opened and initialised ahead, and the call's first synthesis takes it
+instead of paying for the TCP/TLS/WebSocket set-up (2-3 round trips to a remote service).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlencode
@@ -19,6 +28,12 @@ from media.tts.base import CharTimeline, EvenBytes, TextStream, TtsEngine, TtsEr
 DEFAULT_BASE_URL = "https://api.elevenlabs.io"
 DEFAULT_MODEL = "eleven_flash_v2_5"
 DEFAULT_VOICE = "21m00Tcm4TlvDq8ikWAM"  # "Rachel", a premade voice
+log = logging.getLogger(__name__)
+
+KEEPALIVE_S = 30.0  # a pooled HTTP connection (the pre-warmed one included) stays open this long idle
+WARM_SOCKETS = 4  # pre-opened stream-input sockets waiting for a call's first synthesis, at most
+WARM_SOCKET_TTL_S = 50.0  # a warm socket unused this long is closed (it asks the service for 60 s)
+WARM_INACTIVITY_S = 60  # `inactivity_timeout` of a warm socket (the service's default is 20 s)
 FORMATS = {"pcm_8000": 8000, "pcm_16000": 16000, "pcm_22050": 22050, "pcm_24000": 24000, "pcm_44100": 44100, "ulaw_8000": 8000}
 
 
@@ -51,6 +66,10 @@ class ElevenLabsTts(TtsEngine):
         self._api_key = api_key
         self._timeout = timeout_s
         self._client: Any = None
+        self._httpx: Any = None
+        self._warm: list[tuple[float, Any]] = []  # (opened at, initialised stream-input socket)
+        self._warming: set[asyncio.Task[None]] = set()
+        self.warmed = 0  # pre-warms that left a connection or a socket ready
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> ElevenLabsTts:
@@ -80,7 +99,8 @@ class ElevenLabsTts(TtsEngine):
         from elevenlabs.core.api_error import ApiError
 
         if self._client is None:
-            self._client = AsyncElevenLabs(api_key=self._api_key, base_url=self.base_url, timeout=self._timeout)
+            self._client = AsyncElevenLabs(api_key=self._api_key, base_url=self.base_url, timeout=self._timeout,
+                                           httpx_client=self._http_client())
         even = EvenBytes()
         kw: dict[str, Any] = {}
         if self.voice_settings:
@@ -93,13 +113,96 @@ class ElevenLabsTts(TtsEngine):
         except ApiError as exc:
             raise TtsError(f"ElevenLabs TTS failed: HTTP {exc.status_code}") from None
 
+    def _http_client(self) -> Any:
+        import httpx  # the SDK's own HTTP client
+
+        if self._httpx is None:
+            self._httpx = httpx.AsyncClient(timeout=self._timeout, follow_redirects=True,
+                                            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_S))
+        return self._httpx
+
+    def prewarm(self) -> None:
+        opener = self._open_warm_socket() if self.transport == "websocket" else self._head()
+        task = asyncio.ensure_future(opener)
+        self._warming.add(task)
+        task.add_done_callback(self._warming.discard)
+
+    async def prewarm_done(self) -> None:
+        """Until the pre-warms started so far have finished (or failed)."""
+        while self._warming:
+            await asyncio.gather(*self._warming, return_exceptions=True)
+
+    async def _head(self) -> None:
+        """Any answer leaves the connection in the pool (the method does not matter; no key is sent)."""
+        try:
+            response = await self._http_client().head(f"{self.base_url}/v1/text-to-speech/{self.voice_id}/stream")
+            await response.aclose()
+            self.warmed += 1
+        except Exception as exc:  # noqa: BLE001 - httpx's errors; the turn connects by itself
+            log.info("ElevenLabs pre-warm failed: %s", type(exc).__name__)
+
+    async def _open_warm_socket(self) -> None:
+        self._drop_stale_sockets()
+        if len(self._warm) + len(self._warming) > WARM_SOCKETS:
+            return
+        try:
+            ws = await self._connect(inactivity_s=WARM_INACTIVITY_S)
+            await ws.send(self._init_message())
+        except TtsError as exc:
+            log.info("ElevenLabs pre-warm failed: %s", exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - websockets' errors; the turn connects by itself
+            log.info("ElevenLabs pre-warm failed: %s", type(exc).__name__)
+            return
+        self._warm.append((time.monotonic(), ws))
+        self.warmed += 1
+
+    def _drop_stale_sockets(self) -> None:
+        from websockets.protocol import State
+
+        now, keep = time.monotonic(), []
+        for opened, ws in self._warm:
+            if ws.state is State.OPEN and now - opened < WARM_SOCKET_TTL_S:
+                keep.append((opened, ws))
+            else:
+                self._close_later(ws)
+        self._warm = keep
+
+    def _take_warm_socket(self) -> Any:
+        self._drop_stale_sockets()
+        return self._warm.pop(0)[1] if self._warm else None
+
+    def _close_later(self, ws: Any) -> None:
+        task = asyncio.ensure_future(ws.close())
+        self._warming.add(task)
+        task.add_done_callback(self._warming.discard)
+
+    async def _connect(self, inactivity_s: int | None = None) -> Any:
+        import websockets
+
+        try:
+            return await websockets.connect(
+                self._ws_url(inactivity_s),
+                additional_headers={"xi-api-key": self._api_key},
+                open_timeout=self._timeout,
+                max_size=2**24,
+                logger=quiet_logger("media.tts.elevenlabs.ws"),
+            )
+        except websockets.InvalidStatus as exc:
+            raise TtsError(f"ElevenLabs TTS failed: HTTP {exc.response.status_code}") from None
+        except (OSError, TimeoutError, websockets.WebSocketException) as exc:
+            raise TtsError(f"ElevenLabs TTS connection failed: {type(exc).__name__}") from None
+
     def open_text_stream(self) -> TextStream | None:
         """stream-input takes a reply's text as it is written: one socket, each piece flushed."""
         return _ElevenLabsTextStream(self) if self.transport == "websocket" else None
 
-    def _ws_url(self) -> str:
+    def _ws_url(self, inactivity_s: int | None = None) -> str:
         scheme_url = self.base_url.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
-        query = urlencode({"model_id": self.model_id, "output_format": self.output_format})
+        params: dict[str, Any] = {"model_id": self.model_id, "output_format": self.output_format}
+        if inactivity_s is not None:
+            params["inactivity_timeout"] = inactivity_s
+        query = urlencode(params)
         return f"{scheme_url}/v1/text-to-speech/{self.voice_id}/stream-input?{query}"
 
     def _init_message(self) -> str:
@@ -117,15 +220,11 @@ class ElevenLabsTts(TtsEngine):
         even = EvenBytes()
         samples = 0  # PCM samples yielded so far: where the next chunk's alignment starts
         sender: asyncio.Task[None] | None = None
+        warm = self._take_warm_socket()  # opened and initialised while the call rang
         try:
-            async with websockets.connect(
-                self._ws_url(),
-                additional_headers={"xi-api-key": self._api_key},
-                open_timeout=self._timeout,
-                max_size=2**24,
-                logger=quiet_logger("media.tts.elevenlabs.ws"),
-            ) as ws:
-                await ws.send(self._init_message())
+            async with warm or await self._connect() as ws:
+                if warm is None:
+                    await ws.send(self._init_message())
                 if text:
                     await ws.send(json.dumps({"text": text.rstrip() + " ", "flush": True}))
                 if more is None:
@@ -144,8 +243,6 @@ class ElevenLabsTts(TtsEngine):
                         break
                     if msg.get("error"):
                         raise TtsError(f"ElevenLabs TTS failed: {str(msg.get('error'))[:80]}")
-        except websockets.InvalidStatus as exc:
-            raise TtsError(f"ElevenLabs TTS failed: HTTP {exc.response.status_code}") from None
         except (OSError, websockets.WebSocketException) as exc:
             raise TtsError(f"ElevenLabs TTS connection failed: {type(exc).__name__}") from None
         finally:
@@ -153,11 +250,19 @@ class ElevenLabsTts(TtsEngine):
                 sender.cancel()
 
     async def close(self) -> None:
-        if self._client is not None:
-            wrapper = getattr(self._client, "_client_wrapper", None)
-            httpx_client = getattr(getattr(wrapper, "httpx_client", None), "httpx_client", None)
-            if httpx_client is not None:
-                await httpx_client.aclose()
+        for task in list(self._warming):
+            task.cancel()
+        for task in list(self._warming):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        warm, self._warm = self._warm, []
+        for _, ws in warm:
+            with contextlib.suppress(Exception):
+                await ws.close()
+        if self._httpx is not None:
+            await self._httpx.aclose()
+            self._httpx = None
+            self._client = None
 
 
 def _align(timeline: CharTimeline, alignment: Any, chunk_at_ms: float) -> None:

@@ -3,16 +3,21 @@ can recompute exactly what the server sent and compare it with what the engine y
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 
 def fake_speech(text: str, rate: int) -> bytes:
-    n = rate // 50
-    t = np.arange(n) / rate
-    parts = [3000 * np.sin(2 * np.pi * (200 + (ord(c) % 40) * 40) * t) for c in text]
-    if not parts:
-        return b""
-    return np.concatenate(parts).astype("<i2").tobytes()
+    """20 ms of tone per character (one of 40 pitches); each tone is made once per rate, so a fake
+    serving a hundred calls at once spends no time here."""
+    return b"".join(_tone(rate, ord(c) % 40) for c in text)
+
+
+@functools.cache
+def _tone(rate: int, pitch: int) -> bytes:
+    t = np.arange(rate // 50) / rate
+    return (3000 * np.sin(2 * np.pi * (200 + pitch * 40) * t)).astype("<i2").tobytes()
 
 
 def odd_chunks(data: bytes, seed: int = 0) -> list[bytes]:

@@ -36,6 +36,8 @@ class FakeElevenLabs:
     api_key: str = "xi-test-456"
     requests: list[dict[str, Any]] = field(default_factory=list)
     ws_messages: list[dict[str, Any]] = field(default_factory=list)
+    # every request as (method, path, query, client port): which TCP connection carried it
+    seen: list[tuple[str, str, dict[str, str], int]] = field(default_factory=list)
     _runner: web.AppRunner | None = None
     port: int = 0
 
@@ -44,11 +46,18 @@ class FakeElevenLabs:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> FakeElevenLabs:
-        app = web.Application()
+        app = web.Application(middlewares=[self._note])
         app.router.add_post("/v1/text-to-speech/{voice}/stream", self._stream)
         app.router.add_get("/v1/text-to-speech/{voice}/stream-input", self._stream_input)
         self._runner, self.port = await serve_local(app)
         return self
+
+    @web.middleware
+    async def _note(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.seen.append((request.method, request.path, dict(request.query), int(peer[1]) if peer else 0))
+        response: web.StreamResponse = await handler(request)
+        return response
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -18,6 +18,7 @@ import base64
 import itertools
 import json
 import re
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,7 +121,7 @@ class FakeOpenAIRealtime:
         ws = web.WebSocketResponse(max_msg_size=2**24)
         await ws.prepare(request)
         loop = asyncio.get_running_loop()
-        sess = RtSession(query=dict(request.query), opened_at=loop.time())
+        sess = RtSession(query=dict(request.query), opened_at=time.monotonic())
         self.sessions.append(sess)
         conn = _Conn(self, sess, ws)
         killer = None
@@ -134,7 +135,7 @@ class FakeOpenAIRealtime:
         finally:
             if killer is not None:
                 killer.cancel()
-            sess.closed_at = loop.time()
+            sess.closed_at = time.monotonic()
         return ws
 
 
@@ -204,7 +205,7 @@ class _Conn:
                 await self.error("Cancellation failed: no active response found")
         elif kind == "conversation.item.truncate":
             self.sess.truncates.append({"item_id": event.get("item_id"), "content_index": event.get("content_index"),
-                                        "audio_end_ms": event.get("audio_end_ms"), "at": self.loop.time()})
+                                        "audio_end_ms": event.get("audio_end_ms"), "at": time.monotonic()})
             total = self.item_ms.get(str(event.get("item_id")))
             if total is None or int(event.get("audio_end_ms", -1)) > total + 1:
                 await self.error(f"audio_end_ms {event.get('audio_end_ms')} is beyond the item's audio ({total})")
@@ -251,7 +252,7 @@ class _Conn:
         for change in self.vad.feed(pcm):
             user_item = f"item_u{self.turns}"
             if change == "started":
-                self.sess.speech_started_at.append(self.loop.time())
+                self.sess.speech_started_at.append(time.monotonic())
                 await self.send({"type": "input_audio_buffer.speech_started", "item_id": user_item,
                                  "audio_start_ms": len(self.sess.audio) * 500 // self.sess.rate})
                 if self.interrupt:
@@ -327,7 +328,7 @@ class _Conn:
             await asyncio.sleep(self.fake.first_delta_delay_s)
         for n, offset in enumerate(range(0, len(pcm), step)):
             if n == 0:
-                record["first_delta_at"] = self.loop.time()
+                record["first_delta_at"] = time.monotonic()
             await self.send({"type": "response.output_audio.delta", **ids,
                              "delta": base64.b64encode(self.encode(pcm[offset:offset + step])).decode()})
             if n < len(words):

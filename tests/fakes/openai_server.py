@@ -141,7 +141,7 @@ class FakeOpenAI:
                 {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error", "code": "invalid_api_key"}},
                 status=401,
             )
-        arrived = asyncio.get_running_loop().time()
+        arrived = time.monotonic()
         body = await request.json()
         self.speech_requests.append(body)
         if self.speech_fail_after is not None and len(self.speech_requests) > self.speech_fail_after:
@@ -150,16 +150,16 @@ class FakeOpenAI:
             return web.json_response({"error": {"message": "bad request", "type": "invalid_request_error"}}, status=400)
         resp = web.StreamResponse(headers={"Content-Type": "audio/pcm"})
         await resp.prepare(request)
-        if self.speech_first_byte_s:
-            await asyncio.sleep(self.speech_first_byte_s)
         audio = _speech_audio(body["input"])
+        if self.speech_first_byte_s:  # from the request's arrival, like a real service's time to first byte
+            await asyncio.sleep(max(0.0, arrived + self.speech_first_byte_s - time.monotonic()))
         step = self.speech_chunk_bytes
         chunks = [audio[i:i + step] for i in range(0, len(audio), step)] if step else \
             odd_chunks(audio, seed=len(body["input"]))
         for i, chunk in enumerate(chunks):
             await resp.write(chunk)
             if i == 0:
-                now = asyncio.get_running_loop().time()
+                now = time.monotonic()
                 self.speech_first_byte.append(now - arrived)
                 self.speech_times.append((arrived, now, body["input"]))
             if self.chunk_delay_s:
@@ -190,7 +190,7 @@ class FakeOpenAI:
             return web.json_response({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
                                                 "code": "invalid_api_key"}}, status=401)
         body = await request.json()
-        record = ChatStream(body, asyncio.get_running_loop().time())
+        record = ChatStream(body, time.monotonic())
         self.chat_streams.append(record)
         reply = self.chat_script.pop(0) if self.chat_script else self.chat_reply(body)
         if reply.status >= 400:
@@ -219,9 +219,11 @@ class FakeOpenAI:
                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
             return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
-        loop = asyncio.get_running_loop()
+        # token i is due ttft + i * gap after the request came in (a steady rate: a late wake-up here
+        # does not push every later token back)
+        due = record.started + self.chat_ttft_s
         try:
-            await asyncio.sleep(self.chat_ttft_s)
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
             await resp.write(chunk({"role": "assistant", "content": ""}))
             for i, word in enumerate(words):
                 if reply.fail_after_tokens is not None and i >= reply.fail_after_tokens:
@@ -230,11 +232,11 @@ class FakeOpenAI:
                     await resp.write_eof()
                     return resp
                 if i and gap:
-                    await asyncio.sleep(gap)
+                    await asyncio.sleep(max(0.0, due + i * gap - time.monotonic()))
                 await resp.write(chunk({"content": word}))
                 record.tokens_sent += 1
                 if record.first_token_at is None:
-                    record.first_token_at = loop.time()
+                    record.first_token_at = time.monotonic()
             for index, (name, arguments) in enumerate(reply.tool_calls):
                 await resp.write(chunk({"tool_calls": [{"index": index, "id": f"call_{len(self.chat_streams)}_{index}",
                                                         "type": "function",

@@ -43,7 +43,7 @@ class LoadStreamClient(TwilioMediaStreamClient):
 
     def __init__(self, url: str, *, keep_audio: bool = False, **kwargs: Any) -> None:
         super().__init__(url, keep_audio=keep_audio, self_paced=False, **kwargs)
-        self.recv_times: list[float] = []  # loop time of each media message heard
+        self.recv_times: list[float] = []  # time.monotonic() of each media message heard
         self.recv_ends: list[int] = []  # byte position in the heard stream where that message ends
         self.heard_bytes = 0
         self.opened_at = 0.0
@@ -54,7 +54,7 @@ class LoadStreamClient(TwilioMediaStreamClient):
         else:
             self.frames_received += 1
         self.heard_bytes += len(payload)
-        self.recv_times.append(self._loop.time())
+        self.recv_times.append(time.monotonic())  # comparable across processes (and loops)
         self.recv_ends.append(self.heard_bytes)
 
     def queue_audio(self, frames: Sequence[bytes], count: int) -> None:
@@ -123,7 +123,7 @@ async def inbound_stream(session: aiohttp.ClientSession, voice_url: str, *, auth
 class LoadRun:
     clients: list[LoadStreamClient]
     failed: list[str]  # why streams could not be opened
-    window: tuple[float, float]  # loop times: measurement starts once all streams are up
+    window: tuple[float, float]  # time.monotonic(): measurement starts once all streams are up
     tick_lag_ms: list[float]  # how late each metronome tick started (generator health)
     tick_ms: list[float]  # how long one tick (over 1/phases of the streams) took
 
@@ -173,7 +173,6 @@ async def run_streams(
     The metronome ticks every 20/`phases` ms, each time for every `phases`-th stream.
     `one_connection_per_call`: each call's webhook and its stream go over one keep-alive connection,
     so with several server processes on one port (SO_REUSEPORT) both reach the same process."""
-    loop = asyncio.get_running_loop()
     frames = list(frames or caller_frames())
     clients: list[LoadStreamClient] = []
     failed: list[str] = []
@@ -201,7 +200,7 @@ async def run_streams(
                                               keep_audio=keep_audio_first and i == 0)
                     client.queue_audio(frames, per_stream)
                     await client.connect()
-                    client.opened_at = loop.time()
+                    client.opened_at = time.monotonic()
                     clients.append(client)  # the metronome picks it up at its next tick
             except Exception as exc:  # noqa: BLE001 - a benchmark counts failures, it does not stop on one
                 failed.append(f"{type(exc).__name__}: {exc}"[:200])
@@ -210,27 +209,27 @@ async def run_streams(
         # Real streams are not in phase with each other: stream i sends at phase (i % phases) of
         # the 20 ms cycle, so the server gets N/phases frames every 20/phases ms, not N at once.
         step = FRAME_MS / 1000 / phases
-        start = loop.time()
+        start = time.monotonic()
         k = 0
         while not stop_ticks.is_set():
-            began = loop.time()
+            began = time.monotonic()
             tick_lag.append((began - (start + k * step)) * 1000)
             for client in clients[k % phases::phases]:
                 await client.tick()
-            tick_ms.append((loop.time() - began) * 1000)
+            tick_ms.append((time.monotonic() - began) * 1000)
             k += 1
-            delay = start + k * step - loop.time()
+            delay = start + k * step - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             elif delay < -0.2:  # hopelessly behind: re-base rather than burst
-                start, k = loop.time(), 0
+                start, k = time.monotonic(), 0
 
     ticker = asyncio.ensure_future(metronome())
     try:
         await open_ramped(n, ramp_per_s, open_one)
         await asyncio.sleep(warmup_s)
         lag_mark = len(tick_lag)
-        w0, w1 = await measure_window(seconds, on_window, loop.time)
+        w0, w1 = await measure_window(seconds, on_window, time.monotonic)
         tick_lag[:] = tick_lag[lag_mark:]
         tick_ms[:] = tick_ms[lag_mark:]
         # Keep talking a little: the echo of the window's last frames sits in the resamplers until
