@@ -180,13 +180,21 @@ if pj is not None:
     class _AudioPort(pj.AudioMediaPort):  # type: ignore[no-redef]  # the real one, with pjsua2
         """Conference-bridge port between a call's stream and its SipMediaTransport."""
 
+        # Class-level: what an instance reads before __init__ ends and after its dict is cleared while it
+        # is deleted, when pjsua's media thread may still call it: the callbacks then do nothing.
+        closed = True
+        _frame_bytes = 0
+
         def __init__(self, transport: SipMediaTransport) -> None:
             super().__init__()
             self.transport = transport
             self._frame_bytes = transport.format.frame_bytes
             self._silence = pj.ByteVector(b"\x00" * self._frame_bytes)
+            self.closed = False
 
         def onFrameRequested(self, frame: Any) -> None:
+            if self.closed:
+                return
             try:
                 payload = self.transport._pull()
                 frame.type = pj.PJMEDIA_FRAME_TYPE_AUDIO
@@ -199,6 +207,8 @@ if pj is not None:
                 log.exception("sip: frame request failed")
 
         def onFrameReceived(self, frame: Any) -> None:
+            if self.closed:
+                return
             try:
                 if frame.type == pj.PJMEDIA_FRAME_TYPE_AUDIO and frame.size:
                     payload = _read_vector(frame.buf)[: frame.size]

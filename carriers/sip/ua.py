@@ -424,6 +424,7 @@ if pj is not None:
             self.confirmed = False
             self.disconnected = False
             self.port: _AudioPort | None = None
+            self.audio: Any = None  # the call's stream in the conference bridge, while connected to the port
             self.transport: SipMediaTransport | None = None
             self.media_sent = False
 
@@ -468,6 +469,7 @@ if pj is not None:
                         self.port.createPort(f"vc-{self.getId()}", fmt)
                     aud.startTransmit(self.port)
                     self.port.startTransmit(aud)
+                    self.audio = aud
                     if not self.media_sent:
                         self.media_sent = True
                         codec = ""
@@ -499,8 +501,17 @@ if pj is not None:
             if self.transport is not None:
                 self.transport.closed = True
             if self.port is not None:
+                # no more callbacks from the media thread into it, and no conference connection left
+                # when it is deleted (a port deleted while connected was called half-destroyed: segfault)
+                self.port.closed = True
+                if self.audio is not None:
+                    with contextlib.suppress(Exception):
+                        self.audio.stopTransmit(self.port)
+                    with contextlib.suppress(Exception):
+                        self.port.stopTransmit(self.audio)
                 self.ua.bury(self.port)
                 self.port = None
+            self.audio = None
 
 
 def _pj_error_text(exc: BaseException) -> str:
