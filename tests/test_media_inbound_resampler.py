@@ -54,15 +54,21 @@ async def test_wire_only_listener_gets_no_resampler() -> None:
     assert not listener.pcm and pipeline.stats.frames_in == 10
 
 
-async def test_pipeline_audio_comes_in_pieces_of_the_caller_hold() -> None:
-    listener = Listener()
+async def bytes_out_per_frame(listener: Listener, seconds: float) -> list[int]:
+    """Feed `seconds` of caller frames; how many pipeline-rate bytes the listener got after each."""
     pipeline = MediaPipeline(Leg(), listener, pipeline_rate=16000)  # type: ignore[arg-type]
     sizes = []
-    for f in speech_frames(1.0):
+    for f in speech_frames(seconds):
         before = len(listener.pcm)
         pipeline.receive(f)
         sizes.append(len(listener.pcm) - before)
     await pipeline.close()
+    return sizes
+
+
+async def test_pipeline_audio_comes_in_pieces_of_the_caller_hold() -> None:
+    listener = Listener()
+    sizes = await bytes_out_per_frame(listener, 1.0)
     per_piece = CALLER_RESAMPLE_HOLD_MS // 20  # frames per piece
     pieces = [n for n in sizes if n]
     assert [i for i, n in enumerate(sizes) if n] == list(range(per_piece - 1, len(sizes), per_piece))
@@ -77,14 +83,7 @@ async def test_pipeline_audio_comes_in_pieces_of_the_caller_hold() -> None:
 async def test_a_listener_that_acts_on_the_audio_gets_every_frame_as_it_comes() -> None:
     """An STT on pipeline-rate audio (or a realtime model) asks for hold 0: the caller's last word
     reaches it with its own frame, not up to 100 ms later."""
-    listener = Listener(hold_ms=0)
-    pipeline = MediaPipeline(Leg(), listener, pipeline_rate=16000)  # type: ignore[arg-type]
-    sizes = []
-    for f in speech_frames(0.5):
-        before = len(listener.pcm)
-        pipeline.receive(f)
-        sizes.append(len(listener.pcm) - before)
-    await pipeline.close()
+    sizes = await bytes_out_per_frame(Listener(hold_ms=0), 0.5)
     assert all(sizes) and set(sizes[1:]) == {640}  # 20 ms at 16 kHz with every frame
 
 
