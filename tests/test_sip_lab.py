@@ -145,7 +145,9 @@ async def _softphone(tmp_path: Path, source: Path, *extra: str) -> AsyncIterator
     _native_softphone_config(phone_dir, phone_port, phone_ctrl(), phone_rtp(), source)
     with open(phone_dir / "baresip.log", "wb") as log:
         proc = await asyncio.create_subprocess_exec(
-            str(BARESIP), "-f", str(phone_dir), "-t", "25", *extra,
+            # -t: baresip quits by itself after 60 s if the test could not stop it (it always does at the
+            # end); 25 s ran out in the warm-transfer test beside two other test processes
+            str(BARESIP), "-f", str(phone_dir), "-t", "60", *extra,
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
         )
         try:
