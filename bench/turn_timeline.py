@@ -1,7 +1,8 @@
 """Where a voice-to-voice turn's time goes, across the processes of bench/voice_to_voice.py.
 
 Every process stamps its steps with time.monotonic() (CLOCK_MONOTONIC: one clock for all processes
-on the machine; not uvloop's loop.time(), which is cached per loop iteration in whole ms): the callers (last speech frame sent, first reply frame read), the bridge
+on the machine; not uvloop's loop.time(), which is cached per loop iteration in whole ms): the
+callers (last speech frame sent, first reply frame read), the bridge
 (per call: final transcript, chat request out, first token read, each TTS request out and its first
 byte read, first reply frame written) and the fakes (request in, first token / first audio byte
 out). Requests are matched exactly: the bench STT puts the call's number and the line's number in

@@ -114,12 +114,8 @@ async def main():
     settle_startup_heap()  # as the bridge's server does: no long full collections in the fakes either
     print(fake.port, realtime.port, flush=True)
     await asyncio.Event().wait()
-try:
-    import uvloop  # the lighter loop: the fakes' own lateness is part of the harness's share
-    loop_factory = uvloop.new_event_loop
-except ImportError:
-    loop_factory = None
-with asyncio.Runner(loop_factory=loop_factory) as runner:
+from bridge.cli import event_loop_factory
+with asyncio.Runner(loop_factory=event_loop_factory("auto")) as runner:  # light: their lateness is the harness's
     runner.run(main())
 """
 

@@ -58,9 +58,10 @@ class CallVoice:
         )
         # Read by the MediaPipeline: an STT that takes the wire payloads (or none at all) needs no
         # pipeline-rate copy of the caller, so the inbound resampler is skipped (~1/4 of a call's CPU).
-        self.wants_pipeline_audio = echo or (self.stt is not None and not self.stt.wants_wire)
+        stt_takes_pcm = self.stt is not None and not self.stt.wants_wire
+        self.wants_pipeline_audio = echo or stt_takes_pcm
         # an STT on that audio hears the end of speech on the frame it happens in, not up to 100 ms later
-        self.pipeline_audio_hold_ms: int | None = 0 if self.stt is not None and not self.stt.wants_wire else None
+        self.pipeline_audio_hold_ms: int | None = 0 if stt_takes_pcm else None
         self.bridge = MediaPipeline(transport, self, pipeline_rate=pipeline_rate, recorder=recorder,
                                   inband_dtmf=inband_dtmf, vad_barge_in=barge_in and not echo,
                                   stall_timeout_s=None if echo else 8.0)

@@ -37,8 +37,8 @@ class StreamResampler:
         # go. A 20 ms frame per call costs ~10 numpy calls whatever its size, and the audio then
         # travels on in frame-sized pieces too; 100 ms pieces cut the media path's CPU per stream
         # by ~30% at the price of up to 100 ms of delay (what soxr's blocks cost before).
-        self._hold = hold_ms * in_rate // 1000 * 2 if self._fir is not None else 0
         self._held = bytearray()
+        self.set_hold_ms(hold_ms)
         self._stream = (
             None if in_rate == out_rate or self._fir is not None
             else soxr.ResampleStream(in_rate, out_rate, 1, dtype="int16", quality=quality)

@@ -417,8 +417,6 @@ class RealtimeConnection:
             self.on_failed(reason)
 
 
-
-
 def _first(*futures: asyncio.Future[Any]) -> asyncio.Future[None]:
     """A plain future done when any of `futures` is (the fake clock's wait_for needs a plain one)."""
     out: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 from urllib.parse import urlencode
 
@@ -68,7 +68,8 @@ class ElevenLabsTts(TtsEngine):
         self._client: Any = None
         self._httpx: Any = None
         self._warm: list[tuple[float, Any]] = []  # (opened at, initialised stream-input socket)
-        self._warming: set[asyncio.Task[None]] = set()
+        self._opening: set[asyncio.Task[None]] = set()  # pre-warms under way (cancelled at close)
+        self._closing: set[asyncio.Task[None]] = set()  # stale warm sockets closing (awaited at close)
         self.warmed = 0  # pre-warms that left a connection or a socket ready
 
     @classmethod
@@ -122,15 +123,12 @@ class ElevenLabsTts(TtsEngine):
         return self._httpx
 
     def prewarm(self) -> None:
-        opener = self._open_warm_socket() if self.transport == "websocket" else self._head()
-        task = asyncio.ensure_future(opener)
-        self._warming.add(task)
-        task.add_done_callback(self._warming.discard)
+        _spawn(self._opening, self._open_warm_socket() if self.transport == "websocket" else self._head())
 
     async def prewarm_done(self) -> None:
         """Until the pre-warms started so far have finished (or failed)."""
-        while self._warming:
-            await asyncio.gather(*self._warming, return_exceptions=True)
+        while self._opening:
+            await asyncio.gather(*self._opening, return_exceptions=True)
 
     async def _head(self) -> None:
         """Any answer leaves the connection in the pool (the method does not matter; no key is sent)."""
@@ -143,16 +141,13 @@ class ElevenLabsTts(TtsEngine):
 
     async def _open_warm_socket(self) -> None:
         self._drop_stale_sockets()
-        if len(self._warm) + len(self._warming) > WARM_SOCKETS:
+        if len(self._warm) + len(self._opening) > WARM_SOCKETS:  # this opening counts in `_opening`
             return
         try:
             ws = await self._connect(inactivity_s=WARM_INACTIVITY_S)
             await ws.send(self._init_message())
-        except TtsError as exc:
-            log.info("ElevenLabs pre-warm failed: %s", exc)
-            return
-        except Exception as exc:  # noqa: BLE001 - websockets' errors; the turn connects by itself
-            log.info("ElevenLabs pre-warm failed: %s", type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - TtsError or websockets' errors; the turn connects by itself
+            log.info("ElevenLabs pre-warm failed: %s", exc if isinstance(exc, TtsError) else type(exc).__name__)
             return
         self._warm.append((time.monotonic(), ws))
         self.warmed += 1
@@ -165,17 +160,12 @@ class ElevenLabsTts(TtsEngine):
             if ws.state is State.OPEN and now - opened < WARM_SOCKET_TTL_S:
                 keep.append((opened, ws))
             else:
-                self._close_later(ws)
+                _spawn(self._closing, ws.close())
         self._warm = keep
 
     def _take_warm_socket(self) -> Any:
         self._drop_stale_sockets()
         return self._warm.pop(0)[1] if self._warm else None
-
-    def _close_later(self, ws: Any) -> None:
-        task = asyncio.ensure_future(ws.close())
-        self._warming.add(task)
-        task.add_done_callback(self._warming.discard)
 
     async def _connect(self, inactivity_s: int | None = None) -> Any:
         import websockets
@@ -250,11 +240,9 @@ class ElevenLabsTts(TtsEngine):
                 sender.cancel()
 
     async def close(self) -> None:
-        for task in list(self._warming):
+        for task in list(self._opening):
             task.cancel()
-        for task in list(self._warming):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await asyncio.gather(*self._opening, *self._closing, return_exceptions=True)
         warm, self._warm = self._warm, []
         for _, ws in warm:
             with contextlib.suppress(Exception):
@@ -263,6 +251,12 @@ class ElevenLabsTts(TtsEngine):
             await self._httpx.aclose()
             self._httpx = None
             self._client = None
+
+
+def _spawn(tasks: set[asyncio.Task[None]], coro: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.ensure_future(coro)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
 
 
 def _align(timeline: CharTimeline, alignment: Any, chunk_at_ms: float) -> None:
